@@ -1,0 +1,40 @@
+"""One call from a capture stream to a classified analysis: the core's front door."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import BinaryIO
+
+from analyzer import __version__
+from analyzer.classify import classify
+from analyzer.engine import summarize
+from analyzer.models import Analysis
+from analyzer.policy import Policy
+from analyzer.servicetags import ServiceTags
+
+
+def analyze(
+    stream: BinaryIO,
+    *,
+    local_addresses: Iterable[str] | None = None,
+    policy: Policy | None = None,
+    service_tags: ServiceTags | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Analysis:
+    """Read a capture from ``stream`` and return its classified per-peer analysis.
+
+    ``progress`` is called now and then with the number of bytes read so far.
+    Raises :class:`analyzer.errors.UnsupportedFormatError` or
+    :class:`analyzer.errors.CorruptCaptureError` when nothing can be read at all.
+    """
+    policy = policy or Policy.default()
+    summary = summarize(stream, local_addresses=local_addresses, progress=progress)
+    peers, alerts = classify(summary, policy=policy, service_tags=service_tags)
+    return Analysis(
+        capture=summary.capture,
+        conversations=summary.conversations,
+        peers=peers,
+        alerts=alerts,
+        analyzer_version=__version__,
+        policy_version=policy.version,
+    )

@@ -1,0 +1,275 @@
+"""Value objects of an analysis, and the one place each becomes JSON.
+
+Everything here is immutable and free of I/O. Timestamps are POSIX seconds (float, UTC);
+they are rendered as ISO 8601 with microseconds in JSON. Byte counts are frame lengths on
+the wire (the record's original length), as Wireshark counts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+SCHEMA_VERSION = 1
+
+Severity = Literal["info", "low", "medium", "high"]
+SEVERITY_ORDER: dict[str, int] = {"info": 0, "low": 1, "medium": 2, "high": 3}
+NameSource = Literal["dns", "sni", "http"]
+
+
+def iso_time(ts: float | None) -> str | None:
+    """Render POSIX seconds as ISO 8601 UTC with microseconds, e.g. ``2026-11-25T10:00:00.123456Z``."""
+    if ts is None:
+        return None
+    moment = datetime.fromtimestamp(ts, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True, slots=True)
+class PortCount:
+    """Traffic on one port of one transport protocol."""
+
+    protocol: str
+    port: int
+    packets: int
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "protocol": self.protocol,
+            "port": self.port,
+            "packets": self.packets,
+            "bytes": self.bytes,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PeerName:
+    """A name a peer was seen under, and where it came from.
+
+    For DNS, ``chain`` runs from the name queried through every CNAME to the owner of the
+    A/AAAA record (``name`` is the name queried); for SNI and HTTP it is just ``(name,)``.
+    """
+
+    name: str
+    source: NameSource
+    chain: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "chain": list(self.chain or (self.name,))}
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """Traffic between two IP addresses, ``a`` being the lower address (as tshark orders them)."""
+
+    a: str
+    b: str
+    packets_a_to_b: int
+    packets_b_to_a: int
+    bytes_a_to_b: int
+    bytes_b_to_a: int
+    first_seen: float
+    last_seen: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "a": self.a,
+            "b": self.b,
+            "packets_a_to_b": self.packets_a_to_b,
+            "packets_b_to_a": self.packets_b_to_a,
+            "bytes_a_to_b": self.bytes_a_to_b,
+            "bytes_b_to_a": self.bytes_b_to_a,
+            "first_seen": iso_time(self.first_seen),
+            "last_seen": iso_time(self.last_seen),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TcpCounts:
+    """TCP connection attempts (distinct 4-tuples whose first packet was a SYN), by initiator.
+
+    ``*_unanswered``: the other side sent nothing back on that 4-tuple; ``*_reset``: it answered
+    the SYN with RST (a refused connection).
+    """
+
+    opened_by_peer: int = 0
+    opened_by_local: int = 0
+    unanswered_from_peer: int = 0
+    unanswered_from_local: int = 0
+    reset_from_peer: int = 0
+    reset_from_local: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "opened_by_peer": self.opened_by_peer,
+            "opened_by_local": self.opened_by_local,
+            "unanswered_from_peer": self.unanswered_from_peer,
+            "unanswered_from_local": self.unanswered_from_local,
+            "reset_from_peer": self.reset_from_peer,
+            "reset_from_local": self.reset_from_local,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Everything the VM exchanged with one remote address.
+
+    ``packets_sent``/``bytes_sent`` are what the peer sent to the VM; ``*_received`` what it got
+    from the VM. ``remote_ports`` are ports on the peer's side, ``local_ports`` on the VM's side,
+    each the busiest few; ``other_*_ports`` counts the distinct ports left out.
+    Classification fields (``category`` onwards) are filled in by :mod:`analyzer.classify`.
+    """
+
+    address: str
+    local_addresses: tuple[str, ...]
+    packets_sent: int
+    packets_received: int
+    bytes_sent: int
+    bytes_received: int
+    first_seen: float
+    last_seen: float
+    protocols: dict[str, int] = field(default_factory=dict)
+    remote_ports: tuple[PortCount, ...] = ()
+    local_ports: tuple[PortCount, ...] = ()
+    other_remote_ports: int = 0
+    other_local_ports: int = 0
+    tcp: TcpCounts = field(default_factory=TcpCounts)
+    icmp_types: dict[str, int] = field(default_factory=dict)
+    names: tuple[PeerName, ...] = ()
+    category: str = "unclassified"
+    expected: bool | None = None
+    reason: str = ""
+    service_tags: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+
+    @property
+    def packets(self) -> int:
+        return self.packets_sent + self.packets_received
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_sent + self.bytes_received
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "local_addresses": list(self.local_addresses),
+            "packets_sent": self.packets_sent,
+            "packets_received": self.packets_received,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "first_seen": iso_time(self.first_seen),
+            "last_seen": iso_time(self.last_seen),
+            "protocols": dict(self.protocols),
+            "remote_ports": [p.to_dict() for p in self.remote_ports],
+            "local_ports": [p.to_dict() for p in self.local_ports],
+            "other_remote_ports": self.other_remote_ports,
+            "other_local_ports": self.other_local_ports,
+            "tcp": self.tcp.to_dict(),
+            "icmp_types": dict(self.icmp_types),
+            "names": [n.to_dict() for n in self.names],
+            "category": self.category,
+            "expected": self.expected,
+            "reason": self.reason,
+            "service_tags": list(self.service_tags),
+            "roles": list(self.roles),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """Something about a peer that deserves a person's attention."""
+
+    rule: str
+    severity: Severity
+    peer: str
+    message: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "severity": self.severity,
+            "peer": self.peer,
+            "message": self.message,
+            "evidence": dict(self.evidence),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureInfo:
+    """Facts about the capture as a whole.
+
+    ``complete`` is false when reading stopped early (see ``warnings``). ``non_ip`` counts frames
+    that are not IP by kind (``arp``, ``ethertype-0x88cc``, ``linktype-105``...); ``undecodable``
+    counts IP frames that could not be decoded, by reason. ``local_addresses_inferred`` tells
+    whether the VM's addresses were inferred or given.
+    """
+
+    format: str
+    link_types: tuple[int, ...]
+    packets: int
+    bytes: int
+    first_seen: float | None
+    last_seen: float | None
+    local_addresses: tuple[str, ...]
+    local_addresses_inferred: bool
+    complete: bool
+    warnings: tuple[str, ...] = ()
+    ip_packets: int = 0
+    non_ip: dict[str, int] = field(default_factory=dict)
+    undecodable: dict[str, int] = field(default_factory=dict)
+    malformed_dns: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "link_types": list(self.link_types),
+            "packets": self.packets,
+            "bytes": self.bytes,
+            "first_seen": iso_time(self.first_seen),
+            "last_seen": iso_time(self.last_seen),
+            "local_addresses": list(self.local_addresses),
+            "local_addresses_inferred": self.local_addresses_inferred,
+            "complete": self.complete,
+            "warnings": list(self.warnings),
+            "ip_packets": self.ip_packets,
+            "non_ip": dict(self.non_ip),
+            "undecodable": dict(self.undecodable),
+            "malformed_dns": self.malformed_dns,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """What the capture engine produces: the capture, its conversations and the VM's peers."""
+
+    capture: CaptureInfo
+    conversations: tuple[Conversation, ...]
+    peers: tuple[Peer, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """A summary with its peers classified and the alerts raised on it."""
+
+    capture: CaptureInfo
+    conversations: tuple[Conversation, ...]
+    peers: tuple[Peer, ...]
+    alerts: tuple[Alert, ...] = ()
+    analyzer_version: str = ""
+    policy_version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable JSON document (``schema_version`` changes only on breaking changes)."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "analyzer_version": self.analyzer_version,
+            "policy_version": self.policy_version,
+            "capture": self.capture.to_dict(),
+            "conversations": [c.to_dict() for c in self.conversations],
+            "peers": [p.to_dict() for p in self.peers],
+            "alerts": [a.to_dict() for a in self.alerts],
+        }

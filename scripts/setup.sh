@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything nwcap's demo and tests need on a fresh machine:
+# a virtualenv with the package, the pinned Azurite from npm, and (for tests) tshark from Debian.
+# Usage: scripts/setup.sh [--with-tshark]
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+stamp=.venv/.nwcap-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements.txt -nt "$stamp" ]; then
+    .venv/bin/pip install --quiet --upgrade pip
+    .venv/bin/pip install --quiet -r requirements.txt -e '.[dev]'
+    touch "$stamp"
+fi
+
+if [ ! -x node_modules/.bin/azurite ]; then
+    npm install --silent --no-audit --no-fund >/dev/null
+fi
+
+if [ "${1:-}" = "--with-tshark" ] && ! command -v tshark >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "tshark is missing and installing it needs root: apt-get install tshark" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
+    apt-get install -y -qq --no-install-recommends tshark >/dev/null
+fi
