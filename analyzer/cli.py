@@ -1,0 +1,203 @@
+"""The ``nwcap`` command line: validates options, reads files, hands off to the core.
+
+Exit status: 0 success; 1 alerts at or above ``--fail-on``; 2 bad usage; 65 the capture,
+policy or service-tag file is unusable (unsupported format, corrupt header, invalid
+policy); 66 an input file cannot be opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+from analyzer import __version__
+from analyzer.errors import NwcapError
+from analyzer.models import SEVERITY_ORDER
+
+EXIT_ALERTS = 1
+EXIT_DATAERR = 65
+EXIT_NOINPUT = 66
+PROGRESS_MIN_BYTES = 16 << 20
+
+log = logging.getLogger("nwcap")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nwcap",
+        description="Per-peer summaries and alerts for Azure Network Watcher packet captures.",
+    )
+    parser.add_argument("--version", action="version", version=f"nwcap {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    analyze = sub.add_parser(
+        "analyze",
+        help="summarise one capture file per peer, with names, categories and alerts",
+        description="Summarise a capture (pcap, pcapng, Network Monitor; gzip too) per peer.",
+    )
+    analyze.add_argument("capture", help="capture file, or - for standard input")
+    analyze.add_argument(
+        "--local-ip",
+        action="append",
+        metavar="IP",
+        help="the VM's own address (repeatable); inferred from the capture when omitted",
+    )
+    analyze.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    analyze.add_argument("--policy", metavar="FILE", help="policy file (YAML or JSON)")
+    analyze.add_argument(
+        "--service-tags", metavar="FILE", help="Microsoft ServiceTags_Public_*.json file"
+    )
+    analyze.add_argument(
+        "--fail-on",
+        choices=("low", "medium", "high"),
+        help="exit with status 1 when an alert of this severity or worse is raised",
+    )
+    analyze.add_argument(
+        "--progress",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="progress bar on stderr (auto: for large files on a terminal)",
+    )
+    analyze.set_defaults(func=run_analyze)
+
+    try:
+        from analyzer import store_cli  # noqa: PLC0415 - storage commands need the Azure SDKs
+    except ImportError:  # pragma: no cover - the storage extras are always installed with nwcap
+        pass
+    else:
+        store_cli.add_commands(sub)
+    return parser
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    from analyzer.analysis import analyze  # noqa: PLC0415 - keeps `nwcap --help` fast
+    from analyzer.render import to_csv, to_json, to_table  # noqa: PLC0415
+
+    policy = _load_policy(args.policy) if args.policy else None
+    tags = _load_service_tags(args.service_tags) if args.service_tags else None
+    stream, size = _open_capture(args.capture)
+    progress = _progress_bar(size, sys.stderr, args.progress)
+    try:
+        with stream:
+            result = analyze(
+                stream,
+                local_addresses=args.local_ip,
+                policy=policy,
+                service_tags=tags,
+                progress=progress,
+            )
+    finally:
+        if progress is not None:
+            progress.close()
+    render = {"table": to_table, "json": to_json, "csv": to_csv}[args.format]
+    sys.stdout.write(render(result))
+    for warning in result.capture.warnings:
+        log.warning("%s: %s", args.capture, warning)
+    if args.fail_on:
+        threshold = SEVERITY_ORDER[args.fail_on]
+        if any(SEVERITY_ORDER[a.severity] >= threshold for a in result.alerts):
+            return EXIT_ALERTS
+    return 0
+
+
+def _open_capture(name: str) -> tuple[BinaryIO, int | None]:
+    if name == "-":
+        return os.fdopen(os.dup(sys.stdin.fileno()), "rb"), None
+    try:
+        stream = open(name, "rb")  # noqa: SIM115 - closed by the caller's with-block
+    except OSError as exc:
+        raise InputError(f"cannot open capture {name}: {exc.strerror}") from exc
+    return stream, os.fstat(stream.fileno()).st_size
+
+
+def _read_file(name: str, what: str) -> bytes:
+    try:
+        return Path(name).read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {name}: {exc.strerror}") from exc
+
+
+def _load_policy(name: str) -> object:
+    from analyzer.policy import load_policy  # noqa: PLC0415
+
+    return load_policy(_read_file(name, "policy"))
+
+
+def _load_service_tags(name: str) -> object:
+    from analyzer.servicetags import ServiceTags  # noqa: PLC0415
+
+    return ServiceTags.from_json(_read_file(name, "service tags"))
+
+
+class InputError(Exception):
+    """An input file cannot be opened (exit status 66)."""
+
+
+class _ProgressBar:
+    """A one-line progress bar on a terminal stream, redrawn at most a few times a second."""
+
+    def __init__(self, total: int, out: TextIO) -> None:
+        self.total = max(total, 1)
+        self.out = out
+        self.started = time.monotonic()
+        self.drawn_at = 0.0
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.drawn_at < 0.2 and done < self.total:
+            return
+        self.drawn_at = now
+        fraction = min(done / self.total, 1.0)
+        filled = int(fraction * 30)
+        rate = done / max(now - self.started, 1e-6) / (1 << 20)
+        self.out.write(
+            f"\r[{'#' * filled}{'.' * (30 - filled)}] {fraction:6.1%} "
+            f"{done >> 20}/{self.total >> 20} MiB {rate:6.1f} MiB/s"
+        )
+        self.out.flush()
+
+    def close(self) -> None:
+        self.out.write("\n")
+        self.out.flush()
+
+
+def _progress_bar(size: int | None, out: TextIO, mode: str) -> _ProgressBar | None:
+    if mode == "never" or size is None:
+        return None
+    if mode == "auto" and (size < PROGRESS_MIN_BYTES or not out.isatty()):
+        return None
+    return _ProgressBar(size, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="nwcap: %(levelname)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except InputError as exc:
+        print(f"nwcap: error: {exc}", file=sys.stderr)
+        return EXIT_NOINPUT
+    except NwcapError as exc:
+        print(f"nwcap: error: {exc}", file=sys.stderr)
+        return EXIT_DATAERR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # the reader of our output went away (e.g. `| head`): not an error of ours
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
