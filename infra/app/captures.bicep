@@ -1,0 +1,49 @@
+// Wires a capture storage account to the function app: read access for the app's identity, and
+// the Event Grid system topic that publishes the account's BlobCreated events (the subscription
+// itself is created by infra/hooks/postdeploy, which needs the function's blobs_extension key).
+//
+// main.bicep deploys this module for a capture account it creates. For an existing account the
+// postdeploy hook deploys this file into that account's resource group with
+// `az deployment group create`: azd's own deployment must not touch that resource group, because
+// `azd down` deletes every resource group its deployment touched.
+param storageAccountName string
+
+@description('Object id of the function app identity.')
+param principalId string
+
+@description('Name of the Event Grid system topic on the account.')
+param systemTopicName string
+
+@description('False when the account already has a system topic (Azure allows one per source): it is reused.')
+param createSystemTopic bool = true
+
+param tags object = {}
+
+resource capturesAccount 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
+  name: storageAccountName
+}
+
+// Read the .cap blobs; write the blob trigger's poison queue after its last retry.
+module access 'rbac.bicep' = {
+  name: 'captures-access'
+  params: {
+    storageAccountName: capturesAccount.name
+    principalId: principalId
+    storageRoles: [
+      'StorageBlobDataReader'
+      'StorageQueueDataContributor'
+    ]
+  }
+}
+
+resource systemTopic 'Microsoft.EventGrid/systemTopics@2022-06-15' = if (createSystemTopic) {
+  name: systemTopicName
+  location: capturesAccount.location
+  tags: tags
+  properties: {
+    source: capturesAccount.id
+    topicType: 'Microsoft.Storage.StorageAccounts'
+  }
+}
+
+output systemTopicName string = systemTopicName

@@ -1,0 +1,167 @@
+// The Flex Consumption (FC1) plan and the Linux Python function app hosting process_capture.
+// Every connection is identity-based: the host's own storage (AzureWebJobsStorage__*), the
+// deployment package container, Application Insights (Entra auth) and the app's connections
+// passed in appSettings.
+param name string
+param planName string
+param location string = resourceGroup().location
+param tags object = {}
+
+@description('Resource id of the user-assigned identity the app runs as.')
+param identityId string
+
+@description('Client id of that identity, selected by every __clientId setting.')
+param identityClientId string
+
+@description('The Functions host storage account (AzureWebJobsStorage and the deployment package).')
+param hostStorageAccountName string
+
+@description('Blob container holding the deployment package.')
+param deploymentContainerName string
+
+param applicationInsightsName string
+
+@description('App settings added to the host ones.')
+param appSettings object = {}
+
+@description('Subnet (delegated to Microsoft.App/environments) for VNet integration; empty for none.')
+param virtualNetworkSubnetId string = ''
+
+@description('Python versions Flex Consumption runs and nwcap supports.')
+@allowed([
+  '3.10'
+  '3.11'
+  '3.12'
+])
+param pythonVersion string = '3.11'
+
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+
+@minValue(1)
+@maxValue(1000)
+param maximumInstanceCount int = 100
+
+resource hostStorage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
+  name: hostStorageAccountName
+}
+
+resource applicationInsights 'Microsoft.Insights/components@2020-02-02' existing = {
+  name: applicationInsightsName
+}
+
+resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+  // checkov:skip=CKV_AZURE_225: zone redundancy is offered in few regions and fails the deployment elsewhere; during a zone outage Event Grid keeps retrying delivery for 24 hours
+  name: planName
+  location: location
+  tags: tags
+  kind: 'functionapp'
+  sku: {
+    name: 'FC1'
+    tier: 'FlexConsumption'
+  }
+  properties: {
+    reserved: true
+  }
+}
+
+var hostSettings = [
+  {
+    name: 'AzureWebJobsStorage__blobServiceUri'
+    value: hostStorage.properties.primaryEndpoints.blob
+  }
+  {
+    name: 'AzureWebJobsStorage__queueServiceUri'
+    value: hostStorage.properties.primaryEndpoints.queue
+  }
+  {
+    name: 'AzureWebJobsStorage__tableServiceUri'
+    value: hostStorage.properties.primaryEndpoints.table
+  }
+  {
+    name: 'AzureWebJobsStorage__credential'
+    value: 'managedidentity'
+  }
+  {
+    name: 'AzureWebJobsStorage__clientId'
+    value: identityClientId
+  }
+  {
+    name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
+    value: applicationInsights.properties.ConnectionString
+  }
+  {
+    name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
+    value: 'ClientId=${identityClientId};Authorization=AAD'
+  }
+  {
+    // Lets DefaultAzureCredential in the app code pick the user-assigned identity.
+    name: 'AZURE_CLIENT_ID'
+    value: identityClientId
+  }
+]
+// appSettings is a parameter, hence known when this deployment starts, as a loop requires.
+var passedSettings = [for setting in items(appSettings): {
+  name: setting.key
+  value: setting.value
+}]
+
+resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
+  // checkov:skip=CKV_AZURE_222: Event Grid delivers BlobCreated events to the blobs_extension webhook over the public endpoint; the webhook and the query API both require keys
+  // checkov:skip=CKV_AZURE_17: client certificates would make Event Grid's webhook delivery fail (it presents none)
+  // checkov:skip=CKV_AZURE_212: Flex Consumption scales from zero per event; a minimum instance count would bill an idle capture pipeline around the clock
+  // checkov:skip=CKV_AZURE_213: every route requires a function key, so there is no anonymous path to probe, and Flex Consumption replaces instances per event rather than keeping a pool
+  name: name
+  location: location
+  tags: union(tags, {
+    'azd-service-name': 'processor'
+  })
+  kind: 'functionapp,linux'
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identityId}': {}
+    }
+  }
+  properties: {
+    serverFarmId: plan.id
+    httpsOnly: true
+    clientCertEnabled: false
+    virtualNetworkSubnetId: empty(virtualNetworkSubnetId) ? null : virtualNetworkSubnetId
+    siteConfig: {
+      minTlsVersion: '1.2'
+      scmMinTlsVersion: '1.2'
+      ftpsState: 'Disabled'
+      http20Enabled: true
+      remoteDebuggingEnabled: false
+      appSettings: concat(passedSettings, hostSettings)
+    }
+    functionAppConfig: {
+      deployment: {
+        storage: {
+          type: 'blobContainer'
+          value: '${hostStorage.properties.primaryEndpoints.blob}${deploymentContainerName}'
+          authentication: {
+            type: 'UserAssignedIdentity'
+            userAssignedIdentityResourceId: identityId
+          }
+        }
+      }
+      scaleAndConcurrency: {
+        instanceMemoryMB: instanceMemoryMB
+        maximumInstanceCount: maximumInstanceCount
+      }
+      runtime: {
+        name: 'python'
+        version: pythonVersion
+      }
+    }
+  }
+}
+
+output name string = functionApp.name
+output defaultHostName string = functionApp.properties.defaultHostName

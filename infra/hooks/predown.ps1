@@ -1,0 +1,57 @@
+# azd predown hook (Windows twin of predown.sh): `azd down` deletes this environment's resource
+# group, but never an existing capture account's resource group (postdeploy wires that account
+# outside azd's deployment). Before the app's identity is deleted, remove what postdeploy added
+# there: the event subscription, the system topic if this environment created it, and the
+# identity's roles. A capture account created by `azd up` lives in the environment's group and
+# goes with it.
+$ErrorActionPreference = 'Stop'
+Set-StrictMode -Version Latest
+
+if ($env:CAPTURES_IS_EXISTING -ine 'true') { exit 0 }
+if (-not (Get-Command az -ErrorAction SilentlyContinue)) {
+    throw 'predown: the Azure CLI (az) is required, see docs/deploy.md'
+}
+$required = @(
+    'AZURE_ENV_NAME', 'AZURE_SUBSCRIPTION_ID', 'PROCESSOR_PRINCIPAL_ID',
+    'CAPTURES_STORAGE_ACCOUNT_NAME', 'CAPTURES_EVENT_SUBSCRIPTION_NAME'
+)
+foreach ($name in $required) {
+    if (-not [Environment]::GetEnvironmentVariable($name)) {
+        throw "predown: $name is set by azd from the provisioning outputs: run 'azd down'"
+    }
+}
+
+# Every call targets azd's subscription, whatever the Azure CLI's default is; a failing call stops the hook.
+function Invoke-Az {
+    $output = & az @args --subscription $env:AZURE_SUBSCRIPTION_ID
+    if ($LASTEXITCODE -ne 0) { throw "predown: az $($args[0..2] -join ' ') failed" }
+    return $output
+}
+
+$accountId = Invoke-Az storage account list `
+    --query "[?name=='$($env:CAPTURES_STORAGE_ACCOUNT_NAME)'].id | [0]" --output tsv
+if (-not $accountId) {
+    Write-Host "predown: capture account '$($env:CAPTURES_STORAGE_ACCOUNT_NAME)' not found; nothing to remove there"
+    exit 0
+}
+
+$topics = (Invoke-Az eventgrid system-topic list --output json) -join "`n" | ConvertFrom-Json
+foreach ($topic in $topics) {
+    if ($topic.source -ine $accountId) { continue }
+    Write-Host "predown: removing event subscription $($env:CAPTURES_EVENT_SUBSCRIPTION_NAME) from topic $($topic.name)"
+    & az eventgrid system-topic event-subscription delete --name $env:CAPTURES_EVENT_SUBSCRIPTION_NAME `
+        --resource-group $topic.resourceGroup --system-topic-name $topic.name `
+        --subscription $env:AZURE_SUBSCRIPTION_ID --yes --output none
+    $owner = if ($topic.tags -and $topic.tags.PSObject.Properties['nwcap-env-name']) { $topic.tags.'nwcap-env-name' } else { $null }
+    if ($owner -eq $env:AZURE_ENV_NAME) {
+        Write-Host "predown: removing system topic $($topic.name), created by this environment"
+        Invoke-Az eventgrid system-topic delete --name $topic.name --resource-group $topic.resourceGroup --yes --output none | Out-Null
+    }
+}
+
+$assignments = @(Invoke-Az role assignment list --scope $accountId `
+        --query "[?principalId=='$($env:PROCESSOR_PRINCIPAL_ID)'].id" --output tsv)
+if ($assignments.Count -gt 0 -and $assignments[0]) {
+    Write-Host "predown: removing the app identity's roles on $($env:CAPTURES_STORAGE_ACCOUNT_NAME)"
+    Invoke-Az role assignment delete --ids @assignments --output none | Out-Null
+}

@@ -1,0 +1,308 @@
+// nwcap on Azure: a Flex Consumption function app that summarises every Network Watcher packet
+// capture (.cap blob) into the results tables. Deployed by `azd up`; see docs/deploy.md.
+targetScope = 'subscription'
+
+@minLength(1)
+@maxLength(64)
+@description('Name of the azd environment: seeds the resource token and tags every resource.')
+param environmentName string
+
+@minLength(1)
+@description('Region of the new resources; it must offer Flex Consumption (az functionapp list-flexconsumption-locations).')
+@metadata({
+  azd: {
+    type: 'location'
+  }
+})
+param location string
+
+@description('Object id of the deployer (azd sets AZURE_PRINCIPAL_ID): may read the results tables and write the nwcap-config container. Empty for none.')
+param principalId string = ''
+
+@description('Integrate the function app with a new VNet and reach the host and results storage through private endpoints.')
+param vnetEnabled bool = false
+
+@description('With vnetEnabled: a public IPv4 address let through the results account firewall, to query summaries from your machine.')
+param clientIpAddress string = ''
+
+@description('Name of an existing storage account (same subscription) that Network Watcher writes captures to; empty creates one.')
+param existingCapturesAccountName string = ''
+
+@description('For a created capture account: days after which captures are deleted; 0 keeps them.')
+@minValue(0)
+param captureRetentionDays int = 30
+
+@description('Name of a policy blob in the results container nwcap-config (e.g. policy.yaml); empty for the built-in policy.')
+param policyBlobName string = ''
+
+@description('Name of a ServiceTags_Public JSON blob in nwcap-config; empty for none.')
+param serviceTagsBlobName string = ''
+
+var abbrs = loadJsonContent('abbreviations.json')
+var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
+var tags = {
+  'azd-env-name': environmentName
+}
+
+var resourceGroupName = '${abbrs.resourcesResourceGroups}${environmentName}'
+var functionAppName = '${abbrs.webSitesFunctions}${resourceToken}'
+// Flex Consumption pulls the app package from this container of the host storage.
+var deploymentContainerName = 'app-package-${take(functionAppName, 32)}-${take(resourceToken, 7)}'
+// Where Network Watcher puts captures when no --storage-path is given; process_capture listens here.
+var capturesContainerName = 'network-watcher-logs'
+var configContainerName = 'nwcap-config'
+var resultsTables = [
+  'captures'
+  'peers'
+  'alerts'
+  'peerindex'
+  'baseline'
+]
+
+var useExistingCaptures = !empty(existingCapturesAccountName)
+var capturesAccountName = useExistingCaptures ? existingCapturesAccountName : '${abbrs.storageStorageAccounts}cap${resourceToken}'
+var capturesSystemTopicName = '${abbrs.eventGridSystemTopics}${capturesAccountName}'
+var capturesEventSubscriptionName = '${abbrs.eventGridEventSubscriptions}process-capture'
+// Computed from the name rather than read from the account, so that an existing account's
+// resource group never appears in this deployment (azd down deletes every group it touched).
+var capturesBlobEndpoint = 'https://${capturesAccountName}.blob.${environment().suffixes.storage}/'
+var capturesQueueEndpoint = 'https://${capturesAccountName}.queue.${environment().suffixes.storage}/'
+
+var privateEndpointSubnetName = '${abbrs.networkVirtualNetworksSubnets}private-endpoints'
+var appSubnetName = '${abbrs.networkVirtualNetworksSubnets}app'
+
+resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
+  name: resourceGroupName
+  location: location
+  tags: tags
+}
+
+module identity 'app/identity.bicep' = {
+  name: 'identity'
+  scope: rg
+  params: {
+    name: '${abbrs.managedIdentityUserAssignedIdentities}processor-${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+module monitoring 'app/monitoring.bicep' = {
+  name: 'monitoring'
+  scope: rg
+  params: {
+    logAnalyticsName: '${abbrs.operationalInsightsWorkspaces}${resourceToken}'
+    applicationInsightsName: '${abbrs.insightsComponents}${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+module vnet 'app/vnet.bicep' = if (vnetEnabled) {
+  name: 'vnet'
+  scope: rg
+  params: {
+    name: '${abbrs.networkVirtualNetworks}${resourceToken}'
+    location: location
+    tags: tags
+    privateEndpointSubnetName: privateEndpointSubnetName
+    appSubnetName: appSubnetName
+  }
+}
+
+// The Functions host's own storage: keys, leases, blob-trigger queue, deployment package.
+module hostStorage 'app/storage.bicep' = {
+  name: 'host-storage'
+  scope: rg
+  params: {
+    name: '${abbrs.storageStorageAccounts}${resourceToken}'
+    location: location
+    tags: tags
+    containers: [
+      deploymentContainerName
+    ]
+    vnetEnabled: vnetEnabled
+  }
+}
+
+// Summaries, peers and alerts (tables) and the optional policy and service-tags files.
+module resultsStorage 'app/storage.bicep' = {
+  name: 'results-storage'
+  scope: rg
+  params: {
+    name: '${abbrs.storageStorageAccounts}res${resourceToken}'
+    location: location
+    tags: tags
+    containers: [
+      configContainerName
+    ]
+    tables: resultsTables
+    vnetEnabled: vnetEnabled
+    allowedIpAddresses: empty(clientIpAddress) ? [] : [
+      clientIpAddress
+    ]
+  }
+}
+
+module privateEndpoints 'app/private-endpoints.bicep' = if (vnetEnabled) {
+  name: 'private-endpoints'
+  scope: rg
+  params: {
+    location: location
+    tags: tags
+    virtualNetworkId: vnet.outputs.id
+    subnetId: vnet.outputs.privateEndpointSubnetId
+    endpoints: [
+      {
+        accountName: hostStorage.outputs.name
+        service: 'blob'
+      }
+      {
+        accountName: hostStorage.outputs.name
+        service: 'queue'
+      }
+      {
+        accountName: hostStorage.outputs.name
+        service: 'table'
+      }
+      {
+        accountName: resultsStorage.outputs.name
+        service: 'blob'
+      }
+      {
+        accountName: resultsStorage.outputs.name
+        service: 'table'
+      }
+    ]
+  }
+}
+
+// A new capture account, in this resource group, when none is passed. An existing one is wired by
+// infra/hooks/postdeploy with app/captures.bicep instead.
+module capturesStorage 'app/captures-storage.bicep' = if (!useExistingCaptures) {
+  name: 'captures-storage'
+  scope: rg
+  params: {
+    name: capturesAccountName
+    location: location
+    tags: tags
+    containerName: capturesContainerName
+    retentionDays: captureRetentionDays
+  }
+}
+
+module capturesWiring 'app/captures.bicep' = if (!useExistingCaptures) {
+  name: 'captures-wiring'
+  scope: rg
+  params: {
+    storageAccountName: capturesAccountName
+    principalId: identity.outputs.principalId
+    systemTopicName: capturesSystemTopicName
+    tags: tags
+  }
+  dependsOn: [
+    capturesStorage
+  ]
+}
+
+// Host storage: blobs (keys, leases, receipts, package), queues (blob trigger), tables
+// (diagnostic events); telemetry to the Entra-only Application Insights.
+module hostAccess 'app/rbac.bicep' = {
+  name: 'host-access'
+  scope: rg
+  params: {
+    storageAccountName: hostStorage.outputs.name
+    principalId: identity.outputs.principalId
+    storageRoles: [
+      'StorageBlobDataOwner'
+      'StorageQueueDataContributor'
+      'StorageTableDataContributor'
+    ]
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+  }
+}
+
+// Results: write the tables, read the policy and service-tags files.
+module resultsAccess 'app/rbac.bicep' = {
+  name: 'results-access'
+  scope: rg
+  params: {
+    storageAccountName: resultsStorage.outputs.name
+    principalId: identity.outputs.principalId
+    storageRoles: [
+      'StorageTableDataContributor'
+      'StorageBlobDataReader'
+    ]
+  }
+}
+
+// The deployer: query summaries and upload the policy with `--auth-mode login`, no key needed.
+module deployerAccess 'app/rbac.bicep' = if (!empty(principalId)) {
+  name: 'deployer-access'
+  scope: rg
+  params: {
+    storageAccountName: resultsStorage.outputs.name
+    principalId: principalId
+    principalType: ''
+    storageRoles: [
+      'StorageTableDataReader'
+      'StorageBlobDataContributor'
+    ]
+  }
+}
+
+var connectionSettings = {
+  CAPTURES_CONNECTION__blobServiceUri: capturesBlobEndpoint
+  CAPTURES_CONNECTION__queueServiceUri: capturesQueueEndpoint
+  CAPTURES_CONNECTION__credential: 'managedidentity'
+  CAPTURES_CONNECTION__clientId: identity.outputs.clientId
+  CAPTURES_CONTAINER: capturesContainerName
+  RESULTS_CONNECTION__tableServiceUri: resultsStorage.outputs.tableEndpoint
+  RESULTS_CONNECTION__blobServiceUri: resultsStorage.outputs.blobEndpoint
+  RESULTS_CONNECTION__credential: 'managedidentity'
+  RESULTS_CONNECTION__clientId: identity.outputs.clientId
+}
+var policySettings = empty(policyBlobName) ? {} : {
+  NWCAP_POLICY: '${resultsStorage.outputs.blobEndpoint}${configContainerName}/${policyBlobName}'
+}
+var serviceTagsSettings = empty(serviceTagsBlobName) ? {} : {
+  NWCAP_SERVICE_TAGS: '${resultsStorage.outputs.blobEndpoint}${configContainerName}/${serviceTagsBlobName}'
+}
+
+module processor 'app/processor.bicep' = {
+  name: 'processor'
+  scope: rg
+  params: {
+    name: functionAppName
+    planName: '${abbrs.webServerFarms}${resourceToken}'
+    location: location
+    tags: tags
+    identityId: identity.outputs.resourceId
+    identityClientId: identity.outputs.clientId
+    hostStorageAccountName: hostStorage.outputs.name
+    deploymentContainerName: deploymentContainerName
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+    virtualNetworkSubnetId: vnetEnabled ? vnet.outputs.appSubnetId : ''
+    appSettings: union(connectionSettings, policySettings, serviceTagsSettings)
+  }
+  dependsOn: [
+    hostAccess
+    privateEndpoints
+  ]
+}
+
+// Read by infra/hooks/postdeploy and predown, and by the commands in docs/deploy.md.
+output AZURE_TENANT_ID string = tenant().tenantId
+output AZURE_RESOURCE_GROUP string = rg.name
+output AZURE_FUNCTION_APP_NAME string = processor.outputs.name
+output AZURE_FUNCTION_APP_HOSTNAME string = processor.outputs.defaultHostName
+output PROCESSOR_PRINCIPAL_ID string = identity.outputs.principalId
+output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.applicationInsightsName
+output CAPTURES_STORAGE_ACCOUNT_NAME string = capturesAccountName
+output CAPTURES_IS_EXISTING bool = useExistingCaptures
+output CAPTURES_CONTAINER_NAME string = capturesContainerName
+output CAPTURES_SYSTEM_TOPIC_NAME string = capturesSystemTopicName
+output CAPTURES_EVENT_SUBSCRIPTION_NAME string = capturesEventSubscriptionName
+output RESULTS_STORAGE_ACCOUNT_NAME string = resultsStorage.outputs.name
+output RESULTS_CONFIG_CONTAINER_NAME string = configContainerName
+output AZURE_APP_SUBNET_ID string = vnetEnabled ? vnet.outputs.appSubnetId : ''
