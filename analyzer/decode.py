@@ -45,6 +45,10 @@ ETHERTYPE_NAMES = {
 }
 IPV6_EXTENSIONS = (0, 43, 60, 135, 139, 140, 253, 254)
 MAX_LABELS = 16
+MAX_TUNNEL_DEPTH = 4
+# UDP ports whose payload is another packet: VXLAN, VXLAN-GPE, Geneve, GTP-U, MPLS over UDP
+TUNNEL_UDP_PORTS = frozenset({4789, 4790, 6081, 2152, 6635})
+ETHERTYPE_TEB = 0x6558  # transparent Ethernet bridging
 
 
 def protocol_name(number: int) -> str:
@@ -71,6 +75,7 @@ class Decoded(NamedTuple):
     payload: bytes
     fragment: int
     frag_id: int
+    inner: Decoded | NonIp | Undecodable | None = None
 
 
 class NonIp(NamedTuple):
@@ -108,6 +113,8 @@ def decode(link_type: int, frame: bytes) -> DecodeResult:
         family = int.from_bytes(frame[:4], "big" if link_type == 108 else "little")
         if family > 0xFFFF:
             family = int.from_bytes(frame[:4], "little" if link_type == 108 else "big")
+        if family > 1500:  # as Wireshark does: a value this large is an EtherType
+            return _by_ethertype(frame, 4, family & 0xFFFF)
         if family == 2:
             return _ipv4(frame, 4)
         if family in (10, 24, 28, 30):
@@ -115,17 +122,44 @@ def decode(link_type: int, frame: bytes) -> DecodeResult:
         return NonIp(f"null-family-{family}")
     if link_type in (9, 50):  # PPP, PPP in HDLC framing
         return _ppp(frame, 0)
+    if link_type == 104:  # Cisco HDLC: address, control, then an EtherType
+        if len(frame) < 4:
+            return Undecodable("truncated-chdlc")
+        return _by_ethertype(frame, 4, int.from_bytes(frame[2:4], "big"))
+    if link_type == 239:
+        return _nflog(frame)
+    if link_type in (149, 258):  # Apple PKTAP: header length, then the inner link type
+        if len(frame) < 8:
+            return Undecodable("truncated-pktap")
+        header_len = int.from_bytes(frame[0:4], "little")
+        inner_type = int.from_bytes(frame[4:8], "little")
+        if header_len < 8 or inner_type in (149, 258):
+            return Undecodable("bad-pktap-header")
+        return decode(inner_type, frame[header_len:])
+    if link_type == 192:  # PPI: header length, then the inner link type
+        if len(frame) < 8:
+            return Undecodable("truncated-ppi")
+        inner_type = int.from_bytes(frame[4:8], "little")
+        if inner_type == 192:
+            return Undecodable("bad-ppi-header")
+        return decode(inner_type, frame[int.from_bytes(frame[2:4], "little"):])
+    if link_type == 127:  # radiotap, then 802.11
+        if len(frame) < 4:
+            return Undecodable("truncated-radiotap")
+        return _ieee80211(frame, int.from_bytes(frame[2:4], "little"))
+    if link_type == 105:
+        return _ieee80211(frame, 0)
     return NonIp(f"linktype-{link_type}")
 
 
-def _ethernet(frame: bytes, at: int) -> DecodeResult:
+def _ethernet(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
     if len(frame) < at + 14:
         return Undecodable("truncated-ethernet")
     ethertype = int.from_bytes(frame[at + 12 : at + 14], "big")
-    return _by_ethertype(frame, at + 14, ethertype)
+    return _by_ethertype(frame, at + 14, ethertype, depth)
 
 
-def _by_ethertype(frame: bytes, at: int, ethertype: int) -> DecodeResult:
+def _by_ethertype(frame: bytes, at: int, ethertype: int, depth: int = 0) -> DecodeResult:
     for _ in range(8):  # VLAN stacks (802.1Q, 802.1ad, QinQ) of any sane depth
         if ethertype not in VLAN_TAGS:
             break
@@ -134,11 +168,13 @@ def _by_ethertype(frame: bytes, at: int, ethertype: int) -> DecodeResult:
         ethertype = int.from_bytes(frame[at + 2 : at + 4], "big")
         at += 4
     if ethertype == ETHERTYPE_IPV4:
-        return _ipv4(frame, at)
+        return _ipv4(frame, at, depth)
     if ethertype == ETHERTYPE_IPV6:
-        return _ipv6(frame, at)
+        return _ipv6(frame, at, depth)
     if ethertype in (0x8847, 0x8848):
-        return _mpls(frame, at)
+        return _mpls(frame, at, depth)
+    if ethertype == ETHERTYPE_TEB:
+        return _ethernet(frame, at, depth)
     if ethertype == 0x8864:  # PPPoE session: 6-byte header, then PPP's protocol field
         if len(frame) < at + 8:
             return Undecodable("truncated-pppoe")
@@ -151,14 +187,17 @@ def _by_ethertype(frame: bytes, at: int, ethertype: int) -> DecodeResult:
     return NonIp(ETHERTYPE_NAMES.get(ethertype, f"ethertype-{ethertype:#06x}"))
 
 
-def _mpls(frame: bytes, at: int) -> DecodeResult:
+def _mpls(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
     for _ in range(MAX_LABELS):
         if len(frame) < at + 4:
             return Undecodable("truncated-mpls")
         bottom = frame[at + 2] & 1
         at += 4
         if bottom:
-            return _ip(frame, at)
+            if len(frame) > at and frame[at] >> 4 == 0:
+                # a pseudowire control word, then an Ethernet frame (Wireshark's heuristic)
+                return _ethernet(frame, at + 4, depth)
+            return _ip(frame, at, depth)
     return Undecodable("mpls-label-stack-too-deep")
 
 
@@ -184,18 +223,18 @@ def _ppp_protocol(frame: bytes, at: int) -> DecodeResult:
     return NonIp(f"ppp-{proto:#06x}")
 
 
-def _ip(frame: bytes, at: int) -> DecodeResult:
+def _ip(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
     if len(frame) <= at:
         return Undecodable("truncated-ip")
     version = frame[at] >> 4
     if version == 4:
-        return _ipv4(frame, at)
+        return _ipv4(frame, at, depth)
     if version == 6:
-        return _ipv6(frame, at)
+        return _ipv6(frame, at, depth)
     return Undecodable(f"ip-version-{version}")
 
 
-def _ipv4(frame: bytes, at: int) -> DecodeResult:
+def _ipv4(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
     if len(frame) < at + 20:
         return Undecodable("truncated-ipv4")
     first = frame[at]
@@ -215,14 +254,16 @@ def _ipv4(frame: bytes, at: int) -> DecodeResult:
     proto = frame[at + 9]
     src = frame[at + 12 : at + 16]
     dst = frame[at + 16 : at + 20]
+    if header_len > 20:
+        dst = _source_route_destination(frame[at + 20 : at + header_len]) or dst
     end = at + total_len if total_len else len(frame)
     fragment = 2 if frag_offset else (1 if more_fragments else 0)
     frag_id = int.from_bytes(frame[at + 4 : at + 6], "big")
     return _transport(frame, at + header_len, min(end, len(frame)), src, dst, proto, fragment,
-                      frag_id)
+                      frag_id, depth)
 
 
-def _ipv6(frame: bytes, at: int) -> DecodeResult:
+def _ipv6(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
     if len(frame) < at + 40:
         return Undecodable("truncated-ipv6")
     if frame[at] >> 4 != 6:
@@ -257,7 +298,7 @@ def _ipv6(frame: bytes, at: int) -> DecodeResult:
             break
         if fragment == 2:
             break
-    return _transport(frame, pos, end, src, dst, proto, fragment, frag_id)
+    return _transport(frame, pos, end, src, dst, proto, fragment, frag_id, depth)
 
 
 def _transport(
@@ -269,10 +310,17 @@ def _transport(
     proto: int,
     fragment: int,
     frag_id: int,
+    depth: int,
 ) -> Decoded:
     """Read the transport header; a short or later-fragment transport keeps ports at 0."""
     if fragment == 2:
         return Decoded(src, dst, proto, 0, 0, 0, 0, -1, b"", fragment, frag_id)
+    if proto == 51 and not fragment and end - at >= 8:  # AH: skip to what it authenticates
+        return _transport(frame, at + (frame[at + 1] + 2) * 4, end, src, dst, frame[at],
+                          fragment, frag_id, depth)
+    if proto in (4, 41, 47) and not fragment and depth < MAX_TUNNEL_DEPTH:
+        inner = _ip(frame[:end], at, depth + 1) if proto != 47 else _gre(frame[:end], at, depth + 1)
+        return Decoded(src, dst, proto, 0, 0, 0, 0, -1, b"", fragment, frag_id, inner)
     if proto == TCP and end - at >= 14:
         sport = int.from_bytes(frame[at : at + 2], "big")
         dport = int.from_bytes(frame[at + 2 : at + 4], "big")
@@ -284,9 +332,152 @@ def _transport(
     if proto == UDP and end - at >= 8:
         sport = int.from_bytes(frame[at : at + 2], "big")
         dport = int.from_bytes(frame[at + 2 : at + 4], "big")
+        inner = None
+        if not fragment and depth < MAX_TUNNEL_DEPTH:
+            if dport in TUNNEL_UDP_PORTS:
+                inner = _udp_tunnel(frame[:end], at + 8, dport, depth + 1)
+            elif sport in TUNNEL_UDP_PORTS:
+                inner = _udp_tunnel(frame[:end], at + 8, sport, depth + 1)
         return Decoded(src, dst, proto, sport, dport, 0, 0, -1, frame[at + 8 : end], fragment,
-                       frag_id)
+                       frag_id, inner)
     if proto in (ICMP, ICMPV6) and end - at >= 2:
         return Decoded(src, dst, proto, 0, 0, 0, 0, frame[at] << 8 | frame[at + 1], b"",
                        fragment, frag_id)
     return Decoded(src, dst, proto, 0, 0, 0, 0, -1, b"", fragment, frag_id)
+
+
+def _gre(frame: bytes, at: int, depth: int) -> DecodeResult:
+    """GRE (RFC 2784/2890) carrying IP, Ethernet (TEB), MPLS or ERSPAN type I/II/III."""
+    if len(frame) < at + 4:
+        return Undecodable("truncated-gre")
+    flags = int.from_bytes(frame[at : at + 2], "big")
+    ethertype = int.from_bytes(frame[at + 2 : at + 4], "big")
+    pos = at + 4
+    version = flags & 0x07
+    if version == 1:  # PPTP's enhanced GRE: key always, sequence and acknowledgment optional
+        pos += 4 + 4 * (bool(flags & 0x1000) + bool(flags & 0x0080))
+        return _ppp(frame, pos) if ethertype == 0x880B else NonIp("gre-enhanced")
+    if version:
+        return NonIp(f"gre-version-{version}")
+    pos += 4 * (bool(flags & 0x8000) + bool(flags & 0x2000) + bool(flags & 0x1000))
+    if ethertype == 0x88BE:  # ERSPAN: type II has an 8-byte header when sequenced, type I none
+        return _ethernet(frame, pos + 8 if flags & 0x1000 else pos, depth)
+    if ethertype == 0x22EB:  # ERSPAN type III: 12 bytes, plus an 8-byte subheader if O is set
+        if len(frame) < pos + 12:
+            return Undecodable("truncated-erspan")
+        optional = 8 if frame[pos + 11] & 0x01 else 0
+        return _ethernet(frame, pos + 12 + optional, depth)
+    return _by_ethertype(frame, pos, ethertype, depth)
+
+
+def _udp_tunnel(frame: bytes, at: int, port: int, depth: int) -> DecodeResult | None:
+    """The packet inside VXLAN, VXLAN-GPE, Geneve, GTP-U or MPLS-over-UDP, if any."""
+    if port == 4789:
+        return _ethernet(frame, at + 8, depth) if len(frame) >= at + 8 else None
+    if port == 4790:  # VXLAN-GPE: next protocol in byte 3
+        if len(frame) < at + 8:
+            return None
+        next_proto = frame[at + 3]
+        if next_proto in (1, 2):
+            return _ip(frame, at + 8, depth)
+        return _ethernet(frame, at + 8, depth) if next_proto == 3 else None
+    if port == 6081:  # Geneve: options length in 4-byte words, then a protocol type
+        if len(frame) < at + 8:
+            return None
+        ethertype = int.from_bytes(frame[at + 2 : at + 4], "big")
+        return _by_ethertype(frame, at + 8 + (frame[at] & 0x3F) * 4, ethertype, depth)
+    if port == 2152:
+        return _gtp_user(frame, at, depth)
+    if port == 6635:
+        return _mpls(frame, at, depth)
+    return None
+
+
+def _gtp_user(frame: bytes, at: int, depth: int) -> DecodeResult | None:
+    """GTPv1-U: only T-PDUs (message type 255) carry a user IP packet."""
+    if len(frame) < at + 8 or frame[at] >> 5 != 1 or frame[at + 1] != 0xFF:
+        return None
+    flags = frame[at]
+    pos = at + 8
+    if flags & 0x07:
+        pos += 4
+        next_type = frame[pos - 1] if len(frame) >= pos else 0
+        for _ in range(8):
+            if not next_type or len(frame) <= pos:
+                break
+            length = frame[pos] * 4
+            if not length:
+                return None
+            next_type = frame[pos + length - 1] if len(frame) >= pos + length else 0
+            pos += length
+    return _ip(frame, pos, depth)
+
+
+def _nflog(frame: bytes) -> DecodeResult:
+    """Linux NFLOG: a 4-byte header, then TLVs; type 9 carries the packet (family in byte 0)."""
+    if len(frame) < 4:
+        return Undecodable("truncated-nflog")
+    family = frame[0]
+    pos = 4
+    while pos + 4 <= len(frame):
+        length = int.from_bytes(frame[pos : pos + 2], "little")
+        tlv_type = int.from_bytes(frame[pos + 2 : pos + 4], "little") & 0x7FFF
+        if length < 4:
+            return Undecodable("bad-nflog-tlv")
+        if tlv_type == 9:
+            packet = frame[pos + 4 : pos + length]
+            if family == 2:
+                return _ipv4(packet, 0)
+            if family == 10:
+                return _ipv6(packet, 0)
+            return NonIp(f"nflog-family-{family}")
+        pos += (length + 3) & ~3
+    return NonIp("nflog-no-payload")
+
+
+def _ieee80211(frame: bytes, at: int) -> DecodeResult:
+    """802.11 data frames with an LLC/SNAP header; everything else is not IP."""
+    if len(frame) < at + 24:
+        return Undecodable("truncated-802.11")
+    fc0, fc1 = frame[at], frame[at + 1]
+    if (fc0 >> 2) & 0x3 != 2:
+        return NonIp("802.11-management-or-control")
+    if fc1 & 0x40:
+        return NonIp("802.11-protected")
+    header = 24
+    if fc1 & 0x03 == 0x03:
+        header += 6
+    if fc0 & 0x80:  # QoS data
+        header += 2
+        if fc1 & 0x80:
+            header += 4
+    pos = at + header
+    if frame[pos : pos + 6] != b"\xaa\xaa\x03\x00\x00\x00" or len(frame) < pos + 8:
+        return NonIp("802.11-non-snap")
+    return _by_ethertype(frame, pos + 8, int.from_bytes(frame[pos + 6 : pos + 8], "big"))
+
+
+def _source_route_destination(options: bytes) -> bytes | None:
+    """The final destination of a loose or strict source route still in progress.
+
+    Wireshark reports it as the packet's destination, and so counts the conversation with it.
+    """
+    pos = 0
+    while pos < len(options):
+        kind = options[pos]
+        if kind == 0:
+            return None
+        if kind == 1:
+            pos += 1
+            continue
+        if pos + 1 >= len(options):
+            return None
+        length = options[pos + 1]
+        if length < 2 or pos + length > len(options):
+            return None
+        if kind in (131, 137) and length >= 7:
+            pointer = options[pos + 2]
+            if pointer <= length:
+                return options[pos + length - 4 : pos + length]
+        pos += length
+    return None

@@ -16,7 +16,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from analyzer.decode import ICMP, ICMPV6, TCP, UDP, Decoded, NonIp, decode, protocol_name
+from analyzer.decode import (
+    ICMP,
+    ICMPV6,
+    TCP,
+    TUNNEL_UDP_PORTS,
+    UDP,
+    Decoded,
+    NonIp,
+    decode,
+    protocol_name,
+)
 from analyzer.models import CaptureInfo, Conversation, Peer, PeerName, PortCount, Summary, TcpCounts
 from analyzer.names import NameCollector
 from analyzer.reader import CHUNK_SIZE, PcapReader, open_capture
@@ -63,7 +73,7 @@ class _PortTable:
     def overflow_distinct(self) -> int:
         if self.overflow is None:
             return 0
-        return sum(bin(b).count("1") for b in self.overflow)
+        return int.from_bytes(self.overflow, "big").bit_count()
 
 
 @dataclass(slots=True)
@@ -98,18 +108,18 @@ class _Accumulator:
         self.names = NameCollector()
         self.non_ip: dict[str, int] = {}
         self.undecodable: dict[str, int] = {}
-        self.packets = 0
-        self.bytes = 0
+        # IP frames are counted when their flows fold; frames that are not in any flow here
         self.ip_packets = 0
+        self.ip_bytes = 0
+        self.other_frames = 0
+        self.other_bytes = 0
         self.first: tuple[int, int] | None = None
         self.last: tuple[int, int] | None = None
 
     # -- the general path -------------------------------------------------------------
 
     def add_frame(self, link_type: int, sec: int, frac: int, orig: int, frame: bytes) -> None:
-        """Account one frame that the fast loop did not handle (the frame totals included)."""
-        self.packets += 1
-        self.bytes += orig
+        """Account one frame that the fast loop did not handle."""
         moment = (sec, frac)
         if self.first is None or moment < self.first:
             self.first = moment
@@ -122,8 +132,9 @@ class _Accumulator:
             table = self.non_ip if isinstance(result, NonIp) else self.undecodable
             kind: str = result.kind  # type: ignore[attr-defined]
             table[kind] = table.get(kind, 0) + 1
+            self.other_frames += 1
+            self.other_bytes += orig
             return
-        self.ip_packets += 1
         proto = result.proto
         sport, dport = result.sport, result.dport
         if result.fragment and proto in (TCP, UDP):
@@ -156,7 +167,10 @@ class _Accumulator:
             self.inspect_tcp(key, result.dst, result.seq, result.payload, sport)
         elif proto == UDP and sport == 53 and result.payload:
             self.names.dns_message(result.payload)
-        if len(self.tcp) + len(self.udp) + len(self.other) > MAX_FLOWS:
+        if isinstance(result.inner, Decoded):
+            # a tunnel: the inner packet is a conversation of its own, as tshark counts it
+            self.add_decoded(result.inner, sec, frac, orig)
+        elif len(self.tcp) + len(self.udp) + len(self.other) > MAX_FLOWS:
             self.fold()
 
     def inspect_tcp(self, key: bytes, dst: bytes, seq: int, payload: bytes, sport: int) -> None:
@@ -219,8 +233,9 @@ class _Accumulator:
             self.pairs[key] = pair = _Pair()
         return pair, side
 
-    @staticmethod
-    def _count(pair: _Pair, side: int, entry: list[int], proto: str, fps: int) -> None:
+    def _count(self, pair: _Pair, side: int, entry: list[int], proto: str, fps: int) -> None:
+        self.ip_packets += entry[PKTS]
+        self.ip_bytes += entry[BYTES]
         pair.packets[side] += entry[PKTS]
         pair.bytes[side] += entry[BYTES]
         first = entry[FSEC] + entry[FFRAC] / fps
@@ -272,7 +287,7 @@ def _walk_ethernet_pcap(reader: PcapReader, acc: _Accumulator, progress: Progres
     record = struct.Struct(order + "IIII")
     # Record header, then from the frame: EtherType, IPv4 version/IHL, fragment field,
     # protocol, addresses and ports as one 12-byte key, TCP flags.
-    fast = struct.Struct(order + "IIII12x2sB5xHxB2x12s9xB")
+    fast = struct.Struct(order + "IIII12xHBxH2xHxB2x12s9xB")
     unpack_fast = fast.unpack_from
     unpack_record = record.unpack_from
     fast_size = fast.size
@@ -284,9 +299,11 @@ def _walk_ethernet_pcap(reader: PcapReader, acc: _Accumulator, progress: Progres
     tcp_get, udp_get = tcp.get, udp.get
     inspect_tcp = acc.inspect_tcp
     add_frame = acc.add_frame
-    fast_packets = 0
-    fast_bytes = 0
-    ipv4 = b"\x08\x00"
+    ipv4 = 0x0008 if order == "<" else 0x0800  # the EtherType read in the file's byte order
+    # An IPv4 total length below the header's 20 bytes is bogus (0 means TSO, and is fine):
+    # the test in the byte order the field is read in.
+    len_floor, len_mask = (0x1400, 0xFF) if order == "<" else (20, 0)
+    tunnel_ports = {port.to_bytes(2, "big") for port in TUNNEL_UDP_PORTS}
     tail = b""
     damaged = False
     while not damaged:
@@ -300,12 +317,11 @@ def _walk_ethernet_pcap(reader: PcapReader, acc: _Accumulator, progress: Progres
         pos = 0
         while True:
             if pos <= fast_limit:
-                sec, frac, incl, orig, ethertype, version_ihl, frag, proto, key, flags = unpack_fast(
-                    buf, pos
-                )
+                (sec, frac, incl, orig, ethertype, version_ihl, total_len, frag, proto, key,
+                 flags) = unpack_fast(buf, pos)
             elif pos + 16 <= end:
                 sec, frac, incl, orig = unpack_record(buf, pos)
-                ethertype = b""
+                ethertype = -1
             else:
                 break
             if incl > limit:
@@ -316,7 +332,13 @@ def _walk_ethernet_pcap(reader: PcapReader, acc: _Accumulator, progress: Progres
             nxt = data + incl
             if nxt > end:
                 break
-            if ethertype == ipv4 and version_ihl == 0x45 and incl >= 48 and not frag & fragment_mask:
+            if (
+                ethertype == ipv4
+                and version_ihl == 0x45
+                and incl >= 48
+                and not frag & fragment_mask
+                and (total_len >= len_floor or total_len & len_mask or not total_len)
+            ):
                 if proto == 6:
                     entry = tcp_get(key)
                     if entry is None:
@@ -332,11 +354,9 @@ def _walk_ethernet_pcap(reader: PcapReader, acc: _Accumulator, progress: Progres
                         if payload:
                             seq = int.from_bytes(buf[data + 38 : data + 42], "big")
                             inspect_tcp(key, key[4:8], seq, payload, key[8] << 8 | key[9])
-                    fast_packets += 1
-                    fast_bytes += orig
                     pos = nxt
                     continue
-                if proto == 17:
+                if proto == 17 and key[10:12] not in tunnel_ports and key[8:10] not in tunnel_ports:
                     entry = udp_get(key)
                     if entry is None:
                         udp[key] = [1, orig, sec, frac, sec, frac, 0, 0]
@@ -349,8 +369,6 @@ def _walk_ethernet_pcap(reader: PcapReader, acc: _Accumulator, progress: Progres
                         payload = _ipv4_payload(buf, data, nxt, 42)
                         if payload:
                             names.dns_message(payload)
-                    fast_packets += 1
-                    fast_bytes += orig
                     pos = nxt
                     continue
             add_frame(1, sec, frac, orig, buf[data:nxt])
@@ -362,9 +380,6 @@ def _walk_ethernet_pcap(reader: PcapReader, acc: _Accumulator, progress: Progres
             tcp_get, udp_get = tcp.get, udp.get
         if progress is not None:
             progress(src.offset)
-    acc.packets += fast_packets
-    acc.bytes += fast_bytes
-    acc.ip_packets += fast_packets
     if not damaged:
         reader.finish(tail, src.offset - len(tail))
 
@@ -475,8 +490,8 @@ def _build_summary(
     capture = CaptureInfo(
         format=capture_format,
         link_types=link_types,
-        packets=acc.packets,
-        bytes=acc.bytes,
+        packets=acc.ip_packets + acc.other_frames,
+        bytes=acc.ip_bytes + acc.other_bytes,
         first_seen=min(firsts) if firsts else None,
         last_seen=max(lasts) if lasts else None,
         local_addresses=tuple(_text(a) for a in local),

@@ -32,8 +32,11 @@ def _sort_key(address: str) -> tuple[int, int]:
     return ip.version, int(ip)
 
 
-def tshark_conversations(path: Path, timeout: float = 120) -> ConversationTable:
-    """IPv4 and IPv6 conversations of a capture according to ``tshark -z conv,ip/ipv6``."""
+def tshark_conversations(path: Path, timeout: float = 300) -> tuple[bool, ConversationTable]:
+    """IPv4 and IPv6 conversations according to ``tshark -z conv,ip -z conv,ipv6``.
+
+    The flag says whether tshark read the file without error (exit status 0).
+    """
     proc = subprocess.run(
         ["tshark", "-n", "-q", "-r", str(path), "-z", "conv,ip", "-z", "conv,ipv6"],
         capture_output=True,
@@ -52,20 +55,5 @@ def tshark_conversations(path: Path, timeout: float = 120) -> ConversationTable:
         a, b = str(ipaddress.ip_address(a)), str(ipaddress.ip_address(b))
         if _sort_key(a) > _sort_key(b):
             a, b, ab, ba = b, a, ba, ab
-        key = (a, b)
-        if key in table:  # tshark can list a pair twice (e.g. once per IP layer); add them up
-            old = table[key]
-            raise_if = old  # noqa: F841
-        table[key] = (ab[0], ab[1], ba[0], ba[1])
-    return table
-
-
-def tshark_reads_cleanly(path: Path, timeout: float = 120) -> bool:
-    """True when tshark reads the file without an error (its exit status is 0)."""
-    proc = subprocess.run(
-        ["tshark", "-n", "-q", "-r", str(path)],
-        capture_output=True,
-        timeout=timeout,
-        check=False,
-    )
-    return proc.returncode == 0
+        table[(a, b)] = (ab[0], ab[1], ba[0], ba[1])
+    return proc.returncode == 0, table
