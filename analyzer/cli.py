@@ -8,6 +8,7 @@ policy); 66 an input file cannot be opened.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument(
         "--local-ip",
         action="append",
+        type=_ip_address,
         metavar="IP",
         help="the VM's own address (repeatable); inferred from the capture when omitted",
     )
@@ -134,6 +136,13 @@ def _load_service_tags(name: str) -> object:
     from analyzer.servicetags import ServiceTags  # noqa: PLC0415
 
     return ServiceTags.from_json(_read_file(name, "service tags"))
+
+
+def _ip_address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 or IPv6 address") from None
 
 
 class InputError(Exception):

@@ -405,8 +405,9 @@ def infer_local_addresses(pairs: dict[tuple[bytes, bytes], _Pair]) -> tuple[byte
 
     1. Whoever talks to the Azure platform addresses (168.63.129.16, 169.254.169.254) is the
        VM: only the VM itself reaches them, and every Azure VM does.
-    2. Otherwise, per IP version, the address with the most distinct counterparts (ties by
-       packets) is the capturing host, as it is in any single-host capture.
+    2. Otherwise, per IP version, the address with the most distinct counterparts is the
+       capturing host, as it is in any single-host capture; ties go to a private address
+       (Azure VMs have private addresses), then to the busiest.
     """
     local: list[bytes] = []
     for a, b in pairs:
@@ -429,9 +430,17 @@ def infer_local_addresses(pairs: dict[tuple[bytes, bytes], _Pair]) -> tuple[byte
                     counterparts[addr] = counterparts.get(addr, 0) + 1
                     packets[addr] = packets.get(addr, 0) + total
         if counterparts:
-            best = max(counterparts, key=lambda addr: (counterparts[addr], packets[addr], addr))
+            best = max(
+                counterparts,
+                key=lambda addr: (counterparts[addr], _is_private(addr), packets[addr], addr),
+            )
             local.append(best)
     return tuple(local)
+
+
+def _is_private(address: bytes) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_private and not ip.is_loopback
 
 
 def _is_unicast(address: bytes) -> bool:

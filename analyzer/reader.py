@@ -118,6 +118,11 @@ class ByteSource:
         if self.error is not None:
             return b""
         try:
+            # read1 returns what one underlying read gives, so a damaged gzip member loses
+            # nothing that was decompressed before the damage
+            read1 = getattr(self._stream, "read1", None)
+            if read1 is not None:
+                return bytes(read1(size)) or b""
             return self._stream.read(size) or b""
         except (EOFError, OSError, zlib.error) as exc:
             # gzip.BadGzipFile is an OSError; a cut-short gzip member raises EOFError.

@@ -1,0 +1,104 @@
+"""`nwcap analyze` end to end: formats, exit codes and the sample scenario's alerts."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from analyzer.cli import EXIT_ALERTS, EXIT_DATAERR, EXIT_NOINPUT, main
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples"
+EXPECTED = json.loads((SAMPLES / "expected_alerts.json").read_text())
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(["analyze", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+class TestOutputFormats:
+    """The table, JSON and CSV renderings carry the documented fields."""
+
+    def test_json_document(self, capsys: pytest.CaptureFixture[str]) -> None:
+        code, out, _ = run(capsys, str(SAMPLES / "baseline.cap"), "--format", "json", "--policy",
+                           str(SAMPLES / "policy.yaml"))
+        assert code == 0
+        doc = json.loads(out)
+        capture = doc["capture"]
+        for key in ("format", "packets", "bytes", "first_seen", "last_seen", "local_addresses",
+                    "complete", "warnings"):
+            assert key in capture
+        assert capture["local_addresses"] == ["10.0.0.4"]
+        conversation = doc["conversations"][0]
+        assert set(conversation) >= {"a", "b", "packets_a_to_b", "packets_b_to_a",
+                                     "bytes_a_to_b", "bytes_b_to_a"}
+        peer = next(p for p in doc["peers"] if p["address"] == "168.63.129.16")
+        assert peer["category"] == "platform-wireserver"
+        assert peer["expected"] is True
+        assert doc["alerts"] == []
+        total = sum(c["packets_a_to_b"] + c["packets_b_to_a"] for c in doc["conversations"])
+        assert total == capture["ip_packets"]
+
+    def test_table_shows_peers_and_alerts(self, capsys: pytest.CaptureFixture[str]) -> None:
+        code, out, _ = run(capsys, str(SAMPLES / "inbound-scan.cap"), "--policy",
+                           str(SAMPLES / "policy.yaml"))
+        assert code == 0
+        assert "PEER" in out and "CATEGORY" in out
+        assert "inbound-scan" in out
+
+    def test_csv_one_row_per_peer(self, capsys: pytest.CaptureFixture[str]) -> None:
+        code, out, _ = run(capsys, str(SAMPLES / "baseline.cap"), "--format", "csv")
+        assert code == 0
+        rows = list(csv.DictReader(io.StringIO(out)))
+        _, json_out, _ = run(capsys, str(SAMPLES / "baseline.cap"), "--format", "json")
+        assert [r["address"] for r in rows] == [p["address"] for p in json.loads(json_out)["peers"]]
+
+
+class TestSampleScenario:
+    """Each sample capture produces exactly the alerts it was built to produce."""
+
+    @pytest.mark.parametrize("name", sorted(EXPECTED["captures"]))
+    def test_exact_alerts(self, capsys: pytest.CaptureFixture[str], name: str) -> None:
+        code, out, _ = run(capsys, str(SAMPLES / name), "--format", "json", "--policy",
+                           str(SAMPLES / EXPECTED["policy"]))
+        assert code == 0
+        alerts = sorted((a["rule"], a["peer"]) for a in json.loads(out)["alerts"])
+        wanted = sorted((a["rule"], a["peer"]) for a in EXPECTED["captures"][name])
+        assert alerts == wanted
+
+
+class TestExitCodes:
+    """Errors are one clear line and a distinct exit status, never a traceback."""
+
+    def test_fail_on(self, capsys: pytest.CaptureFixture[str]) -> None:
+        scan = str(SAMPLES / "inbound-scan.cap")
+        policy = str(SAMPLES / "policy.yaml")
+        assert run(capsys, scan, "--policy", policy, "--fail-on", "low")[0] == EXIT_ALERTS
+        assert run(capsys, str(SAMPLES / "baseline.cap"), "--policy", policy,
+                   "--fail-on", "low")[0] == 0
+
+    def test_missing_file(self, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+        code, _, err = run(capsys, str(tmp_path / "nope.cap"))
+        assert code == EXIT_NOINPUT
+        assert err.startswith("nwcap: error: cannot open capture")
+        assert "Traceback" not in err
+
+    def test_not_a_capture(self, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+        bogus = tmp_path / "x.cap"
+        bogus.write_text("hello world, this is text")
+        code, _, err = run(capsys, str(bogus))
+        assert code == EXIT_DATAERR
+        assert "68 65 6c 6c" in err
+
+    def test_bad_local_ip(self, capsys: pytest.CaptureFixture[str]) -> None:
+        with pytest.raises(SystemExit) as info:
+            run(capsys, str(SAMPLES / "baseline.cap"), "--local-ip", "10.0.0.300")
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "'10.0.0.300' is not an IPv4 or IPv6 address" in err

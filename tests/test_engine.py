@@ -1,0 +1,292 @@
+"""The capture engine: readers, decoder and per-peer aggregation, checked by construction."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+
+import pytest
+
+from analyzer import synth
+from analyzer.engine import summarize
+from analyzer.errors import CorruptCaptureError, UnsupportedFormatError
+from analyzer.models import Summary
+from analyzer.synth import ACK, FIN, PSH, RST, SYN, Packet
+
+VM = "10.0.0.4"
+VM_MAC = "00:0d:3a:00:00:04"
+GW_MAC = "12:34:56:78:9a:bc"
+T0 = 1_764_064_800 * synth.NS_PER_SECOND
+
+
+def eth(payload: bytes, *, ethertype: int = 0x0800, vlan: int | None = None) -> bytes:
+    return synth.ethernet(GW_MAC, VM_MAC, ethertype, payload, vlan=vlan)
+
+
+def tcp_frame(src: str, dst: str, sport: int, dport: int, flags: int, payload: bytes = b"") -> bytes:
+    segment = synth.tcp(src, dst, sport, dport, seq=1000, flags=flags, payload=payload)
+    return eth(synth.ipv4(src, dst, 6, segment))
+
+
+def udp_frame(src: str, dst: str, sport: int, dport: int, payload: bytes = b"x") -> bytes:
+    return eth(synth.ipv4(src, dst, 17, synth.udp(src, dst, sport, dport, payload)))
+
+
+def packets(frames: list[bytes]) -> list[Packet]:
+    return [Packet(T0 + i * 1_000_000, frame) for i, frame in enumerate(frames)]
+
+
+def pcap_bytes(frames: list[bytes], **options: object) -> bytes:
+    out = io.BytesIO()
+    synth.write_pcap(out, packets(frames), **options)  # type: ignore[arg-type]
+    return out.getvalue()
+
+
+def summary_of(data: bytes, **options: object) -> Summary:
+    return summarize(io.BytesIO(data), **options)  # type: ignore[arg-type]
+
+
+def web_session() -> list[bytes]:
+    """A VM fetching a page: handshake, request, response, close (10 frames)."""
+    peer = "52.1.2.3"
+    return [
+        tcp_frame(VM, peer, 40000, 443, SYN),
+        tcp_frame(peer, VM, 443, 40000, SYN | ACK),
+        tcp_frame(VM, peer, 40000, 443, ACK),
+        tcp_frame(VM, peer, 40000, 443, PSH | ACK, b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+        tcp_frame(peer, VM, 443, 40000, ACK, b"y" * 1400),
+        tcp_frame(peer, VM, 443, 40000, ACK, b"y" * 600),
+        tcp_frame(VM, peer, 40000, 443, ACK),
+        tcp_frame(VM, peer, 40000, 443, FIN | ACK),
+        tcp_frame(peer, VM, 443, 40000, FIN | ACK),
+        tcp_frame(VM, peer, 40000, 443, ACK),
+    ]
+
+
+class TestFormats:
+    """Every supported encoding of the same frames gives the same summary."""
+
+    @pytest.mark.parametrize(
+        "options",
+        [{}, {"big_endian": True}, {"nanosecond": True}, {"big_endian": True, "nanosecond": True}],
+    )
+    def test_pcap_variants(self, options: dict[str, bool]) -> None:
+        frames = web_session()
+        summary = summary_of(pcap_bytes(frames, **options))
+        assert summary.capture.packets == len(frames)
+        assert summary.capture.bytes == sum(len(f) for f in frames)
+        assert summary.capture.first_seen == pytest.approx(T0 / 1e9)
+        assert summary.capture.last_seen == pytest.approx(T0 / 1e9 + 0.009)
+        assert summary.capture.complete
+
+    @pytest.mark.parametrize(("big_endian", "tsresol"), [(False, 6), (True, 9), (False, 0x80 | 20)])
+    def test_pcapng_variants(self, big_endian: bool, tsresol: int) -> None:
+        frames = web_session()
+        out = io.BytesIO()
+        synth.write_pcapng(out, packets(frames), big_endian=big_endian, if_tsresol=tsresol)
+        summary = summary_of(out.getvalue())
+        assert summary.capture.format == "pcapng"
+        assert summary.capture.packets == len(frames)
+        assert summary.capture.last_seen == pytest.approx(T0 / 1e9 + 0.009, abs=1e-5)
+
+    def test_gzip_wrapped(self) -> None:
+        frames = web_session()
+        summary = summary_of(gzip.compress(pcap_bytes(frames)))
+        assert summary.capture.format == "pcap-le-usec+gzip"
+        assert summary.capture.packets == len(frames)
+
+    def test_unsupported_format_names_first_bytes(self) -> None:
+        with pytest.raises(UnsupportedFormatError) as info:
+            summary_of(b"<html><body>not a capture</body></html>")
+        message = str(info.value)
+        assert "3c 68 74 6d" in message
+        assert "pcapng" in message and "Network Monitor" in message
+
+    def test_empty_stream_is_unsupported(self) -> None:
+        with pytest.raises(UnsupportedFormatError, match="empty"):
+            summary_of(b"")
+
+    def test_cut_file_header_is_corrupt(self) -> None:
+        with pytest.raises(CorruptCaptureError):
+            summary_of(pcap_bytes([])[:10])
+
+
+class TestDamage:
+    """Damage ends reading with a warning naming the byte offset; what came before is kept."""
+
+    def test_truncated_last_record(self) -> None:
+        frames = web_session()
+        data = pcap_bytes(frames)
+        cut = data[:-5]
+        summary = summary_of(cut)
+        assert summary.capture.packets == len(frames) - 1
+        assert not summary.capture.complete
+        last_record_at = len(data) - 16 - len(frames[-1])
+        assert f"truncated last record at byte {last_record_at}" in summary.capture.warnings[0]
+
+    def test_insane_record_length(self) -> None:
+        frames = web_session()
+        data = bytearray(pcap_bytes(frames))
+        third = 24 + sum(16 + len(f) for f in frames[:2])
+        struct.pack_into("<I", data, third + 8, 0xFFFF_FFF0)
+        summary = summary_of(bytes(data))
+        assert summary.capture.packets == 2
+        assert f"record at byte {third} claims 4294967280 bytes" in summary.capture.warnings[0]
+
+    def test_damaged_gzip_keeps_what_was_read(self) -> None:
+        frames = web_session() * 50
+        packed = gzip.compress(pcap_bytes(frames))
+        summary = summary_of(packed[: len(packed) // 2])
+        assert 0 < summary.capture.packets < len(frames)
+        assert not summary.capture.complete
+
+
+class TestDecoding:
+    """Link types, VLANs, fragments and non-IP frames are all accounted for."""
+
+    def test_vlan_and_qinq(self) -> None:
+        ip = synth.ipv4(VM, "52.1.2.3", 17, synth.udp(VM, "52.1.2.3", 5000, 6000, b"x"))
+        single = synth.ethernet(GW_MAC, VM_MAC, 0x0800, ip, vlan=7)
+        double = synth.mac_bytes(GW_MAC) + synth.mac_bytes(VM_MAC)
+        double += struct.pack("!HHHH", 0x88A8, 10, 0x8100, 20) + struct.pack("!H", 0x0800) + ip
+        summary = summary_of(pcap_bytes([single, double]))
+        (conversation,) = summary.conversations
+        assert conversation.packets_a_to_b == 2
+
+    @pytest.mark.parametrize(
+        ("link_type", "header"),
+        [
+            (113, b"\x00\x00\x00\x01\x00\x06" + bytes(8) + b"\x08\x00"),  # Linux SLL
+            (276, b"\x08\x00\x00\x00" + bytes(4) + b"\x00\x01\x00\x06" + bytes(8)),  # SLL2
+            (101, b""),
+            (228, b""),
+            (0, struct.pack("<I", 2)),  # NULL, host byte order
+            (108, struct.pack(">I", 2)),  # LOOP, network byte order
+        ],
+    )
+    def test_link_types(self, link_type: int, header: bytes) -> None:
+        ip = synth.ipv4(VM, "52.1.2.3", 17, synth.udp(VM, "52.1.2.3", 5000, 6000, b"x"))
+        summary = summary_of(pcap_bytes([header + ip] * 3, linktype=link_type))
+        (conversation,) = summary.conversations
+        assert (conversation.a, conversation.b) == (VM, "52.1.2.3")
+        assert conversation.packets_a_to_b == 3
+        assert conversation.bytes_a_to_b == 3 * len(header + ip)
+
+    def test_ipv6_with_extension_headers(self) -> None:
+        src, dst = "fd00::4", "2001:db8::1"
+        segment = synth.udp(src, dst, 5000, 53, b"q")
+        hop_by_hop = bytes([17, 0]) + bytes(6)
+        frame = eth(synth.ipv6(src, dst, 0, hop_by_hop + segment), ethertype=0x86DD)
+        summary = summary_of(pcap_bytes([frame]), local_addresses=[src])
+        (peer,) = summary.peers
+        assert peer.address == dst
+        assert peer.remote_ports[0].port == 53
+        assert peer.protocols == {"udp": 1}
+
+    def test_fragments_all_counted_ports_from_first(self) -> None:
+        payload = synth.udp(VM, "52.1.2.3", 5000, 6000, b"z" * 3000)
+        fragments = synth.fragment_ipv4(VM, "52.1.2.3", 17, payload, ident=77, fragment_size=1480)
+        frames = [eth(f) for f in fragments]
+        summary = summary_of(pcap_bytes(frames))
+        (peer,) = summary.peers
+        assert peer.packets_received == len(frames) == 3
+        assert peer.bytes_received == sum(len(f) for f in frames)
+        assert peer.remote_ports[0].port == 6000
+        assert peer.remote_ports[0].packets == 3
+
+    def test_non_ip_frames_counted_by_kind(self) -> None:
+        arp = synth.ethernet(
+            synth.BROADCAST_MAC, VM_MAC, 0x0806, synth.arp(1, VM_MAC, VM, "00:00:00:00:00:00", "10.0.0.1")
+        )
+        lldp = synth.ethernet("01:80:c2:00:00:0e", VM_MAC, 0x88CC, bytes(40))
+        runt = synth.mac_bytes(GW_MAC) + synth.mac_bytes(VM_MAC) + b"\x08\x00\x45"
+        summary = summary_of(pcap_bytes([arp, arp, lldp, runt, *web_session()]))
+        assert summary.capture.non_ip == {"arp": 2, "lldp": 1}
+        assert summary.capture.undecodable == {"truncated-ipv4": 1}
+        assert summary.capture.packets == 14
+        assert summary.capture.ip_packets == 10
+
+    def test_tunnelled_packets_are_conversations_of_their_own(self) -> None:
+        inner = synth.ipv4("192.168.1.1", "192.168.1.2", 17, synth.udp("192.168.1.1", "192.168.1.2", 1, 2, b"i"))
+        vxlan = b"\x08\x00\x00\x00\x00\x00\x01\x00" + synth.ethernet(GW_MAC, VM_MAC, 0x0800, inner)
+        outer = udp_frame(VM, "10.0.0.9", 51000, 4789, vxlan)
+        summary = summary_of(pcap_bytes([outer]))
+        pairs = {(c.a, c.b): c.packets_a_to_b for c in summary.conversations}
+        assert pairs == {(VM, "10.0.0.9"): 1, ("192.168.1.1", "192.168.1.2"): 1}
+
+
+class TestPeers:
+    """Per-peer figures: direction, ports, TCP connection outcomes, ICMP, names."""
+
+    def test_directions_and_ports(self) -> None:
+        frames = web_session()
+        summary = summary_of(pcap_bytes(frames))
+        (peer,) = summary.peers
+        sent = [f for f in frames if f[26:30] == synth.ip_bytes("52.1.2.3")]
+        assert peer.packets_sent == len(sent) == 4
+        assert peer.bytes_sent == sum(len(f) for f in sent)
+        assert peer.packets_received == 6
+        assert peer.remote_ports[0].port == 443
+        assert peer.tcp.opened_by_local == 1
+        assert peer.tcp.opened_by_peer == 0
+        assert peer.tcp.ports_opened_by_local == {443: 1}
+        assert peer.tcp.unanswered_from_local == 0
+
+    def test_unanswered_and_refused_attempts(self) -> None:
+        frames = [
+            tcp_frame(VM, "168.63.129.16", 41000, 80, SYN),
+            tcp_frame(VM, "168.63.129.16", 41000, 80, SYN),  # a retransmission: same attempt
+            tcp_frame(VM, "168.63.129.16", 41001, 32526, SYN),
+        ]
+        frames += [tcp_frame("198.51.100.7", VM, 50000, port, SYN) for port in range(20, 30)]
+        frames += [tcp_frame(VM, "198.51.100.7", port, 50000, RST | ACK) for port in range(20, 30)]
+        summary = summary_of(pcap_bytes(frames), local_addresses=[VM])
+        by_address = {p.address: p for p in summary.peers}
+        wireserver = by_address["168.63.129.16"].tcp
+        assert (wireserver.opened_by_local, wireserver.unanswered_from_local) == (2, 2)
+        scanner = by_address["198.51.100.7"].tcp
+        assert scanner.opened_by_peer == 10
+        assert scanner.reset_from_peer == 10
+        assert set(scanner.ports_opened_by_peer) == set(range(20, 30))
+
+    def test_icmp_types(self) -> None:
+        echo = synth.icmp_echo(1, 1, b"ping")
+        frames = [eth(synth.ipv4(VM, "8.8.4.4", 1, echo))] * 2
+        summary = summary_of(pcap_bytes(frames))
+        assert summary.peers[0].icmp_types == {"8:0": 2}
+        assert summary.peers[0].protocols == {"icmp": 2}
+
+    def test_names_from_dns_and_sni(self) -> None:
+        account = "nwcapdemo.blob.core.windows.net"
+        cluster = "blob.ams23prdstr05a.store.core.windows.net"
+        answer = synth.dns_response(7, account, cnames=[cluster], addresses=["52.1.2.3"])
+        frames = [udp_frame("168.63.129.16", VM, 53, 33000, answer)]
+        summary = summary_of(pcap_bytes(frames + web_session()), local_addresses=[VM])
+        storage = next(p for p in summary.peers if p.address == "52.1.2.3")
+        by_source = {n.source: n for n in storage.names}
+        assert by_source["dns"].name == account
+        assert by_source["dns"].chain == (account, cluster)
+        assert by_source["http"].name == "a.example"
+        assert summary.capture.malformed_dns == 0
+
+
+class TestLocalAddresses:
+    """The VM's own addresses are inferred, or taken as given."""
+
+    def test_platform_traffic_identifies_the_vm(self) -> None:
+        frames = [udp_frame(VM, "168.63.129.16", 33000, 53), udp_frame("52.9.9.9", "10.0.0.99", 1, 2)]
+        frames += [udp_frame("10.0.0.99", f"52.0.0.{i}", 1, 2) for i in range(5)]
+        summary = summary_of(pcap_bytes(frames))
+        assert summary.capture.local_addresses == (VM,)
+        assert summary.capture.local_addresses_inferred
+
+    def test_busiest_address_otherwise(self) -> None:
+        summary = summary_of(pcap_bytes(web_session()))
+        assert summary.capture.local_addresses == (VM,)  # one counterpart each: private wins
+
+    def test_override(self) -> None:
+        summary = summary_of(pcap_bytes(web_session()), local_addresses=["52.1.2.3"])
+        assert summary.capture.local_addresses == ("52.1.2.3",)
+        assert not summary.capture.local_addresses_inferred
+        assert summary.peers[0].address == VM
