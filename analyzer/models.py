@@ -91,7 +91,9 @@ class TcpCounts:
     """TCP connection attempts (distinct 4-tuples whose first packet was a SYN), by initiator.
 
     ``*_unanswered``: the other side sent nothing back on that 4-tuple; ``*_reset``: it answered
-    the SYN with RST (a refused connection).
+    the SYN with RST (a refused connection). ``ports_opened_by_peer`` maps a local port to the
+    attempts the peer made to it; ``ports_opened_by_local`` maps a port on the peer to the VM's
+    attempts (the busiest few of each).
     """
 
     opened_by_peer: int = 0
@@ -100,8 +102,10 @@ class TcpCounts:
     unanswered_from_local: int = 0
     reset_from_peer: int = 0
     reset_from_local: int = 0
+    ports_opened_by_peer: dict[int, int] = field(default_factory=dict)
+    ports_opened_by_local: dict[int, int] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "opened_by_peer": self.opened_by_peer,
             "opened_by_local": self.opened_by_local,
@@ -109,6 +113,8 @@ class TcpCounts:
             "unanswered_from_local": self.unanswered_from_local,
             "reset_from_peer": self.reset_from_peer,
             "reset_from_local": self.reset_from_local,
+            "ports_opened_by_peer": {str(k): v for k, v in self.ports_opened_by_peer.items()},
+            "ports_opened_by_local": {str(k): v for k, v in self.ports_opened_by_local.items()},
         }
 
 

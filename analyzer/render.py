@@ -110,8 +110,9 @@ def to_table(analysis: Analysis, *, max_peers: int = 200) -> str:
 def _peer_row(peer: Peer) -> tuple[str, ...]:
     names = _unique_names(peer)
     ports = [f"{p.protocol}/{p.port}" for p in peer.remote_ports[:3]]
-    local = [f"{p.protocol}/{p.port}" for p in peer.local_ports[:2] if p.port < 49152]
-    port_text = " ".join(ports) + (f" (local {' '.join(local)})" if local else "")
+    # the VM's own ports only where the peer connected in: ephemeral ports say nothing
+    inbound = [f"tcp/{port}" for port in list(peer.tcp.ports_opened_by_peer)[:3]]
+    port_text = " ".join(ports) + (f" (in: {' '.join(inbound)})" if inbound else "")
     tcp = peer.tcp
     tcp_text = f"in {tcp.opened_by_peer} out {tcp.opened_by_local}"
     failed = tcp.unanswered_from_local + tcp.unanswered_from_peer
