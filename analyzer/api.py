@@ -1,0 +1,256 @@
+"""The HTTP query API's logic, free of Azure Functions types: parameters in, JSON out.
+
+Every handler validates its parameters first: a bad one is a 400 with a message naming it,
+never a 500. Values reach Table queries only as query parameters (see :mod:`analyzer.storage`).
+A storage outage is a 503 that tells the client to retry.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from azure.core.exceptions import AzureError
+
+from analyzer.models import SEVERITY_ORDER
+from analyzer.processing import is_transient
+from analyzer.storage import (
+    MAX_PAGE,
+    InvalidContinuationError,
+    ResultsStore,
+    parse_capture_id,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LIMIT = 100
+# ``code`` carries the function key when it is not sent as the x-functions-key header.
+_ALWAYS_ALLOWED = frozenset({"code"})
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_MAX_TEXT = 256
+
+
+class BadRequest(ValueError):
+    """A request parameter is missing, unknown or malformed; the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiResponse:
+    status: int
+    body: dict[str, Any]
+
+
+Handler = Callable[[ResultsStore], ApiResponse]
+
+STORAGE_UNAVAILABLE = ApiResponse(503, {"error": "the results store is unavailable; retry shortly"})
+
+
+# --- parameter parsing (shared with the CLI) ---------------------------------------------
+
+
+def parse_time(name: str, value: str | None, *, now: float | None = None) -> float | None:
+    """POSIX seconds from ISO 8601 (``2026-11-25``, ``2026-11-25T10:00:00Z``, with an offset;
+    UTC when none) or a duration back from now (``30m``, ``24h``, ``7d``, ``2w``)."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    duration = _DURATION.match(text)
+    if duration:
+        seconds = int(duration.group(1)) * _DURATION_UNITS[duration.group(2)]
+        return (time.time() if now is None else now) - seconds
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise BadRequest(
+            f"{name}: {value!r} is neither an ISO 8601 time (2026-11-25T10:00:00Z) "
+            "nor a duration back from now (30m, 24h, 7d)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    try:
+        return moment.timestamp()
+    except (OverflowError, ValueError):
+        raise BadRequest(f"{name}: {value!r} is out of range") from None
+
+
+def parse_limit(value: str | None) -> int:
+    if value is None or not value.strip():
+        return DEFAULT_LIMIT
+    try:
+        limit = int(value)
+    except ValueError:
+        raise BadRequest(f"limit: {value!r} is not a whole number") from None
+    if not 1 <= limit <= MAX_PAGE:
+        raise BadRequest(f"limit: must be between 1 and {MAX_PAGE}, got {limit}")
+    return limit
+
+
+def parse_severity(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    severity = value.strip().lower()
+    if severity not in SEVERITY_ORDER:
+        raise BadRequest(
+            f"severity: {value!r} is not one of {', '.join(SEVERITY_ORDER)} (the minimum shown)"
+        )
+    return severity
+
+
+def parse_ip(value: str | None) -> str:
+    text = (value or "").strip()
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise BadRequest(f"ip: {value!r} is not an IPv4 or IPv6 address") from None
+
+
+def parse_vm(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if len(text) > _MAX_TEXT or any(ord(char) < 32 for char in text):
+        raise BadRequest(f"vm: {value[:40]!r}… is not a VM name")
+    return text
+
+
+def parse_capture(value: str | None) -> str:
+    text = (value or "").strip()
+    try:
+        parse_capture_id(text)
+    except ValueError:
+        raise BadRequest(
+            f"capture_id: {text[:80]!r} is not a capture id (like vm-web-01.0123456789abcdef0123)"
+        ) from None
+    return text
+
+
+def _check_time_range(since: float | None, until: float | None) -> None:
+    if since is not None and until is not None and since >= until:
+        raise BadRequest("since must be earlier than until")
+
+
+def _check_known(params: Mapping[str, str], allowed: frozenset[str]) -> None:
+    unknown = sorted(set(params) - allowed - _ALWAYS_ALLOWED)
+    if unknown:
+        raise BadRequest(
+            f"unknown parameter {unknown[0]!r} (expected: {', '.join(sorted(allowed))})"
+        )
+
+
+def _continuation(params: Mapping[str, str]) -> str | None:
+    token = params.get("continuation", "").strip()
+    return token or None
+
+
+# --- handlers ----------------------------------------------------------------------------
+
+
+def list_captures(
+    store: ResultsStore, params: Mapping[str, str], *, now: float | None = None
+) -> ApiResponse:
+    """``GET /api/captures?vm=&since=&until=&limit=&continuation=``"""
+    return _guard(lambda: _list_captures(store, params, now))
+
+
+def _list_captures(
+    store: ResultsStore, params: Mapping[str, str], now: float | None
+) -> ApiResponse:
+    _check_known(params, frozenset({"vm", "since", "until", "limit", "continuation"}))
+    since = parse_time("since", params.get("since"), now=now)
+    until = parse_time("until", params.get("until"), now=now)
+    _check_time_range(since, until)
+    page = store.list_captures(
+        vm=parse_vm(params.get("vm")),
+        since=since,
+        until=until,
+        limit=parse_limit(params.get("limit")),
+        continuation=_continuation(params),
+    )
+    return ApiResponse(200, {"captures": page.items, "continuation": page.continuation})
+
+
+def get_capture(store: ResultsStore, capture_id: str, params: Mapping[str, str]) -> ApiResponse:
+    """``GET /api/captures/{capture_id}``: the capture with its peers and alerts."""
+    return _guard(lambda: _get_capture(store, capture_id, params))
+
+
+def _get_capture(store: ResultsStore, capture_id: str, params: Mapping[str, str]) -> ApiResponse:
+    _check_known(params, frozenset())
+    capture_id = parse_capture(capture_id)
+    record = store.get_capture(capture_id)
+    if record is None:
+        return ApiResponse(404, {"error": f"no capture {capture_id}"})
+    return ApiResponse(
+        200,
+        {
+            "capture": record.to_dict(),
+            "peers": store.capture_peers(capture_id),
+            "alerts": store.capture_alerts(capture_id),
+        },
+    )
+
+
+def list_alerts(
+    store: ResultsStore, params: Mapping[str, str], *, now: float | None = None
+) -> ApiResponse:
+    """``GET /api/alerts?since=&until=&severity=&vm=&limit=&continuation=``"""
+    return _guard(lambda: _list_alerts(store, params, now))
+
+
+def _list_alerts(store: ResultsStore, params: Mapping[str, str], now: float | None) -> ApiResponse:
+    allowed = frozenset({"since", "until", "severity", "vm", "limit", "continuation"})
+    _check_known(params, allowed)
+    since = parse_time("since", params.get("since"), now=now)
+    until = parse_time("until", params.get("until"), now=now)
+    _check_time_range(since, until)
+    page = store.list_alerts(
+        since=since,
+        until=until,
+        min_severity=parse_severity(params.get("severity")),
+        vm=parse_vm(params.get("vm")),
+        limit=parse_limit(params.get("limit")),
+        continuation=_continuation(params),
+    )
+    return ApiResponse(200, {"alerts": page.items, "continuation": page.continuation})
+
+
+def who_talked_to(
+    store: ResultsStore, ip: str, params: Mapping[str, str], *, now: float | None = None
+) -> ApiResponse:
+    """``GET /api/peers/{ip}?since=&limit=&continuation=``: which VMs talked to ``ip``, when."""
+    return _guard(lambda: _who_talked_to(store, ip, params, now))
+
+
+def _who_talked_to(
+    store: ResultsStore, ip: str, params: Mapping[str, str], now: float | None
+) -> ApiResponse:
+    _check_known(params, frozenset({"since", "limit", "continuation"}))
+    address = parse_ip(ip)
+    page = store.peer_sightings(
+        address,
+        since=parse_time("since", params.get("since"), now=now),
+        limit=parse_limit(params.get("limit")),
+        continuation=_continuation(params),
+    )
+    return ApiResponse(
+        200, {"address": address, "sightings": page.items, "continuation": page.continuation}
+    )
+
+
+def _guard(handler: Callable[[], ApiResponse]) -> ApiResponse:
+    try:
+        return handler()
+    except (BadRequest, InvalidContinuationError) as error:
+        return ApiResponse(400, {"error": str(error)})
+    except AzureError as error:
+        if not is_transient(error):
+            raise
+        log.warning("Storage unavailable for a query: %s", error)
+        return STORAGE_UNAVAILABLE

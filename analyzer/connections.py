@@ -1,0 +1,168 @@
+"""Storage clients from a connection name, read from app settings as the Functions host reads them.
+
+A connection named ``NAME`` is looked up as ``AzureWebJobsNAME`` first, then ``NAME``
+(case-insensitively, like .NET configuration). Its value is either a connection string
+(``UseDevelopmentStorage=true`` included) or, when the setting itself is absent, a group of
+identity-based settings:
+
+- ``NAME__serviceUri`` or ``NAME__blobServiceUri``: the blob endpoint;
+- ``NAME__tableServiceUri`` (or ``NAME__endpoint``): the table endpoint;
+- ``NAME__accountName``: both endpoints in the public cloud, when no URI is given;
+- ``NAME__credential=managedidentity`` with optional ``NAME__clientId``: a managed identity
+  (user-assigned when the client id is given); ``NAME__tenantId`` + ``NAME__clientId`` +
+  ``NAME__clientSecret``: a service principal; otherwise ``DefaultAzureCredential``, which is the
+  developer's own sign-in on a workstation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from azure.core.credentials import TokenCredential
+from azure.data.tables import TableServiceClient
+from azure.identity import ClientSecretCredential, DefaultAzureCredential, ManagedIdentityCredential
+from azure.storage.blob import BlobServiceClient
+
+from analyzer.errors import NwcapError
+
+
+class ConnectionSettingError(NwcapError):
+    """A connection name has no usable settings (a configuration mistake, not a transient one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionSettings:
+    """What one connection name resolved to: a connection string, or endpoints and an identity."""
+
+    name: str
+    setting: str
+    connection_string: str = ""
+    blob_service_uri: str = ""
+    table_service_uri: str = ""
+    credential_kind: str = ""
+    client_id: str = ""
+    tenant_id: str = ""
+    client_secret: str = ""
+
+    @property
+    def identity_based(self) -> bool:
+        return not self.connection_string
+
+    def credential(self) -> TokenCredential:
+        """The token credential these settings call for (identity-based connections only)."""
+        if self.credential_kind.lower() == "managedidentity":
+            if self.client_id:
+                return ManagedIdentityCredential(client_id=self.client_id)
+            return ManagedIdentityCredential()
+        if self.tenant_id and self.client_id and self.client_secret:
+            return ClientSecretCredential(self.tenant_id, self.client_id, self.client_secret)
+        if self.client_id:
+            return DefaultAzureCredential(managed_identity_client_id=self.client_id)
+        return DefaultAzureCredential()
+
+
+def resolve(name: str, environ: Mapping[str, str] | None = None) -> ConnectionSettings:
+    """Find the settings of connection ``name``; raise :class:`ConnectionSettingError` if none."""
+    found = _lookup(name, _lowered(environ))
+    if found is None:
+        raise ConnectionSettingError(
+            f"connection {name!r} is not configured: set {name} to a connection string "
+            f"(e.g. UseDevelopmentStorage=true for Azurite) or {name}__serviceUri / "
+            f"{name}__tableServiceUri for an identity-based connection"
+        )
+    return found
+
+
+def _lowered(environ: Mapping[str, str] | None) -> dict[str, str]:
+    source = os.environ if environ is None else environ
+    return {key.lower(): value for key, value in source.items()}
+
+
+def _lookup(name: str, settings: Mapping[str, str]) -> ConnectionSettings | None:
+    for candidate in (f"AzureWebJobs{name}", name):
+        value = settings.get(candidate.lower(), "").strip()
+        if value:
+            return ConnectionSettings(name=name, setting=candidate, connection_string=value)
+        prefix = f"{candidate.lower()}__"
+        group = {
+            key[len(prefix) :]: value.strip()
+            for key, value in settings.items()
+            if key.startswith(prefix) and value.strip()
+        }
+        if group:
+            return _identity_settings(name, candidate, group)
+    return None
+
+
+def _identity_settings(name: str, setting: str, group: dict[str, str]) -> ConnectionSettings:
+    account = group.get("accountname", "")
+    blob = group.get("blobserviceuri") or group.get("serviceuri", "")
+    table = group.get("tableserviceuri") or group.get("endpoint", "")
+    if account:
+        blob = blob or f"https://{account}.blob.core.windows.net"
+        table = table or f"https://{account}.table.core.windows.net"
+    if not (blob or table):
+        raise ConnectionSettingError(
+            f"connection {name!r} has identity settings ({', '.join(sorted(group))}) "
+            f"but no endpoint: set {setting}__serviceUri, __blobServiceUri, "
+            f"__tableServiceUri or __accountName"
+        )
+    return ConnectionSettings(
+        name=name,
+        setting=setting,
+        blob_service_uri=blob,
+        table_service_uri=table,
+        credential_kind=group.get("credential", ""),
+        client_id=group.get("clientid", ""),
+        tenant_id=group.get("tenantid", ""),
+        client_secret=group.get("clientsecret", ""),
+    )
+
+
+def blob_service_client(name: str, environ: Mapping[str, str] | None = None) -> BlobServiceClient:
+    """A blob service client for connection ``name``."""
+    return blob_service_for(resolve(name, environ))
+
+
+def table_service_client(name: str, environ: Mapping[str, str] | None = None) -> TableServiceClient:
+    """A table service client for connection ``name``."""
+    return table_service_for(resolve(name, environ))
+
+
+def blob_service_for(settings: ConnectionSettings) -> BlobServiceClient:
+    if not settings.identity_based:
+        return BlobServiceClient.from_connection_string(settings.connection_string)
+    if not settings.blob_service_uri:
+        raise ConnectionSettingError(
+            f"connection {settings.name!r} has no blob endpoint: set {settings.setting}__serviceUri"
+        )
+    return BlobServiceClient(settings.blob_service_uri, credential=settings.credential())
+
+
+def table_service_for(settings: ConnectionSettings) -> TableServiceClient:
+    if not settings.identity_based:
+        return TableServiceClient.from_connection_string(settings.connection_string)
+    if not settings.table_service_uri:
+        raise ConnectionSettingError(
+            f"connection {settings.name!r} has no table endpoint: "
+            f"set {settings.setting}__tableServiceUri"
+        )
+    return TableServiceClient(settings.table_service_uri, credential=settings.credential())
+
+
+def resolve_first(
+    names: tuple[str, ...], environ: Mapping[str, str] | None = None
+) -> ConnectionSettings:
+    """The settings of the first of ``names`` that is configured (results fall back to the
+    captures connection when they live in the same account)."""
+    settings = _lowered(environ)
+    for name in names:
+        found = _lookup(name, settings)
+        if found is not None:
+            return found
+    raise ConnectionSettingError(
+        f"none of the connections {', '.join(names)} is configured: set {names[0]} to a "
+        "connection string (e.g. UseDevelopmentStorage=true) or identity-based settings"
+    )

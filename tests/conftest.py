@@ -1,0 +1,194 @@
+"""Shared fixtures: one Azurite for the whole session, fresh tables and a container per test.
+
+Tests that use the ``azurite`` fixture (directly or through another fixture) are marked
+``azurite`` automatically, so ``pytest -m "not azurite"`` runs everything else.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import sys
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from azure.core.exceptions import HttpResponseError
+from azure.data.tables import TableServiceClient
+from azure.storage.blob import BlobServiceClient, ContainerClient
+
+from analyzer import synth
+from analyzer.storage import TableResultsStore
+
+ROOT = Path(__file__).resolve().parent.parent
+VM_ADDRESS = "10.0.0.4"
+VM_ADDRESS6 = "fd00::4"
+VM_MAC = "00:0d:3a:6f:12:04"
+GATEWAY_MAC = "12:34:56:78:9a:bc"
+UDP_PAYLOAD = 100
+
+
+def udp_frame_bytes(peer: str) -> int:
+    """Bytes on the wire of one test datagram: Ethernet, IPv4 or IPv6, UDP and the payload."""
+    return 14 + (40 if ":" in peer else 20) + 8 + UDP_PAYLOAD
+
+
+def _load_azurite_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("nwcap_azurite", ROOT / "scripts" / "azurite.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+azurite_script = _load_azurite_script()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "azurite" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.azurite)
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Any]:
+    """The project's pinned Azurite, started once per session on free ports."""
+    with azurite_script.running() as instance:
+        yield instance
+
+
+@pytest.fixture
+def connection_string(azurite: Any) -> str:
+    return str(azurite.connection_string)
+
+
+@pytest.fixture
+def table_prefix() -> str:
+    """A table-name prefix no other test uses."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def table_service(connection_string: str) -> TableServiceClient:
+    return TableServiceClient.from_connection_string(connection_string)
+
+
+@pytest.fixture
+def results_store(
+    table_service: TableServiceClient, table_prefix: str
+) -> Iterator[TableResultsStore]:
+    """A results store with its own freshly created tables, deleted afterwards."""
+    store = TableResultsStore(table_service, prefix=table_prefix)
+    store.create_tables()
+    yield store
+    for name in store.names.values():
+        table_service.delete_table(name)
+
+
+@pytest.fixture
+def blob_service(connection_string: str) -> BlobServiceClient:
+    return BlobServiceClient.from_connection_string(connection_string)
+
+
+@pytest.fixture
+def captures_container(blob_service: BlobServiceClient) -> Iterator[ContainerClient]:
+    """A container of its own for the test's capture blobs, deleted afterwards."""
+    container = blob_service.create_container(f"caps-{uuid.uuid4().hex[:12]}")
+    yield container
+    container.delete_container()
+
+
+@pytest.fixture
+def storage_env(
+    monkeypatch: pytest.MonkeyPatch,
+    connection_string: str,
+    table_prefix: str,
+    captures_container: ContainerClient,
+    results_store: TableResultsStore,
+) -> Mapping[str, str]:
+    """App settings pointing the function app and the CLI at this test's Azurite resources."""
+    values = {
+        "CAPTURES_CONNECTION": connection_string,
+        "RESULTS_CONNECTION": connection_string,
+        "CAPTURES_CONTAINER": captures_container.container_name,
+        "NWCAP_TABLE_PREFIX": table_prefix,
+        "NWCAP_POLICY": "",
+        "NWCAP_SERVICE_TAGS": "",
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    return values
+
+
+def network_watcher_path(vm: str = "vm-web-01", *, minute: int = 15, day: int = 25) -> str:
+    """A blob name where Network Watcher would put a capture of ``vm``."""
+    return (
+        "subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/demo-rg/providers/"
+        f"microsoft.compute/virtualmachines/{vm}/2026/11/{day:02d}/"
+        f"packetcapture_10_{minute:02d}_00_123.cap"
+    )
+
+
+def udp_capture(peers: Mapping[str, tuple[int, int]], *, start: int = 1_795_600_000) -> bytes:
+    """A pcap of the VM exchanging UDP datagrams of a fixed size with each peer.
+
+    ``peers`` maps an address to (datagrams the VM sends it, datagrams it sends the VM), so
+    every count is known by construction (see :func:`udp_frame_bytes`). The VM talks to IPv6
+    peers from ``VM_ADDRESS6``.
+    """
+    trace = synth.Trace(
+        seed=7,
+        start=start,
+        local_addresses=[VM_ADDRESS, VM_ADDRESS6],
+        local_mac=VM_MAC,
+        gateway_mac=GATEWAY_MAC,
+    )
+    payload = bytes(UDP_PAYLOAD)
+    for index, (peer, (sent, received)) in enumerate(sorted(peers.items())):
+        port = 40000 + index
+        local = VM_ADDRESS6 if ":" in peer else VM_ADDRESS
+        for _ in range(sent):
+            trace.udp(local, port, peer, 9000, payload)
+            trace.wait(1000)
+        for _ in range(received):
+            trace.udp(peer, 9000, local, port, payload)
+            trace.wait(1000)
+    buffer = io.BytesIO()
+    synth.write_pcap(buffer, trace.packets())
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def upload(captures_container: ContainerClient) -> Callable[[str, bytes], Any]:
+    """Upload bytes as a blob of the test's container; returns its BlobClient."""
+
+    def put(name: str, data: bytes) -> Any:
+        container = captures_container
+        container.upload_blob(name, data, overwrite=True)
+        return container.get_blob_client(name)
+
+    return put
+
+
+def http_error(status: int) -> HttpResponseError:
+    """The error the storage SDK raises for a response with this status code."""
+    error = HttpResponseError(message=f"status {status}")
+    error.status_code = status
+    return error
+
+
+class FailingStore(TableResultsStore):
+    """The real store on Azurite, except that recording the baseline fails with ``error``, as a
+    throttled or broken service would half-way through processing."""
+
+    def __init__(self, base: TableResultsStore, error: Exception) -> None:
+        prefix = base.names["captures"][: -len("captures")]
+        super().__init__(base.service, prefix=prefix)
+        self.error = error
+
+    def add_to_baseline(self, *args: Any, **kwargs: Any) -> None:
+        raise self.error

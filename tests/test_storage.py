@@ -1,0 +1,473 @@
+"""Tests of analyzer.storage: keys, limits, the entity mapping and queries on Azurite."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+
+import pytest
+from azure.data.tables import EdmType, EntityProperty
+from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
+from hypothesis import given
+from hypothesis import strategies as st
+
+from analyzer.blobpath import CaptureLocation, parse_capture_path
+from analyzer.connections import (
+    ConnectionSettingError,
+    blob_service_client,
+    resolve,
+    resolve_first,
+    table_service_client,
+)
+from analyzer.models import Alert, Peer, PeerName
+from analyzer.storage import (
+    MAX_BATCH_ENTITIES,
+    MAX_ENTITY_BYTES,
+    MAX_PROPERTY_BYTES,
+    CaptureRecord,
+    InvalidContinuationError,
+    TableResultsStore,
+    _batches,
+    capture_entity,
+    capture_from_entity,
+    capture_id_for,
+    decode_continuation,
+    encode_continuation,
+    entity_size,
+    escape_key,
+    fit_json,
+    fit_text,
+    ip_key,
+    parse_capture_id,
+    peer_entity,
+    utf16_size,
+)
+
+FORBIDDEN_IN_KEYS = re.compile(r"[/\\#?\x00-\x1f\x7f-\x9f%]")
+T0 = datetime(2026, 11, 25, 10, 15, tzinfo=timezone.utc).timestamp()
+DAY = 86400.0
+
+
+def unescape_key(key: str) -> str:
+    raw = bytearray()
+    index = 0
+    while index < len(key):
+        if key[index] == "~":
+            raw.append(int(key[index + 1 : index + 3], 16))
+            index += 3
+        else:
+            raw.extend(key[index].encode())
+            index += 1
+    return raw.decode()
+
+
+def location(vm: str = "vm-web-01", minute: int = 15, day: int = 25) -> CaptureLocation:
+    name = (
+        "subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/demo-rg/providers/"
+        f"microsoft.compute/virtualmachines/{vm}/2026/11/{day:02d}/"
+        f"packetcapture_10_{minute:02d}_00_000.cap"
+    )
+    return parse_capture_path("network-watcher-logs", name)
+
+
+def record(where: CaptureLocation, **changes: object) -> CaptureRecord:
+    fields: dict[str, object] = {
+        "capture_id": capture_id_for(where),
+        "location": where,
+        "blob_url": f"http://127.0.0.1:10000/devstoreaccount1/{where.path}",
+        "blob_etag": '"0x1"',
+        "blob_size": 5_000_000_000,
+        "blob_last_modified": T0 + 60,
+        "status": "complete",
+        "capture_time": where.capture_time,
+        "capture_time_source": "path",
+        "packets": 3_000_000_000,
+        "bytes": 7_000_000_000,
+        "peers": 2,
+        "alerts": {"info": 1, "low": 0, "medium": 2, "high": 0},
+        "warnings": ("truncated record at 123",),
+        "local_addresses": ("10.0.0.4",),
+        "local_addresses_inferred": True,
+        "first_seen": T0,
+        "last_seen": T0 + 90.5,
+        "processing_started": T0 + 61,
+        "processed_at": T0 + 62,
+        "processing_seconds": 1.25,
+        "format": "pcap-le-usec",
+        "analyzer_version": "0.1.0",
+        "policy_version": "default",
+    }
+    fields.update(changes)
+    return CaptureRecord(**fields)  # type: ignore[arg-type]
+
+
+def peer(address: str, sent: int = 3, received: int = 2, **changes: object) -> Peer:
+    fields: dict[str, object] = {
+        "address": address,
+        "local_addresses": ("10.0.0.4",),
+        "packets_sent": sent,
+        "packets_received": received,
+        "bytes_sent": sent * 100,
+        "bytes_received": received * 100,
+        "first_seen": T0,
+        "last_seen": T0 + 5,
+        "protocols": {"udp": sent + received},
+        "category": "internet",
+        "expected": False,
+        "reason": "not in the catalogue",
+    }
+    fields.update(changes)
+    return Peer(**fields)  # type: ignore[arg-type]
+
+
+def alert(rule: str, severity: str, address: str) -> Alert:
+    return Alert(rule, severity, address, f"{rule} on {address}", {"why": rule})  # type: ignore[arg-type]
+
+
+class TestKeys:
+    """Keys are safe for Table Storage and URLs, canonical and reversible."""
+
+    @given(st.text(max_size=60))
+    def test_escaped_text_is_safe_and_reversible(self, text: str) -> None:
+        key = escape_key(text)
+        assert not FORBIDDEN_IN_KEYS.search(key)
+        assert unescape_key(key) == text
+
+    def test_blob_path_characters_are_escaped(self) -> None:
+        assert escape_key("a/b\\c#d?e f") == "a~2Fb~5Cc~23d~3Fe~20f"
+
+    @pytest.mark.parametrize(
+        "spelling", ["2001:db8::1", "2001:DB8:0:0::1", "2001:0db8:0000:0000:0000:0000:0000:0001"]
+    )
+    def test_ipv6_spellings_meet_one_key(self, spelling: str) -> None:
+        assert ip_key(spelling) == "2001-0db8-0000-0000-0000-0000-0000-0001"
+
+    def test_ipv4_is_kept_and_scoped_ipv6_is_escaped(self) -> None:
+        assert ip_key("10.0.0.4") == "10.0.0.4"
+        assert not FORBIDDEN_IN_KEYS.search(ip_key("fe80::1%eth0"))
+
+    def test_capture_id_is_stable_readable_and_names_its_partition(self) -> None:
+        where = parse_capture_path("c", "manual/Web #1?/2026/11/25/trace.cap")
+        capture_id = capture_id_for(where)
+        assert capture_id == capture_id_for(parse_capture_path("c", where.name))
+        assert capture_id != capture_id_for(parse_capture_path("c", "manual/Web #1?/other.cap"))
+        assert capture_id != capture_id_for(parse_capture_path("d", where.name))
+        assert re.fullmatch(r"web~20~231~3F\.[0-9a-f]{20}", capture_id)
+        assert parse_capture_id(capture_id) == "web~20~231~3F"
+        assert not FORBIDDEN_IN_KEYS.search(capture_id)
+
+    @pytest.mark.parametrize("text", ["", "vm", "vm.xyz", "vm/a.0123456789abcdef0123", "a'b.1"])
+    def test_capture_id_parsing_rejects_others(self, text: str) -> None:
+        with pytest.raises(ValueError, match="not a capture id"):
+            parse_capture_id(text)
+
+
+class TestLimits:
+    """Long values are cut to the 64 KiB property limit with a marker; entities stay < 1 MiB."""
+
+    def test_long_list_keeps_a_prefix_and_counts_the_rest(self) -> None:
+        items = [{"name": f"host-{n}.example.com", "source": "dns"} for n in range(20_000)]
+        text, cut = fit_json(items)
+        assert cut
+        assert utf16_size(text) <= MAX_PROPERTY_BYTES
+        decoded = json.loads(text)
+        kept, marker = decoded[:-1], decoded[-1]
+        assert kept == items[: len(kept)]
+        assert marker == {"truncated": len(items) - len(kept)}
+
+    def test_list_of_strings_gets_a_string_marker(self) -> None:
+        items = [f"warning {n}" for n in range(20_000)]
+        decoded = json.loads(fit_json(items)[0])
+        assert decoded[-1] == f"… {len(items) - (len(decoded) - 1)} more"
+
+    def test_mapping_keeps_its_first_keys(self) -> None:
+        value = {f"k{n}": n for n in range(20_000)}
+        decoded = json.loads(fit_json(value)[0])
+        left = decoded.pop("…truncated")
+        assert len(decoded) + left == len(value)
+        assert all(value[key] == count for key, count in decoded.items())
+
+    def test_short_values_are_untouched(self) -> None:
+        assert fit_json([1, 2]) == ("[1,2]", False)
+        assert fit_text("abc") == ("abc", False)
+
+    def test_text_counts_utf16(self) -> None:
+        text = "😀" * 40_000  # two UTF-16 units each: 160,000 bytes
+        fitted, cut = fit_text(text)
+        assert cut
+        assert utf16_size(fitted) <= MAX_PROPERTY_BYTES
+        assert fitted.endswith(f"… [cut {40_000 - fitted.index('…')} characters]")
+
+    def test_a_peer_with_huge_lists_fits_one_entity(self) -> None:
+        names = tuple(PeerName(f"name-{n}.example.com", "dns") for n in range(30_000))
+        big = peer("20.1.2.3", names=names, protocols={f"p{n}": n for n in range(30_000)})
+        entity = peer_entity(record(location()), big, new=False, alerts=())
+        assert entity_size(entity) <= MAX_ENTITY_BYTES
+        assert set(entity["truncated"].split(",")) == {"names", "protocols"}
+        for value in entity.values():
+            if isinstance(value, str):
+                assert utf16_size(value) <= MAX_PROPERTY_BYTES
+
+
+class TestBatches:
+    """Transactions hold at most 100 entities, all of one partition."""
+
+    def test_split_by_partition_and_size(self) -> None:
+        operations = [
+            ("upsert", {"PartitionKey": f"p{n % 2}", "RowKey": str(n)}) for n in range(250)
+        ]
+        batches = list(_batches(operations))
+        assert sorted(len(batch) for batch in batches) == [25, 25, 100, 100]
+        for batch in batches:
+            assert len(batch) <= MAX_BATCH_ENTITIES
+            assert len({operation[1]["PartitionKey"] for operation in batch}) == 1
+        assert sorted(op[1]["RowKey"] for batch in batches for op in batch) == sorted(
+            str(n) for n in range(250)
+        )
+
+
+class TestContinuation:
+    """Continuation tokens round-trip and bad ones are rejected."""
+
+    def test_round_trip(self) -> None:
+        token = {"PartitionKey": "vm-web-01", "RowKey": "vm-web-01.0123"}
+        assert decode_continuation(encode_continuation(token)) == token
+        assert encode_continuation(None) is None
+
+    @pytest.mark.parametrize("text", ["not base64!", "bnVsbA", "W10"])
+    def test_garbage_is_rejected(self, text: str) -> None:
+        with pytest.raises(InvalidContinuationError):
+            decode_continuation(text)
+
+
+class TestCaptureRows:
+    """A capture row round-trips through Azurite with Int64 counts and UTC times."""
+
+    def test_round_trip(self, results_store: TableResultsStore) -> None:
+        original = record(location())
+        version = results_store.put_capture(original)
+        stored = results_store.get_capture(original.capture_id)
+        assert stored is not None
+        assert stored.version == version
+        assert stored == original.__class__(**{**_fields(original), "version": version})
+
+    def test_counts_are_int64(self, results_store: TableResultsStore) -> None:
+        original = record(location())
+        results_store.put_capture(original)
+        raw = results_store.table("captures").get_entity(
+            parse_capture_id(original.capture_id), original.capture_id
+        )
+        for name in ("packets", "bytes", "blob_size", "peers", "alerts_medium"):
+            assert isinstance(raw[name], EntityProperty)
+            assert raw[name].edm_type == EdmType.INT64
+        assert raw["packets"].value == 3_000_000_000
+
+    def test_mapping_is_its_own_inverse(self) -> None:
+        original = record(location())
+        assert capture_from_entity(capture_entity(original)) == original
+
+    def test_missing_capture(self, results_store: TableResultsStore) -> None:
+        assert results_store.get_capture(capture_id_for(location("nobody"))) is None
+
+
+def _fields(capture: CaptureRecord) -> dict[str, object]:
+    return {name: getattr(capture, name) for name in capture.__dataclass_fields__}
+
+
+class TestResults:
+    """A capture's peers, alerts and index rows are replaced as a whole."""
+
+    def test_rows_written(self, results_store: TableResultsStore) -> None:
+        capture = record(location())
+        peers = (peer("20.1.2.3", 5, 7), peer("2001:db8::1", 1, 0))
+        alerts = (alert("unexpected-endpoint", "medium", "20.1.2.3"),)
+        results_store.replace_results(capture, peers, alerts, frozenset({ip_key("2001:db8::1")}))
+        stored = {row["address"]: row for row in results_store.capture_peers(capture.capture_id)}
+        assert set(stored) == {"20.1.2.3", "2001:db8::1"}
+        assert stored["20.1.2.3"]["packets_sent"] == 5
+        assert stored["20.1.2.3"]["packets_received"] == 7
+        assert stored["20.1.2.3"]["bytes"] == 1200
+        assert stored["20.1.2.3"]["alerts"] == 1
+        assert stored["20.1.2.3"]["max_severity"] == "medium"
+        assert stored["2001:db8::1"]["new_peer"] is True
+        assert stored["2001:db8::1"]["alerts"] == 0
+        assert [a["rule"] for a in results_store.capture_alerts(capture.capture_id)] == [
+            "unexpected-endpoint"
+        ]
+        sightings = results_store.peer_sightings("2001:DB8:0::1").items
+        assert [s["capture_id"] for s in sightings] == [capture.capture_id]
+
+    def test_new_results_drop_stale_rows(self, results_store: TableResultsStore) -> None:
+        first = record(location())
+        results_store.replace_results(
+            first,
+            (peer("20.0.0.1"), peer("20.0.0.2"), peer("20.0.0.3")),
+            (alert("a", "low", "20.0.0.1"), alert("b", "high", "20.0.0.2")),
+        )
+        # The new version of the blob has other peers and a capture time a day later, so the
+        # index and day rows move to other keys.
+        second = record(location(), capture_time=first.capture_time + DAY)  # type: ignore[operator]
+        results_store.replace_results(
+            second,
+            (peer("20.0.0.2"), peer("20.0.0.4")),
+            (alert("b", "high", "20.0.0.2"),),
+        )
+        addresses = {row["address"] for row in results_store.capture_peers(first.capture_id)}
+        assert addresses == {"20.0.0.2", "20.0.0.4"}
+        assert [a["rule"] for a in results_store.capture_alerts(first.capture_id)] == ["b"]
+        assert results_store.peer_sightings("20.0.0.1").items == []
+        moved = results_store.peer_sightings("20.0.0.2").items
+        assert [s["capture_time"] for s in moved] == ["2026-11-26T10:15:00.000000Z"]
+        fleet = results_store.list_alerts().items
+        assert [(a["rule"], a["capture_time"]) for a in fleet] == [
+            ("b", "2026-11-26T10:15:00.000000Z")
+        ]
+        assert _row_count(results_store, "alerts") == 2  # one by capture, one by day
+
+    def test_many_peers_span_several_transactions(self, results_store: TableResultsStore) -> None:
+        capture = record(location())
+        peers = tuple(peer(f"20.0.{n // 256}.{n % 256}", n + 1, 0) for n in range(230))
+        results_store.replace_results(capture, peers, ())
+        stored = results_store.capture_peers(capture.capture_id)
+        assert len(stored) == 230
+        assert sum(row["packets_sent"] for row in stored) == sum(range(1, 231))
+
+
+def _row_count(store: TableResultsStore, table: str) -> int:
+    return sum(1 for _ in store.table(table).list_entities())
+
+
+class TestQueries:
+    """Queries filter with parameters and page with continuation tokens."""
+
+    def test_captures_by_vm_and_time(self, results_store: TableResultsStore) -> None:
+        for vm, minute in (("vm-a", 1), ("vm-a", 2), ("vm-a", 3), ("vm-b", 2)):
+            results_store.put_capture(record(location(vm, minute)))
+        by_vm = results_store.list_captures(vm="VM-A").items
+        assert sorted(c["capture_time"][11:16] for c in by_vm) == ["10:01", "10:02", "10:03"]
+        ranged = results_store.list_captures(since=T0 - 14 * 60 + 30, until=T0 - 13 * 60 + 30)
+        assert sorted((c["vm"], c["capture_time"][11:16]) for c in ranged.items) == [
+            ("vm-a", "10:02"),
+            ("vm-b", "10:02"),
+        ]
+
+    def test_pagination_visits_every_row_once(self, results_store: TableResultsStore) -> None:
+        expected = set()
+        for minute in range(7):
+            capture = record(location("vm-a", minute))
+            results_store.put_capture(capture)
+            expected.add(capture.capture_id)
+        seen: list[str] = []
+        token = None
+        pages = 0
+        while True:
+            page = results_store.list_captures(limit=3, continuation=token)
+            seen.extend(c["capture_id"] for c in page.items)
+            pages += 1
+            token = page.continuation
+            if token is None:
+                break
+        assert sorted(seen) == sorted(expected)
+        assert pages == 3
+
+    def test_filtered_pages_are_filled(self, results_store: TableResultsStore) -> None:
+        for minute in range(6):
+            results_store.put_capture(record(location("vm-a", minute)))
+            results_store.put_capture(record(location("vm-b", minute)))
+        page = results_store.list_captures(vm="vm-b", limit=4)
+        assert len(page.items) == 4
+        rest = results_store.list_captures(vm="vm-b", limit=4, continuation=page.continuation)
+        assert len(rest.items) == 2 and rest.continuation is None
+
+    def test_alerts_by_severity_vm_and_time(self, results_store: TableResultsStore) -> None:
+        for day_offset, vm in ((0, "vm-a"), (1, "vm-b"), (2, "vm-a")):
+            capture = record(location(vm, day=25 + day_offset))
+            results_store.replace_results(
+                capture,
+                (peer("20.0.0.1"),),
+                (alert("x", "info", "20.0.0.1"), alert("y", "high", "20.0.0.1")),
+            )
+        everything = results_store.list_alerts().items
+        assert len(everything) == 6
+        assert [a["capture_time"][:10] for a in everything] == sorted(
+            a["capture_time"][:10] for a in everything
+        )
+        high = results_store.list_alerts(min_severity="medium").items
+        assert [(a["vm"], a["rule"]) for a in high] == [("vm-a", "y"), ("vm-b", "y"), ("vm-a", "y")]
+        middle_day = results_store.list_alerts(since=T0 + DAY - 60, until=T0 + DAY + 60).items
+        assert {a["vm"] for a in middle_day} == {"vm-b"}
+        assert len(results_store.list_alerts(vm="vm-a").items) == 4
+
+    def test_values_cannot_change_the_filter(self, results_store: TableResultsStore) -> None:
+        results_store.put_capture(record(location("vm-a")))
+        assert results_store.list_captures(vm="x' or PartitionKey ne '").items == []
+        assert results_store.list_alerts(vm="' or true or '").items == []
+
+    def test_queries_on_missing_tables_are_empty(self, results_store: TableResultsStore) -> None:
+        store = TableResultsStore(results_store.service, prefix="neverCreated")
+        assert store.list_captures().items == []
+        assert store.capture_peers(capture_id_for(location())) == []
+
+
+class TestConnections:
+    """Connection names resolve as the Functions host resolves them."""
+
+    def test_connection_string(self) -> None:
+        settings = resolve("RESULTS", {"RESULTS": "UseDevelopmentStorage=true"})
+        assert (settings.connection_string, settings.identity_based) == (
+            "UseDevelopmentStorage=true",
+            False,
+        )
+        tables = table_service_client("RESULTS", {"RESULTS": "UseDevelopmentStorage=true"})
+        blobs = blob_service_client("RESULTS", {"RESULTS": "UseDevelopmentStorage=true"})
+        assert tables.url.startswith("http://127.0.0.1:10002/devstoreaccount1")
+        assert blobs.url.startswith("http://127.0.0.1:10000/devstoreaccount1")
+
+    def test_prefixed_setting_wins(self) -> None:
+        environ = {"AzureWebJobsRESULTS": "UseDevelopmentStorage=true", "RESULTS": "other"}
+        assert resolve("RESULTS", environ).setting == "AzureWebJobsRESULTS"
+
+    def test_identity_with_user_assigned_managed_identity(self) -> None:
+        environ = {
+            "results__blobServiceUri": "https://acct.blob.core.windows.net",
+            "RESULTS__TABLESERVICEURI": "https://acct.table.core.windows.net",
+            "RESULTS__credential": "managedidentity",
+            "RESULTS__clientId": "11111111-2222-3333-4444-555555555555",
+        }
+        settings = resolve("RESULTS", environ)
+        assert settings.identity_based
+        assert (settings.blob_service_uri, settings.table_service_uri) == (
+            "https://acct.blob.core.windows.net",
+            "https://acct.table.core.windows.net",
+        )
+        assert isinstance(settings.credential(), ManagedIdentityCredential)
+        client = table_service_client("RESULTS", environ)
+        assert client.url.startswith("https://acct.table.core.windows.net")
+
+    def test_identity_from_account_name(self) -> None:
+        settings = resolve("CAPS", {"CAPS__accountName": "acct"})
+        assert settings.blob_service_uri == "https://acct.blob.core.windows.net"
+        assert settings.table_service_uri == "https://acct.table.core.windows.net"
+        assert isinstance(settings.credential(), DefaultAzureCredential)
+
+    def test_service_uri_without_table_endpoint(self) -> None:
+        environ = {"CAPS__serviceUri": "https://acct.blob.core.windows.net"}
+        assert blob_service_client("CAPS", environ).account_name == "acct"
+        with pytest.raises(ConnectionSettingError, match="__tableServiceUri"):
+            table_service_client("CAPS", environ)
+
+    def test_identity_without_endpoint(self) -> None:
+        with pytest.raises(ConnectionSettingError, match="no endpoint"):
+            resolve("CAPS", {"CAPS__credential": "managedidentity"})
+
+    def test_missing(self) -> None:
+        with pytest.raises(ConnectionSettingError, match="UseDevelopmentStorage=true"):
+            resolve("RESULTS", {"RESULTS": "  "})
+
+    def test_results_fall_back_to_captures(self) -> None:
+        environ = {"CAPTURES_CONNECTION": "UseDevelopmentStorage=true"}
+        names = ("RESULTS_CONNECTION", "CAPTURES_CONNECTION")
+        assert resolve_first(names, environ).name == "CAPTURES_CONNECTION"
+        with pytest.raises(ConnectionSettingError, match="RESULTS_CONNECTION"):
+            resolve_first(names, {})

@@ -1,0 +1,290 @@
+"""Tests of the storage subcommands (analyzer.store_cli) against Azurite."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+from azure.storage.blob import ContainerClient
+from conftest import ROOT, network_watcher_path, udp_capture
+
+from analyzer.blobpath import parse_capture_path
+from analyzer.processing import Outcome
+from analyzer.storage import TableResultsStore, capture_id_for
+from analyzer.store_cli import ProgressBar, add_commands
+
+PEERS = {"20.0.0.1": (3, 2), "20.0.0.2": (1, 0), "2001:db8::7": (0, 4)}
+FIRST = {"20.0.0.1": (1, 1), "20.0.0.5": (1, 1)}
+
+
+def run(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="nwcap")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+def output(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = run(*argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def backfilled(
+    storage_env: Mapping[str, str],
+    captures_container: ContainerClient,
+    capsys: pytest.CaptureFixture[str],
+) -> dict[str, str]:
+    """Two good captures of one VM and a broken one of another, processed by `nwcap process`."""
+    names = {
+        "first": network_watcher_path("vm-a", minute=1),
+        "second": network_watcher_path("vm-a", minute=2),
+        "broken": network_watcher_path("vm-b", minute=3),
+    }
+    captures_container.upload_blob(names["first"], udp_capture(FIRST))
+    captures_container.upload_blob(names["second"], udp_capture(PEERS))
+    captures_container.upload_blob(names["broken"], b"no capture here" * 8)
+    captures_container.upload_blob("subscriptions/readme.txt", b"not a capture")
+    code, out, err = output(capsys, "process", "--format", "json")
+    assert code == 1  # the broken capture failed
+    outcomes = {o["blob"].split("/", 1)[1]: o["status"] for o in json.loads(out)["outcomes"]}
+    assert outcomes == {
+        names["first"]: "complete",
+        names["second"]: "complete",
+        names["broken"]: "failed",
+    }
+    assert "3 blobs: 2 complete, 1 failed" in err
+    container = captures_container.container_name
+    return {key: capture_id_for(parse_capture_path(container, name)) for key, name in names.items()}
+
+
+class TestProcess:
+    """Backfill processes every capture once, skips what is done, and re-runs on --force."""
+
+    def test_second_run_skips(
+        self, backfilled: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        code, out, err = output(capsys, "process", "--format", "csv")
+        rows = list(csv.DictReader(io.StringIO(out)))
+        assert code == 0
+        assert sorted(row["status"] for row in rows) == ["skipped", "skipped", "skipped"]
+        assert "[3/3] skipped" in err
+
+    def test_force_and_prefix(
+        self,
+        backfilled: dict[str, str],
+        results_store: TableResultsStore,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        prefix = network_watcher_path("vm-a").rsplit("/", 4)[0]
+        code, out, _ = output(capsys, "process", "--prefix", prefix, "--force", "--format", "json")
+        assert code == 0
+        statuses = sorted(o["status"] for o in json.loads(out)["outcomes"])
+        assert statuses == ["complete", "complete"]
+        new = [
+            a for a in results_store.capture_alerts(backfilled["second"]) if a["rule"] == "new-peer"
+        ]
+        assert sorted(a["peer"] for a in new) == ["20.0.0.2", "2001:db8::7"]
+
+    def test_one_blob_url(
+        self,
+        storage_env: Mapping[str, str],
+        captures_container: ContainerClient,
+        results_store: TableResultsStore,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        name = network_watcher_path("vm-z")
+        blob = captures_container.upload_blob(name, udp_capture(PEERS))
+        code, out, _ = output(capsys, "process", blob.url, "--format", "json")
+        assert code == 0
+        [outcome] = json.loads(out)["outcomes"]
+        assert outcome["status"] == "complete"
+        assert results_store.get_capture(outcome["capture_id"]) is not None
+
+    def test_policy_file(
+        self,
+        storage_env: Mapping[str, str],
+        captures_container: ContainerClient,
+        results_store: TableResultsStore,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        policy = tmp_path / "policy.yaml"
+        policy.write_text("vnet_ranges: [10.0.0.0/16]\n")
+        captures_container.upload_blob(network_watcher_path(), udp_capture(PEERS))
+        assert run("process", "--policy", str(policy)) == 0
+        [capture] = results_store.list_captures().items
+        assert capture["policy_version"] not in ("", "default")
+        policy.write_text("vnet_ranges: [not a network]\n")
+        code, _, err = output(capsys, "process", "--policy", str(policy), "--force")
+        assert code == 65
+        assert "vnet_ranges" in err
+
+
+class TestQueries:
+    """captures, show, alerts and who-talked-to print what is stored, in three formats."""
+
+    def test_captures_table(
+        self, backfilled: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        code, out, _ = output(capsys, "captures", "--vm", "vm-a")
+        lines = out.splitlines()
+        assert code == 0
+        assert lines[0].split() == [
+            "CAPTURE_TIME",
+            "VM",
+            "STATUS",
+            "PACKETS",
+            "BYTES",
+            "PEERS",
+            "ALERTS",
+            "CAPTURE_ID",
+        ]
+        assert sorted(line.split()[-1] for line in lines[1:]) == sorted(
+            [backfilled["first"], backfilled["second"]]
+        )
+
+    def test_captures_json_and_paging(
+        self, backfilled: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        code, out, _ = output(capsys, "captures", "--limit", "2", "--format", "json")
+        page = json.loads(out)
+        assert code == 0 and len(page["captures"]) == 2 and page["continuation"]
+        code, out, _ = output(
+            capsys, "captures", "--format", "json", "--continuation", page["continuation"]
+        )
+        rest = json.loads(out)
+        ids = {c["capture_id"] for c in page["captures"] + rest["captures"]}
+        assert ids == set(backfilled.values())
+        code, out, err = output(capsys, "captures", "--limit", "1")
+        assert code == 0 and len(out.splitlines()) == 2
+        assert "(more: --continuation " in err
+
+    def test_show(self, backfilled: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+        code, out, _ = output(capsys, "show", backfilled["second"], "--format", "json")
+        document = json.loads(out)
+        assert code == 0
+        assert document["capture"]["status"] == "complete"
+        assert {p["address"] for p in document["peers"]} == set(PEERS)
+        code, out, _ = output(capsys, "show", backfilled["second"])
+        assert code == 0
+        assert ["capture_id", backfilled["second"]] in [line.split() for line in out.splitlines()]
+        assert "peers (3)" in out
+        code, out, _ = output(capsys, "show", backfilled["second"], "--format", "csv")
+        rows = list(csv.DictReader(io.StringIO(out)))
+        assert {row["address"] for row in rows} == set(PEERS)
+        assert {json.loads(row["local_addresses"])[0] for row in rows} == {"10.0.0.4", "fd00::4"}
+
+    def test_show_failed_capture(
+        self, backfilled: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        code, out, _ = output(capsys, "show", backfilled["broken"], "--format", "json")
+        capture = json.loads(out)["capture"]
+        assert code == 0
+        assert (capture["status"], capture["error_type"]) == ("failed", "UnsupportedFormatError")
+
+    def test_alerts(self, backfilled: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+        code, out, _ = output(capsys, "alerts", "--vm", "vm-a", "--format", "csv")
+        rows = list(csv.DictReader(io.StringIO(out)))
+        assert code == 0
+        assert {row["capture_id"] for row in rows} <= {backfilled["first"], backfilled["second"]}
+        assert sorted(r["peer"] for r in rows if r["rule"] == "new-peer") == [
+            "20.0.0.2",
+            "2001:db8::7",
+        ]
+        code, out, _ = output(capsys, "alerts", "--severity", "high", "--format", "json")
+        assert all(a["severity"] == "high" for a in json.loads(out)["alerts"])
+
+    def test_who_talked_to(
+        self, backfilled: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        code, out, _ = output(capsys, "who-talked-to", "20.0.0.1", "--format", "json")
+        sightings = json.loads(out)["sightings"]
+        assert code == 0
+        assert sorted(s["capture_id"] for s in sightings) == sorted(
+            [backfilled["first"], backfilled["second"]]
+        )
+
+    @pytest.mark.parametrize(
+        ("argv", "message"),
+        [
+            (("captures", "--since", "last week"), "since"),
+            (("alerts", "--severity", "urgent"), "severity"),
+            (("who-talked-to", "not-an-ip"), "ip"),
+            (("show", "nope"), "capture_id"),
+            (("captures", "--continuation", "garbage!"), "continuation"),
+        ],
+    )
+    def test_bad_arguments(
+        self,
+        storage_env: Mapping[str, str],
+        capsys: pytest.CaptureFixture[str],
+        argv: tuple[str, ...],
+        message: str,
+    ) -> None:
+        code, _, err = output(capsys, *argv)
+        assert code == 2
+        assert message in err
+
+    def test_missing_connection(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        for name in ("RESULTS_CONNECTION", "CAPTURES_CONNECTION"):
+            monkeypatch.delenv(name, raising=False)
+        code, _, err = output(capsys, "captures")
+        assert code == 2
+        assert "RESULTS_CONNECTION" in err and "UseDevelopmentStorage=true" in err
+
+
+class TestEntryPoint:
+    """The installed nwcap command carries the storage subcommands."""
+
+    def test_nwcap_captures(
+        self, backfilled: dict[str, str], storage_env: Mapping[str, str]
+    ) -> None:
+        result = subprocess.run(
+            [str(ROOT / ".venv" / "bin" / "nwcap"), "captures", "--vm", "vm-b", "--format", "json"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **storage_env},
+            check=False,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        [capture] = json.loads(result.stdout)["captures"]
+        assert (capture["capture_id"], capture["status"]) == (backfilled["broken"], "failed")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class TestProgressBar:
+    """The backfill's progress is a live bar on a terminal and one line per blob elsewhere."""
+
+    def test_terminal(self) -> None:
+        stream = _Terminal()
+        bar = ProgressBar(stream, 2, interval=0.0)
+        bar.start(1, "dir/packetcapture_10_15_00_123.cap", 1000)
+        bar.update(500)
+        bar.finish(Outcome("complete", "c/dir/packetcapture_10_15_00_123.cap"))
+        text = stream.getvalue()
+        assert "\r[1/2] [############------------]  50% packetcapture_10_15_00_123.cap" in text
+        assert text.endswith("\n") and "[1/2] complete   packetcapture_10_15_00_123.cap" in text
+
+    def test_log(self) -> None:
+        stream = io.StringIO()
+        bar = ProgressBar(stream, 1)
+        bar.start(1, "a.cap", 10)
+        bar.update(5)
+        bar.finish(Outcome("failed", "c/a.cap"))
+        assert stream.getvalue() == "[1/1] failed     a.cap\n"
