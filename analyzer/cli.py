@@ -15,11 +15,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO
 
-from analyzer import __version__
+from analyzer import __version__, store_cli, sweep
 from analyzer.errors import NwcapError
 from analyzer.models import SEVERITY_ORDER
+
+if TYPE_CHECKING:
+    from analyzer.policy import Policy
+    from analyzer.servicetags import ServiceTags
 
 EXIT_ALERTS = 1
 EXIT_DATAERR = 65
@@ -69,12 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.set_defaults(func=run_analyze)
 
-    try:
-        from analyzer import store_cli  # noqa: PLC0415 - storage commands need the Azure SDKs
-    except ImportError:  # pragma: no cover - the storage extras are always installed with nwcap
-        pass
-    else:
-        store_cli.add_commands(sub)
+    store_cli.add_commands(sub)
+    sweep.add_commands(sub)
     return parser
 
 
@@ -126,13 +126,13 @@ def _read_file(name: str, what: str) -> bytes:
         raise InputError(f"cannot read {what} {name}: {exc.strerror}") from exc
 
 
-def _load_policy(name: str) -> object:
+def _load_policy(name: str) -> Policy:
     from analyzer.policy import load_policy  # noqa: PLC0415
 
     return load_policy(_read_file(name, "policy"))
 
 
-def _load_service_tags(name: str) -> object:
+def _load_service_tags(name: str) -> ServiceTags:
     from analyzer.servicetags import ServiceTags  # noqa: PLC0415
 
     return ServiceTags.from_json(_read_file(name, "service tags"))

@@ -142,7 +142,7 @@ def decode(link_type: int, frame: bytes) -> DecodeResult:
         inner_type = int.from_bytes(frame[4:8], "little")
         if inner_type == 192:
             return Undecodable("bad-ppi-header")
-        return decode(inner_type, frame[int.from_bytes(frame[2:4], "little"):])
+        return decode(inner_type, frame[int.from_bytes(frame[2:4], "little") :])
     if link_type == 127:  # radiotap, then 802.11
         if len(frame) < 4:
             return Undecodable("truncated-radiotap")
@@ -259,8 +259,9 @@ def _ipv4(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
     end = at + total_len if total_len else len(frame)
     fragment = 2 if frag_offset else (1 if more_fragments else 0)
     frag_id = int.from_bytes(frame[at + 4 : at + 6], "big")
-    return _transport(frame, at + header_len, min(end, len(frame)), src, dst, proto, fragment,
-                      frag_id, depth)
+    return _transport(
+        frame, at + header_len, min(end, len(frame)), src, dst, proto, fragment, frag_id, depth
+    )
 
 
 def _ipv6(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
@@ -316,8 +317,9 @@ def _transport(
     if fragment == 2:
         return Decoded(src, dst, proto, 0, 0, 0, 0, -1, b"", fragment, frag_id)
     if proto == 51 and not fragment and end - at >= 8:  # AH: skip to what it authenticates
-        return _transport(frame, at + (frame[at + 1] + 2) * 4, end, src, dst, frame[at],
-                          fragment, frag_id, depth)
+        return _transport(
+            frame, at + (frame[at + 1] + 2) * 4, end, src, dst, frame[at], fragment, frag_id, depth
+        )
     if proto in (4, 41, 47) and not fragment and depth < MAX_TUNNEL_DEPTH:
         inner = _ip(frame[:end], at, depth + 1) if proto != 47 else _gre(frame[:end], at, depth + 1)
         return Decoded(src, dst, proto, 0, 0, 0, 0, -1, b"", fragment, frag_id, inner)
@@ -332,17 +334,20 @@ def _transport(
     if proto == UDP and end - at >= 8:
         sport = int.from_bytes(frame[at : at + 2], "big")
         dport = int.from_bytes(frame[at + 2 : at + 4], "big")
-        inner = None
+        tunnelled: DecodeResult | None = None
         if not fragment and depth < MAX_TUNNEL_DEPTH:
             if dport in TUNNEL_UDP_PORTS:
-                inner = _udp_tunnel(frame[:end], at + 8, dport, depth + 1)
+                tunnelled = _udp_tunnel(frame[:end], at + 8, dport, depth + 1)
             elif sport in TUNNEL_UDP_PORTS:
-                inner = _udp_tunnel(frame[:end], at + 8, sport, depth + 1)
-        return Decoded(src, dst, proto, sport, dport, 0, 0, -1, frame[at + 8 : end], fragment,
-                       frag_id, inner)
+                tunnelled = _udp_tunnel(frame[:end], at + 8, sport, depth + 1)
+        payload = frame[at + 8 : end]
+        return Decoded(
+            src, dst, proto, sport, dport, 0, 0, -1, payload, fragment, frag_id, tunnelled
+        )
     if proto in (ICMP, ICMPV6) and end - at >= 2:
-        return Decoded(src, dst, proto, 0, 0, 0, 0, frame[at] << 8 | frame[at + 1], b"",
-                       fragment, frag_id)
+        return Decoded(
+            src, dst, proto, 0, 0, 0, 0, frame[at] << 8 | frame[at + 1], b"", fragment, frag_id
+        )
     return Decoded(src, dst, proto, 0, 0, 0, 0, -1, b"", fragment, frag_id)
 
 

@@ -14,7 +14,7 @@ import ipaddress
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from analyzer.decode import (
     ICMP,
@@ -45,6 +45,7 @@ UNSPECIFIED_V4 = bytes(4)
 # last second, last fraction, OR of TCP flags, flags of the first packet.
 PKTS, BYTES, FSEC, FFRAC, LSEC, LFRAC, FLAGS, FIRST_FLAGS = range(8)
 ProgressCallback = Callable[[int], None]
+K = TypeVar("K")
 
 
 @dataclass(slots=True)
@@ -129,9 +130,9 @@ class _Accumulator:
 
     def add_decoded(self, result: object, sec: int, frac: int, orig: int) -> None:
         if not isinstance(result, Decoded):
-            table = self.non_ip if isinstance(result, NonIp) else self.undecodable
+            counts = self.non_ip if isinstance(result, NonIp) else self.undecodable
             kind: str = result.kind  # type: ignore[attr-defined]
-            table[kind] = table.get(kind, 0) + 1
+            counts[kind] = counts.get(kind, 0) + 1
             self.other_frames += 1
             self.other_bytes += orig
             return
@@ -213,7 +214,9 @@ class _Accumulator:
 
     def _tcp_attempt(self, pair: _Pair, side: int, key: bytes, alen: int, dport: int) -> None:
         src, dst = key[:alen], key[alen : 2 * alen]
-        reverse = self.tcp.get(dst + src + key[2 * alen + 2 : 2 * alen + 4] + key[2 * alen : 2 * alen + 2])
+        reverse = self.tcp.get(
+            dst + src + key[2 * alen + 2 : 2 * alen + 4] + key[2 * alen : 2 * alen + 2]
+        )
         counts = pair.tcp[side]
         counts[0] += 1
         if reverse is None:
@@ -281,7 +284,9 @@ def summarize(
     return _build_summary(acc, reader.format, reader.link_types, reader.warnings, given)
 
 
-def _walk_ethernet_pcap(reader: PcapReader, acc: _Accumulator, progress: ProgressCallback | None) -> None:
+def _walk_ethernet_pcap(
+    reader: PcapReader, acc: _Accumulator, progress: ProgressCallback | None
+) -> None:
     """The hot loop: Ethernet libpcap records, the common case decoded inline."""
     order = reader.byte_order
     record = struct.Struct(order + "IIII")
@@ -317,8 +322,19 @@ def _walk_ethernet_pcap(reader: PcapReader, acc: _Accumulator, progress: Progres
         pos = 0
         while True:
             if pos <= fast_limit:
-                (sec, frac, incl, orig, ethertype, version_ihl, total_len, frag, proto, key,
-                 flags) = unpack_fast(buf, pos)
+                (
+                    sec,
+                    frac,
+                    incl,
+                    orig,
+                    ethertype,
+                    version_ihl,
+                    total_len,
+                    frag,
+                    proto,
+                    key,
+                    flags,
+                ) = unpack_fast(buf, pos)
             elif pos + 16 <= end:
                 sec, frac, incl, orig = unpack_record(buf, pos)
                 ethertype = -1
@@ -412,9 +428,13 @@ def infer_local_addresses(pairs: dict[tuple[bytes, bytes], _Pair]) -> tuple[byte
     local: list[bytes] = []
     for a, b in pairs:
         for platform, other in ((a, b), (b, a)):
-            if platform in PLATFORM_ADDRESSES and other not in PLATFORM_ADDRESSES:
-                if other != UNSPECIFIED_V4 and other not in local:
-                    local.append(other)
+            if (
+                platform in PLATFORM_ADDRESSES
+                and other not in PLATFORM_ADDRESSES
+                and other != UNSPECIFIED_V4
+                and other not in local
+            ):
+                local.append(other)
     have_v4 = any(len(addr) == 4 for addr in local)
     for family_len in (4, 16):
         if family_len == 4 and have_v4:
@@ -445,7 +465,9 @@ def _is_private(address: bytes) -> bool:
 
 def _is_unicast(address: bytes) -> bool:
     ip = ipaddress.ip_address(address)
-    return not (ip.is_multicast or ip.is_unspecified or ip == ipaddress.IPv4Address("255.255.255.255"))
+    return not (
+        ip.is_multicast or ip.is_unspecified or ip == ipaddress.IPv4Address("255.255.255.255")
+    )
 
 
 def _build_summary(
@@ -607,7 +629,7 @@ class _PeerBuilder:
         return tuple(ranked[:PORTS_KEPT]), max(0, len(ranked) - PORTS_KEPT) + overflow
 
 
-def _merge_counts(target: dict[object, int], source: dict[object, int]) -> None:  # type: ignore[misc]
+def _merge_counts(target: dict[K, int], source: dict[K, int]) -> None:
     for key, value in source.items():
         target[key] = target.get(key, 0) + value
 

@@ -19,7 +19,7 @@ NameSource = Literal["dns", "sni", "http"]
 
 
 def iso_time(ts: float | None) -> str | None:
-    """Render POSIX seconds as ISO 8601 UTC with microseconds, e.g. ``2026-11-25T10:00:00.123456Z``."""
+    """Render POSIX seconds as ISO 8601 UTC with microseconds: ``2026-11-25T10:00:00.123456Z``."""
     if ts is None:
         return None
     moment = datetime.fromtimestamp(ts, tz=timezone.utc)

@@ -17,7 +17,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 from analyzer.errors import CorruptCaptureError, UnsupportedFormatError
 
@@ -269,8 +269,8 @@ class PcapngReader:
             body_len = block_len - 12
             if block_type in (1, 2, 3, 6, 0x0A0D0D0A) and block_len > MAX_PACKET_BLOCK:
                 self._warn(
-                    f"block of type {block_type:#x} at byte {block_offset} claims {block_len} bytes, "
-                    f"beyond any sane snap length; reading stopped there"
+                    f"block of type {block_type:#x} at byte {block_offset} claims {block_len} "
+                    f"bytes, beyond any sane snap length; reading stopped there"
                 )
                 break
             if block_type not in (1, 2, 3, 6, 0x0A0D0D0A):
@@ -447,8 +447,8 @@ def open_capture(stream: BinaryIO) -> PcapReader | PcapngReader | NetmonReader:
     source = ByteSource(stream)
     magic = source.peek(4)
     if magic[:2] == GZIP_MAGIC:
-        inner = gzip.GzipFile(fileobj=_SourceStream(source), mode="rb")
-        reader = open_capture(inner)  # type: ignore[arg-type]
+        inner = gzip.GzipFile(fileobj=cast(BinaryIO, _SourceStream(source)), mode="rb")
+        reader = open_capture(cast(BinaryIO, inner))
         reader.format += "+gzip"
         return reader
     if magic in PCAP_MAGICS:
@@ -471,11 +471,27 @@ def _open_netmon(source: ByteSource, stream: BinaryIO | None) -> NetmonReader:
     header = source.read(NETMON_HEADER.size)
     if len(header) < NETMON_HEADER.size:
         raise CorruptCaptureError("Network Monitor file header is cut short")
-    (_magic, minor, major, media, year, month, _dow, day, hour, minute, second, msec,
-     table_offset, table_len, *_rest) = NETMON_HEADER.unpack(header)
+    (
+        _magic,
+        minor,
+        major,
+        media,
+        year,
+        month,
+        _dow,
+        day,
+        hour,
+        minute,
+        second,
+        msec,
+        table_offset,
+        table_len,
+        *_rest,
+    ) = NETMON_HEADER.unpack(header)
     if major != 2:
         raise UnsupportedFormatError(
-            f"Network Monitor version {major}.{minor} is not supported; supported: {SUPPORTED_FORMATS}"
+            f"Network Monitor version {major}.{minor} is not supported; "
+            f"supported: {SUPPORTED_FORMATS}"
         )
     try:
         import calendar  # noqa: PLC0415 - only Network Monitor files need it
@@ -507,7 +523,7 @@ def _first_netmon_frame(stream: BinaryIO | None, table_offset: int, table_len: i
         stream.seek(here)
     if len(entry) < 4:
         return NETMON_HEADER.size
-    return max(NETMON_HEADER.size, struct.unpack("<I", entry)[0])
+    return max(NETMON_HEADER.size, int.from_bytes(entry, "little"))
 
 
 def _seekable(stream: BinaryIO) -> bool:

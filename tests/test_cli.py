@@ -26,18 +26,38 @@ class TestOutputFormats:
     """The table, JSON and CSV renderings carry the documented fields."""
 
     def test_json_document(self, capsys: pytest.CaptureFixture[str]) -> None:
-        code, out, _ = run(capsys, str(SAMPLES / "baseline.cap"), "--format", "json", "--policy",
-                           str(SAMPLES / "policy.yaml"))
+        code, out, _ = run(
+            capsys,
+            str(SAMPLES / "baseline.cap"),
+            "--format",
+            "json",
+            "--policy",
+            str(SAMPLES / "policy.yaml"),
+        )
         assert code == 0
         doc = json.loads(out)
         capture = doc["capture"]
-        for key in ("format", "packets", "bytes", "first_seen", "last_seen", "local_addresses",
-                    "complete", "warnings"):
+        for key in (
+            "format",
+            "packets",
+            "bytes",
+            "first_seen",
+            "last_seen",
+            "local_addresses",
+            "complete",
+            "warnings",
+        ):
             assert key in capture
         assert capture["local_addresses"] == ["10.0.0.4"]
         conversation = doc["conversations"][0]
-        assert set(conversation) >= {"a", "b", "packets_a_to_b", "packets_b_to_a",
-                                     "bytes_a_to_b", "bytes_b_to_a"}
+        assert set(conversation) >= {
+            "a",
+            "b",
+            "packets_a_to_b",
+            "packets_b_to_a",
+            "bytes_a_to_b",
+            "bytes_b_to_a",
+        }
         peer = next(p for p in doc["peers"] if p["address"] == "168.63.129.16")
         assert peer["category"] == "platform-wireserver"
         assert peer["expected"] is True
@@ -46,8 +66,9 @@ class TestOutputFormats:
         assert total == capture["ip_packets"]
 
     def test_table_shows_peers_and_alerts(self, capsys: pytest.CaptureFixture[str]) -> None:
-        code, out, _ = run(capsys, str(SAMPLES / "inbound-scan.cap"), "--policy",
-                           str(SAMPLES / "policy.yaml"))
+        code, out, _ = run(
+            capsys, str(SAMPLES / "inbound-scan.cap"), "--policy", str(SAMPLES / "policy.yaml")
+        )
         assert code == 0
         assert "PEER" in out and "CATEGORY" in out
         assert "inbound-scan" in out
@@ -65,8 +86,14 @@ class TestSampleScenario:
 
     @pytest.mark.parametrize("name", sorted(EXPECTED["captures"]))
     def test_exact_alerts(self, capsys: pytest.CaptureFixture[str], name: str) -> None:
-        code, out, _ = run(capsys, str(SAMPLES / name), "--format", "json", "--policy",
-                           str(SAMPLES / EXPECTED["policy"]))
+        code, out, _ = run(
+            capsys,
+            str(SAMPLES / name),
+            "--format",
+            "json",
+            "--policy",
+            str(SAMPLES / EXPECTED["policy"]),
+        )
         assert code == 0
         alerts = sorted((a["rule"], a["peer"]) for a in json.loads(out)["alerts"])
         wanted = sorted((a["rule"], a["peer"]) for a in EXPECTED["captures"][name])
@@ -80,8 +107,10 @@ class TestExitCodes:
         scan = str(SAMPLES / "inbound-scan.cap")
         policy = str(SAMPLES / "policy.yaml")
         assert run(capsys, scan, "--policy", policy, "--fail-on", "low")[0] == EXIT_ALERTS
-        assert run(capsys, str(SAMPLES / "baseline.cap"), "--policy", policy,
-                   "--fail-on", "low")[0] == 0
+        assert (
+            run(capsys, str(SAMPLES / "baseline.cap"), "--policy", policy, "--fail-on", "low")[0]
+            == 0
+        )
 
     def test_missing_file(self, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
         code, _, err = run(capsys, str(tmp_path / "nope.cap"))

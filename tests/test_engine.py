@@ -24,7 +24,9 @@ def eth(payload: bytes, *, ethertype: int = 0x0800, vlan: int | None = None) -> 
     return synth.ethernet(GW_MAC, VM_MAC, ethertype, payload, vlan=vlan)
 
 
-def tcp_frame(src: str, dst: str, sport: int, dport: int, flags: int, payload: bytes = b"") -> bytes:
+def tcp_frame(
+    src: str, dst: str, sport: int, dport: int, flags: int, payload: bytes = b""
+) -> bytes:
     segment = synth.tcp(src, dst, sport, dport, seq=1000, flags=flags, payload=payload)
     return eth(synth.ipv4(src, dst, 6, segment))
 
@@ -197,7 +199,10 @@ class TestDecoding:
 
     def test_non_ip_frames_counted_by_kind(self) -> None:
         arp = synth.ethernet(
-            synth.BROADCAST_MAC, VM_MAC, 0x0806, synth.arp(1, VM_MAC, VM, "00:00:00:00:00:00", "10.0.0.1")
+            synth.BROADCAST_MAC,
+            VM_MAC,
+            0x0806,
+            synth.arp(1, VM_MAC, VM, "00:00:00:00:00:00", "10.0.0.1"),
         )
         lldp = synth.ethernet("01:80:c2:00:00:0e", VM_MAC, 0x88CC, bytes(40))
         runt = synth.mac_bytes(GW_MAC) + synth.mac_bytes(VM_MAC) + b"\x08\x00\x45"
@@ -208,7 +213,9 @@ class TestDecoding:
         assert summary.capture.ip_packets == 10
 
     def test_tunnelled_packets_are_conversations_of_their_own(self) -> None:
-        inner = synth.ipv4("192.168.1.1", "192.168.1.2", 17, synth.udp("192.168.1.1", "192.168.1.2", 1, 2, b"i"))
+        inner = synth.ipv4(
+            "192.168.1.1", "192.168.1.2", 17, synth.udp("192.168.1.1", "192.168.1.2", 1, 2, b"i")
+        )
         vxlan = b"\x08\x00\x00\x00\x00\x00\x01\x00" + synth.ethernet(GW_MAC, VM_MAC, 0x0800, inner)
         outer = udp_frame(VM, "10.0.0.9", 51000, 4789, vxlan)
         summary = summary_of(pcap_bytes([outer]))
@@ -275,7 +282,10 @@ class TestLocalAddresses:
     """The VM's own addresses are inferred, or taken as given."""
 
     def test_platform_traffic_identifies_the_vm(self) -> None:
-        frames = [udp_frame(VM, "168.63.129.16", 33000, 53), udp_frame("52.9.9.9", "10.0.0.99", 1, 2)]
+        frames = [
+            udp_frame(VM, "168.63.129.16", 33000, 53),
+            udp_frame("52.9.9.9", "10.0.0.99", 1, 2),
+        ]
         frames += [udp_frame("10.0.0.99", f"52.0.0.{i}", 1, 2) for i in range(5)]
         summary = summary_of(pcap_bytes(frames))
         assert summary.capture.local_addresses == (VM,)
