@@ -46,8 +46,9 @@ ETHERTYPE_NAMES = {
 IPV6_EXTENSIONS = (0, 43, 60, 135, 139, 140, 253, 254)
 MAX_LABELS = 16
 MAX_TUNNEL_DEPTH = 4
-# UDP ports whose payload is another packet: VXLAN, VXLAN-GPE, Geneve, GTP-U, MPLS over UDP
-TUNNEL_UDP_PORTS = frozenset({4789, 4790, 6081, 2152, 6635})
+# UDP ports whose payload is another packet: VXLAN, VXLAN-GPE, Geneve, GTP-U, MPLS over UDP,
+# LISP data and encapsulated control messages
+TUNNEL_UDP_PORTS = frozenset({4789, 4790, 6081, 2152, 6635, 4341, 4342})
 ETHERTYPE_TEB = 0x6558  # transparent Ethernet bridging
 
 
@@ -97,7 +98,11 @@ def decode(link_type: int, frame: bytes) -> DecodeResult:
     """Decode one captured frame of the given pcap link type."""
     if link_type == 1:
         return _ethernet(frame, 0)
-    if link_type in (101, 12, 14, 228, 229):
+    if link_type in (101, 12, 14):
+        return _ip(frame, 0)
+    if link_type == 229:  # promises IPv6: another version is bogus (as in Wireshark)
+        return _ipv6(frame, 0)
+    if link_type == 228:
         return _ip(frame, 0)
     if link_type == 113:  # Linux cooked capture v1
         if len(frame) < 16:
@@ -149,6 +154,23 @@ def decode(link_type: int, frame: bytes) -> DecodeResult:
         return _ieee80211(frame, int.from_bytes(frame[2:4], "little"))
     if link_type == 105:
         return _ieee80211(frame, 0)
+    if link_type == 242:  # IP over InfiniBand: source and destination addresses (20 bytes
+        # each), then an EtherType and 2 reserved bytes
+        if len(frame) < 44:
+            return Undecodable("truncated-ipoib")
+        return _by_ethertype(frame, 44, int.from_bytes(frame[40:42], "big"))
+    if link_type == 107:
+        return _frame_relay(frame)
+    if link_type in (7, 129):  # ARCNET with the BSD (2-byte) or Linux (4-byte) header
+        return _arcnet(frame, 2 if link_type == 7 else 4)
+    if link_type == 226:  # Solaris ipnet: a 24-byte header with the address family in byte 1
+        if len(frame) < 24:
+            return Undecodable("truncated-ipnet")
+        if frame[1] == 2:
+            return _ipv4(frame, 24)
+        if frame[1] == 26:
+            return _ipv6(frame, 24)
+        return NonIp(f"ipnet-family-{frame[1]}")
     return NonIp(f"linktype-{link_type}")
 
 
@@ -175,6 +197,14 @@ def _by_ethertype(frame: bytes, at: int, ethertype: int, depth: int = 0) -> Deco
         return _mpls(frame, at, depth)
     if ethertype == ETHERTYPE_TEB:
         return _ethernet(frame, at, depth)
+    if ethertype == 0x8909:  # Cisco MetaData (SGT): 8 bytes ending in the next EtherType
+        if len(frame) < at + 8:
+            return Undecodable("truncated-cisco-metadata")
+        return _by_ethertype(frame, at + 8, int.from_bytes(frame[at + 6 : at + 8], "big"), depth)
+    if ethertype == 0x88E5:  # MACsec: integrity-only frames carry the packet in the clear
+        return _macsec(frame, at, depth)
+    if ethertype == 0x894F:
+        return _nsh(frame, at, depth)
     if ethertype == 0x8864:  # PPPoE session: 6-byte header, then PPP's protocol field
         if len(frame) < at + 8:
             return Undecodable("truncated-pppoe")
@@ -220,6 +250,8 @@ def _ppp_protocol(frame: bytes, at: int) -> DecodeResult:
         return _ipv4(frame, at)
     if proto == 0x57:
         return _ipv6(frame, at)
+    if proto in (0x281, 0x283):
+        return _mpls(frame, at)
     return NonIp(f"ppp-{proto:#06x}")
 
 
@@ -274,13 +306,16 @@ def _ipv6(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
     src = frame[at + 8 : at + 24]
     dst = frame[at + 24 : at + 40]
     pos = at + 40
-    end = min(len(frame), pos + payload_len) if payload_len else len(frame)
+    reported_end = pos + payload_len if payload_len else 1 << 31
+    end = min(len(frame), reported_end)
     fragment = 0
     frag_id = 0
+    # Like Wireshark, an IPv6 packet counts only once its extension-header chain has been
+    # read: a chain cut short by the capture is undecodable.
     for _ in range(16):
         if proto == 44:  # fragment header
             if len(frame) < pos + 8:
-                return Decoded(src, dst, proto, 0, 0, 0, 0, -1, b"", 0, 0)
+                return Undecodable("truncated-ipv6-extension")
             frag_field = int.from_bytes(frame[pos + 2 : pos + 4], "big")
             frag_id = int.from_bytes(frame[pos + 4 : pos + 8], "big")
             if frag_field & 0xFFF8:
@@ -291,8 +326,10 @@ def _ipv6(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
             pos += 8
         elif proto in IPV6_EXTENSIONS or proto == 51:
             if len(frame) < pos + 2:
-                return Decoded(src, dst, proto, 0, 0, 0, 0, -1, b"", 0, 0)
+                return Undecodable("truncated-ipv6-extension")
             length = (frame[pos + 1] + 2) * 4 if proto == 51 else (frame[pos + 1] + 1) * 8
+            if len(frame) < pos + length:
+                return Undecodable("truncated-ipv6-extension")
             proto = frame[pos]
             pos += length
         else:
@@ -316,6 +353,13 @@ def _transport(
     """Read the transport header; a short or later-fragment transport keeps ports at 0."""
     if fragment == 2:
         return Decoded(src, dst, proto, 0, 0, 0, 0, -1, b"", fragment, frag_id)
+    if proto == 103 and not fragment and end - at >= 8 and frame[at] == 0x21:
+        # a PIM Register carries the multicast packet it registers
+        inner = _ip(frame[:end], at + 8, depth + 1) if depth < MAX_TUNNEL_DEPTH else None
+        return Decoded(src, dst, proto, 0, 0, 0, 0, -1, b"", fragment, frag_id, inner)
+    if proto == 143 and not fragment and depth < MAX_TUNNEL_DEPTH:  # Ethernet over IPv6
+        inner = _ethernet(frame[:end], at, depth + 1)
+        return Decoded(src, dst, proto, 0, 0, 0, 0, -1, b"", fragment, frag_id, inner)
     if proto == 51 and not fragment and end - at >= 8:  # AH: skip to what it authenticates
         return _transport(
             frame, at + (frame[at + 1] + 2) * 4, end, src, dst, frame[at], fragment, frag_id, depth
@@ -335,7 +379,9 @@ def _transport(
         sport = int.from_bytes(frame[at : at + 2], "big")
         dport = int.from_bytes(frame[at + 2 : at + 4], "big")
         tunnelled: DecodeResult | None = None
-        if not fragment and depth < MAX_TUNNEL_DEPTH:
+        # a zero UDP length (a jumbogram) leaves the payload undissected, as in tshark
+        udp_length = int.from_bytes(frame[at + 4 : at + 6], "big")
+        if udp_length and not fragment and depth < MAX_TUNNEL_DEPTH:
             if dport in TUNNEL_UDP_PORTS:
                 tunnelled = _udp_tunnel(frame[:end], at + 8, dport, depth + 1)
             elif sport in TUNNEL_UDP_PORTS:
@@ -367,6 +413,10 @@ def _gre(frame: bytes, at: int, depth: int) -> DecodeResult:
     pos += 4 * (bool(flags & 0x8000) + bool(flags & 0x2000) + bool(flags & 0x1000))
     if ethertype == 0x88BE:  # ERSPAN: type II has an 8-byte header when sequenced, type I none
         return _ethernet(frame, pos + 8 if flags & 0x1000 else pos, depth)
+    if ethertype == 0x883E:  # WCCP redirection: a 4-byte header unless IPv4 follows directly
+        if len(frame) > pos and frame[pos] >> 4 == 4:
+            return _ipv4(frame, pos, depth)
+        return _ipv4(frame, pos + 4, depth)
     if ethertype == 0x22EB:  # ERSPAN type III: 12 bytes, plus an 8-byte subheader if O is set
         if len(frame) < pos + 12:
             return Undecodable("truncated-erspan")
@@ -385,6 +435,8 @@ def _udp_tunnel(frame: bytes, at: int, port: int, depth: int) -> DecodeResult | 
         next_proto = frame[at + 3]
         if next_proto in (1, 2):
             return _ip(frame, at + 8, depth)
+        if next_proto == 4:
+            return _nsh(frame, at + 8, depth)
         return _ethernet(frame, at + 8, depth) if next_proto == 3 else None
     if port == 6081:  # Geneve: options length in 4-byte words, then a protocol type
         if len(frame) < at + 8:
@@ -395,6 +447,8 @@ def _udp_tunnel(frame: bytes, at: int, port: int, depth: int) -> DecodeResult | 
         return _gtp_user(frame, at, depth)
     if port == 6635:
         return _mpls(frame, at, depth)
+    if port == 4341:  # LISP data and encapsulated control messages plane: an 8-byte header, then the inner IP packet
+        return _ip(frame, at + 8, depth)
     return None
 
 
@@ -486,3 +540,63 @@ def _source_route_destination(options: bytes) -> bytes | None:
                 return options[pos + length - 4 : pos + length]
         pos += length
     return None
+
+
+def _macsec(frame: bytes, at: int, depth: int) -> DecodeResult:
+    """MACsec (802.1AE): an integrity-only frame's packet follows the SecTAG in the clear."""
+    if len(frame) < at + 6:
+        return Undecodable("truncated-macsec")
+    tci = frame[at]
+    if tci & 0x0C:  # E or C set: the payload is encrypted or modified
+        return NonIp("macsec-encrypted")
+    at += 14 if tci & 0x20 else 6  # SecTAG, with the 8-byte SCI when SC is set
+    if len(frame) < at + 2:
+        return Undecodable("truncated-macsec")
+    return _by_ethertype(frame, at + 2, int.from_bytes(frame[at : at + 2], "big"), depth)
+
+
+def _nsh(frame: bytes, at: int, depth: int) -> DecodeResult:
+    """Network Service Header (RFC 8300): a length in 4-byte words, then the next protocol."""
+    if len(frame) < at + 8:
+        return Undecodable("truncated-nsh")
+    length = (frame[at + 1] & 0x3F) * 4
+    next_proto = frame[at + 3]
+    if length < 8:
+        return Undecodable("bad-nsh-length")
+    if next_proto in (1, 2):
+        return _ip(frame, at + length, depth)
+    if next_proto == 3:
+        return _ethernet(frame, at + length, depth)
+    return NonIp(f"nsh-next-{next_proto}")
+
+
+def _frame_relay(frame: bytes) -> DecodeResult:
+    """Frame Relay: a 2-byte Q.922 address, then RFC 2427 UI framing with an NLPID."""
+    if len(frame) < 4:
+        return Undecodable("truncated-frame-relay")
+    if frame[2] != 0x03:  # Cisco's encapsulation: an EtherType straight after the address
+        return _by_ethertype(frame, 4, int.from_bytes(frame[2:4], "big"))
+    nlpid = frame[3]
+    if nlpid == 0xCC:
+        return _ipv4(frame, 4)
+    if nlpid == 0x8E:
+        return _ipv6(frame, 4)
+    if nlpid == 0x80 and len(frame) >= 10:  # SNAP: OUI then an EtherType
+        return _by_ethertype(frame, 10, int.from_bytes(frame[8:10], "big"))
+    return NonIp(f"frame-relay-nlpid-{nlpid:#04x}")
+
+
+def _arcnet(frame: bytes, at: int) -> DecodeResult:
+    """ARCNET: addresses, then a protocol ID; RFC 1201 adds a split flag and a sequence."""
+    if len(frame) < at + 1:
+        return Undecodable("truncated-arcnet")
+    protocol = frame[at]
+    if protocol == 0xF0:  # RFC 1051 IP
+        return _ipv4(frame, at + 1)
+    if protocol == 0xD4:  # RFC 1201 IP
+        if len(frame) < at + 4:
+            return Undecodable("truncated-arcnet")
+        if frame[at + 1] == 0xFF:  # an exception packet: four more bytes
+            return _ipv4(frame, at + 8)
+        return _ipv4(frame, at + 4)
+    return NonIp(f"arcnet-{protocol:#04x}")

@@ -32,7 +32,7 @@ MAX_SKIPPED_BLOCK = 1 << 30
 
 SUPPORTED_FORMATS = (
     "libpcap (both byte orders, micro- or nanosecond), pcapng, "
-    "Microsoft Network Monitor 2.x, and any of these gzip-compressed"
+    "Microsoft Network Monitor 2.x, Solaris snoop, and any of these gzip-compressed"
 )
 
 PCAP_MAGICS = {
@@ -44,6 +44,9 @@ PCAP_MAGICS = {
 PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
 NETMON2_MAGIC = b"GMBU"
 NETMON1_MAGIC = b"RTSS"
+SNOOP_MAGIC = b"snoop\0\0\0"
+# snoop (RFC 1761) datalink types to pcap link types
+SNOOP_LINK_TYPES = {4: 1, 8: 1, 18: 242}
 GZIP_MAGIC = b"\x1f\x8b"
 
 LINKTYPE_MASK = 0x03FF_FFFF  # the upper bits of the pcap link-type field carry FCS metadata
@@ -442,7 +445,50 @@ class NetmonReader:
             self.warnings.append(f"{src.error} at byte {src.offset}")
 
 
-def open_capture(stream: BinaryIO) -> PcapReader | PcapngReader | NetmonReader:
+@dataclass(slots=True)
+class SnoopReader:
+    """Solaris snoop (RFC 1761): big-endian 24-byte record headers, records padded to 4."""
+
+    source: ByteSource
+    link_type: int
+    format: str = "snoop"
+    frac_per_second: int = 1_000_000
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def link_types(self) -> tuple[int, ...]:
+        return (self.link_type,)
+
+    def packets(self) -> Iterator[RawPacket]:
+        src = self.source
+        while True:
+            at = src.offset
+            head = src.read(24)
+            if not head:
+                break
+            if len(head) < 24:
+                self.warnings.append(f"truncated record header at byte {at}")
+                break
+            orig, incl, record_len, _drops, sec, usec = struct.unpack(">6I", head)
+            if incl > MAX_SANE_RECORD or record_len < 24 + incl or record_len > incl + 24 + 64:
+                self.warnings.append(
+                    f"record at byte {at} has inconsistent lengths ({incl} captured, "
+                    f"{record_len} in the record); reading stopped there"
+                )
+                break
+            body = src.read(record_len - 24)
+            if len(body) < record_len - 24:
+                self.warnings.append(f"truncated last record at byte {at}")
+                break
+            yield RawPacket(self.link_type, sec, usec, orig, body[:incl])
+        if src.error:
+            self.warnings.append(f"{src.error} at byte {src.offset}")
+
+
+CaptureFormatReader = PcapReader | PcapngReader | NetmonReader | SnoopReader
+
+
+def open_capture(stream: BinaryIO) -> CaptureFormatReader:
     """Detect the format of ``stream`` by its magic bytes and return a reader positioned on it."""
     source = ByteSource(stream)
     magic = source.peek(4)
@@ -464,6 +510,14 @@ def open_capture(stream: BinaryIO) -> PcapReader | PcapngReader | NetmonReader:
         return PcapngReader(source)
     if magic == NETMON2_MAGIC:
         return _open_netmon(source, stream if isinstance(stream, io.IOBase) else None)
+    if source.peek(8) == SNOOP_MAGIC:
+        header = source.read(16)
+        if len(header) < 16:
+            raise CorruptCaptureError("snoop file header is cut short")
+        version, datalink = struct.unpack(">II", header[8:])
+        if version != 2:
+            raise UnsupportedFormatError(f"snoop version {version} is not supported")
+        return SnoopReader(source, SNOOP_LINK_TYPES.get(datalink, 0x20000 | datalink))
     raise UnsupportedFormatError(_describe_unknown(magic, source.peek(16)))
 
 
