@@ -447,7 +447,7 @@ def _udp_tunnel(frame: bytes, at: int, port: int, depth: int) -> DecodeResult | 
         return _gtp_user(frame, at, depth)
     if port == 6635:
         return _mpls(frame, at, depth)
-    if port == 4341:  # LISP data and encapsulated control messages plane: an 8-byte header, then the inner IP packet
+    if port == 4341:  # LISP data plane: an 8-byte header, then the inner IP packet
         return _ip(frame, at + 8, depth)
     return None
 
