@@ -449,6 +449,8 @@ def _udp_tunnel(frame: bytes, at: int, port: int, depth: int) -> DecodeResult | 
         return _mpls(frame, at, depth)
     if port == 4341:  # LISP data plane: an 8-byte header, then the inner IP packet
         return _ip(frame, at + 8, depth)
+    if port == 4342 and len(frame) > at and frame[at] >> 4 == 8:
+        return _ip(frame, at + 4, depth)  # a LISP encapsulated control message
     return None
 
 
