@@ -191,6 +191,7 @@ class TestAppSettings:
 
     def test_settings_reach_the_app(self) -> None:
         from analyzer.processing import DEFAULT_CONTAINER, Settings
+        from function_app import CAPTURES_CONNECTION, RESULTS_CONNECTIONS
 
         main = _bicep("main.bicep")["variables"]
         names = _dict_keys([main["policySettings"], main["serviceTagsSettings"]])
@@ -199,7 +200,7 @@ class TestAppSettings:
         assert settings.policy_location == "https://example/NWCAP_POLICY"
         assert settings.service_tags_location == "https://example/NWCAP_SERVICE_TAGS"
         connections = main["connectionSettings"]["value"]
-        for connection in (settings.captures_connection, settings.results_connection):
+        for connection in (CAPTURES_CONNECTION, RESULTS_CONNECTIONS[0]):
             assert f"{connection}__credential" in connections
         assert main["capturesContainerName"]["value"] == DEFAULT_CONTAINER
 
