@@ -185,19 +185,52 @@ class _Accumulator:
     def fold(self) -> None:
         """Merge the flow tables into per-address-pair aggregates and empty them."""
         fps = self.frac_per_second
+        pairs = self.pairs
+        # Inlined on purpose: a SYN scan folds hundreds of thousands of one-packet flows.
         for proto_name, table in (("tcp", self.tcp), ("udp", self.udp)):
             is_tcp = proto_name == "tcp"
+            keys = ((0, proto_name), (1, proto_name))
+            packets_total = 0
+            bytes_total = 0
             for key, entry in table.items():
-                alen = (len(key) - 4) // 2
-                src, dst = key[:alen], key[alen : 2 * alen]
+                alen = 4 if len(key) == 12 else 16
+                src = key[:alen]
+                dst = key[alen : 2 * alen]
+                if src <= dst:
+                    pair_key, side = (src, dst), 0
+                else:
+                    pair_key, side = (dst, src), 1
+                pair = pairs.get(pair_key)
+                if pair is None:
+                    pairs[pair_key] = pair = _Pair()
+                packets, nbytes = entry[PKTS], entry[BYTES]
+                packets_total += packets
+                bytes_total += nbytes
+                pair.packets[side] += packets
+                pair.bytes[side] += nbytes
+                first = entry[FSEC] + entry[FFRAC] / fps
+                pair.first = min(pair.first, first)
+                last = entry[LSEC] + entry[LFRAC] / fps
+                pair.last = max(pair.last, last)
+                protocols = pair.protocols
+                protocols[proto_name] = protocols.get(proto_name, 0) + packets
+                ports = pair.ports
                 sport = key[2 * alen] << 8 | key[2 * alen + 1]
                 dport = key[2 * alen + 2] << 8 | key[2 * alen + 3]
-                pair, side = self._pair(src, dst)
-                self._count(pair, side, entry, proto_name, fps)
-                _port_table(pair, side, proto_name).add(sport, entry[PKTS], entry[BYTES])
-                _port_table(pair, 1 - side, proto_name).add(dport, entry[PKTS], entry[BYTES])
+                for port_side, port in ((side, sport), (1 - side, dport)):
+                    port_table = ports.get(keys[port_side])
+                    if port_table is None:
+                        ports[keys[port_side]] = port_table = _PortTable()
+                    counts = port_table.ports.get(port)
+                    if counts is not None:
+                        counts[0] += packets
+                        counts[1] += nbytes
+                    else:
+                        port_table.add(port, packets, nbytes)
                 if is_tcp and entry[FIRST_FLAGS] & (SYN | ACK) == SYN:
                     self._tcp_attempt(pair, side, key, alen, dport)
+            self.ip_packets += packets_total
+            self.ip_bytes += bytes_total
         for key, entry in self.other.items():
             proto = key[0]
             alen = (len(key) - 3) // 2
@@ -309,15 +342,19 @@ def _walk_ethernet_pcap(
     # the test in the byte order the field is read in.
     len_floor, len_mask = (0x1400, 0xFF) if order == "<" else (20, 0)
     tunnel_ports = {port.to_bytes(2, "big") for port in TUNNEL_UDP_PORTS}
-    tail = b""
+    # One buffer for the whole file: each chunk is read into it behind the unconsumed tail of
+    # the previous one, so no chunk is allocated, copied or page-faulted anew.
+    buf = bytearray(CHUNK_SIZE + limit + 16)
+    view = memoryview(buf)
+    filled = 0
+    pos = 0
     damaged = False
     while not damaged:
-        chunk = src.read_some(CHUNK_SIZE)
-        if not chunk:
+        got = src.read_into(view[filled : filled + CHUNK_SIZE])
+        if not got:
             break
-        buf = tail + chunk if tail else chunk
-        base = src.offset - len(buf)
-        end = len(buf)
+        end = filled + got
+        base = src.offset - end
         fast_limit = end - fast_size
         pos = 0
         while True:
@@ -387,25 +424,28 @@ def _walk_ethernet_pcap(
                             names.dns_message(payload)
                     pos = nxt
                     continue
-            add_frame(1, sec, frac, orig, buf[data:nxt])
+            add_frame(1, sec, frac, orig, bytes(buf[data:nxt]))
             pos = nxt
-        tail = buf[pos:]
+        filled = end - pos
+        buf[:filled] = buf[pos:end]
+        pos = 0
         if len(tcp) + len(udp) > MAX_FLOWS:
             acc.fold()
             tcp, udp = acc.tcp, acc.udp
             tcp_get, udp_get = tcp.get, udp.get
         if progress is not None:
             progress(src.offset)
+    view.release()
     if not damaged:
-        reader.finish(tail, src.offset - len(tail))
+        reader.finish(bytes(buf[:filled]), src.offset - filled)
 
 
-def _ipv4_payload(buf: bytes, data: int, nxt: int, header_len: int) -> bytes:
+def _ipv4_payload(buf: bytearray, data: int, nxt: int, header_len: int) -> bytes:
     """The transport payload of an option-less IPv4 frame, clipped to the IP total length."""
     total = buf[data + 16] << 8 | buf[data + 17]
     end = min(nxt, data + 14 + total) if total else nxt
     start = data + header_len
-    return buf[start:end] if start < end else b""
+    return bytes(buf[start:end]) if start < end else b""
 
 
 def _parse_addresses(values: Iterable[str]) -> tuple[bytes, ...]:

@@ -107,6 +107,20 @@ class ByteSource:
         self.offset += len(data)
         return data
 
+    def read_into(self, target: memoryview) -> int:
+        """Fill ``target`` with up to its length in bytes; 0 only at the end of the stream."""
+        if self._pending or not isinstance(self._stream, (io.BufferedReader, io.FileIO)):
+            data = self.read_some(len(target))
+            target[: len(data)] = data
+            return len(data)
+        try:
+            got = self._stream.readinto(target) or 0
+        except OSError as exc:
+            self.error = f"read error ({exc})"
+            return 0
+        self.offset += got
+        return got
+
     def skip(self, size: int) -> int:
         """Discard ``size`` bytes without holding them; return how many were skipped."""
         skipped = 0
