@@ -36,7 +36,8 @@ MAX_FRAGMENTS = 10_000
 PORTS_KEPT = 10
 OPENED_PORTS_KEPT = 32
 PORTS_TRACKED = 512  # distinct ports per pair side and protocol before overflow into a bitmap
-NAME_INSPECTED_PACKETS = 8  # per flow direction: where ClientHello, HTTP requests and DNS sit
+# Per flow direction: SYN, ACK, then a ClientHello or HTTP request of up to two segments.
+NAME_INSPECTED_PACKETS = 4
 SYN, RST, ACK = 0x02, 0x04, 0x10
 PLATFORM_ADDRESSES = (bytes([168, 63, 129, 16]), bytes([169, 254, 169, 254]))
 UNSPECIFIED_V4 = bytes(4)
@@ -337,6 +338,7 @@ def _walk_ethernet_pcap(
     tcp_get, udp_get = tcp.get, udp.get
     inspect_tcp = acc.inspect_tcp
     add_frame = acc.add_frame
+    inspected_packets = NAME_INSPECTED_PACKETS
     ipv4 = 0x0008 if order == "<" else 0x0800  # the EtherType read in the file's byte order
     # An IPv4 total length below the header's 20 bytes is bogus (0 means TSO, and is fine):
     # the test in the byte order the field is read in.
@@ -402,7 +404,7 @@ def _walk_ethernet_pcap(
                         entry[4] = sec
                         entry[5] = frac
                         entry[6] |= flags
-                    if entry[0] <= NAME_INSPECTED_PACKETS:
+                    if entry[0] <= inspected_packets:
                         payload = _ipv4_payload(buf, data, nxt, 34 + (buf[data + 46] >> 4) * 4)
                         if payload:
                             seq = int.from_bytes(buf[data + 38 : data + 42], "big")
