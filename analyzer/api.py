@@ -64,7 +64,7 @@ def parse_time(name: str, value: str | None, *, now: float | None = None) -> flo
     duration = _DURATION.match(text)
     if duration:
         seconds = int(duration.group(1)) * _DURATION_UNITS[duration.group(2)]
-        return (time.time() if now is None else now) - seconds
+        return _in_range(name, value, (time.time() if now is None else now) - seconds)
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
@@ -75,9 +75,20 @@ def parse_time(name: str, value: str | None, *, now: float | None = None) -> flo
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     try:
-        return moment.timestamp()
+        return _in_range(name, value, moment.timestamp())
     except (OverflowError, ValueError):
         raise BadRequest(f"{name}: {value!r} is out of range") from None
+
+
+# Table Storage's DateTime range (and datetime's): years 1601 to 9999 UTC
+_EARLIEST = datetime(1601, 1, 1, tzinfo=timezone.utc).timestamp()
+_LATEST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
+
+
+def _in_range(name: str, value: str, ts: float) -> float:
+    if not _EARLIEST <= ts <= _LATEST:
+        raise BadRequest(f"{name}: {value!r} is out of range (years 1601 to 9999, UTC)")
+    return ts
 
 
 def parse_limit(value: str | None) -> int:
@@ -144,8 +155,13 @@ def _check_known(params: Mapping[str, str], allowed: frozenset[str]) -> None:
         )
 
 
+MAX_CONTINUATION = 4096  # far more than any table continuation this API hands out
+
+
 def _continuation(params: Mapping[str, str]) -> str | None:
     token = params.get("continuation", "").strip()
+    if len(token) > MAX_CONTINUATION:
+        raise BadRequest(f"continuation: longer than {MAX_CONTINUATION} characters")
     return token or None
 
 

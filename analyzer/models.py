@@ -19,10 +19,17 @@ NameSource = Literal["dns", "sni", "http"]
 
 
 def iso_time(ts: float | None) -> str | None:
-    """Render POSIX seconds as ISO 8601 UTC with microseconds: ``2026-11-25T10:00:00.123456Z``."""
+    """Render POSIX seconds as ISO 8601 UTC with microseconds: ``2026-11-25T10:00:00.123456Z``.
+
+    ``None`` when there is no time, or one outside the years 1 to 9999.
+    """
     if ts is None:
         return None
-    moment = datetime.fromtimestamp(ts, tz=timezone.utc)
+    try:
+        moment = datetime.fromtimestamp(ts, tz=timezone.utc)
+    except (OverflowError, ValueError, OSError):
+        # a damaged or hostile capture can declare a time no date holds (past year 9999)
+        return None
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 

@@ -502,13 +502,21 @@ class SnoopReader:
 CaptureFormatReader = PcapReader | PcapngReader | NetmonReader | SnoopReader
 
 
-def open_capture(stream: BinaryIO) -> CaptureFormatReader:
+MAX_GZIP_LAYERS = 3
+
+
+def open_capture(stream: BinaryIO, *, _gzip_layers: int = 0) -> CaptureFormatReader:
     """Detect the format of ``stream`` by its magic bytes and return a reader positioned on it."""
     source = ByteSource(stream)
     magic = source.peek(4)
     if magic[:2] == GZIP_MAGIC:
+        if _gzip_layers >= MAX_GZIP_LAYERS:
+            raise UnsupportedFormatError(
+                f"gzip nested more than {MAX_GZIP_LAYERS} layers deep; supported formats: "
+                f"{SUPPORTED_FORMATS}"
+            )
         inner = gzip.GzipFile(fileobj=cast(BinaryIO, _SourceStream(source)), mode="rb")
-        reader = open_capture(cast(BinaryIO, inner))
+        reader = open_capture(cast(BinaryIO, inner), _gzip_layers=_gzip_layers + 1)
         reader.format += "+gzip"
         return reader
     if magic in PCAP_MAGICS:

@@ -821,7 +821,7 @@ def decode_continuation(text: str | None) -> dict[str, str] | None:
     except (ValueError, binascii.Error) as error:
         raise InvalidContinuationError("the continuation token is malformed") from error
     if not isinstance(raw, dict) or not all(
-        isinstance(raw.get(key), (str, type(None))) for key in ("pk", "rk")
+        key in raw and isinstance(raw[key], (str, type(None))) for key in ("pk", "rk")
     ):
         raise InvalidContinuationError("the continuation token is malformed")
     return {"PartitionKey": raw["pk"], "RowKey": raw["rk"]}
