@@ -230,13 +230,6 @@ def token(value: Any) -> str:
     return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
 
 
-# Parameters once known to raise instead of answering 400 (times outside the years Table
-# Storage holds, continuation tokens without their keys or of absurd length); kept as names
-# for the cases they mark, now that each is answered with a 400.
-KNOWN_500: tuple[pytest.MarkDecorator, ...] = ()
-OVERSIZED_TOKEN: tuple[pytest.MarkDecorator, ...] = ()
-
-
 @pytest.fixture
 def stored(
     upload: Any, results_store: TableResultsStore
@@ -335,14 +328,13 @@ class TestHttpParameters:
             ("continuation", "' or 1 eq 1"),
             ("continuation", token([1])),
             ("sort", "name"),
-            pytest.param("since", "99999999999d", marks=KNOWN_500),
-            pytest.param("since", "99999999999999999999999w", marks=KNOWN_500),
-            pytest.param("until", "9999-12-31T23:59:59-23:59", marks=KNOWN_500),
-            pytest.param("until", "0001-01-01T00:00:00+14:00", marks=KNOWN_500),
-            pytest.param("continuation", token({"pk": "a"}), marks=KNOWN_500),
-            pytest.param("continuation", token({"x": 1}), marks=KNOWN_500),
-            pytest.param("continuation", token({"pk": "x" * 100_000, "rk": "y"}),
-                         marks=OVERSIZED_TOKEN),
+            ("since", "99999999999d"),
+            ("since", "99999999999999999999999w"),
+            ("until", "9999-12-31T23:59:59-23:59"),
+            ("until", "0001-01-01T00:00:00+14:00"),
+            ("continuation", token({"pk": "a"})),
+            ("continuation", token({"x": 1})),
+            ("continuation", token({"pk": "x" * 100_000, "rk": "y"})),
         ],
     )
     def test_bad_alert_parameters(
@@ -350,7 +342,7 @@ class TestHttpParameters:
     ) -> None:
         store, _ = stored
         body = answer(api.list_alerts(store, {name: value}), 400)
-        assert body["error"]
+        assert name in body["error"]  # the message names the parameter
 
     @pytest.mark.parametrize(
         ("name", "value"),
@@ -358,24 +350,23 @@ class TestHttpParameters:
             ("since", "soon"),
             ("limit", "0"),
             ("severity", "high"),  # not a parameter of this endpoint
-            pytest.param("since", "99999999999d", marks=KNOWN_500),
-            pytest.param("until", "9999-12-31T23:59:59-23:59", marks=KNOWN_500),
+            ("since", "99999999999d"),
+            ("until", "9999-12-31T23:59:59-23:59"),
         ],
     )
     def test_bad_capture_list_parameters(
         self, stored: tuple[TableResultsStore, str], name: str, value: str
     ) -> None:
         store, _ = stored
-        answer(api.list_captures(store, {name: value}), 400)
+        assert name in answer(api.list_captures(store, {name: value}), 400)["error"]
 
-    @pytest.mark.parametrize(
-        "since", ["soon", pytest.param("99999999999d", marks=KNOWN_500)]
-    )
+    @pytest.mark.parametrize("since", ["soon", "99999999999d"])
     def test_bad_sighting_parameters(
         self, stored: tuple[TableResultsStore, str], since: str
     ) -> None:
         store, _ = stored
-        answer(api.who_talked_to(store, "20.0.0.1", {"since": since}), 400)
+        body = answer(api.who_talked_to(store, "20.0.0.1", {"since": since}), 400)
+        assert body["error"].startswith("since: ")
 
     @settings(max_examples=60, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -39,7 +39,7 @@ from analyzer import synth
 from analyzer.analysis import analyze
 from analyzer.decode import Decoded, NonIp, Undecodable, decode
 from analyzer.engine import summarize
-from analyzer.errors import NwcapError
+from analyzer.errors import NwcapError, UnsupportedFormatError
 from analyzer.models import Summary
 from analyzer.names import NameCollector, client_hello_sni, http_host, parse_dns_answers
 from analyzer.reader import CHUNK_SIZE, open_capture
@@ -537,7 +537,11 @@ class TestAbsurdTimestamps:
         data = pcapng_head() + pcapng_block(6, body + frame + bytes(-len(frame) % 4))
         analysis = analyze(io.BytesIO(data))
         assert analysis.capture.packets == 1
-        json.dumps(analysis.to_dict(), allow_nan=False)
+        document = analysis.to_dict()
+        json.dumps(document, allow_nan=False)
+        # no date holds it: rendered as absent rather than invented
+        assert document["capture"]["first_seen"] is None
+        assert [p["first_seen"] for p in document["peers"]] == [None]
 
 
 # --- gzip ---------------------------------------------------------------------------------
@@ -590,11 +594,19 @@ class TestGzip:
         assert summary.capture.format == "pcap-le-usec+gzip+gzip"
         assert summary.capture.packets == records_within(plain)
 
-    def test_gzip_nested_a_hundred_times(self) -> None:
-        data = synthetic_seeds()[0]
-        for _ in range(100):
+    @pytest.mark.parametrize(("layers", "readable"), [(3, True), (4, False), (100, False)])
+    def test_gzip_nested_layers(self, layers: int, readable: bool) -> None:
+        plain = synthetic_seeds()[0]
+        data = plain
+        for _ in range(layers):
             data = gzip.compress(data, mtime=0)
-        summarize_or_reject(data)
+        if readable:
+            summary = summarize_or_reject(data)
+            assert summary is not None
+            assert summary.capture.packets == records_within(plain)
+        else:
+            with pytest.raises(UnsupportedFormatError, match="gzip nested more than 3 layers"):
+                summarize(io.BytesIO(data))
 
     def test_cut_short_warns_with_the_offset(self) -> None:
         plain = synthetic_seeds()[0]

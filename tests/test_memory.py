@@ -331,10 +331,10 @@ print(json.dumps({"status": outcome.status, "seconds": round(time.monotonic() - 
 # The scanned range is the VM's own network: a scan of it raises no alert per peer, which
 # leaves three rows per peer to write (peer, index, baseline).
 SCAN_POLICY = "vnet_ranges: [10.0.0.0/16, 20.0.0.0/14]"
-# Azurite writes some 100-150 peers a second, slower as tables grow (2,000 peers in 14 s,
-# 8,000 in 78 s; 100,000 did not finish in 40 minutes), so the stored scan is smaller than the
-# one summarised above; batching and the summary's size do not depend on the count.
-STORED_SCAN_PEERS = 20_000
+# Azurite slows down as its tables grow (2,000 peers stored in 14 s, 8,000 in 78 s, 20,000 in
+# 573 s; 100,000 did not finish in 40 minutes), so the stored scan is smaller than the one
+# summarised above; batching and the summary row's size do not depend on the count.
+STORED_SCAN_PEERS = 10_000
 
 
 @pytest.mark.slow
@@ -397,7 +397,7 @@ class TestThroughAzurite:
         batches = -(-STORED_SCAN_PEERS // 100)
         assert outcome["transactions"] == {"peers": batches, "baseline": batches}
         (row,) = list(results_store.table("captures").list_entities())
-        assert row["peers"] == STORED_SCAN_PEERS
+        assert row["peers"].value == STORED_SCAN_PEERS  # an Int64 property
         # the capture's summary row stays within Table Storage's limits
         assert entity_size(row) < MAX_ENTITY_BYTES
         assert len(row) <= 252  # properties per entity, PartitionKey and RowKey included
