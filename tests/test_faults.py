@@ -80,10 +80,10 @@ def check_converged(store: TableResultsStore, expected: Snapshot, capture_id: st
     """The store holds exactly ``expected``: one complete capture, each alert once."""
     stored = store.get_capture(capture_id)
     assert stored is not None and stored.status == "complete"
-    alerts = store.capture_alerts(capture_id)
+    alerts = list(store.iter_capture_alerts(capture_id))
     assert len(alerts) == len({(a["rule"], a["severity"], a["peer"]) for a in alerts})
     assert len(alerts) == stored.alert_total
-    assert len(store.capture_peers(capture_id)) == stored.peers
+    assert len(list(store.iter_capture_peers(capture_id))) == stored.peers
     actual = snapshot(store, without=without)
     for table in expected:
         assert actual[table] == expected[table], f"table {table} differs"
@@ -260,7 +260,7 @@ class TestOutage:
         stored = base.get_capture(capture_id)
         assert stored is not None and stored.status == "processing"
         if table == "peers":
-            assert 0 < len(base.capture_peers(capture_id)) < PEER_COUNT
+            assert 0 < len(list(base.iter_capture_peers(capture_id))) < PEER_COUNT
         # the host's retry
         assert process_blob(blob, base).status == "complete"
         check_converged(base, undisturbed(service, blob), capture_id)
@@ -322,7 +322,7 @@ class TestOutage:
         capture_id = base_capture_id(store)
         stored = store.get_capture(capture_id)
         assert stored is not None and stored.status == "processing"
-        assert store.capture_peers(capture_id) == []
+        assert list(store.iter_capture_peers(capture_id)) == []
         assert process_blob(blob, store).status == "complete"
         check_converged(store, undisturbed(service, blob), capture_id)
 

@@ -363,7 +363,7 @@ class TestThroughAzurite:
         assert (capture["status"], capture["packets"], capture["bytes"], capture["blob_size"]) == (
             "complete", chunk.packets * times, chunk.wire_bytes * times, size
         )
-        stored = {p["address"]: p["packets"] for p in results_store.capture_peers(
+        stored = {p["address"]: p["packets"] for p in results_store.iter_capture_peers(
             capture["capture_id"])}
         assert stored == {peer: n * times for peer, n in chunk.packets_by_peer.items()}
 

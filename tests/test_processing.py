@@ -83,7 +83,8 @@ class TestProcessing:
         assert stored.capture_time_source == "path"
         assert stored.blob_etag == blob.get_blob_properties().etag
         assert stored.location.vm == "vm-web-01"
-        peers = {row["address"]: row for row in results_store.capture_peers(outcome.capture_id)}
+        rows = results_store.iter_capture_peers(outcome.capture_id)
+        peers = {row["address"]: row for row in rows}
         assert set(peers) == set(PEERS)
         for address, (sent, received) in PEERS.items():
             # The peer's "sent" is what it sent to the VM.
@@ -170,7 +171,7 @@ class TestPermanentErrors:
     ) -> None:
         outcome = process_blob(upload(network_watcher_path(), udp_capture(PEERS)), results_store)
         process_blob(upload(network_watcher_path(), b"garbage" * 10), results_store)
-        assert results_store.capture_peers(outcome.capture_id) == []
+        assert list(results_store.iter_capture_peers(outcome.capture_id)) == []
         assert results_store.peer_sightings("20.0.0.1").items == []
 
 
@@ -207,7 +208,7 @@ class TestTransientErrors:
         stored = results_store.get_capture(capture_id)
         assert stored is not None and stored.status == "processing"
         assert process_blob(blob, results_store).status == "complete"
-        assert len(results_store.capture_peers(capture_id)) == len(PEERS)
+        assert len(list(results_store.iter_capture_peers(capture_id))) == len(PEERS)
 
     def test_unreachable_results_store(
         self, upload: Upload, results_store: TableResultsStore
@@ -276,8 +277,8 @@ class TestDelivery:
         assert [o.status for o in outcomes] == ["complete", "complete"]
         concurrent = snapshot(results_store)
         capture_id = outcomes[0].capture_id
-        assert len(results_store.capture_peers(capture_id)) == len(PEERS)
-        alerts = results_store.capture_alerts(capture_id)
+        assert len(list(results_store.iter_capture_peers(capture_id))) == len(PEERS)
+        alerts = list(results_store.iter_capture_alerts(capture_id))
         assert len(alerts) == len({(a["rule"], a["peer"]) for a in alerts})
         # One more, sequential, forced run gives exactly the same rows.
         process_blob(blob, results_store, force=True)
@@ -296,7 +297,7 @@ class TestDelivery:
         assert stored is not None
         assert stored.blob_etag == blob.get_blob_properties().etag
         assert stored.packets == 12
-        peers = {row["address"]: row for row in results_store.capture_peers(new.capture_id)}
+        peers = {row["address"]: row for row in results_store.iter_capture_peers(new.capture_id)}
         assert set(peers) == set(new_peers)
         assert peers["20.0.0.1"]["packets"] == 10
         assert results_store.peer_sightings("20.0.0.2").items == []
@@ -304,7 +305,7 @@ class TestDelivery:
         assert [s["capture_id"] for s in results_store.peer_sightings("20.0.0.9").items] == [
             new.capture_id
         ]
-        alerts = results_store.capture_alerts(new.capture_id)
+        alerts = list(results_store.iter_capture_alerts(new.capture_id))
         assert {a["peer"] for a in alerts if a["rule"] == "new-peer"} == {"20.0.0.9"}
         fleet = [a for a in results_store.list_alerts().items if a["capture_id"] == new.capture_id]
         assert sorted((a["rule"], a["peer"]) for a in fleet) == sorted(
@@ -329,7 +330,7 @@ class TestDelivery:
         stored = results_store.get_capture(first.capture_id)
         assert stored is not None and stored.status == "complete"
         assert stored.blob_etag == blob.get_blob_properties().etag
-        peers = {row["address"] for row in results_store.capture_peers(first.capture_id)}
+        peers = {row["address"] for row in results_store.iter_capture_peers(first.capture_id)}
         assert peers == set(OTHER)
         assert process_blob(blob, results_store).status == "skipped"
 
@@ -358,15 +359,16 @@ class TestDelivery:
         assert outcome.status == "superseded"
         stored = results_store.get_capture(outcome.capture_id)
         assert stored is not None and stored.status == "processing"
-        assert results_store.capture_peers(outcome.capture_id) == []
+        assert list(results_store.iter_capture_peers(outcome.capture_id)) == []
         assert process_blob(blob, results_store).status == "complete"
-        assert {row["address"] for row in results_store.capture_peers(outcome.capture_id)} == set(
+        rows = results_store.iter_capture_peers(outcome.capture_id)
+        assert {row["address"] for row in rows} == set(
             OTHER
         )
 
 
 def new_peer_alerts(store: TableResultsStore, capture_id: str) -> list[dict[str, Any]]:
-    return [a for a in store.capture_alerts(capture_id) if a["rule"] == "new-peer"]
+    return [a for a in store.iter_capture_alerts(capture_id) if a["rule"] == "new-peer"]
 
 
 class TestBaseline:

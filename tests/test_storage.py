@@ -283,7 +283,8 @@ class TestResults:
         peers = (peer("20.1.2.3", 5, 7), peer("2001:db8::1", 1, 0))
         alerts = (alert("unexpected-endpoint", "medium", "20.1.2.3"),)
         results_store.replace_results(capture, peers, alerts, frozenset({ip_key("2001:db8::1")}))
-        stored = {row["address"]: row for row in results_store.capture_peers(capture.capture_id)}
+        rows = results_store.iter_capture_peers(capture.capture_id)
+        stored = {row["address"]: row for row in rows}
         assert set(stored) == {"20.1.2.3", "2001:db8::1"}
         assert stored["20.1.2.3"]["packets_sent"] == 5
         assert stored["20.1.2.3"]["packets_received"] == 7
@@ -292,7 +293,7 @@ class TestResults:
         assert stored["20.1.2.3"]["max_severity"] == "medium"
         assert stored["2001:db8::1"]["new_peer"] is True
         assert stored["2001:db8::1"]["alerts"] == 0
-        assert [a["rule"] for a in results_store.capture_alerts(capture.capture_id)] == [
+        assert [a["rule"] for a in results_store.iter_capture_alerts(capture.capture_id)] == [
             "unexpected-endpoint"
         ]
         sightings = results_store.peer_sightings("2001:DB8:0::1").items
@@ -313,9 +314,9 @@ class TestResults:
             (peer("20.0.0.2"), peer("20.0.0.4")),
             (alert("b", "high", "20.0.0.2"),),
         )
-        addresses = {row["address"] for row in results_store.capture_peers(first.capture_id)}
+        addresses = {row["address"] for row in results_store.iter_capture_peers(first.capture_id)}
         assert addresses == {"20.0.0.2", "20.0.0.4"}
-        assert [a["rule"] for a in results_store.capture_alerts(first.capture_id)] == ["b"]
+        assert [a["rule"] for a in results_store.iter_capture_alerts(first.capture_id)] == ["b"]
         assert results_store.peer_sightings("20.0.0.1").items == []
         moved = results_store.peer_sightings("20.0.0.2").items
         assert [s["capture_time"] for s in moved] == ["2026-11-26T10:15:00.000000Z"]
@@ -329,9 +330,31 @@ class TestResults:
         capture = record(location())
         peers = tuple(peer(f"20.0.{n // 256}.{n % 256}", n + 1, 0) for n in range(230))
         results_store.replace_results(capture, peers, ())
-        stored = results_store.capture_peers(capture.capture_id)
+        stored = list(results_store.iter_capture_peers(capture.capture_id))
         assert len(stored) == 230
         assert sum(row["packets_sent"] for row in stored) == sum(range(1, 231))
+
+    def test_peers_and_alerts_are_paged(self, results_store: TableResultsStore) -> None:
+        capture = record(location())
+        peers = tuple(peer(f"20.0.1.{n}", 1, 0) for n in range(25))
+        alerts = tuple(alert("unexpected-endpoint", "low", f"20.0.1.{n}") for n in range(7))
+        results_store.replace_results(capture, peers, alerts)
+        seen: list[str] = []
+        token = None
+        pages = 0
+        while True:
+            page = results_store.capture_peers(capture.capture_id, limit=10, continuation=token)
+            assert len(page.items) <= 10
+            seen.extend(row["address"] for row in page.items)
+            pages += 1
+            token = page.continuation
+            if token is None:
+                break
+        assert pages == 3
+        assert sorted(seen) == sorted(p.address for p in peers)
+        first = results_store.capture_alerts(capture.capture_id, limit=5)
+        rest = results_store.capture_alerts(capture.capture_id, continuation=first.continuation)
+        assert (len(first.items), len(rest.items), rest.continuation) == (5, 2, None)
 
 
 def _row_count(store: TableResultsStore, table: str) -> int:
@@ -407,7 +430,7 @@ class TestQueries:
     def test_queries_on_missing_tables_are_empty(self, results_store: TableResultsStore) -> None:
         store = TableResultsStore(results_store.service, prefix="neverCreated")
         assert store.list_captures().items == []
-        assert store.capture_peers(capture_id_for(location())) == []
+        assert list(store.iter_capture_peers(capture_id_for(location()))) == []
 
 
 class TestConnections:
