@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
 from analyzer import __version__
+from analyzer.budget import Budget
 from analyzer.classify import classify
 from analyzer.engine import summarize
 from analyzer.models import Analysis
@@ -20,15 +21,18 @@ def analyze(
     policy: Policy | None = None,
     service_tags: ServiceTags | None = None,
     progress: Callable[[int], None] | None = None,
+    budget: Budget | None = None,
 ) -> Analysis:
     """Read a capture from ``stream`` and return its classified per-peer analysis.
 
-    ``progress`` is called now and then with the number of bytes read so far.
+    ``progress`` is called now and then with the number of bytes read so far. ``budget``
+    bounds the work (default :class:`Budget`); hitting it gives a partial analysis.
     Raises :class:`analyzer.errors.UnsupportedFormatError` or
     :class:`analyzer.errors.CorruptCaptureError` when nothing can be read at all.
     """
     policy = policy or Policy.default()
-    summary = summarize(stream, local_addresses=local_addresses, progress=progress)
+    budget = budget or Budget()
+    summary = summarize(stream, local_addresses=local_addresses, progress=progress, budget=budget)
     peers, alerts = classify(summary, policy=policy, service_tags=service_tags)
     return Analysis(
         capture=summary.capture,
@@ -37,4 +41,5 @@ def analyze(
         alerts=alerts,
         analyzer_version=__version__,
         policy_version=policy.version,
+        folded=summary.folded,
     )

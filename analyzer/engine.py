@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO, TypeVar
 
+from analyzer.budget import Budget
 from analyzer.decode import (
     ICMP,
     ICMPV6,
@@ -294,6 +295,7 @@ def summarize(
     *,
     local_addresses: Iterable[str] | None = None,
     progress: ProgressCallback | None = None,
+    budget: Budget | None = None,
 ) -> Summary:
     """Read a whole capture from ``stream`` and summarise it per conversation and per peer.
 

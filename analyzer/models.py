@@ -12,10 +12,13 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 SCHEMA_VERSION = 1
+# Number of buckets of a peer's activity histogram, whatever the capture's duration.
+ACTIVITY_BUCKETS = 60
 
 Severity = Literal["info", "low", "medium", "high"]
 SEVERITY_ORDER: dict[str, int] = {"info": 0, "low": 1, "medium": 2, "high": 3}
 NameSource = Literal["dns", "sni", "http"]
+BudgetLimit = Literal["decompressed_bytes", "packets", "seconds"]
 
 
 def iso_time(ts: float | None) -> str | None:
@@ -132,7 +135,9 @@ class Peer:
     ``packets_sent``/``bytes_sent`` are what the peer sent to the VM; ``*_received`` what it got
     from the VM. ``remote_ports`` are ports on the peer's side, ``local_ports`` on the VM's side,
     each the busiest few; ``other_*_ports`` counts the distinct ports left out.
-    Classification fields (``category`` onwards) are filled in by :mod:`analyzer.classify`.
+    Classification fields (``category`` to ``roles``) are filled in by :mod:`analyzer.classify`.
+    ``activity`` is the bytes both ways per bucket of the capture's activity histogram (see
+    :class:`CaptureInfo`).
     """
 
     address: str
@@ -156,6 +161,7 @@ class Peer:
     reason: str = ""
     service_tags: tuple[str, ...] = ()
     roles: tuple[str, ...] = ()
+    activity: tuple[int, ...] = ()
 
     @property
     def packets(self) -> int:
@@ -188,6 +194,7 @@ class Peer:
             "reason": self.reason,
             "service_tags": list(self.service_tags),
             "roles": list(self.roles),
+            "activity": list(self.activity),
         }
 
 
@@ -219,6 +226,13 @@ class CaptureInfo:
     that are not IP by kind (``arp``, ``ethertype-0x88cc``, ``linktype-105``...); ``undecodable``
     counts IP frames that could not be decoded, by reason. ``local_addresses_inferred`` tells
     whether the VM's addresses were inferred or given.
+
+    ``budget_exhausted`` names the work-budget limit that ended reading (``decompressed_bytes``,
+    ``packets`` or ``seconds``), if one did. ``folded_*`` count the peers (estimated), packets
+    and bytes folded into :class:`FoldedGroup` aggregates instead of being kept as peers.
+    Activity histograms have at most :data:`ACTIVITY_BUCKETS` buckets of
+    ``activity_bucket_seconds`` each, bucket ``i`` covering
+    ``[activity_start + i * width, activity_start + (i + 1) * width)``.
     """
 
     format: str
@@ -235,6 +249,12 @@ class CaptureInfo:
     non_ip: dict[str, int] = field(default_factory=dict)
     undecodable: dict[str, int] = field(default_factory=dict)
     malformed_dns: int = 0
+    budget_exhausted: BudgetLimit | None = None
+    folded_peers: int = 0
+    folded_packets: int = 0
+    folded_bytes: int = 0
+    activity_start: float | None = None
+    activity_bucket_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -252,6 +272,43 @@ class CaptureInfo:
             "non_ip": dict(self.non_ip),
             "undecodable": dict(self.undecodable),
             "malformed_dns": self.malformed_dns,
+            "budget_exhausted": self.budget_exhausted,
+            "folded_peers": self.folded_peers,
+            "folded_packets": self.folded_packets,
+            "folded_bytes": self.folded_bytes,
+            "activity_start": iso_time(self.activity_start),
+            "activity_bucket_seconds": self.activity_bucket_seconds,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class FoldedGroup:
+    """Peers folded together because there were too many to keep one by one.
+
+    Only peers that never had an established or answered exchange with the VM are folded (a
+    flood of spoofed sources, a scan), grouped by ``prefix`` (a CIDR: /24 or /48 at first,
+    shorter when the groups themselves grow too many). ``peers_estimate`` is exact up to a
+    small count, then an estimate within a few percent. ``ports`` are the service ports the
+    folded traffic used (the port connected to; for UDP the lower port), busiest first.
+    """
+
+    prefix: str
+    peers_estimate: int
+    packets: int
+    bytes: int
+    first_seen: float
+    last_seen: float
+    ports: tuple[PortCount, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix,
+            "peers_estimate": self.peers_estimate,
+            "packets": self.packets,
+            "bytes": self.bytes,
+            "first_seen": iso_time(self.first_seen),
+            "last_seen": iso_time(self.last_seen),
+            "ports": [p.to_dict() for p in self.ports],
         }
 
 
@@ -262,6 +319,7 @@ class Summary:
     capture: CaptureInfo
     conversations: tuple[Conversation, ...]
     peers: tuple[Peer, ...]
+    folded: tuple[FoldedGroup, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +332,7 @@ class Analysis:
     alerts: tuple[Alert, ...] = ()
     analyzer_version: str = ""
     policy_version: str = ""
+    folded: tuple[FoldedGroup, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The stable JSON document (``schema_version`` changes only on breaking changes)."""
@@ -285,4 +344,5 @@ class Analysis:
             "conversations": [c.to_dict() for c in self.conversations],
             "peers": [p.to_dict() for p in self.peers],
             "alerts": [a.to_dict() for a in self.alerts],
+            "folded": [g.to_dict() for g in self.folded],
         }

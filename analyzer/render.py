@@ -8,6 +8,7 @@ import json
 from collections.abc import Sequence
 
 from analyzer.models import Analysis, Peer, iso_time
+from analyzer.textsafe import csv_cell, terminal_text
 
 PEER_CSV_COLUMNS = (
     "address",
@@ -37,7 +38,10 @@ def to_json(analysis: Analysis) -> str:
 
 
 def to_csv(analysis: Analysis) -> str:
-    """One row per peer, with the alert rules that fired on it."""
+    """One row per peer, with the alert rules that fired on it.
+
+    Text cells are neutralised against formula injection (names come from the capture).
+    """
     alerts_by_peer: dict[str, list[str]] = {}
     for alert in analysis.alerts:
         alerts_by_peer.setdefault(alert.peer, []).append(alert.rule)
@@ -47,11 +51,11 @@ def to_csv(analysis: Analysis) -> str:
     for peer in analysis.peers:
         writer.writerow(
             (
-                peer.address,
-                " ".join(_unique_names(peer)),
-                peer.category,
+                csv_cell(peer.address),
+                csv_cell(" ".join(_unique_names(peer))),
+                csv_cell(peer.category),
                 "" if peer.expected is None else str(peer.expected).lower(),
-                peer.reason,
+                csv_cell(peer.reason),
                 peer.packets_sent,
                 peer.packets_received,
                 peer.bytes_sent,
@@ -72,7 +76,10 @@ def to_csv(analysis: Analysis) -> str:
 
 
 def to_table(analysis: Analysis, *, max_peers: int = 200) -> str:
-    """An overview, a per-peer table and the alerts, for a person at a terminal."""
+    """An overview, a per-peer table and the alerts, for a person at a terminal.
+
+    Every capture-derived text is escaped (:func:`analyzer.textsafe.terminal_text`).
+    """
     cap = analysis.capture
     lines = [
         f"Capture   {cap.format}, link types {', '.join(map(str, cap.link_types)) or '-'}",
@@ -87,19 +94,31 @@ def to_table(analysis: Analysis, *, max_peers: int = 200) -> str:
         lines.append("Non-IP    " + ", ".join(f"{k} {v}" for k, v in cap.non_ip.items()))
     if cap.undecodable:
         lines.append("Damaged   " + ", ".join(f"{k} {v}" for k, v in cap.undecodable.items()))
-    lines.append("Complete  " + ("yes" if cap.complete else "NO"))
-    lines.extend(f"Warning   {w}" for w in cap.warnings)
+    complete = "yes" if cap.complete else "NO"
+    if cap.budget_exhausted:
+        complete += f" (work budget: {cap.budget_exhausted} limit reached)"
+    lines.append("Complete  " + complete)
+    lines.extend(f"Warning   {terminal_text(w)}" for w in cap.warnings)
+    if cap.folded_peers:
+        lines.append(
+            f"Folded    ~{cap.folded_peers:,} peers without an answered exchange, "
+            f"{cap.folded_packets:,} packets, {human_bytes(cap.folded_bytes)}, "
+            f"in {len(analysis.folded)} prefix groups"
+        )
     lines.append("")
     header = ("PEER", "NAME", "CATEGORY", "OK", "PKTS IN/OUT", "BYTES IN/OUT", "PORTS", "TCP")
     rows = [_peer_row(peer) for peer in analysis.peers[:max_peers]]
     lines.extend(_columns(header, rows))
     if len(analysis.peers) > max_peers:
         lines.append(f"... {len(analysis.peers) - max_peers} more peers (use --format json)")
+    if analysis.folded:
+        lines.append("")
+        lines.extend(_folded_lines(analysis))
     lines.append("")
     if analysis.alerts:
         lines.append(f"Alerts ({len(analysis.alerts)})")
         lines.extend(
-            f"  {a.severity.upper():<6} {a.rule:<26} {a.peer:<16} {a.message}"
+            f"  {a.severity.upper():<6} {a.rule:<26} {a.peer:<16} {terminal_text(a.message)}"
             for a in analysis.alerts
         )
     else:
@@ -124,7 +143,9 @@ def _peer_row(peer: Peer) -> tuple[str, ...]:
     expected = "-" if peer.expected is None else ("yes" if peer.expected else "NO")
     return (
         peer.address,
-        (names[0] + (f" +{len(names) - 1}" if len(names) > 1 else "")) if names else "",
+        terminal_text(names[0]) + (f" +{len(names) - 1}" if len(names) > 1 else "")
+        if names
+        else "",
         peer.category,
         expected,
         f"{peer.packets_sent}/{peer.packets_received}",
@@ -132,6 +153,25 @@ def _peer_row(peer: Peer) -> tuple[str, ...]:
         port_text,
         tcp_text,
     )
+
+
+def _folded_lines(analysis: Analysis, shown: int = 10) -> list[str]:
+    groups = sorted(analysis.folded, key=lambda g: (-g.packets, g.prefix))
+    header = ("FOLDED PREFIX", "PEERS~", "PKTS", "BYTES", "PORTS")
+    rows = [
+        (
+            group.prefix,
+            f"{group.peers_estimate:,}",
+            f"{group.packets:,}",
+            human_bytes(group.bytes),
+            " ".join(f"{p.protocol}/{p.port}" for p in group.ports[:3]),
+        )
+        for group in groups[:shown]
+    ]
+    lines = _columns(header, rows)
+    if len(groups) > shown:
+        lines.append(f"... {len(groups) - shown} more folded groups (use --format json)")
+    return lines
 
 
 def _unique_names(peer: Peer) -> list[str]:
