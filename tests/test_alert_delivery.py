@@ -1,0 +1,466 @@
+"""Tests of analyzer.alert_delivery: queue messages against the alerts table on Azurite, faults
+and their recovery, message size, and the CloudEvent of an alert."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from azure.storage.blob import BlobClient, ContainerClient
+from azure.storage.queue import QueueClient, QueueServiceClient
+from conftest import network_watcher_path, udp_capture
+
+from analyzer.alert_delivery import (
+    MAX_MESSAGE_BYTES,
+    DeliveryLedger,
+    DeliverySettings,
+    alert_id,
+    alert_message,
+    alerts_queue,
+    cloud_event_for,
+    deliver_capture_alerts,
+    deliver_pending,
+    encoded_size,
+    ensure_queue,
+    fit_message,
+    message_body,
+)
+from analyzer.blobpath import parse_capture_path
+from analyzer.models import Alert
+from analyzer.policy import load_policy
+from analyzer.processing import process_blob
+from analyzer.storage import CaptureRecord, TableResultsStore, capture_id_for
+
+# The VM's first capture seeds its baseline; the second, of the same VM, then raises by
+# construction: deny-rule (high) on 20.0.0.2, new-peer on each peer not in the first capture
+# (info for 10.0.0.9, inside the VNet, low for the others) and unexpected-endpoint (low) on
+# each public peer the policy does not allow.
+POLICY = load_policy(b"vnet_ranges: [10.0.0.0/16]\ndeny: [{name: known-bad, cidr: 20.0.0.2/32}]\n")
+FIRST = {"20.0.0.1": (1, 1), "20.0.0.5": (1, 1)}
+SECOND = {
+    "20.0.0.1": (3, 2),
+    "20.0.0.2": (1, 0),
+    "2001:db8::7": (0, 4),
+    "10.0.0.9": (2, 2),
+    "168.63.129.16": (1, 1),
+}
+LINKS = "https://nwcap-demo.azurewebsites.net"
+Upload = Callable[[str, bytes], BlobClient]
+Row = tuple[str, str, str, str]  # id, rule, severity, peer
+
+
+@pytest.fixture
+def queue_service(connection_string: str) -> QueueServiceClient:
+    return QueueServiceClient.from_connection_string(connection_string)
+
+
+@pytest.fixture
+def alerts(queue_service: QueueServiceClient) -> Iterator[QueueClient]:
+    """An alerts queue of the test's own, deleted afterwards."""
+    queue = alerts_queue(queue_service, f"alerts-{uuid.uuid4().hex[:12]}")
+    ensure_queue(queue)
+    yield queue
+    queue.delete_queue()
+
+
+@pytest.fixture
+def second_capture(upload: Upload, results_store: TableResultsStore) -> CaptureRecord:
+    """The second capture of a VM, processed and stored ``complete`` with eight alerts."""
+    for minute, peers in ((0, FIRST), (5, SECOND)):
+        blob = upload(network_watcher_path(minute=minute), udp_capture(peers))
+        outcome = process_blob(blob, results_store, policy=POLICY)
+    record = results_store.get_capture(outcome.capture_id)
+    assert record is not None and record.status == "complete"
+    return record
+
+
+def stored_rows(store: TableResultsStore, record: CaptureRecord) -> set[Row]:
+    """The capture's rows of the alerts table, read directly, with the ids they must get."""
+    rows = store.table("alerts").query_entities(
+        "PartitionKey eq @pk", parameters={"pk": f"capture-{record.capture_id}"}
+    )
+    return {
+        (
+            alert_id(record.capture_id, record.blob_etag, row["RowKey"]),
+            row["rule"],
+            row["severity"],
+            row["peer"],
+        )
+        for row in rows
+    }
+
+
+def drain(queue: QueueClient) -> list[dict[str, Any]]:
+    """Every message on the queue, decoded as the Functions queue trigger does by default:
+    the raw text is Base64 of UTF-8 JSON."""
+    raw = QueueClient.from_queue_url(queue.url, credential=queue.credential)
+    messages = []
+    for item in raw.receive_messages(messages_per_page=32, visibility_timeout=300):
+        text = item.content
+        assert isinstance(text, str) and len(text) <= MAX_MESSAGE_BYTES
+        messages.append(json.loads(base64.b64decode(text, validate=True).decode("utf-8")))
+        raw.delete_message(item)
+    return messages
+
+
+def as_rows(messages: list[dict[str, Any]]) -> set[Row]:
+    return {(m["id"], m["rule"], m["severity"], m["peer"]) for m in messages}
+
+
+def just_before(record: CaptureRecord) -> float:
+    """A reconciler's ``since`` that takes in ``record`` but not the VM's first capture."""
+    assert record.capture_time is not None
+    return record.capture_time - 60
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def unreachable(queue: QueueClient, connection_string: str, azurite: Any) -> QueueClient:
+    """The same queue through an endpoint that refuses connections, with no SDK retries."""
+    endpoint = f":{azurite.queue_port}/"
+    assert endpoint in connection_string
+    broken = connection_string.replace(endpoint, f":{closed_port()}/")
+    service = QueueServiceClient.from_connection_string(broken, retry_total=0)
+    return alerts_queue(service, queue.queue_name)
+
+
+class TestQueueMessages:
+    """Each stored alert becomes exactly one Base64 JSON message, with a stable id."""
+
+    def test_one_message_per_stored_alert(
+        self, results_store: TableResultsStore, alerts: QueueClient, second_capture: CaptureRecord
+    ) -> None:
+        record = second_capture
+        result = deliver_capture_alerts(
+            results_store, alerts, record, min_severity="info", links_base=LINKS
+        )
+        expected = stored_rows(results_store, record)
+        assert len(expected) == record.alert_total == 8
+        assert (result.sent, result.skipped, result.pending, result.failed) == (8, 0, 0, 0)
+        messages = drain(alerts)
+        assert len(messages) == 8
+        assert as_rows(messages) == expected
+        assert ("deny-rule", "high", "20.0.0.2") in {row[1:] for row in expected}
+        assert ("new-peer", "info", "10.0.0.9") in {row[1:] for row in expected}
+        for message in messages:
+            assert message["schema_version"] == 1
+            assert message["capture_id"] == record.capture_id
+            assert message["capture_version"] == record.blob_etag
+            assert (message["vm"], message["resource_group"]) == ("vm-web-01", "demo-rg")
+            assert message["subscription"] == record.location.subscription
+            assert message["vm_resource_id"] == record.location.resource_id
+            assert message["capture_time"] == "2026-11-25T10:05:00.123000Z"
+            assert message["evidence_truncated"] is False
+            assert message["links"] == {
+                "api": f"{LINKS}/api/captures/{record.capture_id}",
+                "dashboard": f"{LINKS}/api/ui/captures/{record.capture_id}",
+            }
+            assert message["message"] and isinstance(message["evidence"], dict)
+            assert message["names"] == message["evidence"].get("names", [])
+
+    def test_info_is_not_sent_by_default(
+        self, results_store: TableResultsStore, alerts: QueueClient, second_capture: CaptureRecord
+    ) -> None:
+        result = deliver_capture_alerts(results_store, alerts, second_capture)
+        assert (result.sent, result.below_threshold) == (7, 1)
+        expected = {row for row in stored_rows(results_store, second_capture) if row[2] != "info"}
+        assert as_rows(drain(alerts)) == expected
+
+    def test_min_severity_high(
+        self, results_store: TableResultsStore, alerts: QueueClient, second_capture: CaptureRecord
+    ) -> None:
+        result = deliver_capture_alerts(results_store, alerts, second_capture, min_severity="high")
+        assert (result.sent, result.below_threshold) == (1, 7)
+        assert [(m["rule"], m["peer"]) for m in drain(alerts)] == [("deny-rule", "20.0.0.2")]
+
+    def test_delivering_again_sends_nothing(
+        self, results_store: TableResultsStore, alerts: QueueClient, second_capture: CaptureRecord
+    ) -> None:
+        first = deliver_capture_alerts(results_store, alerts, second_capture)
+        again = deliver_capture_alerts(results_store, alerts, second_capture)
+        assert (first.sent, again.sent, again.already_sent) == (7, 0, 7)
+        assert len(drain(alerts)) == 7
+
+    def test_forced_reprocessing_keeps_the_ids(
+        self,
+        captures_container: ContainerClient,
+        results_store: TableResultsStore,
+        alerts: QueueClient,
+        second_capture: CaptureRecord,
+    ) -> None:
+        deliver_capture_alerts(results_store, alerts, second_capture)
+        sent = as_rows(drain(alerts))
+        blob = captures_container.get_blob_client(network_watcher_path(minute=5))
+        assert process_blob(blob, results_store, policy=POLICY, force=True).status == "complete"
+        reprocessed = results_store.get_capture(second_capture.capture_id)
+        assert reprocessed is not None and reprocessed.blob_etag == second_capture.blob_etag
+        assert reprocessed.processed_at != second_capture.processed_at
+        again = deliver_capture_alerts(results_store, alerts, reprocessed)
+        assert (again.sent, again.already_sent) == (0, 7)
+        assert drain(alerts) == []
+        kept = {row for row in stored_rows(results_store, reprocessed) if row[2] != "info"}
+        assert kept == sent
+
+    def test_a_new_blob_version_gets_new_ids(
+        self,
+        upload: Upload,
+        results_store: TableResultsStore,
+        alerts: QueueClient,
+        second_capture: CaptureRecord,
+    ) -> None:
+        deliver_capture_alerts(results_store, alerts, second_capture)
+        before = {row[0] for row in as_rows(drain(alerts))}
+        blob = upload(network_watcher_path(minute=5), udp_capture(SECOND))  # same bytes, new ETag
+        assert process_blob(blob, results_store, policy=POLICY).status == "complete"
+        rewritten = results_store.get_capture(second_capture.capture_id)
+        assert rewritten is not None and rewritten.blob_etag != second_capture.blob_etag
+        result = deliver_capture_alerts(results_store, alerts, rewritten)
+        after = {row[0] for row in as_rows(drain(alerts))}
+        assert result.sent == len(after) == 7
+        assert not before & after
+
+    def test_one_log_record_per_alert_sent(
+        self,
+        results_store: TableResultsStore,
+        alerts: QueueClient,
+        second_capture: CaptureRecord,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        with caplog.at_level(logging.INFO, logger="analyzer.alert_delivery"):
+            deliver_capture_alerts(results_store, alerts, second_capture)
+        records = [r for r in caplog.records if getattr(r, "nwcap_event", "") == "alert_sent"]
+        ids = {row[0] for row in as_rows(drain(alerts))}
+        assert sorted(r.alert_id for r in records) == sorted(ids)
+        for record in records:
+            assert record.capture_id == second_capture.capture_id
+            assert record.vm == "vm-web-01"
+            assert record.getMessage().startswith("Alert sent: id=")
+
+    def test_events_for_event_grid(
+        self, results_store: TableResultsStore, alerts: QueueClient, second_capture: CaptureRecord
+    ) -> None:
+        events: list[dict[str, Any]] = []
+        deliver_capture_alerts(results_store, alerts, second_capture, publish_events=events.extend)
+        messages = {m["id"]: m for m in drain(alerts)}
+        assert sorted(e["id"] for e in events) == sorted(messages)
+        for event in events:
+            message = messages[event["id"]]
+            assert event["type"] == f"nwcap.alert.{message['rule']}"
+            assert event["source"] == second_capture.location.resource_id
+            assert event["data"] == message
+
+
+class TestFaults:
+    """A queue outage leaves the capture complete and its alerts pending, sent by the next run."""
+
+    def test_queue_unreachable_then_reconciled(
+        self,
+        results_store: TableResultsStore,
+        alerts: QueueClient,
+        second_capture: CaptureRecord,
+        connection_string: str,
+        azurite: Any,
+    ) -> None:
+        record = second_capture
+        down = unreachable(alerts, connection_string, azurite)
+        result = deliver_capture_alerts(results_store, down, record)
+        assert (result.sent, result.pending, result.failed) == (0, 7, 0)
+        assert result.errors and not result.complete
+        stored = results_store.get_capture(record.capture_id)
+        assert stored is not None and stored.status == "complete"
+        ledger = DeliveryLedger(results_store).rows(record.capture_id)
+        assert len(ledger) == 7
+        assert {row["status"] for row in ledger.values()} == {"pending"}
+        assert any(row["last_error"] for row in ledger.values())
+        assert drain(alerts) == []
+
+        since = just_before(record)
+        retried = deliver_pending(results_store, alerts, since=since)
+        expected = {row for row in stored_rows(results_store, record) if row[2] != "info"}
+        assert (retried.captures, retried.sent, retried.pending) == (1, 7, 0)
+        assert as_rows(drain(alerts)) == expected
+        assert set(ledger) == {row[0] for row in expected}
+        assert deliver_pending(results_store, alerts, since=since).sent == 0
+        assert drain(alerts) == []
+
+    def test_queue_deleted_then_recreated(
+        self, results_store: TableResultsStore, alerts: QueueClient, second_capture: CaptureRecord
+    ) -> None:
+        alerts.delete_queue()
+        result = deliver_capture_alerts(results_store, alerts, second_capture)
+        assert (result.sent, result.failed, result.pending) == (0, 1, 7)
+        ensure_queue(alerts)
+        retried = deliver_pending(results_store, alerts, since=just_before(second_capture))
+        assert (retried.sent, retried.pending) == (7, 0)
+        assert len(drain(alerts)) == 7
+
+    def test_run_stopped_before_delivery(
+        self, results_store: TableResultsStore, alerts: QueueClient, second_capture: CaptureRecord
+    ) -> None:
+        """Results stored, process gone before sending: no delivery row, found by the captures."""
+        assert DeliveryLedger(results_store).rows(second_capture.capture_id) == {}
+        since = just_before(second_capture)
+        result = deliver_pending(results_store, alerts, since=since)
+        assert (result.captures, result.sent) == (1, 7)
+        assert len(drain(alerts)) == 7
+        later = (second_capture.capture_time or 0) + 60
+        assert deliver_pending(results_store, alerts, since=later).captures == 0
+
+    def test_unfinished_capture_sends_nothing(
+        self, results_store: TableResultsStore, alerts: QueueClient, second_capture: CaptureRecord
+    ) -> None:
+        processing = dataclasses.replace(second_capture, status="processing")
+        assert deliver_capture_alerts(results_store, alerts, processing).sent == 0
+        assert drain(alerts) == []
+
+
+def stored_capture(
+    store: TableResultsStore, alerts: list[Alert], *, etag: str = '"0x8DD00000000001"'
+) -> CaptureRecord:
+    """A complete capture with exactly ``alerts``, written through the store."""
+    location = parse_capture_path("network-watcher-logs", network_watcher_path(vm="vm-big-01"))
+    record = CaptureRecord(
+        capture_id=capture_id_for(location),
+        location=location,
+        blob_url="",
+        blob_etag=etag,
+        blob_size=1,
+        blob_last_modified=location.capture_time or 0.0,
+        status="complete",
+        capture_time=location.capture_time,
+    )
+    store.replace_results(record, [], alerts)
+    store.put_capture(record)
+    return record
+
+
+class TestSize:
+    """A message is at most 64 KiB once Base64-encoded: evidence is cut to fit, and flagged."""
+
+    def test_large_evidence_is_cut(
+        self, results_store: TableResultsStore, alerts: QueueClient
+    ) -> None:
+        # Three-byte UTF-8 characters: evidence that fits a table property (64 KiB of UTF-16)
+        # is about 70 KiB of UTF-8, 95 KiB in Base64.
+        names = [f"{'名' * 60}{n}.example" for n in range(380)]
+        evidence = {"names": names, "ports": ["tcp/443"], "bytes": 10}
+        big = [
+            Alert("unexpected-endpoint", "medium", "203.0.113.9", "many names", evidence),
+            Alert("unexpected-endpoint", "medium", "203.0.113.9", "the same again", evidence),
+        ]
+        record = stored_capture(results_store, big)
+        stored = list(results_store.iter_capture_alerts(record.capture_id))
+        assert stored[0]["evidence"] == evidence  # whole in the table
+        assert encoded_size(message_body(stored[0]["evidence"])) > MAX_MESSAGE_BYTES
+        result = deliver_capture_alerts(results_store, alerts, record)
+        assert result.sent == 2
+        messages = drain(alerts)
+        assert as_rows(messages) == stored_rows(results_store, record)
+        assert len({m["id"] for m in messages}) == 2  # same rule and peer: occurrences 0 and 1
+        for message in messages:
+            assert encoded_size(message_body(message)) <= MAX_MESSAGE_BYTES
+            assert message["evidence_truncated"] is True
+            assert message["evidence"]["bytes"] == 10
+            assert message["names"][0] == names[0]
+            assert message["message"] in {"many names", "the same again"}
+
+    def test_long_message_text_is_cut_last(self) -> None:
+        message = {
+            "id": "x",
+            "message": "é" * 40_000,
+            "evidence": {"names": ["a" * 50_000]},
+            "names": ["a" * 50_000],
+        }
+        fitted = fit_message(message)
+        assert encoded_size(message_body(fitted)) <= MAX_MESSAGE_BYTES
+        assert fitted["evidence_truncated"] and fitted["message_truncated"]
+        assert fitted["message"].startswith("é" * 1000)
+        assert fit_message({"id": "y", "message": "short", "evidence": {}, "names": []}) == {
+            "id": "y",
+            "message": "short",
+            "evidence": {},
+            "names": [],
+        }
+
+
+class TestMessageParts:
+    """Ids, links, settings and the CloudEvent, without storage."""
+
+    def test_ids_are_stable_and_distinct(self) -> None:
+        one = alert_id("vm.0123", '"0x1"', "1|deny-rule|20.0.0.2|000")
+        assert one == alert_id("vm.0123", '"0x1"', "1|deny-rule|20.0.0.2|000")
+        assert len(one) == 32 and int(one, 16) >= 0
+        assert one != alert_id("vm.0123", '"0x2"', "1|deny-rule|20.0.0.2|000")
+        assert one != alert_id("vm.0123", '"0x1"', "1|deny-rule|20.0.0.2|001")
+
+    def test_message_without_links_base(self) -> None:
+        location = parse_capture_path("c", "manual/web01/trace.cap")
+        record = CaptureRecord(
+            capture_id=capture_id_for(location),
+            location=location,
+            blob_url="",
+            blob_etag='"0x1"',
+            blob_size=1,
+            blob_last_modified=0.0,
+            status="complete",
+            capture_time=1_795_600_000.0,
+        )
+        document = {
+            "rule": "deny-rule",
+            "severity": "high",
+            "peer": "2.125.160.216",
+            "message": "m",
+            "evidence": {"names": ["bad.example", 7]},
+        }
+        message = alert_message(record, document, links_base=None)
+        assert message["links"] == {}
+        assert message["names"] == ["bad.example"]
+        assert message["id"] == alert_id(
+            record.capture_id, '"0x1"', "1|deny-rule|2.125.160.216|000"
+        )
+        event = cloud_event_for(message)
+        assert event == {
+            "specversion": "1.0",
+            "type": "nwcap.alert.deny-rule",
+            "source": f"/nwcap/captures/{record.capture_id}",
+            "id": message["id"],
+            "time": "2026-11-25T09:46:40.000000Z",
+            "subject": "/alerts/high/deny-rule",
+            "datacontenttype": "application/json",
+            "data": message,
+        }
+
+    def test_settings(self) -> None:
+        assert DeliverySettings.from_environ({}) == DeliverySettings("nwcap-alerts", "low")
+        custom = DeliverySettings.from_environ(
+            {
+                "ALERTS_QUEUE": "sec-alerts",
+                "ALERTS_MIN_SEVERITY": "HIGH",
+                "ALERTS_LINKS_BASE": "https://x.example/",
+                "ALERTS_EVENTGRID_ENDPOINT": "https://t.westeurope-1.eventgrid.azure.net/api/events",
+            }
+        )
+        assert custom.queue_name == "sec-alerts" and custom.min_severity == "high"
+        assert custom.links_base == "https://x.example" and custom.eventgrid_endpoint
+        assert not DeliverySettings.from_environ({"ALERTS_MIN_SEVERITY": "none"}).enabled
+        for bad in (
+            {"ALERTS_QUEUE": "Bad_Queue"},
+            {"ALERTS_QUEUE": "a--b"},
+            {"ALERTS_MIN_SEVERITY": "urgent"},
+            {"ALERTS_LINKS_BASE": "javascript:alert(1)"},
+            {"ALERTS_EVENTGRID_ENDPOINT": "http://plain.example"},
+        ):
+            with pytest.raises(ValueError, match=next(iter(bad))):
+                DeliverySettings.from_environ(bad)
