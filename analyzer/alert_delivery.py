@@ -16,7 +16,8 @@ alerts back from the ``alerts`` table, so a consumer that gets a message can rea
   (host.json ``extensions.queues.messageEncoding`` is ``base64``), and at most 64 KiB once
   encoded: evidence (then the message text) is cut to fit and flagged.
 - Queue errors never escape: transient ones leave the alerts ``pending``; others are logged
-  and counted ``failed``, and the alert is retried until :data:`MAX_ATTEMPTS`.
+  and counted ``failed`` and stay ``pending`` too (a missing queue or role gets fixed), except
+  a message the queue refused :data:`MAX_ATTEMPTS` times, which is marked ``failed``.
 
 ``docs/alerts.md`` documents the message and how a Logic App or Application Insights reads it.
 """
@@ -59,7 +60,8 @@ DEFAULT_QUEUE = "nwcap-alerts"
 DEFAULT_MIN_SEVERITY = "low"
 DELIVERY_TABLE = "alertdelivery"
 MAX_MESSAGE_BYTES = 64 * 1024  # a queue message as the service counts it: the Base64 text
-MAX_ATTEMPTS = 10  # failed (non-transient) sends of one alert before it is given up
+MAX_ATTEMPTS = 10  # sends of one message refused (400, 413) before it is given up
+_MESSAGE_REFUSED = frozenset({400, 413})  # about the message; 401/403/404 are about the queue
 _ID_HEX_DIGITS = 32
 _ERROR_CHARS = 500
 _SETTLED = frozenset({"sent", "failed"})
@@ -448,9 +450,9 @@ def _ledger_row(
     *,
     now: float,
 ) -> dict[str, Any]:
-    """The ``pending`` row written before an alert's message is sent (one more attempt)."""
+    """The ``pending`` row written before an alert's message is sent."""
     previous = previous or {}
-    attempts = _number(previous.get("attempts")) + 1
+    attempts = _number(previous.get("attempts"))
     return {
         "PartitionKey": record.capture_id,
         "RowKey": message_id,
@@ -462,9 +464,14 @@ def _ledger_row(
         "severity": str(alert.document.get("severity", ""))[:20],
         "peer": str(alert.document.get("peer", ""))[:200],
         "pending_since": previous.get("pending_since") or _datetime(now),
-        "last_attempt": _datetime(now),
         "last_error": str(previous.get("last_error", "")),
     }
+
+
+def _attempted(row: Mapping[str, Any], now: float, **changes: Any) -> dict[str, Any]:
+    """``row`` after one more send of its message."""
+    attempts = EntityProperty(_number(row.get("attempts")) + 1, EdmType.INT32)
+    return {**row, "attempts": attempts, "last_attempt": _datetime(now), **changes}
 
 
 def _number(value: Any) -> int:
@@ -612,14 +619,16 @@ class _Sender:
                 done.append(row)
                 self.result.pending += len(remaining) - index - (row["status"] == "failed")
                 break
+            now = self.clock()
             done.append(
-                {
-                    **rows[key],
-                    "status": "sent",
-                    "sent_at": _datetime(self.clock()),
-                    "queue_message_id": str(receipt.id or ""),
-                    "last_error": "",
-                }
+                _attempted(
+                    rows[key],
+                    now,
+                    status="sent",
+                    sent_at=_datetime(now),
+                    queue_message_id=str(receipt.id or ""),
+                    last_error="",
+                )
             )
             self.messages.append(message)
             self.result.sent += 1
@@ -627,23 +636,28 @@ class _Sender:
         self._record(done)
 
     def _failed(self, row: dict[str, Any], error: AzureError) -> dict[str, Any]:
+        """The row of a send that failed: still ``pending``, unless the queue refused this
+        very message (not the queue as a whole) :data:`MAX_ATTEMPTS` times."""
         text = _short(error)
         self.result.errors.append(text)
+        row = _attempted(row, self.clock(), last_error=text)
         capture_id = self.record.capture_id
         if _is_transient(error):
             log.warning("Alerts queue unavailable, alerts of %s stay pending: %s", capture_id, text)
-            return {**row, "last_error": text}
+            return row
         self.result.failed += 1
-        given_up = _number(row["attempts"]) >= MAX_ATTEMPTS
+        attempts = _number(row["attempts"])
+        refused = getattr(error, "status_code", None) in _MESSAGE_REFUSED
+        given_up = refused and attempts >= MAX_ATTEMPTS
         log.error(
             "The alerts queue refused alert %s of capture %s (attempt %s%s): %s",
             row["RowKey"],
             capture_id,
-            _number(row["attempts"]),
+            attempts,
             ", given up" if given_up else "",
             text,
         )
-        return {**row, "status": "failed" if given_up else "pending", "last_error": text}
+        return {**row, "status": "failed"} if given_up else row
 
     def _record(self, rows: Sequence[dict[str, Any]]) -> None:
         if not rows:

@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 from azure.storage.blob import BlobClient, ContainerClient
-from azure.storage.queue import QueueClient, QueueServiceClient
+from azure.storage.queue import QueueClient, QueueServiceClient, TextBase64EncodePolicy
 from conftest import network_watcher_path, udp_capture
 
 from analyzer.alert_delivery import (
+    MAX_ATTEMPTS,
     MAX_MESSAGE_BYTES,
     DeliveryLedger,
     DeliverySettings,
@@ -112,6 +113,13 @@ def drain(queue: QueueClient) -> list[dict[str, Any]]:
 
 def as_rows(messages: list[dict[str, Any]]) -> set[Row]:
     return {(m["id"], m["rule"], m["severity"], m["peer"]) for m in messages}
+
+
+class PaddedPastTheLimit(TextBase64EncodePolicy):
+    """Sends each body with 70,000 spaces more: more than a queue message may hold."""
+
+    def encode(self, content: Any) -> Any:
+        return super().encode(content + " " * 70_000)
 
 
 def just_before(record: CaptureRecord) -> float:
@@ -283,7 +291,9 @@ class TestFaults:
         ledger = DeliveryLedger(results_store).rows(record.capture_id)
         assert len(ledger) == 7
         assert {row["status"] for row in ledger.values()} == {"pending"}
-        assert any(row["last_error"] for row in ledger.values())
+        # The first send failed and the run stopped there: one attempt made in all.
+        assert sorted(row["attempts"] for row in ledger.values()) == [0] * 6 + [1]
+        assert [bool(row["last_error"]) for row in ledger.values()].count(True) == 1
         assert drain(alerts) == []
 
         since = just_before(record)
@@ -305,6 +315,30 @@ class TestFaults:
         retried = deliver_pending(results_store, alerts, since=just_before(second_capture))
         assert (retried.sent, retried.pending) == (7, 0)
         assert len(drain(alerts)) == 7
+
+    def test_a_message_refused_for_good_is_given_up(
+        self,
+        results_store: TableResultsStore,
+        queue_service: QueueServiceClient,
+        alerts: QueueClient,
+        second_capture: CaptureRecord,
+    ) -> None:
+        """The queue answers 413 to a message padded past its limit: retried, then left."""
+        padded = queue_service.get_queue_client(
+            alerts.queue_name, message_encode_policy=PaddedPastTheLimit()
+        )
+        for _ in range(MAX_ATTEMPTS - 1):
+            result = deliver_capture_alerts(results_store, padded, second_capture)
+            assert (result.sent, result.failed, result.pending, result.given_up) == (0, 1, 7, 0)
+        last = deliver_capture_alerts(results_store, padded, second_capture)
+        assert (last.failed, last.pending, last.given_up) == (1, 6, 0)
+        rows = DeliveryLedger(results_store).rows(second_capture.capture_id)
+        failed = [key for key, row in rows.items() if row["status"] == "failed"]
+        assert len(failed) == 1 and rows[failed[0]]["attempts"] == MAX_ATTEMPTS
+        assert "too large" in rows[failed[0]]["last_error"]
+        result = deliver_capture_alerts(results_store, alerts, second_capture)
+        assert (result.sent, result.given_up, result.pending) == (6, 1, 0)
+        assert failed[0] not in {m["id"] for m in drain(alerts)}
 
     def test_run_stopped_before_delivery(
         self, results_store: TableResultsStore, alerts: QueueClient, second_capture: CaptureRecord
