@@ -543,7 +543,9 @@ def deliver_capture_alerts(
     threshold = SEVERITY_ORDER[min_severity]
     ledger = DeliveryLedger(store)
     try:
-        alerts = stored_alerts(store, record.capture_id)
+        alerts = _current_alerts(store, record)
+        if alerts is None:
+            return result
         eligible = {}
         for alert in alerts:
             if alert.severity_rank >= threshold:
@@ -591,6 +593,22 @@ def deliver_capture_alerts(
     if publish_events is not None and sender.messages:
         _publish(publish_events, sender.messages, record.capture_id)
     return result
+
+
+def _current_alerts(store: TableResultsStore, record: CaptureRecord) -> list[StoredAlert] | None:
+    """The stored alerts of ``record``'s blob version, or ``None`` when the stored capture is
+    another version or changed while they were read (ids would then mix two versions; the
+    run that stored the other version delivers its alerts)."""
+    before = store.get_capture(record.capture_id)
+    if before is None or before.blob_etag != record.blob_etag:
+        log.info("Capture %s is stored at another version: alerts not sent", record.capture_id)
+        return None
+    alerts = stored_alerts(store, record.capture_id)
+    after = store.get_capture(record.capture_id)
+    if after is None or after.version != before.version:
+        log.info("Capture %s changed while its alerts were read: not sent now", record.capture_id)
+        return None
+    return alerts
 
 
 @dataclass(slots=True)

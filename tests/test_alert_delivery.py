@@ -239,6 +239,24 @@ class TestQueueMessages:
         assert result.sent == len(after) == 7
         assert not before & after
 
+    def test_an_older_version_sends_nothing(
+        self,
+        upload: Upload,
+        results_store: TableResultsStore,
+        alerts: QueueClient,
+        second_capture: CaptureRecord,
+    ) -> None:
+        """A run holding an older version of the capture cannot send the newer one's alerts
+        under its ids: only the version stored is delivered."""
+        blob = upload(network_watcher_path(minute=5), udp_capture(SECOND))
+        assert process_blob(blob, results_store, policy=POLICY).status == "complete"
+        newer = results_store.get_capture(second_capture.capture_id)
+        assert newer is not None
+        assert deliver_capture_alerts(results_store, alerts, second_capture).sent == 0
+        assert deliver_capture_alerts(results_store, alerts, newer).sent == 7
+        expected = {row for row in stored_rows(results_store, newer) if row[2] != "info"}
+        assert as_rows(drain(alerts)) == expected
+
     def test_one_log_record_per_alert_sent(
         self,
         results_store: TableResultsStore,
