@@ -1,8 +1,8 @@
 """Speed and memory benchmark: nwcap against a naive dpkt loop and tshark.
 
-Usage: .venv/bin/python bench/bench.py [--packets-scale 0.1] [--repeat 3] [--only mixed]
+Usage: .venv/bin/python bench/bench.py [--quick] [--packets-scale 0.1] [--repeat 3] [--only mixed]
 
-Generates two captures into bench/out/ (kept and reused while their parameters match), then
+Generates three captures into bench/out/ (kept and reused while their parameters match), then
 times ``nwcap analyze FILE --format json``, ``bench/naive_dpkt.py FILE`` and
 ``tshark -q -z conv,ip -r FILE``, each in its own subprocess so that its peak RSS can be read
 from ``os.wait4``. See bench/README.md.
@@ -14,6 +14,8 @@ import argparse
 import copy
 import ipaddress
 import json
+import os
+import platform
 import random
 import struct
 import subprocess
@@ -21,6 +23,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import BinaryIO
 
@@ -447,7 +451,10 @@ class CaptureSpec:
 SPECS = (
     CaptureSpec("mixed", 1_000_000, 11, mixed_flows, concurrent=48, mean_gap_us=60),
     CaptureSpec("small", 2_000_000, 12, small_flows, concurrent=64, mean_gap_us=20),
+    # The issue's third case: the same mix, a third of the size (start-up weighs more).
+    CaptureSpec("mixed300k", 300_000, 13, mixed_flows, concurrent=48, mean_gap_us=60),
 )
+QUICK_SCALE = 0.1
 
 
 def write_capture(spec: CaptureSpec, packets: int, stream: BinaryIO) -> tuple[int, int]:
@@ -572,11 +579,48 @@ def check_nwcap(nwcap: Path) -> None:
 
 
 def _verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
+    return "PASS" if ok else "FAIL"
 
 
-def report(name: str, packets: int, total: int, runs: dict[str, Run]) -> list[str]:
-    """Print one capture's results and return cross-check warnings."""
+def _first_line(command: list[str]) -> str:
+    try:
+        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=30)
+    except OSError:
+        return "not found"
+    return (done.stdout.strip().splitlines() or ["?"])[0]
+
+
+def machine() -> list[str]:
+    """When and where the figures were taken: date, CPU, cores, load, Python, tshark, dpkt."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        models = [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        cpu = models[0] if models else cpu
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    try:
+        dpkt_version = metadata.version("dpkt")
+    except metadata.PackageNotFoundError:
+        dpkt_version = "not installed"
+    return [
+        f"date     {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"machine  {cpu}, {os.cpu_count()} cores ({usable} usable), load {load}",
+        f"system   {platform.system()} {platform.release()}",
+        f"python   {platform.python_implementation()} {platform.python_version()}",
+        f"tshark   {_first_line(['tshark', '--version'])}",
+        f"dpkt     {dpkt_version}",
+    ]
+
+
+def report(
+    name: str, packets: int, total: int, runs: dict[str, Run], summary: list[str] | None = None
+) -> list[str]:
+    """Print one capture's results, add a line to ``summary``, and return cross-check warnings."""
     print(f"\n{name}: {packets:,} packets, {total / MIB:,.0f} MiB on the wire")
     print(f"  {'tool':<12}{'wall s':>10}{'peak RSS MiB':>15}{'packets/s':>14}")
     for tool, run in runs.items():
@@ -589,6 +633,10 @@ def report(name: str, packets: int, total: int, runs: dict[str, Run]) -> list[st
         f"  nwcap peak RSS {nwcap.rss / MIB:.1f} MiB (target < {TARGET_RSS // MIB} MiB): "
         f"{_verdict(nwcap.rss < TARGET_RSS)}"
     )
+    line = [
+        f"{name:<10}{packets:>11,}{nwcap.wall:>9.2f}{packets / nwcap.wall:>12,.0f}",
+        f"{nwcap.rss / MIB:>6.0f} {_verdict(nwcap.rss < TARGET_RSS)}",
+    ]
     for tool, target in (("naive-dpkt", TARGET_VS_DPKT), ("tshark", TARGET_VS_TSHARK)):
         if tool in runs:
             ratio = runs[tool].wall / nwcap.wall
@@ -596,6 +644,11 @@ def report(name: str, packets: int, total: int, runs: dict[str, Run]) -> list[st
                 f"  nwcap speed-up over {tool}: {ratio:.1f}x (target >= {target:.0f}x): "
                 f"{_verdict(ratio >= target)}"
             )
+            line.append(f"{ratio:>6.1f}x {_verdict(ratio >= target)}")
+        else:
+            line.append(f"{'-':>12}")
+    if summary is not None:
+        summary.append(" ".join(line))
     analysis = json.loads(nwcap.output.read_text())
     conversations = len(analysis.get("conversations", []))
     if analysis.get("capture", {}).get("packets") != packets:
@@ -623,8 +676,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--packets-scale",
         type=float,
-        default=1.0,
-        help="multiply the packet counts (0.1 for a quick run)",
+        default=None,
+        help="multiply the packet counts (default 1; 0.1 with --quick)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a quick run: --packets-scale {QUICK_SCALE} unless given",
     )
     parser.add_argument("--repeat", type=int, default=1, help="best of N runs")
     parser.add_argument(
@@ -646,9 +704,15 @@ def main(argv: list[str] | None = None) -> int:
         _, rss = run_once(["true"], OUT / "floor.txt")
         print(f"peak RSS of `true` through the launcher: {rss / MIB:.1f} MiB")
         return 0
+    if args.packets_scale is None:
+        args.packets_scale = QUICK_SCALE if args.quick else 1.0
     if not args.generate_only:
         check_nwcap(args.nwcap)
+        print("\n".join(machine()))
+        print(f"nwcap    {_first_line([str(args.nwcap), '--version'])}")
+        print(f"scale    {args.packets_scale:g} of the full captures, best of {args.repeat}")
     warnings: list[str] = []
+    summary: list[str] = []
     for spec in SPECS:
         if args.only and spec.name not in args.only:
             continue
@@ -675,7 +739,13 @@ def main(argv: list[str] | None = None) -> int:
                 stem.with_suffix(".tshark.txt"),
                 args.repeat,
             )
-        warnings += report(spec.name, packets, total, runs)
+        warnings += report(spec.name, packets, total, runs, summary)
+    if summary:
+        print(
+            f"\n{'capture':<10}{'packets':>11}{'nwcap s':>9}{'packets/s':>12}"
+            f"{'RSS MiB':>12}{'vs dpkt':>13}{'vs tshark':>13}"
+        )
+        print("\n".join(summary))
     for warning in warnings:
         print(f"warning: {warning}")
     return 1 if warnings else 0

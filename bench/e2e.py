@@ -1,0 +1,483 @@
+"""End-to-end benchmark: ``nwcap process`` of a capture blob on Azurite vs ``nwcap analyze``.
+
+Usage: .venv/bin/python bench/e2e.py [--quick] [--packets-scale S] [--only mixed] [--repeat N]
+
+Starts the project's Azurite (scripts/azurite.py), builds bench.py's captures, uploads each at a
+real Network Watcher path, then times in the same run, each in its own process (wall time with
+start-up, peak RSS from ``os.wait4``):
+
+- ``nwcap analyze FILE --format json``;
+- ``nwcap process BLOB_URL --format json`` on fresh tables (the VM's first capture);
+- the same ``process`` with the changes this benchmark recommends applied in-process
+  (``--patched-cli``): read-ahead download (analyzer/blobstream.py), concurrent
+  transactions, and as a prototype of a key change, index rows in transactions.
+
+It prints the ratio process/analyze (target <= 3x) and peak RSS (target < 150 MiB) with PASS or
+FAIL, then where the time goes, measured phase by phase through the library: download alone
+(sequential and read-ahead), analysis from the file and from the stream, and each store call
+of ``process_blob``. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from azure.data.tables import TableServiceClient, UpdateMode  # noqa: E402
+from azure.storage.blob import BlobClient, BlobServiceClient  # noqa: E402
+
+import bench  # noqa: E402
+from analyzer import analysis, processing, storage  # noqa: E402
+from analyzer.blobstream import open_blob_stream  # noqa: E402
+from analyzer.cli import main as nwcap_main  # noqa: E402
+
+MIB = bench.MIB
+TARGET_RATIO = 3.0
+TARGET_RSS = 150 * MIB
+CONTAINER = "network-watcher-logs"
+READ_AHEAD = {"chunk_size": 4 * MIB, "concurrency": 4}
+TRANSACTIONS_AT_ONCE = 8
+WRITES_AT_ONCE = 8
+INDEX_BUCKETS = 16
+
+
+def capture_blob_name(vm: str) -> str:
+    """Where Network Watcher puts a capture of ``vm`` (a fixed, valid path)."""
+    return (
+        "subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/bench-rg/providers/"
+        f"microsoft.compute/virtualmachines/{vm}/2026/11/29/packetcapture_10_00_00_000.cap"
+    )
+
+
+def _load_azurite() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("nwcap_azurite", ROOT / "scripts" / "azurite.py")
+    if spec is None or spec.loader is None:
+        raise SystemExit("scripts/azurite.py is missing")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- the recommended changes, applied from outside for measurement -------------------------
+
+
+def run_bounded(action: Callable[[Any], object], items: Iterable[Any], limit: int) -> None:
+    """``action`` on each item, at most ``limit`` at a time, items taken only as slots free up
+    (so a generator of rows is never built all at once); re-raises the first failure."""
+    with ThreadPoolExecutor(max_workers=limit) as pool:
+        running: deque[Future[object]] = deque()
+        try:
+            for item in items:
+                if len(running) >= limit:
+                    running.popleft().result()
+                running.append(pool.submit(action, item))
+            while running:
+                running.popleft().result()
+        finally:
+            for future in running:
+                future.cancel()
+
+
+def _transactions(rows: Iterable[dict[str, Any]]) -> Iterator[list[tuple[Any, ...]]]:
+    """Rows as upsert transactions, the way storage.py groups them (either version of it)."""
+    operations = (("upsert", row, {"mode": UpdateMode.REPLACE}) for row in rows)
+    consecutive = getattr(storage, "_consecutive_batches", None)
+    if consecutive is not None:
+        return consecutive(operations)  # type: ignore[no-any-return]
+    return storage._batches(list(operations))
+
+
+def index_bucket(address_key: str) -> str:
+    """The peerindex partition of an address in the bucketed layout (prototype): one of
+    ``INDEX_BUCKETS``, chosen by a hash, so a capture's index rows share few partitions."""
+    digest = hashlib.blake2b(address_key.encode(), digest_size=2).digest()
+    return f"b{int.from_bytes(digest, 'big') % INDEX_BUCKETS:03d}"
+
+
+def _bucketed(row: dict[str, Any]) -> dict[str, Any]:
+    """An index row keyed ``bucket`` / ``address|row key``: "who talked to X" stays one
+    partition range query (RowKey ge 'X|' and lt 'X|~')."""
+    address = row["PartitionKey"]
+    return {**row, "PartitionKey": index_bucket(address), "RowKey": f"{address}|{row['RowKey']}"}
+
+
+@contextlib.contextmanager
+def recommendations_applied(*, bucketed_index: bool = False) -> Iterator[None]:
+    """Patch processing and storage the way bench/README.md recommends, in this process only.
+
+    1. ``processing.open_blob``: the read-ahead stream instead of one sequential download;
+    2. ``TableResultsStore._upsert_batches``: a call's transactions sent up to
+       ``TRANSACTIONS_AT_ONCE`` at a time (each is atomic on its own, none depends on
+       another of the same call, and the calls keep their order);
+    3. ``TableResultsStore._upsert_each``: one bounded pool for all the rows, with no barrier
+       every few hundred rows;
+    4. with ``bucketed_index``, a prototype of a key change: ``peerindex`` rows partitioned by
+       a hash bucket of the address instead of the address, so that they go in transactions
+       (see :func:`_bucketed`; the query side is not patched, only the writes are timed).
+    """
+
+    def open_blob(blob: BlobClient, etag: str) -> Any:
+        # The real change passes record.blob_size; this patch has to ask for it again.
+        size = int(blob.get_blob_properties().size)
+        return open_blob_stream(blob, etag=etag, size=size, **READ_AHEAD)
+
+    def upsert_batches(
+        self: storage.TableResultsStore, table: str, rows: Iterable[dict[str, Any]]
+    ) -> None:
+        run_bounded(self.table(table).submit_transaction, _transactions(rows), TRANSACTIONS_AT_ONCE)
+
+    def upsert_each(
+        self: storage.TableResultsStore, table: str, rows: Iterable[dict[str, Any]]
+    ) -> None:
+        client = self.table(table)
+        if bucketed_index and table == "peerindex":
+            operations = [("upsert", _bucketed(row), {"mode": UpdateMode.REPLACE}) for row in rows]
+            run_bounded(client.submit_transaction, storage._batches(operations), WRITES_AT_ONCE)
+            return
+        run_bounded(
+            lambda row: client.upsert_entity(row, mode=UpdateMode.REPLACE), rows, WRITES_AT_ONCE
+        )
+
+    store = storage.TableResultsStore
+    saved = processing.open_blob, store._upsert_batches, store._upsert_each
+    processing.open_blob = open_blob  # type: ignore[assignment]
+    store._upsert_batches = upsert_batches  # type: ignore[method-assign, assignment]
+    store._upsert_each = upsert_each  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        processing.open_blob, store._upsert_batches, store._upsert_each = saved
+
+
+def patched_cli(argv: list[str]) -> int:
+    """``nwcap [--bucketed-index] ARGS`` with :func:`recommendations_applied`."""
+    bucketed = argv[:1] == ["--bucketed-index"]
+    with recommendations_applied(bucketed_index=bucketed):
+        return nwcap_main(argv[1:] if bucketed else argv)
+
+
+# --- timing processes ----------------------------------------------------------------------
+
+
+@dataclass
+class Timed:
+    wall: float
+    rss: int
+
+
+def timed_runs(
+    command: list[str], output: Path, repeat: int, before_each: Callable[[], None]
+) -> Timed:
+    """Best wall time and largest peak RSS of ``repeat`` runs, ``before_each`` run first."""
+    best, peak = float("inf"), 0
+    for _ in range(repeat):
+        before_each()
+        wall, rss = bench.run_once(command, output)
+        best, peak = min(best, wall), max(peak, rss)
+    return Timed(best, peak)
+
+
+def fresh_tables() -> None:
+    """A table prefix no run used: each ``process`` run is the VM's first capture."""
+    os.environ["NWCAP_TABLE_PREFIX"] = f"e2e{uuid.uuid4().hex[:10]}"
+
+
+def check_outcome(output: Path) -> str:
+    outcomes = json.loads(output.read_text())["outcomes"]
+    status = outcomes[0]["status"] if outcomes else "none"
+    if status not in ("complete", "partial"):
+        raise SystemExit(f"nwcap process ended {status}: {outcomes}")
+    return str(status)
+
+
+# --- phase by phase, through the library ---------------------------------------------------
+
+
+STORE_CALLS = (
+    "get_capture",
+    "put_capture",
+    "known_peers",
+    "replace_results",
+    "write_results",
+    "drop_results",
+    "add_to_baseline",
+)
+TABLE_CALLS = (
+    "submit_transaction",
+    "upsert_entity",
+    "create_entity",
+    "update_entity",
+    "delete_entity",
+    "get_entity",
+    "query_entities",
+)
+
+
+class CountingTable:
+    """A TableClient that counts the requests made through it."""
+
+    def __init__(self, client: Any, name: str, requests: Counter[str], busy: Counter[str]) -> None:
+        self._client, self._name, self._requests, self._busy = client, name, requests, busy
+
+    def __getattr__(self, attribute: str) -> Any:
+        value = getattr(self._client, attribute)
+        if attribute not in TABLE_CALLS:
+            return value
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            key = f"{self._name}.{attribute}"
+            self._requests[key] += 1
+            started = time.perf_counter()
+            try:
+                return value(*args, **kwargs)
+            finally:
+                self._busy[key] += time.perf_counter() - started
+
+        return counted
+
+
+def timed_store(service: TableServiceClient, prefix: str) -> Any:
+    """A TableResultsStore that adds up the wall time of each call process_blob makes of it
+    and counts the requests behind them."""
+    seconds: Counter[str] = Counter()
+    requests: Counter[str] = Counter()
+    busy: Counter[str] = Counter()
+
+    class TimedStore(storage.TableResultsStore):
+        def table(self, name: str) -> Any:
+            return CountingTable(super().table(name), name, requests, busy)
+
+    store = TimedStore(service, prefix=prefix)
+    for name in STORE_CALLS:
+        call = getattr(store, name, None)
+        if call is None:
+            continue
+
+        def timed(*args: Any, call: Any = call, name: str = name, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                seconds[name] += time.perf_counter() - started
+
+        setattr(store, name, timed)
+    store.seconds, store.requests, store.busy = seconds, requests, busy
+    return store
+
+
+def _read_all(stream: Any) -> int:
+    buffer, total = bytearray(MIB), 0
+    with stream:
+        while count := stream.readinto(buffer):
+            total += count
+    return total
+
+
+def breakdown(connection: str, blob_name: str, path: Path, *, patched: bool) -> list[str]:
+    """Time each phase of processing one blob in this process; returns the printed lines."""
+    blob = BlobServiceClient.from_connection_string(connection).get_blob_client(
+        CONTAINER, blob_name
+    )
+    properties = blob.get_blob_properties()
+    etag, size = str(properties.etag), int(properties.size)
+    lines: list[str] = []
+
+    def phase(label: str, call: Callable[[], object]) -> float:
+        started = time.perf_counter()
+        call()
+        elapsed = time.perf_counter() - started
+        lines.append(f"  {label:<52}{elapsed:>8.2f} s")
+        return elapsed
+
+    phase(
+        "download, sequential (processing.open_blob)",
+        lambda: _read_all(processing.open_blob(blob, etag)),
+    )
+    phase(
+        "download, read-ahead 4 x 4 MiB (blobstream)",
+        lambda: _read_all(open_blob_stream(blob, etag=etag, size=size, **READ_AHEAD)),
+    )
+
+    def analyze_file() -> None:
+        with path.open("rb") as stream:
+            analysis.analyze(stream)
+
+    phase("analysis from the file (no start-up)", analyze_file)
+    phase(
+        "analysis from the read-ahead stream",
+        lambda: analysis.analyze(open_blob_stream(blob, etag=etag, size=size, **READ_AHEAD)),
+    )
+
+    tables = TableServiceClient.from_connection_string(connection)
+    variants = (("as is", None), ("changes 1-3", False), ("changes 1-4", True))
+    for label, bucketed in variants[:1] if not patched else variants:
+        store = timed_store(tables, f"e2e{uuid.uuid4().hex[:10]}")
+        store.create_tables()
+        inner = processing.analyze
+        spent = Counter[str]()
+
+        def timed_analyze(*args: Any, inner: Any = inner, spent: Any = spent, **kw: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return inner(*args, **kw)
+            finally:
+                spent["download + analysis"] += time.perf_counter() - started
+
+        processing.analyze = timed_analyze
+        try:
+            changes = (
+                contextlib.nullcontext()
+                if bucketed is None
+                else recommendations_applied(bucketed_index=bucketed)
+            )
+            with changes:
+                total = phase(
+                    f"process_blob {label}, total",
+                    lambda store=store: processing.process_blob(blob, store, force=True),
+                )
+        finally:
+            processing.analyze = inner
+        parts = {**spent, **store.seconds}
+        accounted = sum(parts.values())
+        parts["other (blob properties, building rows)"] = total - accounted
+        for name, value in parts.items():
+            lines.append(f"    {name:<50}{value:>8.2f} s")
+        lines.append("    requests (count, seconds summed over threads):")
+        for name, count in sorted(store.requests.items()):
+            lines.append(f"      {name:<38}{count:>8,}{store.busy[name]:>10.2f} s")
+    return lines
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["--patched-cli"]:
+        return patched_cli(arguments[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="--packets-scale 0.1 unless given")
+    parser.add_argument("--packets-scale", type=float, default=None)
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=[spec.name for spec in bench.SPECS],
+        help="this capture only (repeatable; default: mixed and small)",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="best of N runs of each command")
+    parser.add_argument("--nwcap", type=Path, default=ROOT / ".venv" / "bin" / "nwcap")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the phase timings")
+    parser.add_argument(
+        "--no-patched", action="store_true", help="skip the run with the recommendations applied"
+    )
+    args = parser.parse_args(arguments)
+    scale = args.packets_scale or (bench.QUICK_SCALE if args.quick else 1.0)
+    names = args.only or ["mixed", "small"]
+    bench.check_nwcap(args.nwcap)
+    print("\n".join(bench.machine()))
+    print(f"scale    {scale:g} of the full captures, best of {args.repeat}")
+    azurite_script = _load_azurite()
+    summary: list[str] = []
+    with azurite_script.running() as azurite:
+        connection = azurite.connection_string
+        os.environ.update(
+            {
+                "CAPTURES_CONNECTION": connection,
+                "RESULTS_CONNECTION": connection,
+                "CAPTURES_CONTAINER": CONTAINER,
+                "NWCAP_POLICY": "",
+                "NWCAP_SERVICE_TAGS": "",
+            }
+        )
+        container = BlobServiceClient.from_connection_string(connection).get_container_client(
+            CONTAINER
+        )
+        container.create_container()
+        for spec in bench.SPECS:
+            if spec.name not in names:
+                continue
+            path, packets, _ = bench.ensure_capture(spec, scale)
+            blob_name = capture_blob_name(f"vm-bench-{spec.name}")
+            started = time.perf_counter()
+            with path.open("rb") as data:
+                blob = container.upload_blob(blob_name, data, overwrite=True, max_concurrency=4)
+            upload = time.perf_counter() - started
+            size = path.stat().st_size
+            print(
+                f"\n{spec.name}: {packets:,} packets, {size / MIB:,.0f} MiB file, "
+                f"uploaded in {upload:.1f} s"
+            )
+            stem = f"{path.stem}.e2e"
+            analyze = timed_runs(
+                [str(args.nwcap), "analyze", str(path), "--format", "json"],
+                bench.OUT / f"{stem}-analyze.json",
+                args.repeat,
+                lambda: None,
+            )
+            process_output = bench.OUT / f"{stem}-process.json"
+            process = timed_runs(
+                [str(args.nwcap), "process", blob.url, "--format", "json"],
+                process_output,
+                args.repeat,
+                fresh_tables,
+            )
+            check_outcome(process_output)
+            peers = len(json.loads((bench.OUT / f"{stem}-analyze.json").read_text())["peers"])
+            rows = [("nwcap analyze FILE", analyze), ("nwcap process BLOB", process)]
+            variants = (
+                ("process, changes 1-3 applied", "patched", []),
+                ("process, changes 1-4 applied", "bucketed", ["--bucketed-index"]),
+            )
+            for label, name, extra in () if args.no_patched else variants:
+                output = bench.OUT / f"{stem}-{name}.json"
+                command = [sys.executable, str(Path(__file__).resolve()), "--patched-cli"]
+                command += [*extra, "process", blob.url, "--format", "json"]
+                variant = timed_runs(command, output, args.repeat, fresh_tables)
+                check_outcome(output)
+                rows.append((label, variant))
+            print(f"  {peers:,} peers")
+            print(f"  {'command':<36}{'wall s':>8}{'peak RSS MiB':>14}{'x analyze':>11}")
+            for label, run in rows:
+                ratio = run.wall / analyze.wall
+                print(f"  {label:<36}{run.wall:>8.2f}{run.rss / MIB:>14.1f}{ratio:>10.1f}x")
+                if run is not analyze:
+                    line = (
+                        f"{spec.name:<10}{label:<34}{ratio:>6.1f}x {verdict(ratio <= TARGET_RATIO)}"
+                        f"{run.rss / MIB:>8.0f} MiB {verdict(run.rss < TARGET_RSS)}"
+                    )
+                    summary.append(line)
+            if not args.no_breakdown:
+                print("  where the time goes (in-process, no start-up):")
+                print(
+                    "\n".join(breakdown(connection, blob_name, path, patched=not args.no_patched))
+                )
+    print(f"\ntargets: process <= {TARGET_RATIO:.0f}x analyze, peak RSS < {TARGET_RSS // MIB} MiB")
+    print("\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
