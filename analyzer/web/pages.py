@@ -1,0 +1,326 @@
+"""The dashboard's pages over stored results: fleet, capture, peer and alerts.
+
+Each page calls the HTTP API's own handler (:mod:`analyzer.api`) with its query parameters and
+renders the body it returns, so a page shows exactly what its JSON link (``/api/...``) returns
+(the way datasette pairs every page with its ``.json``). Free of Azure Functions and of
+``http.server``: :mod:`analyzer.web.server` and :mod:`analyzer.web.blueprint` adapt it.
+
+URLs are bookmarkable: ``/api/ui/`` (fleet), ``/api/ui/capture?id=``, ``/api/ui/peer?ip=``,
+``/api/ui/alerts?severity=&rule=&vm=&since=&until=``. The function key (``code``) a page was
+opened with is added to its links by ``static/dashboard.js``; the server never writes it into a
+page.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from analyzer import api
+from analyzer.models import SEVERITY_ORDER
+from analyzer.storage import ResultsStore
+from analyzer.web.html import Rendered, render
+from analyzer.web.report import context, from_stored, timestamp
+
+UI_ROOT = "/api/ui/"
+LIST_LIMIT = 500  # rows a list page asks the API for; the next page is a link
+MAX_CAPTURE_PAGES = 100  # pages of a paginated capture body joined into one capture page
+CAPTURE_PAGE = 1000  # rows per page asked for when joining them (the API's largest page)
+CAPTURE_TOKENS = ("peers_continuation", "alerts_continuation")
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+JSON_CSP = "default-src 'none'; frame-ancestors 'none'"
+
+
+@dataclass(frozen=True)
+class WebResponse:
+    status: int
+    body: bytes
+    content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def json_response(result: api.ApiResponse) -> WebResponse:
+    """An API result as the HTTP response both servers send."""
+    import json  # noqa: PLC0415 - only the local server's API path needs it here
+
+    return WebResponse(
+        result.status,
+        json.dumps(result.body).encode("utf-8"),
+        "application/json; charset=utf-8",
+        {**SECURITY_HEADERS, "Content-Security-Policy": JSON_CSP},
+    )
+
+
+def html_response(status: int, page: Rendered) -> WebResponse:
+    headers = {
+        **SECURITY_HEADERS,
+        "Content-Security-Policy": page.csp + "; frame-ancestors 'none'",
+    }
+    return WebResponse(status, page.html.encode("utf-8"), "text/html; charset=utf-8", headers)
+
+
+def link(page: str, **params: str | None) -> str:
+    """A dashboard URL; empty parameters are left out."""
+    query = urlencode({k: v for k, v in params.items() if v})
+    return UI_ROOT + page + (f"?{query}" if query else "")
+
+
+def api_link(path: str, params: Mapping[str, str | None]) -> str:
+    query = urlencode({k: v for k, v in params.items() if v})
+    return "/api/" + path + (f"?{query}" if query else "")
+
+
+def _pick(params: Mapping[str, str], *names: str) -> dict[str, str]:
+    return {name: params[name] for name in names if params.get(name, "").strip()}
+
+
+# --- pages -----------------------------------------------------------------------------------
+
+
+def fleet(store: ResultsStore, params: Mapping[str, str]) -> tuple[int, Rendered]:
+    """VMs with their captures over time, alert counts, captures not complete."""
+    query = _pick(params, "vm", "since", "until", "continuation")
+    result = api.list_captures(store, {**query, "limit": str(LIST_LIMIT)})
+    severity = params.get("severity", "").strip().lower()
+    error = _error(result)
+    if severity and severity not in SEVERITY_ORDER:
+        error = f"severity: {severity!r} is not one of {', '.join(SEVERITY_ORDER)}"
+    captures = [] if error else list(result.body["captures"])
+    if severity and not error:
+        floor = SEVERITY_ORDER[severity]
+        captures = [
+            c for c in captures if SEVERITY_ORDER.get(c.get("max_severity") or "", -1) >= floor
+        ]
+    captures.sort(key=lambda c: str(c.get("capture_time") or ""), reverse=True)
+    vms = _vm_rows(captures)
+    more = None if error else result.body.get("continuation")
+    return _page(
+        "fleet.html",
+        result.status if error else 200,
+        "fleet",
+        error=error,
+        form={k: params.get(k, "") for k in ("vm", "since", "until", "severity")},
+        captures=captures,
+        vms=vms,
+        not_complete=[c for c in captures if c.get("status") != "complete"],
+        next_link=link("", **{**query, "severity": severity, "continuation": more}) if more else "",
+        json_link=api_link("captures", {**query, "limit": str(LIST_LIMIT)}),
+    )
+
+
+@dataclass
+class _VmRow:
+    vm: str
+    captures: int = 0
+    not_complete: int = 0
+    alerts: Counter[str] = field(default_factory=Counter)
+    dots: list[tuple[float, str, str, str]] = field(default_factory=list)  # x, colour, title, id
+
+
+_DOT_COLOURS = {"high": "#c62828", "medium": "#e67e00", "low": "#c9a227", "info": "#78909c"}
+
+
+def _vm_rows(captures: list[dict[str, Any]]) -> list[_VmRow]:
+    """Per VM: counts, and a strip with one dot per capture placed by its time."""
+    times = [t for t in (timestamp(c.get("capture_time")) for c in captures) if t is not None]
+    t0, t1 = (min(times), max(times)) if times else (0.0, 1.0)
+    span = max(t1 - t0, 1.0)
+    rows: dict[str, _VmRow] = defaultdict(lambda: _VmRow(""))
+    for capture in captures:
+        vm = str(capture.get("vm", ""))
+        row = rows[vm]
+        row.vm = vm
+        row.captures += 1
+        row.not_complete += capture.get("status") != "complete"
+        for severity, count in (capture.get("alerts") or {}).items():
+            row.alerts[severity] += int(count or 0)
+        ts = timestamp(capture.get("capture_time"))
+        if ts is not None:
+            colour = _DOT_COLOURS.get(str(capture.get("max_severity")), "#2e7d32")
+            if capture.get("status") != "complete":
+                colour = "#000000"
+            title = f"{capture.get('capture_time')} {capture.get('status')}"
+            x = 10 + 380 * (ts - t0) / span
+            row.dots.append((x, colour, title, str(capture.get("capture_id"))))
+    return sorted(rows.values(), key=lambda r: r.vm)
+
+
+def whole_capture(store: ResultsStore, capture_id: str) -> api.ApiResponse:
+    """``GET /api/captures/{id}`` with every page of its peers and alerts joined into one body.
+
+    The first request has no parameters, which both the single-answer API and the paginated
+    one accept; further pages are asked for only when the answer carries
+    ``peers_continuation`` / ``alerts_continuation`` tokens, sent back as such.
+    """
+    result = api.get_capture(store, capture_id, {})
+    if result.status != 200:
+        return result
+    peers, alerts = list(result.body.get("peers", [])), list(result.body.get("alerts", []))
+    body = result.body
+    for _ in range(MAX_CAPTURE_PAGES):
+        tokens = {name: str(body[name]) for name in CAPTURE_TOKENS if body.get(name)}
+        if not tokens:
+            break
+        following = api.get_capture(store, capture_id, {**tokens, "limit": str(CAPTURE_PAGE)})
+        if following.status != 200:
+            return following
+        body = following.body
+        peers.extend(body.get("peers", []))
+        alerts.extend(body.get("alerts", []))
+    joined = {k: v for k, v in result.body.items() if k not in CAPTURE_TOKENS}
+    return api.ApiResponse(200, {**joined, "peers": peers, "alerts": alerts})
+
+
+def capture(store: ResultsStore, params: Mapping[str, str]) -> tuple[int, Rendered]:
+    """The report's content for a stored capture."""
+    capture_id = params.get("id", "").strip()
+    result = whole_capture(store, capture_id)
+    if result.status != 200:
+        return _page(
+            "capture.html",
+            result.status,
+            "capture",
+            error=_error(result),
+            capture=None,
+            json_link=api_link(f"captures/{quote(capture_id, safe='')}", {}),
+        )
+    data = from_stored(result.body)
+    cap = result.body["capture"]
+    return _page(
+        "capture.html",
+        200,
+        "capture",
+        error="",
+        capture=cap,
+        vm_link=link("", vm=str(cap.get("vm") or "")),
+        alerts_link=link("alerts", vm=str(cap.get("vm") or "")),
+        json_link=api_link(f"captures/{quote(capture_id, safe='')}", {}),
+        **context(data),
+    )
+
+
+def peer(store: ResultsStore, params: Mapping[str, str]) -> tuple[int, Rendered]:
+    """Who talked to an address: which VMs, in which captures, when, under which names."""
+    ip = params.get("ip", "").strip()
+    query = _pick(params, "since", "continuation")
+    if not ip:
+        return _page(
+            "peer.html",
+            200,
+            "peer",
+            error="",
+            ip="",
+            sightings=[],
+            summary=None,
+            form={"ip": "", "since": params.get("since", "")},
+            next_link="",
+            json_link="",
+        )
+    result = api.who_talked_to(store, ip, {**query, "limit": str(LIST_LIMIT)})
+    error = _error(result)
+    sightings = [] if error else list(result.body["sightings"])
+    sightings.sort(key=lambda s: str(s.get("capture_time") or ""), reverse=True)
+    names: Counter[str] = Counter()
+    for sighting in sightings:
+        names.update(str(n) for n in sighting.get("names") or [])
+    summary = {
+        "vms": sorted({str(s.get("vm")) for s in sightings}),
+        "captures": len(sightings),
+        "names": [n for n, _ in names.most_common()],
+        "categories": sorted({str(s.get("category")) for s in sightings}),
+        "first": min(
+            (str(s.get("first_seen")) for s in sightings if s.get("first_seen")), default=""
+        ),
+        "last": max((str(s.get("last_seen")) for s in sightings if s.get("last_seen")), default=""),
+    }
+    more = None if error else result.body.get("continuation")
+    return _page(
+        "peer.html",
+        result.status if error else 200,
+        "peer",
+        error=error,
+        ip=ip,
+        sightings=sightings,
+        summary=summary,
+        form={"ip": ip, "since": params.get("since", "")},
+        next_link=link("peer", ip=ip, **{**query, "continuation": more}) if more else "",
+        json_link=api_link(f"peers/{quote(ip, safe='')}", {**query, "limit": str(LIST_LIMIT)}),
+    )
+
+
+def alerts(store: ResultsStore, params: Mapping[str, str]) -> tuple[int, Rendered]:
+    """Alerts across the fleet, filtered by rule, severity, VM and time."""
+    query = _pick(params, "since", "until", "severity", "vm", "continuation")
+    result = api.list_alerts(store, {**query, "limit": str(LIST_LIMIT)})
+    error = _error(result)
+    rows = [] if error else list(result.body["alerts"])
+    rule = params.get("rule", "").strip()
+    rules = sorted({str(a.get("rule")) for a in rows})
+    if rule:
+        rows = [a for a in rows if a.get("rule") == rule]
+    rows.sort(
+        key=lambda a: (
+            str(a.get("capture_time") or ""),
+            SEVERITY_ORDER.get(str(a.get("severity")), 0),
+        ),
+        reverse=True,
+    )
+    more = None if error else result.body.get("continuation")
+    return _page(
+        "alerts.html",
+        result.status if error else 200,
+        "alerts",
+        error=error,
+        alerts=rows,
+        rules=rules,
+        form={k: params.get(k, "") for k in ("since", "until", "severity", "vm", "rule")},
+        next_link=link("alerts", **{**query, "rule": rule, "continuation": more}) if more else "",
+        json_link=api_link("alerts", {**query, "limit": str(LIST_LIMIT)}),
+    )
+
+
+PAGES: dict[str, Callable[[ResultsStore, Mapping[str, str]], tuple[int, Rendered]]] = {
+    "": fleet,
+    "capture": capture,
+    "peer": peer,
+    "alerts": alerts,
+}
+
+
+def respond(page: str, params: Mapping[str, str], store: Callable[[], ResultsStore]) -> WebResponse:
+    """The response for dashboard page ``page`` (``""`` is the fleet)."""
+    handler = PAGES.get(page.strip("/"))
+    if handler is None:
+        status, rendered = _page("error.html", 404, "", error=f"no page {page[:80]!r}")
+    else:
+        status, rendered = handler(store(), params)
+    return html_response(status, rendered)
+
+
+def unavailable(message: str, status: int = 503) -> WebResponse:
+    status, rendered = _page("error.html", status, "", error=message)
+    return html_response(status, rendered)
+
+
+def _error(result: api.ApiResponse) -> str:
+    return "" if result.status == 200 else str(result.body.get("error", result.status))
+
+
+def _page(template: str, status: int, current: str, **values: Any) -> tuple[int, Rendered]:
+    values.setdefault("title", current or "error")
+    values.setdefault("json_link", "")
+    rendered = render(
+        template,
+        {**values, "current": current, "link": link, "severities": list(SEVERITY_ORDER)},
+        scripts=("table.js", "dashboard.js") if template == "capture.html" else ("dashboard.js",),
+        api=True,
+    )
+    return status, rendered

@@ -1,0 +1,638 @@
+"""The per-capture report: one self-contained HTML page from a capture's JSON document.
+
+The document is either ``nwcap analyze --format json`` (:meth:`Analysis.to_dict`) or the HTTP
+API's ``GET /api/captures/{id}`` body; both carry ``capture``, ``peers`` and ``alerts`` with the
+same peer and alert fields. The peer map and the timeline are laid out here, as numbers, and
+drawn as SVG by the template; the peer table's rows are embedded as JSON and paged by
+``static/table.js`` (the first page is in the HTML too, for readers without JavaScript).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from analyzer.models import SEVERITY_ORDER
+from analyzer.web.html import Rendered, embed_json, human_size, render, shown
+
+MAP_PEERS = 40  # peers drawn one by one on the map; the rest are summed per category
+TIMELINE_PEERS = 10  # peers with a timeline row of their own; the rest are summed
+TABLE_PAGE = 100  # rows per page of the peer table (and rows in the HTML without JavaScript)
+CATEGORY_ORDER = ("platform", "azure-service", "storage", "vnet", "admin", "internet", "noise")
+
+COLOURS = {
+    "alerting": "#c62828",
+    "unexpected": "#e67e00",
+    "expected": "#2e7d32",
+    "undecided": "#78909c",
+}
+
+PEER_COLUMNS = (
+    "Address",
+    "Names (source)",
+    "Category",
+    "Expected",
+    "Alerts",
+    "Roles",
+    "Service tags",
+    "Packets from peer",
+    "Packets to peer",
+    "Bytes from peer",
+    "Bytes to peer",
+    "Peer ports",
+    "VM ports",
+    "TCP",
+    "ICMP",
+    "First seen",
+    "Last seen",
+    "Why",
+)
+CONVERSATION_COLUMNS = (
+    "A",
+    "B",
+    "Packets A→B",
+    "Packets B→A",
+    "Bytes A→B",
+    "Bytes B→A",
+    "First seen",
+    "Last seen",
+)
+Cell = str | int | list[str] | None
+
+
+# --- the document ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """A capture's document, whichever source it came from."""
+
+    title: str
+    capture: Mapping[str, Any]
+    peers: Sequence[Mapping[str, Any]]
+    alerts: Sequence[Mapping[str, Any]]
+    conversations: Sequence[Mapping[str, Any]] | None  # None: not stored with the capture
+    folded: Sequence[Mapping[str, Any]] = ()
+    versions: Mapping[str, str] = field(default_factory=dict)
+
+
+def from_analysis(document: Mapping[str, Any], *, source: str) -> ReportData:
+    """A report of ``nwcap analyze --format json``'s document; ``source`` names the file."""
+    return ReportData(
+        title=source,
+        capture=document.get("capture", {}),
+        peers=document.get("peers", []),
+        alerts=document.get("alerts", []),
+        conversations=document.get("conversations", []),
+        folded=document.get("folded") or (),
+        versions={
+            "analyzer": str(document.get("analyzer_version", "")),
+            "policy": str(document.get("policy_version", "")),
+        },
+    )
+
+
+def from_stored(body: Mapping[str, Any]) -> ReportData:
+    """A report of the API's ``GET /api/captures/{id}`` body (every page of it, joined)."""
+    capture = body.get("capture", {})
+    return ReportData(
+        title=f"{capture.get('vm', '')} {capture.get('capture_time') or ''}".strip(),
+        capture=capture,
+        peers=body.get("peers", []),
+        alerts=body.get("alerts", []),
+        conversations=None,
+        folded=body.get("folded") or capture.get("folded") or (),
+        versions={
+            "analyzer": str(capture.get("analyzer_version", "")),
+            "policy": str(capture.get("policy_version", "")),
+        },
+    )
+
+
+def sorted_alerts(alerts: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Highest severity first, then by rule and peer."""
+    return sorted(
+        alerts,
+        key=lambda a: (
+            -SEVERITY_ORDER.get(str(a.get("severity")), 0),
+            str(a.get("rule")),
+            str(a.get("peer")),
+        ),
+    )
+
+
+def overview(data: ReportData) -> list[tuple[str, str, bool]]:
+    """(label, value, needs attention) rows describing the capture as a whole."""
+    cap = data.capture
+    rows: list[tuple[str, str, bool]] = []
+    if cap.get("vm"):
+        rows.append(("VM", str(cap["vm"]), False))
+        where = " / ".join(str(cap[k]) for k in ("subscription", "resource_group") if cap.get(k))
+        if where:
+            rows.append(("Subscription / group", where, False))
+    inferred = cap.get("local_addresses_inferred")
+    addresses = ", ".join(cap.get("local_addresses") or []) or "(unknown)"
+    how = " (inferred from the traffic)" if inferred else (" (given)" if inferred is False else "")
+    rows.append(("VM addresses", addresses + how, False))
+    rows.append(
+        (
+            "Capture window",
+            f"{cap.get('first_seen') or '-'} .. {cap.get('last_seen') or '-'}",
+            False,
+        )
+    )
+    ip_packets = cap.get("ip_packets")
+    packets = f"{int(cap.get('packets') or 0):,}"
+    if ip_packets is not None:
+        packets += f" ({int(ip_packets):,} IP)"
+    rows.append(("Packets", packets, False))
+    rows.append(
+        ("Bytes", f"{int(cap.get('bytes') or 0):,} ({human_size(cap.get('bytes'))})", False)
+    )
+    rows.append(("Peers", f"{len(data.peers):,}", False))
+    fmt = str(cap.get("format") or "-")
+    if cap.get("link_types"):
+        fmt += ", link types " + ", ".join(str(t) for t in cap["link_types"])
+    rows.append(("Format", fmt, False))
+    if "status" in cap:
+        complete = cap.get("status") == "complete"
+        rows.append(("Status", str(cap.get("status")), not complete))
+    else:
+        complete = bool(cap.get("complete"))
+        rows.append(("Complete", "yes" if complete else "NO: reading stopped early", not complete))
+    for key, label in (("non_ip", "Non-IP frames"), ("undecodable", "Undecodable")):
+        if cap.get(key):
+            rows.append(
+                (label, ", ".join(f"{k} {v:,}" for k, v in cap[key].items()), key == "undecodable")
+            )
+    if cap.get("malformed_dns"):
+        rows.append(("Malformed DNS", f"{int(cap['malformed_dns']):,}", True))
+    if cap.get("folded_peers"):
+        rows.append(
+            (
+                "Folded",
+                f"{int(cap['folded_peers']):,} peers, {int(cap.get('folded_packets') or 0):,} "
+                f"packets, {human_size(cap.get('folded_bytes'))} summed into groups "
+                "(peer budget reached)",
+                True,
+            )
+        )
+    elif cap.get("budget_exhausted"):
+        rows.append(("Folded", "peer budget reached", True))
+    rows.extend(("Warning", str(w), True) for w in cap.get("warnings") or [])
+    if cap.get("error"):
+        rows.append(("Error", f"{cap.get('error_type', '')}: {cap['error']}", True))
+    versions = ", ".join(f"{k} {v}" for k, v in data.versions.items() if v)
+    if versions:
+        rows.append(("Versions", versions, False))
+    return rows
+
+
+# --- the peer table --------------------------------------------------------------------------
+
+
+def best_name(peer: Mapping[str, Any]) -> str:
+    names = peer.get("names") or []
+    return str(names[0].get("name", "")) if names and isinstance(names[0], Mapping) else ""
+
+
+def _names_cell(peer: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for name in peer.get("names") or []:
+        if not isinstance(name, Mapping):
+            lines.append(str(name))
+            continue
+        chain = [str(c) for c in name.get("chain") or []]
+        text = f"{name.get('name', '')} ({name.get('source', '?')}"
+        if len(chain) > 1:
+            text += ": " + " → ".join(chain[1:])
+        lines.append(text + ")")
+    return lines
+
+
+def _ports_cell(ports: Iterable[Mapping[str, Any]], others: int) -> list[str]:
+    lines = [f"{p.get('protocol')}/{p.get('port')} x{int(p.get('packets') or 0):,}" for p in ports]
+    if others:
+        lines.append(f"+{others:,} more ports")
+    return lines
+
+
+def _tcp_cell(tcp: Mapping[str, Any]) -> list[str]:
+    def pair(label: str, key: str) -> str | None:
+        peer, local = int(tcp.get(f"{key}_peer") or 0), int(tcp.get(f"{key}_local") or 0)
+        return f"{label}: by peer {peer:,}, by VM {local:,}" if peer or local else None
+
+    lines = [
+        pair("opened", "opened_by"),
+        pair("unanswered", "unanswered_from"),
+        pair("reset", "reset_from"),
+    ]
+    inbound = tcp.get("ports_opened_by_peer") or {}
+    if inbound:
+        lines.append("peer opened VM ports " + ", ".join(str(p) for p in list(inbound)[:5]))
+    return [line for line in lines if line]
+
+
+def _expected_text(value: object) -> str:
+    return "yes" if value is True else ("NO" if value is False else "undecided")
+
+
+def peer_row(peer: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]]) -> list[Cell]:
+    """One row of the peer table, in :data:`PEER_COLUMNS` order."""
+    return [
+        str(peer.get("address", "")),
+        _names_cell(peer),
+        str(peer.get("category", "")),
+        _expected_text(peer.get("expected")),
+        [f"{a.get('severity')}: {a.get('rule')}" for a in alerts],
+        [str(r) for r in peer.get("roles") or []],
+        [str(t) for t in peer.get("service_tags") or []],
+        int(peer.get("packets_sent") or 0),
+        int(peer.get("packets_received") or 0),
+        int(peer.get("bytes_sent") or 0),
+        int(peer.get("bytes_received") or 0),
+        _ports_cell(peer.get("remote_ports") or [], int(peer.get("other_remote_ports") or 0)),
+        _ports_cell(peer.get("local_ports") or [], int(peer.get("other_local_ports") or 0)),
+        _tcp_cell(peer.get("tcp") or {}),
+        [f"{k}: {v:,}" for k, v in (peer.get("icmp_types") or {}).items()],
+        peer.get("first_seen"),
+        peer.get("last_seen"),
+        str(peer.get("reason", "")),
+    ]
+
+
+def conversation_row(conv: Mapping[str, Any]) -> list[Cell]:
+    return [
+        str(conv.get("a", "")),
+        str(conv.get("b", "")),
+        int(conv.get("packets_a_to_b") or 0),
+        int(conv.get("packets_b_to_a") or 0),
+        int(conv.get("bytes_a_to_b") or 0),
+        int(conv.get("bytes_b_to_a") or 0),
+        conv.get("first_seen"),
+        conv.get("last_seen"),
+    ]
+
+
+def _bytes(peer: Mapping[str, Any]) -> int:
+    return int(peer.get("bytes_sent") or 0) + int(peer.get("bytes_received") or 0)
+
+
+def _alerts_by_peer(alerts: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    grouped: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for alert in alerts:
+        grouped[str(alert.get("peer"))].append(alert)
+    return grouped
+
+
+# --- the peer map ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MapNode:
+    x: float
+    y: float
+    label_x: float
+    label_y: float
+    anchor: str
+    rotation: float  # degrees: labels run along their edge, so that neighbours cannot overlap
+    label: str
+    title: str
+    href: str  # "" for a group of peers
+    colour: str
+    width: float
+    dashed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MapSector:
+    label: str
+    x: float
+    y: float
+    line_x: float
+    line_y: float
+
+
+@dataclass(frozen=True, slots=True)
+class PeerMap:
+    width: int
+    height: int
+    cx: float
+    cy: float
+    vm_label: str
+    nodes: list[MapNode]
+    sectors: list[MapSector]
+    hidden: int
+
+
+def peer_colour(peer: Mapping[str, Any], alerting: bool) -> str:
+    if alerting:
+        return "alerting"
+    expected = peer.get("expected")
+    return "expected" if expected is True else ("unexpected" if expected is False else "undecided")
+
+
+def _category_rank(category: str) -> tuple[int, str]:
+    try:
+        return (CATEGORY_ORDER.index(category), category)
+    except ValueError:
+        return (len(CATEGORY_ORDER), category)
+
+
+def peer_map(data: ReportData, *, shown_peers: int = MAP_PEERS) -> PeerMap:
+    """The VM in the middle, peers around it in one sector per category.
+
+    Alerting peers are drawn first, then the busiest; the rest of each category is one node
+    ("1,234 other internet peers"). Edge width grows with the log of the bytes exchanged.
+    """
+    alerted = _alerts_by_peer(data.alerts)
+    ranked = sorted(data.peers, key=lambda p: (str(p.get("address")) not in alerted, -_bytes(p)))
+    drawn = ranked[:shown_peers]
+    rest: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for peer in ranked[shown_peers:]:
+        rest[str(peer.get("category") or "unclassified")].append(peer)
+    by_category: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for peer in drawn:
+        by_category[str(peer.get("category") or "unclassified")].append(peer)
+    categories = sorted(set(by_category) | set(rest), key=_category_rank)
+    slots = {c: len(by_category[c]) + (1 if rest.get(c) else 0) for c in categories}
+    total_slots = max(sum(slots.values()), 1)
+    max_bytes = max([_bytes(p) for p in drawn] + [sum(map(_bytes, g)) for g in rest.values()] + [1])
+
+    width, height = 980, 900
+    cx, cy = width / 2, height / 2 + 20
+    nodes: list[MapNode] = []
+    sectors: list[MapSector] = []
+    angle = -math.pi / 2
+    for category in categories:
+        span = 2 * math.pi * slots[category] / total_slots
+        middle = angle + span / 2
+        sectors.append(
+            MapSector(
+                f"{category} ({len(by_category[category]) + len(rest.get(category, [])):,})",
+                cx + 120 * math.cos(middle),
+                cy + 120 * math.sin(middle) + 4,
+                cx + 420 * math.cos(angle),
+                cy + 420 * math.sin(angle),
+            )
+        )
+        members: list[tuple[str, Mapping[str, Any] | list[Mapping[str, Any]]]] = [
+            ("peer", p) for p in by_category[category]
+        ]
+        if rest.get(category):
+            members.append(("group", rest[category]))
+        step = span / len(members)
+        for index, (kind, member) in enumerate(members):
+            theta = angle + step * (index + 0.5)
+            radius = 230
+            if isinstance(member, list):
+                size = sum(map(_bytes, member))
+                count = len(member)
+                alerting = sum(1 for p in member if str(p.get("address")) in alerted)
+                label = f"{count:,} other {category} peers"
+                title = f"{label}: {human_size(size)}" + (
+                    f", {alerting:,} alerting" if alerting else ""
+                )
+                colour, href, dashed = COLOURS["undecided"], "", True
+            else:
+                size = _bytes(member)
+                address = str(member.get("address", ""))
+                name = best_name(member)
+                label = shown(name or address, 26)
+                title = f"{shown(name)} {address}, {human_size(size)}, {member.get('category')}"
+                colour = COLOURS[peer_colour(member, address in alerted)]
+                href, dashed = f"#peer-{address}", False
+            del kind
+            cos, sin = math.cos(theta), math.sin(theta)
+            nodes.append(
+                MapNode(
+                    x=cx + radius * cos,
+                    y=cy + radius * sin,
+                    label_x=cx + (radius + 10) * cos,
+                    label_y=cy + (radius + 10) * sin,
+                    anchor="start" if cos >= 0 else "end",
+                    rotation=round(math.degrees(theta) + (0 if cos >= 0 else 180), 1),
+                    label=label,
+                    title=title,
+                    href=href,
+                    colour=colour,
+                    width=round(1 + 7 * math.log1p(size) / math.log1p(max_bytes), 2),
+                    dashed=dashed,
+                )
+            )
+        angle += span
+    addresses = ", ".join(data.capture.get("local_addresses") or []) or "VM"
+    vm = str(data.capture.get("vm") or "")
+    return PeerMap(
+        width=width,
+        height=height,
+        cx=cx,
+        cy=cy,
+        vm_label=shown(f"{vm} {addresses}".strip(), 40),
+        nodes=nodes,
+        sectors=sectors if len(categories) > 1 else [],
+        hidden=max(len(data.peers) - len(drawn), 0),
+    )
+
+
+# --- the timeline ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineRow:
+    label: str
+    href: str
+    y: float
+    total: str
+    bars: list[tuple[float, float, float, float]]  # x, y, width, height
+    colour: str
+    markers: list[tuple[float, str]]  # x, title
+
+
+@dataclass(frozen=True, slots=True)
+class Timeline:
+    width: int
+    height: int
+    left: float
+    right: float
+    rows: list[TimelineRow]
+    ticks: list[tuple[float, str]]
+    histogram: bool  # False: rows are first-to-last-packet spans, no activity data
+    empty: bool
+
+
+def timestamp(value: object) -> float | None:
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str) and value:
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+def timeline(data: ReportData, *, rows: int = TIMELINE_PEERS) -> Timeline:
+    """Traffic over time of the busiest peers, the rest summed, alerts marked.
+
+    Uses the per-peer activity histogram (``activity``, with the capture's ``activity_start``
+    and ``activity_bucket_seconds``) when the document has one; otherwise each row is the span
+    from the peer's first to its last packet.
+    """
+    cap = data.capture
+    start = timestamp(cap.get("activity_start"))
+    bucket = timestamp(cap.get("activity_bucket_seconds"))
+    histogram = (
+        start is not None
+        and bucket is not None
+        and bucket > 0
+        and any(p.get("activity") for p in data.peers)
+    )
+    t0: float | None
+    t1: float | None
+    buckets = 0
+    if start is not None and bucket is not None and histogram:
+        buckets = max(len(p.get("activity") or []) for p in data.peers)
+        t0, t1 = start, start + buckets * bucket
+    else:
+        t0 = timestamp(cap.get("first_seen"))
+        t1 = timestamp(cap.get("last_seen"))
+    width, left, right, row_height = 980, 250, 960, 30
+    if t0 is None or t1 is None or not data.peers:
+        return Timeline(width, 60, left, right, [], [], histogram, True)
+    origin, span = t0, max(t1 - t0, 1e-6)
+
+    def x_of(ts: float) -> float:
+        return left + (right - left) * min(max((ts - origin) / span, 0.0), 1.0)
+
+    alerted = _alerts_by_peer(data.alerts)
+    busiest = sorted(data.peers, key=lambda p: -_bytes(p))
+    groups: list[tuple[str, Sequence[Mapping[str, Any]], str, str]] = []
+    for peer in busiest[:rows]:
+        address = str(peer.get("address", ""))
+        colour = COLOURS[peer_colour(peer, address in alerted)]
+        groups.append((shown(best_name(peer) or address, 34), [peer], f"#peer-{address}", colour))
+    if busiest[rows:]:
+        others = busiest[rows:]
+        groups.append((f"{len(others):,} other peers", others, "", COLOURS["undecided"]))
+    out: list[TimelineRow] = []
+    for index, (label, members, href, colour) in enumerate(groups):
+        y = 30 + index * row_height
+        total = sum(map(_bytes, members))
+        bars: list[tuple[float, float, float, float]] = []
+        if histogram:
+            sums = [0] * buckets
+            for member in members:
+                for i, count in enumerate((member.get("activity") or [])[:buckets]):
+                    sums[i] += int(count or 0)
+            peak = max([*sums, 1])
+            bar_width = (right - left) / buckets
+            for i, count in enumerate(sums):
+                if count:
+                    h = max(2.0, (row_height - 8) * math.log1p(count) / math.log1p(peak))
+                    bars.append(
+                        (left + i * bar_width, y + row_height - 4 - h, max(bar_width - 1, 1), h)
+                    )
+        else:
+            for member in members[:200]:
+                first = timestamp(member.get("first_seen"))
+                last = timestamp(member.get("last_seen"))
+                if first is not None and last is not None:
+                    x = x_of(first)
+                    bars.append((x, y + 8, max(x_of(last) - x, 2.0), row_height - 14))
+        markers = []
+        for member in members:
+            for alert in alerted.get(str(member.get("address")), []):
+                first = timestamp(member.get("first_seen"))
+                if first is not None:
+                    markers.append((x_of(first), f"{alert.get('severity')}: {alert.get('rule')}"))
+        out.append(TimelineRow(label, href, y, human_size(total), bars, colour, markers[:20]))
+    ticks = []
+    for i in range(5):
+        ts = origin + span * i / 4
+        moment = datetime.fromtimestamp(ts, tz=timezone.utc)
+        ticks.append((left + (right - left) * i / 4, moment.strftime("%H:%M:%S.%f")[:-3]))
+    height = 30 + len(out) * row_height + 30
+    return Timeline(width, height, left, right, out, ticks, histogram, False)
+
+
+# --- the page --------------------------------------------------------------------------------
+
+
+def table_data(
+    columns: Sequence[str],
+    rows: list[list[Cell]],
+    *,
+    numeric: Sequence[int],
+    page: int = TABLE_PAGE,
+) -> dict[str, Any]:
+    """What ``table.js`` renders: columns, rows of cells, which columns sort as numbers."""
+    return {"columns": list(columns), "rows": rows, "numeric": list(numeric), "page_size": page}
+
+
+def context(data: ReportData) -> dict[str, Any]:
+    """Everything the report template needs, shared by the file report and the capture page."""
+    alerted = _alerts_by_peer(data.alerts)
+    peers = sorted(data.peers, key=lambda p: -_bytes(p))
+    peer_rows = [peer_row(p, alerted.get(str(p.get("address")), [])) for p in peers]
+    peer_table = table_data(PEER_COLUMNS, peer_rows, numeric=(7, 8, 9, 10))
+    conversations = None
+    if data.conversations is not None:
+        conv_rows = [
+            conversation_row(c)
+            for c in sorted(
+                data.conversations,
+                key=lambda c: -(int(c.get("bytes_a_to_b") or 0) + int(c.get("bytes_b_to_a") or 0)),
+            )
+        ]
+        conversations = table_data(CONVERSATION_COLUMNS, conv_rows, numeric=(2, 3, 4, 5))
+    categories = Counter(str(p.get("category", "")) for p in data.peers)
+    severities = Counter(str(a.get("severity")) for a in data.alerts)
+    return {
+        "title": data.title,
+        "overview": overview(data),
+        "alerts": sorted_alerts(data.alerts),
+        "severity_counts": [(s, severities[s]) for s in reversed(SEVERITY_ORDER) if severities[s]],
+        "peer_map": peer_map(data),
+        "timeline": timeline(data),
+        "colours": COLOURS,
+        "peer_table": peer_table,
+        "peer_table_json": embed_json(peer_table),
+        "conversation_table": conversations,
+        "conversation_table_json": embed_json(conversations) if conversations else None,
+        "categories": sorted(categories, key=_category_rank),
+        "folded": [_folded_row(group) for group in data.folded],
+        "evidence": _evidence_lines,
+    }
+
+
+def _folded_row(group: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [(str(k), _value_text(v)) for k, v in group.items()]
+
+
+def _value_text(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _evidence_lines(evidence: object) -> list[tuple[str, str]]:
+    if not isinstance(evidence, Mapping):
+        return [("", _value_text(evidence))]
+    return [(str(k), _value_text(v)) for k, v in evidence.items()]
+
+
+def render_report(data: ReportData) -> Rendered:
+    """The self-contained report file: everything inline, the CSP in a meta element."""
+    return render(
+        "report.html",
+        {
+            **context(data),
+            "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        },
+        scripts=("table.js",),
+        api=False,
+    )

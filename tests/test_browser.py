@@ -1,0 +1,284 @@
+"""The report and the dashboard in a real browser: Debian's chromium driven by playwright.
+
+Every test records console errors, uncaught exceptions, dialogs (an ``alert()`` that escaped)
+and every request that is not the page itself (``file:``/``data:``, or the local dashboard
+server): all must stay empty. Run ``scripts/setup-browser.sh`` to install chromium.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import test_report
+from test_report import (
+    HOSTILE_HOSTS,
+    SAMPLES,
+    analysis_of,
+    big_analysis,
+    hostile_document,
+)
+
+from analyzer import api
+from analyzer.web import report
+from analyzer.web.html import shown
+
+# Azurite with processed captures, and `nwcap serve` over them: test_report's fixtures.
+stored = test_report.stored
+server = test_report.server
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM),
+    reason=f"{CHROMIUM} is absent: run scripts/setup-browser.sh (apt-get install chromium)",
+)
+
+if os.path.exists(CHROMIUM):
+    from playwright.sync_api import Browser, Page, Route, sync_playwright
+
+
+@dataclass
+class Watched:
+    """A page and what it did that it should not have."""
+
+    page: Page
+    allowed_origin: str = ""
+    console_errors: list[str] = field(default_factory=list)
+    page_errors: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+    requested: list[str] = field(default_factory=list)
+
+    def assert_clean(self) -> None:
+        assert self.console_errors == []
+        assert self.page_errors == []
+        assert self.dialogs == []
+        assert self.blocked == []
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def watched(browser: Browser) -> Iterator[Watched]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    seen = Watched(page)
+
+    def intercept(route: Route) -> None:
+        url = route.request.url
+        seen.requested.append(url)
+        local = seen.allowed_origin and url.startswith(seen.allowed_origin)
+        if url.startswith(("file:", "data:")) or local:
+            route.continue_()
+        else:
+            seen.blocked.append(url)
+            route.abort()
+
+    context.route("**/*", intercept)
+    page.on("console", lambda m: seen.console_errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: seen.page_errors.append(str(e)))
+
+    def on_dialog(dialog: Any) -> None:
+        seen.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    yield seen
+    context.close()
+
+
+def write_report(document: dict[str, Any], path: Path) -> str:
+    path.write_text(report.render_report(report.from_analysis(document, source="t")).html)
+    return path.as_uri()
+
+
+def shown_column(page: Page, table: str, column: int) -> list[str]:
+    return page.eval_on_selector_all(
+        f'[data-table="{table}"] tbody tr',
+        f"rows => rows.map(r => r.children[{column}].innerText)",
+    )
+
+
+def number(value: int) -> str:
+    return f"{value:,}"
+
+
+class TestReportInBrowser:
+    """What the report shows equals its JSON document; sorting, filtering and paging work."""
+
+    def test_samples_show_every_peer_and_alert(self, watched: Watched, tmp_path: Path) -> None:
+        page = watched.page
+        for sample in SAMPLES:
+            document = analysis_of(sample)
+            page.goto(write_report(document, tmp_path / f"{sample.stem}.html"))
+            peers = sorted(
+                document["peers"], key=lambda p: -(p["bytes_sent"] + p["bytes_received"])
+            )
+            assert shown_column(page, "peers", 0) == [p["address"] for p in peers]
+            assert shown_column(page, "peers", 9) == [number(p["bytes_sent"]) for p in peers]
+            assert shown_column(page, "peers", 10) == [number(p["bytes_received"]) for p in peers]
+            assert shown_column(page, "peers", 2) == [p["category"] for p in peers]
+            names = shown_column(page, "peers", 1)
+            for peer, cell in zip(peers, names, strict=True):
+                assert [line.split(" (")[0] for line in cell.splitlines() if line] == [
+                    shown(n["name"]) for n in peer["names"]
+                ]
+            alert_rows = page.locator("tr.alert-row")
+            assert alert_rows.count() == len(document["alerts"])
+            for index, alert in enumerate(report.sorted_alerts(document["alerts"])):
+                text = alert_rows.nth(index).inner_text()
+                assert alert["rule"] in text and alert["peer"] in text
+            assert len(shown_column(page, "conversations", 0)) == len(document["conversations"])
+            assert page.locator("svg.peer-map circle").count() == len(document["peers"]) + 1
+        watched.assert_clean()
+        assert {u.split(":")[0] for u in watched.requested} == {"file"}
+
+    def test_sort_filter_page(self, watched: Watched, tmp_path: Path) -> None:
+        analysis = big_analysis(250, alerts=7)
+        document = analysis.to_dict()
+        page = watched.page
+        page.goto(write_report(document, tmp_path / "big.html"))
+        table = page.locator('[data-table="peers"]')
+        assert table.locator("tbody tr").count() == report.TABLE_PAGE
+        # sort by bytes from the peer: descending first for numbers, then ascending
+        header = table.locator("th").nth(9)
+        header.locator("button").click()
+        expected = sorted((p["bytes_sent"] for p in document["peers"]), reverse=True)
+        assert shown_column(page, "peers", 9) == [number(v) for v in expected[:100]]
+        assert header.get_attribute("aria-sort") == "descending"
+        header.locator("button").click()
+        assert shown_column(page, "peers", 9) == [number(v) for v in sorted(expected)[:100]]
+        table.locator("button.next").click()
+        assert shown_column(page, "peers", 9) == [number(v) for v in sorted(expected)[100:200]]
+        # sort by address, as text
+        table.locator("th").nth(0).locator("button").click()
+        addresses = sorted(p["address"] for p in document["peers"])
+        assert shown_column(page, "peers", 0) == addresses[:100]
+        # free text
+        table.locator("input.filter-text").fill("host12")
+        matching = [p for p in document["peers"] if "host12" in p["names"][0]["name"]]
+        assert sorted(shown_column(page, "peers", 0)) == sorted(p["address"] for p in matching)
+        assert table.locator(".count").inner_text() == f"{len(matching)} of 250 peers match"
+        table.locator("input.filter-text").fill("")
+        # alerting only, then expected = yes (none: all are unexpected)
+        table.locator("input.filter-nonempty").check()
+        assert sorted(shown_column(page, "peers", 0)) == sorted(a.peer for a in analysis.alerts)
+        table.locator("input.filter-nonempty").uncheck()
+        table.locator('select[data-col="3"]').select_option("yes")
+        assert table.locator("tbody tr").count() == 0
+        assert "nothing matches" in table.locator(".page").inner_text()
+        table.locator('select[data-col="3"]').select_option("NO")
+        table.locator('select[data-col="2"]').select_option("internet")
+        assert table.locator(".count").inner_text() == "250 peers"
+        watched.assert_clean()
+
+    def test_alert_link_reveals_the_peer(self, watched: Watched, tmp_path: Path) -> None:
+        analysis = big_analysis(300, alerts=1)
+        document = analysis.to_dict()
+        target = document["peers"][0]["address"]  # the least busy peer: on the last page
+        document["alerts"] = [dict(document["alerts"][0], peer=target)]
+        page = watched.page
+        page.goto(write_report(document, tmp_path / "link.html"))
+        assert page.locator(f'tr[id="peer-{target}"]').count() == 0
+        page.locator("a.peer-link").click()
+        row = page.locator(f'tr[id="peer-{target}"]')
+        assert row.count() == 1 and "target" in (row.get_attribute("class") or "")
+        assert row.is_visible()
+        watched.assert_clean()
+
+    def test_hostile_names_are_text(self, watched: Watched, tmp_path: Path) -> None:
+        document = hostile_document()
+        page = watched.page
+        page.goto(write_report(document, tmp_path / "hostile.html"))
+        page.wait_for_timeout(200)
+        assert page.locator("img").count() == 0
+        assert page.locator("script").count() == 3  # two tables' JSON and the one inline script
+        assert page.locator("main svg[onload], main [onerror]").count() == 0
+        cells = "\n".join(shown_column(page, "peers", 1))
+        for host in HOSTILE_HOSTS[:3]:
+            assert host in cells
+        assert "moc.\\u202eevil.example" in cells and "\u202e" not in cells
+        alert_text = page.locator("tr.alert-row").first.inner_text()
+        assert "</script><script>alert(4)</script>" in alert_text
+        watched.assert_clean()
+
+
+class TestDashboardInBrowser:
+    """fleet → capture → peer → alerts by clicking, each page showing what the API returns."""
+
+    def test_click_through(self, watched: Watched, server: str, stored: dict[str, Any]) -> None:
+        origin = server.split("/api/ui/", maxsplit=1)[0]
+        watched.allowed_origin = origin
+        store = stored["store"]
+        page = watched.page
+        page.goto(server + "?code=k3y")
+        captures = api.list_captures(store, {}).body["captures"]
+        assert page.locator("tr.capture-row").count() == len(captures) == 3
+        assert page.locator("tr.vm-row").count() == 1
+
+        page.locator(f'a.capture-link[href*="{stored["scan"]}"]').click()
+        page.wait_for_load_state()
+        assert "/api/ui/capture" in page.url and "code=k3y" in page.url
+        body = api.get_capture(store, stored["scan"], {}).body
+        assert sorted(shown_column(page, "peers", 0)) == sorted(p["address"] for p in body["peers"])
+        assert page.locator("tr.alert-row").count() == len(body["alerts"]) > 0
+
+        page.locator("a.who-link").first.click()
+        page.wait_for_load_state()
+        peer = body["alerts"][0]["peer"] if len(body["alerts"]) == 1 else None
+        sightings = api.who_talked_to(store, page.url.split("ip=")[1].split("&")[0], {}).body
+        assert peer is None or sightings["address"] == peer
+        assert page.locator("tr.sighting-row").count() == len(sightings["sightings"]) > 0
+
+        page.locator("nav.top a", has_text="Alerts").click()
+        page.wait_for_load_state()
+        alerts = api.list_alerts(store, {}).body["alerts"]
+        assert page.locator("tr.alert-row").count() == len(alerts) > 0
+        page.locator("select[name=severity]").select_option("medium")
+        page.locator("form.filters button[type=submit]").click()
+        page.wait_for_load_state()
+        assert "severity=medium" in page.url and "code=k3y" in page.url
+        medium = api.list_alerts(store, {"severity": "medium"}).body["alerts"]
+        assert page.locator("tr.alert-row").count() == len(medium) > 0
+
+        with page.expect_navigation():
+            page.locator("footer a.json").click()
+        assert (
+            json.loads(page.locator("body").inner_text())
+            == api.list_alerts(store, {"severity": "medium", "limit": "500"}).body
+        )
+
+        page.goto(f"{server}capture?id={stored['hostile']}&code=k3y")
+        cells = "\n".join(shown_column(page, "peers", 1))
+        assert HOSTILE_HOSTS[0] in cells and page.locator("img").count() == 0
+
+        watched.assert_clean()
+        app_requests = [u for u in watched.requested if u.startswith(origin)]
+        assert app_requests and all("code=k3y" in u for u in app_requests)
+
+    def test_served_headers(self, server: str) -> None:
+        with urllib.request.urlopen(server, timeout=30) as response:  # noqa: S310 - local
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+            assert "script-src 'sha256-" in response.headers["Content-Security-Policy"]

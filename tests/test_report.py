@@ -1,0 +1,547 @@
+"""Tests of the HTML report and the dashboard's server side (analyzer.web), without a browser.
+
+Reports are built from real analyses of the bundled samples and of captures written here with
+hostile names; the dashboard pages are served from captures processed into Azurite.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import random
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from html import unescape
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import azure.functions as func
+import pytest
+from azure.storage.blob import BlobClient
+from conftest import ROOT, network_watcher_path
+
+from analyzer import api, report_cli, synth
+from analyzer.analysis import analyze
+from analyzer.models import (
+    Alert,
+    Analysis,
+    CaptureInfo,
+    Conversation,
+    Peer,
+    PeerName,
+    PortCount,
+    TcpCounts,
+)
+from analyzer.policy import load_policy
+from analyzer.processing import process_blob
+from analyzer.storage import TableResultsStore
+from analyzer.web import pages, report
+from analyzer.web.blueprint import web_blueprint
+from analyzer.web.html import embed_json, shown
+from analyzer.web.server import start_in_thread
+
+SAMPLES = sorted((ROOT / "samples").glob("*.cap"))
+POLICY = load_policy((ROOT / "samples" / "policy.yaml").read_bytes())
+VM = "10.0.0.4"
+HOSTILE_HOSTS = (
+    "</script><script>alert(1)</script>",
+    "\"'><img/src=x/onerror=alert(2)>",
+    "<!--<svg/onload=alert(3)>",
+    "x" * 240 + ".example.com",
+)
+EXTERNAL = re.compile(r"""(?:src|href|action|xlink:href)\s*=\s*["']?\s*(?:[a-z]+:)?//""", re.I)
+
+
+# --- helpers shared with test_browser ----------------------------------------------------------
+
+
+def analysis_of(path: Path) -> dict[str, Any]:
+    with path.open("rb") as stream:
+        return analyze(stream, policy=POLICY).to_dict()
+
+
+def hostile_capture() -> bytes:
+    """The VM fetching over HTTP and TLS from hosts whose Host header and SNI are markup."""
+    trace = synth.Trace(
+        seed=11,
+        start=1_795_600_000,
+        local_addresses=[VM],
+        local_mac="00:0d:3a:6f:12:04",
+        gateway_mac="12:34:56:78:9a:bc",
+    )
+    rng = random.Random(5)  # noqa: S311 - reproducible test data
+    for index, host in enumerate(HOSTILE_HOSTS):
+        server = f"81.2.69.{160 + index}"
+        request = synth.http_request("GET", "/", host)
+        trace.tcp_session(VM, server, 80, [(request, synth.http_response(200, "OK", b"hi"))])
+        trace.wait(2000)
+        hello = synth.tls_client_hello(host[:200], rng)
+        trace.tcp_session(VM, f"81.2.70.{160 + index}", 443, [(hello, synth.tls_server_hello(rng))])
+        trace.wait(2000)
+    buffer = io.BytesIO()
+    synth.write_pcap(buffer, trace.packets())
+    return buffer.getvalue()
+
+
+def hostile_document() -> dict[str, Any]:
+    """A real analysis of :func:`hostile_capture`, plus a name with a bidi override and an
+    alert whose text is markup (as a hostile policy or a stored row could carry)."""
+    document = analyze(io.BytesIO(hostile_capture()), local_addresses=[VM]).to_dict()
+    peer = document["peers"][0]
+    peer["names"].append({"name": "moc.\u202eevil.example", "source": "dns", "chain": ["a"]})
+    document["alerts"].append(
+        {
+            "rule": "<b>rule</b>",
+            "severity": "high",
+            "peer": peer["address"],
+            "message": "</script><script>alert(4)</script>",
+            "evidence": {"<i>": "<!-- </script>"},
+        }
+    )
+    return document
+
+
+def big_analysis(peers: int, *, alerts: int = 0) -> Analysis:
+    """An analysis of ``peers`` internet peers, each with a name, ports and TCP counts."""
+    made = []
+    for i in range(peers):
+        address = f"20.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
+        made.append(
+            Peer(
+                address=address,
+                local_addresses=(VM,),
+                packets_sent=i % 97 + 1,
+                packets_received=i % 89,
+                bytes_sent=(i % 97 + 1) * 80,
+                bytes_received=(i % 89) * 1400,
+                first_seen=1_795_600_000 + i * 0.01,
+                last_seen=1_795_600_005 + i * 0.01,
+                protocols={"tcp": 3},
+                remote_ports=(PortCount("tcp", 443, 3, 400),),
+                local_ports=(PortCount("tcp", 50000 + i % 10000, 3, 400),),
+                tcp=TcpCounts(opened_by_local=1),
+                names=(
+                    PeerName(
+                        f"host{i}.example.com",
+                        "dns",
+                        (f"host{i}.example.com", f"edge{i}.cdn.example.net"),
+                    ),
+                ),
+                category="internet",
+                expected=False,
+                reason="Public address",
+                service_tags=("AzureCloud",) if i % 3 == 0 else (),
+            )
+        )
+    raised = tuple(
+        Alert("unexpected-endpoint", "medium", p.address, f"{p.address} is not allowed")
+        for p in made[:alerts]
+    )
+    capture = CaptureInfo(
+        "pcap-le-usec",
+        (1,),
+        sum(p.packets for p in made),
+        sum(p.bytes for p in made),
+        1_795_600_000.0,
+        1_795_600_205.0,
+        (VM,),
+        True,
+        True,
+    )
+    conversations = tuple(
+        Conversation(
+            VM,
+            p.address,
+            p.packets_received,
+            p.packets_sent,
+            p.bytes_received,
+            p.bytes_sent,
+            p.first_seen,
+            p.last_seen,
+        )
+        for p in made
+    )
+    return Analysis(capture, conversations, tuple(made), raised, "0.1.0", "test")
+
+
+def table_rows(html: str, name: str) -> list[list[Any]]:
+    """The rows a page's table ``name`` embeds for its script."""
+    match = re.search(
+        rf'data-table="{name}".*?<script type="application/json" class="table-data">(.*?)</script>',
+        html,
+        re.S,
+    )
+    assert match, f"no {name} table"
+    return list(json.loads(match.group(1))["rows"])
+
+
+class _Texts(HTMLParser):
+    """Text of the elements with a given class, and every script and style element's text."""
+
+    def __init__(self, css_class: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.css_class = css_class
+        self.depth = 0
+        self.current: list[str] = []
+        self.found: list[str] = []
+        self.inline: list[tuple[str, str]] = []  # (tag, text) of script and style
+        self.raw_tag = ""
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("script", "style") and not dict(attrs).get("type"):
+            self.raw_tag = tag
+        if self.depth:
+            self.depth += 1
+        elif self.css_class in (dict(attrs).get("class") or "").split():
+            self.depth, self.current = 1, []
+
+    def handle_endtag(self, tag: str) -> None:
+        self.raw_tag = ""
+        if self.depth:
+            self.depth -= 1
+            if not self.depth:
+                self.found.append(" ".join("".join(self.current).split()))
+
+    def handle_data(self, data: str) -> None:
+        if self.raw_tag:
+            self.inline.append((self.raw_tag, data))
+        if self.depth:
+            self.current.append(data)
+
+
+def texts(html: str, css_class: str) -> _Texts:
+    parser = _Texts(css_class)
+    parser.feed(html)
+    return parser
+
+
+def assert_safe_page(html: str, csp: str) -> None:
+    """CSP allows exactly the inline code, and nothing refers outside the page."""
+    meta = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]*)">', html)
+    assert meta and unescape(meta.group(1)) == csp
+    assert "default-src 'none'" in csp
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+    parsed = texts(html, "-")
+    assert parsed.inline, "no inline code found"
+    for tag, code in parsed.inline:
+        digest = base64.b64encode(hashlib.sha256(code.encode()).digest()).decode()
+        assert f"'sha256-{digest}'" in csp, f"inline {tag} not allowed by the CSP"
+    assert not EXTERNAL.search(html), EXTERNAL.search(html)
+    assert "@import" not in html and "url(" not in html
+
+
+def _parser() -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="nwcap")
+    report_cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
+class TestSampleReports:
+    """Every sample's report shows every peer and every alert of its JSON document."""
+
+    @pytest.mark.parametrize("sample", SAMPLES, ids=[s.name for s in SAMPLES])
+    def test_every_peer_and_alert(self, sample: Path, tmp_path: Path) -> None:
+        out = tmp_path / "report.html"
+        args = _parser().parse_args(
+            ["report", str(sample), "-o", str(out), "--policy", str(ROOT / "samples/policy.yaml")]
+        )
+        assert args.func(args) == 0
+        html = out.read_text("utf-8")
+        document = analysis_of(sample)
+        rows = table_rows(html, "peers")
+        assert sorted(r[0] for r in rows) == sorted(p["address"] for p in document["peers"])
+        by_address = {r[0]: r for r in rows}
+        for peer in document["peers"]:
+            row = by_address[peer["address"]]
+            assert row[2:4] == [peer["category"], report._expected_text(peer["expected"])]
+            assert row[7:11] == [
+                peer["packets_sent"],
+                peer["packets_received"],
+                peer["bytes_sent"],
+                peer["bytes_received"],
+            ]
+            assert [n.split(" (")[0] for n in row[1]] == [n["name"] for n in peer["names"]]
+        shown_alerts = texts(html, "alert-row").found
+        assert len(shown_alerts) == len(document["alerts"])
+        for alert in document["alerts"]:
+            assert any(
+                alert["rule"] in text and alert["peer"] in text and alert["message"] in text
+                for text in shown_alerts
+            ), alert
+        conversations = table_rows(html, "conversations")
+        assert len(conversations) == len(document["conversations"])
+        capture = document["capture"]
+        assert f"{capture['packets']:,}" in html and f"{capture['bytes']:,}" in html
+
+    def test_alerts_highest_severity_first_and_linked(self) -> None:
+        document = analysis_of(ROOT / "samples" / "inbound-scan.cap")
+        document["alerts"].append(dict(document["alerts"][0], severity="info", rule="new-peer"))
+        html = report.render_report(report.from_analysis(document, source="x")).html
+        severities = [t.split()[0] for t in texts(html, "alert-row").found]
+        assert severities == sorted(severities, key=["high", "medium", "low", "info"].index)
+        assert f'href="#peer-{document["alerts"][0]["peer"]}"' in html
+
+    def test_safe_page(self) -> None:
+        page = report.render_report(
+            report.from_analysis(analysis_of(SAMPLES[0]), source="baseline.cap")
+        )
+        assert_safe_page(page.html, page.csp)
+        assert "@media print" in page.html
+
+    def test_first_page_without_javascript(self) -> None:
+        html = report.render_report(
+            report.from_analysis(big_analysis(250).to_dict(), source="b")
+        ).html
+        body = html.split('data-table="peers"')[1].split("</tbody>")[0]
+        assert body.count("<tr id=") == report.TABLE_PAGE
+
+
+class TestHostileNames:
+    """Markup, bidi overrides and very long names from a capture are shown as text."""
+
+    def test_escaped_everywhere(self) -> None:
+        document = hostile_document()
+        names = {n["name"] for p in document["peers"] for n in p["names"]}
+        assert set(HOSTILE_HOSTS[:3]) <= names  # the capture really carries them
+        page = report.render_report(report.from_analysis(document, source="<b>file</b>.cap"))
+        html = page.html
+        for text in (*HOSTILE_HOSTS[:3], "<b>rule</b>", "<i>", "<b>file</b>", "\u202e"):
+            assert text not in html
+        assert "&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in html  # first page
+        assert "\\u003c/script\\u003e\\u003cscript\\u003ealert(1)" in html  # embedded JSON
+        assert "moc.\\u202eevil.example" in html  # visible, not reordering
+        assert html.count("<script") == len(re.findall(r"</script>", html))
+        assert "x" * 241 not in html.split("table-data")[0]  # long names cut where drawn
+        assert_safe_page(html, page.csp)
+
+    def test_shown(self) -> None:
+        assert shown("a\u202eb\x00c\nd") == "a\\u202eb\\u0000c\\u000ad"
+        assert shown("é漢字 ok") == "é漢字 ok"
+        long = shown("y" * 500)
+        assert long.startswith("y" * 199) and long.endswith("(+301 characters)")
+
+    def test_embedded_json_cannot_end_the_script(self) -> None:
+        text = str(embed_json(["</script><!--", "&amp;"]))
+        assert "<" not in text and ">" not in text and "&" not in text
+        assert json.loads(text) == ["</script><!--", "&amp;"]
+
+
+class TestPeerMap:
+    """The map draws every peer of a small capture, the busiest of a large one."""
+
+    def test_small(self) -> None:
+        document = analysis_of(ROOT / "samples" / "baseline.cap")
+        drawn = report.peer_map(report.from_analysis(document, source="b"))
+        assert len(drawn.nodes) == len(document["peers"]) and drawn.hidden == 0
+        assert all(n.href for n in drawn.nodes)
+
+    def test_large_aggregates_the_tail(self) -> None:
+        analysis = big_analysis(5000, alerts=3)
+        drawn = report.peer_map(report.from_analysis(analysis.to_dict(), source="b"))
+        singles = [n for n in drawn.nodes if n.href]
+        groups = [n for n in drawn.nodes if not n.href]
+        assert len(singles) == report.MAP_PEERS
+        assert [g.label for g in groups] == [f"{5000 - report.MAP_PEERS:,} other internet peers"]
+        alerting = {a.peer for a in analysis.alerts}
+        assert {n.href[len("#peer-") :] for n in singles} >= alerting
+        colours = {n.href[len("#peer-") :]: n.colour for n in singles}
+        assert {colours[a] for a in alerting} == {report.COLOURS["alerting"]}
+        widths = sorted(n.width for n in drawn.nodes)
+        assert 1 <= widths[0] <= widths[-1] <= 8
+
+
+class TestTimeline:
+    """The timeline uses the activity histogram when there is one, and says so when not."""
+
+    def test_without_activity(self) -> None:
+        document = analysis_of(ROOT / "samples" / "baseline.cap")
+        for peer in document["peers"]:
+            peer.pop("activity", None)
+        html = report.render_report(report.from_analysis(document, source="b")).html
+        assert "No timeline data" in html
+
+    def test_with_activity(self) -> None:
+        document = big_analysis(14, alerts=1).to_dict()
+        document["capture"]["activity_start"] = document["capture"]["first_seen"]
+        document["capture"]["activity_bucket_seconds"] = 10
+        for index, peer in enumerate(document["peers"]):
+            peer["activity"] = [0] * index + [peer["bytes_sent"] + peer["bytes_received"]]
+        drawn = report.timeline(report.from_analysis(document, source="b"))
+        assert drawn.histogram
+        assert len(drawn.rows) == report.TIMELINE_PEERS + 1
+        assert drawn.rows[-1].label == "4 other peers"
+        assert sum(len(r.bars) for r in drawn.rows) == 14
+        assert sum(len(r.markers) for r in drawn.rows) == 1
+
+
+class TestLargeReport:
+    """20,000 peers: the file stays bounded in size and quick to write."""
+
+    def test_size_and_time(self, tmp_path: Path) -> None:
+        document = big_analysis(20_000, alerts=200).to_dict()
+        started = time.monotonic()
+        html = report.render_report(report.from_analysis(document, source="big")).html
+        elapsed = time.monotonic() - started
+        size = len(html.encode())
+        assert size < 12 << 20, size
+        assert elapsed < 15, elapsed
+        assert len(table_rows(html, "peers")) == 20_000
+
+
+class TestReportCommand:
+    """`nwcap report` needs exactly one source and explains what it wrote."""
+
+    def test_usage(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        args = _parser().parse_args(["report", "-o", str(tmp_path / "r.html")])
+        assert args.func(args) == 2
+        assert "either a capture file or --capture-id" in capsys.readouterr().err
+
+    def test_stored(
+        self, stored: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        out = tmp_path / "r.html"
+        args = _parser().parse_args(
+            [
+                "report",
+                "--capture-id",
+                stored["scan"],
+                "-o",
+                str(out),
+                "--table-prefix",
+                stored["prefix"],
+            ]
+        )
+        assert args.func(args) == 0
+        body = api.get_capture(stored["store"], stored["scan"], {}).body
+        rows = table_rows(out.read_text("utf-8"), "peers")
+        assert sorted(r[0] for r in rows) == sorted(p["address"] for p in body["peers"])
+
+
+# --- the dashboard's server side -----------------------------------------------------------------
+
+
+@pytest.fixture
+def stored(
+    storage_env: dict[str, str],
+    results_store: TableResultsStore,
+    upload: Callable[[str, bytes], BlobClient],
+    table_prefix: str,
+) -> dict[str, Any]:
+    """baseline.cap, inbound-scan.cap and the hostile capture, processed into Azurite."""
+    ids = {}
+    for minute, (key, data) in enumerate(
+        [
+            ("baseline", (ROOT / "samples" / "baseline.cap").read_bytes()),
+            ("scan", (ROOT / "samples" / "inbound-scan.cap").read_bytes()),
+            ("hostile", hostile_capture()),
+        ],
+        start=10,
+    ):
+        blob = upload(network_watcher_path(minute=minute), data)
+        outcome = process_blob(blob, results_store, policy=POLICY)
+        assert outcome.status == "complete"
+        ids[key] = outcome.capture_id
+    return {**ids, "store": results_store, "prefix": table_prefix}
+
+
+@pytest.fixture
+def server(stored: dict[str, Any]) -> Iterator[str]:
+    running, url = start_in_thread(stored["store"])
+    yield url
+    running.shutdown()
+    running.server_close()
+
+
+def fetch(url: str) -> tuple[int, dict[str, str], str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 - our own server
+            return response.status, dict(response.headers), response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read().decode()
+
+
+class TestDashboardServer:
+    """`nwcap serve`: the same pages and API, with security headers, from the store."""
+
+    def test_pages(self, server: str, stored: dict[str, Any]) -> None:
+        base = server.split("/api/ui/", maxsplit=1)[0]
+        status, headers, html = fetch(server)
+        assert status == 200
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["Content-Security-Policy"].startswith("default-src 'none'")
+        for key in ("baseline", "scan", "hostile"):
+            assert f"capture?id={stored[key]}" in html
+        status, _, html = fetch(f"{server}capture?id={stored['scan']}")
+        body = api.get_capture(stored["store"], stored["scan"], {}).body
+        assert status == 200
+        assert sorted(r[0] for r in table_rows(html, "peers")) == sorted(
+            p["address"] for p in body["peers"]
+        )
+        assert len(texts(html, "alert-row").found) == len(body["alerts"])
+        status, _, html = fetch(f"{server}capture?id={stored['hostile']}")
+        assert status == 200 and HOSTILE_HOSTS[0] not in html
+        status, _, html = fetch(f"{server}alerts?severity=medium")
+        alerts = api.list_alerts(stored["store"], {"severity": "medium"}).body["alerts"]
+        assert len(texts(html, "alert-row").found) == len(alerts) > 0
+        peer = alerts[0]["peer"]
+        status, _, html = fetch(f"{server}peer?ip={peer}")
+        assert status == 200 and len(texts(html, "sighting-row").found) == 1
+        status, headers, data = fetch(f"{base}/api/peers/{peer}")
+        assert headers["Content-Type"].startswith("application/json")
+        assert json.loads(data) == api.who_talked_to(stored["store"], peer, {}).body
+
+    def test_errors(self, server: str) -> None:
+        status, _, html = fetch(f"{server}capture?id=nope")
+        assert status == 400 and "capture_id" in html
+        status, _, html = fetch(f"{server}alerts?since=yesterday")
+        assert status == 400 and "since" in html
+        assert fetch(f"{server}nowhere")[0] == 404
+        request = urllib.request.Request(server, headers={"Host": "evil.example"})  # noqa: S310
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            urllib.request.urlopen(request, timeout=30)  # noqa: S310 - our own server
+        assert raised.value.code == 403
+
+
+class TestBlueprint:
+    """The function app's /api/ui routes, at function auth level, render the same pages."""
+
+    def test_routes(self, stored: dict[str, Any]) -> None:
+        app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+        app.register_functions(web_blueprint(lambda: stored["store"]))
+        functions = {f.get_function_name(): f for f in app.get_functions()}
+        assert set(functions) == {"ui_fleet", "ui_page"}
+        for function in functions.values():
+            trigger = function.get_trigger()
+            assert trigger is not None
+            assert str(trigger.auth_level) in ("FUNCTION", "AuthLevel.FUNCTION", "function")
+        request = func.HttpRequest(
+            method="GET",
+            url="https://nwcap.example/api/ui/capture",
+            params={"id": stored["scan"], "code": "k3y"},
+            route_params={"page": "capture"},
+            body=b"",
+        )
+        response = functions["ui_page"].get_user_function()(request)
+        assert response.status_code == 200
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+        html = response.get_body().decode()
+        assert "k3y" not in html  # the key stays in the URL; the page's script carries it
+        assert stored["scan"] in html
+        fleet = functions["ui_fleet"].get_user_function()(
+            func.HttpRequest(method="GET", url="https://nwcap.example/api/ui", body=b"")
+        )
+        assert fleet.status_code == 200 and pages.link("capture", id=stored["baseline"]) in (
+            fleet.get_body().decode()
+        )
