@@ -34,7 +34,7 @@ from analyzer.alert_delivery import (
     message_body,
 )
 from analyzer.blobpath import parse_capture_path
-from analyzer.models import Alert
+from analyzer.models import Alert, iso_time
 from analyzer.policy import load_policy
 from analyzer.processing import process_blob
 from analyzer.storage import CaptureRecord, TableResultsStore, capture_id_for
@@ -83,19 +83,26 @@ def second_capture(upload: Upload, results_store: TableResultsStore) -> CaptureR
 
 
 def stored_rows(store: TableResultsStore, record: CaptureRecord) -> set[Row]:
-    """The capture's rows of the alerts table, read directly, with the ids they must get."""
+    """The capture's rows of the alerts table, read directly, with the ids they must get.
+
+    Where row keys start with the generation of the run that wrote them, only the rows of the
+    capture's results generation count, and the id is of the key after that prefix.
+    """
     rows = store.table("alerts").query_entities(
         "PartitionKey eq @pk", parameters={"pk": f"capture-{record.capture_id}"}
     )
-    return {
-        (
-            alert_id(record.capture_id, record.blob_etag, row["RowKey"]),
-            row["rule"],
-            row["severity"],
-            row["peer"],
-        )
-        for row in rows
-    }
+    results_generation = getattr(record, "results_generation", None)
+    found = set()
+    for row in rows:
+        key = row["RowKey"]
+        head, _, rest = key.partition("|")
+        if len(head) == 8 and head.isdigit():
+            if int(head) != results_generation:
+                continue
+            key = rest
+        the_id = alert_id(record.capture_id, record.blob_etag, key)
+        found.add((the_id, row["rule"], row["severity"], row["peer"]))
+    return found
 
 
 def drain(queue: QueueClient) -> list[dict[str, Any]]:
@@ -169,7 +176,7 @@ class TestQueueMessages:
             assert (message["vm"], message["resource_group"]) == ("vm-web-01", "demo-rg")
             assert message["subscription"] == record.location.subscription
             assert message["vm_resource_id"] == record.location.resource_id
-            assert message["capture_time"] == "2026-11-25T10:05:00.123000Z"
+            assert message["capture_time"] == iso_time(record.location.capture_time)
             assert message["evidence_truncated"] is False
             assert message["links"] == {
                 "api": f"{LINKS}/api/captures/{record.capture_id}",
@@ -272,7 +279,10 @@ class TestQueueMessages:
         for record in records:
             assert record.capture_id == second_capture.capture_id
             assert record.vm == "vm-web-01"
-            assert record.getMessage().startswith("Alert sent: id=")
+            assert record.custom_dimensions["alert_id"] == record.alert_id
+            text = record.getMessage()
+            assert text.startswith("nwcap.alert_sent {") and text.isascii()
+            assert json.loads(text.split(" ", 1)[1])["alert_id"] == record.alert_id
 
     def test_events_for_event_grid(
         self, results_store: TableResultsStore, alerts: QueueClient, second_capture: CaptureRecord
@@ -393,7 +403,11 @@ def stored_capture(
         status="complete",
         capture_time=location.capture_time,
     )
-    store.replace_results(record, [], alerts)
+    if hasattr(store, "write_results"):  # results kept per run (generation), not replaced
+        record = dataclasses.replace(record, generation=1, results_generation=1)
+        store.write_results(record, [], alerts)
+    else:
+        store.replace_results(record, [], alerts)
     store.put_capture(record)
     return record
 
