@@ -67,6 +67,8 @@ class ReadAheadBlob(io.RawIOBase):
         if self.closed:
             raise ValueError("I/O operation on closed stream")
         target = memoryview(buffer).cast("B")
+        if not target:
+            return 0
         if not self._current:
             self._fill()
             if not self._ahead:

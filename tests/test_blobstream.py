@@ -79,6 +79,14 @@ class TestContent:
                 got += count
         assert got == len(data) and bytes(target[:got]) == data
 
+    def test_empty_reads_consume_nothing(self, upload: Upload) -> None:
+        data = content(2500, seed=6)
+        blob = upload("empty-reads.cap", data)
+        with stream_of(blob, chunk_size=1000, concurrency=2) as stream:
+            assert stream.read(0) == b""
+            assert stream.raw.readinto(bytearray()) == 0
+            assert stream.read() == data
+
     def test_workers_end_with_the_data(self, upload: Upload) -> None:
         blob = upload("end.cap", content(3000))
         stream = stream_of(blob, chunk_size=500, concurrency=3)
