@@ -38,6 +38,36 @@ param policyBlobName string = ''
 @description('Name of a ServiceTags_Public JSON blob in nwcap-config; empty for none.')
 param serviceTagsBlobName string = ''
 
+@minLength(3)
+@maxLength(63)
+@description('Container of the capture account that Network Watcher writes to (its --storage-path); the app processes .cap blobs there only.')
+param capturesContainerName string = 'network-watcher-logs'
+
+@description('With an existing capture account whose dnsEndpointType is AzureDnsZone: its blob endpoint (az storage account show --query primaryEndpoints.blob). Empty for the standard endpoint.')
+param existingCapturesBlobEndpoint string = ''
+
+@description('Same as existingCapturesBlobEndpoint, for the queue endpoint (primaryEndpoints.queue).')
+param existingCapturesQueueEndpoint string = ''
+
+@minLength(3)
+@maxLength(63)
+@description('Queue in the results account receiving one message per alert.')
+param alertsQueueName string = 'nwcap-alerts'
+
+@description('E-mail address the Azure Monitor alert rules notify; empty creates the rules without an action group.')
+param alertEmailAddress string = ''
+
+@description('NCRONTAB schedule of the reconcile timer function (six fields, seconds first).')
+param reconcileSchedule string = '0 */10 * * * *'
+
+@description('How far back the reconciler lists capture blobs, e.g. 48h.')
+param reconcileLookback string = '48h'
+
+@description('Most instances the function app scales out to (Flex Consumption: 40 to 1000).')
+@minValue(40)
+@maxValue(1000)
+param maximumInstanceCount int = 100
+
 var abbrs = loadJsonContent('abbreviations.json')
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = {
@@ -48,9 +78,9 @@ var resourceGroupName = '${abbrs.resourcesResourceGroups}${environmentName}'
 var functionAppName = '${abbrs.webSitesFunctions}${resourceToken}'
 // Flex Consumption pulls the app package from this container of the host storage.
 var deploymentContainerName = 'app-package-${take(functionAppName, 32)}-${take(resourceToken, 7)}'
-// Where Network Watcher puts captures when no --storage-path is given; process_capture listens here.
-var capturesContainerName = 'network-watcher-logs'
 var configContainerName = 'nwcap-config'
+// Event Grid writes events it could not deliver here (results account), one blob per event.
+var deadLetterContainerName = 'nwcap-deadletter'
 var resultsTables = [
   'captures'
   'peers'
@@ -62,11 +92,16 @@ var resultsTables = [
 var useExistingCaptures = !empty(existingCapturesAccountName)
 var capturesAccountName = useExistingCaptures ? existingCapturesAccountName : '${abbrs.storageStorageAccounts}cap${resourceToken}'
 var capturesSystemTopicName = '${abbrs.eventGridSystemTopics}${capturesAccountName}'
-var capturesEventSubscriptionName = '${abbrs.eventGridEventSubscriptions}process-capture'
-// Computed from the name rather than read from the account, so that an existing account's
-// resource group never appears in this deployment (azd down deletes every group it touched).
-var capturesBlobEndpoint = 'https://${capturesAccountName}.blob.${environment().suffixes.storage}/'
-var capturesQueueEndpoint = 'https://${capturesAccountName}.queue.${environment().suffixes.storage}/'
+// One subscription per environment, so that several environments can share a capture account
+// (and its single system topic): letters, digits and hyphens, at most 64 characters, and the
+// resource token keeps two long environment names with the same beginning apart.
+var environmentSlug = toLower(replace(replace(replace(replace(environmentName, '_', '-'), '.', '-'), '(', '-'), ')', '-'))
+var capturesEventSubscriptionName = '${abbrs.eventGridEventSubscriptions}nwcap-${take(environmentSlug, 40)}-${take(resourceToken, 8)}'
+// Computed from the name (or passed, for an AzureDnsZone account) rather than read from the
+// account, so that an existing account's resource group never appears in this deployment (azd
+// down deletes every group it touched). infra/hooks/postdeploy compares them with the account's.
+var capturesBlobEndpoint = !empty(existingCapturesBlobEndpoint) ? existingCapturesBlobEndpoint : 'https://${capturesAccountName}.blob.${environment().suffixes.storage}/'
+var capturesQueueEndpoint = !empty(existingCapturesQueueEndpoint) ? existingCapturesQueueEndpoint : 'https://${capturesAccountName}.queue.${environment().suffixes.storage}/'
 
 var privateEndpointSubnetName = '${abbrs.networkVirtualNetworksSubnets}private-endpoints'
 var appSubnetName = '${abbrs.networkVirtualNetworksSubnets}app'
@@ -135,8 +170,12 @@ module resultsStorage 'app/storage.bicep' = {
     tags: tags
     containers: [
       configContainerName
+      deadLetterContainerName
     ]
     tables: resultsTables
+    queues: [
+      alertsQueueName
+    ]
     vnetEnabled: vnetEnabled
     allowedIpAddresses: empty(clientIpAddress) ? [] : [
       clientIpAddress
@@ -173,6 +212,10 @@ module privateEndpoints 'app/private-endpoints.bicep' = if (vnetEnabled) {
         accountName: resultsStorage.outputs.name
         service: 'table'
       }
+      {
+        accountName: resultsStorage.outputs.name
+        service: 'queue'
+      }
     ]
   }
 }
@@ -205,6 +248,17 @@ module capturesWiring 'app/captures.bicep' = if (!useExistingCaptures) {
   ]
 }
 
+// The created topic's identity may write undeliverable events to the dead-letter container.
+module deadLetterAccess 'app/deadletter-access.bicep' = if (!useExistingCaptures) {
+  name: 'deadletter-access'
+  scope: rg
+  params: {
+    resultsAccountName: resultsStorage.outputs.name
+    containerName: deadLetterContainerName
+    principalId: capturesWiring.outputs.systemTopicPrincipalId
+  }
+}
+
 // Host storage: blobs (keys, leases, receipts, package), queues (blob trigger), tables
 // (diagnostic events); telemetry to the Entra-only Application Insights.
 module hostAccess 'app/rbac.bicep' = {
@@ -222,7 +276,8 @@ module hostAccess 'app/rbac.bicep' = {
   }
 }
 
-// Results: write the tables, read the policy and service-tags files.
+// Results: write the tables, read the policy and service-tags files, send alert messages (the
+// queue exists, so the app needs no right to create or read it).
 module resultsAccess 'app/rbac.bicep' = {
   name: 'results-access'
   scope: rg
@@ -232,6 +287,7 @@ module resultsAccess 'app/rbac.bicep' = {
     storageRoles: [
       'StorageTableDataContributor'
       'StorageBlobDataReader'
+      'StorageQueueDataMessageSender'
     ]
   }
 }
@@ -259,8 +315,15 @@ var connectionSettings = {
   CAPTURES_CONTAINER: capturesContainerName
   RESULTS_CONNECTION__tableServiceUri: resultsStorage.outputs.tableEndpoint
   RESULTS_CONNECTION__blobServiceUri: resultsStorage.outputs.blobEndpoint
+  RESULTS_CONNECTION__queueServiceUri: resultsStorage.outputs.queueEndpoint
   RESULTS_CONNECTION__credential: 'managedidentity'
   RESULTS_CONNECTION__clientId: identity.outputs.clientId
+}
+// Alert delivery and the reconcile timer (RECONCILE_SCHEDULE is a binding expression: it must exist).
+var operationSettings = {
+  ALERTS_QUEUE: alertsQueueName
+  RECONCILE_SCHEDULE: reconcileSchedule
+  RECONCILE_LOOKBACK: reconcileLookback
 }
 var policySettings = empty(policyBlobName) ? {} : {
   NWCAP_POLICY: '${resultsStorage.outputs.blobEndpoint}${configContainerName}/${policyBlobName}'
@@ -283,12 +346,26 @@ module processor 'app/processor.bicep' = {
     deploymentContainerName: deploymentContainerName
     applicationInsightsName: monitoring.outputs.applicationInsightsName
     virtualNetworkSubnetId: vnetEnabled ? vnet.outputs.appSubnetId : ''
-    appSettings: union(connectionSettings, policySettings, serviceTagsSettings)
+    appSettings: union(connectionSettings, operationSettings, policySettings, serviceTagsSettings)
+    maximumInstanceCount: maximumInstanceCount
   }
   dependsOn: [
     hostAccess
     privateEndpoints
   ]
+}
+
+// Scheduled query rules on the app's structured records, and the optional e-mail action group.
+module alerts 'app/alerts.bicep' = {
+  name: 'alerts'
+  scope: rg
+  params: {
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+    location: location
+    tags: tags
+    namePrefix: 'nwcap-${resourceToken}'
+    alertEmailAddress: alertEmailAddress
+  }
 }
 
 // Read by infra/hooks/postdeploy and predown, and by the commands in docs/deploy.md.
@@ -301,8 +378,14 @@ output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.applicationInsightsN
 output CAPTURES_STORAGE_ACCOUNT_NAME string = capturesAccountName
 output CAPTURES_IS_EXISTING bool = useExistingCaptures
 output CAPTURES_CONTAINER_NAME string = capturesContainerName
+output CAPTURES_BLOB_ENDPOINT string = capturesBlobEndpoint
+output CAPTURES_QUEUE_ENDPOINT string = capturesQueueEndpoint
 output CAPTURES_SYSTEM_TOPIC_NAME string = capturesSystemTopicName
 output CAPTURES_EVENT_SUBSCRIPTION_NAME string = capturesEventSubscriptionName
 output RESULTS_STORAGE_ACCOUNT_NAME string = resultsStorage.outputs.name
+output RESULTS_STORAGE_ACCOUNT_ID string = resultsStorage.outputs.id
 output RESULTS_CONFIG_CONTAINER_NAME string = configContainerName
+output RESULTS_DEADLETTER_CONTAINER_NAME string = deadLetterContainerName
+output RESULTS_ALERTS_QUEUE_NAME string = alertsQueueName
+output ALERT_RULE_NAMES array = alerts.outputs.ruleNames
 output AZURE_APP_SUBNET_ID string = vnetEnabled ? vnet.outputs.appSubnetId : ''

@@ -23,9 +23,11 @@ resource capturesAccount 'Microsoft.Storage/storageAccounts@2023-05-01' existing
   name: storageAccountName
 }
 
-// Read the .cap blobs; write the blob trigger's poison queue after its last retry.
+// Read the .cap blobs; the blob trigger's poison queue (written by the host after its last retry,
+// drained by the reconciler). Named per principal: environments sharing this account's resource
+// group must not overwrite each other's deployment, and names stay within 64 characters.
 module access 'rbac.bicep' = {
-  name: 'captures-access'
+  name: 'captures-access-${uniqueString(principalId)}'
   params: {
     storageAccountName: capturesAccount.name
     principalId: principalId
@@ -36,10 +38,15 @@ module access 'rbac.bicep' = {
   }
 }
 
+// The system-assigned identity writes undeliverable events to the dead-letter container of each
+// environment's results account (deadletter-access.bicep grants it that container only).
 resource systemTopic 'Microsoft.EventGrid/systemTopics@2022-06-15' = if (createSystemTopic) {
   name: systemTopicName
   location: capturesAccount.location
   tags: tags
+  identity: {
+    type: 'SystemAssigned'
+  }
   properties: {
     source: capturesAccount.id
     topicType: 'Microsoft.Storage.StorageAccounts'
@@ -47,3 +54,5 @@ resource systemTopic 'Microsoft.EventGrid/systemTopics@2022-06-15' = if (createS
 }
 
 output systemTopicName string = systemTopicName
+@description('Object id of the created topic\'s identity; empty when an existing topic is reused.')
+output systemTopicPrincipalId string = createSystemTopic ? systemTopic.identity.principalId : ''

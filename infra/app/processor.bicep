@@ -42,7 +42,8 @@ param pythonVersion string = '3.11'
 ])
 param instanceMemoryMB int = 2048
 
-@minValue(1)
+@description('Most instances the app scales out to; Flex Consumption accepts 40 to 1000.')
+@minValue(40)
 @maxValue(1000)
 param maximumInstanceCount int = 100
 

@@ -9,6 +9,7 @@ param storageAccountName string
   'StorageBlobDataContributor'
   'StorageBlobDataReader'
   'StorageQueueDataContributor'
+  'StorageQueueDataMessageSender'
   'StorageTableDataContributor'
   'StorageTableDataReader'
 ])
@@ -38,9 +39,14 @@ var roleIds = {
   // Read blobs: the captures (Event Grid only notifies; the app downloads the .cap) and the
   // policy and service-tags files.
   StorageBlobDataReader: '2a2b9908-6ea1-4ae2-8e65-a410df84e7d1'
-  // Add, read and delete queue messages: the host's blob-trigger queue, and the
-  // webjobs-blobtrigger-poison queue the trigger writes on the capture account after the last retry.
+  // Create queues and add, read and delete their messages: the host's blob-trigger queue, and the
+  // webjobs-blobtrigger-poison queue the trigger creates and writes on the capture account after
+  // its last retry, which the reconciler then reads and deletes (Message Processor would cover the
+  // reading, but not the host creating that queue).
   StorageQueueDataContributor: '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
+  // Add messages only (no peek, read, delete or queue management): the app putting one message
+  // per alert on the alerts queue, which Bicep creates, so the app never needs to create it.
+  StorageQueueDataMessageSender: 'c6a89b2d-59bc-44d0-9896-0f6e12d7b80a'
   // Read and write table entities: the results tables, and the host's diagnostic events.
   StorageTableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
   // Read table entities: the deployer querying summaries with --auth-mode login.

@@ -10,6 +10,9 @@ param containers array = []
 @description('Tables to create.')
 param tables array = []
 
+@description('Queues to create.')
+param queues array = []
+
 @description('Reach the account through private endpoints: the public endpoint is then closed, or limited to allowedIpAddresses and trusted Azure services.')
 param vnetEnabled bool = false
 
@@ -78,6 +81,16 @@ resource tableService 'Microsoft.Storage/storageAccounts/tableServices@2023-05-0
 resource storageTables 'Microsoft.Storage/storageAccounts/tableServices/tables@2023-05-01' = [for table in tables: {
   parent: tableService
   name: table
+}]
+
+resource queueService 'Microsoft.Storage/storageAccounts/queueServices@2023-05-01' = if (!empty(queues)) {
+  parent: storageAccount
+  name: 'default'
+}
+
+resource storageQueues 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = [for queue in queues: {
+  parent: queueService
+  name: queue
 }]
 
 output name string = storageAccount.name

@@ -5,6 +5,10 @@
 # blobs_extension system key, which exists only once the code is deployed. For an existing capture
 # account this hook first wires the account (roles, system topic) with app/captures.bicep, so that
 # azd's own deployment never touches that account's resource group (see docs/deploy.md).
+#
+# In order: check the capture account (kind, endpoints), wire it if it is an existing one, wait
+# until the role assignments are visible, wait for the blobs_extension key, then create or update
+# this environment's own subscription, with a dead-letter container in the results account.
 # Safe to re-run: `azd hooks run postdeploy`. Never prints the key.
 $ErrorActionPreference = 'Stop'
 Set-StrictMode -Version Latest
@@ -15,8 +19,9 @@ if (-not (Get-Command az -ErrorAction SilentlyContinue)) {
 $required = @(
     'AZURE_ENV_NAME', 'AZURE_SUBSCRIPTION_ID', 'AZURE_RESOURCE_GROUP', 'AZURE_FUNCTION_APP_NAME',
     'AZURE_FUNCTION_APP_HOSTNAME', 'PROCESSOR_PRINCIPAL_ID', 'CAPTURES_STORAGE_ACCOUNT_NAME',
-    'CAPTURES_IS_EXISTING', 'CAPTURES_CONTAINER_NAME', 'CAPTURES_SYSTEM_TOPIC_NAME',
-    'CAPTURES_EVENT_SUBSCRIPTION_NAME'
+    'CAPTURES_IS_EXISTING', 'CAPTURES_CONTAINER_NAME', 'CAPTURES_BLOB_ENDPOINT',
+    'CAPTURES_QUEUE_ENDPOINT', 'CAPTURES_SYSTEM_TOPIC_NAME', 'CAPTURES_EVENT_SUBSCRIPTION_NAME',
+    'RESULTS_STORAGE_ACCOUNT_ID', 'RESULTS_DEADLETTER_CONTAINER_NAME'
 )
 foreach ($name in $required) {
     if (-not [Environment]::GetEnvironmentVariable($name)) {
@@ -24,38 +29,81 @@ foreach ($name in $required) {
     }
 }
 
+# Built-in role definition ids (the same in every tenant), as in infra/app/rbac.bicep.
+$storageBlobDataReader = '2a2b9908-6ea1-4ae2-8e65-a410df84e7d1'
+$storageQueueDataContributor = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
+$storageBlobDataContributor = 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
+
 # Every call targets azd's subscription, whatever the Azure CLI's default is; a failing call stops the hook.
 function Invoke-Az {
     $output = & az @args --subscription $env:AZURE_SUBSCRIPTION_ID
     if ($LASTEXITCODE -ne 0) { throw "postdeploy: az $($args[0..2] -join ' ') failed" }
     return $output
 }
+# Deployment names are unique per environment (the app name carries the resource token) and
+# within ARM's 64 characters, however long the environment name.
+function Get-DeploymentName([string]$prefix) {
+    $name = "$prefix-$($env:AZURE_FUNCTION_APP_NAME)"
+    return $name.Substring(0, [Math]::Min(64, $name.Length))
+}
+function Test-SameUrl([string]$a, [string]$b) {
+    return $a.TrimEnd('/') -ieq $b.TrimEnd('/')
+}
 
-$topicGroup = $env:AZURE_RESOURCE_GROUP
-$topicName = $env:CAPTURES_SYSTEM_TOPIC_NAME
+# The capture account as Azure describes it, checked before anything is created.
+$accounts = @((Invoke-Az storage account list --output json) -join "`n" | ConvertFrom-Json)
+$account = $accounts | Where-Object { $_.name -eq $env:CAPTURES_STORAGE_ACCOUNT_NAME } | Select-Object -First 1
+if (-not $account) {
+    throw "postdeploy: no storage account '$($env:CAPTURES_STORAGE_ACCOUNT_NAME)' in the current subscription"
+}
+$accountId = $account.id
+$accountName = $env:CAPTURES_STORAGE_ACCOUNT_NAME
+if ($account.kind -eq 'BlobStorage') {
+    throw ("postdeploy: storage account '$accountName' is of kind BlobStorage: Event Grid publishes its blob events, " +
+        'but it has no queue service, and the Functions blob trigger keeps its poison queue (webjobs-blobtrigger-poison) ' +
+        "in the account it watches. Upgrade it to StorageV2 (az storage account update --name $accountName " +
+        '--set kind=StorageV2 --access-tier Hot) or write the captures to a StorageV2 account.')
+}
+if ($account.kind -ne 'StorageV2') {
+    throw ("postdeploy: storage account '$accountName' is of kind '$($account.kind)': Event Grid publishes blob events " +
+        'only for StorageV2 (general-purpose v2) and BlobStorage accounts, and the blob trigger needs a queue service, ' +
+        "so it must be StorageV2. Upgrade it (az storage account update --name $accountName --set kind=StorageV2 " +
+        '--access-tier Hot) or write the captures to a StorageV2 account.')
+}
+$blobEndpoint = $account.primaryEndpoints.blob
+$queueEndpoint = $account.primaryEndpoints.queue
+$dnsType = if ($account.PSObject.Properties['dnsEndpointType'] -and $account.dnsEndpointType) { $account.dnsEndpointType } else { 'Standard' }
+if (-not (Test-SameUrl $blobEndpoint $env:CAPTURES_BLOB_ENDPOINT) -or -not (Test-SameUrl $queueEndpoint $env:CAPTURES_QUEUE_ENDPOINT)) {
+    throw ("postdeploy: storage account '$accountName' (dnsEndpointType $dnsType) has the endpoints $blobEndpoint " +
+        "and $queueEndpoint, but the app was configured with $($env:CAPTURES_BLOB_ENDPOINT) and " +
+        "$($env:CAPTURES_QUEUE_ENDPOINT). Accounts with dnsEndpointType AzureDnsZone have endpoints that cannot be " +
+        "derived from their name: run 'azd env set CAPTURES_EXISTING_BLOB_ENDPOINT $blobEndpoint', " +
+        "'azd env set CAPTURES_EXISTING_QUEUE_ENDPOINT $queueEndpoint', then 'azd up'.")
+}
+
+# Azure allows one system topic per source: find the account's (created by main.bicep for a new
+# account; for an existing one, possibly owned by something else, and then reused).
+$topicName = ''
+$topicGroup = ''
+$topicPrincipal = ''
+$topics = @((Invoke-Az eventgrid system-topic list --output json) -join "`n" | ConvertFrom-Json)
+foreach ($topic in $topics) {
+    if ($topic.source -ieq $accountId) {
+        $topicName = $topic.name
+        $topicGroup = $topic.resourceGroup
+        $topicPrincipal = if ($topic.PSObject.Properties['identity'] -and $topic.identity) { [string]$topic.identity.principalId } else { '' }
+    }
+}
 
 if ($env:CAPTURES_IS_EXISTING -ieq 'true') {
-    $accountId = Invoke-Az storage account list `
-        --query "[?name=='$($env:CAPTURES_STORAGE_ACCOUNT_NAME)'].id | [0]" --output tsv
-    if (-not $accountId) {
-        throw "postdeploy: no storage account '$($env:CAPTURES_STORAGE_ACCOUNT_NAME)' in the current subscription"
-    }
     $capturesGroup = $accountId.Split('/')[4]
-
-    # Azure allows one system topic per source: reuse the account's topic if it already has one.
-    $createTopic = 'true'
-    $topicGroup = $capturesGroup
-    $topics = (Invoke-Az eventgrid system-topic list --output json) -join "`n" | ConvertFrom-Json
-    foreach ($topic in $topics) {
-        if ($topic.source -ieq $accountId) {
-            $topicName = $topic.name
-            $topicGroup = $topic.resourceGroup
-            $createTopic = 'false'
-        }
+    $createTopic = $false
+    if (-not $topicName) {
+        $createTopic = $true
+        $topicName = $env:CAPTURES_SYSTEM_TOPIC_NAME
+        $topicGroup = $capturesGroup
     }
-
-    Write-Host "postdeploy: granting the app read access to $($env:CAPTURES_STORAGE_ACCOUNT_NAME) (resource group $capturesGroup)"
-    $template = Join-Path $PSScriptRoot '..' 'app' 'captures.bicep'
+    Write-Host "postdeploy: granting the app read access to $accountName (resource group $capturesGroup)"
     $parametersFile = New-TemporaryFile
     try {
         # A parameters file sidesteps quoting JSON on the az.cmd command line.
@@ -63,23 +111,69 @@ if ($env:CAPTURES_IS_EXISTING -ieq 'true') {
             '$schema'      = 'https://schema.management.azure.com/schemas/2019-04-01/deploymentParameters.json#'
             contentVersion = '1.0.0.0'
             parameters     = @{
-                storageAccountName = @{ value = $env:CAPTURES_STORAGE_ACCOUNT_NAME }
+                storageAccountName = @{ value = $accountName }
                 principalId        = @{ value = $env:PROCESSOR_PRINCIPAL_ID }
                 systemTopicName    = @{ value = $topicName }
-                createSystemTopic  = @{ value = ($createTopic -eq 'true') }
+                createSystemTopic  = @{ value = $createTopic }
                 tags               = @{ value = @{ 'nwcap-env-name' = $env:AZURE_ENV_NAME } }
             }
         } | ConvertTo-Json -Depth 5 | Set-Content -Path $parametersFile -Encoding utf8
-        Invoke-Az deployment group create `
-            --name "nwcap-captures-$($env:AZURE_ENV_NAME)" `
+        $createdPrincipal = Invoke-Az deployment group create `
+            --name (Get-DeploymentName 'nwcap-captures') `
             --resource-group $capturesGroup `
-            --template-file $template `
+            --template-file (Join-Path $PSScriptRoot '..' 'app' 'captures.bicep') `
             --parameters "@$parametersFile" `
-            --output none | Out-Null
+            --query 'properties.outputs.systemTopicPrincipalId.value' --output tsv
     }
     finally {
         Remove-Item $parametersFile -ErrorAction SilentlyContinue
     }
+    if ($createTopic) {
+        $topicPrincipal = if ($createdPrincipal -and $createdPrincipal -ne 'None') { [string]$createdPrincipal } else { '' }
+    }
+    if ($topicPrincipal) {
+        Write-Host "postdeploy: letting system topic $topicName dead-letter into $($env:RESULTS_DEADLETTER_CONTAINER_NAME)"
+        Invoke-Az deployment group create `
+            --name (Get-DeploymentName 'nwcap-deadletter') `
+            --resource-group $env:AZURE_RESOURCE_GROUP `
+            --template-file (Join-Path $PSScriptRoot '..' 'app' 'deadletter-access.bicep') `
+            --parameters "resultsAccountName=$($env:RESULTS_STORAGE_ACCOUNT_ID.Split('/')[-1])" `
+            "containerName=$($env:RESULTS_DEADLETTER_CONTAINER_NAME)" "principalId=$topicPrincipal" `
+            --output none | Out-Null
+    }
+}
+elseif (-not $topicName) {
+    throw "postdeploy: no Event Grid system topic on '$accountName'; run 'azd provision' again"
+}
+
+# Role assignments take a while to show up after a deployment; events sent before the app may
+# read the account would fail. Bounded wait with back-off: base, 2x, 4x... capped at 60 s.
+$roleAttempts = if ($env:NWCAP_ROLE_WAIT_ATTEMPTS) { [int]$env:NWCAP_ROLE_WAIT_ATTEMPTS } else { 8 }
+$roleDelay = if ($env:NWCAP_ROLE_POLL_SECONDS) { [int]$env:NWCAP_ROLE_POLL_SECONDS } else { 5 }
+function Wait-ForRoles([string]$what, [string]$scope, [string]$principal, [string[]]$roles) {
+    $delay = $roleDelay
+    for ($attempt = 1; ; $attempt++) {
+        $granted = @(Invoke-Az role assignment list --scope $scope `
+                --query "[?principalId=='$principal'].roleDefinitionId" --output tsv) -join "`n"
+        $absent = @($roles | Where-Object { $granted -notmatch [regex]::Escape($_) })
+        if ($absent.Count -eq 0) { return }
+        if ($attempt -ge $roleAttempts) {
+            throw ("postdeploy: the role assignments of $what (role ids: $($absent -join ' ') on $scope) are still " +
+                "not visible after $roleAttempts attempts; check the deployment, then run 'azd hooks run postdeploy' again")
+        }
+        Write-Host "postdeploy: waiting for the role assignments of $what to propagate ($attempt/$roleAttempts, ${delay}s)"
+        Start-Sleep -Seconds $delay
+        $delay = [Math]::Min(60, $delay * 2)
+    }
+}
+Wait-ForRoles "the app on $accountName" $accountId $env:PROCESSOR_PRINCIPAL_ID @($storageBlobDataReader, $storageQueueDataContributor)
+$deadLetterContainerId = "$($env:RESULTS_STORAGE_ACCOUNT_ID)/blobServices/default/containers/$($env:RESULTS_DEADLETTER_CONTAINER_NAME)"
+if ($topicPrincipal) {
+    Wait-ForRoles "system topic $topicName on $($env:RESULTS_DEADLETTER_CONTAINER_NAME)" $deadLetterContainerId $topicPrincipal @($storageBlobDataContributor)
+}
+else {
+    Write-Warning ("postdeploy: system topic $topicName (not created by nwcap) has no managed identity, so undeliverable " +
+        "events cannot be dead-lettered; see 'Dead-lettered events' in docs/deploy.md")
 }
 
 # The host creates the blobs_extension key when it first indexes a blob trigger, which can take a
@@ -98,21 +192,38 @@ for ($attempt = 1; ; $attempt++) {
     Start-Sleep -Seconds $pollSeconds
 }
 
+# Before 0.2 every environment used this one name; replace it when it delivers to this app.
+$legacy = Invoke-Az eventgrid system-topic event-subscription list `
+    --resource-group $topicGroup --system-topic-name $topicName `
+    --query "[?name=='evgs-process-capture' && contains(destination.endpointBaseUrl || '', '$($env:AZURE_FUNCTION_APP_HOSTNAME)')].name" `
+    --output tsv
+if ($legacy -and $legacy -ne $env:CAPTURES_EVENT_SUBSCRIPTION_NAME) {
+    Write-Host 'postdeploy: removing the former subscription evgs-process-capture of this app'
+    Invoke-Az eventgrid system-topic event-subscription delete --name evgs-process-capture `
+        --resource-group $topicGroup --system-topic-name $topicName --yes --output none | Out-Null
+}
+
 $endpoint = "https://$($env:AZURE_FUNCTION_APP_HOSTNAME)/runtime/webhooks/blobs?functionName=Host.Functions.process_capture&code=$key"
 if ($PSVersionTable.PSEdition -eq 'Desktop' -or $IsWindows) {
     # az is a .cmd script on Windows: without quotes cmd.exe would cut the URL at '&'.
     $endpoint = '"' + $endpoint + '"'
 }
-Write-Host "postdeploy: subscribing process_capture to *.cap blobs in $($env:CAPTURES_CONTAINER_NAME) (topic $topicName)"
-Invoke-Az eventgrid system-topic event-subscription create `
-    --name $env:CAPTURES_EVENT_SUBSCRIPTION_NAME `
-    --resource-group $topicGroup `
-    --system-topic-name $topicName `
-    --endpoint-type webhook `
-    --endpoint $endpoint `
-    --included-event-types Microsoft.Storage.BlobCreated `
-    --subject-begins-with "/blobServices/default/containers/$($env:CAPTURES_CONTAINER_NAME)/" `
-    --subject-ends-with .cap `
-    --subject-case-sensitive false `
-    --output none | Out-Null
-Write-Host "postdeploy: done; new captures in $($env:CAPTURES_STORAGE_ACCOUNT_NAME)/$($env:CAPTURES_CONTAINER_NAME) are now processed"
+$subscriptionArgs = @(
+    '--name', $env:CAPTURES_EVENT_SUBSCRIPTION_NAME,
+    '--resource-group', $topicGroup,
+    '--system-topic-name', $topicName,
+    '--endpoint-type', 'webhook',
+    '--endpoint', $endpoint,
+    '--included-event-types', 'Microsoft.Storage.BlobCreated',
+    '--subject-begins-with', "/blobServices/default/containers/$($env:CAPTURES_CONTAINER_NAME)/",
+    '--subject-ends-with', '.cap',
+    '--subject-case-sensitive', 'false',
+    '--max-delivery-attempts', '30',
+    '--event-ttl', '1440'
+)
+if ($topicPrincipal) {
+    $subscriptionArgs += @('--deadletter-identity', 'systemassigned', '--deadletter-identity-endpoint', $deadLetterContainerId)
+}
+Write-Host "postdeploy: subscribing process_capture to *.cap blobs in $($env:CAPTURES_CONTAINER_NAME) (topic $topicName, subscription $($env:CAPTURES_EVENT_SUBSCRIPTION_NAME))"
+Invoke-Az eventgrid system-topic event-subscription create @subscriptionArgs --output none | Out-Null
+Write-Host "postdeploy: done; new captures in $accountName/$($env:CAPTURES_CONTAINER_NAME) are now processed"

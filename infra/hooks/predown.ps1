@@ -1,9 +1,10 @@
 # azd predown hook (Windows twin of predown.sh): `azd down` deletes this environment's resource
 # group, but never an existing capture account's resource group (postdeploy wires that account
 # outside azd's deployment). Before the app's identity is deleted, remove what postdeploy added
-# there: the event subscription, the system topic if this environment created it, and the
-# identity's roles. A capture account created by `azd up` lives in the environment's group and
-# goes with it.
+# there for this environment: its own event subscription, the identity's roles, and the system
+# topic only if nwcap created it and no other subscription (another environment's, or anyone
+# else's) still uses it. A capture account created by `azd up` lives in the environment's group
+# and goes with it.
 $ErrorActionPreference = 'Stop'
 Set-StrictMode -Version Latest
 
@@ -35,16 +36,27 @@ if (-not $accountId) {
     exit 0
 }
 
-$topics = (Invoke-Az eventgrid system-topic list --output json) -join "`n" | ConvertFrom-Json
+$topics = @((Invoke-Az eventgrid system-topic list --output json) -join "`n" | ConvertFrom-Json)
 foreach ($topic in $topics) {
     if ($topic.source -ine $accountId) { continue }
     Write-Host "predown: removing event subscription $($env:CAPTURES_EVENT_SUBSCRIPTION_NAME) from topic $($topic.name)"
     & az eventgrid system-topic event-subscription delete --name $env:CAPTURES_EVENT_SUBSCRIPTION_NAME `
         --resource-group $topic.resourceGroup --system-topic-name $topic.name `
         --subscription $env:AZURE_SUBSCRIPTION_ID --yes --output none
-    $owner = if ($topic.tags -and $topic.tags.PSObject.Properties['nwcap-env-name']) { $topic.tags.'nwcap-env-name' } else { $null }
-    if ($owner -eq $env:AZURE_ENV_NAME) {
-        Write-Host "predown: removing system topic $($topic.name), created by this environment"
+    if ($LASTEXITCODE -ne 0) {
+        Write-Warning ("predown: could not remove $($env:CAPTURES_EVENT_SUBSCRIPTION_NAME) from $($topic.name); " +
+            "remove it with 'az eventgrid system-topic event-subscription delete'")
+    }
+    # The tag marks a topic nwcap created (its value is the environment that created it).
+    $creator = if ($topic.tags -and $topic.tags.PSObject.Properties['nwcap-env-name']) { $topic.tags.'nwcap-env-name' } else { $null }
+    if (-not $creator) { continue }
+    $remaining = @(Invoke-Az eventgrid system-topic event-subscription list --resource-group $topic.resourceGroup `
+            --system-topic-name $topic.name --query '[].name' --output tsv | Where-Object { $_ })
+    if ($remaining.Count -gt 0) {
+        Write-Host "predown: keeping system topic $($topic.name), still used by: $($remaining -join ' ')"
+    }
+    else {
+        Write-Host "predown: removing system topic $($topic.name), created by nwcap and now unused"
         Invoke-Az eventgrid system-topic delete --name $topic.name --resource-group $topic.resourceGroup --yes --output none | Out-Null
     }
 }

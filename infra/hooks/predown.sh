@@ -1,8 +1,9 @@
 #!/bin/sh
 # azd predown hook: `azd down` deletes this environment's resource group, but never an existing
 # capture account's resource group (postdeploy wires that account outside azd's deployment).
-# Before the app's identity is deleted, remove what postdeploy added there: the event
-# subscription, the system topic if this environment created it, and the identity's roles.
+# Before the app's identity is deleted, remove what postdeploy added there for this environment:
+# its own event subscription, the identity's roles, and the system topic only if nwcap created it
+# and no other subscription (another environment's, or anyone else's) still uses it.
 # A capture account created by `azd up` lives in the environment's group and goes with it.
 set -eu
 
@@ -21,8 +22,9 @@ missing="set by azd from the provisioning outputs: run 'azd down'"
 : "${CAPTURES_STORAGE_ACCOUNT_NAME:?$missing}"
 : "${CAPTURES_EVENT_SUBSCRIPTION_NAME:?$missing}"
 
-# Every call targets azd's subscription, whatever the Azure CLI's default is.
-azs() { az "$@" --subscription "$AZURE_SUBSCRIPTION_ID"; }
+# Every call targets azd's subscription, whatever the Azure CLI's default is, and never reads the
+# hook's standard input (the loops below read theirs from a here-document).
+azs() { az "$@" --subscription "$AZURE_SUBSCRIPTION_ID" </dev/null; }
 
 account_id=$(azs storage account list \
     --query "[?name=='$CAPTURES_STORAGE_ACCOUNT_NAME'].id | [0]" --output tsv)
@@ -32,24 +34,35 @@ if [ -z "$account_id" ]; then
 fi
 
 wanted=$(lower "$account_id")
+# The tag marks a topic nwcap created (its value is the environment that created it).
 topics=$(azs eventgrid system-topic list \
     --query "[].[name, resourceGroup, source, tags.\"nwcap-env-name\"]" --output tsv)
 tab=$(printf '\t')
-while IFS="$tab" read -r name group source owner; do
+while IFS="$tab" read -r name group source creator; do
     if [ -z "$name" ] || [ "$(lower "$source")" != "$wanted" ]; then
         continue
     fi
     echo "predown: removing event subscription $CAPTURES_EVENT_SUBSCRIPTION_NAME from topic $name"
-    azs eventgrid system-topic event-subscription delete \
+    if ! azs eventgrid system-topic event-subscription delete \
         --name "$CAPTURES_EVENT_SUBSCRIPTION_NAME" --resource-group "$group" \
-        --system-topic-name "$name" --yes --output none || true
-    if [ "$owner" = "$AZURE_ENV_NAME" ]; then
-        echo "predown: removing system topic $name, created by this environment"
+        --system-topic-name "$name" --yes --output none; then
+        echo "predown: warning: could not remove $CAPTURES_EVENT_SUBSCRIPTION_NAME from $name;" \
+            "remove it with 'az eventgrid system-topic event-subscription delete'" >&2
+    fi
+    if [ -z "$creator" ] || [ "$creator" = "None" ]; then
+        continue
+    fi
+    remaining=$(azs eventgrid system-topic event-subscription list \
+        --resource-group "$group" --system-topic-name "$name" --query "[].name" --output tsv)
+    if [ -n "$remaining" ]; then
+        echo "predown: keeping system topic $name, still used by: $(printf '%s' "$remaining" | tr '\n' ' ')"
+    else
+        echo "predown: removing system topic $name, created by nwcap and now unused"
         azs eventgrid system-topic delete --name "$name" --resource-group "$group" --yes --output none
     fi
-done <<EOF
+done <<EOF2
 $topics
-EOF
+EOF2
 
 assignments=$(azs role assignment list --scope "$account_id" \
     --query "[?principalId=='$PROCESSOR_PRINCIPAL_ID'].id" --output tsv)
