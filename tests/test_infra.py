@@ -10,14 +10,19 @@ import shutil
 import stat
 import subprocess
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from pycep import BicepParser
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pytest depends on tomli before Python 3.11
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
@@ -28,7 +33,11 @@ CHECKOV = ROOT / ".venv-checkov" / "bin" / "checkov"
 # Variables azd sets itself (for main.parameters.json and hooks), as opposed to main.bicep outputs.
 AZD_VARIABLES = {"AZURE_ENV_NAME", "AZURE_SUBSCRIPTION_ID", "AZURE_LOCATION", "AZURE_PRINCIPAL_ID"}
 # Optional knobs a hook reads with a default.
-HOOK_TUNING_VARIABLES = {"NWCAP_KEY_POLL_SECONDS"}
+HOOK_TUNING_VARIABLES = {
+    "NWCAP_KEY_POLL_SECONDS",
+    "NWCAP_ROLE_WAIT_ATTEMPTS",
+    "NWCAP_ROLE_POLL_SECONDS",
+}
 
 SECRET_PATTERNS = {
     "storage connection string": re.compile(
@@ -187,7 +196,8 @@ class TestAppSettings:
             "RESULTS_CONNECTION__blobServiceUri",
         } <= set(connections)
         assert connections["CAPTURES_CONTAINER"] == "capturesContainerName"
-        assert main["capturesContainerName"]["value"] == "network-watcher-logs"
+        container = _bicep("main.bicep")["parameters"]["capturesContainerName"]
+        assert container["default"] == "network-watcher-logs"
 
     def test_settings_reach_the_app(self) -> None:
         from analyzer.processing import DEFAULT_CONTAINER, Settings
@@ -202,7 +212,8 @@ class TestAppSettings:
         connections = main["connectionSettings"]["value"]
         for connection in (CAPTURES_CONNECTION, RESULTS_CONNECTIONS[0]):
             assert f"{connection}__credential" in connections
-        assert main["capturesContainerName"]["value"] == DEFAULT_CONTAINER
+        parameters = _bicep("main.bicep")["parameters"]
+        assert parameters["capturesContainerName"]["default"] == DEFAULT_CONTAINER
 
     def test_optional_files_settings(self) -> None:
         main = _bicep("main.bicep")["variables"]
@@ -372,257 +383,202 @@ class TestNoSecrets:
         assert found == []
 
 
-@dataclass(frozen=True)
-class HookRun:
-    """A hook's exit code, combined output and the `az` calls it made, in order."""
-
-    returncode: int
-    output: str
-    calls: list[list[str]]
-
-    def calls_to(self, *command: str) -> list[list[str]]:
-        return [call for call in self.calls if call[: len(command)] == list(command)]
+def _decorator(spec: dict[str, Any], kind: str) -> Any:
+    return next(d["argument"] for d in spec["decorators"] if d["type"] == kind)
 
 
-def _option(call: list[str], flag: str) -> str:
-    return call[call.index(flag) + 1]
+class TestEventGridWiring:
+    """One subscription per environment, dead-lettering, and names Azure accepts."""
+
+    def test_subscription_name_per_environment(self) -> None:
+        from test_hooks import subscription_name
+
+        text = (INFRA / "main.bicep").read_text()
+        # The expression test_hooks.subscription_name mirrors.
+        assert (
+            "var environmentSlug = toLower(replace(replace(replace(replace(environmentName, "
+            "'_', '-'), '.', '-'), '(', '-'), ')', '-'))" in text
+        )
+        assert (
+            "var capturesEventSubscriptionName = '${abbrs.eventGridEventSubscriptions}nwcap-"
+            "${take(environmentSlug, 40)}-${take(resourceToken, 8)}'" in text
+        )
+        suffix = "abcdefghijklm"  # the resource token: uniqueString() gives 13 characters
+        for environment_name in ("a", "Dev_Env.(1)", "x" * 64, "UPPER-case"):
+            name = subscription_name(environment_name, suffix)
+            assert re.fullmatch(r"[a-z0-9-]{3,64}", name), name
+        assert subscription_name("dev", suffix) != subscription_name("prod", suffix)
+        outputs = _bicep("main.bicep")["outputs"]
+        assert outputs["CAPTURES_EVENT_SUBSCRIPTION_NAME"]["value"] == (
+            "capturesEventSubscriptionName"
+        )
+
+    def test_system_topic_identity_and_dead_letter_container(self) -> None:
+        captures = _bicep("app/captures.bicep")
+        topic = captures["resources"]["systemTopic"]["config"]["config"]
+        assert topic["identity"] == {"type": "SystemAssigned"}
+        assert "systemTopicPrincipalId" in captures["outputs"]
+        main = _bicep("main.bicep")
+        assert main["variables"]["deadLetterContainerName"]["value"] == "nwcap-deadletter"
+        results = main["modules"]["resultsStorage"]["config"]["params"]
+        assert "deadLetterContainerName" in results["containers"]
+        access = _module_config(main["modules"]["deadLetterAccess"])
+        assert access["params"]["containerName"] == "deadLetterContainerName"
+        assert "systemTopicPrincipalId" in json.dumps(access["params"]["principalId"])
+
+    def test_dead_letter_role_is_scoped_to_the_container(self) -> None:
+        template = _bicep("app/deadletter-access.bicep")
+        assert template["variables"]["storageBlobDataContributorRoleId"]["value"] == (
+            "ba92f5b4-2d11-453d-a403-e96b0029c9fe"
+        )
+        writer = template["resources"]["deadLetterWriter"]["config"]
+        assert writer["scope"] == "container"
+        container = template["resources"]["container"]
+        assert container["type"] == "Microsoft.Storage/storageAccounts/blobServices/containers"
+        assert container["existing"] is True
+
+    def test_names_of_nested_deployments(self) -> None:
+        # Two environments wiring one capture account deploy into its resource group: their
+        # nested deployments must not share a name, and ARM allows 64 characters.
+        access = _bicep("app/captures.bicep")["modules"]["access"]["config"]
+        assert access["name"] == "captures-access-${uniqueString(principalId)}"
+        assert len("captures-access-") + 13 <= 64
+
+    def test_flex_consumption_minimum_instance_count(self) -> None:
+        for template in ("main.bicep", "app/processor.bicep"):
+            spec = _bicep(template)["parameters"]["maximumInstanceCount"]
+            assert _decorator(spec, "min_value") == 40, template
+            assert _decorator(spec, "max_value") == 1000, template
+            assert spec["default"] >= 40
+        processor = _bicep("main.bicep")["modules"]["processor"]["config"]["params"]
+        assert processor["maximumInstanceCount"] == "maximumInstanceCount"
+
+    def test_capture_container_is_a_parameter(self) -> None:
+        main = _bicep("main.bicep")
+        spec = main["parameters"]["capturesContainerName"]
+        assert (_decorator(spec, "min_length"), _decorator(spec, "max_length")) == (3, 63)
+        created = _module_config(main["modules"]["capturesStorage"])
+        assert created["params"]["containerName"] == "capturesContainerName"
+        assert main["outputs"]["CAPTURES_CONTAINER_NAME"]["value"] == "capturesContainerName"
+        assert _parameter_substitutions()["capturesContainerName"] == (
+            "${CAPTURES_CONTAINER=network-watcher-logs}"
+        )
 
 
-FAKE_AZ = """\
-#!{python}
-# Test double of the Azure CLI: logs its arguments, answers from a scenario file.
-import json, os, sys
-args = sys.argv[1:]
-with open(os.environ["FAKE_AZ_LOG"], "a") as log:
-    log.write(json.dumps(args) + "\\n")
-scenario_path = os.environ["FAKE_AZ_SCENARIO"]
-with open(scenario_path) as f:
-    scenario = json.load(f)
-command = " ".join(a for a in args[:4] if not a.startswith("-"))
-for prefix in sorted(scenario, key=len, reverse=True):
-    if command.startswith(prefix):
-        answers = scenario[prefix]
-        stdout, code = answers.pop(0) if len(answers) > 1 else answers[0]
-        with open(scenario_path, "w") as f:
-            json.dump(scenario, f)
-        sys.stdout.write(stdout)
-        sys.exit(code)
-"""
+class TestAlertDelivery:
+    """The alerts queue, the app's right to send to it, and the Azure Monitor rules."""
 
-HOOK_ENV = {
-    "AZURE_ENV_NAME": "nwcap-test",
-    "AZURE_SUBSCRIPTION_ID": "00000000-0000-0000-0000-000000000001",
-    "AZURE_RESOURCE_GROUP": "rg-nwcap-test",
-    "AZURE_FUNCTION_APP_NAME": "func-abc",
-    "AZURE_FUNCTION_APP_HOSTNAME": "func-abc.azurewebsites.net",
-    "PROCESSOR_PRINCIPAL_ID": "11111111-1111-1111-1111-111111111111",
-    "CAPTURES_STORAGE_ACCOUNT_NAME": "stcapabc",
-    "CAPTURES_IS_EXISTING": "false",
-    "CAPTURES_CONTAINER_NAME": "network-watcher-logs",
-    "CAPTURES_SYSTEM_TOPIC_NAME": "egst-stcapabc",
-    "CAPTURES_EVENT_SUBSCRIPTION_NAME": "evgs-process-capture",
-    "NWCAP_KEY_POLL_SECONDS": "0",
-}
-EXISTING_ID = (
-    "/subscriptions/s/resourceGroups/Capture-RG/providers/Microsoft.Storage/storageAccounts/mycaps"
-)
-BLOBS_KEY = "fake-blobs-extension-key-0123456789"
-
-
-HookRunner = Callable[..., HookRun]
-
-
-@pytest.fixture
-def run_hook(tmp_path: Path) -> HookRunner:
-    """Runs a POSIX hook with `sh` against a fake `az` answering from a scenario."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / "az"
-    fake.write_text(FAKE_AZ.replace("{python}", sys.executable))
-    fake.chmod(0o755)
-
-    def run(script: str, scenario: dict[str, list[list[Any]]], **env: str) -> HookRun:
-        log = tmp_path / "calls.jsonl"
-        log.write_text("")
-        scenario_file = tmp_path / "scenario.json"
-        scenario_file.write_text(json.dumps(scenario))
-        environment = {
-            "PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin",
-            "FAKE_AZ_LOG": str(log),
-            "FAKE_AZ_SCENARIO": str(scenario_file),
-            **HOOK_ENV,
-            **env,
+    def test_alerts_queue_and_settings(self) -> None:
+        main = _bicep("main.bicep")
+        assert main["parameters"]["alertsQueueName"]["default"] == "nwcap-alerts"
+        results = main["modules"]["resultsStorage"]["config"]["params"]
+        assert results["queues"] == ["alertsQueueName"]
+        settings = main["variables"]["operationSettings"]["value"]
+        assert settings == {
+            "ALERTS_QUEUE": "alertsQueueName",
+            "RECONCILE_SCHEDULE": "reconcileSchedule",
+            "RECONCILE_LOOKBACK": "reconcileLookback",
         }
-        environment = {k: v for k, v in environment.items() if v != "<unset>"}
-        done = subprocess.run(
-            ["sh", str(HOOKS / script)],
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        connections = main["variables"]["connectionSettings"]["value"]
+        assert "RESULTS_CONNECTION__queueServiceUri" in connections
+        # The timer's schedule is a binding expression: six NCRONTAB fields, seconds first.
+        schedule = main["parameters"]["reconcileSchedule"]["default"]
+        assert len(schedule.split()) == 6
+        assert main["parameters"]["reconcileLookback"]["default"] == "48h"
+        storage = _bicep("app/storage.bicep")["resources"]
+        assert storage["storageQueues"]["type"] == (
+            "Microsoft.Storage/storageAccounts/queueServices/queues"
         )
-        calls = [json.loads(line) for line in log.read_text().splitlines()]
-        return HookRun(done.returncode, done.stdout + done.stderr, calls)
 
-    return run
+    def test_least_privilege_queue_roles(self) -> None:
+        role_ids = _bicep("app/rbac.bicep")["variables"]["roleIds"]["value"]
+        # Built-in role ids (az role definition list --name "<role>").
+        assert role_ids["StorageQueueDataMessageSender"] == "c6a89b2d-59bc-44d0-9896-0f6e12d7b80a"
+        assert role_ids["StorageQueueDataContributor"] == "974c5e8b-45b9-4653-ba55-5f855dd0fb88"
+        main = _bicep("main.bicep")["modules"]
+        results = main["resultsAccess"]["config"]["params"]["storageRoles"]
+        assert "StorageQueueDataMessageSender" in results
+        assert "StorageQueueDataContributor" not in results
 
+    def test_private_endpoint_for_the_results_queue(self) -> None:
+        endpoints = _module_config(_bicep("main.bicep")["modules"]["privateEndpoints"])
+        targets = {
+            (json.dumps(e["accountName"]), e["service"]) for e in endpoints["params"]["endpoints"]
+        }
+        results = next(name for name, _ in targets if "resultsStorage" in name)
+        assert {service for name, service in targets if name == results} == {
+            "blob",
+            "table",
+            "queue",
+        }
 
-class TestPostdeployHook:
-    """postdeploy.sh wires the capture account and subscribes process_capture to .cap blobs."""
+    def test_query_rules(self) -> None:
+        alerts = _bicep("app/alerts.bicep")
+        queries = {
+            rule["name"]: alerts["variables"][rule["query"]]["value"]
+            for rule in alerts["variables"]["rules"]["value"]
+        }
+        high = queries["${namePrefix}-high-severity-alert"]
+        assert 'tostring(customDimensions.nwcap_event) == "alert"' in high
+        assert 'tostring(customDimensions.severity) == "high"' in high
+        failed = queries["${namePrefix}-capture-failed-or-stuck"]
+        assert 'tostring(customDimensions.nwcap_event) == "capture"' in failed
+        assert 'tostring(customDimensions.status) == "failed"' in failed
+        assert 'tostring(customDimensions.nwcap_event) == "reconcile"' in failed
+        assert "toint(customDimensions.stuck) > 0" in failed
+        rules = alerts["resources"]["queryRules"]
+        assert rules["type"] == "Microsoft.Insights/scheduledQueryRules"
+        body = rules["config"]["config"]
+        assert body["kind"] == "LogAlert"
+        assert body["properties"]["actions"] == {"actionGroups": "actionGroups"}
+        [criterion] = body["properties"]["criteria"]["allOf"]
+        assert (criterion["operator"], criterion["threshold"]) == ("GreaterThan", 0)
+        main = _bicep("main.bicep")["modules"]["alerts"]["config"]["params"]
+        assert main["alertEmailAddress"] == "alertEmailAddress"
 
-    def test_created_account(self, run_hook: HookRunner) -> None:
-        run = run_hook(
-            "postdeploy.sh", {"functionapp keys list": [["", 0], ["", 0], [BLOBS_KEY, 0]]}
+    def test_action_group_only_with_an_address(self) -> None:
+        alerts = _bicep("app/alerts.bicep")
+        group = alerts["resources"]["actionGroup"]["config"]
+        assert "alertEmailAddress" in json.dumps(group["condition"])
+        assert group["config"]["properties"]["emailReceivers"][0]["emailAddress"] == (
+            "alertEmailAddress"
         )
-        assert run.returncode == 0, run.output
-        assert len(run.calls_to("functionapp", "keys", "list")) == 3
-        assert run.calls_to("deployment") == []
-        [create] = run.calls_to("eventgrid", "system-topic", "event-subscription", "create")
-        assert _option(create, "--resource-group") == "rg-nwcap-test"
-        assert _option(create, "--system-topic-name") == "egst-stcapabc"
-        assert _option(create, "--name") == "evgs-process-capture"
-        assert _option(create, "--endpoint") == (
-            "https://func-abc.azurewebsites.net/runtime/webhooks/blobs"
-            f"?functionName=Host.Functions.process_capture&code={BLOBS_KEY}"
-        )
-        assert _option(create, "--included-event-types") == "Microsoft.Storage.BlobCreated"
-        assert (
-            _option(create, "--subject-begins-with")
-            == "/blobServices/default/containers/network-watcher-logs/"
-        )
-        assert _option(create, "--subject-ends-with") == ".cap"
-        assert _option(create, "--subject-case-sensitive") == "false"
-        assert BLOBS_KEY not in run.output
-
-    def test_every_call_targets_azd_subscription(self, run_hook: HookRunner) -> None:
-        run = run_hook(
-            "postdeploy.sh",
-            {"functionapp keys list": [[BLOBS_KEY, 0]], "storage account list": [[EXISTING_ID, 0]]},
-            CAPTURES_IS_EXISTING="true",
-        )
-        assert run.returncode == 0, run.output
-        assert run.calls
-        for call in run.calls:
-            assert _option(call, "--subscription") == HOOK_ENV["AZURE_SUBSCRIPTION_ID"], call
-
-    def test_existing_account_gets_new_topic(self, run_hook: HookRunner) -> None:
-        run = run_hook(
-            "postdeploy.sh",
-            {
-                "functionapp keys list": [[BLOBS_KEY, 0]],
-                "storage account list": [[EXISTING_ID, 0]],
-                "eventgrid system-topic list": [["other\tother-rg\t/subscriptions/s/x\n", 0]],
-            },
-            CAPTURES_IS_EXISTING="True",
-        )
-        assert run.returncode == 0, run.output
-        [deployment] = run.calls_to("deployment", "group", "create")
-        assert _option(deployment, "--resource-group") == "Capture-RG"
-        assert (
-            Path(_option(deployment, "--template-file")).resolve()
-            == INFRA / "app" / "captures.bicep"
-        )
-        parameters = deployment[deployment.index("--parameters") + 1 : deployment.index("--output")]
-        assert "createSystemTopic=true" in parameters
-        assert "systemTopicName=egst-stcapabc" in parameters
-        assert f"principalId={HOOK_ENV['PROCESSOR_PRINCIPAL_ID']}" in parameters
-        [create] = run.calls_to("eventgrid", "system-topic", "event-subscription", "create")
-        assert _option(create, "--resource-group") == "Capture-RG"
-        assert _option(create, "--system-topic-name") == "egst-stcapabc"
-
-    def test_existing_account_reuses_its_topic(self, run_hook: HookRunner) -> None:
-        # Azure allows one system topic per source; resource ids compare case-insensitively.
-        topics = f"defender-topic\tsecurity-rg\t{EXISTING_ID.lower()}\n"
-        run = run_hook(
-            "postdeploy.sh",
-            {
-                "functionapp keys list": [[BLOBS_KEY, 0]],
-                "storage account list": [[EXISTING_ID, 0]],
-                "eventgrid system-topic list": [[topics, 0]],
-            },
-            CAPTURES_IS_EXISTING="true",
-        )
-        assert run.returncode == 0, run.output
-        [deployment] = run.calls_to("deployment", "group", "create")
-        assert "createSystemTopic=false" in deployment
-        assert "systemTopicName=defender-topic" in deployment
-        [create] = run.calls_to("eventgrid", "system-topic", "event-subscription", "create")
-        assert _option(create, "--resource-group") == "security-rg"
-        assert _option(create, "--system-topic-name") == "defender-topic"
-
-    def test_unknown_existing_account_fails(self, run_hook: HookRunner) -> None:
-        run = run_hook(
-            "postdeploy.sh", {"storage account list": [["", 0]]}, CAPTURES_IS_EXISTING="true"
-        )
-        assert run.returncode != 0
-        assert "no storage account 'stcapabc'" in run.output
-        assert run.calls_to("eventgrid", "system-topic", "event-subscription", "create") == []
-
-    def test_gives_up_without_key(self, run_hook: HookRunner) -> None:
-        run = run_hook("postdeploy.sh", {"functionapp keys list": [["", 0]]})
-        assert run.returncode != 0
-        assert len(run.calls_to("functionapp", "keys", "list")) == 30
-        assert "no blobs_extension key" in run.output
-
-    def test_requires_azd_outputs(self, run_hook: HookRunner) -> None:
-        run = run_hook("postdeploy.sh", {}, AZURE_FUNCTION_APP_HOSTNAME="<unset>")
-        assert run.returncode != 0
-        assert "AZURE_FUNCTION_APP_HOSTNAME" in run.output
-        assert run.calls == []
+        assert alerts["parameters"]["alertEmailAddress"]["default"] == ""
+        assert len(group["config"]["properties"]["groupShortName"]) <= 12
 
 
-class TestPredownHook:
-    """predown.sh removes what postdeploy added to an existing account's resource group."""
+def _requirements() -> dict[str, Requirement]:
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    pins = [line for line in lines if line.strip() and not line.startswith("#")]
+    requirements = [Requirement(line) for line in pins]
+    return {canonicalize_name(r.name): r for r in requirements}
 
-    def test_created_account_needs_nothing(self, run_hook: HookRunner) -> None:
-        run = run_hook("predown.sh", {})
-        assert run.returncode == 0, run.output
-        assert run.calls == []
 
-    def test_existing_account_cleanup(self, run_hook: HookRunner) -> None:
-        topics = (
-            f"egst-mycaps\tCapture-RG\t{EXISTING_ID}\tnwcap-test\n"
-            "unrelated\tother-rg\t/subscriptions/s/other\tnwcap-test\n"
-        )
-        run = run_hook(
-            "predown.sh",
-            {
-                "storage account list": [[EXISTING_ID, 0]],
-                "eventgrid system-topic list": [[topics, 0]],
-                "role assignment list": [["/a/1\n/a/2\n", 0]],
-            },
-            CAPTURES_IS_EXISTING="true",
-        )
-        assert run.returncode == 0, run.output
-        [unsubscribe] = run.calls_to("eventgrid", "system-topic", "event-subscription", "delete")
-        assert _option(unsubscribe, "--system-topic-name") == "egst-mycaps"
-        assert _option(unsubscribe, "--name") == "evgs-process-capture"
-        [delete_topic] = run.calls_to("eventgrid", "system-topic", "delete")
-        assert _option(delete_topic, "--name") == "egst-mycaps"
-        [listing] = run.calls_to("role", "assignment", "list")
-        assert _option(listing, "--scope") == EXISTING_ID
-        [delete_roles] = run.calls_to("role", "assignment", "delete")
-        assert delete_roles[delete_roles.index("--ids") + 1 : delete_roles.index("--output")] == [
-            "/a/1",
-            "/a/2",
-        ]
+def _project_dependencies() -> dict[str, Requirement]:
+    document = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    requirements = [Requirement(text) for text in document["project"]["dependencies"]]
+    return {canonicalize_name(r.name): r for r in requirements}
 
-    def test_keeps_a_topic_it_did_not_create(self, run_hook: HookRunner) -> None:
-        topics = f"defender-topic\tsecurity-rg\t{EXISTING_ID}\t\n"
-        run = run_hook(
-            "predown.sh",
-            {
-                "storage account list": [[EXISTING_ID, 0]],
-                "eventgrid system-topic list": [[topics, 0]],
-                "role assignment list": [["", 0]],
-            },
-            CAPTURES_IS_EXISTING="true",
-        )
-        assert run.returncode == 0, run.output
-        assert len(run.calls_to("eventgrid", "system-topic", "event-subscription", "delete")) == 1
-        assert run.calls_to("eventgrid", "system-topic", "delete") == []
-        assert run.calls_to("role", "assignment", "delete") == []
+
+class TestDeployManifest:
+    """requirements.txt pins exactly pyproject's dependencies, each within pyproject's range."""
+
+    def test_pinned_exactly(self) -> None:
+        pins = _requirements()
+        assert pins
+        for name, requirement in pins.items():
+            [specifier] = requirement.specifier
+            assert specifier.operator == "==", name
+            assert "*" not in specifier.version, name
+
+    def test_same_packages(self) -> None:
+        assert set(_requirements()) == set(_project_dependencies())
+
+    def test_pins_satisfy_pyproject(self) -> None:
+        project = _project_dependencies()
+        for name, requirement in _requirements().items():
+            [pin] = requirement.specifier
+            assert project[name].specifier.contains(pin.version), f"{name}=={pin.version}"
 
 
 def _run_checkov(directory: Path) -> dict[str, Any]:
