@@ -30,9 +30,16 @@ from analyzer.storage import (
 log = logging.getLogger(__name__)
 
 DEFAULT_LIMIT = 100
+# A capture's peers and alerts come a page at a time: 20,000 peers in one answer were 30 MB.
+DEFAULT_CAPTURE_LIMIT = 500
+CAPTURE_PARTS = ("peers", "alerts")
 # ``code`` carries the function key when it is not sent as the x-functions-key header.
 _ALWAYS_ALLOWED = frozenset({"code"})
-_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_DURATION = re.compile(r"([0-9]+)([smhdw])")
+# 12 digits of seconds reach 31,000 years back: anything longer is out of range, and is refused
+# before int() and float arithmetic could overflow or take long.
+_MAX_DURATION_DIGITS = 12
+MAX_TIME_TEXT = 64
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _MAX_TEXT = 256
 
@@ -57,27 +64,36 @@ STORAGE_UNAVAILABLE = ApiResponse(503, {"error": "the results store is unavailab
 
 def parse_time(name: str, value: str | None, *, now: float | None = None) -> float | None:
     """POSIX seconds from ISO 8601 (``2026-11-25``, ``2026-11-25T10:00:00Z``, with an offset;
-    UTC when none) or a duration back from now (``30m``, ``24h``, ``7d``, ``2w``)."""
+    UTC when none) or a duration back from now (``30m``, ``24h``, ``7d``, ``2w``).
+
+    Bounded before any arithmetic: at most :data:`MAX_TIME_TEXT` characters, a duration of at
+    most 12 ASCII digits, and a result in Table Storage's years 1601 to 9999.
+    """
     if value is None or not value.strip():
         return None
     text = value.strip()
-    duration = _DURATION.match(text)
+    if len(text) > MAX_TIME_TEXT:
+        raise BadRequest(f"{name}: longer than {MAX_TIME_TEXT} characters")
+    duration = _DURATION.fullmatch(text)
     if duration:
-        seconds = int(duration.group(1)) * _DURATION_UNITS[duration.group(2)]
-        return _in_range(name, value, (time.time() if now is None else now) - seconds)
+        digits, unit = duration.groups()
+        if len(digits) > _MAX_DURATION_DIGITS:
+            raise BadRequest(f"{name}: {text!r} is out of range (years 1601 to 9999, UTC)")
+        seconds = int(digits) * _DURATION_UNITS[unit]
+        return _in_range(name, text, (time.time() if now is None else now) - seconds)
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise BadRequest(
-            f"{name}: {value!r} is neither an ISO 8601 time (2026-11-25T10:00:00Z) "
+            f"{name}: {text!r} is neither an ISO 8601 time (2026-11-25T10:00:00Z) "
             "nor a duration back from now (30m, 24h, 7d)"
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     try:
-        return _in_range(name, value, moment.timestamp())
-    except (OverflowError, ValueError):
-        raise BadRequest(f"{name}: {value!r} is out of range") from None
+        return _in_range(name, text, moment.timestamp())
+    except (OverflowError, ValueError, OSError):
+        raise BadRequest(f"{name}: {text!r} is out of range (years 1601 to 9999, UTC)") from None
 
 
 # Table Storage's DateTime range (and datetime's): years 1601 to 9999 UTC
@@ -91,11 +107,15 @@ def _in_range(name: str, value: str, ts: float) -> float:
     return ts
 
 
-def parse_limit(value: str | None) -> int:
+def parse_limit(value: str | None, *, default: int = DEFAULT_LIMIT) -> int:
+    """A page size, 1 to :data:`MAX_PAGE`; ``default`` when absent."""
     if value is None or not value.strip():
-        return DEFAULT_LIMIT
+        return default
+    text = value.strip()
+    if len(text) > 12 or not text.isascii():
+        raise BadRequest(f"limit: must be a whole number between 1 and {MAX_PAGE}")
     try:
-        limit = int(value)
+        limit = int(text)
     except ValueError:
         raise BadRequest(f"limit: {value!r} is not a whole number") from None
     if not 1 <= limit <= MAX_PAGE:
@@ -158,10 +178,10 @@ def _check_known(params: Mapping[str, str], allowed: frozenset[str]) -> None:
 MAX_CONTINUATION = 4096  # far more than any table continuation this API hands out
 
 
-def _continuation(params: Mapping[str, str]) -> str | None:
-    token = params.get("continuation", "").strip()
+def _continuation(params: Mapping[str, str], name: str = "continuation") -> str | None:
+    token = params.get(name, "").strip()
     if len(token) > MAX_CONTINUATION:
-        raise BadRequest(f"continuation: longer than {MAX_CONTINUATION} characters")
+        raise BadRequest(f"{name}: longer than {MAX_CONTINUATION} characters")
     return token or None
 
 
@@ -193,24 +213,53 @@ def _list_captures(
 
 
 def get_capture(store: ResultsStore, capture_id: str, params: Mapping[str, str]) -> ApiResponse:
-    """``GET /api/captures/{capture_id}``: the capture with its peers and alerts."""
+    """``GET /api/captures/{capture_id}?part=&limit=&peers_continuation=&alerts_continuation=``
+
+    The capture document, always, with one page of its peers and one of its alerts, each page
+    at most ``limit`` rows (default :data:`DEFAULT_CAPTURE_LIMIT`, at most ``MAX_PAGE``) and
+    its token, ``peers_continuation`` / ``alerts_continuation`` (``null``: no more), the same
+    opaque tokens as the lists'. To read on, send back the tokens that are not null: the answer
+    then holds only the parts whose token was sent. ``part=peers`` or ``part=alerts`` asks for
+    one part only (from its first page, or from its token).
+    """
     return _guard(lambda: _get_capture(store, capture_id, params))
 
 
 def _get_capture(store: ResultsStore, capture_id: str, params: Mapping[str, str]) -> ApiResponse:
-    _check_known(params, frozenset())
+    tokens = {part: f"{part}_continuation" for part in CAPTURE_PARTS}
+    _check_known(params, frozenset({"part", "limit", *tokens.values()}))
     capture_id = parse_capture(capture_id)
+    limit = parse_limit(params.get("limit"), default=DEFAULT_CAPTURE_LIMIT)
+    continuations = {part: _continuation(params, name) for part, name in tokens.items()}
+    parts = _capture_parts(params.get("part"), continuations)
     record = store.get_capture(capture_id)
     if record is None:
         return ApiResponse(404, {"error": f"no capture {capture_id}"})
-    return ApiResponse(
-        200,
-        {
-            "capture": record.to_dict(),
-            "peers": store.capture_peers(capture_id),
-            "alerts": store.capture_alerts(capture_id),
-        },
-    )
+    body: dict[str, Any] = {"capture": record.to_dict()}
+    for part in parts:
+        read = store.capture_peers if part == "peers" else store.capture_alerts
+        try:
+            page = read(capture_id, limit=limit, continuation=continuations[part])
+        except InvalidContinuationError as error:
+            raise BadRequest(f"{tokens[part]}: {error}") from None
+        body[part] = page.items
+        body[tokens[part]] = page.continuation
+    return ApiResponse(200, body)
+
+
+def _capture_parts(value: str | None, continuations: Mapping[str, str | None]) -> list[str]:
+    """The parts of a capture to answer with: ``part`` if given, else the parts being
+    continued, else all."""
+    if value is None or not value.strip():
+        continued = [part for part in CAPTURE_PARTS if continuations[part]]
+        return continued or list(CAPTURE_PARTS)
+    part = value.strip().lower()
+    if part not in CAPTURE_PARTS:
+        raise BadRequest(f"part: {value[:40]!r} is not one of {', '.join(CAPTURE_PARTS)}")
+    for other in CAPTURE_PARTS:
+        if other != part and continuations[other]:
+            raise BadRequest(f"{other}_continuation: not with part={part}")
+    return [part]
 
 
 def list_alerts(
