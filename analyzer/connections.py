@@ -12,13 +12,19 @@ identity-based settings:
   (user-assigned when the client id is given); ``NAME__tenantId`` + ``NAME__clientId`` +
   ``NAME__clientSecret``: a service principal; otherwise ``DefaultAzureCredential``, which is the
   developer's own sign-in on a workstation.
+
+A connection's credential goes only to its own blob endpoint, or, for an identity (whose
+tokens are for Azure Storage), to another storage account's blob endpoint in the same cloud:
+:func:`require_trusted_blob_url` refuses any other URL before a client is made for it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import SplitResult, urlsplit
 
 from azure.core.credentials import TokenCredential
 from azure.data.tables import TableServiceClient
@@ -166,3 +172,119 @@ def resolve_first(
         f"none of the connections {', '.join(names)} is configured: set {names[0]} to a "
         "connection string (e.g. UseDevelopmentStorage=true) or identity-based settings"
     )
+
+
+# --- where a connection's credential may go ------------------------------------------------
+
+_DEVELOPMENT_BLOB_ENDPOINT = "http://127.0.0.1:10000/devstoreaccount1"
+_ACCOUNT_HOST = re.compile(r"(?P<account>[a-z0-9]{3,24})\.blob\.(?P<suffix>[a-z0-9.-]+)")
+_DEFAULT_PORTS = {"https": 443, "http": 80}
+_MAX_URL = 4096
+
+
+def blob_endpoint(settings: ConnectionSettings) -> str:
+    """The blob endpoint a connection's credential belongs to (``""`` when it names none)."""
+    if settings.identity_based:
+        return settings.blob_service_uri
+    fields = _connection_string_fields(settings.connection_string)
+    if fields.get("usedevelopmentstorage", "").lower() == "true":
+        return _DEVELOPMENT_BLOB_ENDPOINT  # where the storage SDK sends it too
+    if fields.get("blobendpoint"):
+        return fields["blobendpoint"]
+    account = fields.get("accountname", "")
+    if not account:
+        return ""
+    scheme = fields.get("defaultendpointsprotocol", "https").lower()
+    suffix = fields.get("endpointsuffix", "core.windows.net")
+    return f"{scheme}://{account}.blob.{suffix}"
+
+
+def require_trusted_blob_url(url: str, settings: ConnectionSettings) -> None:
+    """Refuse (:class:`ConnectionSettingError`) a blob URL the connection's credential must
+    not be sent to.
+
+    Trusted: the connection's own blob endpoint (scheme, host, port and, for path-style
+    endpoints such as Azurite's, the account's path); and, when the connection is an identity,
+    ``https://{account}.blob.{suffix}`` for the suffix of its own endpoint (the same cloud),
+    since its tokens are for Azure Storage and the service checks them. A connection string's
+    key or SAS goes nowhere but its own account.
+    """
+    endpoint = blob_endpoint(settings)
+    target = _split(url)
+    if target is None:
+        raise ConnectionSettingError(
+            f"{_shown(url)} is not a blob URL (https://{{account}}.blob.core.windows.net/"
+            "{container}/{blob}, no user name, at most 4096 characters)"
+        )
+    own = _split(endpoint) if endpoint else None
+    if own is not None and _same_endpoint(target, own):
+        return
+    if own is not None and settings.identity_based and _same_cloud(target, own):
+        return
+    where = f"its blob endpoint {endpoint}" if endpoint else "no blob endpoint"
+    extra = " or another storage account's in the same cloud" if settings.identity_based else ""
+    raise ConnectionSettingError(
+        f"refusing to send the credential of connection {settings.name!r} to "
+        f"{_origin(target)}: it has {where}; a blob URL must be on that endpoint{extra} "
+        f"(set --captures-connection to a connection of the account that holds the blob)"
+    )
+
+
+def _connection_string_fields(text: str) -> dict[str, str]:
+    fields = {}
+    for part in text.split(";"):
+        key, sep, value = part.partition("=")
+        if sep:
+            fields[key.strip().lower()] = value.strip()
+    return fields
+
+
+def _split(url: str) -> SplitResult | None:
+    """``url`` split, or None when it is not a plain http(s) URL to a host."""
+    if len(url) > _MAX_URL or any(char in url for char in "\\ \t\r\n") or not url.isprintable():
+        return None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises ValueError on a port that is not a number
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    if "@" in parts.netloc:
+        return None
+    return parts
+
+
+def _port(parts: SplitResult) -> int:
+    return parts.port or _DEFAULT_PORTS[parts.scheme.lower()]
+
+
+def _same_endpoint(target: SplitResult, own: SplitResult) -> bool:
+    prefix = own.path.rstrip("/")
+    return (
+        target.scheme.lower() == own.scheme.lower()
+        and target.hostname == own.hostname
+        and _port(target) == _port(own)
+        and (not prefix or target.path == prefix or target.path.startswith(prefix + "/"))
+    )
+
+
+def _same_cloud(target: SplitResult, own: SplitResult) -> bool:
+    theirs = _ACCOUNT_HOST.fullmatch(target.hostname or "")
+    ours = _ACCOUNT_HOST.fullmatch(own.hostname or "")
+    return (
+        theirs is not None
+        and ours is not None
+        and theirs.group("suffix") == ours.group("suffix")
+        and target.scheme.lower() == "https"
+        and _port(target) == 443
+    )
+
+
+def _origin(parts: SplitResult) -> str:
+    return _shown(f"{parts.scheme}://{parts.netloc}")
+
+
+def _shown(text: str) -> str:
+    """``text`` for a message: cut short, control and format characters escaped by repr."""
+    return repr(text[:200])

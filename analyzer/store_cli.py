@@ -6,6 +6,13 @@ Storage is named by connection, as in the function app: ``--connection`` (defaul
 ``RESULTS_CONNECTION``, falling back to ``CAPTURES_CONNECTION``) for results and
 ``--captures-connection`` (default ``CAPTURES_CONNECTION``) for capture blobs. There is no
 silent fallback to Azurite: set ``RESULTS_CONNECTION=UseDevelopmentStorage=true`` for that.
+A blob URL given to ``process`` must be on the captures connection's endpoint (see
+:func:`analyzer.connections.require_trusted_blob_url`): its credential goes nowhere else.
+
+Everything shown comes from captures and blob paths, which others choose: text in tables and
+messages is escaped (:func:`analyzer.textsafe.terminal_text`), CSV cells cannot start a formula
+(:func:`analyzer.textsafe.csv_cell`), and JSON escapes every non-ASCII character. ``show``
+reads a capture's peers and alerts a page at a time and prints each page as it comes.
 """
 
 from __future__ import annotations
@@ -15,8 +22,8 @@ import csv
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TextIO
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TextIO, TypeGuard
 
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 from azure.storage.blob import BlobClient, BlobServiceClient
@@ -26,6 +33,7 @@ from analyzer.blobpath import is_capture_blob
 from analyzer.connections import (
     ConnectionSettingError,
     blob_service_for,
+    require_trusted_blob_url,
     resolve,
     resolve_first,
     table_service_for,
@@ -38,7 +46,8 @@ from analyzer.processing import (
     process_blob,
     service_tags_file,
 )
-from analyzer.storage import TableResultsStore
+from analyzer.storage import MAX_PAGE, TableResultsStore
+from analyzer.textsafe import csv_cell, terminal_text
 
 FORMATS = ("table", "json", "csv")
 EXIT_USAGE = 2
@@ -153,27 +162,42 @@ def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
         try:
             return run(args)
         except ConnectionSettingError as error:
-            print(f"nwcap: error: {error}", file=sys.stderr)
+            _error(f"error: {error}")
             return EXIT_USAGE
+        except CaptureReadError as error:
+            _error(f"error: {error}")
+            return 1
         except NwcapError as error:  # e.g. an invalid policy file
-            print(f"nwcap: error: {error}", file=sys.stderr)
+            _error(f"error: {error}")
             return EXIT_DATAERR
         except ValueError as error:
-            print(f"nwcap: error: {error}", file=sys.stderr)
+            _error(f"error: {error}")
             return EXIT_USAGE
         except AzureError as error:
-            print(f"nwcap: storage error: {error}", file=sys.stderr)
+            _error(f"storage error: {error}")
             return 1
 
     guarded.__doc__ = run.__doc__
     return guarded
 
 
+def _error(message: str) -> None:
+    print(f"nwcap: {terminal_text(message)}", file=sys.stderr)
+
+
+def _failed(result: api.ApiResponse) -> int | None:
+    """The exit status for an answer that is not a 200, after saying why; None for a 200."""
+    if result.status == 200:
+        return None
+    _error(str(result.body.get("error", result.status)))
+    return EXIT_USAGE if result.status == 400 else 1
+
+
 def _query(args: argparse.Namespace, call: api.Handler, key: str, columns: Sequence[str]) -> int:
     result = call(_store(args))
-    if result.status != 200:
-        print(f"nwcap: {result.body.get('error', result.status)}", file=sys.stderr)
-        return EXIT_USAGE if result.status == 400 else 1
+    status = _failed(result)
+    if status is not None:
+        return status
     if args.format == "json":
         _print_json(result.body)
     else:
@@ -231,39 +255,85 @@ def run_who_talked_to(args: argparse.Namespace) -> int:
     )
 
 
+_PEER_COLUMNS = (
+    "address",
+    "category",
+    "expected",
+    "new_peer",
+    "packets_sent",
+    "packets_received",
+    "bytes",
+    "names",
+    "alerts",
+)
+_ALERT_COLUMNS = ("severity", "rule", "peer", "message")
+
+
 @_guarded
 def run_show(args: argparse.Namespace) -> int:
     """nwcap show"""
-    result = api.get_capture(_store(args), args.capture_id, {})
-    if result.status != 200:
-        print(f"nwcap: {result.body.get('error', result.status)}", file=sys.stderr)
-        return EXIT_USAGE if result.status == 400 else 1
-    body = result.body
-    peer_columns = (
-        "address",
-        "category",
-        "expected",
-        "new_peer",
-        "packets_sent",
-        "packets_received",
-        "bytes",
-        "names",
-        "alerts",
-    )
+    store = _store(args)
+    first = api.get_capture(store, args.capture_id, {"part": "peers", "limit": str(MAX_PAGE)})
+    status = _failed(first)
+    if status is not None:
+        return status
+    capture = first.body["capture"]
+    peers = _pages(store, args.capture_id, "peers", first.body)
+    if args.format == "csv":
+        _print_csv(peers, _PEER_COLUMNS)
+        return 0
+    alerts = _pages(store, args.capture_id, "alerts", None)
     if args.format == "json":
-        _print_json(body)
-    elif args.format == "csv":
-        _print_rows(body["peers"], peer_columns, "csv")
-    else:
-        capture = body["capture"]
-        width = max(len(key) for key in capture)
-        for key, value in capture.items():
-            print(f"{key:<{width}}  {_cell(value)}")
-        print(f"\npeers ({len(body['peers'])})")
-        _print_rows(body["peers"], peer_columns, "table")
-        print(f"\nalerts ({len(body['alerts'])})")
-        _print_rows(body["alerts"], ("severity", "rule", "peer", "message"), "table")
+        # One document, written a page at a time.
+        sys.stdout.write('{\n  "capture": ' + _json(capture, 1) + ',\n  "peers": [')
+        for part, items in (("peers", peers), ("alerts", alerts)):
+            if part == "alerts":
+                sys.stdout.write('],\n  "alerts": [')
+            written = 0
+            for page in items:
+                for item in page:
+                    sys.stdout.write(("," if written else "") + "\n    " + _json(item, 2))
+                    written += 1
+        sys.stdout.write("]\n}\n")
+        return 0
+    width = max(len(key) for key in capture)
+    for key, value in capture.items():
+        print(f"{key:<{width}}  {_cell(value)}")
+    print(f"\npeers ({capture.get('peers', '?')})")
+    _print_table(peers, _PEER_COLUMNS)
+    print(f"\nalerts ({sum(capture.get('alerts', {}).values())})")
+    _print_table(alerts, _ALERT_COLUMNS)
     return 0
+
+
+def _pages(
+    store: TableResultsStore, capture_id: str, part: str, first: dict[str, Any] | None
+) -> Iterator[list[dict[str, Any]]]:
+    """A capture's peers or alerts, a page (at most ``api.MAX_PAGE`` rows) at a time."""
+    body = first
+    while True:
+        if body is None:
+            body = _page(store, capture_id, {"part": part, "limit": str(MAX_PAGE)})
+        yield body.get(part, [])
+        token = body.get(f"{part}_continuation")
+        if not token:
+            return
+        body = _page(
+            store,
+            capture_id,
+            {"part": part, "limit": str(MAX_PAGE), f"{part}_continuation": token},
+        )
+
+
+def _page(store: TableResultsStore, capture_id: str, params: dict[str, str]) -> dict[str, Any]:
+    result = api.get_capture(store, capture_id, params)
+    if result.status != 200:  # the capture went away, or storage did, between two pages
+        raise CaptureReadError(str(result.body.get("error", result.status)))
+    return result.body
+
+
+class CaptureReadError(Exception):
+    """A capture could not be read to its end (it went away, or storage did, mid-way)."""
 
 
 # --- process -----------------------------------------------------------------------------
@@ -277,17 +347,22 @@ def run_process(args: argparse.Namespace) -> int:
         (args.connection,) if args.connection else ("RESULTS_CONNECTION", args.captures_connection)
     )
     results = resolve_first(results_names)
-    captures_service = blob_service_for(resolve(args.captures_connection))
+    captures = resolve(args.captures_connection)
+    policy_location = args.policy if args.policy is not None else settings.policy_location
+    tags_location = (
+        args.service_tags if args.service_tags is not None else settings.service_tags_location
+    )
+    # Before any request: a URL's host must be the account whose credential goes with it.
+    if _is_url(args.source):
+        require_trusted_blob_url(args.source, captures)
+    for location in (policy_location, tags_location):
+        if _is_url(location):
+            require_trusted_blob_url(location, results)
+    captures_service = blob_service_for(captures)
     store = _store(args)
     store.create_tables()
-    policy = policy_file(
-        args.policy if args.policy is not None else settings.policy_location,
-        lambda: blob_service_for(results),
-    ).get()
-    service_tags = service_tags_file(
-        args.service_tags if args.service_tags is not None else settings.service_tags_location,
-        lambda: blob_service_for(results),
-    ).get()
+    policy = policy_file(policy_location, lambda: blob_service_for(results)).get()
+    service_tags = service_tags_file(tags_location, lambda: blob_service_for(results)).get()
     blobs = list(_blobs(captures_service, args.source, args.prefix, settings.captures_container))
     progress = ProgressBar(sys.stderr, len(blobs))
     outcomes: list[Outcome] = []
@@ -330,19 +405,24 @@ def run_process(args: argparse.Namespace) -> int:
 def _blobs(
     service: BlobServiceClient, source: str | None, prefix: str, default_container: str
 ) -> Iterable[tuple[BlobClient, int]]:
-    """The capture blobs to process, with their sizes: one URL, or a container's .cap blobs."""
-    if source and source.startswith(("https://", "http://")):
+    """The capture blobs to process, with their sizes: one URL (already checked to be on the
+    captures account), or a container's .cap blobs."""
+    if _is_url(source):
         blob = BlobClient.from_blob_url(source, credential=service.credential)
         try:
             size = int(blob.get_blob_properties().size)
         except ResourceNotFoundError:
-            raise ValueError(f"no blob at {source}") from None
+            raise ValueError(f"no blob at {source[:200]}") from None
         yield blob, size
         return
     container = service.get_container_client(source or default_container)
     for item in container.list_blobs(name_starts_with=prefix or None):
         if is_capture_blob(item.name):
             yield container.get_blob_client(item.name), int(item.size or 0)
+
+
+def _is_url(location: str | None) -> TypeGuard[str]:
+    return bool(location) and str(location).lower().startswith(("https://", "http://"))
 
 
 class ProgressBar:
@@ -359,7 +439,8 @@ class ProgressBar:
         self._shown = 0.0
 
     def start(self, index: int, name: str, size: int) -> None:
-        self._index, self._name, self._size = index, name.rsplit("/", 1)[-1], size
+        self._index, self._size = index, size
+        self._name = terminal_text(name.rsplit("/", 1)[-1])
         self._shown = 0.0
         self.update(0)
 
@@ -393,41 +474,67 @@ def _print_json(document: Any) -> None:
     sys.stdout.write("\n")
 
 
+def _json(value: Any, level: int) -> str:
+    """``value`` as indented JSON (ASCII only), to sit ``level`` levels deep in a document."""
+    return json.dumps(value, indent=2).replace("\n", "\n" + "  " * level)
+
+
 def _cell(value: Any) -> str:
+    """``value`` for a terminal table: capture-derived text escaped (control, format and bidi
+    characters shown as ``\\uXXXX``)."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, dict):
         shown = {key: count for key, count in value.items() if count}
-        return " ".join(f"{key}={count}" for key, count in shown.items()) if shown else "-"
+        if not shown:
+            return "-"
+        return " ".join(f"{terminal_text(str(key))}={_cell(count)}" for key, count in shown.items())
     if isinstance(value, list):
         return ", ".join(_cell(item) for item in value)
-    return str(value)
+    return terminal_text(str(value))
 
 
 def _print_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str) -> None:
     if fmt == "csv":
-        # Every field, nested ones as JSON, so that nothing is lost.
-        fields = list(dict.fromkeys(key for row in rows for key in row)) or list(columns)
-        writer = csv.writer(sys.stdout)
-        writer.writerow(fields)
+        _print_csv([rows], columns)
+    else:
+        _print_table([rows], columns)
+
+
+def _print_csv(pages: Iterable[Sequence[dict[str, Any]]], columns: Sequence[str]) -> None:
+    """Every field (those of the first row), nested ones as JSON, so that nothing is lost."""
+    writer = csv.writer(sys.stdout)
+    fields: list[str] | None = None
+    for rows in pages:
         for row in rows:
+            if fields is None:
+                fields = list(row)
+                writer.writerow(fields)
             writer.writerow([_csv(row.get(key)) for key in fields])
-        return
-    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
-    widths = [
-        min(60, max([len(column), *(len(line[i]) for line in cells)]))
-        for i, column in enumerate(columns)
-    ]
-    header = (column.upper().ljust(width) for column, width in zip(columns, widths, strict=True))
-    print("  ".join(header).rstrip())
-    for line in cells:
-        shown = (
-            _fit(text, width, from_left=column in _PATH_COLUMNS)
-            for text, width, column in zip(line, widths, columns, strict=True)
-        )
-        print("  ".join(shown).rstrip())
+    if fields is None:
+        writer.writerow(columns)
+
+
+def _print_table(pages: Iterable[Sequence[dict[str, Any]]], columns: Sequence[str]) -> None:
+    """A table, the column widths fitted to the first page (at most 60 characters)."""
+    widths: list[int] | None = None
+    for rows in pages:
+        cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+        if widths is None:
+            widths = [
+                min(60, max([len(column), *(len(line[i]) for line in cells)]))
+                for i, column in enumerate(columns)
+            ]
+            header = zip(columns, widths, strict=True)
+            print("  ".join(column.upper().ljust(width) for column, width in header).rstrip())
+        for line in cells:
+            shown = (
+                _fit(text, width, from_left=column in _PATH_COLUMNS)
+                for text, width, column in zip(line, widths, columns, strict=True)
+            )
+            print("  ".join(shown).rstrip())
 
 
 def _fit(text: str, width: int, *, from_left: bool) -> str:
@@ -438,10 +545,13 @@ def _fit(text: str, width: int, *, from_left: bool) -> str:
 
 
 def _csv(value: Any) -> str:
+    """``value`` as a CSV cell; text that a spreadsheet would take for a formula is quoted."""
     if isinstance(value, (dict, list)):
         return json.dumps(value)
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, str):
+        return csv_cell(value)
     return str(value)

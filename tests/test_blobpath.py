@@ -109,7 +109,9 @@ class TestScaleSetLayouts:
         assert location.resource_id.endswith("/virtualMachineScaleSets/web-ss/virtualMachines/3")
 
     def test_scale_set_without_instance(self) -> None:
-        name = f"{PROVIDER}/virtualmachinescalesets/web-ss/2026/11/25/packetcapture_10_15_00_123.cap"
+        name = (
+            f"{PROVIDER}/virtualmachinescalesets/web-ss/2026/11/25/packetcapture_10_15_00_123.cap"
+        )
         location = parse_capture_path("c", name)
         assert (location.layout, location.vm, location.scale_set, location.instance) == (
             "scale-set",
@@ -205,9 +207,21 @@ class TestBoundedFields:
             st.one_of(
                 st.text(max_size=100),
                 st.sampled_from(
-                    ["subscriptions", SUB, "resourcegroups", "rg", "providers",
-                     "microsoft.compute", "virtualmachines", "virtualmachinescalesets", "7",
-                     "2026", "11", "25", "packetcapture_10_15_00_123.cap"]
+                    [
+                        "subscriptions",
+                        SUB,
+                        "resourcegroups",
+                        "rg",
+                        "providers",
+                        "microsoft.compute",
+                        "virtualmachines",
+                        "virtualmachinescalesets",
+                        "7",
+                        "2026",
+                        "11",
+                        "25",
+                        "packetcapture_10_15_00_123.cap",
+                    ]
                 ),
             ),
             min_size=1,

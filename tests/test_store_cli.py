@@ -10,12 +10,19 @@ import os
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from azure.storage.blob import ContainerClient
 from conftest import ROOT, network_watcher_path, udp_capture
 
+from analyzer import api, store_cli
 from analyzer.blobpath import parse_capture_path
+from analyzer.connections import (
+    ConnectionSettingError,
+    ConnectionSettings,
+    require_trusted_blob_url,
+)
 from analyzer.processing import Outcome
 from analyzer.storage import TableResultsStore, capture_id_for
 from analyzer.store_cli import ProgressBar, add_commands
@@ -90,7 +97,9 @@ class TestProcess:
         statuses = sorted(o["status"] for o in json.loads(out)["outcomes"])
         assert statuses == ["complete", "complete"]
         new = [
-            a for a in results_store.capture_alerts(backfilled["second"]) if a["rule"] == "new-peer"
+            a
+            for a in results_store.iter_capture_alerts(backfilled["second"])
+            if a["rule"] == "new-peer"
         ]
         assert sorted(a["peer"] for a in new) == ["20.0.0.2", "2001:db8::7"]
 
@@ -288,3 +297,259 @@ class TestProgressBar:
         bar.update(5)
         bar.finish(Outcome("failed", "c/a.cap"))
         assert stream.getvalue() == "[1/1] failed     a.cap\n"
+
+
+# --- bounded reads, hostile text, credentials ----------------------------------------------
+
+MANY = {f"20.1.0.{n}": (1, 1) for n in range(1, 24)}
+
+
+@pytest.fixture
+def many_peers(storage_env: Mapping[str, str], captures_container: ContainerClient) -> str:
+    """A stored capture of 23 peers, every one new to its VM (23 new-peer alerts)."""
+    captures_container.upload_blob(network_watcher_path("vm-m", minute=1), udp_capture(FIRST))
+    captures_container.upload_blob(network_watcher_path("vm-m", minute=2), udp_capture(MANY))
+    assert run("process") == 0
+    location = parse_capture_path(
+        captures_container.container_name, network_watcher_path("vm-m", minute=2)
+    )
+    return capture_id_for(location)
+
+
+@pytest.fixture
+def page_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, str]]:
+    """Pages of 4 rows for `nwcap show`, and the parameters of every page it asks for."""
+    calls: list[dict[str, str]] = []
+    real = api.get_capture
+
+    def spy(store: Any, capture_id: str, params: Mapping[str, str]) -> api.ApiResponse:
+        calls.append(dict(params))
+        return real(store, capture_id, params)
+
+    monkeypatch.setattr(store_cli, "MAX_PAGE", 4)
+    monkeypatch.setattr(api, "get_capture", spy)
+    return calls
+
+
+class TestShowReadsPages:
+    """nwcap show reads peers and alerts a bounded page at a time, and prints them all."""
+
+    def test_table(
+        self,
+        many_peers: str,
+        page_calls: list[dict[str, str]],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        code, out, _ = output(capsys, "show", many_peers)
+        assert code == 0
+        peers = out[out.index("peers (23)") : out.index("\nalerts (")].splitlines()[2:]
+        assert sorted(line.split()[0] for line in peers) == sorted(MANY)
+        alert_lines = out[out.index("\nalerts (") :].splitlines()[2:]
+        assert sum("new-peer" in line for line in alert_lines) == len(MANY)
+        assert all(int(call.get("limit", "4")) <= 4 for call in page_calls)
+        peer_pages = [c for c in page_calls if c.get("part") == "peers"]
+        assert len(peer_pages) == 6  # ceil(23 / 4)
+        assert all("peers_continuation" in c for c in peer_pages[1:])
+
+    def test_json_is_one_document(
+        self,
+        many_peers: str,
+        page_calls: list[dict[str, str]],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        code, out, _ = output(capsys, "show", many_peers, "--format", "json")
+        document = json.loads(out)
+        assert code == 0 and set(document) == {"capture", "peers", "alerts"}
+        assert sorted(p["address"] for p in document["peers"]) == sorted(MANY)
+        assert len(document["alerts"]) == sum(document["capture"]["alerts"].values())
+        assert len(page_calls) > 2 * 6
+
+    def test_csv(
+        self,
+        many_peers: str,
+        page_calls: list[dict[str, str]],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        code, out, _ = output(capsys, "show", many_peers, "--format", "csv")
+        rows = list(csv.DictReader(io.StringIO(out)))
+        assert code == 0
+        assert sorted(row["address"] for row in rows) == sorted(MANY)
+        assert {row["new_peer"] for row in rows} == {"true"}
+
+    def test_capture_gone_mid_way(
+        self,
+        many_peers: str,
+        results_store: TableResultsStore,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        real = api.get_capture
+
+        def vanishing(store: Any, capture_id: str, params: Mapping[str, str]) -> api.ApiResponse:
+            if "peers_continuation" in params:
+                return api.ApiResponse(404, {"error": f"no capture {capture_id}"})
+            return real(store, capture_id, params)
+
+        monkeypatch.setattr(store_cli, "MAX_PAGE", 4)
+        monkeypatch.setattr(api, "get_capture", vanishing)
+        code, _, err = output(capsys, "show", many_peers, "--format", "csv")
+        assert code == 1
+        assert err == f"nwcap: error: no capture {many_peers}\n"
+
+
+class TestHostileText:
+    """Text from blob paths and captures cannot drive the terminal or a spreadsheet."""
+
+    def test_blob_name_in_the_terminal(
+        self,
+        storage_env: Mapping[str, str],
+        captures_container: ContainerClient,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        # Blob names are XML in listings, so no C0 controls: format characters are enough to
+        # reorder what the terminal shows ("evil<RLO>pac.exe" reads "evilexe.cap").
+        name = "manual/evil\u202epac.exe\u2066\u200b.cap"
+        captures_container.upload_blob(name, b"not a capture at all" * 4)
+        code, out, err = output(capsys, "process", "--format", "table")
+        assert code == 1  # the blob failed
+        # What this command prints (processing's own log records are cli.py's to format).
+        [progress] = [line for line in err.splitlines() if line.startswith("[1/1]")]
+        for text in (out, progress):
+            assert not any(char in text for char in "\u202e\u2066\u200b")
+        assert progress == "[1/1] failed     evil\\u202epac.exe\\u2066\\u200b.cap"
+        assert "\\u202e" in out
+
+    def test_formula_in_a_csv_cell(
+        self,
+        storage_env: Mapping[str, str],
+        captures_container: ContainerClient,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        # A resource group name may hold '-', '(' and ')': "-2-3(1)" is a formula to a spreadsheet.
+        name = network_watcher_path("vm-f").replace("/demo-rg/", "/-2-3(1)/")
+        captures_container.upload_blob(name, udp_capture(PEERS))
+        assert output(capsys, "process")[0] == 0
+        code, out, _ = output(capsys, "who-talked-to", "20.0.0.1", "--format", "csv")
+        [row] = list(csv.DictReader(io.StringIO(out)))
+        assert code == 0
+        assert row["resource_group"] == "'-2-3(1)"
+        assert row["vm"] == "vm-f" and row["packets"] == "5"  # numbers are left alone
+
+    @pytest.mark.parametrize(
+        "text", ['=HYPERLINK("http://x")', "+1", "-1+1", "@SUM(A1)", "\tx", "\rx"]
+    )
+    def test_every_formula_start(self, text: str) -> None:
+        assert store_cli._csv(text) == "'" + text
+        assert store_cli._csv(["=x"]) == '["=x"]'
+        assert store_cli._csv(-1) == "-1"
+
+
+class TestTimeParameters:
+    """Huge or odd times are a usage error naming the option, never a traceback."""
+
+    @pytest.mark.parametrize(
+        "argv",
+        [
+            ("captures", "--since", "9" * 400 + "d"),
+            ("captures", "--until", "1" * 5000 + "s"),
+            ("alerts", "--since", "99999999999w"),
+            ("who-talked-to", "20.0.0.1", "--since", "\u0667d"),
+            ("captures", "--since", "9999-12-31T23:59:59-23:59"),
+        ],
+    )
+    def test_bad_time(
+        self,
+        storage_env: Mapping[str, str],
+        capsys: pytest.CaptureFixture[str],
+        argv: tuple[str, ...],
+    ) -> None:
+        code, out, err = output(capsys, *argv)
+        assert code == 2 and out == ""
+        assert err.startswith(f"nwcap: {argv[-2].lstrip('-')}: ")
+        assert "Traceback" not in err and len(err) < 300
+
+
+ACCOUNT = "https://nwcapcaps.blob.core.windows.net"
+IDENTITY = ConnectionSettings(
+    name="CAPTURES_CONNECTION",
+    setting="CAPTURES_CONNECTION",
+    blob_service_uri=ACCOUNT + "/",
+    credential_kind="managedidentity",
+)
+KEYED = ConnectionSettings(
+    name="CAPTURES_CONNECTION",
+    setting="CAPTURES_CONNECTION",
+    connection_string="DefaultEndpointsProtocol=https;AccountName=nwcapcaps;AccountKey=a2V5;"
+    "EndpointSuffix=core.windows.net",
+)
+AZURITE = ConnectionSettings(
+    name="CAPTURES_CONNECTION",
+    setting="CAPTURES_CONNECTION",
+    connection_string="UseDevelopmentStorage=true",
+)
+BLOB = "/network-watcher-logs/a/packetcapture_1_2_3.cap"
+
+
+class TestCredentialsStayHome:
+    """A connection's credential goes to its own account's endpoint, or for an identity to
+    another Azure Storage account of the same cloud, and nowhere else."""
+
+    @pytest.mark.parametrize(
+        ("settings", "url"),
+        [
+            (IDENTITY, ACCOUNT + BLOB),
+            (IDENTITY, "https://NWCAPCAPS.blob.core.windows.net:443" + BLOB),
+            (IDENTITY, "https://otheraccount.blob.core.windows.net" + BLOB),
+            (KEYED, ACCOUNT + BLOB),
+            (AZURITE, "http://127.0.0.1:10000/devstoreaccount1" + BLOB),
+        ],
+    )
+    def test_trusted(self, settings: ConnectionSettings, url: str) -> None:
+        require_trusted_blob_url(url, settings)
+
+    @pytest.mark.parametrize(
+        ("settings", "url"),
+        [
+            (IDENTITY, "https://attacker.example" + BLOB),
+            (IDENTITY, "http://nwcapcaps.blob.core.windows.net" + BLOB),  # not TLS
+            (IDENTITY, "https://nwcapcaps.blob.core.windows.net:8443" + BLOB),
+            (IDENTITY, "https://nwcapcaps.blob.core.windows.net.attacker.example" + BLOB),
+            (IDENTITY, "https://nwcapcaps.blob.core.windows.net@attacker.example" + BLOB),
+            (IDENTITY, "https://attacker.example\\@nwcapcaps.blob.core.windows.net" + BLOB),
+            (IDENTITY, "https://otheraccount.blob.core.chinacloudapi.cn" + BLOB),
+            (IDENTITY, "https://otheraccount.queue.core.windows.net" + BLOB),
+            (IDENTITY, "ftp://nwcapcaps.blob.core.windows.net" + BLOB),
+            (IDENTITY, "https://nwcapcaps.blob.core.windows.net:x" + BLOB),
+            (IDENTITY, ACCOUNT + "/" + "a" * 5000),
+            (KEYED, "https://otheraccount.blob.core.windows.net" + BLOB),  # a key stays home
+            (AZURITE, "http://127.0.0.1:10001/devstoreaccount1" + BLOB),
+            (AZURITE, "http://127.0.0.1:10000/devstoreaccount2" + BLOB),
+            (AZURITE, "http://127.0.0.1:10000/devstoreaccount1x" + BLOB),
+        ],
+    )
+    def test_refused(self, settings: ConnectionSettings, url: str) -> None:
+        with pytest.raises(ConnectionSettingError) as raised:
+            require_trusted_blob_url(url, settings)
+        message = str(raised.value)
+        assert "CAPTURES_CONNECTION" in message or "not a blob URL" in message
+        assert len(message) < 600
+
+    def test_process_refuses_before_any_request(
+        self,
+        storage_env: Mapping[str, str],
+        captures_container: ContainerClient,
+        results_store: TableResultsStore,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        blob = captures_container.upload_blob(network_watcher_path("vm-u"), udp_capture(PEERS))
+        elsewhere = blob.url.replace("127.0.0.1", "localhost")
+        code, out, err = output(capsys, "process", elsewhere)
+        assert code == 2 and out == ""
+        assert err.startswith(
+            "nwcap: error: refusing to send the credential of connection "
+            "'CAPTURES_CONNECTION' to 'http://localhost:"
+        )
+        assert results_store.list_captures().items == []
+        policy = "https://attacker.example/policies/policy.yaml"
+        code, _, err = output(capsys, "process", "--policy", policy)
+        assert code == 2 and "'https://attacker.example'" in err
