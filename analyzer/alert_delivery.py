@@ -61,6 +61,7 @@ DEFAULT_MIN_SEVERITY = "low"
 DELIVERY_TABLE = "alertdelivery"
 MAX_MESSAGE_BYTES = 64 * 1024  # a queue message as the service counts it: the Base64 text
 MAX_ATTEMPTS = 10  # sends of one message refused (400, 413) before it is given up
+RECONCILE_WINDOW = 3 * 24 * 3600.0  # how far back the reconciler looks for undelivered alerts
 _MESSAGE_REFUSED = frozenset({400, 413})  # about the message; 401/403/404 are about the queue
 _ID_HEX_DIGITS = 32
 _ERROR_CHARS = 500
@@ -782,6 +783,67 @@ def deliver_pending(
             )
         )
     return total
+
+
+@dataclass(frozen=True)
+class AlertDelivery:
+    """Delivery as the app runs it: the store, the alerts queue, the settings and the optional
+    Event Grid publisher, for the function (after each capture), the reconciler and the CLI."""
+
+    store: TableResultsStore
+    queue: QueueClient
+    settings: DeliverySettings
+    publish_events: EventPublisher | None = None
+
+    @classmethod
+    def from_settings(
+        cls,
+        store: TableResultsStore,
+        queue_service: QueueServiceClient,
+        settings: DeliverySettings,
+        *,
+        create_queue: bool = False,
+    ) -> AlertDelivery:
+        """``create_queue`` for a connection string (Azurite); with an identity holding only the
+        sender role the queue must exist (the infrastructure creates it)."""
+        queue = alerts_queue(queue_service, settings.queue_name)
+        if create_queue and settings.enabled:
+            ensure_queue(queue)
+        endpoint = settings.eventgrid_endpoint
+        return cls(store, queue, settings, eventgrid_publisher(endpoint) if endpoint else None)
+
+    def after_processing(self, record: CaptureRecord | None) -> DeliveryResult | None:
+        """Deliver the alerts of a processed capture (``Outcome.record``); ``None`` when there
+        is nothing to do (no record, a status other than complete or partial, delivery off).
+        Also right for a run that found the capture already final: what was sent is skipped."""
+        severity = self.settings.min_severity
+        if record is None or severity is None or record.status not in _DELIVERED_STATUSES:
+            return None
+        return deliver_capture_alerts(
+            self.store,
+            self.queue,
+            record,
+            min_severity=severity,
+            links_base=self.settings.links_base,
+            publish_events=self.publish_events,
+        )
+
+    def reconcile(
+        self, *, window: float = RECONCILE_WINDOW, clock: Callable[[], float] = time.time
+    ) -> DeliveryResult:
+        """Deliver what is pending or unsent among the captures of the last ``window`` seconds."""
+        severity = self.settings.min_severity
+        if severity is None:
+            return DeliveryResult()
+        return deliver_pending(
+            self.store,
+            self.queue,
+            since=clock() - window,
+            min_severity=severity,
+            links_base=self.settings.links_base,
+            publish_events=self.publish_events,
+            clock=clock,
+        )
 
 
 def _undelivered_captures(

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,6 +21,8 @@ from conftest import network_watcher_path, udp_capture
 from analyzer.alert_delivery import (
     MAX_ATTEMPTS,
     MAX_MESSAGE_BYTES,
+    RECONCILE_WINDOW,
+    AlertDelivery,
     DeliveryLedger,
     DeliverySettings,
     alert_id,
@@ -127,6 +130,11 @@ class PaddedPastTheLimit(TextBase64EncodePolicy):
 
     def encode(self, content: Any) -> Any:
         return super().encode(content + " " * 70_000)
+
+
+def capture_time_of(record: CaptureRecord) -> float:
+    assert record.capture_time is not None
+    return record.capture_time
 
 
 def just_before(record: CaptureRecord) -> float:
@@ -296,6 +304,43 @@ class TestQueueMessages:
             assert event["type"] == f"nwcap.alert.{message['rule']}"
             assert event["source"] == second_capture.location.resource_id
             assert event["data"] == message
+
+
+class TestAsTheAppRunsIt:
+    """AlertDelivery: the settings, the queue made from them, after processing and reconciling."""
+
+    def test_settings_queue_and_reconcile(
+        self,
+        results_store: TableResultsStore,
+        queue_service: QueueServiceClient,
+        second_capture: CaptureRecord,
+    ) -> None:
+        name = f"alerts-{uuid.uuid4().hex[:12]}"
+        environ = {
+            "ALERTS_QUEUE": name,
+            "ALERTS_MIN_SEVERITY": "medium",
+            "ALERTS_LINKS_BASE": LINKS,
+        }
+        settings = DeliverySettings.from_environ(environ)
+        delivery = AlertDelivery.from_settings(
+            results_store, queue_service, settings, create_queue=True
+        )
+        try:
+            result = delivery.after_processing(second_capture)
+            assert result is not None and (result.sent, result.below_threshold) == (1, 7)
+            assert delivery.after_processing(None) is None
+            assert capture_time_of(second_capture) > time.time() - RECONCILE_WINDOW
+            assert delivery.reconcile().sent == 0
+            (message,) = drain(delivery.queue)
+            assert (message["rule"], message["severity"]) == ("deny-rule", "high")
+            assert message["links"]["api"].startswith(LINKS)
+            off = dataclasses.replace(settings, min_severity=None)
+            assert DeliverySettings.from_environ({**environ, "ALERTS_MIN_SEVERITY": "none"}) == off
+            disabled = AlertDelivery.from_settings(results_store, queue_service, off)
+            assert disabled.after_processing(second_capture) is None
+            assert disabled.reconcile().captures == 0
+        finally:
+            delivery.queue.delete_queue()
 
 
 class TestFaults:
