@@ -23,7 +23,9 @@ from analyzer.tablekeys import (
     entity_size,
     fit_json,
     fit_text,
+    generation_prefix,
     ip_key,
+    peer_row_key,
     storable_time,
     time_key,
     vm_key,
@@ -135,6 +137,14 @@ class CaptureRecord:
 
     ``version`` is the row's table ETag when read back (for optimistic concurrency).
     ``alerts`` counts the capture's alerts by severity.
+
+    ``generation`` counts the runs that claimed the row; every result row a run writes carries
+    its generation in its key, and ``results_generation`` names the run whose rows are the
+    capture's results (see docs/reliability.md). ``stale_rows`` says rows of earlier runs may
+    remain to be deleted. ``transient`` tells whether a ``failed`` capture's error was one that
+    a later attempt may not meet (throttling, an outage), so that reconciling retries it.
+    ``time_mismatch`` says why the capture's claimed time is not believed (its peers are then
+    not learned into the VM's baseline).
     """
 
     capture_id: str
@@ -166,6 +176,19 @@ class CaptureRecord:
     local_addresses: tuple[str, ...] = ()
     local_addresses_inferred: bool | None = None
     truncated: str = ""
+    generation: int = 0
+    results_generation: int = 0
+    stale_rows: bool = False
+    transient: bool = False
+    attempts: int = 0
+    time_mismatch: str = ""
+    budget_exhausted: str = ""
+    folded_peers: int = 0
+    folded_packets: int = 0
+    folded_bytes: int = 0
+    folded: tuple[Mapping[str, Any], ...] = ()
+    activity_start: float | None = None
+    activity_bucket_seconds: float = 0.0
     version: str = ""
 
     @property
@@ -218,6 +241,17 @@ class CaptureRecord:
             "processing_started": iso_time(self.processing_started),
             "processed_at": iso_time(self.processed_at),
             "processing_seconds": self.processing_seconds,
+            "transient": self.transient,
+            "attempts": self.attempts,
+            "time_mismatch": self.time_mismatch,
+            "budget_exhausted": self.budget_exhausted or None,
+            "folded_peers": self.folded_peers,
+            "folded_packets": self.folded_packets,
+            "folded_bytes": self.folded_bytes,
+            "folded": [dict(group) for group in self.folded],
+            "activity_start": iso_time(self.activity_start),
+            "activity_bucket_seconds": self.activity_bucket_seconds,
+            "generation": self.generation,
             "truncated": self.truncated.split(",") if self.truncated else [],
         }
 
@@ -277,6 +311,19 @@ def capture_entity(record: CaptureRecord) -> dict[str, Any]:
     row.json("warnings", list(record.warnings))
     row.json("local_addresses", list(record.local_addresses))
     row.flag("local_addresses_inferred", record.local_addresses_inferred)
+    row.count("generation", record.generation)
+    row.count("results_generation", record.results_generation)
+    row.flag("stale_rows", record.stale_rows)
+    row.flag("transient", record.transient)
+    row.count("attempts", record.attempts)
+    row.text("time_mismatch", record.time_mismatch)
+    row.text("budget_exhausted", record.budget_exhausted)
+    row.count("folded_peers", record.folded_peers)
+    row.count("folded_packets", record.folded_packets)
+    row.count("folded_bytes", record.folded_bytes)
+    row.json("folded", [dict(group) for group in record.folded])
+    row.time("activity_start", record.activity_start)
+    row.number("activity_bucket_seconds", record.activity_bucket_seconds)
     return row.build()
 
 
@@ -325,6 +372,19 @@ def capture_from_entity(entity: Mapping[str, Any]) -> CaptureRecord:
         local_addresses=tuple(_loads(entity, "local_addresses", [])),
         local_addresses_inferred=_bool(entity, "local_addresses_inferred"),
         truncated=_str(entity, "truncated"),
+        generation=_int(entity, "generation"),
+        results_generation=_int(entity, "results_generation"),
+        stale_rows=bool(_bool(entity, "stale_rows")),
+        transient=bool(_bool(entity, "transient")),
+        attempts=_int(entity, "attempts"),
+        time_mismatch=_str(entity, "time_mismatch"),
+        budget_exhausted=_str(entity, "budget_exhausted"),
+        folded_peers=_int(entity, "folded_peers"),
+        folded_packets=_int(entity, "folded_packets"),
+        folded_bytes=_int(entity, "folded_bytes"),
+        folded=tuple(group for group in _loads(entity, "folded", []) if isinstance(group, dict)),
+        activity_start=_ts(entity, "activity_start"),
+        activity_bucket_seconds=float(_raw(entity, "activity_bucket_seconds") or 0.0),
         version=str(metadata.get("etag") or ""),
     )
 
@@ -337,7 +397,7 @@ def peer_entity(
     alerts: Sequence[Alert],
 ) -> dict[str, Any]:
     """The ``peers`` row of one peer of a capture (``alerts``: those about this peer)."""
-    row = _EntityBuilder(record.capture_id, ip_key(peer.address))
+    row = _EntityBuilder(record.capture_id, peer_row_key(record.generation, peer.address))
     _capture_context(row, record)
     row.text("address", peer.address)
     row.text("index_rk", _index_row_key(record))
@@ -360,6 +420,7 @@ def peer_entity(
     row.text("reason", peer.reason)
     row.json("service_tags", list(peer.service_tags))
     row.json("roles", list(peer.roles))
+    row.json("activity", list(peer.activity))
     row.flag("new_peer", new)
     row.count("alerts", len(alerts))
     severities = [alert.severity for alert in alerts]
@@ -393,6 +454,7 @@ def peer_document(entity: Mapping[str, Any]) -> dict[str, Any]:
         "reason": _str(entity, "reason"),
         "service_tags": _loads(entity, "service_tags", []),
         "roles": _loads(entity, "roles", []),
+        "activity": _loads(entity, "activity", []),
         "new_peer": bool(_bool(entity, "new_peer")),
         "alerts": _int(entity, "alerts"),
         "max_severity": _str(entity, "max_severity"),
@@ -403,14 +465,23 @@ def peer_document(entity: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def alert_row_keys(record: CaptureRecord, alert: Alert, occurrence: int) -> tuple[str, str, str]:
+    """An alert's row key in its capture's partition, and its day partition and row key."""
+    capture_time = _required_time(record)
+    key = generation_prefix(record.generation) + alert_key(alert, occurrence)
+    return key, day_partition(capture_time), f"{time_key(capture_time)}|{record.capture_id}|{key}"
+
+
+def index_row_keys(record: CaptureRecord, peer: Peer) -> tuple[str, str]:
+    """The partition and row key of the ``peerindex`` row of ``peer`` in this run."""
+    return ip_key(peer.address), _index_row_key(record)
+
+
 def alert_entities(
     record: CaptureRecord, alert: Alert, occurrence: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """An alert's two rows: in its capture's partition and in its day's partition."""
-    capture_time = _required_time(record)
-    key = alert_key(alert, occurrence)
-    day_pk = day_partition(capture_time)
-    day_rk = f"{time_key(capture_time)}|{record.capture_id}|{key}"
+    key, day_pk, day_rk = alert_row_keys(record, alert, occurrence)
     rows = []
     for partition, row_key in ((CAPTURE_ALERTS_PREFIX + record.capture_id, key), (day_pk, day_rk)):
         row = _EntityBuilder(partition, row_key)
@@ -446,7 +517,7 @@ def alert_document(entity: Mapping[str, Any]) -> dict[str, Any]:
 
 def index_entity(record: CaptureRecord, peer: Peer) -> dict[str, Any]:
     """The ``peerindex`` row recording that this capture's VM talked to ``peer``."""
-    row = _EntityBuilder(ip_key(peer.address), _index_row_key(record))
+    row = _EntityBuilder(*index_row_keys(record, peer))
     _capture_context(row, record)
     row.text("address", peer.address)
     row.time("first_seen", peer.first_seen)
@@ -502,10 +573,11 @@ def _capture_context(row: _EntityBuilder, record: CaptureRecord) -> None:
     row.text("resource_group", where.resource_group)
     row.time("capture_time", record.capture_time)
     row.text("blob_etag", record.blob_etag)
+    row.count("generation", record.generation)
 
 
 def _index_row_key(record: CaptureRecord) -> str:
-    return f"{time_key(_required_time(record))}|{record.capture_id}"
+    return f"{time_key(_required_time(record))}|{record.capture_id}|{record.generation:08d}"
 
 
 def _required_time(record: CaptureRecord) -> float:

@@ -1,27 +1,39 @@
-"""Processing one capture blob into stored results, the same way from the function and the CLI.
+"""Processing one capture blob into stored results, the same way from the function, the
+reconciler and the CLI.
 
-The capture row's status goes ``processing`` → ``complete`` | ``partial`` | ``failed``:
+Each run *claims* the capture row (a conditional write that sets its status to ``processing``
+and raises its ``generation`` by one), writes its peer, alert and index rows under keys that
+carry its generation, and then flips the row to ``complete``, ``partial`` or ``failed`` only if
+no later run claimed it meanwhile. The flipped row names the generation whose rows are the
+capture's results (``results_generation``); readers read only those, and rows of earlier runs
+are deleted after the flip. Hence (the reasoning is in ``docs/reliability.md``):
 
-- a blob already final at the same ETag is skipped (unless forced); a new ETag is processed
-  again and its results replace the old ones, stale rows included;
-- peers, alerts and index rows are written before the status flips, so a reader never sees
-  ``complete`` with rows missing; row keys are deterministic and writes are upserts, so runs
-  repeated or concurrent on one ETag leave the same rows;
-- a blob that is not a capture, or whose header is broken, is recorded ``failed`` with its
-  error and the run returns normally (retrying cannot help); transient storage errors
-  propagate so that the host retries, and are never recorded as ``failed``;
-- a run that finds a newer version of its blob already recorded stops without writing.
+- a reader never sees ``complete`` with rows missing, nor rows of two runs mixed;
+- a run of an old blob version that goes on writing after a newer version's run finished
+  writes only rows nobody reads, and deletes them when its flip finds it was overtaken;
+- a run that dies at any step leaves a row in ``processing`` (or a finished row with
+  ``stale_rows``): the next run or reconcile claims a new generation and finishes the work;
+- a blob already final at the same ETag is skipped (unless forced): one read, no write;
+- any error that retrying cannot fix (not a capture, a broken header, a value Table Storage
+  refuses, a bug) is recorded ``failed`` with its reason and the run returns normally;
+  transient errors (outages, throttling, timeouts) are recorded ``failed`` with
+  ``transient`` set where storage still answers, and re-raised so that the host retries;
+  reconciling retries them too;
+- a row written by a newer analyzer version is left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -33,11 +45,18 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.storage.blob import BlobClient, BlobServiceClient
+from azure.storage.blob import BlobClient, BlobProperties, BlobServiceClient
 
 from analyzer import __version__
 from analyzer.analysis import analyze
-from analyzer.blobpath import CaptureLocation, is_capture_blob, parse_capture_path
+from analyzer.blobpath import (
+    UNKNOWN_VM,
+    CaptureLocation,
+    capture_time_mismatch,
+    is_capture_blob,
+    parse_capture_path,
+)
+from analyzer.budget import Budget
 from analyzer.errors import CorruptCaptureError, UnsupportedFormatError
 from analyzer.models import SEVERITY_ORDER, Alert, Analysis, Peer, Severity, iso_time
 from analyzer.policy import Policy, load_policy
@@ -50,14 +69,22 @@ from analyzer.storage import (
     ResultsStore,
     capture_id_for,
     ip_key,
+    storable_time,
 )
 
 log = logging.getLogger(__name__)
+# One record per capture outcome and one per alert, with their fields as JSON in the message
+# (the Functions host keeps only the message of a Python log record) and as custom dimensions
+# for exporters that read ``extra`` (see docs/settings.md, "Logs").
+outcome_log = logging.getLogger("nwcap.outcome")
 
 DEFAULT_CONTAINER = "network-watcher-logs"
 NEW_PEER_RULE = "new-peer"
 _TRANSIENT_STATUS = frozenset({408, 429})
 _ATTEMPTS = 5
+# Runs of one blob version before a capture that keeps failing (transiently, or by killing its
+# worker) is given up as failed for good.
+MAX_ATTEMPTS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,15 +95,18 @@ class Settings:
     policy_location: str = ""
     service_tags_location: str = ""
     table_prefix: str = ""
+    budget: Budget = field(default_factory=Budget)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """The settings; :class:`analyzer.budget.InvalidSettingError` names a bad budget one."""
         env = os.environ if environ is None else environ
         return cls(
             captures_container=env.get("CAPTURES_CONTAINER", "").strip() or DEFAULT_CONTAINER,
             policy_location=env.get("NWCAP_POLICY", "").strip(),
             service_tags_location=env.get("NWCAP_SERVICE_TAGS", "").strip(),
             table_prefix=env.get("NWCAP_TABLE_PREFIX", "").strip(),
+            budget=Budget.from_environ(env),
         )
 
 
@@ -86,7 +116,8 @@ class Outcome:
 
     ``status`` is a capture status (``complete``, ``partial``, ``failed``) or ``skipped``
     (already final at this ETag), ``ignored`` (not a ``.cap`` blob), ``superseded`` (a newer
-    version of the blob is recorded or being read) or ``missing`` (the blob is gone).
+    version of the blob, or a later run, took over), ``busy`` (another run is under way),
+    ``newer-analyzer`` (a newer version of nwcap recorded it) or ``missing`` (the blob is gone).
     """
 
     status: str
@@ -104,6 +135,22 @@ def is_transient(error: BaseException) -> bool:
         status = error.status_code or 0
         return status in _TRANSIENT_STATUS or status >= 500
     return False
+
+
+def is_final(record: CaptureRecord) -> bool:
+    """True when the row needs no further run at its ETag (a transient failure does)."""
+    return record.status in FINAL_STATUSES and not (record.status == "failed" and record.transient)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"0.10.2"`` → ``(0, 10, 2)``; anything unreadable sorts first."""
+    parts = re.findall(r"\d+", version)
+    return tuple(int(part) for part in parts[:4]) if parts else ()
+
+
+def written_by_newer(record: CaptureRecord) -> bool:
+    """True when a newer nwcap than this one wrote the row (it is left to that version)."""
+    return version_tuple(record.analyzer_version) > version_tuple(__version__)
 
 
 class BlobReader(io.RawIOBase):
@@ -147,8 +194,14 @@ def process_blob(
     force: bool = False,
     progress: Callable[[int], None] | None = None,
     clock: Callable[[], float] = time.time,
+    budget: Budget | None = None,
+    busy_unless_older_than: float | None = None,
 ) -> Outcome:
-    """Analyze one capture blob and store its results; see the module's docstring."""
+    """Analyze one capture blob and store its results; see the module's docstring.
+
+    ``busy_unless_older_than`` (seconds) leaves a row another run set to ``processing`` less
+    than that long ago to that run (the reconciler's rule); by default a run always claims.
+    """
     name = f"{blob.container_name}/{blob.blob_name}"
     if not is_capture_blob(blob.blob_name):
         log.info("Ignoring %s: not a .cap blob", name)
@@ -160,109 +213,263 @@ def process_blob(
     except ResourceNotFoundError:
         log.warning("Capture %s is gone before it could be processed", name)
         return Outcome("missing", name, capture_id)
-    etag = str(properties.etag)
-    last_modified = properties.last_modified.timestamp()
     started = clock()
-    record = CaptureRecord(
+    record = _new_record(blob, location, capture_id, properties, started)
+    claimed = _claim(store, record, force=force, busy_after=busy_unless_older_than, now=started)
+    if isinstance(claimed, Outcome):
+        log.info("Capture %s (%s) %s", name, capture_id, claimed.detail)
+        return replace(claimed, blob=name)
+    log.info(
+        "Processing capture %s (%s) at ETag %s, run %d",
+        name, capture_id, claimed.blob_etag, claimed.generation,
+    )
+    try:
+        outcome = _run(
+            blob, store, claimed, clock=clock, started=started, progress=progress,
+            policy=policy, service_tags=service_tags, budget=budget,
+        )
+    except Exception as error:
+        failure = _record_failure(store, claimed, error, clock=clock, started=started)
+        if failure is None:
+            raise  # transient: the host (and reconciling) retry it
+        outcome = failure
+    log_outcome(outcome)
+    return outcome
+
+
+def _new_record(
+    blob: BlobClient,
+    location: CaptureLocation,
+    capture_id: str,
+    properties: BlobProperties,
+    started: float,
+) -> CaptureRecord:
+    last_modified = properties.last_modified.timestamp()
+    created = properties.creation_time.timestamp() if properties.creation_time else last_modified
+    mismatch = capture_time_mismatch(location, created) or ""
+    if mismatch:
+        # The path's time is not believed: the blob's creation time stands in for it.
+        capture_time, source = created, "blob-created"
+    elif location.capture_time is not None:
+        capture_time, source = location.capture_time, "path"
+    else:
+        capture_time, source = None, ""
+    return CaptureRecord(
         capture_id=capture_id,
         location=location,
         blob_url=blob.url.split("?", 1)[0],
-        blob_etag=etag,
+        blob_etag=str(properties.etag),
         blob_size=int(properties.size),
         blob_last_modified=last_modified,
         status="processing",
-        capture_time=location.capture_time,
-        capture_time_source="path" if location.capture_time is not None else "",
+        capture_time=capture_time,
+        capture_time_source=source,
         processing_started=started,
         analyzer_version=__version__,
+        time_mismatch=mismatch,
     )
-    decision = _begin(store, record, force=force)
-    if decision is not None:
-        log.info("Capture %s (%s) %s", name, capture_id, decision.detail)
-        return replace(decision, blob=name)
-    log.info("Processing capture %s (%s) at ETag %s", name, capture_id, etag)
-    try:
-        with open_blob(blob, etag) as stream:
-            analysis = analyze(stream, policy=policy, service_tags=service_tags, progress=progress)
-    except (UnsupportedFormatError, CorruptCaptureError) as error:
-        failed = replace(
-            record,
-            status="failed",
-            error=str(error),
-            error_type=type(error).__name__,
-            capture_time=location.capture_time or last_modified,
-            capture_time_source="path" if location.capture_time is not None else "blob",
-            processed_at=clock(),
-            processing_seconds=round(clock() - started, 3),
-        )
-        log.warning("Capture %s (%s) failed for good: %s", name, capture_id, error)
-        return _finish(store, blob, failed)
-    except ResourceModifiedError:
-        log.info("Capture %s changed while being read; its new version will be processed", name)
-        return Outcome("superseded", name, capture_id, "the blob changed while being read")
-    return _store_analysis(store, blob, record, analysis, clock=clock, started=started)
 
 
-def _begin(store: ResultsStore, record: CaptureRecord, *, force: bool) -> Outcome | None:
-    """Record ``processing``, or say why not (an Outcome) when the blob needs no run."""
+def _claim(
+    store: ResultsStore,
+    record: CaptureRecord,
+    *,
+    force: bool,
+    busy_after: float | None,
+    now: float,
+) -> CaptureRecord | Outcome:
+    """Record ``processing`` under a new generation (the claimed row), or say why not."""
     for _ in range(_ATTEMPTS):
         existing = store.get_capture(record.capture_id)
         if existing is not None:
-            if (
-                existing.blob_etag == record.blob_etag
-                and existing.status in FINAL_STATUSES
-                and not force
-            ):
-                return Outcome(
-                    "skipped",
-                    record.location.path,
-                    record.capture_id,
-                    f"already {existing.status} at this ETag",
-                    existing,
-                )
-            if _newer(existing, record):
-                return _superseded(record)
+            decision = _no_run_needed(existing, record, force=force, busy_after=busy_after, now=now)
+            if decision is not None:
+                if decision.status == "skipped" and existing.stale_rows:
+                    _drop_older_rows(store, existing)
+                return decision
+        again = existing is not None and existing.blob_etag == record.blob_etag and not force
+        attempts = existing.attempts + 1 if existing is not None and again else 1
+        claimed = replace(
+            record,
+            generation=(existing.generation if existing else 0) + 1,
+            results_generation=existing.results_generation if existing else 0,
+            attempts=attempts,
+        )
         try:
-            store.put_capture(record, if_version=existing.version if existing else "")
+            version = store.put_capture(claimed, if_version=existing.version if existing else "")
         except ConcurrentUpdateError:
             continue
-        return None
+        return replace(claimed, version=version)
     raise ConcurrentUpdateError(f"capture {record.capture_id} keeps changing under this run")
+
+
+def _no_run_needed(
+    existing: CaptureRecord,
+    record: CaptureRecord,
+    *,
+    force: bool,
+    busy_after: float | None,
+    now: float,
+) -> Outcome | None:
+    def outcome(status: str, detail: str) -> Outcome:
+        return Outcome(status, record.location.path, record.capture_id, detail, existing)
+
+    if written_by_newer(existing):
+        return outcome(
+            "newer-analyzer",
+            f"recorded by nwcap {existing.analyzer_version} (this is {__version__}): left to it",
+        )
+    same_version = existing.blob_etag == record.blob_etag
+    if same_version and is_final(existing) and not force:
+        return outcome("skipped", f"already {existing.status} at this ETag")
+    if _newer(existing, record):
+        return outcome("superseded", "a newer version of the blob is recorded")
+    if (
+        busy_after is not None
+        and existing.status == "processing"
+        and same_version
+        and now - (existing.processing_started or 0.0) < busy_after
+    ):
+        return outcome("busy", "another run is processing it")
+    return None
+
+
+def _run(
+    blob: BlobClient,
+    store: ResultsStore,
+    claimed: CaptureRecord,
+    *,
+    clock: Callable[[], float],
+    started: float,
+    progress: Callable[[int], None] | None,
+    policy: Policy | None,
+    service_tags: ServiceTags | None,
+    budget: Budget | None,
+) -> Outcome:
+    name = claimed.location.path
+    if claimed.attempts > MAX_ATTEMPTS:
+        raise GaveUpError(
+            f"gave up after {claimed.attempts - 1} attempts at this ETag that did not finish"
+        )
+    try:
+        with open_blob(blob, claimed.blob_etag) as stream:
+            analysis = analyze(
+                stream, policy=policy, service_tags=service_tags, progress=progress, budget=budget
+            )
+    except (UnsupportedFormatError, CorruptCaptureError) as error:
+        log.warning("Capture %s (%s) is not readable: %s", name, claimed.capture_id, error)
+        raise
+    except ResourceModifiedError:
+        log.info("Capture %s changed while being read; its new version will be processed", name)
+        return Outcome("superseded", name, claimed.capture_id, "the blob changed while being read")
+    except ResourceNotFoundError:
+        raise BlobVanishedError("the blob was deleted while being read") from None
+    return _store_analysis(store, blob, claimed, analysis, clock=clock, started=started)
+
+
+class GaveUpError(Exception):
+    """A capture retried too often at one ETag (each run died or failed transiently)."""
+
+
+class BlobVanishedError(Exception):
+    """The blob was deleted while being read: nothing left to process."""
+
+
+def _record_failure(
+    store: ResultsStore,
+    claimed: CaptureRecord,
+    error: Exception,
+    *,
+    clock: Callable[[], float],
+    started: float,
+) -> Outcome | None:
+    """Record ``failed`` for ``error``; ``None`` when the error is transient (re-raise it)."""
+    transient = is_transient(error)
+    name = claimed.location.path
+    reason = _describe(error)
+    if transient:
+        log.warning("Transient error on capture %s (%s): %s", name, claimed.capture_id, reason)
+    elif isinstance(error, (UnsupportedFormatError, CorruptCaptureError, GaveUpError,
+                            BlobVanishedError)):
+        log.warning("Capture %s (%s) failed for good: %s", name, claimed.capture_id, reason)
+    else:
+        log.exception("Capture %s (%s) failed for good: %s", name, claimed.capture_id, reason)
+    failed = replace(
+        claimed,
+        status="failed",
+        error=reason,
+        error_type=type(error).__name__,
+        transient=transient,
+        capture_time=claimed.capture_time or storable_time(claimed.blob_last_modified),
+        capture_time_source=claimed.capture_time_source or "blob",
+        processed_at=clock(),
+        processing_seconds=round(clock() - started, 3),
+        # A transient failure keeps the last results readable; a permanent one has none.
+        results_generation=claimed.results_generation if transient else claimed.generation,
+        stale_rows=not transient and claimed.generation > 1,
+    )
+    try:
+        stored = _flip(store, failed)
+    except Exception as secondary:  # storage down too: the row stays processing
+        if not transient:
+            raise
+        log.warning("Could not record the failure of %s: %s", claimed.capture_id, secondary)
+        return None
+    if transient:
+        return None
+    if stored is None:
+        return _abandon(store, failed, (), (), "a later run of the blob took over")
+    _drop_older_rows(store, stored)
+    return Outcome("failed", name, claimed.capture_id, reason, stored)
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(error).__name__}: {first}"[:1000] if first else type(error).__name__
 
 
 def _store_analysis(
     store: ResultsStore,
     blob: BlobClient,
-    record: CaptureRecord,
+    claimed: CaptureRecord,
     analysis: Analysis,
     *,
     clock: Callable[[], float],
     started: float,
 ) -> Outcome:
     info = analysis.capture
-    location = record.location
-    if location.capture_time is not None:
-        capture_time, source = location.capture_time, "path"
-    elif info.first_seen is not None:
-        capture_time, source = info.first_seen, "packets"
-    else:
-        capture_time, source = record.blob_last_modified, "blob"
-    known = store.known_peers(location)
-    new_peers = new_peer_keys(analysis.peers, known, record.capture_id, capture_time)
+    location = claimed.location
+    capture_time: float = claimed.blob_last_modified
+    source = "blob"
+    first_seen = storable_time(info.first_seen)
+    if claimed.capture_time is not None:
+        capture_time, source = claimed.capture_time, claimed.capture_time_source
+    elif first_seen is not None:
+        capture_time, source = first_seen, "packets"
+    # A back-dated capture, or one whose path names no VM, teaches no baseline: whoever can
+    # write the container could otherwise teach a VM's baseline any address.
+    learns = not claimed.time_mismatch and location.vm != UNKNOWN_VM
+    known = store.known_peers(location) if learns else {}
+    new_peers = (
+        new_peer_keys(analysis.peers, known, claimed.capture_id, capture_time)
+        if learns
+        else frozenset()
+    )
     alerts = analysis.alerts + baseline_alerts(location, analysis.peers, new_peers)
     counts = dict.fromkeys(SEVERITY_ORDER, 0)
     for alert in alerts:
         counts[alert.severity] += 1
     final = replace(
-        record,
+        claimed,
         status="complete" if info.complete else "partial",
         capture_time=capture_time,
         capture_time_source=source,
         analyzer_version=analysis.analyzer_version or __version__,
         policy_version=analysis.policy_version,
         format=info.format,
-        first_seen=info.first_seen,
-        last_seen=info.last_seen,
+        first_seen=storable_time(info.first_seen),
+        last_seen=storable_time(info.last_seen),
         packets=info.packets,
         bytes=info.bytes,
         ip_packets=info.ip_packets,
@@ -272,52 +479,120 @@ def _store_analysis(
         warnings=info.warnings,
         local_addresses=info.local_addresses,
         local_addresses_inferred=info.local_addresses_inferred,
-        processed_at=clock(),
-        processing_seconds=round(clock() - started, 3),
+        budget_exhausted=info.budget_exhausted or "",
+        folded_peers=info.folded_peers,
+        folded_packets=info.folded_packets,
+        folded_bytes=info.folded_bytes,
+        folded=tuple(group.to_dict() for group in analysis.folded),
+        activity_start=storable_time(info.activity_start),
+        activity_bucket_seconds=info.activity_bucket_seconds,
+        results_generation=claimed.generation,
+        stale_rows=claimed.generation > 1,
+        transient=False,
+        error="",
+        error_type="",
     )
-    return _finish(
-        store, blob, final, peers=analysis.peers, alerts=alerts, new_peers=new_peers, known=known
-    )
-
-
-def _finish(
-    store: ResultsStore,
-    blob: BlobClient,
-    final: CaptureRecord,
-    *,
-    peers: tuple[Peer, ...] = (),
-    alerts: tuple[Alert, ...] = (),
-    new_peers: frozenset[str] = frozenset(),
-    known: Mapping[str, BaselineEntry] | None = None,
-) -> Outcome:
-    """Write the results, then flip the status: unless the blob changed meanwhile."""
     name = final.location.path
     if _blob_changed(blob, final):
         return _superseded(final)
-    store.replace_results(final, peers, alerts, new_peers)
-    if known is not None and final.capture_time is not None:
-        store.add_to_baseline(final.location, final.capture_id, final.capture_time, peers, known)
+    store.write_results(final, analysis.peers, alerts, new_peers)
+    if learns:
+        store.add_to_baseline(location, final.capture_id, capture_time, analysis.peers, known)
+    if _blob_changed(blob, final):
+        return _abandon(store, final, analysis.peers, alerts, "the blob changed while stored")
+    stored = _flip(store, replace(final, processed_at=clock(),
+                                  processing_seconds=round(clock() - started, 3)))
+    if stored is None:
+        return _abandon(store, final, analysis.peers, alerts, "a later run of the blob took over")
+    _drop_older_rows(store, stored)
+    for alert in alerts:
+        log_alert(stored, alert)
+    return Outcome(stored.status, name, stored.capture_id, stored.error, stored)
+
+
+def _flip(store: ResultsStore, final: CaptureRecord) -> CaptureRecord | None:
+    """Write the run's final row unless a later run claimed the capture (then ``None``)."""
     for _ in range(_ATTEMPTS):
         current = store.get_capture(final.capture_id)
-        if (current is not None and _newer(current, final)) or _blob_changed(blob, final):
-            return _superseded(final)
+        if current is None or current.generation != final.generation:
+            return None
         try:
-            version = store.put_capture(final, if_version=current.version if current else "")
+            version = store.put_capture(final, if_version=current.version)
         except ConcurrentUpdateError:
             continue
-        log.info(
-            "Capture %s (%s) %s: %s packets, %s peers, %s alerts in %.1f s",
-            name,
-            final.capture_id,
-            final.status,
-            final.packets,
-            final.peers,
-            final.alert_total,
-            final.processing_seconds or 0.0,
-        )
-        stored = replace(final, version=version)
-        return Outcome(final.status, name, final.capture_id, final.error, stored)
+        return replace(final, version=version)
     raise ConcurrentUpdateError(f"capture {final.capture_id} keeps changing under this run")
+
+
+def _abandon(
+    store: ResultsStore,
+    mine: CaptureRecord,
+    peers: tuple[Peer, ...],
+    alerts: tuple[Alert, ...],
+    why: str,
+) -> Outcome:
+    """This run's rows are nobody's results (``why``): delete them, found by their keys."""
+    log.info(
+        "Capture %s (%s): run %d stops, %s; dropping its rows",
+        mine.location.path, mine.capture_id, mine.generation, why,
+    )
+    try:
+        store.drop_run(mine, peers, alerts)
+    except Exception as error:  # harmless leftovers: no reader reads that generation
+        log.warning("Could not drop the rows of run %d of %s: %s",
+                    mine.generation, mine.capture_id, error)
+    return Outcome("superseded", mine.location.path, mine.capture_id, why)
+
+
+def _drop_older_rows(store: ResultsStore, stored: CaptureRecord) -> None:
+    """Delete rows of runs before the one whose results the row names, then say so."""
+    if not stored.stale_rows:
+        return
+    store.drop_results(stored.capture_id, below=stored.results_generation)
+    # A lost race means a later run has the row: it drops what is older than its own rows.
+    with contextlib.suppress(ConcurrentUpdateError):
+        store.put_capture(replace(stored, stale_rows=False), if_version=stored.version)
+
+
+def log_outcome(outcome: Outcome) -> None:
+    """One structured record per capture outcome (see docs/settings.md, "Logs")."""
+    record = outcome.record
+    fields: dict[str, Any] = {
+        "capture_id": outcome.capture_id,
+        "blob": outcome.blob,
+        "status": outcome.status,
+        "detail": outcome.detail,
+    }
+    if record is not None:
+        fields.update(
+            vm=record.location.vm,
+            packets=record.packets,
+            peers=record.peers,
+            alerts={severity: record.alerts.get(severity, 0) for severity in SEVERITY_ORDER},
+            seconds=record.processing_seconds,
+            transient=record.transient,
+            budget_exhausted=record.budget_exhausted or None,
+            time_mismatch=record.time_mismatch or None,
+        )
+    level = logging.WARNING if outcome.status == "failed" else logging.INFO
+    outcome_log.log(level, "nwcap.capture %s", _json(fields), extra={"custom_dimensions": fields})
+
+
+def log_alert(record: CaptureRecord, alert: Alert) -> None:
+    """One structured record per stored alert."""
+    fields = {
+        "rule": alert.rule,
+        "severity": alert.severity,
+        "peer": alert.peer,
+        "capture_id": record.capture_id,
+        "vm": record.location.vm,
+    }
+    outcome_log.warning("nwcap.alert %s", _json(fields), extra={"custom_dimensions": fields})
+
+
+def _json(fields: Mapping[str, Any]) -> str:
+    # ASCII only, so that capture-derived text cannot reach a log viewer as control characters.
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=True, default=str)
 
 
 def _blob_changed(blob: BlobClient, record: CaptureRecord) -> bool:

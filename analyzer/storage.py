@@ -48,14 +48,17 @@ from analyzer.entities import (
     CaptureRecord,
     Status,
     _alert_occurrences,
+    _int,
     _str,
     _ts,
     alert_document,
     alert_entities,
+    alert_row_keys,
     baseline_entity,
     capture_entity,
     capture_from_entity,
     index_entity,
+    index_row_keys,
     peer_document,
     peer_entity,
     sighting_document,
@@ -80,6 +83,8 @@ from analyzer.tablekeys import (
     escape_key,
     fit_json,
     fit_text,
+    generation_of,
+    generation_prefix,
     ip_key,
     parse_capture_id,
     storable_time,
@@ -121,6 +126,8 @@ __all__ = [
     "escape_key",
     "fit_json",
     "fit_text",
+    "generation_of",
+    "generation_prefix",
     "index_entity",
     "ip_key",
     "parse_capture_id",
@@ -135,6 +142,8 @@ __all__ = [
 ]
 
 _PARALLEL_WRITES = 8
+# Index rows built and sent at once: bounds memory whatever the number of peers.
+_PARALLEL_CHUNK = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,14 +175,33 @@ class ResultsStore(Protocol):
         """
         ...
 
-    def replace_results(
+    def write_results(
         self,
         record: CaptureRecord,
-        peers: Sequence[Peer],
+        peers: Iterable[Peer],
         alerts: Sequence[Alert],
         new_peers: frozenset[str] = frozenset(),
     ) -> None:
-        """Make the capture's peers, alerts and index rows exactly these, dropping others."""
+        """Write the peer, alert and index rows of run ``record.generation``.
+
+        No row of another generation is touched: rows of runs are told apart by their keys,
+        and a capture's results are the rows of its ``results_generation``.
+        """
+        ...
+
+    def drop_run(
+        self, record: CaptureRecord, peers: Iterable[Peer], alerts: Sequence[Alert]
+    ) -> None:
+        """Delete every row :meth:`write_results` writes for these results, whichever of them
+        exist: what a run overtaken by a later one wrote, found by its keys."""
+        ...
+
+    def drop_results(self, capture_id: str, *, below: int | None = None,
+                     generation: int | None = None) -> int:
+        """Delete the result rows of generations older than ``below``, or of ``generation``.
+
+        Returns how many partition rows went. Safe to repeat, and to run concurrently.
+        """
         ...
 
     def known_peers(self, location: CaptureLocation) -> dict[str, BaselineEntry]:
@@ -326,68 +354,93 @@ class TableResultsStore:
 
     # -- a capture's results ----------------------------------------------------------
 
-    def replace_results(
+    def write_results(
         self,
         record: CaptureRecord,
-        peers: Sequence[Peer],
+        peers: Iterable[Peer],
         alerts: Sequence[Alert],
         new_peers: frozenset[str] = frozenset(),
     ) -> None:
+        # The capture's own partitions first: their rows record where the index and day rows
+        # are, so rows of a run cut short anywhere can be found and deleted later. Rows are
+        # built a transaction at a time, never all at once (a capture may have many peers).
         by_peer: dict[str, list[Alert]] = defaultdict(list)
         for alert in alerts:
             by_peer[ip_key(alert.peer)].append(alert)
-        peer_rows = [
-            peer_entity(
-                record,
-                peer,
-                new=ip_key(peer.address) in new_peers,
-                alerts=by_peer.get(ip_key(peer.address), []),
-            )
-            for peer in peers
-        ]
-        index_rows = [index_entity(record, peer) for peer in peers]
-        alert_rows = [alert_entities(record, alert, n) for alert, n in _alert_occurrences(alerts)]
-        self._drop_stale(record.capture_id, peer_rows, [capture for capture, _ in alert_rows])
-        # The capture's own partitions first: they record where the index rows are, so a run
-        # cut short here is cleaned up by the next one.
-        self._upsert_batches("peers", peer_rows)
-        self._upsert_batches("alerts", [capture for capture, _ in alert_rows])
-        self._upsert_batches("alerts", [day for _, day in alert_rows])
-        self._upsert_each("peerindex", index_rows)
 
-    def _drop_stale(
-        self,
-        capture_id: str,
-        peer_rows: Sequence[Mapping[str, Any]],
-        alert_rows: Sequence[Mapping[str, Any]],
+        def peer_rows() -> Iterator[dict[str, Any]]:
+            for peer in peers:
+                key = ip_key(peer.address)
+                yield peer_entity(record, peer, new=key in new_peers, alerts=by_peer.get(key, []))
+
+        occurrences = list(_alert_occurrences(alerts))
+        self._upsert_batches("peers", peer_rows())
+        self._upsert_batches("alerts", (alert_entities(record, a, n)[0] for a, n in occurrences))
+        self._upsert_batches("alerts", (alert_entities(record, a, n)[1] for a, n in occurrences))
+        self._upsert_each("peerindex", (index_entity(record, peer) for peer in peers))
+
+    def drop_run(
+        self, record: CaptureRecord, peers: Iterable[Peer], alerts: Sequence[Alert]
     ) -> None:
-        """Delete rows of earlier results that the new ones do not overwrite (index rows first)."""
-        new_index = {row["RowKey"]: row["index_rk"] for row in peer_rows}
-        old_peers = self._partition(
-            "peers", capture_id, select=["PartitionKey", "RowKey", "index_rk"]
+        occurrences = list(_alert_occurrences(alerts))
+        days = [alert_row_keys(record, alert, n) for alert, n in occurrences]
+        self._delete_each_lazily(
+            "peerindex", (index_row_keys(record, peer) for peer in peers)
         )
-        stale_peers = [row for row in old_peers if row["RowKey"] not in new_index]
-        stale_index = [
-            {"PartitionKey": row["RowKey"], "RowKey": row.get("index_rk", "")}
-            for row in old_peers
-            if row.get("index_rk") and new_index.get(row["RowKey"]) != row.get("index_rk")
-        ]
-        new_days = {row["RowKey"]: (row["day_pk"], row["day_rk"]) for row in alert_rows}
-        alerts_partition = CAPTURE_ALERTS_PREFIX + capture_id
-        old_alerts = self._partition(
-            "alerts", alerts_partition, select=["PartitionKey", "RowKey", "day_pk", "day_rk"]
+        self._delete_batches("alerts", [{"PartitionKey": pk, "RowKey": rk} for _, pk, rk in days])
+        self.drop_results(record.capture_id, generation=record.generation)
+
+    def drop_results(
+        self, capture_id: str, *, below: int | None = None, generation: int | None = None
+    ) -> int:
+        if below is not None and generation is None:
+            low, high = "", generation_prefix(below)
+        elif generation is not None and below is None:
+            low, high = generation_prefix(generation), f"{generation:08d}}}"
+        else:
+            raise ValueError("give exactly one of below and generation")
+        peer_rows = self._key_range(
+            "peers", capture_id, low, high, ["PartitionKey", "RowKey", "index_rk"]
         )
-        stale_alerts = [row for row in old_alerts if row["RowKey"] not in new_days]
-        stale_days = [
-            {"PartitionKey": row["day_pk"], "RowKey": row["day_rk"]}
-            for row in old_alerts
-            if row.get("day_pk")
-            and new_days.get(row["RowKey"]) != (row.get("day_pk"), row.get("day_rk"))
-        ]
-        self._delete_each("peerindex", stale_index)
-        self._delete_batches("alerts", stale_days)
-        self._delete_batches("peers", stale_peers)
-        self._delete_batches("alerts", stale_alerts)
+        alert_rows = self._key_range(
+            "alerts", CAPTURE_ALERTS_PREFIX + capture_id, low, high,
+            ["PartitionKey", "RowKey", "day_pk", "day_rk"],
+        )
+        # The rows in other partitions first, so that a cleanup cut short can be done again.
+        self._delete_each(
+            "peerindex",
+            [
+                {"PartitionKey": row["RowKey"].partition("|")[2], "RowKey": row["index_rk"]}
+                for row in peer_rows
+                if row.get("index_rk")
+            ],
+        )
+        self._delete_batches(
+            "alerts",
+            [
+                {"PartitionKey": row["day_pk"], "RowKey": row["day_rk"]}
+                for row in alert_rows
+                if row.get("day_pk") and row.get("day_rk")
+            ],
+        )
+        self._delete_batches("peers", peer_rows)
+        self._delete_batches("alerts", alert_rows)
+        return len(peer_rows) + len(alert_rows)
+
+    def _key_range(
+        self, table: str, partition: str, low: str, high: str, select: list[str]
+    ) -> list[dict[str, Any]]:
+        """The rows of ``partition`` whose row keys are in ``[low, high)`` (keys only)."""
+        try:
+            return list(
+                self.table(table).query_entities(
+                    "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high",
+                    parameters={"pk": partition, "low": low, "high": high},
+                    select=select,
+                )
+            )
+        except ResourceNotFoundError:
+            return []
 
     # -- baseline ---------------------------------------------------------------------
 
@@ -413,11 +466,11 @@ class TableResultsStore:
         peers: Sequence[Peer],
         known: Mapping[str, BaselineEntry],
     ) -> None:
-        rows = []
-        for peer in peers:
-            entry = known.get(ip_key(peer.address))
-            if entry is None or entry.capture_id == capture_id or entry.capture_time > capture_time:
-                rows.append(baseline_entity(location, peer, capture_id, capture_time))
+        rows = (
+            baseline_entity(location, peer, capture_id, capture_time)
+            for peer in peers
+            if _learns(known.get(ip_key(peer.address)), capture_id, capture_time)
+        )
         self._upsert_batches("baseline", rows)
 
     # -- queries ----------------------------------------------------------------------
@@ -448,15 +501,50 @@ class TableResultsStore:
     def capture_peers(
         self, capture_id: str, *, limit: int | None = None, continuation: str | None = None
     ) -> Page:
-        rows, token = self._partition_page("peers", capture_id, limit, continuation)
+        rows, token = self._results_page("peers", capture_id, capture_id, limit, continuation)
         return Page([peer_document(row) for row in rows], token)
 
     def capture_alerts(
         self, capture_id: str, *, limit: int | None = None, continuation: str | None = None
     ) -> Page:
         partition = CAPTURE_ALERTS_PREFIX + capture_id
-        rows, token = self._partition_page("alerts", partition, limit, continuation)
+        rows, token = self._results_page("alerts", capture_id, partition, limit, continuation)
         return Page([alert_document(row) for row in rows], token)
+
+    def _results_page(
+        self,
+        table: str,
+        capture_id: str,
+        partition: str,
+        limit: int | None,
+        continuation: str | None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of the rows of the run whose results the capture row names."""
+        record = self.get_capture(capture_id)
+        if record is None:
+            return [], None
+        prefix = generation_prefix(record.results_generation)
+        clauses = ["PartitionKey eq @pk", "RowKey ge @low", "RowKey lt @high"]
+        parameters = {"pk": partition, "low": prefix, "high": prefix[:-1] + "}"}
+        return self._query(table, clauses, parameters, limit or MAX_PAGE, continuation)
+
+    def _current(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``rows`` (index or day rows of any captures) less those of runs whose results are
+        not their capture's: rows a superseded run wrote after a newer one finished."""
+        capture_ids = sorted({_str(row, "capture_id") for row in rows})
+        current: dict[str, int | None] = {}
+
+        def look_up(capture_id: str) -> None:
+            try:
+                record = self.get_capture(capture_id)
+            except ValueError:  # not a capture id: not ours to show
+                record = None
+            current[capture_id] = record.results_generation if record is not None else None
+
+        _run_parallel(look_up, capture_ids)
+        return [
+            row for row in rows if current.get(_str(row, "capture_id")) == _int(row, "generation")
+        ]
 
     def iter_capture_peers(self, capture_id: str) -> Iterator[dict[str, Any]]:
         return _all_pages(lambda token: self.capture_peers(capture_id, continuation=token))
@@ -494,7 +582,7 @@ class TableResultsStore:
             clauses.append("vm_key eq @vm")
             parameters["vm"] = vm_key(vm)
         rows, token = self._query("alerts", clauses, parameters, limit, continuation)
-        return Page([alert_document(row) for row in rows], token)
+        return Page([alert_document(row) for row in self._current(rows)], token)
 
     def peer_sightings(
         self,
@@ -510,7 +598,7 @@ class TableResultsStore:
             clauses.append("RowKey ge @since")
             parameters["since"] = time_key(since)
         rows, token = self._query("peerindex", clauses, parameters, limit, continuation)
-        return Page([sighting_document(row) for row in rows], token)
+        return Page([sighting_document(row) for row in self._current(rows)], token)
 
     # -- table plumbing ---------------------------------------------------------------
 
@@ -553,14 +641,6 @@ class TableResultsStore:
             if not token or len(rows) >= limit:
                 return rows, encode_continuation(token)
 
-    def _partition_page(
-        self, table: str, partition: str, limit: int | None, continuation: str | None
-    ) -> tuple[list[dict[str, Any]], str | None]:
-        parameters = {"pk": partition}
-        return self._query(
-            table, ["PartitionKey eq @pk"], parameters, limit or MAX_PAGE, continuation
-        )
-
     def _partition(
         self, table: str, partition: str, *, select: list[str] | None = None
     ) -> list[dict[str, Any]]:
@@ -573,15 +653,24 @@ class TableResultsStore:
         except ResourceNotFoundError:
             return []
 
-    def _upsert_batches(self, table: str, rows: Sequence[dict[str, Any]]) -> None:
-        operations = [("upsert", row, {"mode": UpdateMode.REPLACE}) for row in rows]
-        for batch in _batches(operations):
+    def _upsert_batches(self, table: str, rows: Iterable[dict[str, Any]]) -> None:
+        """Rows in transactions, built as they are sent (consecutive rows of one partition
+        share a transaction)."""
+        operations = (("upsert", row, {"mode": UpdateMode.REPLACE}) for row in rows)
+        for batch in _consecutive_batches(operations):
             self.table(table).submit_transaction(batch)
 
-    def _upsert_each(self, table: str, rows: Sequence[dict[str, Any]]) -> None:
-        """Rows of many partitions, one request each, several at a time."""
+    def _upsert_each(self, table: str, rows: Iterable[dict[str, Any]]) -> None:
+        """Rows of many partitions, one request each, several at a time, a bounded number
+        built at once."""
         client = self.table(table)
-        _run_parallel(lambda row: client.upsert_entity(row, mode=UpdateMode.REPLACE), rows)
+        chunk: list[dict[str, Any]] = []
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) >= _PARALLEL_CHUNK:
+                _run_parallel(lambda r: client.upsert_entity(r, mode=UpdateMode.REPLACE), chunk)
+                chunk = []
+        _run_parallel(lambda r: client.upsert_entity(r, mode=UpdateMode.REPLACE), chunk)
 
     def _delete_batches(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
         operations = [
@@ -597,6 +686,16 @@ class TableResultsStore:
         except TableTransactionError:
             # One of them went already (a concurrent run): delete the rest one by one.
             self._delete_each(table, [entity for _, entity in batch])
+
+    def _delete_each_lazily(self, table: str, keys: Iterable[tuple[str, str]]) -> None:
+        """Delete rows by key, a bounded number at a time."""
+        chunk: list[Mapping[str, Any]] = []
+        for partition, row in keys:
+            chunk.append({"PartitionKey": partition, "RowKey": row})
+            if len(chunk) >= _PARALLEL_CHUNK:
+                self._delete_each(table, chunk)
+                chunk = []
+        self._delete_each(table, chunk)
 
     def _delete_each(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
         client = self.table(table)
@@ -621,17 +720,34 @@ def _batches(operations: Sequence[tuple[Any, ...]]) -> Iterator[list[tuple[Any, 
     for operation in operations:
         by_partition[operation[1]["PartitionKey"]].append(operation)
     for group in by_partition.values():
-        batch: list[tuple[Any, ...]] = []
-        size = 0
-        for operation in group:
-            entity_bytes = entity_size(operation[1])
-            if batch and (len(batch) >= MAX_BATCH_ENTITIES or size + entity_bytes > BATCH_BUDGET):
-                yield batch
-                batch, size = [], 0
-            batch.append(operation)
-            size += entity_bytes
-        if batch:
+        yield from _consecutive_batches(group)
+
+
+def _consecutive_batches(
+    operations: Iterable[tuple[Any, ...]],
+) -> Iterator[list[tuple[Any, ...]]]:
+    """Transactions of at most 100 entities and 4 MiB, a new one wherever the partition
+    changes; operations are consumed as the transactions are."""
+    batch: list[tuple[Any, ...]] = []
+    size = 0
+    for operation in operations:
+        entity_bytes = entity_size(operation[1])
+        if batch and (
+            len(batch) >= MAX_BATCH_ENTITIES
+            or size + entity_bytes > BATCH_BUDGET
+            or batch[0][1]["PartitionKey"] != operation[1]["PartitionKey"]
+        ):
             yield batch
+            batch, size = [], 0
+        batch.append(operation)
+        size += entity_bytes
+    if batch:
+        yield batch
+
+
+def _learns(entry: BaselineEntry | None, capture_id: str, capture_time: float) -> bool:
+    """True when a capture at ``capture_time`` is (still) the first to show a peer."""
+    return entry is None or entry.capture_id == capture_id or entry.capture_time > capture_time
 
 
 def _run_parallel(action: Callable[[Any], object], items: Iterable[Any]) -> None:

@@ -138,6 +138,22 @@ def alert_key(alert: Alert, occurrence: int) -> str:
     return f"{rank}|{rule}|{ip_key(alert.peer)}|{occurrence:03d}"
 
 
+def generation_prefix(generation: int) -> str:
+    """The start of the row keys a run of ``generation`` writes in a capture's partitions."""
+    return f"{generation:08d}|"
+
+
+def generation_of(row_key: str) -> int | None:
+    """The generation a result row key starts with, ``None`` for another kind of key."""
+    head, sep, _ = row_key.partition("|")
+    return int(head) if sep and len(head) == 8 and head.isdigit() else None
+
+
+def peer_row_key(generation: int, address: str) -> str:
+    """A peer's row key in its capture's partition: the run's generation, then the peer key."""
+    return generation_prefix(generation) + ip_key(address)
+
+
 def table_names(prefix: str = "") -> dict[str, str]:
     """Logical table name → actual name (letters and digits only, as Table Storage requires)."""
     if prefix and not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,40}", prefix):

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import re
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -124,13 +126,28 @@ def storage_env(
     return values
 
 
-def network_watcher_path(vm: str = "vm-web-01", *, minute: int = 15, day: int = 25) -> str:
-    """A blob name where Network Watcher would put a capture of ``vm``."""
+# The hour test captures are dated in, by default: the last full hour before the session
+# started, so that a path's time agrees with the blob's creation time (a path dated days before
+# its blob was created is a back-dated capture, which is not learned into the baseline).
+CAPTURE_HOUR = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) - timedelta(
+    hours=1
+)
+
+
+def network_watcher_path(vm: str = "vm-web-01", *, minute: int = 15, day: int | None = None) -> str:
+    """A blob name where Network Watcher would put a capture of ``vm``, taken at ``minute`` of
+    :data:`CAPTURE_HOUR` (or at 10:``minute`` on 2026-11-``day``, back-dated for any upload)."""
+    when = CAPTURE_HOUR if day is None else datetime(2026, 11, day, 10, tzinfo=timezone.utc)
     return (
         "subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/demo-rg/providers/"
-        f"microsoft.compute/virtualmachines/{vm}/2026/11/{day:02d}/"
-        f"packetcapture_10_{minute:02d}_00_123.cap"
+        f"microsoft.compute/virtualmachines/{vm}/{when:%Y/%m/%d}/"
+        f"packetcapture_{when:%H}_{minute:02d}_00_123.cap"
     )
+
+
+def path_time(minute: int = 15) -> datetime:
+    """The capture time :func:`network_watcher_path` gives a capture taken at ``minute``."""
+    return CAPTURE_HOUR.replace(minute=minute, microsecond=123000)
 
 
 def udp_capture(peers: Mapping[str, tuple[int, int]], *, start: int = 1_795_600_000) -> bytes:
@@ -172,6 +189,48 @@ def upload(captures_container: ContainerClient) -> Callable[[str, bytes], Any]:
         return container.get_blob_client(name)
 
     return put
+
+
+# Properties that differ between two runs of the same blob by their nature: when they ran, and
+# which run they were (the generation is also in result keys, see docs/reliability.md).
+RUN_FIELDS = frozenset(
+    {
+        "processing_started",
+        "processed_at",
+        "processing_seconds",
+        "generation",
+        "results_generation",
+        "attempts",
+        "stale_rows",
+    }
+)
+_GENERATION_TOKEN = re.compile(r"(?<![^|])\d{8}(?![^|])")
+
+Snapshot = dict[str, dict[tuple[str, str], dict[str, Any]]]
+
+
+def snapshot(store: TableResultsStore, *, without: frozenset[str] = frozenset()) -> Snapshot:
+    """Every row of every table (by logical name) as a run leaves it, whichever run it was:
+    without timings, generations, the service's Timestamp and ETag."""
+    tables: Snapshot = {}
+    for name in store.names:
+        if name in without:
+            continue
+        rows = {}
+        for entity in store.table(name).list_entities():
+            values = {
+                key: _without_generation(getattr(value, "value", value))
+                for key, value in entity.items()
+                if key not in RUN_FIELDS
+            }
+            key = (values["PartitionKey"], values["RowKey"])
+            rows[key] = values
+        tables[name] = rows
+    return tables
+
+
+def _without_generation(value: Any) -> Any:
+    return _GENERATION_TOKEN.sub("G", value) if isinstance(value, str) else value
 
 
 def http_error(status: int) -> HttpResponseError:

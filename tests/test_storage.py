@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from datetime import datetime, timezone
@@ -29,9 +30,11 @@ from analyzer.storage import (
     InvalidContinuationError,
     TableResultsStore,
     _batches,
+    baseline_key,
     capture_entity,
     capture_from_entity,
     capture_id_for,
+    day_partition,
     decode_continuation,
     encode_continuation,
     entity_size,
@@ -41,6 +44,8 @@ from analyzer.storage import (
     ip_key,
     parse_capture_id,
     peer_entity,
+    storable_time,
+    time_key,
     utf16_size,
 )
 
@@ -148,11 +153,12 @@ class TestKeys:
         assert not FORBIDDEN_IN_KEYS.search(ip_key("fe80::1%eth0"))
 
     def test_capture_id_is_stable_readable_and_names_its_partition(self) -> None:
-        where = parse_capture_path("c", "manual/Web #1?/2026/11/25/trace.cap")
+        where = CaptureLocation("c", "manual/Web #1?/2026/11/25/trace.cap", "custom", "Web #1?")
         capture_id = capture_id_for(where)
-        assert capture_id == capture_id_for(parse_capture_path("c", where.name))
-        assert capture_id != capture_id_for(parse_capture_path("c", "manual/Web #1?/other.cap"))
-        assert capture_id != capture_id_for(parse_capture_path("d", where.name))
+        assert capture_id == capture_id_for(dataclasses.replace(where))
+        other = dataclasses.replace(where, name="manual/Web #1?/other.cap")
+        assert capture_id != capture_id_for(other)
+        assert capture_id != capture_id_for(dataclasses.replace(where, container="d"))
         assert re.fullmatch(r"web~20~231~3F\.[0-9a-f]{20}", capture_id)
         assert parse_capture_id(capture_id) == "web~20~231~3F"
         assert not FORBIDDEN_IN_KEYS.search(capture_id)
@@ -161,6 +167,51 @@ class TestKeys:
     def test_capture_id_parsing_rejects_others(self, text: str) -> None:
         with pytest.raises(ValueError, match="not a capture id"):
             parse_capture_id(text)
+
+
+class TestHostileValues:
+    """Values chosen by whoever writes a blob or a capture never make a write fail."""
+
+    def test_long_path_parts_give_bounded_distinct_keys(self) -> None:
+        long_sub = "s" * 5000
+        base = CaptureLocation("c", "x.cap", "vm", "vm-a", subscription=long_sub)
+        other = dataclasses.replace(base, subscription=long_sub + "t")
+        key = baseline_key(base)
+        assert len(key.encode("utf-16-le")) <= 1024
+        assert key != baseline_key(other)
+        assert not FORBIDDEN_IN_KEYS.search(key)
+        vm = capture_id_for(dataclasses.replace(base, vm="v" * 3000))
+        assert len(vm) <= 200 and parse_capture_id(vm)
+
+    def test_times_no_date_holds_are_stored_as_none(self) -> None:
+        beyond = 1e13  # past the year 9999
+        entity = capture_entity(record(location(), first_seen=beyond, last_seen=float("inf")))
+        assert "first_seen" not in entity and "last_seen" not in entity
+        assert storable_time(-1e13) is None and storable_time(float("nan")) is None
+        with pytest.raises(ValueError, match="no date"):
+            day_partition(beyond)
+        assert time_key(beyond) == ""
+
+    def test_new_summary_fields_round_trip(self) -> None:
+        folded = ({"prefix": "198.51.100.0/24", "peers_estimate": 4000, "packets": 9},)
+        original = record(
+            location(),
+            budget_exhausted="packets",
+            folded_peers=4000,
+            folded_packets=9,
+            folded_bytes=540,
+            folded=folded,
+            activity_start=T0,
+            activity_bucket_seconds=2.5,
+            time_mismatch="back-dated",
+            transient=True,
+            attempts=3,
+            generation=4,
+            results_generation=3,
+            stale_rows=True,
+        )
+        assert capture_from_entity(capture_entity(original)) == original
+        assert original.to_dict()["folded"] == [dict(folded[0])]
 
 
 class TestLimits:
@@ -271,6 +322,24 @@ class TestCaptureRows:
         assert results_store.get_capture(capture_id_for(location("nobody"))) is None
 
 
+def store_results(
+    store: TableResultsStore,
+    capture: CaptureRecord,
+    peers: tuple[Peer, ...],
+    alerts: tuple[Alert, ...],
+    new_peers: frozenset[str] = frozenset(),
+) -> CaptureRecord:
+    """What a run does with its results: take the next generation, write its rows, name them
+    the capture's results, then drop older runs' rows."""
+    current = store.get_capture(capture.capture_id)
+    generation = (current.generation if current else 0) + 1
+    mine = dataclasses.replace(capture, generation=generation, results_generation=generation)
+    store.write_results(mine, peers, alerts, new_peers)
+    store.put_capture(mine)
+    store.drop_results(mine.capture_id, below=generation)
+    return mine
+
+
 def _fields(capture: CaptureRecord) -> dict[str, object]:
     return {name: getattr(capture, name) for name in capture.__dataclass_fields__}
 
@@ -282,7 +351,7 @@ class TestResults:
         capture = record(location())
         peers = (peer("20.1.2.3", 5, 7), peer("2001:db8::1", 1, 0))
         alerts = (alert("unexpected-endpoint", "medium", "20.1.2.3"),)
-        results_store.replace_results(capture, peers, alerts, frozenset({ip_key("2001:db8::1")}))
+        store_results(results_store, capture, peers, alerts, frozenset({ip_key("2001:db8::1")}))
         rows = results_store.iter_capture_peers(capture.capture_id)
         stored = {row["address"]: row for row in rows}
         assert set(stored) == {"20.1.2.3", "2001:db8::1"}
@@ -301,7 +370,7 @@ class TestResults:
 
     def test_new_results_drop_stale_rows(self, results_store: TableResultsStore) -> None:
         first = record(location())
-        results_store.replace_results(
+        store_results(results_store,
             first,
             (peer("20.0.0.1"), peer("20.0.0.2"), peer("20.0.0.3")),
             (alert("a", "low", "20.0.0.1"), alert("b", "high", "20.0.0.2")),
@@ -309,7 +378,7 @@ class TestResults:
         # The new version of the blob has other peers and a capture time a day later, so the
         # index and day rows move to other keys.
         second = record(location(), capture_time=first.capture_time + DAY)  # type: ignore[operator]
-        results_store.replace_results(
+        store_results(results_store,
             second,
             (peer("20.0.0.2"), peer("20.0.0.4")),
             (alert("b", "high", "20.0.0.2"),),
@@ -329,7 +398,7 @@ class TestResults:
     def test_many_peers_span_several_transactions(self, results_store: TableResultsStore) -> None:
         capture = record(location())
         peers = tuple(peer(f"20.0.{n // 256}.{n % 256}", n + 1, 0) for n in range(230))
-        results_store.replace_results(capture, peers, ())
+        store_results(results_store, capture, peers, ())
         stored = list(results_store.iter_capture_peers(capture.capture_id))
         assert len(stored) == 230
         assert sum(row["packets_sent"] for row in stored) == sum(range(1, 231))
@@ -338,7 +407,7 @@ class TestResults:
         capture = record(location())
         peers = tuple(peer(f"20.0.1.{n}", 1, 0) for n in range(25))
         alerts = tuple(alert("unexpected-endpoint", "low", f"20.0.1.{n}") for n in range(7))
-        results_store.replace_results(capture, peers, alerts)
+        store_results(results_store, capture, peers, alerts)
         seen: list[str] = []
         token = None
         pages = 0
@@ -406,7 +475,7 @@ class TestQueries:
     def test_alerts_by_severity_vm_and_time(self, results_store: TableResultsStore) -> None:
         for day_offset, vm in ((0, "vm-a"), (1, "vm-b"), (2, "vm-a")):
             capture = record(location(vm, day=25 + day_offset))
-            results_store.replace_results(
+            store_results(results_store,
                 capture,
                 (peer("20.0.0.1"),),
                 (alert("x", "info", "20.0.0.1"), alert("y", "high", "20.0.0.1")),
