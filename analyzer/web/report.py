@@ -364,8 +364,9 @@ def peer_map(data: ReportData, *, shown_peers: int = MAP_PEERS) -> PeerMap:
     total_slots = max(sum(slots.values()), 1)
     max_bytes = max([_bytes(p) for p in drawn] + [sum(map(_bytes, g)) for g in rest.values()] + [1])
 
-    width, height = 980, 900
-    cx, cy = width / 2, height / 2 + 20
+    radius = 150 if total_slots <= 8 else 230  # labels need room only when there are many
+    width, height = 980, int(2 * (radius + 175))
+    cx, cy = width / 2, height / 2 + 10
     nodes: list[MapNode] = []
     sectors: list[MapSector] = []
     angle = -math.pi / 2
@@ -375,10 +376,10 @@ def peer_map(data: ReportData, *, shown_peers: int = MAP_PEERS) -> PeerMap:
         sectors.append(
             MapSector(
                 f"{category} ({len(by_category[category]) + len(rest.get(category, [])):,})",
-                cx + 120 * math.cos(middle),
-                cy + 120 * math.sin(middle) + 4,
-                cx + 420 * math.cos(angle),
-                cy + 420 * math.sin(angle),
+                cx + radius * 0.55 * math.cos(middle),
+                cy + radius * 0.55 * math.sin(middle) - 6,
+                cx + (radius + 170) * math.cos(angle),
+                cy + (radius + 170) * math.sin(angle),
             )
         )
         members: list[tuple[str, Mapping[str, Any] | list[Mapping[str, Any]]]] = [
@@ -389,7 +390,6 @@ def peer_map(data: ReportData, *, shown_peers: int = MAP_PEERS) -> PeerMap:
         step = span / len(members)
         for index, (kind, member) in enumerate(members):
             theta = angle + step * (index + 0.5)
-            radius = 230
             if isinstance(member, list):
                 size = sum(map(_bytes, member))
                 count = len(member)
@@ -502,7 +502,7 @@ def timeline(data: ReportData, *, rows: int = TIMELINE_PEERS) -> Timeline:
     else:
         t0 = timestamp(cap.get("first_seen"))
         t1 = timestamp(cap.get("last_seen"))
-    width, left, right, row_height = 980, 250, 960, 30
+    width, left, right, row_height = 980, 250, 925, 30
     if t0 is None or t1 is None or not data.peers:
         return Timeline(width, 60, left, right, [], [], histogram, True)
     origin, span = t0, max(t1 - t0, 1e-6)
