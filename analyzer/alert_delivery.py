@@ -4,9 +4,10 @@ Delivery runs after a capture's results are stored and its status is final, and 
 alerts back from the ``alerts`` table, so a consumer that gets a message can read the tables.
 
 - Every message carries a stable ``id``: the first 32 hex digits of SHA-256 over the capture
-  id, the blob's ETag and the alert's row key. The same alert of the same blob version always
-  has the same id, whether it is sent again after a fault or the blob is processed again with
-  ``--force``; consumers de-duplicate on it (queue delivery is at-least-once).
+  id, the blob's ETag and the alert's key (:func:`analyzer.tablekeys.alert_key`, its row key
+  without the run's generation). The same alert of the same blob version always has the same
+  id, whether it is sent again after a fault or the blob is processed again with ``--force``;
+  consumers de-duplicate on it (queue delivery is at-least-once).
 - What was sent is recorded in the ``<prefix>alertdelivery`` table (PartitionKey capture id,
   RowKey alert id, ``status`` ``pending`` | ``sent`` | ``failed`` | ``superseded``). A row is
   written ``pending`` before its message goes out and ``sent`` after, so an outage or a crash
@@ -128,17 +129,17 @@ class DeliverySettings:
 # --- the message -------------------------------------------------------------------------
 
 
-def alert_id(capture_id: str, blob_etag: str, row_key: str) -> str:
-    """The stable id of an alert of one version of a capture blob (see the module's docstring)."""
-    digest = hashlib.sha256(f"{capture_id}\n{blob_etag}\n{row_key}".encode()).hexdigest()
+def alert_id(capture_id: str, blob_etag: str, key: str) -> str:
+    """The stable id of an alert (``key``: its alert key) of one version of a capture blob."""
+    digest = hashlib.sha256(f"{capture_id}\n{blob_etag}\n{key}".encode()).hexdigest()
     return digest[:_ID_HEX_DIGITS]
 
 
 @dataclass(frozen=True, slots=True)
 class StoredAlert:
-    """An alert as read back from the ``alerts`` table, with its row key there."""
+    """An alert as read back from the ``alerts`` table, with its alert key."""
 
-    row_key: str
+    key: str
     document: Mapping[str, Any]
 
     @property
@@ -147,10 +148,11 @@ class StoredAlert:
 
 
 def stored_alerts(store: TableResultsStore, capture_id: str) -> list[StoredAlert]:
-    """The capture's stored alerts, each with its row key.
+    """The capture's stored alerts, each with its alert key.
 
-    Row keys are computed as :func:`analyzer.storage.alert_key` wrote them: rows come back in
-    row-key order, so alerts of one rule, severity and peer arrive by occurrence number.
+    Keys are computed as :func:`analyzer.tablekeys.alert_key` made them for the row keys:
+    rows come back in row-key order, so alerts of one rule, severity and peer arrive by
+    occurrence number.
     """
     return _keyed(store.iter_capture_alerts(capture_id))
 
@@ -160,23 +162,23 @@ def alert_message(
     alert_doc: Mapping[str, Any],
     *,
     links_base: str | None,
-    row_key: str | None = None,
+    key: str | None = None,
 ) -> dict[str, Any]:
     """The queue message of one stored alert of ``record``, cut to fit :data:`MAX_MESSAGE_BYTES`.
 
-    ``row_key`` is the alert's row key in its capture's partition (computed from the document
+    ``key`` is the alert's key in its capture's partition (computed from the document
     as the only alert of its rule and peer when not given).
     """
-    if row_key is None:
+    if key is None:
         (alert,) = _keyed([alert_doc])
-        row_key = alert.row_key
+        key = alert.key
     where = record.location
     evidence = alert_doc.get("evidence")
     evidence = dict(evidence) if isinstance(evidence, Mapping) else {}
     names = evidence.get("names")
     message: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "id": alert_id(record.capture_id, record.blob_etag, row_key),
+        "id": alert_id(record.capture_id, record.blob_etag, key),
         "capture_id": record.capture_id,
         "capture_version": record.blob_etag,
         "vm": where.vm,
@@ -460,7 +462,7 @@ def _ledger_row(
         "status": "pending",
         "attempts": EntityProperty(attempts, EdmType.INT32),
         "blob_etag": record.blob_etag,
-        "alert_key": alert.row_key,
+        "alert_key": alert.key,
         "rule": str(alert.document.get("rule", ""))[:200],
         "severity": str(alert.document.get("severity", ""))[:20],
         "peer": str(alert.document.get("peer", ""))[:200],
@@ -550,7 +552,7 @@ def deliver_capture_alerts(
         eligible = {}
         for alert in alerts:
             if alert.severity_rank >= threshold:
-                eligible[alert_id(record.capture_id, record.blob_etag, alert.row_key)] = alert
+                eligible[alert_id(record.capture_id, record.blob_etag, alert.key)] = alert
         result.below_threshold = len(alerts) - len(eligible)
         previous = ledger.rows(record.capture_id)
         obsolete = [
@@ -629,7 +631,7 @@ class _Sender:
         remaining = list(to_send.items())
         for index, (key, alert) in enumerate(remaining):
             message = alert_message(
-                self.record, alert.document, links_base=self.links_base, row_key=alert.row_key
+                self.record, alert.document, links_base=self.links_base, key=alert.key
             )
             try:
                 receipt = self.queue.send_message(message_body(message))
