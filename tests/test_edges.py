@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,34 @@ class TestCaptureArguments:
         assert done.returncode == status
         assert message in err
         assert "Traceback" not in err
+
+
+class TestStorageCommandArguments:
+    """The storage commands answer bad times and URLs with a message and status 2."""
+
+    @pytest.mark.parametrize(
+        ("argv", "message"),
+        [
+            (["captures", "--since", "9" * 400 + "d"], "nwcap: since: "),
+            (["alerts", "--until", "1" * 5000 + "s"], "nwcap: until: longer than 64 characters"),
+            (["who-talked-to", "20.0.0.1", "--since", "1" * 13 + "h"], "nwcap: since: "),
+            (["process", "https://attacker.example/c/packetcapture_1_2_3.cap"],
+             "nwcap: error: refusing to send the credential of connection 'CAPTURES_CONNECTION' "
+             "to 'https://attacker.example'"),
+        ],
+    )
+    def test_installed_command(
+        self, storage_env: Mapping[str, str], argv: list[str], message: str
+    ) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "analyzer.cli", *argv],
+            capture_output=True, cwd=ROOT, timeout=60, check=False,
+            env={**os.environ, **storage_env},
+        )
+        err = done.stderr.decode()
+        assert (done.returncode, done.stdout) == (2, b"")
+        assert err.startswith(message), err
+        assert "Traceback" not in err and err.count("\n") == 1
 
 
 def yaml_bomb(levels: int = 9) -> str:
@@ -289,6 +318,37 @@ class TestHttpParameters:
         store, capture_id = stored
         body = answer(api.get_capture(store, capture_id, {}), 200)
         assert {p["address"] for p in body["peers"]} == set(PEERS)
+        assert body["peers_continuation"] is None and body["alerts_continuation"] is None
+
+    @pytest.mark.parametrize(
+        ("name", "value"),
+        [
+            ("part", "peers' or 1 eq 1"),
+            ("part", "peers,alerts"),
+            ("limit", "1001"),
+            ("limit", "9" * 5000),
+            ("peers_continuation", "' or 1 eq 1"),
+            ("peers_continuation", token([1])),
+            ("alerts_continuation", token({"pk": "x" * 100_000, "rk": "y"})),
+            ("continuation", token({"pk": "a", "rk": "b"})),
+        ],
+    )
+    def test_bad_capture_parameters(
+        self, stored: tuple[TableResultsStore, str], name: str, value: str
+    ) -> None:
+        store, capture_id = stored
+        body = answer(api.get_capture(store, capture_id, {name: value}), 400)
+        assert name in body["error"]
+
+    def test_a_token_reads_only_its_own_capture(
+        self, stored: tuple[TableResultsStore, str]
+    ) -> None:
+        """A continuation positions a read; it cannot move it to another capture's partition."""
+        store, capture_id = stored
+        other = answer(api.list_captures(store, {"vm": "vm-b"}), 200)["captures"][0]["capture_id"]
+        forged = token({"pk": other, "rk": ""})
+        body = answer(api.get_capture(store, capture_id, {"peers_continuation": forged}), 200)
+        assert all(p["capture_id"] == capture_id for p in body["peers"])
 
     @pytest.mark.parametrize(
         "ip", ["' or 1 eq 1", "20.0.0.1' or PartitionKey ne '", "999.1.1.1", "1.2.3.4%eth0",
@@ -330,6 +390,10 @@ class TestHttpParameters:
             ("sort", "name"),
             ("since", "99999999999d"),
             ("since", "99999999999999999999999w"),
+            ("since", "9" * 400 + "d"),  # OverflowError in float arithmetic, once
+            ("until", "1" * 5000 + "s"),  # ValueError from int(), once
+            ("since", "\u0661\u0662d"),
+            ("until", "2026-11-25" + " " * 10_000 + "x"),
             ("until", "9999-12-31T23:59:59-23:59"),
             ("until", "0001-01-01T00:00:00+14:00"),
             ("continuation", token({"pk": "a"})),
@@ -351,6 +415,8 @@ class TestHttpParameters:
             ("limit", "0"),
             ("severity", "high"),  # not a parameter of this endpoint
             ("since", "99999999999d"),
+            ("since", "9" * 400 + "d"),
+            ("until", "1" * 5000 + "s"),
             ("until", "9999-12-31T23:59:59-23:59"),
         ],
     )
@@ -360,7 +426,7 @@ class TestHttpParameters:
         store, _ = stored
         assert name in answer(api.list_captures(store, {name: value}), 400)["error"]
 
-    @pytest.mark.parametrize("since", ["soon", "99999999999d"])
+    @pytest.mark.parametrize("since", ["soon", "99999999999d", "9" * 400 + "d", "1" * 5000 + "m"])
     def test_bad_sighting_parameters(
         self, stored: tuple[TableResultsStore, str], since: str
     ) -> None:
@@ -373,9 +439,10 @@ class TestHttpParameters:
     @given(
         st.dictionaries(
             st.sampled_from(["vm", "since", "until", "limit", "severity", "continuation",
-                             "code", "x"]),
+                             "code", "x", "part", "peers_continuation", "alerts_continuation"]),
             st.one_of(st.text(max_size=40),
-                      st.sampled_from(["'", "''", "' or 1 eq 1", "\\", "%00", "1000", "7d"])),
+                      st.sampled_from(["'", "''", "' or 1 eq 1", "\\", "%00", "1000", "7d",
+                                       "peers", "alerts", "9" * 400 + "d", "1" * 5000])),
             max_size=4,
         ),
         st.sampled_from(["list_captures", "list_alerts", "who_talked_to", "get_capture"]),
