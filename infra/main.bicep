@@ -387,5 +387,4 @@ output RESULTS_STORAGE_ACCOUNT_ID string = resultsStorage.outputs.id
 output RESULTS_CONFIG_CONTAINER_NAME string = configContainerName
 output RESULTS_DEADLETTER_CONTAINER_NAME string = deadLetterContainerName
 output RESULTS_ALERTS_QUEUE_NAME string = alertsQueueName
-output ALERT_RULE_NAMES array = alerts.outputs.ruleNames
 output AZURE_APP_SUBNET_ID string = vnetEnabled ? vnet.outputs.appSubnetId : ''
