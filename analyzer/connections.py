@@ -209,7 +209,17 @@ def require_trusted_blob_url(url: str, settings: ConnectionSettings) -> None:
     since its tokens are for Azure Storage and the service checks them. A connection string's
     key or SAS goes nowhere but its own account.
     """
-    endpoint = blob_endpoint(settings)
+    _require_on(url, blob_endpoint(settings), repr(settings.name), settings.identity_based)
+
+
+def require_url_on_service(url: str, service: BlobServiceClient) -> None:
+    """:func:`require_trusted_blob_url` for a client already made: its endpoint, and its
+    credential a token credential or not."""
+    token_based = callable(getattr(service.credential, "get_token", None))
+    _require_on(url, service.url, f"of {service.url}", token_based)
+
+
+def _require_on(url: str, endpoint: str, connection: str, identity: bool) -> None:
     target = _split(url)
     if target is None:
         raise ConnectionSettingError(
@@ -219,14 +229,14 @@ def require_trusted_blob_url(url: str, settings: ConnectionSettings) -> None:
     own = _split(endpoint) if endpoint else None
     if own is not None and _same_endpoint(target, own):
         return
-    if own is not None and settings.identity_based and _same_cloud(target, own):
+    if own is not None and identity and _same_cloud(target, own):
         return
     where = f"its blob endpoint {endpoint}" if endpoint else "no blob endpoint"
-    extra = " or another storage account's in the same cloud" if settings.identity_based else ""
+    extra = " or another storage account's in the same cloud" if identity else ""
     raise ConnectionSettingError(
-        f"refusing to send the credential of connection {settings.name!r} to "
+        f"refusing to send the credential of connection {connection} to "
         f"{_origin(target)}: it has {where}; a blob URL must be on that endpoint{extra} "
-        f"(set --captures-connection to a connection of the account that holds the blob)"
+        f"(use a connection of the account that holds the blob)"
     )
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from azure.storage.blob import ContainerClient
+from azure.identity import ManagedIdentityCredential
+from azure.storage.blob import BlobServiceClient, ContainerClient
 from conftest import ROOT, network_watcher_path, udp_capture
 
 from analyzer import api, store_cli
@@ -22,6 +23,7 @@ from analyzer.connections import (
     ConnectionSettingError,
     ConnectionSettings,
     require_trusted_blob_url,
+    require_url_on_service,
 )
 from analyzer.processing import Outcome
 from analyzer.storage import TableResultsStore, capture_id_for
@@ -533,6 +535,21 @@ class TestCredentialsStayHome:
         message = str(raised.value)
         assert "CAPTURES_CONNECTION" in message or "not a blob URL" in message
         assert len(message) < 600
+
+    def test_clients_already_made(self, connection_string: str) -> None:
+        """The same rule for a client: its endpoint, and whether its credential is a token's."""
+        azurite = BlobServiceClient.from_connection_string(connection_string)
+        require_url_on_service(azurite.url + "c/b.cap", azurite)
+        with pytest.raises(ConnectionSettingError, match="refusing to send the credential"):
+            require_url_on_service("http://localhost:1/devstoreaccount1/c/b.cap", azurite)
+        identity = BlobServiceClient(ACCOUNT, credential=ManagedIdentityCredential())
+        require_url_on_service("https://other.blob.core.windows.net" + BLOB, identity)
+        with pytest.raises(ConnectionSettingError, match=r"'https://attacker\.example'"):
+            require_url_on_service("https://attacker.example" + BLOB, identity)
+        keyed = BlobServiceClient.from_connection_string(KEYED.connection_string)
+        require_url_on_service(ACCOUNT + BLOB, keyed)
+        with pytest.raises(ConnectionSettingError):
+            require_url_on_service("https://other.blob.core.windows.net" + BLOB, keyed)
 
     def test_process_refuses_before_any_request(
         self,
