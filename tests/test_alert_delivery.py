@@ -41,6 +41,7 @@ from analyzer.models import Alert, iso_time
 from analyzer.policy import load_policy
 from analyzer.processing import process_blob
 from analyzer.storage import CaptureRecord, TableResultsStore, capture_id_for
+from analyzer.tablekeys import generation_of, generation_prefix
 
 # The VM's first capture seeds its baseline; the second, of the same VM, then raises by
 # construction: deny-rule (high) on 20.0.0.2, new-peer on each peer not in the first capture
@@ -86,26 +87,22 @@ def second_capture(upload: Upload, results_store: TableResultsStore) -> CaptureR
 
 
 def stored_rows(store: TableResultsStore, record: CaptureRecord) -> set[Row]:
-    """The capture's rows of the alerts table, read directly, with the ids they must get.
-
-    Where row keys start with the generation of the run that wrote them, only the rows of the
-    capture's results generation count, and the id is of the key after that prefix.
-    """
+    """The capture's rows of the alerts table, read directly, with the ids they must get: rows
+    of the capture's results generation, the id made of the row key after that prefix."""
     rows = store.table("alerts").query_entities(
         "PartitionKey eq @pk", parameters={"pk": f"capture-{record.capture_id}"}
     )
-    results_generation = getattr(record, "results_generation", None)
-    found = set()
-    for row in rows:
-        key = row["RowKey"]
-        head, _, rest = key.partition("|")
-        if len(head) == 8 and head.isdigit():
-            if int(head) != results_generation:
-                continue
-            key = rest
-        the_id = alert_id(record.capture_id, record.blob_etag, key)
-        found.add((the_id, row["rule"], row["severity"], row["peer"]))
-    return found
+    prefix = generation_prefix(record.results_generation)
+    return {
+        (
+            alert_id(record.capture_id, record.blob_etag, row["RowKey"].removeprefix(prefix)),
+            row["rule"],
+            row["severity"],
+            row["peer"],
+        )
+        for row in rows
+        if generation_of(row["RowKey"]) == record.results_generation
+    }
 
 
 def drain(queue: QueueClient) -> list[dict[str, Any]]:
@@ -229,7 +226,8 @@ class TestQueueMessages:
         assert process_blob(blob, results_store, policy=POLICY, force=True).status == "complete"
         reprocessed = results_store.get_capture(second_capture.capture_id)
         assert reprocessed is not None and reprocessed.blob_etag == second_capture.blob_etag
-        assert reprocessed.processed_at != second_capture.processed_at
+        # A new run: new row keys (their generation prefix), the same alert keys and ids.
+        assert reprocessed.results_generation > second_capture.results_generation
         again = deliver_capture_alerts(results_store, alerts, reprocessed)
         assert (again.sent, again.already_sent) == (0, 7)
         assert drain(alerts) == []
@@ -447,12 +445,10 @@ def stored_capture(
         blob_last_modified=location.capture_time or 0.0,
         status="complete",
         capture_time=location.capture_time,
+        generation=1,
+        results_generation=1,
     )
-    if hasattr(store, "write_results"):  # results kept per run (generation), not replaced
-        record = dataclasses.replace(record, generation=1, results_generation=1)
-        store.write_results(record, [], alerts)
-    else:
-        store.replace_results(record, [], alerts)
+    store.write_results(record, [], alerts)
     store.put_capture(record)
     return record
 
