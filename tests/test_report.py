@@ -26,7 +26,7 @@ import pytest
 from azure.storage.blob import BlobClient
 from conftest import ROOT, network_watcher_path
 
-from analyzer import api, report_cli, synth
+from analyzer import api, report_cli
 from analyzer.analysis import analyze
 from analyzer.models import (
     Alert,
@@ -45,6 +45,7 @@ from analyzer.web import pages, report
 from analyzer.web.blueprint import web_blueprint
 from analyzer.web.html import embed_json, shown
 from analyzer.web.server import start_in_thread
+from nwcap_testing import synth
 
 SAMPLES = sorted((ROOT / "samples").glob("*.cap"))
 POLICY = load_policy((ROOT / "samples" / "policy.yaml").read_bytes())
@@ -361,6 +362,33 @@ class TestPeerMap:
         assert 1 <= widths[0] <= widths[-1] <= 8
 
 
+class TestFolded:
+    """Peers folded by the work budget are shown as groups, with the overview saying so."""
+
+    def test_folded_groups(self) -> None:
+        document = big_analysis(3).to_dict()
+        document["capture"].update(
+            folded_peers=70_000, folded_packets=140_000, folded_bytes=8_400_000
+        )
+        document["folded"] = [
+            {
+                "prefix": f"198.51.{i}.0/24",
+                "peers_estimate": 256,
+                "packets": 512,
+                "bytes": 30_720,
+                "first_seen": "2026-11-25T10:00:00.000000Z",
+                "last_seen": "2026-11-25T10:00:01.000000Z",
+                "ports": [{"protocol": "tcp", "port": 22, "packets": 512, "bytes": 30_720}],
+            }
+            for i in range(3)
+        ]
+        html = report.render_report(report.from_analysis(document, source="f")).html
+        rows = table_rows(html, "folded")
+        assert [r[:4] for r in rows] == [[f"198.51.{i}.0/24", 256, 512, 30_720] for i in range(3)]
+        assert rows[0][4] == ["tcp/22 x512"]
+        assert "70,000 peers, 140,000 packets" in html
+
+
 class TestTimeline:
     """The timeline uses the activity histogram when there is one, and says so when not."""
 
@@ -501,6 +529,20 @@ class TestDashboardServer:
         assert headers["Content-Type"].startswith("application/json")
         assert json.loads(data) == api.who_talked_to(stored["store"], peer, {}).body
 
+    def test_failed_capture(
+        self, server: str, stored: dict[str, Any], upload: Callable[[str, bytes], BlobClient]
+    ) -> None:
+        blob = upload(network_watcher_path(minute=40), b"this is not a capture at all" * 10)
+        outcome = process_blob(blob, stored["store"], policy=POLICY)
+        assert outcome.status == "failed"
+        _, _, html = fetch(server)
+        not_complete = html.split("Captures not complete (1)")[1].split("</table>")[0]
+        assert f"capture?id={outcome.capture_id}" in not_complete and "failed" in not_complete
+        status, _, html = fetch(f"{server}capture?id={outcome.capture_id}")
+        assert status == 200
+        assert "failed" in texts(html, "attention").found
+        assert "No alerts." in html and "No timeline data" in html
+
     def test_errors(self, server: str) -> None:
         status, _, html = fetch(f"{server}capture?id=nope")
         assert status == 400 and "capture_id" in html
@@ -511,6 +553,20 @@ class TestDashboardServer:
         with pytest.raises(urllib.error.HTTPError) as raised:
             urllib.request.urlopen(request, timeout=30)  # noqa: S310 - our own server
         assert raised.value.code == 403
+
+
+class TestWholeCapture:
+    """A capture's pages of peers and alerts are joined into one report."""
+
+    def test_pages_joined(self, stored: dict[str, Any]) -> None:
+        store = stored["store"]
+        first = api.get_capture(store, stored["hostile"], {"limit": "2"}).body
+        assert first["peers_continuation"] and len(first["peers"]) == 2
+        joined = pages.whole_capture(store, stored["hostile"], page=2).body
+        whole = api.get_capture(store, stored["hostile"], {"limit": "1000"}).body
+        assert len(whole["peers"]) > 4 and whole["peers_continuation"] is None
+        assert joined["peers"] == whole["peers"] and joined["alerts"] == whole["alerts"]
+        assert "peers_continuation" not in joined
 
 
 class TestBlueprint:

@@ -153,14 +153,17 @@ def _vm_rows(captures: list[dict[str, Any]]) -> list[_VmRow]:
     return sorted(rows.values(), key=lambda r: r.vm)
 
 
-def whole_capture(store: ResultsStore, capture_id: str) -> api.ApiResponse:
+def whole_capture(
+    store: ResultsStore, capture_id: str, *, page: int | None = None
+) -> api.ApiResponse:
     """``GET /api/captures/{id}`` with every page of its peers and alerts joined into one body.
 
-    The first request has no parameters, which both the single-answer API and the paginated
-    one accept; further pages are asked for only when the answer carries
-    ``peers_continuation`` / ``alerts_continuation`` tokens, sent back as such.
+    The first request has no parameters (unless ``page`` sets its ``limit``), which both the
+    single-answer API and the paginated one accept; further pages are asked for only when the
+    answer carries ``peers_continuation`` / ``alerts_continuation`` tokens, sent back as such.
     """
-    result = api.get_capture(store, capture_id, {})
+    first = {} if page is None else {"limit": str(page)}
+    result = api.get_capture(store, capture_id, first)
     if result.status != 200:
         return result
     peers, alerts = list(result.body.get("peers", [])), list(result.body.get("alerts", []))
@@ -169,7 +172,8 @@ def whole_capture(store: ResultsStore, capture_id: str) -> api.ApiResponse:
         tokens = {name: str(body[name]) for name in CAPTURE_TOKENS if body.get(name)}
         if not tokens:
             break
-        following = api.get_capture(store, capture_id, {**tokens, "limit": str(CAPTURE_PAGE)})
+        limit = str(page or CAPTURE_PAGE)
+        following = api.get_capture(store, capture_id, {**tokens, "limit": limit})
         if following.status != 200:
             return following
         body = following.body

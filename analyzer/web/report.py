@@ -62,6 +62,15 @@ CONVERSATION_COLUMNS = (
     "First seen",
     "Last seen",
 )
+FOLDED_COLUMNS = (
+    "Prefix",
+    "Peers (estimate)",
+    "Packets",
+    "Bytes",
+    "Ports",
+    "First seen",
+    "Last seen",
+)
 Cell = str | int | list[str] | None
 
 
@@ -591,6 +600,10 @@ def context(data: ReportData) -> dict[str, Any]:
             )
         ]
         conversations = table_data(CONVERSATION_COLUMNS, conv_rows, numeric=(2, 3, 4, 5))
+    folded = None
+    if data.folded:
+        rows = [folded_row(g) for g in data.folded]
+        folded = table_data(FOLDED_COLUMNS, rows, numeric=(1, 2, 3))
     categories = Counter(str(p.get("category", "")) for p in data.peers)
     severities = Counter(str(a.get("severity")) for a in data.alerts)
     return {
@@ -606,13 +619,23 @@ def context(data: ReportData) -> dict[str, Any]:
         "conversation_table": conversations,
         "conversation_table_json": embed_json(conversations) if conversations else None,
         "categories": sorted(categories, key=_category_rank),
-        "folded": [_folded_row(group) for group in data.folded],
+        "folded_table": folded,
+        "folded_table_json": embed_json(folded) if folded else None,
         "evidence": _evidence_lines,
     }
 
 
-def _folded_row(group: Mapping[str, Any]) -> list[tuple[str, str]]:
-    return [(str(k), _value_text(v)) for k, v in group.items()]
+def folded_row(group: Mapping[str, Any]) -> list[Cell]:
+    """One row of the folded-groups table, in :data:`FOLDED_COLUMNS` order."""
+    return [
+        str(group.get("prefix", "")),
+        int(group.get("peers_estimate") or 0),
+        int(group.get("packets") or 0),
+        int(group.get("bytes") or 0),
+        _ports_cell(group.get("ports") or [], 0),
+        group.get("first_seen"),
+        group.get("last_seen"),
+    ]
 
 
 def _value_text(value: object) -> str:
