@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from analyzer import __version__, sweep
 from analyzer.errors import NwcapError
+from analyzer.exits import EXIT_ALERTS, EXIT_DATAERR, EXIT_NOINPUT, InputError
 from analyzer.models import SEVERITY_ORDER
 
 if TYPE_CHECKING:
     from analyzer.policy import Policy
     from analyzer.servicetags import ServiceTags
 
-EXIT_ALERTS = 1
-EXIT_DATAERR = 65
-EXIT_NOINPUT = 66
 PROGRESS_MIN_BYTES = 16 << 20
+
+__all__ = ["EXIT_ALERTS", "EXIT_DATAERR", "EXIT_NOINPUT", "InputError", "build_parser", "main"]
 
 log = logging.getLogger("nwcap")
 
@@ -151,10 +151,6 @@ def _ip_address(text: str) -> str:
         return str(ipaddress.ip_address(text.strip()))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 or IPv6 address") from None
-
-
-class InputError(Exception):
-    """An input file cannot be opened (exit status 66)."""
 
 
 class _ProgressBar:

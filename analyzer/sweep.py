@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 from analyzer.engine import summarize
 from analyzer.errors import NwcapError
+from analyzer.exits import InputError
 
 Status = Literal["ok", "partial", "rejected", "crashed", "hung"]
 STATUSES: tuple[Status, ...] = ("ok", "partial", "rejected", "crashed", "hung")
@@ -341,8 +342,6 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def run_sweep(args: argparse.Namespace) -> int:
     """Sweep ``args.directory`` and print the figures; 1 when anything crashed or hung."""
-    from analyzer.cli import InputError  # noqa: PLC0415 - cli adds this command; no cycle
-
     root = Path(args.directory)
     if not root.exists():
         raise InputError(f"cannot sweep {root}: no such file or directory")

@@ -31,7 +31,7 @@ from typing import BinaryIO
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from analyzer import synth  # noqa: E402
+from nwcap_testing import synth  # noqa: E402
 
 GENERATOR_VERSION = 3
 OUT = ROOT / "bench" / "out"

@@ -22,8 +22,8 @@ from azure.core.exceptions import HttpResponseError
 from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient, ContainerClient
 
-from analyzer import synth
 from analyzer.storage import TableResultsStore
+from nwcap_testing import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 VM_ADDRESS = "10.0.0.4"

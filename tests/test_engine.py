@@ -8,11 +8,11 @@ import struct
 
 import pytest
 
-from analyzer import synth
 from analyzer.engine import summarize
 from analyzer.errors import CorruptCaptureError, UnsupportedFormatError
 from analyzer.models import Summary
-from analyzer.synth import ACK, FIN, PSH, RST, SYN, Packet
+from nwcap_testing import synth
+from nwcap_testing.synth import ACK, FIN, PSH, RST, SYN, Packet
 
 VM = "10.0.0.4"
 VM_MAC = "00:0d:3a:00:00:04"

@@ -35,7 +35,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analyzer import synth
 from analyzer.analysis import analyze
 from analyzer.decode import Decoded, NonIp, Undecodable, decode
 from analyzer.engine import summarize
@@ -43,6 +42,7 @@ from analyzer.errors import NwcapError, UnsupportedFormatError
 from analyzer.models import Summary
 from analyzer.names import NameCollector, client_hello_sni, http_host, parse_dns_answers
 from analyzer.reader import CHUNK_SIZE, open_capture
+from nwcap_testing import synth
 
 CORPUS = Path(
     os.environ.get("NWCAP_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus")

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 import pytest
 
-from analyzer import synth
+from nwcap_testing import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 VM, RESOLVER = "10.0.0.4", "168.63.129.16"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,10 @@ from azure.core.exceptions import (
 from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient
 from conftest import (
+    GATEWAY_MAC,
+    UDP_PAYLOAD,
+    VM_ADDRESS,
+    VM_MAC,
     FailingStore,
     http_error,
     network_watcher_path,
@@ -36,6 +41,7 @@ from analyzer.processing import (
     process_blob,
 )
 from analyzer.storage import BaselineEntry, TableResultsStore, capture_id_for, ip_key
+from nwcap_testing import synth
 
 PEERS = {"20.0.0.1": (3, 2), "20.0.0.2": (1, 0), "2001:db8::7": (0, 4)}
 # Earlier captures of the same VM. Two peers each, so that the VM is the one address talking
@@ -357,6 +363,56 @@ class TestDelivery:
 
 def new_peer_alerts(store: TableResultsStore, capture_id: str) -> list[dict[str, Any]]:
     return [a for a in store.iter_capture_alerts(capture_id) if a["rule"] == "new-peer"]
+
+
+class TestHostileValues:
+    """Values a capture or a blob path chooses end in a stored result, never a retry loop."""
+
+    def test_packet_past_the_year_9999(
+        self, upload: Upload, results_store: TableResultsStore
+    ) -> None:
+        good = synth.Packet(1_795_600_000 * synth.NS_PER_SECOND, synth_frame("20.0.0.1"))
+        # pcapng in whole seconds: 64-bit timestamps reach far past any date
+        far = synth.Packet(400_000_000_000 * synth.NS_PER_SECOND, synth_frame("20.0.0.2"))
+        data = io.BytesIO()
+        synth.write_pcapng(data, [good, far], if_tsresol=0)
+        outcome = process_blob(upload(network_watcher_path(), data.getvalue()), results_store)
+        assert outcome.status in ("complete", "partial")
+        stored = results_store.get_capture(outcome.capture_id)
+        assert stored is not None and stored.packets == 2
+        assert stored.capture_time_source == "path"
+        peers = {row["address"]: row for row in results_store.iter_capture_peers(stored.capture_id)}
+        assert set(peers) == {"20.0.0.1", "20.0.0.2"}
+        assert peers["20.0.0.2"]["last_seen"] is None  # no date holds it
+
+    def test_long_path_segments(self, upload: Upload, results_store: TableResultsStore) -> None:
+        name = network_watcher_path().replace(
+            "00000000-0000-0000-0000-000000000000", "s" * 600
+        )
+        outcome = process_blob(upload(name, udp_capture(PEERS)), results_store)
+        assert outcome.status == "complete"
+        assert len(list(results_store.iter_capture_peers(outcome.capture_id))) == len(PEERS)
+
+    def test_unexpected_error_is_recorded_failed_not_retried(
+        self, upload: Upload, results_store: TableResultsStore
+    ) -> None:
+        blob = upload(network_watcher_path(), udp_capture(PEERS))
+        outcome = process_blob(blob, FailingStore(results_store, OverflowError("boom")))
+        assert outcome.status == "failed"
+        stored = results_store.get_capture(outcome.capture_id)
+        assert stored is not None
+        assert (stored.status, stored.transient, stored.error) == (
+            "failed", False, "OverflowError: boom"
+        )
+        assert process_blob(blob, results_store).status == "skipped"
+
+
+def synth_frame(peer: str) -> bytes:
+    """One UDP datagram from ``peer`` to the VM, on Ethernet."""
+    datagram = synth.udp(peer, VM_ADDRESS, 9000, 40000, bytes(UDP_PAYLOAD))
+    return synth.ethernet(
+        VM_MAC, GATEWAY_MAC, 0x0800, synth.ip_packet(peer, VM_ADDRESS, 17, datagram)
+    )
 
 
 class TestBaseline:

@@ -1,4 +1,4 @@
-"""analyzer.synth and tools/make_samples.py, checked against tshark as the independent reader."""
+"""nwcap_testing.synth and tools/make_samples.py, checked against tshark as the oracle."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from analyzer import synth
-from analyzer.synth import ACK, FIN, PSH, RST, SYN, Packet, Trace
+from nwcap_testing import synth
+from nwcap_testing.synth import ACK, FIN, PSH, RST, SYN, Packet, Trace
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"

@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # so that a plain `python tools/make_samples.py` finds analyzer/
 
-from analyzer import synth  # noqa: E402
-from analyzer.synth import DNS_AAAA, Trace  # noqa: E402
+from nwcap_testing import synth  # noqa: E402
+from nwcap_testing.synth import DNS_AAAA, Trace  # noqa: E402
 
 VM = "10.0.0.4"
 VM_MAC = "00:0d:3a:6f:12:04"

@@ -1,0 +1,15 @@
+"""Exit statuses of the ``nwcap`` command, shared by its command modules (sysexits.h values).
+
+Kept apart from :mod:`analyzer.cli` so that the modules adding commands to it (``sweep``,
+``store_cli``, ``ops_cli``) need not import the module that imports them.
+"""
+
+EXIT_OK = 0
+EXIT_ALERTS = 1
+EXIT_USAGE = 2
+EXIT_DATAERR = 65
+EXIT_NOINPUT = 66
+
+
+class InputError(Exception):
+    """An input file cannot be opened (exit status 66)."""
