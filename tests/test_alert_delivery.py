@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import json
 import logging
+import re
 import socket
 import time
 import uuid
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from azure.storage.blob import BlobClient, ContainerClient
 from azure.storage.queue import QueueClient, QueueServiceClient, TextBase64EncodePolicy
-from conftest import network_watcher_path, udp_capture
+from conftest import ROOT, network_watcher_path, udp_capture
 
 from analyzer.alert_delivery import (
     MAX_ATTEMPTS,
@@ -140,6 +141,25 @@ def just_before(record: CaptureRecord) -> float:
     return record.capture_time - 60
 
 
+JSON_TYPES: dict[str, type | tuple[type, ...]] = {
+    "string": str,
+    "integer": int,
+    "boolean": bool,
+    "array": list,
+    "object": dict,
+    "null": type(None),
+}
+
+
+def documented_schema() -> dict[str, Any]:
+    """The JSON schema docs/alerts.md gives for a Logic App's Parse JSON step."""
+    text = (ROOT / "docs" / "alerts.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```json\n(.*?)```", text, flags=re.DOTALL)
+    schemas = [json.loads(block) for block in blocks if block.lstrip().startswith('{\n  "type"')]
+    assert len(schemas) == 1
+    return dict(schemas[0])
+
+
 def closed_port() -> int:
     """A local port nothing listens on (bound, then released)."""
     with socket.socket() as sock:
@@ -189,6 +209,23 @@ class TestQueueMessages:
             }
             assert message["message"] and isinstance(message["evidence"], dict)
             assert message["names"] == message["evidence"].get("names", [])
+
+    def test_messages_match_the_documented_schema(
+        self, results_store: TableResultsStore, alerts: QueueClient, second_capture: CaptureRecord
+    ) -> None:
+        deliver_capture_alerts(
+            results_store, alerts, second_capture, min_severity="info", links_base=LINKS
+        )
+        schema = documented_schema()
+        for message in drain(alerts):
+            assert set(schema["required"]) <= set(message) <= set(schema["properties"])
+            for name, value in message.items():
+                declared = schema["properties"][name]
+                allowed = (
+                    declared["type"] if isinstance(declared["type"], list) else [declared["type"]]
+                )
+                assert any(isinstance(value, JSON_TYPES[kind]) for kind in allowed), name
+                assert value in declared.get("enum", [value])
 
     def test_info_is_not_sent_by_default(
         self, results_store: TableResultsStore, alerts: QueueClient, second_capture: CaptureRecord
