@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -192,6 +193,24 @@ class TestReportInBrowser:
         table.locator('select[data-col="3"]').select_option("NO")
         table.locator('select[data-col="2"]').select_option("internet")
         assert table.locator(".count").inner_text() == "250 peers"
+        page.emulate_media(media="print")
+        assert not table.locator(".controls").is_visible()
+        assert page.locator("svg.peer-map").is_visible()
+        watched.assert_clean()
+
+    def test_20000_peers_stay_usable(self, watched: Watched, tmp_path: Path) -> None:
+        document = big_analysis(20_000, alerts=20).to_dict()
+        page = watched.page
+        started = time.monotonic()
+        page.goto(write_report(document, tmp_path / "large.html"))
+        table = page.locator('[data-table="peers"]')
+        assert table.locator(".page").inner_text() == "1\u2013100 (page 1 of 200)"
+        table.locator("th").nth(10).locator("button").click()
+        most = max(p["bytes_received"] for p in document["peers"])
+        assert shown_column(page, "peers", 10)[0] == number(most)
+        table.locator("input.filter-text").fill("host19999.")
+        assert shown_column(page, "peers", 0) == [document["peers"][19_999]["address"]]
+        assert time.monotonic() - started < 20
         watched.assert_clean()
 
     def test_alert_link_reveals_the_peer(self, watched: Watched, tmp_path: Path) -> None:
