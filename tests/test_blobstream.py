@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 from azure.core.exceptions import ResourceModifiedError
 from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient
+from conftest import azurite_script
 
 from analyzer.blobstream import open_blob_stream
 
@@ -139,6 +142,89 @@ class TestChangedBlob:
         with pytest.raises(ResourceModifiedError):
             while stream.read(chunk):
                 pass
+        assert workers() == []
+
+
+class CuttingProxy:
+    """A TCP proxy to Azurite that cuts the first ``cuts`` connections after ``after`` bytes of
+    response, as a network failing mid-download does."""
+
+    def __init__(self, target_port: int, *, cuts: int, after: int) -> None:
+        self.target_port = target_port
+        self.cuts_left = cuts
+        self.cut = 0
+        self.after = after
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                limit = self.after if self.cuts_left > 0 else None
+                self.cuts_left -= limit is not None
+            for source, sink, budget in ((client, upstream, None), (upstream, client, limit)):
+                threading.Thread(
+                    target=self._pipe, args=(source, sink, budget), daemon=True
+                ).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, budget: int | None) -> None:
+        try:
+            while data := source.recv(65536):
+                if budget is not None and len(data) >= budget:
+                    sink.sendall(data[:budget])
+                    with self._lock:
+                        self.cut += 1
+                    break
+                if budget is not None:
+                    budget -= len(data)
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+
+class TestTransientFailures:
+    """A download cut mid-response is retried by the SDK; the bytes stay exact."""
+
+    def test_cut_connections_are_retried(
+        self, azurite: Any, upload: Upload, captures_container: ContainerClient
+    ) -> None:
+        data = content(200_000, seed=8)
+        blob = upload("cut.cap", data)
+        properties = blob.get_blob_properties()
+        proxy = CuttingProxy(azurite.blob_port, cuts=2, after=5000)
+        try:
+            through_proxy = BlobServiceClient(
+                f"http://127.0.0.1:{proxy.port}/{azurite_script.ACCOUNT}",
+                credential={
+                    "account_name": azurite_script.ACCOUNT,
+                    "account_key": azurite_script.ACCOUNT_KEY,
+                },
+            ).get_blob_client(captures_container.container_name, "cut.cap")
+            with open_blob_stream(
+                through_proxy,
+                etag=str(properties.etag),
+                size=int(properties.size),
+                chunk_size=50_000,
+                concurrency=2,
+            ) as stream:
+                assert stream.read() == data
+        finally:
+            proxy.close()
+        assert proxy.cut == 2
         assert workers() == []
 
 
