@@ -398,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only or ["mixed", "small"]
     bench.check_nwcap(args.nwcap)
     print("\n".join(bench.machine()))
+    print(f"nwcap    {bench._first_line([str(args.nwcap), '--version'])}")
     print(f"scale    {scale:g} of the full captures, best of {args.repeat}")
     azurite_script = _load_azurite()
     summary: list[str] = []
