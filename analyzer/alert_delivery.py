@@ -41,7 +41,12 @@ from datetime import datetime, timezone
 from typing import Any, cast
 from urllib.parse import quote
 
-from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+)
 from azure.data.tables import EdmType, EntityProperty, TableClient, UpdateMode
 from azure.storage.queue import (
     QueueClient,
@@ -431,7 +436,13 @@ class DeliveryLedger:
         if self.name not in _CREATED_TABLES:
             self.create()
             _CREATED_TABLES.add(self.name)
-        self._write(rows)
+        try:
+            self._write(rows)
+        except HttpResponseError as error:
+            if getattr(error, "error_code", None) != "TableNotFound":  # deleted meanwhile
+                raise
+            self.create()
+            self._write(rows)
 
     def _write(self, rows: Sequence[dict[str, Any]]) -> None:
         for start in range(0, len(rows), _TRANSACTION_ROWS):

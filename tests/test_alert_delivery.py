@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import importlib.util
 import json
 import logging
 import re
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobClient, ContainerClient
 from azure.storage.queue import QueueClient, QueueServiceClient, TextBase64EncodePolicy
 from conftest import ROOT, network_watcher_path, udp_capture
@@ -34,6 +36,7 @@ from analyzer.alert_delivery import (
     deliver_pending,
     encoded_size,
     ensure_queue,
+    eventgrid_publisher,
     fit_message,
     message_body,
 )
@@ -460,6 +463,45 @@ class TestFaults:
         later = (second_capture.capture_time or 0) + 60
         assert deliver_pending(results_store, alerts, since=later).captures == 0
 
+    def test_tables_unreachable_too(
+        self,
+        results_store: TableResultsStore,
+        alerts: QueueClient,
+        second_capture: CaptureRecord,
+        connection_string: str,
+        azurite: Any,
+    ) -> None:
+        """Nothing can be read or recorded: nothing sent, nothing raised; reconciling finds the
+        capture by its alert counts."""
+        endpoint = f":{azurite.table_port}/"
+        broken = connection_string.replace(endpoint, f":{closed_port()}/")
+        prefix = results_store.names["captures"].removesuffix("captures")
+        tables_down = TableResultsStore(
+            TableServiceClient.from_connection_string(broken, retry_total=0), prefix=prefix
+        )
+        result = deliver_capture_alerts(tables_down, alerts, second_capture)
+        assert (result.sent, result.pending) == (0, 7) and result.errors
+        assert deliver_pending(tables_down, alerts, since=just_before(second_capture)).sent == 0
+        assert drain(alerts) == []
+        retried = deliver_pending(results_store, alerts, since=just_before(second_capture))
+        assert (retried.sent, retried.pending) == (7, 0)
+
+    def test_delivery_table_deleted_meanwhile(
+        self,
+        results_store: TableResultsStore,
+        alerts: QueueClient,
+        second_capture: CaptureRecord,
+    ) -> None:
+        assert deliver_capture_alerts(results_store, alerts, second_capture).sent == 7
+        ledger = DeliveryLedger(results_store)
+        results_store.service.delete_table(ledger.name)
+        # The record of what was sent is gone: sent again, with the same ids.
+        again = deliver_capture_alerts(results_store, alerts, second_capture)
+        assert (again.sent, again.pending, again.errors) == (7, 0, [])
+        messages = drain(alerts)
+        assert len(messages) == 14 and len({m["id"] for m in messages}) == 7
+        assert len(ledger.rows(second_capture.capture_id)) == 7
+
     def test_unfinished_capture_sends_nothing(
         self, results_store: TableResultsStore, alerts: QueueClient, second_capture: CaptureRecord
     ) -> None:
@@ -585,6 +627,16 @@ class TestMessageParts:
             "datacontenttype": "application/json",
             "data": message,
         }
+
+    def test_event_grid_needs_its_package(self, caplog: pytest.LogCaptureFixture) -> None:
+        """azure-eventgrid is optional and not installed here: no publisher, and a warning."""
+        endpoint = "https://topic.westeurope-1.eventgrid.azure.net/api/events"
+        # Installing it (a deliberate choice: it is not a dependency) calls for a test of the
+        # publisher itself instead.
+        assert importlib.util.find_spec("azure.eventgrid") is None
+        with caplog.at_level(logging.WARNING, logger="analyzer.alert_delivery"):
+            assert eventgrid_publisher(endpoint) is None
+        assert "azure-eventgrid is not installed" in caplog.text
 
     def test_settings(self) -> None:
         assert DeliverySettings.from_environ({}) == DeliverySettings("nwcap-alerts", "low")
