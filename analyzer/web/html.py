@@ -22,6 +22,7 @@ import jinja2
 from markupsafe import Markup
 
 from analyzer import __version__
+from analyzer.render import human_bytes
 
 MAX_SHOWN = 200  # characters of one capture-derived text shown in full; the rest is counted
 _INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
@@ -77,12 +78,8 @@ def environment() -> jinja2.Environment:
 
 
 def human_size(size: object) -> str:
-    value = float(size or 0)  # type: ignore[arg-type]
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"  # pragma: no cover - the loop returns
+    """Bytes as ``113.6 KiB``, as the terminal table writes them."""
+    return human_bytes(int(size or 0))  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True, slots=True)
