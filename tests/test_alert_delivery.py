@@ -170,13 +170,20 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def unreachable(queue: QueueClient, connection_string: str, azurite: Any) -> QueueClient:
-    """The same queue through an endpoint that refuses connections, with no SDK retries."""
-    endpoint = f":{azurite.queue_port}/"
-    assert endpoint in connection_string
-    broken = connection_string.replace(endpoint, f":{closed_port()}/")
-    service = QueueServiceClient.from_connection_string(broken, retry_total=0)
-    return alerts_queue(service, queue.queue_name)
+Refused = Callable[[str], str]
+
+
+@pytest.fixture
+def refused(connection_string: str, azurite: Any) -> Refused:
+    """The connection string with one service's endpoint (``queue``, ``table``) on a port
+    that refuses connections: a real outage of that service alone."""
+
+    def broken(service: str) -> str:
+        endpoint = f":{getattr(azurite, f'{service}_port')}/"
+        assert endpoint in connection_string
+        return connection_string.replace(endpoint, f":{closed_port()}/")
+
+    return broken
 
 
 class TestQueueMessages:
@@ -389,11 +396,11 @@ class TestFaults:
         results_store: TableResultsStore,
         alerts: QueueClient,
         second_capture: CaptureRecord,
-        connection_string: str,
-        azurite: Any,
+        refused: Refused,
     ) -> None:
         record = second_capture
-        down = unreachable(alerts, connection_string, azurite)
+        service = QueueServiceClient.from_connection_string(refused("queue"), retry_total=0)
+        down = alerts_queue(service, alerts.queue_name)
         result = deliver_capture_alerts(results_store, down, record)
         assert (result.sent, result.pending, result.failed) == (0, 7, 0)
         assert result.errors and not result.complete
@@ -468,13 +475,11 @@ class TestFaults:
         results_store: TableResultsStore,
         alerts: QueueClient,
         second_capture: CaptureRecord,
-        connection_string: str,
-        azurite: Any,
+        refused: Refused,
     ) -> None:
         """Nothing can be read or recorded: nothing sent, nothing raised; reconciling finds the
         capture by its alert counts."""
-        endpoint = f":{azurite.table_port}/"
-        broken = connection_string.replace(endpoint, f":{closed_port()}/")
+        broken = refused("table")
         prefix = results_store.names["captures"].removesuffix("captures")
         tables_down = TableResultsStore(
             TableServiceClient.from_connection_string(broken, retry_total=0), prefix=prefix
