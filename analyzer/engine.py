@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO, TypeVar
@@ -25,12 +26,22 @@ from analyzer.decode import (
     UDP,
     Decoded,
     NonIp,
+    Undecodable,
     decode,
     protocol_name,
 )
-from analyzer.models import CaptureInfo, Conversation, Peer, PeerName, PortCount, Summary, TcpCounts
+from analyzer.models import (
+    BudgetLimit,
+    CaptureInfo,
+    Conversation,
+    Peer,
+    PeerName,
+    PortCount,
+    Summary,
+    TcpCounts,
+)
 from analyzer.names import NameCollector
-from analyzer.reader import CHUNK_SIZE, PcapReader, open_capture
+from analyzer.reader import CHUNK_SIZE, CaptureFormatReader, PcapReader, open_capture
 
 MAX_FLOWS = 250_000
 MAX_FRAGMENTS = 10_000
@@ -42,11 +53,16 @@ NAME_INSPECTED_PACKETS = 4
 SYN, RST, ACK = 0x02, 0x04, 0x10
 PLATFORM_ADDRESSES = (bytes([168, 63, 129, 16]), bytes([169, 254, 169, 254]))
 UNSPECIFIED_V4 = bytes(4)
+# An Azure NIC has at most 256 IP configurations; more inferred addresses means forged ones.
+MAX_LOCAL_ADDRESSES = 256
+# The general path looks at the clock every this many frames.
+CLOCK_EVERY = 1024
 
 # Flow entry layout (a list, for speed): packets, bytes, first second, first fraction,
 # last second, last fraction, OR of TCP flags, flags of the first packet.
 PKTS, BYTES, FSEC, FFRAC, LSEC, LFRAC, FLAGS, FIRST_FLAGS = range(8)
 ProgressCallback = Callable[[int], None]
+_NESTED_TOO_DEEP = Undecodable("nested-too-deep")
 K = TypeVar("K")
 
 
@@ -128,7 +144,12 @@ class _Accumulator:
             self.first = moment
         if self.last is None or moment > self.last:
             self.last = moment
-        self.add_decoded(decode(link_type, frame), sec, frac, orig)
+        try:
+            result: object = decode(link_type, frame)
+        except RecursionError:
+            # headers nested thousands deep in one frame (Ethernet in Ethernet...): damage
+            result = _NESTED_TOO_DEEP
+        self.add_decoded(result, sec, frac, orig)
 
     def add_decoded(self, result: object, sec: int, frac: int, orig: int) -> None:
         if not isinstance(result, Decoded):
@@ -302,26 +323,70 @@ def summarize(
     ``local_addresses`` overrides the inference of the VM's own addresses (see
     :func:`infer_local_addresses`). ``progress`` is called with the bytes read so far.
     """
+    budget = budget or Budget()
     given = _parse_addresses(local_addresses) if local_addresses is not None else None
     reader = open_capture(stream)
+    reader.source.limit = budget.max_decompressed_bytes
     acc = _Accumulator(reader.frac_per_second)
+    limits = _Limits(budget)
     if isinstance(reader, PcapReader) and reader.link_type == 1:
-        _walk_ethernet_pcap(reader, acc, progress)
+        _walk_ethernet_pcap(reader, acc, progress, limits)
     else:
-        last_report = 0
-        for packet in reader.packets():
-            acc.add_frame(packet.link_type, packet.sec, packet.frac, packet.orig_len, packet.data)
-            if progress is not None and reader.source.offset - last_report >= CHUNK_SIZE:
-                last_report = reader.source.offset
-                progress(last_report)
+        _walk_frames(reader, acc, progress, limits)
     if progress is not None:
         progress(reader.source.offset)
+    if reader.source.limited:
+        limits.exhausted = "decompressed_bytes"
     acc.fold()
-    return _build_summary(acc, reader.format, reader.link_types, reader.warnings, given)
+    return _build_summary(
+        acc, reader.format, reader.link_types, reader.warnings, given, limits.exhausted
+    )
+
+
+class _Limits:
+    """The work budget as the packet loops check it."""
+
+    def __init__(self, budget: Budget) -> None:
+        self.max_packets = budget.max_packets
+        self.max_seconds = budget.max_seconds
+        self.deadline = time.monotonic() + budget.max_seconds
+        self.exhausted: BudgetLimit | None = None
+
+    def stop(self, limit: BudgetLimit, offset: int, warnings: list[str]) -> None:
+        """Record that ``limit`` ended reading at byte ``offset``."""
+        self.exhausted = limit
+        if limit == "packets":
+            what = f"{self.max_packets} packets read, the NWCAP_MAX_PACKETS limit"
+        else:
+            what = f"{self.max_seconds:g} s spent reading, the NWCAP_MAX_SECONDS limit"
+        warnings.append(f"work budget: {what}; reading stopped at byte {offset}")
+
+
+def _walk_frames(
+    reader: CaptureFormatReader,
+    acc: _Accumulator,
+    progress: ProgressCallback | None,
+    limits: _Limits,
+) -> None:
+    """The general path: every frame of any format through :func:`analyzer.decode.decode`."""
+    last_report = 0
+    source = reader.source
+    packets = reader.packets()
+    for count, packet in enumerate(packets, 1):
+        if count > limits.max_packets:
+            limits.stop("packets", source.offset, reader.warnings)
+            break
+        acc.add_frame(packet.link_type, packet.sec, packet.frac, packet.orig_len, packet.data)
+        if not count % CLOCK_EVERY and time.monotonic() > limits.deadline:
+            limits.stop("seconds", source.offset, reader.warnings)
+            break
+        if progress is not None and source.offset - last_report >= CHUNK_SIZE:
+            last_report = source.offset
+            progress(last_report)
 
 
 def _walk_ethernet_pcap(
-    reader: PcapReader, acc: _Accumulator, progress: ProgressCallback | None
+    reader: PcapReader, acc: _Accumulator, progress: ProgressCallback | None, limits: _Limits
 ) -> None:
     """The hot loop: Ethernet libpcap records, the common case decoded inline."""
     order = reader.byte_order
@@ -353,6 +418,9 @@ def _walk_ethernet_pcap(
     filled = 0
     pos = 0
     damaged = False
+    # packets left in the budget: the inner loop counts down, so the check costs one compare
+    left = limits.max_packets
+    deadline = limits.deadline
     while not damaged:
         got = src.read_into(view[filled : filled + CHUNK_SIZE])
         if not got:
@@ -361,7 +429,7 @@ def _walk_ethernet_pcap(
         base = src.offset - end
         fast_limit = end - fast_size
         pos = 0
-        while True:
+        while left:
             if pos <= fast_limit:
                 (
                     sec,
@@ -389,6 +457,7 @@ def _walk_ethernet_pcap(
             nxt = data + incl
             if nxt > end:
                 break
+            left -= 1
             if (
                 ethertype == ipv4
                 and version_ihl == 0x45
@@ -430,6 +499,14 @@ def _walk_ethernet_pcap(
                     continue
             add_frame(1, sec, frac, orig, bytes(buf[data:nxt]))
             pos = nxt
+        if not left and pos < end:
+            limits.stop("packets", base + pos, reader.warnings)
+            damaged = True
+            break
+        if time.monotonic() > deadline:
+            limits.stop("seconds", base + pos, reader.warnings)
+            damaged = True
+            break
         filled = end - pos
         buf[:filled] = buf[pos:end]
         pos = 0
@@ -460,25 +537,37 @@ def _text(address: bytes) -> str:
     return str(ipaddress.ip_address(address))
 
 
-def infer_local_addresses(pairs: dict[tuple[bytes, bytes], _Pair]) -> tuple[bytes, ...]:
-    """The VM's own addresses, from the capture alone.
+def infer_local_addresses(
+    pairs: dict[tuple[bytes, bytes], _Pair],
+    extra_counterparts: dict[bytes, int] | None = None,
+) -> tuple[bytes, ...]:
+    """The VM's own addresses, from the capture alone, in one pass over the address pairs.
 
     1. Whoever talks to the Azure platform addresses (168.63.129.16, 169.254.169.254) is the
-       VM: only the VM itself reaches them, and every Azure VM does.
+       VM: only the VM itself reaches them, and every Azure VM does. When some of them were
+       answered, only those count (forged sources get no answer); at most
+       ``MAX_LOCAL_ADDRESSES``, the busiest, are kept.
     2. Otherwise, per IP version, the address with the most distinct counterparts is the
        capturing host, as it is in any single-host capture; ties go to a private address
-       (Azure VMs have private addresses), then to the busiest.
+       (Azure VMs have private addresses), then to the busiest. ``extra_counterparts`` adds
+       counterparts no longer in ``pairs`` (folded peers).
     """
-    local: list[bytes] = []
-    for a, b in pairs:
+    platform_set = frozenset(PLATFORM_ADDRESSES)
+    # address -> [answered by a platform address, packets with platform addresses]
+    talkers: dict[bytes, list[int]] = {}
+    for (a, b), pair in pairs.items():
         for platform, other in ((a, b), (b, a)):
-            if (
-                platform in PLATFORM_ADDRESSES
-                and other not in PLATFORM_ADDRESSES
-                and other != UNSPECIFIED_V4
-                and other not in local
-            ):
-                local.append(other)
+            if platform in platform_set and other not in platform_set and other != UNSPECIFIED_V4:
+                entry = talkers.setdefault(other, [0, 0])
+                entry[0] |= bool(pair.packets[0] and pair.packets[1])
+                entry[1] += pair.packets[0] + pair.packets[1]
+    if any(answered for answered, _ in talkers.values()):
+        talkers = {addr: entry for addr, entry in talkers.items() if entry[0]}
+    if len(talkers) > MAX_LOCAL_ADDRESSES:
+        busiest = sorted(talkers, key=lambda addr: (-talkers[addr][1], addr))
+        keep = set(busiest[:MAX_LOCAL_ADDRESSES])
+        talkers = {addr: entry for addr, entry in talkers.items() if addr in keep}
+    local = list(talkers)
     have_v4 = any(len(addr) == 4 for addr in local)
     for family_len in (4, 16):
         if family_len == 4 and have_v4:
@@ -493,10 +582,15 @@ def infer_local_addresses(pairs: dict[tuple[bytes, bytes], _Pair]) -> tuple[byte
                 if _is_unicast(addr):
                     counterparts[addr] = counterparts.get(addr, 0) + 1
                     packets[addr] = packets.get(addr, 0) + total
+        for addr, count in (extra_counterparts or {}).items():
+            if len(addr) == family_len:
+                counterparts[addr] = counterparts.get(addr, 0) + count
+                packets.setdefault(addr, 0)
         if counterparts:
+            most = max(counterparts.values())
             best = max(
-                counterparts,
-                key=lambda addr: (counterparts[addr], _is_private(addr), packets[addr], addr),
+                (addr for addr, count in counterparts.items() if count == most),
+                key=lambda addr: (_is_private(addr), packets[addr], addr),
             )
             local.append(best)
     return tuple(local)
@@ -520,6 +614,7 @@ def _build_summary(
     link_types: tuple[int, ...],
     warnings: list[str],
     given_local: tuple[bytes, ...] | None,
+    budget_exhausted: BudgetLimit | None = None,
 ) -> Summary:
     pairs = acc.pairs
     local = given_local if given_local is not None else infer_local_addresses(pairs)
@@ -577,6 +672,7 @@ def _build_summary(
         non_ip=dict(sorted(acc.non_ip.items())),
         undecodable=dict(sorted(acc.undecodable.items())),
         malformed_dns=acc.names.malformed_dns,
+        budget_exhausted=budget_exhausted,
     )
     return Summary(capture=capture, conversations=conversations, peers=tuple(peers))
 

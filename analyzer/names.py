@@ -23,6 +23,13 @@ MAX_NAMES_PER_ADDRESS = 16
 MAX_PARTIAL_FLOWS = 1024
 MAX_PARTIAL_BYTES = 64 * 1024
 MAX_CNAME_HOPS = 32
+# Real responses carry one question and rarely more than a few dozen answers; hostile ones
+# carry thousands to multiply the work. More questions make the message malformed; answers
+# past the cap are not read.
+MAX_DNS_QUESTIONS = 16
+MAX_DNS_ANSWERS = 256
+# An HTTP request head is parsed up to this many bytes (servers' own limits are 8-16 KiB).
+MAX_HTTP_HEAD = 8 * 1024
 
 _DNS_HEADER_LEN = 12
 _MAX_NAME_WIRE_LEN = 255
@@ -42,7 +49,6 @@ _HTTP_METHODS = frozenset(
     (b"GET", b"POST", b"PUT", b"HEAD", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT")
 )
 _LONGEST_METHOD = max(len(m) for m in _HTTP_METHODS)
-_HTTP_HOST_LINE = re.compile(rb"\nhost[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?\n", re.IGNORECASE)
 _HTTP_REQUEST_LINE = re.compile(rb"([A-Z]+) ([^ \r\n]+) HTTP/1\.[0-9]\r?\n")
 
 Chain = tuple[str, ...]
@@ -72,8 +78,8 @@ def _read_name(message: bytes, offset: int, cache: dict[int, tuple[str, int]]) -
             return cached[0], offset + 2
     start = offset
     labels: list[str] = []
-    wire_lengths: list[int] = []
-    jumps: list[tuple[int, int]] = []  # (pointer target, number of labels read before it)
+    # (pointer target, labels read before it, their wire length)
+    jumps: list[tuple[int, int, int]] = []
     end = -1
     wire_len = 1  # the root label
     tail = ""
@@ -98,7 +104,7 @@ def _read_name(message: bytes, offset: int, cache: dict[int, tuple[str, int]]) -
                 raise ValueError("compression pointer out of range")
             if len(jumps) >= _MAX_POINTER_JUMPS:
                 raise ValueError("too many compression pointers")
-            jumps.append((target, len(labels)))
+            jumps.append((target, len(labels), wire_len - 1))
             offset = target
             continue
         if length >= 0x40:
@@ -110,7 +116,6 @@ def _read_name(message: bytes, offset: int, cache: dict[int, tuple[str, int]]) -
         if wire_len > _MAX_NAME_WIRE_LEN:
             raise ValueError("name longer than 255 bytes")
         labels.append(_label_text(label))
-        wire_lengths.append(length + 1)
         offset += 1 + length
     if end < 0:
         end = offset + 1
@@ -120,9 +125,9 @@ def _read_name(message: bytes, offset: int, cache: dict[int, tuple[str, int]]) -
         labels.append(tail)
     name = ".".join(labels)
     cache[start] = (name, wire_len)
-    for target, before in jumps:
+    for target, before, before_len in jumps:
         if target not in cache:
-            cache[target] = (".".join(labels[before:]), wire_len - sum(wire_lengths[:before]))
+            cache[target] = (".".join(labels[before:]), wire_len - before_len)
     return name, end
 
 
@@ -132,7 +137,8 @@ def parse_dns_answers(message: bytes) -> list[tuple[bytes, Chain]]:
     The chain runs from the name queried through every CNAME to the record's owner; an owner
     not reachable from a question gives the chain ``(owner,)``. Queries and responses without
     answers give ``[]``. Raises :class:`ValueError` on a malformed header, question or answer
-    section (the authority and additional sections are not read).
+    section, or more than ``MAX_DNS_QUESTIONS`` questions (the authority and additional
+    sections are not read, nor answers past ``MAX_DNS_ANSWERS``).
     """
     if len(message) < _DNS_HEADER_LEN:
         raise ValueError("shorter than a DNS header")
@@ -142,20 +148,22 @@ def parse_dns_answers(message: bytes) -> list[tuple[bytes, Chain]]:
     ancount = int.from_bytes(message[6:8], "big")
     if ancount == 0:
         return []
+    if qdcount > MAX_DNS_QUESTIONS:
+        raise ValueError(f"{qdcount} questions")
     cache: dict[int, tuple[str, int]] = {}
     size = len(message)
     offset = _DNS_HEADER_LEN
-    questions: list[str] = []
+    questions: dict[str, None] = {}
     for _ in range(qdcount):
         name, offset = _read_name(message, offset, cache)
         offset += 4
         if offset > size:
             raise ValueError("question runs past the end of the message")
-        questions.append(name)
+        questions[name] = None
 
     cnames: dict[str, str] = {}
     records: list[tuple[bytes, str]] = []
-    for _ in range(ancount):
+    for _ in range(min(ancount, MAX_DNS_ANSWERS)):
         owner, offset = _read_name(message, offset, cache)
         if offset + 10 > size:
             raise ValueError("resource record header runs past the end of the message")
@@ -176,17 +184,21 @@ def parse_dns_answers(message: bytes) -> list[tuple[bytes, Chain]]:
     if not records:
         return []
 
+    # Each name joins the chain of the first question reaching it: every name is walked at
+    # most once per message, however many questions share a chain.
     chains: dict[str, Chain] = {}
     for question in questions:
+        if question in chains:
+            continue
         path = [question]
-        chains.setdefault(question, (question,))
+        chains[question] = (question,)
         current = question
         for _ in range(MAX_CNAME_HOPS):
             next_name = cnames.get(current)
-            if next_name is None or next_name in path:
+            if next_name is None or next_name in chains:
                 break
             path.append(next_name)
-            chains.setdefault(next_name, tuple(path))
+            chains[next_name] = tuple(path)
             current = next_name
     return [(address, chains.get(owner) or (owner,)) for address, owner in records]
 
@@ -347,9 +359,11 @@ def _http_status(data: bytes) -> tuple[int, str | None]:
     method = _http_request_method(data)
     if method is None:
         return _INVALID, None
+    capped = len(data) >= MAX_HTTP_HEAD
+    data = data[:MAX_HTTP_HEAD]
     line_end = data.find(b"\n")
     if line_end < 0:
-        return _NEED_MORE, None
+        return (_INVALID if capped else _NEED_MORE), None
     request = _HTTP_REQUEST_LINE.match(data, 0, line_end + 1)
     if request is None:
         return _INVALID, None
@@ -359,10 +373,28 @@ def _http_status(data: bytes) -> tuple[int, str | None]:
     if head_end < 0:
         head_end = data.find(b"\n\n", line_end)
     head = data[line_end : head_end + 2] if head_end >= 0 else data[line_end:]
-    host_line = _HTTP_HOST_LINE.search(head)
-    if host_line is not None:
-        return _COMPLETE, _host_text(_strip_port(host_line.group(1)))
-    return (_NEED_MORE if head_end < 0 else _COMPLETE), None
+    host = _host_header(head)
+    if host is not None:
+        return _COMPLETE, _host_text(_strip_port(host))
+    return (_NEED_MORE if head_end < 0 and not capped else _COMPLETE), None
+
+
+def _host_header(head: bytes) -> bytes | None:
+    """The value of the first complete ``Host`` header line of ``head`` (which starts at the
+    request line's newline), without surrounding blanks.
+
+    Plain splitting, no regular expression: every byte is looked at a bounded number of times
+    whatever the header holds (a backtracking pattern took seconds on a line of tabs).
+    """
+    lines = head.split(b"\n")
+    for line in lines[1:-1]:  # the last piece has no newline after it: not complete yet
+        name, colon, value = line.partition(b":")
+        if colon and len(name) <= 64 and name.rstrip(b" \t").lower() == b"host":
+            value = value.removesuffix(b"\r")
+            if b"\r" in value:
+                continue
+            return value.strip(b" \t")
+    return None
 
 
 def http_host(data: bytes) -> str | None:

@@ -29,6 +29,10 @@ MAX_SANE_RECORD = 262_144
 # in chunks, larger packet blocks are damage.
 MAX_PACKET_BLOCK = MAX_SANE_RECORD + 4096
 MAX_SKIPPED_BLOCK = 1 << 30
+# Interfaces one pcapng section may declare, and distinct link types listed in the result:
+# real captures have a handful; a crafted one declares hundreds of thousands.
+MAX_INTERFACES = 65_536
+MAX_LISTED_LINK_TYPES = 64
 
 SUPPORTED_FORMATS = (
     "libpcap (both byte orders, micro- or nanosecond), pcapng, "
@@ -75,6 +79,11 @@ class ByteSource:
         self._pending = b""
         self.offset = 0
         self.error: str | None = None
+        # The work budget: at most this many bytes are taken from the stream (after any
+        # decompression); ``limited`` tells that the limit, not the data, ended the stream.
+        self.limit: int | None = None
+        self.limited = False
+        self._taken = 0
 
     def peek(self, size: int) -> bytes:
         while len(self._pending) < size:
@@ -113,12 +122,17 @@ class ByteSource:
             data = self.read_some(len(target))
             target[: len(data)] = data
             return len(data)
+        if self.error is not None or not self._room():
+            return 0
+        if self.limit is not None:
+            target = target[: self.limit - self._taken]
         try:
             got = self._stream.readinto(target) or 0
         except OSError as exc:
             self.error = f"read error ({exc})"
             return 0
         self.offset += got
+        self._taken += got
         return got
 
     def skip(self, size: int) -> int:
@@ -131,20 +145,33 @@ class ByteSource:
             skipped += got
         return skipped
 
+    def _room(self) -> bool:
+        """Whether the budget allows reading more; at the limit, record why reading ends."""
+        if self.limit is None or self._taken < self.limit:
+            return True
+        self.limited = True
+        self.error = (
+            f"work budget: {self.limit} bytes read (after decompression), the "
+            f"NWCAP_MAX_DECOMPRESSED_BYTES limit; reading stopped"
+        )
+        return False
+
     def _raw_read(self, size: int) -> bytes:
-        if self.error is not None:
+        if self.error is not None or not self._room():
             return b""
+        if self.limit is not None:
+            size = min(size, self.limit - self._taken)
         try:
             # read1 returns what one underlying read gives, so a damaged gzip member loses
             # nothing that was decompressed before the damage
             read1 = getattr(self._stream, "read1", None)
-            if read1 is not None:
-                return bytes(read1(size)) or b""
-            return self._stream.read(size) or b""
+            data = bytes(read1(size)) if read1 is not None else self._stream.read(size)
         except (EOFError, OSError, zlib.error) as exc:
             # gzip.BadGzipFile is an OSError; a cut-short gzip member raises EOFError.
             self.error = f"compressed stream is damaged ({exc})"
             return b""
+        self._taken += len(data or b"")
+        return data or b""
 
 
 class CaptureReader(Protocol):
@@ -251,7 +278,7 @@ class PcapngReader:
     format: str = "pcapng"
     frac_per_second: int = 1_000_000_000
     warnings: list[str] = field(default_factory=list)
-    _seen_link_types: list[int] = field(default_factory=list)
+    _seen_link_types: dict[int, None] = field(default_factory=dict)
 
     @property
     def link_types(self) -> tuple[int, ...]:
@@ -313,6 +340,12 @@ class PcapngReader:
                 if block_type == 0x0A0D0D0A:
                     continue
                 if block_type == 1:
+                    if len(interfaces) >= MAX_INTERFACES:
+                        self._warn(
+                            f"interface block at byte {block_offset} is beyond {MAX_INTERFACES} "
+                            f"interfaces in one section; reading stopped there"
+                        )
+                        break
                     interfaces.append(self._interface(body, order))
                     continue
                 packet = self._packet(block_type, body, order, interfaces)
@@ -340,8 +373,7 @@ class PcapngReader:
                 ticks = 2**exponent if raw & 0x80 else 10**exponent
             elif code == 14 and len(value) >= 8:
                 offset_seconds = struct.unpack_from(order + "q", value)[0]
-        if link_type not in self._seen_link_types:
-            self._seen_link_types.append(link_type)
+        _note_link_type(self._seen_link_types, link_type)
         return _Interface(link_type, snaplen, ticks, offset_seconds)
 
     def _packet(
@@ -378,6 +410,12 @@ class PcapngReader:
             orig,
             body[data_at : data_at + caplen],
         )
+
+
+def _note_link_type(seen: dict[int, None], link_type: int) -> None:
+    """Remember a link type for the result: a dict look-up per frame, at most a few listed."""
+    if link_type not in seen and len(seen) < MAX_LISTED_LINK_TYPES:
+        seen[link_type] = None
 
 
 def _options(body: bytes, start: int, order: str) -> Iterator[tuple[int, bytes]]:
@@ -418,7 +456,7 @@ class NetmonReader:
     format: str = "netmon2"
     frac_per_second: int = 1_000_000_000
     warnings: list[str] = field(default_factory=list)
-    _seen_link_types: list[int] = field(default_factory=list)
+    _seen_link_types: dict[int, None] = field(default_factory=dict)
 
     @property
     def link_types(self) -> tuple[int, ...]:
@@ -450,8 +488,7 @@ class NetmonReader:
                 break
             media = struct.unpack_from("<H", trailer)[0] if trailer_len else self.media_type
             link_type = NETMON_MEDIA.get(media, 0x10000 | media)
-            if link_type not in self._seen_link_types:
-                self._seen_link_types.append(link_type)
+            _note_link_type(self._seen_link_types, link_type)
             total_ns = self.start_frac + delta_us * 1000
             sec = self.start_sec + total_ns // 1_000_000_000
             yield RawPacket(link_type, sec, total_ns % 1_000_000_000, orig, data)

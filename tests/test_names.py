@@ -7,6 +7,7 @@ import itertools
 import os
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,16 @@ from hypothesis import strategies as st
 
 from analyzer import names
 from analyzer.models import PeerName
-from analyzer.names import NameCollector, client_hello_sni, http_host, parse_dns_answers
+from analyzer.names import (
+    MAX_CNAME_HOPS,
+    MAX_DNS_ANSWERS,
+    MAX_DNS_QUESTIONS,
+    MAX_HTTP_HEAD,
+    NameCollector,
+    client_hello_sni,
+    http_host,
+    parse_dns_answers,
+)
 
 CORPUS = Path(
     os.environ.get("NWCAP_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus")
@@ -267,16 +277,42 @@ class TestParseDnsAnswers:
         ]
 
     def test_name_grown_by_nested_pointers_is_rejected_past_255_bytes(self) -> None:
-        # each question is one label plus a pointer to the previous question's name
-        count = 2000
-        body = bytearray(b"\x01a\x00\x00\x01\x00\x01")
+        # each answer's owner is one label plus a pointer to the previous owner's name
+        count = 200
+        body = bytearray(question(encode_name("a")))
         starts = [12]
         for _ in range(count):
             starts.append(12 + len(body))
-            body += b"\x01a" + struct.pack("!H", 0xC000 | starts[-2]) + b"\x00\x01\x00\x01"
-        message = dns_header(qd=count + 1, an=1) + bytes(body)
+            body += rr(b"\x01a" + struct.pack("!H", 0xC000 | starts[-2]), 16, b"")
+        message = dns_header(qd=1, an=count) + bytes(body)
         with pytest.raises(ValueError, match="255"):
             parse_dns_answers(message)
+
+    def test_more_questions_than_any_resolver_sends_are_rejected(self) -> None:
+        body = question(encode_name("example.org")) + question(b"\xc0\x0c") * MAX_DNS_QUESTIONS
+        message = dns_header(qd=MAX_DNS_QUESTIONS + 1, an=1) + body + a_rr(b"\xc0\x0c", "192.0.2.1")
+        with pytest.raises(ValueError, match="questions"):
+            parse_dns_answers(message)
+        allowed = dns_header(qd=MAX_DNS_QUESTIONS, an=1) + body[: -len(question(b"\xc0\x0c"))]
+        assert parse_dns_answers(allowed + a_rr(b"\xc0\x0c", "192.0.2.1")) == [
+            (ip("192.0.2.1"), ("example.org",))
+        ]
+
+    def test_answers_past_the_cap_are_not_read(self) -> None:
+        answers = b"".join(
+            a_rr(b"\xc0\x0c", f"192.0.{i >> 8}.{i & 0xFF}") for i in range(MAX_DNS_ANSWERS + 5)
+        )
+        message = dns_header(qd=1, an=MAX_DNS_ANSWERS + 5) + question(encode_name("x.org"))
+        assert len(parse_dns_answers(message + answers)) == MAX_DNS_ANSWERS
+
+    def test_many_questions_sharing_a_long_cname_chain_walk_it_once(self) -> None:
+        chain = [f"hop{i}.example.org" for i in range(MAX_CNAME_HOPS + 1)]
+        message = response(
+            chain[0],
+            *(cname_rr(encode_name(a), encode_name(b)) for a, b in itertools.pairwise(chain)),
+            a_rr(encode_name(chain[-1]), "192.0.2.9"),
+        )
+        assert parse_dns_answers(message) == [(ip("192.0.2.9"), tuple(chain))]
 
     @settings(max_examples=300, deadline=None)
     @given(st.binary(max_size=600))
@@ -558,6 +594,27 @@ class TestHttpHost:
         assert http_host(b"GET / HTTP/1.1\r\nHost: [2001:db8::1]:80\r\n\r\n") is None
         assert http_host(b"GET / HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n") is None
         assert http_host(b"GET / HTTP/1.1\r\nHost: exam") is None
+
+    def test_blanks_around_the_value_and_before_the_colon(self) -> None:
+        assert http_host(b"GET / HTTP/1.1\r\nhost \t:\t x.example \t\r\n\r\n") == "x.example"
+        assert http_host(b"GET / HTTP/1.1\nX: y\nhost: lf.example\n\n") == "lf.example"
+        assert http_host(b"GET / HTTP/1.1\r\n host: folded.example\r\n\r\n") is None
+
+    def test_tabs_after_host_cost_linear_time(self) -> None:
+        # issue 13: a backtracking pattern took 5.9 s on one 1,460-byte segment of tabs
+        for tail in (b"", b"x", b"\r\n", b"\r\n\r\n"):
+            request = b"GET / HTTP/1.1\r\nhost:" + b"\t" * (MAX_HTTP_HEAD * 8) + tail
+            started = time.perf_counter()
+            http_host(request)
+            assert time.perf_counter() - started < 0.05
+
+    def test_head_is_read_up_to_its_cap(self) -> None:
+        filler = b"X-Pad: " + b"p" * 100 + b"\r\n"
+        within = b"GET / HTTP/1.1\r\n" + filler * 10 + b"Host: near.example\r\n\r\n"
+        assert http_host(within) == "near.example"
+        beyond = b"GET / HTTP/1.1\r\n" + filler * (MAX_HTTP_HEAD // len(filler) + 1)
+        assert http_host(beyond + b"Host: far.example\r\n\r\n") is None
+        assert names._http_status(beyond)[0] == names._COMPLETE  # no more segments awaited
 
     @settings(max_examples=300, deadline=None)
     @given(st.binary(max_size=300))
