@@ -32,6 +32,9 @@ PROTOCOL_NAMES = {
 ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_IPV6 = 0x86DD
 VLAN_TAGS = (0x8100, 0x88A8, 0x9100, 0x9200)
+# Tags that sit between the MAC addresses and the EtherType: their length with the EtherType
+# that follows them (Cisco VN-Tag, IEEE 802.1BR E-Tag)
+TAG_LENGTHS = {0x8926: 6, 0x893F: 8}
 ETHERTYPE_NAMES = {
     0x0806: "arp",
     0x8035: "rarp",
@@ -46,10 +49,16 @@ ETHERTYPE_NAMES = {
 IPV6_EXTENSIONS = (0, 43, 60, 135, 139, 140, 253, 254)
 MAX_LABELS = 16
 MAX_TUNNEL_DEPTH = 4
+TEREDO_PORT = 3544
+L2TP_PORT = 1701
 # UDP ports whose payload is another packet: VXLAN, VXLAN-GPE, Geneve, GTP-U, MPLS over UDP,
-# LISP data and encapsulated control messages
-TUNNEL_UDP_PORTS = frozenset({4789, 4790, 6081, 2152, 6635, 4341, 4342})
+# LISP data and encapsulated control messages, Teredo, L2TP
+TUNNEL_UDP_PORTS = frozenset({4789, 4790, 6081, 2152, 6635, 4341, 4342, TEREDO_PORT, L2TP_PORT})
+# tshark offers a UDP datagram to the dissector of its lower port first: below this, that
+# port's own protocol (DNS, NTP, ...) claims a datagram to or from a tunnel port
+WELL_KNOWN_PORTS = 1024
 ETHERTYPE_TEB = 0x6558  # transparent Ethernet bridging
+ETHERTYPE_FABRICPATH = 0x8903
 
 
 def protocol_name(number: int) -> str:
@@ -178,7 +187,21 @@ def _ethernet(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
     if len(frame) < at + 14:
         return Undecodable("truncated-ethernet")
     ethertype = int.from_bytes(frame[at + 12 : at + 14], "big")
+    if ethertype == ETHERTYPE_FABRICPATH:
+        return _fabricpath(frame, at + 16, depth)
+    if ethertype in (0x8100, 0x88A8) and frame.startswith(b"\x89\x03", at + 16):
+        return _fabricpath(frame, at + 20, depth)  # FabricPath behind one 802.1Q/ad tag
     return _by_ethertype(frame, at + 14, ethertype, depth)
+
+
+def _fabricpath(frame: bytes, inner: int, depth: int) -> DecodeResult:
+    """Cisco FabricPath: the original frame follows the hierarchical MACs and FP tag.
+
+    As tshark does, the frame's last four bytes are taken as FabricPath's own FCS.
+    """
+    if depth >= MAX_TUNNEL_DEPTH:
+        return NonIp("fabricpath-too-deep")
+    return _ethernet(frame[: len(frame) - 4], inner, depth + 1)
 
 
 def _by_ethertype(frame: bytes, at: int, ethertype: int, depth: int = 0) -> DecodeResult:
@@ -201,6 +224,15 @@ def _by_ethertype(frame: bytes, at: int, ethertype: int, depth: int = 0) -> Deco
         if len(frame) < at + 8:
             return Undecodable("truncated-cisco-metadata")
         return _by_ethertype(frame, at + 8, int.from_bytes(frame[at + 6 : at + 8], "big"), depth)
+    if ethertype in TAG_LENGTHS:  # VN-Tag, E-Tag: a fixed-size tag, then the next EtherType
+        at += TAG_LENGTHS[ethertype]
+        if len(frame) < at:
+            return Undecodable("truncated-tag")
+        return _by_ethertype(frame, at, int.from_bytes(frame[at - 2 : at], "big"), depth)
+    if ethertype == 0x88E7:  # PBB (802.1ah): a 4-byte I-TAG, then the customer's frame
+        if depth >= MAX_TUNNEL_DEPTH:
+            return NonIp("pbb-too-deep")
+        return _ethernet(frame, at + 4, depth + 1)
     if ethertype == 0x88E5:  # MACsec: integrity-only frames carry the packet in the clear
         return _macsec(frame, at, depth)
     if ethertype == 0x894F:
@@ -308,14 +340,21 @@ def _ipv6(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
     pos = at + 40
     reported_end = pos + payload_len if payload_len else 1 << 31
     end = min(len(frame), reported_end)
+    # the extension headers must fit in the payload length (a jumbogram's, when it is 0)
+    if payload_len:
+        chain_end = reported_end
+    else:
+        chain_end = pos + (_jumbo_length(frame, pos) if proto == 0 else 0)
     fragment = 0
     frag_id = 0
     # Like Wireshark, an IPv6 packet counts only once its extension-header chain has been
-    # read: a chain cut short by the capture is undecodable.
+    # read: a chain cut short by the capture, or running past the payload, is undecodable.
     for _ in range(16):
         if proto == 44:  # fragment header
             if len(frame) < pos + 8:
                 return Undecodable("truncated-ipv6-extension")
+            if pos + 8 > chain_end:
+                return Undecodable("ipv6-extension-beyond-payload")
             frag_field = int.from_bytes(frame[pos + 2 : pos + 4], "big")
             frag_id = int.from_bytes(frame[pos + 4 : pos + 8], "big")
             if frag_field & 0xFFF8:
@@ -330,6 +369,8 @@ def _ipv6(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
             length = (frame[pos + 1] + 2) * 4 if proto == 51 else (frame[pos + 1] + 1) * 8
             if len(frame) < pos + length:
                 return Undecodable("truncated-ipv6-extension")
+            if pos + length > chain_end:
+                return Undecodable("ipv6-extension-beyond-payload")
             proto = frame[pos]
             pos += length
         else:
@@ -337,6 +378,27 @@ def _ipv6(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
         if fragment == 2:
             break
     return _transport(frame, pos, end, src, dst, proto, fragment, frag_id, depth)
+
+
+def _jumbo_length(frame: bytes, at: int) -> int:
+    """The Jumbo Payload option's length (RFC 2675) in the hop-by-hop header at ``at``, or 0.
+
+    As in tshark, a value that would fit the ordinary payload length field is no jumbogram.
+    """
+    if len(frame) < at + 2:
+        return 0
+    pos, end = at + 2, min(len(frame), at + (frame[at + 1] + 1) * 8)
+    while pos < end:
+        if frame[pos] == 0:  # Pad1
+            pos += 1
+            continue
+        if pos + 2 > end:
+            return 0
+        if frame[pos] == 0xC2 and frame[pos + 1] == 4 and pos + 6 <= end:
+            length = int.from_bytes(frame[pos + 2 : pos + 6], "big")
+            return length if length > 0xFFFF else 0
+        pos += 2 + frame[pos + 1]
+    return 0
 
 
 def _transport(
@@ -379,13 +441,15 @@ def _transport(
         sport = int.from_bytes(frame[at : at + 2], "big")
         dport = int.from_bytes(frame[at + 2 : at + 4], "big")
         tunnelled: DecodeResult | None = None
-        # a zero UDP length (a jumbogram) leaves the payload undissected, as in tshark
         udp_length = int.from_bytes(frame[at + 4 : at + 6], "big")
-        if udp_length and not fragment and depth < MAX_TUNNEL_DEPTH:
-            if dport in TUNNEL_UDP_PORTS:
-                tunnelled = _udp_tunnel(frame[:end], at + 8, dport, depth + 1)
-            elif sport in TUNNEL_UDP_PORTS:
-                tunnelled = _udp_tunnel(frame[:end], at + 8, sport, depth + 1)
+        if 8 <= udp_length < end - at:  # a datagram shorter than its IP payload: padding
+            end = at + udp_length
+        # a zero UDP length (a jumbogram) leaves the payload undissected, as in tshark, and so
+        # does a bogus length below the header's own 8 bytes
+        if udp_length >= 8 and not fragment and depth < MAX_TUNNEL_DEPTH:
+            port = _tunnel_port(sport, dport)
+            if port:
+                tunnelled = _udp_tunnel(frame[:end], at + 8, port, depth + 1)
         payload = frame[at + 8 : end]
         return Decoded(
             src, dst, proto, sport, dport, 0, 0, -1, payload, fragment, frag_id, tunnelled
@@ -417,6 +481,10 @@ def _gre(frame: bytes, at: int, depth: int) -> DecodeResult:
         if len(frame) > pos and frame[pos] >> 4 == 4:
             return _ipv4(frame, pos, depth)
         return _ipv4(frame, pos + 4, depth)
+    if ethertype == 0x8909:  # Cisco MetaData in GRE: the next EtherType first, then 6 bytes
+        if len(frame) < pos + 8:
+            return Undecodable("truncated-cisco-metadata")
+        return _by_ethertype(frame, pos + 8, int.from_bytes(frame[pos : pos + 2], "big"), depth)
     if ethertype == 0x22EB:  # ERSPAN type III: 12 bytes, plus an 8-byte subheader if O is set
         if len(frame) < pos + 12:
             return Undecodable("truncated-erspan")
@@ -425,8 +493,22 @@ def _gre(frame: bytes, at: int, depth: int) -> DecodeResult:
     return _by_ethertype(frame, pos, ethertype, depth)
 
 
+def _tunnel_port(sport: int, dport: int) -> int:
+    """The tunnel port that decides what a datagram carries, or 0: the lower port first (tshark)."""
+    low, high = (sport, dport) if sport <= dport else (dport, sport)
+    if low in TUNNEL_UDP_PORTS:
+        return low
+    if high in TUNNEL_UDP_PORTS and low >= WELL_KNOWN_PORTS:
+        return high
+    return 0
+
+
 def _udp_tunnel(frame: bytes, at: int, port: int, depth: int) -> DecodeResult | None:
-    """The packet inside VXLAN, VXLAN-GPE, Geneve, GTP-U or MPLS-over-UDP, if any."""
+    """The packet inside VXLAN, VXLAN-GPE, Geneve, GTP-U, MPLS-over-UDP, LISP or Teredo."""
+    if port == TEREDO_PORT:
+        return _teredo(frame, at, depth)
+    if port == L2TP_PORT:
+        return _l2tp(frame, at)
     if port == 4789:
         return _ethernet(frame, at + 8, depth) if len(frame) >= at + 8 else None
     if port == 4790:  # VXLAN-GPE: next protocol in byte 3
@@ -452,6 +534,36 @@ def _udp_tunnel(frame: bytes, at: int, port: int, depth: int) -> DecodeResult | 
     if port == 4342 and len(frame) > at and frame[at] >> 4 == 8:
         return _ip(frame, at + 4, depth)  # a LISP encapsulated control message
     return None
+
+
+def _teredo(frame: bytes, at: int, depth: int) -> DecodeResult:
+    """Teredo (RFC 4380): IPv6 in UDP, after an optional authentication header (type 1) and an
+    optional origin indication (type 0); tshark takes whatever follows them as IPv6."""
+    if frame[at : at + 2] == b"\x00\x01":
+        if len(frame) < at + 4:
+            return Undecodable("truncated-teredo")
+        at += 13 + frame[at + 2] + frame[at + 3]  # client id and authentication value lengths
+    if frame[at : at + 2] == b"\x00\x00":
+        at += 8
+    return _ipv6(frame, at, depth)
+
+
+def _l2tp(frame: bytes, at: int) -> DecodeResult | None:
+    """An L2TPv2 (RFC 2661) data message: optional length, tunnel and session ids, optional
+    sequence numbers and offset padding, then a PPP frame."""
+    if len(frame) < at + 6:
+        return None
+    flags = int.from_bytes(frame[at : at + 2], "big")
+    if flags & 0x8000 or flags & 0x0F != 2:  # a control message, or L2TPv3
+        return None
+    if flags & 0x4000:  # a length field: the message ends there
+        frame = frame[: at + int.from_bytes(frame[at + 2 : at + 4], "big")]
+    pos = at + 6 + (2 if flags & 0x4000 else 0) + (4 if flags & 0x0800 else 0)
+    if flags & 0x0200:  # an offset size, then that much padding
+        if len(frame) < pos + 2:
+            return None
+        pos += 2 + int.from_bytes(frame[pos : pos + 2], "big")
+    return _ppp(frame, pos)
 
 
 def _gtp_user(frame: bytes, at: int, depth: int) -> DecodeResult | None:
