@@ -611,11 +611,14 @@ def deliver_capture_alerts(
 
 def _current_alerts(store: TableResultsStore, record: CaptureRecord) -> list[StoredAlert] | None:
     """The stored alerts of ``record``'s blob version, or ``None`` when the stored capture is
-    another version or changed while they were read (ids would then mix two versions; the
-    run that stored the other version delivers its alerts)."""
+    another version, not final, or changed while they were read (ids would then mix two
+    versions; the run that stores the other results delivers their alerts)."""
     before = store.get_capture(record.capture_id)
     if before is None or before.blob_etag != record.blob_etag:
         log.info("Capture %s is stored at another version: alerts not sent", record.capture_id)
+        return None
+    if before.status not in _DELIVERED_STATUSES:  # a run is redoing it: that run delivers
+        log.info("Capture %s is %s: alerts not sent now", record.capture_id, before.status)
         return None
     alerts = stored_alerts(store, record.capture_id)
     after = store.get_capture(record.capture_id)

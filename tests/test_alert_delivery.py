@@ -512,6 +512,9 @@ class TestFaults:
     ) -> None:
         processing = dataclasses.replace(second_capture, status="processing")
         assert deliver_capture_alerts(results_store, alerts, processing).sent == 0
+        # A run holding the complete record while another run has claimed the capture again.
+        results_store.put_capture(processing)
+        assert deliver_capture_alerts(results_store, alerts, second_capture).sent == 0
         assert drain(alerts) == []
 
 
