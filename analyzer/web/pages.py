@@ -8,11 +8,13 @@ renders the body it returns, so a page shows exactly what its JSON link (``/api/
 URLs are bookmarkable: ``/api/ui/`` (fleet), ``/api/ui/capture?id=``, ``/api/ui/peer?ip=``,
 ``/api/ui/alerts?severity=&rule=&vm=&since=&until=``. The function key (``code``) a page was
 opened with is added to its links by ``static/dashboard.js``; the server never writes it into a
-page.
+page. Two filters have no API parameter and are applied to the API's rows on the page: the
+fleet's ``severity`` (captures whose highest alert is at least that) and the alerts' ``rule``.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -48,9 +50,7 @@ class WebResponse:
 
 
 def json_response(result: api.ApiResponse) -> WebResponse:
-    """An API result as the HTTP response both servers send."""
-    import json  # noqa: PLC0415 - only the local server's API path needs it here
-
+    """An API result as an HTTP response (the local server's ``/api/...``)."""
     return WebResponse(
         result.status,
         json.dumps(result.body).encode("utf-8"),
