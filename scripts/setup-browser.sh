@@ -21,4 +21,8 @@ if ! .venv/bin/python -c 'import playwright.sync_api' 2>/dev/null; then
     echo "playwright is missing from .venv: run scripts/setup.sh (it installs '.[dev]')" >&2
     exit 1
 fi
-/usr/bin/chromium --version
+# Debian's wrapper script prints a harmless shell warning on some machines: keep it out of logs.
+if ! /usr/bin/chromium --version 2>/dev/null; then
+    echo "/usr/bin/chromium is installed but does not start" >&2
+    exit 1
+fi
