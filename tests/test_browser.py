@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import test_report
+from playwright.sync_api import Browser, Page, Route, sync_playwright
 from test_report import (
     HOSTILE_HOSTS,
     SAMPLES,
@@ -49,9 +50,6 @@ pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM),
     reason=f"{CHROMIUM} is absent: run scripts/setup-browser.sh (apt-get install chromium)",
 )
-
-if os.path.exists(CHROMIUM):
-    from playwright.sync_api import Browser, Page, Route, sync_playwright
 
 
 @dataclass
