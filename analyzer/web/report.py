@@ -476,6 +476,7 @@ class Timeline:
 
 
 def timestamp(value: object) -> float | None:
+    """POSIX seconds from a document's time (ISO 8601 text, or already a number)."""
     if isinstance(value, int | float):
         return float(value)
     if isinstance(value, str) and value:
