@@ -519,13 +519,12 @@ class TestAlertDelivery:
             for rule in alerts["variables"]["rules"]["value"]
         }
         high = queries["${namePrefix}-high-severity-alert"]
-        assert 'tostring(customDimensions.nwcap_event) == "alert"' in high
-        assert 'tostring(customDimensions.severity) == "high"' in high
+        # The worker drops `extra`, so the rules parse the JSON the app puts in the message.
+        assert 'message startswith "nwcap.alert {"' in high
+        assert 'tostring(d.severity) == "high"' in high
         failed = queries["${namePrefix}-capture-failed-or-stuck"]
-        assert 'tostring(customDimensions.nwcap_event) == "capture"' in failed
-        assert 'tostring(customDimensions.status) == "failed"' in failed
-        assert 'tostring(customDimensions.nwcap_event) == "reconcile"' in failed
-        assert "toint(customDimensions.stuck) > 0" in failed
+        assert 'event == "nwcap.capture" and tostring(d.status) == "failed"' in failed
+        assert 'event == "nwcap.reconcile" and toint(d.stuck) > 0' in failed
         rules = alerts["resources"]["queryRules"]
         assert rules["type"] == "Microsoft.Insights/scheduledQueryRules"
         body = rules["config"]["config"]

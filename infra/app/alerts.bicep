@@ -1,5 +1,5 @@
-// Azure Monitor alerts on the app's structured log records in Application Insights (traces,
-// customDimensions written by the app): a high-severity nwcap alert, and a capture that failed or
+// Azure Monitor alerts on the app's structured log records in Application Insights (traces
+// whose message is "nwcap.<event> {json}"): a high-severity nwcap alert, and a capture that failed or
 // is stuck. With an e-mail address, an action group mails each firing; without one the rules still
 // fire and show in the portal's Alerts blade, and any action group can be attached later.
 param applicationInsightsName string
@@ -43,20 +43,25 @@ var actionGroups = empty(alertEmailAddress) ? [] : [
   actionGroup.id
 ]
 
-// One trace per stored alert: nwcap_event "alert" with rule, severity, peer, capture_id and vm.
+// The app writes one trace per stored alert ("nwcap.alert {json}"), per capture outcome
+// ("nwcap.capture {json}") and per reconcile run ("nwcap.reconcile {json}"). The Python worker
+// forwards log records without their `extra` fields (azure-functions-python-worker#1327), so the
+// queries read the JSON after the event name instead of customDimensions.
 var highSeverityQuery = '''
 traces
-| where tostring(customDimensions.nwcap_event) == "alert" and tostring(customDimensions.severity) == "high"
-| project timestamp, rule = tostring(customDimensions.rule), peer = tostring(customDimensions.peer), vm = tostring(customDimensions.vm), capture_id = tostring(customDimensions.capture_id), message
+| where message startswith "nwcap.alert {"
+| extend d = parse_json(substring(message, strlen("nwcap.alert ")))
+| where tostring(d.severity) == "high"
+| project timestamp, rule = tostring(d.rule), peer = tostring(d.peer), vm = tostring(d.vm), capture_id = tostring(d.capture_id), message
 '''
 
-// One trace per capture outcome (nwcap_event "capture", status) and one per reconcile run
-// (nwcap_event "reconcile", stuck = blobs left unfinished past the stale threshold).
 var capturesFailedOrStuckQuery = '''
 traces
-| where (tostring(customDimensions.nwcap_event) == "capture" and tostring(customDimensions.status) == "failed")
-    or (tostring(customDimensions.nwcap_event) == "reconcile" and toint(customDimensions.stuck) > 0)
-| project timestamp, event = tostring(customDimensions.nwcap_event), status = tostring(customDimensions.status), stuck = toint(customDimensions.stuck), vm = tostring(customDimensions.vm), capture_id = tostring(customDimensions.capture_id), message
+| where message startswith "nwcap.capture {" or message startswith "nwcap.reconcile {"
+| extend event = tostring(split(message, " ")[0]), d = parse_json(substring(message, indexof(message, "{")))
+| where (event == "nwcap.capture" and tostring(d.status) == "failed")
+    or (event == "nwcap.reconcile" and toint(d.stuck) > 0)
+| project timestamp, event, status = tostring(d.status), stuck = toint(d.stuck), vm = tostring(d.vm), capture_id = tostring(d.capture_id), message
 '''
 
 var rules = [
