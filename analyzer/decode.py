@@ -229,6 +229,8 @@ def _by_ethertype(frame: bytes, at: int, ethertype: int, depth: int = 0) -> Deco
         if len(frame) < at:
             return Undecodable("truncated-tag")
         return _by_ethertype(frame, at, int.from_bytes(frame[at - 2 : at], "big"), depth)
+    if ethertype == 0xD28B:  # Arista's vendor-specific protocol
+        return _arista(frame, at, depth)
     if ethertype == 0x88E7:  # PBB (802.1ah): a 4-byte I-TAG, then the customer's frame
         if depth >= MAX_TUNNEL_DEPTH:
             return NonIp("pbb-too-deep")
@@ -247,6 +249,24 @@ def _by_ethertype(frame: bytes, at: int, ethertype: int, depth: int = 0) -> Deco
             return _by_ethertype(frame, at + 8, int.from_bytes(frame[at + 6 : at + 8], "big"))
         return NonIp("llc")
     return NonIp(ETHERTYPE_NAMES.get(ethertype, f"ethertype-{ethertype:#06x}"))
+
+
+# Arista timestamp versions tshark knows -> timestamp length (64- or 48-bit, TAI or UTC)
+ARISTA_TIMESTAMPS = {0x0010: 8, 0x0110: 8, 0x0020: 6, 0x0120: 6}
+
+
+def _arista(frame: bytes, at: int, depth: int) -> DecodeResult:
+    """Arista's timestamp tag: subtype 1, a version giving the timestamp's size, an EtherType."""
+    if len(frame) < at + 4:
+        return Undecodable("truncated-arista")
+    subtype = int.from_bytes(frame[at : at + 2], "big")
+    size = ARISTA_TIMESTAMPS.get(int.from_bytes(frame[at + 2 : at + 4], "big"))
+    if subtype != 1 or size is None:
+        return NonIp("arista")
+    at += 4 + size + 2
+    if len(frame) < at:
+        return Undecodable("truncated-arista")
+    return _by_ethertype(frame, at, int.from_bytes(frame[at - 2 : at], "big"), depth)
 
 
 def _mpls(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
@@ -303,6 +323,8 @@ def _ipv4(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
         return Undecodable("truncated-ipv4")
     first = frame[at]
     if first >> 4 != 4:
+        if first >> 4 == 6:  # IPv6 where IPv4 was announced: tshark reads it as IPv6
+            return _ipv6(frame, at, depth)
         return Undecodable("bad-ipv4-version")
     header_len = (first & 0x0F) * 4
     if header_len < 20:
@@ -685,18 +707,22 @@ def _nsh(frame: bytes, at: int, depth: int) -> DecodeResult:
 
 
 def _frame_relay(frame: bytes) -> DecodeResult:
-    """Frame Relay: a 2-byte Q.922 address, then RFC 2427 UI framing with an NLPID."""
-    if len(frame) < 4:
+    """Frame Relay: a Q.922 address of 2 to 4 bytes (the last has its EA bit set), then
+    RFC 2427 UI framing with an NLPID, or Cisco's EtherType."""
+    at = 2
+    while at < 4 and len(frame) >= at and not frame[at - 1] & 1:
+        at += 1
+    if len(frame) < at + 2:
         return Undecodable("truncated-frame-relay")
-    if frame[2] != 0x03:  # Cisco's encapsulation: an EtherType straight after the address
-        return _by_ethertype(frame, 4, int.from_bytes(frame[2:4], "big"))
-    nlpid = frame[3]
+    if frame[at] != 0x03:  # Cisco's encapsulation: an EtherType straight after the address
+        return _by_ethertype(frame, at + 2, int.from_bytes(frame[at : at + 2], "big"))
+    nlpid = frame[at + 1]
     if nlpid == 0xCC:
-        return _ipv4(frame, 4)
+        return _ipv4(frame, at + 2)
     if nlpid == 0x8E:
-        return _ipv6(frame, 4)
-    if nlpid == 0x80 and len(frame) >= 10:  # SNAP: OUI then an EtherType
-        return _by_ethertype(frame, 10, int.from_bytes(frame[8:10], "big"))
+        return _ipv6(frame, at + 2)
+    if nlpid == 0x80 and len(frame) >= at + 8:  # SNAP: OUI then an EtherType
+        return _by_ethertype(frame, at + 8, int.from_bytes(frame[at + 6 : at + 8], "big"))
     return NonIp(f"frame-relay-nlpid-{nlpid:#04x}")
 
 

@@ -259,6 +259,30 @@ def macsec_encrypted(a: Addresses) -> list[Frame]:
     return [Frame(eth(0x88E5, sectag + b"\x08\x00" + packet + b"I" * 16), ())]
 
 
+def arista_timestamp(version: int, size: int) -> bytes:
+    return struct.pack("!HH", 1, version) + b"T" * size
+
+
+@case
+def arista_timestamp_64_bit(a: Addresses) -> list[Frame]:
+    packet, pair = inner_ipv4(a)
+    return [Frame(eth(0xD28B, arista_timestamp(0x0010, 8) + b"\x08\x00" + packet), (pair,))]
+
+
+@case
+def arista_timestamp_48_bit_then_vlan(a: Addresses) -> list[Frame]:
+    packet, pair = inner_ipv4(a)
+    tags = arista_timestamp(0x0120, 6) + b"\x81\x00\x00\x64\x08\x00"
+    return [Frame(eth(0xD28B, tags + packet), (pair,))]
+
+
+@case
+def arista_unknown_version(a: Addresses) -> list[Frame]:
+    """Versions tshark does not know (here 0x0011) leave the rest undissected."""
+    packet, _ = inner_ipv4(a)
+    return [Frame(eth(0xD28B, arista_timestamp(0x0011, 8) + b"\x08\x00" + packet), ())]
+
+
 # Frames inside frames.
 
 
@@ -495,6 +519,15 @@ def ipv4_in_ipv4_inner_length_disagrees(a: Addresses) -> list[Frame]:
     packet, pair = inner_ipv4(a)
     outer = synth.ipv4(*a.outer, 4, with_length(packet, 1400))
     return [Frame(eth(0x0800, outer), (a.outer, pair))]
+
+
+@case
+def ipv6_behind_ipv4_ethertype(a: Addresses) -> list[Frame]:
+    """A version-6 packet where EtherType 0x0800 announced IPv4: tshark reads it as IPv6."""
+    return [
+        Frame(eth(0x0800, teredo_packet(a)), (a.v6,)),
+        Frame(eth(0x0800, teredo_packet(a, reverse=True), vlan=9), (a.v6[::-1],)),
+    ]
 
 
 # IPv6 with shim and extension headers.
