@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The whole test suite: set-up, lint, type check, tests (Azurite is started by the test session).
+# The whole test suite: set-up (venv, Azurite, tshark, chromium), lint, type check, tests
+# (Azurite is started by the test session).
 # Long-running checks (marker `slow`: the 1 GiB capture through the function handler, 100,000
 # peers written to Table Storage) run with NWCAP_SLOW=1; extra arguments go to pytest.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 scripts/setup.sh --with-tshark
+scripts/setup-browser.sh
 .venv/bin/ruff check .
 .venv/bin/mypy
 if [ "${NWCAP_SLOW:-0}" = "1" ]; then
