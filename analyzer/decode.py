@@ -31,10 +31,10 @@ PROTOCOL_NAMES = {
 
 ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_IPV6 = 0x86DD
-VLAN_TAGS = (0x8100, 0x88A8, 0x9100, 0x9200)
+VLAN_TAGS = (0x8100, 0x88A8, 0x9100)  # as tshark: not the pre-standard 0x9200
 # Tags that sit between the MAC addresses and the EtherType: their length with the EtherType
-# that follows them (Cisco VN-Tag, IEEE 802.1BR E-Tag)
-TAG_LENGTHS = {0x8926: 6, 0x893F: 8}
+# that follows them (Cisco VN-Tag, IEEE 802.1BR E-Tag, IEEE 802.1CB R-TAG)
+TAG_LENGTHS = {0x8926: 6, 0x893F: 8, 0xF1C1: 6}
 ETHERTYPE_NAMES = {
     0x0806: "arp",
     0x8035: "rarp",
@@ -231,6 +231,13 @@ def _by_ethertype(frame: bytes, at: int, ethertype: int, depth: int = 0) -> Deco
         return _by_ethertype(frame, at, int.from_bytes(frame[at - 2 : at], "big"), depth)
     if ethertype == 0xD28B:  # Arista's vendor-specific protocol
         return _arista(frame, at, depth)
+    if ethertype == 0x22F3:  # TRILL: 6 bytes plus options (4-byte words), then a frame
+        if len(frame) < at + 6:
+            return Undecodable("truncated-trill")
+        if depth >= MAX_TUNNEL_DEPTH:
+            return NonIp("trill-too-deep")
+        options = (int.from_bytes(frame[at : at + 2], "big") >> 6 & 0x1F) * 4
+        return _ethernet(frame, at + 6 + options, depth + 1)
     if ethertype == 0x88E7:  # PBB (802.1ah): a 4-byte I-TAG, then the customer's frame
         if depth >= MAX_TUNNEL_DEPTH:
             return NonIp("pbb-too-deep")
@@ -503,6 +510,8 @@ def _gre(frame: bytes, at: int, depth: int) -> DecodeResult:
         if len(frame) > pos and frame[pos] >> 4 == 4:
             return _ipv4(frame, pos, depth)
         return _ipv4(frame, pos + 4, depth)
+    if ethertype == 0x880B:  # PPP
+        return _ppp(frame, pos)
     if ethertype == 0x8909:  # Cisco MetaData in GRE: the next EtherType first, then 6 bytes
         if len(frame) < pos + 8:
             return Undecodable("truncated-cisco-metadata")

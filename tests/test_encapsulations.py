@@ -224,6 +224,22 @@ def e_tag_then_vlan(a: Addresses) -> list[Frame]:
 
 
 @case
+def r_tag_802_1cb(a: Addresses) -> list[Frame]:
+    packet, pair = inner_ipv4(a)
+    return [Frame(eth(0xF1C1, b"\x00\x00\x00\x05\x08\x00" + packet), (pair,))]
+
+
+@case
+def pre_standard_9200_tag_is_not_vlan(a: Addresses) -> list[Frame]:
+    """tshark has no dissector for EtherType 0x9200 (0x9100 it reads as a VLAN tag)."""
+    packet, pair = inner_ipv4(a)
+    return [
+        Frame(eth(0x9200, b"\x00\x05\x08\x00" + packet), ()),
+        Frame(eth(0x9100, b"\x00\x05\x08\x00" + packet), (pair,)),
+    ]
+
+
+@case
 def cisco_metadata(a: Addresses) -> list[Frame]:
     packet, pair = inner_ipv4(a)
     return [Frame(eth(0x8909, bytes([1, 1, 0, 1, 0, 0x10]) + b"\x08\x00" + packet), (pair,))]
@@ -234,6 +250,20 @@ def cisco_metadata_in_gre(a: Addresses) -> list[Frame]:
     """In GRE, Cisco MetaData puts the next EtherType first (as tshark and tcpdump read it)."""
     packet, pair = inner_ipv4(a)
     gre = b"\x00\x00\x89\x09" + b"\x08\x00" + bytes([1, 1, 0, 1, 0, 0x10]) + packet
+    return [Frame(eth(0x0800, synth.ipv4(*a.outer, 47, gre)), (a.outer, pair))]
+
+
+@case
+def gre_ppp(a: Addresses) -> list[Frame]:
+    packet, pair = inner_ipv4(a)
+    gre = b"\x00\x00\x88\x0b" + b"\xff\x03\x00\x21" + packet
+    return [Frame(eth(0x0800, synth.ipv4(*a.outer, 47, gre)), (a.outer, pair))]
+
+
+@case
+def gre_nsh(a: Addresses) -> list[Frame]:
+    packet, pair = inner_ipv4(a)
+    gre = b"\x00\x00\x89\x4f" + nsh_md2(1) + packet
     return [Frame(eth(0x0800, synth.ipv4(*a.outer, 47, gre)), (a.outer, pair))]
 
 
@@ -310,6 +340,13 @@ def fabricpath_with_fcs_cutting_ip_header(a: Addresses) -> list[Frame]:
     """tshark takes the last four bytes as FabricPath's FCS, leaving an IP header too short."""
     packet, _ = inner_ipv4(a)
     return [Frame(MACS + b"\x89\x03\x00\x3f" + inner_frame(packet)[:34], ())]
+
+
+@case
+def trill_with_options(a: Addresses) -> list[Frame]:
+    packet, pair = inner_ipv4(a)
+    header = struct.pack("!HHH", 2 << 6 | 0x3F, 1, 2) + b"opts" * 2  # op-length 2 words
+    return [Frame(eth(0x22F3, header + inner_frame(packet)), (pair,))]
 
 
 @case
