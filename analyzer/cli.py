@@ -80,9 +80,10 @@ def build_parser(*, with_storage: bool = True) -> argparse.ArgumentParser:
 
     sweep.add_commands(sub)
     if with_storage:
-        from analyzer import store_cli  # noqa: PLC0415 - see LOCAL_COMMANDS
+        from analyzer import ops_cli, store_cli  # noqa: PLC0415 - see LOCAL_COMMANDS
 
         store_cli.add_commands(sub)
+        ops_cli.add_commands(sub)
     return parser
 
 

@@ -229,6 +229,32 @@ def snapshot(store: TableResultsStore, *, without: frozenset[str] = frozenset())
     return tables
 
 
+def fresh_store(service: TableServiceClient) -> TableResultsStore:
+    """A results store with tables of its own (delete them with :func:`drop_tables`)."""
+    store = TableResultsStore(service, prefix=f"f{uuid.uuid4().hex[:12]}")
+    store.create_tables()
+    return store
+
+
+def drop_tables(store: TableResultsStore) -> None:
+    for name in store.names.values():
+        store.service.delete_table(name)
+
+
+def undisturbed(
+    service: TableServiceClient, blob: Any, *, without: frozenset[str] = frozenset()
+) -> Snapshot:
+    """The rows one undisturbed run of ``blob`` (as it is now) writes into fresh tables."""
+    from analyzer.processing import process_blob
+
+    store = fresh_store(service)
+    try:
+        assert process_blob(blob, store).status in ("complete", "partial", "failed")
+        return snapshot(store, without=without)
+    finally:
+        drop_tables(store)
+
+
 def _without_generation(value: Any) -> Any:
     return _GENERATION_TOKEN.sub("G", value) if isinstance(value, str) else value
 

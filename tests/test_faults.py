@@ -23,7 +23,15 @@ import pytest
 from azure.core.exceptions import AzureError
 from azure.data.tables import TableClient, TableServiceClient
 from azure.storage.blob import BlobClient, BlobServiceClient
-from conftest import Snapshot, azurite_script, network_watcher_path, snapshot, udp_capture
+from conftest import (
+    Snapshot,
+    azurite_script,
+    fresh_store,
+    network_watcher_path,
+    snapshot,
+    udp_capture,
+    undisturbed,
+)
 
 from analyzer.processing import Outcome, is_transient, process_blob
 from analyzer.storage import TableResultsStore
@@ -36,29 +44,6 @@ def peers(count: int, *, start: int = 0, packets: int = 1) -> dict[str, tuple[in
     return {
         f"20.0.{n // 200}.{n % 200 + 1}": (packets, packets) for n in range(start, start + count)
     }
-
-
-def fresh_store(service: TableServiceClient) -> TableResultsStore:
-    store = TableResultsStore(service, prefix=f"f{uuid.uuid4().hex[:12]}")
-    store.create_tables()
-    return store
-
-
-def drop(store: TableResultsStore) -> None:
-    for name in store.names.values():
-        store.service.delete_table(name)
-
-
-def undisturbed(
-    service: TableServiceClient, blob: BlobClient, *, without: frozenset[str] = frozenset()
-) -> Snapshot:
-    """The rows one undisturbed run of ``blob`` (as it is now) writes into fresh tables."""
-    store = fresh_store(service)
-    try:
-        assert process_blob(blob, store).status == "complete"
-        return snapshot(store, without=without)
-    finally:
-        drop(store)
 
 
 def check_converged(

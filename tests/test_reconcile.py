@@ -1,0 +1,598 @@
+"""Reconciliation on Azurite: with no event ever delivered, every capture blob ends up final.
+
+Runs that die are simulated two ways: a worker process killed with SIGKILL while its row says
+``processing``, and an exception that no handler catches (as a crash) injected at each write
+step of a run in turn, through the real store on Azurite. Every scenario compares the tables
+with those of one undisturbed run of the same blob.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+import pytest
+from azure.core.exceptions import ResourceNotFoundError
+from azure.data.tables import TableClient, TableServiceClient
+from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient
+from azure.storage.queue import QueueClient
+from conftest import (
+    FailingStore,
+    drop_tables,
+    fresh_store,
+    http_error,
+    network_watcher_path,
+    snapshot,
+    udp_capture,
+    undisturbed,
+)
+
+from analyzer import ops_cli
+from analyzer.processing import Outcome, process_blob
+from analyzer.reconcile import (
+    POISON_QUEUE,
+    DurationError,
+    ReconcileReport,
+    ReconcileSettings,
+    RunLog,
+    list_capture_blobs,
+    parse_duration,
+    poison_message_blob,
+    processor,
+    reconcile,
+)
+from analyzer.storage import CaptureRecord, TableResultsStore, capture_id_for
+
+PEERS = {"20.0.0.1": (3, 2), "20.0.0.2": (1, 0), "2001:db8::7": (0, 4)}
+OTHER = {"20.0.0.9": (2, 2), "20.0.0.1": (1, 1)}
+NOW_SETTINGS = ReconcileSettings(stale_after=0.0)
+BASELINE = frozenset({"baseline"})
+Upload = Callable[[str, bytes], BlobClient]
+
+
+def run(
+    container: ContainerClient,
+    store: TableResultsStore,
+    settings: ReconcileSettings = NOW_SETTINGS,
+    **kwargs: Any,
+) -> ReconcileReport:
+    return reconcile(container, store, processor(store), settings=settings, **kwargs)
+
+
+def capture_of(blob: BlobClient, store: TableResultsStore) -> CaptureRecord | None:
+    from analyzer.blobpath import parse_capture_path
+
+    location = parse_capture_path(blob.container_name, blob.blob_name)
+    return store.get_capture(capture_id_for(location))
+
+
+def differences(actual: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """What differs between two snapshots, briefly (for assertion messages)."""
+    found = []
+    for table in sorted(set(actual) | set(expected)):
+        mine, theirs = actual.get(table, {}), expected.get(table, {})
+        found += [f"{table}: extra {key}" for key in sorted(set(mine) - set(theirs))][:3]
+        found += [f"{table}: missing {key}" for key in sorted(set(theirs) - set(mine))][:3]
+        for key in sorted(set(mine) & set(theirs)):
+            fields = sorted(
+                name for name in set(mine[key]) | set(theirs[key])
+                if mine[key].get(name) != theirs[key].get(name)
+            )
+            if fields:
+                found.append(f"{table} {key}: " + ", ".join(
+                    f"{name}={mine[key].get(name)!r} vs {theirs[key].get(name)!r}"
+                    for name in fields
+                ))
+    return found[:10]
+
+
+class TestDurations:
+    """Durations are a whole number and a unit, bounded."""
+
+    @pytest.mark.parametrize(
+        ("text", "seconds"), [("0s", 0), ("15m", 900), ("48h", 172800), ("7d", 604800)]
+    )
+    def test_valid(self, text: str, seconds: float) -> None:
+        assert parse_duration(text) == seconds
+
+    @pytest.mark.parametrize("text", ["", "15", "m", "1.5h", "-1h", "9" * 400 + "d", "401d"])
+    def test_invalid(self, text: str) -> None:
+        with pytest.raises(DurationError):
+            parse_duration(text)
+
+    def test_settings_name_the_bad_one(self) -> None:
+        assert ReconcileSettings.from_environ({}) == ReconcileSettings()
+        settings = ReconcileSettings.from_environ(
+            {"RECONCILE_LOOKBACK": "6h", "RECONCILE_STALE_AFTER": "15m", "RECONCILE_LIMIT": "3"}
+        )
+        assert (settings.lookback, settings.stale_after, settings.limit) == (21600, 900, 3)
+        with pytest.raises(ValueError, match="RECONCILE_LOOKBACK"):
+            ReconcileSettings.from_environ({"RECONCILE_LOOKBACK": "forever"})
+
+
+class TestNoEvents:
+    """Blobs that no event announced, a killed run and a rewritten blob all become final."""
+
+    def test_never_announced_rewritten_and_garbage(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore, table_service: TableServiceClient,
+    ) -> None:
+        first = upload(network_watcher_path("vm-a", minute=1), udp_capture(PEERS))
+        second = upload(network_watcher_path("vm-b", minute=2), udp_capture(OTHER))
+        garbage = upload(network_watcher_path("vm-c", minute=3), b"not a capture" * 20)
+        upload("notes/readme.txt", b"not a .cap blob")
+        report = run(captures_container, results_store)
+        assert (report.scanned, report.processed, report.failed, report.left) == (3, 2, 1, 0)
+        for blob in (first, second):
+            record = capture_of(blob, results_store)
+            assert record is not None and record.status == "complete"
+        failed = capture_of(garbage, results_store)
+        assert failed is not None and (failed.status, failed.transient) == ("failed", False)
+        # rewritten, with no event: the new version replaces the old results
+        second = upload(second.blob_name, udp_capture(PEERS))
+        report = run(captures_container, results_store)
+        assert (report.complete, report.processed, report.failed) == (2, 1, 0)
+        assert [item.reason for item in report.items] == ["changed"]
+        expected = undisturbed(table_service, second, without=BASELINE)
+        actual = snapshot(results_store, without=BASELINE)
+        for table in ("peers", "alerts", "peerindex"):
+            rows = {key: row for key, row in actual[table].items()
+                    if row.get("vm") == "vm-b"}
+            assert rows == expected[table]
+
+    def test_a_run_with_nothing_to_do_writes_nothing(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore,
+    ) -> None:
+        upload(network_watcher_path(minute=1), udp_capture(PEERS))
+        upload(network_watcher_path(minute=2), b"garbage" * 40)
+        run(captures_container, results_store)
+        before = snapshot(results_store)
+        versions = {row["RowKey"]: row.metadata["etag"]
+                    for row in results_store.table("captures").list_entities()}
+        report = run(captures_container, results_store)
+        assert (report.scanned, report.complete, report.processed, report.failed) == (2, 2, 0, 0)
+        assert snapshot(results_store) == before
+        # not even rewritten with the same values: the rows' ETags are unchanged
+        assert versions == {row["RowKey"]: row.metadata["etag"]
+                            for row in results_store.table("captures").list_entities()}
+
+    def test_killed_worker_is_finished_by_the_next_run(
+        self, connection_string: str, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore, table_service: TableServiceClient,
+    ) -> None:
+        blob = upload(network_watcher_path("vm-killed"), udp_capture(PEERS))
+        context = multiprocessing.get_context("fork")
+        ready = context.Event()
+        worker = context.Process(
+            target=_process_then_hang,
+            args=(connection_string, blob.container_name, blob.blob_name,
+                  results_store.names["captures"][: -len("captures")], ready),
+        )
+        worker.start()
+        assert ready.wait(60)
+        assert worker.pid is not None
+        os.kill(worker.pid, signal.SIGKILL)  # while its row says processing
+        worker.join(30)
+        assert worker.exitcode == -signal.SIGKILL
+        record = capture_of(blob, results_store)
+        assert record is not None and record.status == "processing"
+        # within stale-after the row is left to its (apparently) running owner
+        report = run(captures_container, results_store, ReconcileSettings(stale_after=3600))
+        assert (report.busy, report.processed) == (1, 0)
+        report = run(captures_container, results_store)
+        assert [item.reason for item in report.items] == ["stale"]
+        assert report.processed == 1
+        assert snapshot(results_store) == undisturbed(table_service, blob)
+
+    def test_transient_failure_is_retried(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore,
+    ) -> None:
+        blob = upload(network_watcher_path(), udp_capture(PEERS))
+        failing = FailingStore(results_store, http_error(503))
+        report = reconcile(captures_container, failing, processor(failing),
+                           settings=NOW_SETTINGS)
+        assert report.failed == 1 and report.items[0].detail.startswith("transient")
+        record = capture_of(blob, results_store)
+        assert record is not None and (record.status, record.transient) == ("failed", True)
+        report = run(captures_container, results_store)
+        assert [(item.reason, item.status) for item in report.items] == [
+            ("transient", "complete")
+        ]
+
+
+def _process_then_hang(
+    connection_string: str, container: str, name: str, prefix: str, ready: Any
+) -> None:
+    """Process ``name`` until its results are being written, then wait to be killed."""
+    store = HangingStore(TableServiceClient.from_connection_string(connection_string), prefix,
+                         ready)
+    blob = BlobServiceClient.from_connection_string(connection_string).get_blob_client(
+        container, name
+    )
+    process_blob(blob, store)
+
+
+class HangingStore(TableResultsStore):
+    """The real store, which signals and sleeps when a run starts writing its results."""
+
+    def __init__(self, service: TableServiceClient, prefix: str, ready: Any) -> None:
+        super().__init__(service, prefix=prefix)
+        self.ready = ready
+
+    def write_results(self, *args: Any, **kwargs: Any) -> None:
+        self.ready.set()
+        time.sleep(120)
+
+
+class TestBoundsAndOrder:
+    """Oldest first, a bounded number per run, only the window's dates listed."""
+
+    def test_limit_and_oldest_first(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore,
+    ) -> None:
+        names = [network_watcher_path(f"vm-{n}", minute=n) for n in range(3)]
+        for name in names:
+            upload(name, udp_capture(PEERS))
+            time.sleep(1.1)  # Last-Modified has whole seconds
+        report = run(captures_container, results_store, ReconcileSettings(stale_after=0, limit=2))
+        assert [item.blob.split("/", 1)[1] for item in report.items] == names[:2]
+        assert (report.processed, report.left) == (2, 1)
+        report = run(captures_container, results_store, ReconcileSettings(stale_after=0, limit=2))
+        assert (report.complete, report.processed, report.left) == (2, 1, 0)
+
+    def test_only_the_window_is_listed(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore,
+    ) -> None:
+        recent = network_watcher_path("vm-a")
+        old = recent.replace(recent.split("/")[-4] + "/" + recent.split("/")[-3] + "/"
+                             + recent.split("/")[-2], "2020/01/02")
+        for name in (recent, old, "custom/folder/trace.cap"):
+            upload(name, b"x")
+        now = time.time()
+        listed = {blob.name for blob in list_capture_blobs(
+            captures_container, since=now - 3600, until=now)}
+        assert listed == {recent, "custom/folder/trace.cap"}
+        # the old date's folders are not even opened
+        calls: list[str | None] = []
+        original = captures_container.walk_blobs
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            calls.append(kwargs.get("name_starts_with"))
+            return original(*args, **kwargs)
+
+        captures_container.walk_blobs = counting  # type: ignore[method-assign]
+        list(list_capture_blobs(captures_container, since=now - 3600, until=now))
+        assert not any(prefix and "/2020/" in prefix for prefix in calls)
+        # an old custom blob counts only when modified within the window
+        listed = {blob.name for blob in list_capture_blobs(
+            captures_container, since=now + 3600, until=now + 3600)}
+        assert "custom/folder/trace.cap" not in listed
+
+
+class TestFaults:
+    """Bad luck between listing and reading, newer writers, two reconcilers at once."""
+
+    def test_blob_vanishing_between_list_and_read(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore,
+    ) -> None:
+        upload(network_watcher_path(), udp_capture(PEERS))
+        real = processor(results_store)
+
+        def vanish_first(blob: BlobClient, stale_after: float) -> Outcome:
+            blob.delete_blob()
+            return real(blob, stale_after)
+
+        report = reconcile(captures_container, results_store, vanish_first,
+                           settings=NOW_SETTINGS)
+        assert [item.status for item in report.items] == ["missing"]
+        assert report.failed == 0
+        assert list(results_store.table("captures").list_entities()) == []
+
+    def test_row_of_a_newer_analyzer_is_left_alone(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore,
+    ) -> None:
+        blob = upload(network_watcher_path(), udp_capture(PEERS))
+        process_blob(blob, results_store)
+        record = capture_of(blob, results_store)
+        assert record is not None
+        newer = dataclasses.replace(record, analyzer_version="99.0.0", blob_etag='"0x0"')
+        results_store.put_capture(newer)
+        before = snapshot(results_store)
+        report = run(captures_container, results_store)
+        assert (report.other, report.processed) == (1, 0)
+        # and the processing path itself refuses too (an event for it)
+        assert process_blob(blob, results_store).status == "newer-analyzer"
+        assert snapshot(results_store) == before
+
+    def test_two_reconcilers_at_once_process_each_blob_once(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore, table_service: TableServiceClient,
+    ) -> None:
+        blobs = [upload(network_watcher_path(f"vm-{n}"), udp_capture(PEERS)) for n in range(4)]
+        barrier = threading.Barrier(2, timeout=30)
+        reports: list[ReconcileReport] = []
+
+        def one() -> None:
+            store = TableResultsStore(table_service,
+                                      prefix=results_store.names["captures"][: -len("captures")])
+            real = processor(store)
+
+            def together(blob: BlobClient, stale_after: float) -> Outcome:
+                if not getattr(threading.current_thread(), "met", False):
+                    threading.current_thread().met = True  # type: ignore[attr-defined]
+                    barrier.wait()
+                return real(blob, stale_after)
+
+            # stale-after 1 h: a claim the other reconciler just made is left to it
+            settings = ReconcileSettings(stale_after=3600)
+            reports.append(reconcile(captures_container, store, together, settings=settings))
+
+        threads = [threading.Thread(target=one) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sum(report.processed for report in reports) == len(blobs)
+        for blob in blobs:
+            record = capture_of(blob, results_store)
+            # claimed once only: a second claim would have raised the generation
+            assert record is not None and (record.status, record.generation) == ("complete", 1)
+
+
+class Killed(BaseException):
+    """A run's death at a write step: no ``except Exception`` catches it, as none would run
+    after a SIGKILL."""
+
+
+class _KillingTable:
+    """A table client that counts write calls (shared across tables) and raises
+    :class:`Killed` instead of the ``kill_at``-th one."""
+
+    WRITES = frozenset(
+        {"create_entity", "update_entity", "upsert_entity", "submit_transaction", "delete_entity"}
+    )
+
+    def __init__(self, client: TableClient, counter: dict[str, Any]) -> None:
+        self._client = client
+        self._counter = counter
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if name not in self.WRITES:
+            return attribute
+
+        def write(*args: Any, **kwargs: Any) -> Any:
+            with self._counter["lock"]:
+                self._counter["n"] += 1
+                n = self._counter["n"]
+                self._counter["steps"].append(name)
+            if n == self._counter["kill_at"]:
+                raise Killed(f"killed at write {n} ({name})")
+            return attribute(*args, **kwargs)
+
+        return write
+
+
+class KillingStore(TableResultsStore):
+    """The real store on Azurite, dying at its ``kill_at``-th write (0: never; counts them)."""
+
+    def __init__(self, base: TableResultsStore, kill_at: int) -> None:
+        super().__init__(base.service, prefix=base.names["captures"][: -len("captures")])
+        self.counter: dict[str, Any] = {
+            "n": 0, "kill_at": kill_at, "steps": [], "lock": threading.Lock()
+        }
+
+    def table(self, name: str) -> TableClient:
+        return cast(TableClient, _KillingTable(super().table(name), self.counter))
+
+
+class TestDeathAtEveryWriteStep:
+    """A run that dies at any write step leaves what the next reconcile finishes exactly."""
+
+    def _steps(self, blob: BlobClient, store: TableResultsStore) -> list[str]:
+        counting = KillingStore(store, 0)
+        assert process_blob(blob, counting).status == "complete"
+        return list(counting.counter["steps"])
+
+    def test_first_run(
+        self, upload: Upload, captures_container: ContainerClient,
+        table_service: TableServiceClient,
+    ) -> None:
+        blob = upload(network_watcher_path(), udp_capture(PEERS))
+        expected = undisturbed(table_service, blob)
+        probe = fresh_store(table_service)
+        steps = self._steps(blob, probe)
+        drop_tables(probe)
+        # claim, peers, alerts by capture, alerts by day, 3 index rows, baseline, flip
+        assert len(steps) == 9, steps
+        for kill_at in range(1, len(steps) + 1):
+            store = fresh_store(table_service)
+            try:
+                with pytest.raises(Killed):
+                    process_blob(blob, KillingStore(store, kill_at))
+                report = run(captures_container, store)
+                assert report.processed == 1, (kill_at, steps[kill_at - 1])
+                actual = snapshot(store)
+                why = (kill_at, steps[kill_at - 1], differences(actual, expected))
+                assert actual == expected, why
+            finally:
+                drop_tables(store)
+
+    def test_run_replacing_earlier_results(
+        self, upload: Upload, captures_container: ContainerClient,
+        table_service: TableServiceClient,
+    ) -> None:
+        name = network_watcher_path()
+        old = udp_capture(OTHER)
+        upload(name, old)
+        new_blob = upload(name, udp_capture(PEERS))
+
+        def with_old_results() -> TableResultsStore:
+            store = fresh_store(table_service)
+            old_blob = upload(name, old)
+            assert process_blob(old_blob, store).status == "complete"
+            upload(name, udp_capture(PEERS))
+            return store
+
+        probe = with_old_results()
+        steps = self._steps(new_blob, probe)
+        drop_tables(probe)
+        # the first run's 9, and the cleanup: index rows, day and capture alert rows, peers
+        # rows of the old run, then the row's stale_rows flag cleared
+        assert len(steps) > 9 and steps[-1] == "update_entity", steps
+        for kill_at in range(1, len(steps) + 1):
+            store = with_old_results()  # and the new version uploaded again: a new ETag
+            expected = undisturbed(table_service, new_blob, without=BASELINE)
+            try:
+                with pytest.raises(Killed):
+                    process_blob(new_blob, KillingStore(store, kill_at))
+                report = run(captures_container, store)
+                assert report.processed + report.complete == 1, (kill_at, steps[kill_at - 1])
+                record = capture_of(new_blob, store)
+                assert record is not None and record.status == "complete"
+                assert not record.stale_rows, (kill_at, steps[kill_at - 1])
+                actual = snapshot(store, without=BASELINE)
+                why = (kill_at, steps[kill_at - 1], differences(actual, expected))
+                assert actual == expected, why
+            finally:
+                drop_tables(store)
+
+
+@pytest.fixture
+def poison(connection_string: str) -> Iterator[QueueClient]:
+    queue = QueueClient.from_connection_string(
+        connection_string, f"{POISON_QUEUE}-{uuid.uuid4().hex[:8]}"
+    )
+    queue.create_queue()
+    yield queue
+    queue.delete_queue()
+
+
+def host_message(container: str, name: str, *, encoded: bool = False) -> str:
+    """A poison message as the Functions host writes one for a blob trigger."""
+    body = json.dumps({
+        "Type": "BlobTrigger", "FunctionId": "Host.Functions.process_capture",
+        "BlobType": "BlockBlob", "ContainerName": container, "BlobName": name,
+        "ETag": '"0x8DC0000000000000"',
+    })
+    return base64.b64encode(body.encode()).decode() if encoded else body
+
+
+class TestPoisonQueue:
+    """Poison messages are processed through the same path, and deleted only once done."""
+
+    def test_messages(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore, poison: QueueClient,
+    ) -> None:
+        # Outside the lookback window, so only the poison message brings it in.
+        old_name = network_watcher_path().replace(
+            "/".join(network_watcher_path().split("/")[-4:-1]), "2020/01/02"
+        )
+        blob = upload(old_name, udp_capture(PEERS))
+        mine = captures_container.container_name
+        poison.send_message(host_message(mine, old_name, encoded=True))
+        poison.send_message(host_message(mine, "gone/forever.cap"))
+        poison.send_message(host_message("someone-elses-container", "x.cap"))
+        poison.send_message("{not json")
+        report = run(captures_container, results_store, poison=poison)
+        assert report.scanned == 0
+        assert (report.poison_seen, report.poison_deleted, report.poison_kept) == (4, 2, 2)
+        record = capture_of(blob, results_store)
+        assert record is not None and record.status == "complete"
+        left = sorted(str(m.content) for m in poison.peek_messages(max_messages=32))
+        assert left == sorted([host_message("someone-elses-container", "x.cap"), "{not json"])
+
+    def test_transient_failure_keeps_the_message(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore, poison: QueueClient,
+    ) -> None:
+        name = network_watcher_path()
+        upload(name, udp_capture(PEERS))
+        poison.send_message(host_message(captures_container.container_name, name))
+        failing = FailingStore(results_store, http_error(503))
+        settings = ReconcileSettings(stale_after=0, lookback=0)
+        report = reconcile(captures_container, failing, processor(failing), settings=settings,
+                           poison=poison)
+        assert (report.poison_deleted, report.poison_kept) == (0, 1)
+        assert poison.get_queue_properties().approximate_message_count == 1
+
+    def test_message_parsing(self) -> None:
+        assert poison_message_blob(host_message("c", "a/b.cap")) == ("c", "a/b.cap")
+        assert poison_message_blob(host_message("c", "a/b.cap", encoded=True)) == ("c", "a/b.cap")
+        for junk in ("", "null", "[]", '{"ContainerName": 3}', "\x00\x01", "e30="):
+            assert poison_message_blob(junk) is None
+
+    def test_no_poison_queue(
+        self, captures_container: ContainerClient, results_store: TableResultsStore,
+        connection_string: str,
+    ) -> None:
+        missing = QueueClient.from_connection_string(connection_string, "nwcap-never-created")
+        report = run(captures_container, results_store, poison=missing)
+        assert report.poison_seen == 0
+
+
+class TestCommand:
+    """``nwcap reconcile`` does the timer's work, records the run, and prints what it did."""
+
+    def _run(self, *argv: str) -> int:
+        import argparse
+
+        parser = argparse.ArgumentParser(prog="nwcap")
+        ops_cli.add_commands(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(argv)
+        return int(args.func(args))
+
+    def test_reconcile_and_record(
+        self, storage_env: Any, upload: Upload, results_store: TableResultsStore,
+        capsys: pytest.CaptureFixture[str], table_service: TableServiceClient,
+    ) -> None:
+        upload(network_watcher_path(minute=1), udp_capture(PEERS))
+        upload(network_watcher_path("vm-\u202eevil", minute=2), b"garbage" * 30)
+        assert self._run("reconcile", "--stale-after", "0s", "--no-poison") == 1
+        out = capsys.readouterr().out
+        assert "scanned 2: 0 already complete, 1 processed, 1 failed" in out
+        assert "\u202e" not in out  # a bidi override from a blob name is escaped
+        assert self._run("reconcile", "--format", "json", "--no-poison") == 0
+        document = json.loads(capsys.readouterr().out)
+        assert (document["scanned"], document["complete"], document["processed"]) == (2, 2, 0)
+        last = RunLog(table_service, prefix=storage_env["NWCAP_TABLE_PREFIX"]).last()
+        assert last is not None and (last["scanned"], last["complete"]) == (2, 2)
+        table_service.delete_table(storage_env["NWCAP_TABLE_PREFIX"] + "reconcileruns")
+
+    def test_csv_and_bad_arguments(
+        self, storage_env: Any, upload: Upload, capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        upload(network_watcher_path(minute=1), b"=HYPERLINK(1)" * 20)
+        assert self._run("reconcile", "--format", "csv", "--stale-after", "0s",
+                         "--no-poison") == 1
+        captured = capsys.readouterr()
+        lines = captured.out.splitlines()
+        assert lines[0] == "status,reason,age_seconds,capture_id,blob,detail"
+        assert lines[1].startswith("failed,new,")
+        assert "processed" in captured.err
+        with pytest.raises(SystemExit):
+            self._run("reconcile", "--since", "forever")
+        with pytest.raises(SystemExit):
+            self._run("reconcile", "--limit", "0")
+
+
+def test_missing_run_table_reads_as_no_run(table_service: TableServiceClient) -> None:
+    assert RunLog(table_service, prefix="neverCreated").last() is None
+    with pytest.raises(ResourceNotFoundError):
+        table_service.get_table_client("neverCreatedreconcileruns").get_table_access_policy()
