@@ -41,9 +41,9 @@ class ReadAheadBlob(io.RawIOBase):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         concurrency: int = DEFAULT_CONCURRENCY,
     ) -> None:
-        super().__init__()
         if chunk_size < 1 or concurrency < 1 or size < 0:
             raise ValueError("chunk_size and concurrency must be positive, size not negative")
+        super().__init__()
         self._blob = blob
         self._etag = etag
         self._size = size
