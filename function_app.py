@@ -1,12 +1,16 @@
-"""nwcap's Azure Functions app: every new capture blob analysed and stored, and a query API.
+"""nwcap's Azure Functions app: every capture blob analysed and stored, and a query API.
 
 Only bindings, settings and error translation live here; the work is in :mod:`analyzer`
-(``processing`` for the trigger, ``api`` for the HTTP endpoints). Settings are described in
-``docs/settings.md``.
+(``processing`` for the trigger, ``reconcile`` for the timer, ``api`` and ``status`` for the
+HTTP endpoints). Settings are described in ``docs/settings.md``.
+
+The blob trigger is the fast path; the timer's reconciler is what guarantees that every
+capture is processed (lost events, dead runs, transient failures, the poison queue).
 """
 
 import json
 import logging
+import os
 from functools import lru_cache
 
 import azure.functions as func
@@ -14,10 +18,12 @@ from azure.core.exceptions import AzureError
 from azurefunctions.extensions.bindings import blob
 
 from analyzer import api
+from analyzer.alert_delivery import AlertDelivery, DeliverySettings
 from analyzer.connections import (
     ConnectionSettingError,
     ConnectionSettings,
     blob_service_for,
+    resolve,
     resolve_first,
     table_service_for,
 )
@@ -30,13 +36,32 @@ from analyzer.processing import (
     process_blob,
     service_tags_file,
 )
+from analyzer.reconcile import (
+    DEFAULT_SCHEDULE,
+    ReconcileSettings,
+    RunLog,
+    poison_queue,
+    processor,
+    queue_service_for,
+    reconcile,
+)
 from analyzer.servicetags import ServiceTags
+from analyzer.status import status_document
 from analyzer.storage import TableResultsStore
 
 log = logging.getLogger("nwcap")
 
+# The Python worker forwards every record of these loggers at INFO as a user log (each
+# download chunk, each table request): only their warnings and errors are worth keeping.
+AZURE_SDK_LOGGERS = ("azure", "azure.core", "azure.storage", "azure.data.tables", "azure.identity")
+for _name in AZURE_SDK_LOGGERS:
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
 CAPTURES_CONNECTION = "CAPTURES_CONNECTION"
 RESULTS_CONNECTIONS = ("RESULTS_CONNECTION", CAPTURES_CONNECTION)
+# Read when the worker indexes the functions (an app setting change restarts the app), so
+# that the setting may be absent: a %SETTING% binding expression would require it.
+RECONCILE_SCHEDULE = os.environ.get("RECONCILE_SCHEDULE", "").strip() or DEFAULT_SCHEDULE
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
@@ -71,28 +96,117 @@ def results_store() -> TableResultsStore:
     source=func.BlobSource.EVENT_GRID,
 )
 def process_capture(capture: blob.BlobClient) -> None:
-    """Analyse a new or changed capture blob and store the results (see analyzer.processing)."""
-    settings = Settings.from_environ()
+    """Analyse a new or changed capture blob and store the results (see analyzer.processing).
+
+    Errors reaching here are transient (the host retries, then reconciling) or a configuration
+    mistake (e.g. an invalid policy: reconciling takes the capture again once it is fixed).
+    """
     try:
+        settings = Settings.from_environ()
         results = resolve_first(RESULTS_CONNECTIONS)
+        store = _store(results, settings.table_prefix)
         outcome = process_blob(
             capture,
-            _store(results, settings.table_prefix),
+            store,
             policy=_policy(settings.policy_location, results).get(),
             service_tags=_service_tags(settings.service_tags_location, results).get(),
+            budget=settings.budget,
         )
+        _delivery(results, settings.table_prefix).after_processing(outcome.record)
     except Exception as error:
         if is_transient(error):
             log.warning(
-                "Transient storage error on %s/%s, the host will retry: %s",
+                "Transient storage error on %s/%s; retried by the host, then by reconciling: %s",
                 capture.container_name,
                 capture.blob_name,
                 error,
             )
         else:
-            log.exception("Processing %s/%s failed", capture.container_name, capture.blob_name)
+            log.exception(
+                "Processing %s/%s stopped; reconciling takes it again: %s",
+                capture.container_name,
+                capture.blob_name,
+                error,
+            )
         raise
-    log.info("%s: %s %s", outcome.blob, outcome.status, outcome.detail)
+    finally:
+        capture.close()  # else each invocation's client stays open in the worker
+
+
+@lru_cache(maxsize=8)
+def _delivery(results: ConnectionSettings, prefix: str) -> AlertDelivery:
+    return AlertDelivery.from_settings(
+        _store(results, prefix),
+        queue_service_for(results),
+        DeliverySettings.from_environ(),
+        create_queue=not results.identity_based,
+    )
+
+
+@app.timer_trigger(
+    arg_name="timer", schedule=RECONCILE_SCHEDULE, run_on_startup=False, use_monitor=True
+)
+def reconcile_captures(timer: func.TimerRequest) -> None:
+    """Process every capture blob of the lookback window that is not final at its ETag, drain
+    the poison queue, deliver pending alerts, and record the run (see analyzer.reconcile)."""
+    if timer.past_due:
+        log.warning("The reconcile timer is running late")
+    settings = Settings.from_environ()
+    results = resolve_first(RESULTS_CONNECTIONS)
+    captures = resolve(CAPTURES_CONNECTION)
+    store = _store(results, settings.table_prefix)
+    process = processor(
+        store,
+        policy=_policy(settings.policy_location, results).get(),
+        service_tags=_service_tags(settings.service_tags_location, results).get(),
+        budget=settings.budget,
+    )
+    with blob_service_for(captures) as blobs, poison_queue(captures) as poison:
+        report = reconcile(
+            blobs.get_container_client(settings.captures_container),
+            store,
+            process,
+            settings=ReconcileSettings.from_environ(),
+            poison=poison,
+        )
+    RunLog(store.service, prefix=settings.table_prefix).record(report)
+    _delivery(results, settings.table_prefix).reconcile()
+    log.log(
+        logging.WARNING if report.failed else logging.INFO,
+        "nwcap.reconcile %s",
+        json.dumps(report.counts(), separators=(",", ":")),
+        extra={"custom_dimensions": report.counts()},
+    )
+
+
+@app.route(route="status", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def get_status(req: func.HttpRequest) -> func.HttpResponse:
+    """Is every capture getting processed? (see analyzer.status)"""
+    unknown = sorted(set(req.params) - {"code"})  # code: the function key, when not a header
+    if unknown:
+        return _json(400, {"error": f"unknown parameter: {unknown[0][:100]}"})
+    try:
+        settings = Settings.from_environ()
+        results = resolve_first(RESULTS_CONNECTIONS)
+        captures = resolve(CAPTURES_CONNECTION)
+        store = _store(results, settings.table_prefix)
+        with blob_service_for(captures) as blobs, poison_queue(captures) as poison:
+            document = status_document(
+                store,
+                container=blobs.get_container_client(settings.captures_container),
+                poison=poison,
+                runs=RunLog(store.service, prefix=settings.table_prefix),
+                settings=ReconcileSettings.from_environ(),
+            )
+    except ConnectionSettingError as error:
+        log.error("The status endpoint is not configured: %s", error)
+        return _json(500, {"error": "the storage connections are not configured"})
+    except AzureError as error:
+        if not is_transient(error):
+            raise
+        log.warning("Storage unavailable for the status: %s", error)
+        return _json(api.STORAGE_UNAVAILABLE.status, api.STORAGE_UNAVAILABLE.body)
+    return _json(200, document)
 
 
 @app.route(route="captures", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
@@ -134,9 +248,13 @@ def _respond(handler: api.Handler) -> func.HttpResponse:
         result = api.STORAGE_UNAVAILABLE
     else:
         result = handler(store)
+    return _json(result.status, result.body)
+
+
+def _json(status: int, body: object) -> func.HttpResponse:
     return func.HttpResponse(
-        json.dumps(result.body),
-        status_code=result.status,
+        json.dumps(body, default=str),
+        status_code=status,
         mimetype="application/json",
         charset="utf-8",
     )

@@ -43,10 +43,11 @@ from typing import Any
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import TableClient, TableServiceClient, UpdateMode
 from azure.storage.blob import BlobClient, BlobProperties, ContainerClient
-from azure.storage.queue import QueueClient, QueueMessage
+from azure.storage.queue import QueueClient, QueueMessage, QueueServiceClient
 
 from analyzer.blobpath import is_capture_blob, parse_capture_path
 from analyzer.budget import Budget
+from analyzer.connections import ConnectionSettings
 from analyzer.policy import Policy
 from analyzer.processing import Outcome, is_transient, process_blob, written_by_newer
 from analyzer.servicetags import ServiceTags
@@ -513,17 +514,26 @@ def _release(queue: QueueClient, message: QueueMessage) -> None:
         log.info("Could not release poison message %s: %s", message.id, error)
 
 
-def poison_queue(connection: Any, *, environ: Mapping[str, str] | None = None) -> QueueClient:
-    """The blob trigger's poison queue in the captures account of ``connection``
-    (:class:`analyzer.connections.ConnectionSettings`)."""
+def queue_service_for(
+    connection: ConnectionSettings, *, environ: Mapping[str, str] | None = None
+) -> QueueServiceClient:
+    """The queue service of a connection: its connection string, or ``NAME__queueServiceUri``
+    (as the Functions host reads it), else the blob endpoint's queue twin."""
     if not connection.identity_based:
-        return QueueClient.from_connection_string(connection.connection_string, POISON_QUEUE)
+        return QueueServiceClient.from_connection_string(connection.connection_string)
     env = os.environ if environ is None else environ
     lowered = {key.lower(): value for key, value in env.items()}
     endpoint = lowered.get(f"{connection.setting}__queueserviceuri".lower(), "")
     if not endpoint and connection.blob_service_uri:
         endpoint = connection.blob_service_uri.replace(".blob.", ".queue.", 1)
-    return QueueClient(endpoint, POISON_QUEUE, credential=connection.credential())
+    return QueueServiceClient(endpoint, credential=connection.credential())
+
+
+def poison_queue(
+    connection: ConnectionSettings, *, environ: Mapping[str, str] | None = None
+) -> QueueClient:
+    """The blob trigger's poison queue in the captures account of ``connection``."""
+    return queue_service_for(connection, environ=environ).get_queue_client(POISON_QUEUE)
 
 
 def poison_length(queue: QueueClient) -> int | None:

@@ -6,17 +6,21 @@ import functools
 import inspect
 import json
 import logging
+import os
+import subprocess
+import sys
 import types
 from collections.abc import Mapping
 from typing import Any
 
 import azure.functions as func
 import pytest
+from azure.functions.timer import TimerRequest
 from azure.storage.blob import ContainerClient
 from azurefunctions.extensions.base import Datum
 from azurefunctions.extensions.bindings import blob
 from azurefunctions.extensions.bindings.blob import BlobClientConverter
-from conftest import FailingStore, http_error, network_watcher_path, udp_capture
+from conftest import ROOT, FailingStore, http_error, network_watcher_path, udp_capture
 
 import function_app
 from analyzer.blobpath import parse_capture_path
@@ -30,6 +34,11 @@ FIRST = {"20.0.0.1": (1, 1), "20.0.0.5": (1, 1)}
 def functions() -> dict[str, func.Function]:
     """The app's functions, indexed once as the worker does (a second indexing is refused)."""
     return {f.get_function_name(): f for f in function_app.app.get_functions()}
+
+
+def bindings(name: str) -> list[dict[str, Any]]:
+    """The bindings of a function as the host receives them."""
+    return list(json.loads(functions()[name].get_function_json())["bindings"])
 
 
 def handler(name: str) -> Any:
@@ -73,16 +82,45 @@ class TestBindings:
     def test_function_names(self) -> None:
         assert set(functions()) == {
             "process_capture",
+            "reconcile_captures",
             "list_captures",
             "get_capture",
             "list_alerts",
             "who_talked_to",
+            "get_status",
         }
+
+    def test_reconcile_timer(self) -> None:
+        [timer] = bindings("reconcile_captures")
+        assert (timer["type"], timer["direction"], timer["name"]) == ("timerTrigger", "IN", "timer")
+        assert (timer["schedule"], timer["runOnStartup"], timer["useMonitor"]) == (
+            "0 */10 * * * *", False, True,
+        )
+
+    def test_reconcile_schedule_is_a_setting(self) -> None:
+        # The app is indexed once per process: a fresh interpreter sees the setting.
+        script = (
+            "import json, function_app\n"
+            "[f] = [f for f in function_app.app.get_functions()"
+            " if f.get_function_name() == 'reconcile_captures']\n"
+            "print(json.loads(f.get_function_json())['bindings'][0]['schedule'])\n"
+        )
+        env = {**os.environ, "RECONCILE_SCHEDULE": "0 */5 * * * *"}
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+            check=True, timeout=120,
+        ).stdout
+        assert out.strip() == "0 */5 * * * *"
+
+    def test_sdk_loggers_are_quiet(self) -> None:
+        for name in ("azure", "azure.core", "azure.storage", "azure.data.tables", "azure.identity",
+                     "azure.core.pipeline.policies.http_logging_policy"):
+            assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
+        assert logging.getLogger("azure.storage.blob").isEnabledFor(logging.WARNING)
 
     def test_blob_trigger(self) -> None:
         function = functions()["process_capture"]
-        bindings = json.loads(function.get_function_json())["bindings"]
-        assert bindings == [
+        assert bindings("process_capture") == [
             {
                 "direction": "IN",
                 "type": "blobTrigger",
@@ -102,6 +140,7 @@ class TestBindings:
             ("get_capture", "captures/{capture_id}"),
             ("list_alerts", "alerts"),
             ("who_talked_to", "peers/{ip}"),
+            ("get_status", "status"),
         ],
     )
     def test_http_routes(self, name: str, route: str) -> None:
@@ -171,9 +210,37 @@ class TestBlobTrigger:
         with caplog.at_level(logging.WARNING, logger="nwcap"), pytest.raises(Exception) as raised:
             handler("process_capture")(trigger_blob(captures_container.container_name, name))
         assert getattr(raised.value, "status_code", None) == 503
-        assert "the host will retry" in caplog.text
+        assert "retried by the host, then by reconciling" in caplog.text
         [capture] = results_store.list_captures().items
-        assert capture["status"] == "processing"
+        assert (capture["status"], capture["transient"]) == ("failed", True)
+
+    def test_one_structured_record_per_outcome_and_alert(
+        self,
+        storage_env: Mapping[str, str],
+        captures_container: ContainerClient,
+        results_store: TableResultsStore,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        name = network_watcher_path()
+        captures_container.upload_blob(name, udp_capture(PEERS))
+        client = trigger_blob(captures_container.container_name, name)
+        closed: list[bool] = []
+        close = client.close
+        client.close = lambda: (closed.append(True), close())[1]
+        with caplog.at_level(logging.INFO, logger="nwcap.outcome"):
+            handler("process_capture")(client)
+        assert closed == [True]  # the invocation's SDK client does not stay open
+        records = [r for r in caplog.records if r.name == "nwcap.outcome"]
+        [outcome] = [r for r in records if r.getMessage().startswith("nwcap.capture ")]
+        fields = json.loads(outcome.getMessage().split(" ", 1)[1])
+        assert fields == outcome.custom_dimensions  # type: ignore[attr-defined]
+        assert (fields["status"], fields["vm"], fields["peers"]) == ("complete", "vm-web-01", 3)
+        assert fields["packets"] == sum(s + r for s, r in PEERS.values())
+        alerts = [json.loads(r.getMessage().split(" ", 1)[1]) for r in records
+                  if r.getMessage().startswith("nwcap.alert ")]
+        assert len(alerts) == sum(fields["alerts"].values()) > 0
+        assert {a["capture_id"] for a in alerts} == {fields["capture_id"]}
+        assert all(r.levelno == logging.WARNING for r in records if "nwcap.alert" in r.msg)
 
     def test_policy_from_settings(
         self,
@@ -191,6 +258,68 @@ class TestBlobTrigger:
         handler("process_capture")(trigger_blob(captures_container.container_name, name))
         [capture] = results_store.list_captures().items
         assert capture["policy_version"] not in ("", "default")
+
+
+class TestReconcileTimer:
+    """The timer runs the reconciler on the app's settings and records the run."""
+
+    def test_direct_call(
+        self,
+        storage_env: Mapping[str, str],
+        captures_container: ContainerClient,
+        results_store: TableResultsStore,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        monkeypatch.setenv("RECONCILE_STALE_AFTER", "0s")
+        names = [network_watcher_path(f"vm-{n}", minute=n) for n in range(2)]
+        for name in names:
+            captures_container.upload_blob(name, udp_capture(PEERS))
+        with caplog.at_level(logging.INFO, logger="nwcap"):
+            handler("reconcile_captures")(TimerRequest(past_due=True))
+        stored = results_store.list_captures().items
+        assert sorted((c["status"], c["blob_name"]) for c in stored) == [
+            ("complete", name) for name in sorted(names)
+        ]
+        assert "running late" in caplog.text
+        [line] = [r for r in caplog.records if r.getMessage().startswith("nwcap.reconcile ")]
+        counts = json.loads(line.getMessage().split(" ", 1)[1])
+        assert (counts["scanned"], counts["processed"], counts["left"]) == (2, 2, 0)
+        status, body = call("get_status", get("status"))
+        assert status == 200
+        assert body["last_reconcile"]["processed"] == 2
+        assert body["captures"]["by_status"]["complete"] == 2
+        assert body["pending"]["count"] == 0
+
+
+class TestStatusEndpoint:
+    """GET /api/status answers the status document, or a clear error."""
+
+    def test_waiting_blob_is_reported(
+        self,
+        storage_env: Mapping[str, str],
+        captures_container: ContainerClient,
+        results_store: TableResultsStore,
+    ) -> None:
+        name = network_watcher_path()
+        captures_container.upload_blob(name, udp_capture(PEERS))
+        status, body = call("get_status", get("status", {"code": "function-key"}))
+        assert status == 200
+        assert (body["pending"]["count"], body["pending"]["oldest_blob"]) == (1, name)
+        assert body["pending"]["by_reason"] == {"new": 1}
+        assert body["ok"] is False
+        assert any("no reconcile run" in note for note in body["attention"])
+
+    def test_unknown_parameter_is_400(self, storage_env: Mapping[str, str]) -> None:
+        status, body = call("get_status", get("status", {"verbose": "1"}))
+        assert status == 400 and "verbose" in body["error"]
+
+    def test_unconfigured_is_a_clear_500(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        for setting in ("RESULTS_CONNECTION", "CAPTURES_CONNECTION"):
+            monkeypatch.delenv(setting, raising=False)
+            monkeypatch.delenv(f"AzureWebJobs{setting}", raising=False)
+        status, body = call("get_status", get("status"))
+        assert status == 500 and "not configured" in body["error"]
 
 
 @pytest.fixture
