@@ -48,12 +48,16 @@ ETHERTYPE_NAMES = {
 }
 IPV6_EXTENSIONS = (0, 43, 60, 135, 139, 140, 253, 254)
 MAX_LABELS = 16
-MAX_TUNNEL_DEPTH = 4
+MAX_TUNNEL_DEPTH = 8  # packets or frames inside one another
+MAX_TAGS = 16  # tags (VLAN, VN-Tag, SNAP...) or AH headers in a row
 TEREDO_PORT = 3544
 L2TP_PORT = 1701
+CAPWAP_DATA_PORT = 5247
 # UDP ports whose payload is another packet: VXLAN, VXLAN-GPE, Geneve, GTP-U, MPLS over UDP,
-# LISP data and encapsulated control messages, Teredo, L2TP
-TUNNEL_UDP_PORTS = frozenset({4789, 4790, 6081, 2152, 6635, 4341, 4342, TEREDO_PORT, L2TP_PORT})
+# LISP data and encapsulated control messages, Teredo, L2TP, CAPWAP data
+TUNNEL_UDP_PORTS = frozenset(
+    {4789, 4790, 6081, 2152, 6635, 4341, 4342, TEREDO_PORT, L2TP_PORT, CAPWAP_DATA_PORT}
+)
 # tshark offers a UDP datagram to the dissector of its lower port first: below this, that
 # port's own protocol (DNS, NTP, ...) claims a datagram to or from a tunnel port
 WELL_KNOWN_PORTS = 1024
@@ -147,14 +151,14 @@ def decode(link_type: int, frame: bytes) -> DecodeResult:
             return Undecodable("truncated-pktap")
         header_len = int.from_bytes(frame[0:4], "little")
         inner_type = int.from_bytes(frame[4:8], "little")
-        if header_len < 8 or inner_type in (149, 258):
+        if header_len < 8 or inner_type in (149, 258, 192):
             return Undecodable("bad-pktap-header")
         return decode(inner_type, frame[header_len:])
     if link_type == 192:  # PPI: header length, then the inner link type
         if len(frame) < 8:
             return Undecodable("truncated-ppi")
         inner_type = int.from_bytes(frame[4:8], "little")
-        if inner_type == 192:
+        if inner_type in (192, 149, 258):  # no PPI or PKTAP inside another
             return Undecodable("bad-ppi-header")
         return decode(inner_type, frame[int.from_bytes(frame[2:4], "little") :])
     if link_type == 127:  # radiotap, then 802.11
@@ -199,19 +203,25 @@ def _fabricpath(frame: bytes, inner: int, depth: int) -> DecodeResult:
 
     As tshark does, the frame's last four bytes are taken as FabricPath's own FCS.
     """
-    if depth >= MAX_TUNNEL_DEPTH:
-        return NonIp("fabricpath-too-deep")
-    return _ethernet(frame[: len(frame) - 4], inner, depth + 1)
+    return _inner_ethernet(frame[: len(frame) - 4], inner, depth)
 
 
 def _by_ethertype(frame: bytes, at: int, ethertype: int, depth: int = 0) -> DecodeResult:
-    for _ in range(8):  # VLAN stacks (802.1Q, 802.1ad, QinQ) of any sane depth
-        if ethertype not in VLAN_TAGS:
+    # Tags that end in the next EtherType are peeled off in a bounded loop, not by recursion.
+    tags = 0
+    while ethertype not in (ETHERTYPE_IPV4, ETHERTYPE_IPV6):
+        length = _tag_length(frame, at, ethertype)
+        if length is None:
             break
-        if len(frame) < at + 4:
-            return Undecodable("truncated-vlan")
-        ethertype = int.from_bytes(frame[at + 2 : at + 4], "big")
-        at += 4
+        if not isinstance(length, int):
+            return length
+        if len(frame) < at + length:
+            return Undecodable("truncated-vlan" if ethertype in VLAN_TAGS else "truncated-tag")
+        at += length
+        ethertype = int.from_bytes(frame[at - 2 : at], "big")
+        tags += 1
+        if tags > MAX_TAGS:
+            return Undecodable("too-many-tags")
     if ethertype == ETHERTYPE_IPV4:
         return _ipv4(frame, at, depth)
     if ethertype == ETHERTYPE_IPV6:
@@ -219,42 +229,20 @@ def _by_ethertype(frame: bytes, at: int, ethertype: int, depth: int = 0) -> Deco
     if ethertype in (0x8847, 0x8848):
         return _mpls(frame, at, depth)
     if ethertype == ETHERTYPE_TEB:
-        return _ethernet(frame, at, depth)
-    if ethertype == 0x8909:  # Cisco MetaData (SGT): 8 bytes ending in the next EtherType
-        if len(frame) < at + 8:
-            return Undecodable("truncated-cisco-metadata")
-        return _by_ethertype(frame, at + 8, int.from_bytes(frame[at + 6 : at + 8], "big"), depth)
-    if ethertype in TAG_LENGTHS:  # VN-Tag, E-Tag: a fixed-size tag, then the next EtherType
-        at += TAG_LENGTHS[ethertype]
-        if len(frame) < at:
-            return Undecodable("truncated-tag")
-        return _by_ethertype(frame, at, int.from_bytes(frame[at - 2 : at], "big"), depth)
-    if ethertype == 0xD28B:  # Arista's vendor-specific protocol
-        return _arista(frame, at, depth)
+        return _inner_ethernet(frame, at, depth)
     if ethertype == 0x22F3:  # TRILL: 6 bytes plus options (4-byte words), then a frame
         if len(frame) < at + 6:
             return Undecodable("truncated-trill")
-        if depth >= MAX_TUNNEL_DEPTH:
-            return NonIp("trill-too-deep")
         options = (int.from_bytes(frame[at : at + 2], "big") >> 6 & 0x1F) * 4
-        return _ethernet(frame, at + 6 + options, depth + 1)
+        return _inner_ethernet(frame, at + 6 + options, depth)
     if ethertype == 0x88E7:  # PBB (802.1ah): a 4-byte I-TAG, then the customer's frame
-        if depth >= MAX_TUNNEL_DEPTH:
-            return NonIp("pbb-too-deep")
-        return _ethernet(frame, at + 4, depth + 1)
-    if ethertype == 0x88E5:  # MACsec: integrity-only frames carry the packet in the clear
-        return _macsec(frame, at, depth)
+        return _inner_ethernet(frame, at + 4, depth)
     if ethertype == 0x894F:
         return _nsh(frame, at, depth)
     if ethertype == 0x8864:  # PPPoE session: 6-byte header, then PPP's protocol field
         if len(frame) < at + 8:
             return Undecodable("truncated-pppoe")
-        return _ppp_protocol(frame, at + 6)
-    if ethertype <= 1500:
-        # 802.3 length field: LLC, perhaps with a SNAP header carrying an EtherType
-        if frame[at : at + 6] == b"\xaa\xaa\x03\x00\x00\x00" and len(frame) >= at + 8:
-            return _by_ethertype(frame, at + 8, int.from_bytes(frame[at + 6 : at + 8], "big"))
-        return NonIp("llc")
+        return _ppp_protocol(frame, at + 6, depth)
     return NonIp(ETHERTYPE_NAMES.get(ethertype, f"ethertype-{ethertype:#06x}"))
 
 
@@ -262,18 +250,39 @@ def _by_ethertype(frame: bytes, at: int, ethertype: int, depth: int = 0) -> Deco
 ARISTA_TIMESTAMPS = {0x0010: 8, 0x0110: 8, 0x0020: 6, 0x0120: 6}
 
 
-def _arista(frame: bytes, at: int, depth: int) -> DecodeResult:
-    """Arista's timestamp tag: subtype 1, a version giving the timestamp's size, an EtherType."""
-    if len(frame) < at + 4:
-        return Undecodable("truncated-arista")
-    subtype = int.from_bytes(frame[at : at + 2], "big")
-    size = ARISTA_TIMESTAMPS.get(int.from_bytes(frame[at + 2 : at + 4], "big"))
-    if subtype != 1 or size is None:
-        return NonIp("arista")
-    at += 4 + size + 2
-    if len(frame) < at:
-        return Undecodable("truncated-arista")
-    return _by_ethertype(frame, at, int.from_bytes(frame[at - 2 : at], "big"), depth)
+def _tag_length(frame: bytes, at: int, ethertype: int) -> int | NonIp | Undecodable | None:
+    """For a tag that ends in the next EtherType, its length with that EtherType; a result if
+    the tag ends the decoding; None if ``ethertype`` is not a tag."""
+    if ethertype in VLAN_TAGS:  # 802.1Q, 802.1ad, QinQ
+        return 4
+    if ethertype in TAG_LENGTHS:
+        return TAG_LENGTHS[ethertype]
+    if ethertype == 0x8909:  # Cisco MetaData (SGT): 8 bytes ending in the next EtherType
+        return 8
+    if ethertype <= 1500:  # an 802.3 length field: LLC, perhaps SNAP carrying an EtherType
+        return 8 if frame.startswith(b"\xaa\xaa\x03\x00\x00\x00", at) else NonIp("llc")
+    if ethertype == 0x88E5:  # MACsec: integrity-only frames carry the packet in the clear
+        if len(frame) <= at:
+            return Undecodable("truncated-macsec")
+        tci = frame[at]
+        if tci & 0x0C:  # E or C set: the payload is encrypted or modified
+            return NonIp("macsec-encrypted")
+        return 16 if tci & 0x20 else 8  # the SecTAG, with an 8-byte SCI when SC is set
+    if ethertype == 0xD28B:  # Arista: subtype 1, a version giving the timestamp's size
+        if len(frame) < at + 4:
+            return Undecodable("truncated-arista")
+        size = ARISTA_TIMESTAMPS.get(int.from_bytes(frame[at + 2 : at + 4], "big"))
+        if not frame.startswith(b"\x00\x01", at) or size is None:
+            return NonIp("arista")
+        return 4 + size + 2
+    return None
+
+
+def _inner_ethernet(frame: bytes, at: int, depth: int) -> DecodeResult:
+    """A frame carried inside a frame (TEB, PBB, TRILL, FabricPath, a pseudowire...)."""
+    if depth >= MAX_TUNNEL_DEPTH:
+        return NonIp("nested-too-deep")
+    return _ethernet(frame, at, depth + 1)
 
 
 def _mpls(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
@@ -285,18 +294,18 @@ def _mpls(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
         if bottom:
             if len(frame) > at and frame[at] >> 4 == 0:
                 # a pseudowire control word, then an Ethernet frame (Wireshark's heuristic)
-                return _ethernet(frame, at + 4, depth)
+                return _inner_ethernet(frame, at + 4, depth)
             return _ip(frame, at, depth)
     return Undecodable("mpls-label-stack-too-deep")
 
 
-def _ppp(frame: bytes, at: int) -> DecodeResult:
+def _ppp(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
     if frame[at : at + 2] == b"\xff\x03":
         at += 2
-    return _ppp_protocol(frame, at)
+    return _ppp_protocol(frame, at, depth)
 
 
-def _ppp_protocol(frame: bytes, at: int) -> DecodeResult:
+def _ppp_protocol(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
     if len(frame) < at + 1:
         return Undecodable("truncated-ppp")
     if frame[at] & 1:  # protocol-field compression: one byte
@@ -306,11 +315,11 @@ def _ppp_protocol(frame: bytes, at: int) -> DecodeResult:
             return Undecodable("truncated-ppp")
         proto, at = int.from_bytes(frame[at : at + 2], "big"), at + 2
     if proto == 0x21:
-        return _ipv4(frame, at)
+        return _ipv4(frame, at, depth)
     if proto == 0x57:
-        return _ipv6(frame, at)
+        return _ipv6(frame, at, depth)
     if proto in (0x281, 0x283):
-        return _mpls(frame, at)
+        return _mpls(frame, at, depth)
     return NonIp(f"ppp-{proto:#06x}")
 
 
@@ -444,6 +453,10 @@ def _transport(
     """Read the transport header; a short or later-fragment transport keeps ports at 0."""
     if fragment == 2:
         return Decoded(src, dst, proto, 0, 0, 0, 0, -1, b"", fragment, frag_id)
+    for _ in range(MAX_TAGS):  # AH: skip to what it authenticates
+        if proto != 51 or fragment or end - at < 8:
+            break
+        proto, at = frame[at], at + (frame[at + 1] + 2) * 4
     if proto == 103 and not fragment and end - at >= 8 and frame[at] == 0x21:
         # a PIM Register carries the multicast packet it registers
         inner = _ip(frame[:end], at + 8, depth + 1) if depth < MAX_TUNNEL_DEPTH else None
@@ -451,10 +464,6 @@ def _transport(
     if proto == 143 and not fragment and depth < MAX_TUNNEL_DEPTH:  # Ethernet over IPv6
         inner = _ethernet(frame[:end], at, depth + 1)
         return Decoded(src, dst, proto, 0, 0, 0, 0, -1, b"", fragment, frag_id, inner)
-    if proto == 51 and not fragment and end - at >= 8:  # AH: skip to what it authenticates
-        return _transport(
-            frame, at + (frame[at + 1] + 2) * 4, end, src, dst, frame[at], fragment, frag_id, depth
-        )
     if proto in (4, 41, 47) and not fragment and depth < MAX_TUNNEL_DEPTH:
         inner = _ip(frame[:end], at, depth + 1) if proto != 47 else _gre(frame[:end], at, depth + 1)
         return Decoded(src, dst, proto, 0, 0, 0, 0, -1, b"", fragment, frag_id, inner)
@@ -500,7 +509,7 @@ def _gre(frame: bytes, at: int, depth: int) -> DecodeResult:
     version = flags & 0x07
     if version == 1:  # PPTP's enhanced GRE: key always, sequence and acknowledgment optional
         pos += 4 + 4 * (bool(flags & 0x1000) + bool(flags & 0x0080))
-        return _ppp(frame, pos) if ethertype == 0x880B else NonIp("gre-enhanced")
+        return _ppp(frame, pos, depth) if ethertype == 0x880B else NonIp("gre-enhanced")
     if version:
         return NonIp(f"gre-version-{version}")
     pos += 4 * (bool(flags & 0x8000) + bool(flags & 0x2000) + bool(flags & 0x1000))
@@ -511,7 +520,9 @@ def _gre(frame: bytes, at: int, depth: int) -> DecodeResult:
             return _ipv4(frame, pos, depth)
         return _ipv4(frame, pos + 4, depth)
     if ethertype == 0x880B:  # PPP
-        return _ppp(frame, pos)
+        return _ppp(frame, pos, depth)
+    if 0x8200 <= ethertype <= 0x8370 and not ethertype & 0x0F:  # Aruba: 802.11 frames
+        return _ieee80211(frame, pos, depth)
     if ethertype == 0x8909:  # Cisco MetaData in GRE: the next EtherType first, then 6 bytes
         if len(frame) < pos + 8:
             return Undecodable("truncated-cisco-metadata")
@@ -539,7 +550,9 @@ def _udp_tunnel(frame: bytes, at: int, port: int, depth: int) -> DecodeResult | 
     if port == TEREDO_PORT:
         return _teredo(frame, at, depth)
     if port == L2TP_PORT:
-        return _l2tp(frame, at)
+        return _l2tp(frame, at, depth)
+    if port == CAPWAP_DATA_PORT:
+        return _capwap_data(frame, at, depth)
     if port == 4789:
         return _ethernet(frame, at + 8, depth) if len(frame) >= at + 8 else None
     if port == 4790:  # VXLAN-GPE: next protocol in byte 3
@@ -579,7 +592,7 @@ def _teredo(frame: bytes, at: int, depth: int) -> DecodeResult:
     return _ipv6(frame, at, depth)
 
 
-def _l2tp(frame: bytes, at: int) -> DecodeResult | None:
+def _l2tp(frame: bytes, at: int, depth: int) -> DecodeResult | None:
     """An L2TPv2 (RFC 2661) data message: optional length, tunnel and session ids, optional
     sequence numbers and offset padding, then a PPP frame."""
     if len(frame) < at + 6:
@@ -594,7 +607,21 @@ def _l2tp(frame: bytes, at: int) -> DecodeResult | None:
         if len(frame) < pos + 2:
             return None
         pos += 2 + int.from_bytes(frame[pos : pos + 2], "big")
-    return _ppp(frame, pos)
+    return _ppp(frame, pos, depth)
+
+
+def _capwap_data(frame: bytes, at: int, depth: int) -> DecodeResult | None:
+    """CAPWAP data (RFC 5415): an 802.3 frame (T bit clear) after a header of HLEN words.
+
+    Native 802.11 frames (T set) tshark reads with their frame control swapped (its default
+    for Cisco access points), which leaves them undissected; fragments it reassembles.
+    """
+    if len(frame) < at + 4 or frame[at] & 0x0F:  # preamble type 1: DTLS, encrypted
+        return None
+    bits = int.from_bytes(frame[at + 1 : at + 4], "big")
+    if bits & 0x180:  # T (native frame) or F (a fragment)
+        return None
+    return _ethernet(frame, at + (bits >> 19) * 4, depth)
 
 
 def _gtp_user(frame: bytes, at: int, depth: int) -> DecodeResult | None:
@@ -639,7 +666,7 @@ def _nflog(frame: bytes) -> DecodeResult:
     return NonIp("nflog-no-payload")
 
 
-def _ieee80211(frame: bytes, at: int) -> DecodeResult:
+def _ieee80211(frame: bytes, at: int, depth: int = 0) -> DecodeResult:
     """802.11 data frames with an LLC/SNAP header; everything else is not IP."""
     if len(frame) < at + 24:
         return Undecodable("truncated-802.11")
@@ -658,7 +685,7 @@ def _ieee80211(frame: bytes, at: int) -> DecodeResult:
     pos = at + header
     if frame[pos : pos + 6] != b"\xaa\xaa\x03\x00\x00\x00" or len(frame) < pos + 8:
         return NonIp("802.11-non-snap")
-    return _by_ethertype(frame, pos + 8, int.from_bytes(frame[pos + 6 : pos + 8], "big"))
+    return _by_ethertype(frame, pos + 8, int.from_bytes(frame[pos + 6 : pos + 8], "big"), depth)
 
 
 def _source_route_destination(options: bytes) -> bytes | None:
@@ -687,19 +714,6 @@ def _source_route_destination(options: bytes) -> bytes | None:
     return None
 
 
-def _macsec(frame: bytes, at: int, depth: int) -> DecodeResult:
-    """MACsec (802.1AE): an integrity-only frame's packet follows the SecTAG in the clear."""
-    if len(frame) < at + 6:
-        return Undecodable("truncated-macsec")
-    tci = frame[at]
-    if tci & 0x0C:  # E or C set: the payload is encrypted or modified
-        return NonIp("macsec-encrypted")
-    at += 14 if tci & 0x20 else 6  # SecTAG, with the 8-byte SCI when SC is set
-    if len(frame) < at + 2:
-        return Undecodable("truncated-macsec")
-    return _by_ethertype(frame, at + 2, int.from_bytes(frame[at : at + 2], "big"), depth)
-
-
 def _nsh(frame: bytes, at: int, depth: int) -> DecodeResult:
     """Network Service Header (RFC 8300): a length in 4-byte words, then the next protocol."""
     if len(frame) < at + 8:
@@ -711,7 +725,7 @@ def _nsh(frame: bytes, at: int, depth: int) -> DecodeResult:
     if next_proto in (1, 2):
         return _ip(frame, at + length, depth)
     if next_proto == 3:
-        return _ethernet(frame, at + length, depth)
+        return _inner_ethernet(frame, at + length, depth)
     return NonIp(f"nsh-next-{next_proto}")
 
 

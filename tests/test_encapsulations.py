@@ -495,6 +495,55 @@ def l2tp_control_message(a: Addresses) -> list[Frame]:
     return [Frame(ipv4_over_udp(a, 1701, 1701, message), (a.outer,))]
 
 
+def dot11_data(packet: bytes) -> bytes:
+    """An 802.11 data frame to the distribution system, LLC/SNAP, then IPv4."""
+    addresses = synth.mac_bytes(MAC_A) + synth.mac_bytes(MAC_B) + synth.mac_bytes(MAC_A)
+    return (
+        b"\x08\x01\x00\x00" + addresses + b"\x00\x00" + b"\xaa\xaa\x03\x00\x00\x00\x08\x00" + packet
+    )
+
+
+@case
+def aruba_gre_802_11(a: Addresses) -> list[Frame]:
+    packet, pair = inner_ipv4(a)
+    frames = []
+    for protocol in (0x8200, 0x8370):
+        gre = struct.pack("!HH", 0, protocol) + dot11_data(packet)
+        frames.append(Frame(eth(0x0800, synth.ipv4(*a.outer, 47, gre)), (a.outer, pair)))
+    return frames
+
+
+def capwap(flags: int, extra: bytes = b"", preamble: int = 0) -> bytes:
+    """A CAPWAP data header: HLEN words (8 bytes plus ``extra``), WBID 1 (802.11), flags."""
+    words = (8 + len(extra)) // 4
+    return struct.pack("!BI", preamble, words << 27 | 1 << 17 | flags << 8)[:4] + bytes(4) + extra
+
+
+@case
+def capwap_data_802_3(a: Addresses) -> list[Frame]:
+    packet, pair = inner_ipv4(a)
+    return [
+        Frame(ipv4_over_udp(a, 50000, 5247, capwap(0) + inner_frame(packet)), (a.outer, pair)),
+        Frame(
+            ipv4_over_udp(a, 5247, 50000, capwap(0, bytes(8)) + inner_frame(packet)),
+            (a.outer, pair),
+        ),
+    ]
+
+
+@case
+def capwap_data_not_decoded(a: Addresses) -> list[Frame]:
+    """Fragments, native 802.11 frames (T bit) and DTLS stay undissected in tshark too."""
+    packet, _ = inner_ipv4(a)
+    return [
+        Frame(ipv4_over_udp(a, 50000, 5247, capwap(0x80) + inner_frame(packet)), (a.outer,)),
+        Frame(ipv4_over_udp(a, 50000, 5247, capwap(0x100) + dot11_data(packet)), (a.outer,)),
+        Frame(
+            ipv4_over_udp(a, 50000, 5247, capwap(0, preamble=1) + inner_frame(packet)), (a.outer,)
+        ),
+    ]
+
+
 # IPv4 headers with options and lengths that disagree with the frame.
 
 
@@ -645,6 +694,12 @@ def ipv6_fragments_counted_per_fragment(a: Addresses) -> list[Frame]:
 def ipv6_options_ending_in_pad1_at_payload_end(a: Addresses) -> list[Frame]:
     dest = bytes([59, 0, 1, 3, 0, 0, 0, 0])  # PadN of 3, then a final Pad1
     return [Frame(eth(0x86DD, synth.ipv6(*a.v6, 60, dest)), (a.v6,))]
+
+
+@case
+def ipv6_mobility_header(a: Addresses) -> list[Frame]:
+    binding_update = bytes([59, 1, 5, 0, 0, 0]) + struct.pack("!HHH", 1, 0x8000, 10) + bytes(4)
+    return [Frame(eth(0x86DD, synth.ipv6(*a.v6, 135, binding_update)), (a.v6,))]
 
 
 @case
