@@ -56,7 +56,9 @@ from analyzer.blobpath import (
     is_capture_blob,
     parse_capture_path,
 )
+from analyzer.blobstream import open_blob_stream
 from analyzer.budget import Budget
+from analyzer.connections import require_url_on_service
 from analyzer.errors import CorruptCaptureError, UnsupportedFormatError
 from analyzer.models import SEVERITY_ORDER, Alert, Analysis, Peer, Severity, iso_time
 from analyzer.policy import Policy, load_policy
@@ -352,7 +354,7 @@ def _run(
             f"gave up after {claimed.attempts - 1} attempts at this ETag that did not finish"
         )
     try:
-        with open_blob(blob, claimed.blob_etag) as stream:
+        with open_blob_stream(blob, etag=claimed.blob_etag, size=claimed.blob_size) as stream:
             analysis = analyze(
                 stream, policy=policy, service_tags=service_tags, progress=progress, budget=budget
             )
@@ -742,8 +744,10 @@ class ReferenceFile(Generic[T]):
     def _blob(self) -> BlobClient:
         service = self._blob_service() if self._blob_service is not None else None
         if self.location.startswith(("https://", "http://")):
-            credential = service.credential if service is not None else None
-            return BlobClient.from_blob_url(self.location, credential=credential)
+            if service is None:
+                return BlobClient.from_blob_url(self.location)  # anonymous: nothing to leak
+            require_url_on_service(self.location, service)  # its credential goes nowhere else
+            return BlobClient.from_blob_url(self.location, credential=service.credential)
         if service is None:
             raise ValueError(f"{self.location!r} is not a file, and no storage is configured")
         container, _, name = self.location.partition("/")

@@ -30,6 +30,7 @@ from conftest import (
 )
 
 from analyzer.blobpath import CaptureLocation
+from analyzer.connections import ConnectionSettingError
 from analyzer.models import Peer
 from analyzer.policy import load_policy
 from analyzer.processing import (
@@ -531,3 +532,10 @@ class TestReferenceFiles:
         local.write_text("vnet_ranges: [10.3.0.0/16]\n")
         assert policy_file(str(local)).get() == load_policy(local.read_text())
         assert policy_file("").get() is None
+
+    def test_credential_goes_to_no_other_host(self, blob_service: BlobServiceClient) -> None:
+        reference = policy_file(
+            "https://attacker.example/steal/policy.yaml", lambda: blob_service
+        )
+        with pytest.raises(ConnectionSettingError, match="refusing to send the credential"):
+            reference.get()

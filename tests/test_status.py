@@ -1,0 +1,147 @@
+"""The status document and ``nwcap status`` on Azurite: counts by construction."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from azure.data.tables import TableServiceClient
+from azure.storage.blob import BlobClient, ContainerClient
+from azure.storage.queue import QueueClient
+from conftest import FailingStore, http_error, network_watcher_path, udp_capture
+
+from analyzer import ops_cli
+from analyzer.processing import process_blob
+from analyzer.reconcile import ReconcileReport, ReconcileSettings, RunLog
+from analyzer.status import status_document
+from analyzer.storage import TableResultsStore
+
+PEERS = {"20.0.0.1": (3, 2), "20.0.0.2": (1, 0)}
+Upload = Callable[[str, bytes], BlobClient]
+
+
+@pytest.fixture
+def runs(table_service: TableServiceClient, table_prefix: str) -> Iterator[RunLog]:
+    log = RunLog(table_service, prefix=table_prefix)
+    yield log
+    table_service.delete_table(log.name)
+
+
+@pytest.fixture
+def queue(connection_string: str) -> Iterator[QueueClient]:
+    client = QueueClient.from_connection_string(connection_string, f"p{uuid.uuid4().hex[:12]}")
+    client.create_queue()
+    yield client
+    client.delete_queue()
+
+
+class TestDocument:
+    """Each part of the document counts what the tables, container and queue hold."""
+
+    def test_counts(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore, runs: RunLog, queue: QueueClient,
+    ) -> None:
+        complete = upload(network_watcher_path("vm-a", minute=1), udp_capture(PEERS))
+        failed = upload(network_watcher_path("vm-b", minute=2), b"garbage" * 30)
+        transient = upload(network_watcher_path("vm-c", minute=3), udp_capture(PEERS))
+        upload(network_watcher_path("vm-d", minute=4), udp_capture(PEERS))  # never processed
+        process_blob(complete, results_store)
+        process_blob(failed, results_store)
+        with pytest.raises(Exception, match="status 503"):
+            process_blob(transient, FailingStore(results_store, http_error(503)))
+        queue.send_message("{}")
+        queue.send_message("{}")
+        report = ReconcileReport(started=time.time() - 5, container="c", scanned=4, complete=1)
+        report.finished = time.time()
+        runs.record(report)
+        document = status_document(
+            results_store, container=captures_container, poison=queue, runs=runs,
+            settings=ReconcileSettings(),
+        )
+        assert document["captures"]["by_status"] == {
+            "processing": 0, "complete": 1, "partial": 0, "failed": 1, "failed-transient": 1,
+        }
+        pending = document["pending"]
+        assert (pending["scanned"], pending["count"]) == (4, 2)
+        assert pending["by_reason"] == {"transient": 1, "new": 1}
+        assert pending["oldest_blob"] == transient.blob_name
+        assert 0 <= pending["oldest_age_seconds"] < 120
+        assert document["poison_queue"]["length"] == 2
+        assert (document["last_reconcile"]["scanned"], document["last_reconcile"]["complete"]) == (
+            4, 1,
+        )
+        assert document["ok"] is False
+        assert any("2 message(s)" in note for note in document["attention"])
+        assert any("transient" in note for note in document["attention"])
+        json.dumps(document)  # all of it is JSON
+
+    def test_quiet_fleet_is_ok(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore, runs: RunLog, queue: QueueClient,
+    ) -> None:
+        process_blob(upload(network_watcher_path(), udp_capture(PEERS)), results_store)
+        report = ReconcileReport(started=time.time(), container="c")
+        report.finished = time.time()
+        runs.record(report)
+        document = status_document(
+            results_store, container=captures_container, poison=queue, runs=runs
+        )
+        assert (document["ok"], document["attention"]) == (True, [])
+        assert document["pending"]["oldest_blob"] is None
+
+    def test_late_reconciler_and_old_waiting_blob(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore, runs: RunLog,
+    ) -> None:
+        upload(network_watcher_path(), udp_capture(PEERS))
+        report = ReconcileReport(started=time.time(), container="c")
+        report.finished = time.time()
+        runs.record(report)
+        later = time.time() + 3 * 3600  # as if read three hours from now
+        document = status_document(
+            results_store, container=captures_container, runs=runs,
+            settings=ReconcileSettings(lookback=6 * 3600), clock=lambda: later,
+        )
+        notes = " | ".join(document["attention"])
+        assert "not processed; the oldest has waited 18" in notes  # 180 min
+        assert "the last reconcile run finished 180 min ago" in notes
+
+
+class TestCommand:
+    """``nwcap status`` prints the document and exits 1 when something needs attention."""
+
+    def _run(self, *argv: str) -> int:
+        parser = argparse.ArgumentParser(prog="nwcap")
+        ops_cli.add_commands(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(argv)
+        return int(args.func(args))
+
+    def test_table_and_json(
+        self, storage_env: Any, upload: Upload, results_store: TableResultsStore,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        upload(network_watcher_path("vm-\u202eevil"), udp_capture(PEERS))
+        assert self._run("status") == 1
+        out = capsys.readouterr().out
+        assert "blobs not processed yet" in out and "ATTENTION" in out
+        assert "\u202e" not in out
+        assert self._run("status", "--format", "json") == 1
+        document = json.loads(capsys.readouterr().out)
+        assert document["pending"]["by_reason"] == {"new": 1}
+        assert self._run("status", "--format", "csv") == 1
+        assert capsys.readouterr().out.splitlines()[0] == "what,value"
+
+    def test_unconfigured(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        for setting in ("RESULTS_CONNECTION", "CAPTURES_CONNECTION"):
+            monkeypatch.delenv(setting, raising=False)
+            monkeypatch.delenv(f"AzureWebJobs{setting}", raising=False)
+        assert self._run("status") == 2
+        assert "error" in capsys.readouterr().err
