@@ -33,7 +33,12 @@ def analyze(
     policy = policy or Policy.default()
     budget = budget or Budget()
     summary = summarize(stream, local_addresses=local_addresses, progress=progress, budget=budget)
-    peers, alerts = classify(summary, policy=policy, service_tags=service_tags)
+    peers, alerts = classify(
+        summary,
+        policy=policy,
+        service_tags=service_tags,
+        max_alerts_per_rule=budget.max_alerts_per_rule,
+    )
     return Analysis(
         capture=summary.capture,
         conversations=summary.conversations,

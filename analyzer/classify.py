@@ -71,10 +71,13 @@ def classify(
     policy: Policy,
     service_tags: ServiceTags | None = None,
     catalog: Catalog | None = None,
+    max_alerts_per_rule: int | None = None,
 ) -> tuple[tuple[Peer, ...], tuple[Alert, ...]]:
     """Classify every peer of ``summary`` (same order) and return them with the alerts raised.
 
-    Alerts are sorted by severity (highest first), then peer address, then rule id.
+    Alerts are sorted by severity (highest first), then peer address, then rule id. With
+    ``max_alerts_per_rule``, a rule raising more alerts keeps that many (highest severity
+    first) and one more, for peer ``*``, that counts the others and samples their addresses.
     """
     catalog = catalog or Catalog.load_default()
     if service_tags is None and any(rule.service_tag for rule in (*policy.allow, *policy.deny)):
@@ -85,8 +88,53 @@ def classify(
         classified, raised = _PeerEvaluation(peer, policy, catalog, service_tags).run()
         peers.append(classified)
         alerts.extend(raised)
-    alerts.sort(key=lambda a: (-SEVERITY_ORDER[a.severity], _address_key(a.peer), a.rule))
+    alerts.sort(key=_alert_order)
+    if max_alerts_per_rule is not None:
+        alerts = cap_alerts_per_rule(alerts, max_alerts_per_rule)
     return tuple(peers), tuple(alerts)
+
+
+ALL_PEERS = "*"
+_SAMPLED_PEERS = 20
+
+
+def _alert_order(alert: Alert) -> tuple[int, tuple[int, int, str], str]:
+    return (-SEVERITY_ORDER[alert.severity], _address_key(alert.peer), alert.rule)
+
+
+def cap_alerts_per_rule(alerts: list[Alert], cap: int) -> list[Alert]:
+    """At most ``cap`` alerts of each rule from ``alerts`` (sorted), plus per rule over the cap
+    one summarising alert for peer ``*`` with the count and a sample of the peers left out."""
+    kept: list[Alert] = []
+    left_out: dict[str, list[Alert]] = {}
+    counts: dict[str, int] = {}
+    for alert in alerts:
+        counts[alert.rule] = counts.get(alert.rule, 0) + 1
+        if counts[alert.rule] <= cap:
+            kept.append(alert)
+        else:
+            left_out.setdefault(alert.rule, []).append(alert)
+    for rule, dropped in left_out.items():
+        severity = max((a.severity for a in dropped), key=SEVERITY_ORDER.__getitem__)
+        peers = len({a.peer for a in dropped})
+        kept.append(
+            Alert(
+                rule=rule,
+                severity=severity,
+                peer=ALL_PEERS,
+                message=(
+                    f"{len(dropped):,} more {rule} alerts on {peers:,} more peers, not listed "
+                    f"one by one: at most {cap} alerts per rule are (NWCAP_MAX_ALERTS_PER_RULE)"
+                ),
+                evidence={
+                    "alerts_not_listed": len(dropped),
+                    "peers_not_listed": peers,
+                    "sample_peers": [a.peer for a in dropped[:_SAMPLED_PEERS]],
+                },
+            )
+        )
+    kept.sort(key=_alert_order)
+    return kept
 
 
 def services_of(peer: Peer) -> frozenset[Service]:

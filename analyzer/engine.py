@@ -10,7 +10,9 @@ pair aggregates at the end, or earlier whenever the flow table grows past
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import math
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -34,6 +36,7 @@ from analyzer.models import (
     BudgetLimit,
     CaptureInfo,
     Conversation,
+    FoldedGroup,
     Peer,
     PeerName,
     PortCount,
@@ -52,16 +55,29 @@ PORTS_TRACKED = 512  # distinct ports per pair side and protocol before overflow
 NAME_INSPECTED_PACKETS = 4
 SYN, RST, ACK = 0x02, 0x04, 0x10
 PLATFORM_ADDRESSES = (bytes([168, 63, 129, 16]), bytes([169, 254, 169, 254]))
+PLATFORM_SET = frozenset(PLATFORM_ADDRESSES)
 UNSPECIFIED_V4 = bytes(4)
 # An Azure NIC has at most 256 IP configurations; more inferred addresses means forged ones.
 MAX_LOCAL_ADDRESSES = 256
 # The general path looks at the clock every this many frames.
 CLOCK_EVERY = 1024
+# Folded prefix groups kept at most; past this, all groups of a family widen their prefix.
+MAX_FOLDED_GROUPS = 1024
+FOLD_PREFIXES = {4: (24, 16, 8, 0), 16: (48, 32, 16, 0)}
+# Distinct folded addresses of a group counted exactly up to this, then estimated.
+EXACT_DISTINCT = 64
+HLL_REGISTERS = 256  # HyperLogLog with 256 one-byte registers: a ~6.5% standard error
+# A flow of a new peer, once max_peers are kept, is folded at once only up to this many
+# packets (a forged source sends one or two); busier ones are ranked by compact().
+FOLD_AT_ONCE_MAX_PACKETS = 8
+# Service ports remembered per folded group.
+FOLDED_PORTS_KEPT = 64
 
 # Flow entry layout (a list, for speed): packets, bytes, first second, first fraction,
 # last second, last fraction, OR of TCP flags, flags of the first packet.
 PKTS, BYTES, FSEC, FFRAC, LSEC, LFRAC, FLAGS, FIRST_FLAGS = range(8)
 ProgressCallback = Callable[[int], None]
+AddressPriority = Callable[[bytes], int]
 _NESTED_TOO_DEEP = Undecodable("nested-too-deep")
 K = TypeVar("K")
 
@@ -95,29 +111,245 @@ class _PortTable:
         return int.from_bytes(self.overflow, "big").bit_count()
 
 
-@dataclass(slots=True)
 class _Pair:
-    """Everything between two addresses; side 0 is the lower address."""
+    """Everything between two addresses; side 0 is the lower address.
 
-    packets: list[int] = field(default_factory=lambda: [0, 0])
-    bytes: list[int] = field(default_factory=lambda: [0, 0])
+    A plain class, not a dataclass: a flood creates one per forged source, and literal
+    initialisers cost a third of default factories.
+    """
+
+    __slots__ = (
+        "bytes",
+        "exchanged",
+        "first",
+        "icmp",
+        "last",
+        "opened_ports",
+        "packets",
+        "ports",
+        "protocols",
+        "tcp",
+    )
+
+    def __init__(self) -> None:
+        self.packets = [0, 0]
+        self.bytes = [0, 0]
+        self.first = float("inf")
+        self.last = float("-inf")
+        self.protocols: dict[str, int] = {}
+        # (side owning the port, protocol name) -> port table
+        self.ports: dict[tuple[int, str], _PortTable] = {}
+        # per initiating side: attempts, unanswered, reset
+        self.tcp = [[0, 0, 0], [0, 0, 0]]
+        # per initiating side: responder port -> attempts
+        self.opened_ports: list[dict[int, int]] = [{}, {}]
+        self.icmp: dict[str, int] = {}
+        # a TCP flow with ACKs both ways, or a UDP flow answered: an exchange no spoofer can
+        # fake with one packet (see _Accumulator.compact)
+        self.exchanged = False
+
+
+class _DistinctCount:
+    """Distinct addresses: exact up to ``EXACT_DISTINCT``, then a small HyperLogLog."""
+
+    __slots__ = ("exact", "registers")
+
+    def __init__(self) -> None:
+        self.exact: set[bytes] | None = set()
+        self.registers: bytearray | None = None
+
+    def add(self, address: bytes) -> None:
+        if self.exact is not None:
+            self.exact.add(address)
+            if len(self.exact) <= EXACT_DISTINCT:
+                return
+            self.registers = bytearray(HLL_REGISTERS)
+            for member in self.exact:
+                self._register(member)
+            self.exact = None
+            return
+        self._register(address)
+
+    def _register(self, address: bytes) -> None:
+        registers = self.registers
+        if registers is None:
+            self.registers = registers = bytearray(HLL_REGISTERS)
+        value = int.from_bytes(hashlib.blake2b(address, digest_size=8).digest(), "big")
+        index = value >> 56  # the top 8 bits pick one of 256 registers
+        rank = 57 - (value & ((1 << 56) - 1)).bit_length()
+        registers[index] = max(registers[index], rank)
+
+    def merge(self, other: _DistinctCount) -> None:
+        if other.exact is not None:
+            for member in other.exact:
+                self.add(member)
+            return
+        if self.registers is None:
+            members = self.exact or set()
+            self.exact = None
+            self.registers = bytearray(other.registers or bytes(HLL_REGISTERS))
+            for member in members:
+                self._register(member)
+            return
+        registers = self.registers
+        for index, rank in enumerate(other.registers or b""):
+            registers[index] = max(registers[index], rank)
+
+    def estimate(self) -> int:
+        if self.exact is not None:
+            return len(self.exact)
+        registers = self.registers or bytearray(HLL_REGISTERS)
+        m = HLL_REGISTERS
+        raw = (0.7213 / (1 + 1.079 / m)) * m * m / sum(2.0**-r for r in registers)
+        zeros = registers.count(0)
+        if raw <= 2.5 * m and zeros:
+            raw = m * math.log(m / zeros)  # linear counting, exact-ish for small counts
+        return max(EXACT_DISTINCT + 1, round(raw))
+
+
+@dataclass(slots=True)
+class _FoldedPrefix:
+    """The aggregate of the peers folded into one prefix."""
+
+    packets: int = 0
+    bytes: int = 0
     first: float = float("inf")
     last: float = float("-inf")
-    protocols: dict[str, int] = field(default_factory=dict)
-    # (side owning the port, protocol name) -> port table
-    ports: dict[tuple[int, str], _PortTable] = field(default_factory=dict)
-    # per initiating side: attempts, unanswered, reset
-    tcp: list[list[int]] = field(default_factory=lambda: [[0, 0, 0], [0, 0, 0]])
-    # per initiating side: responder port -> attempts
-    opened_ports: list[dict[int, int]] = field(default_factory=lambda: [{}, {}])
-    icmp: dict[str, int] = field(default_factory=dict)
+    ports: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    distinct: _DistinctCount = field(default_factory=_DistinctCount)
+
+    def merge(self, other: _FoldedPrefix) -> None:
+        self.packets += other.packets
+        self.bytes += other.bytes
+        self.first = min(self.first, other.first)
+        self.last = max(self.last, other.last)
+        for port, (packets, nbytes) in other.ports.items():
+            self.add_port(port, packets, nbytes)
+        self.distinct.merge(other.distinct)
+
+    def add_port(self, port: tuple[str, int], packets: int, nbytes: int) -> None:
+        entry = self.ports.get(port)
+        if entry is None:
+            if len(self.ports) >= FOLDED_PORTS_KEPT:
+                return
+            self.ports[port] = entry = [0, 0]
+        entry[0] += packets
+        entry[1] += nbytes
+
+
+class _FoldedPrefixes:
+    """Folded peers by prefix (/24 and /48 at first); at most ``MAX_FOLDED_GROUPS`` groups.
+
+    When there would be more, every group of the busier family is merged into its next wider
+    prefix (/16, /8, /0; /32, /16, /0), so memory stays bounded whatever the sources.
+    """
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple[int, int], _FoldedPrefix] = {}
+        self.prefix_index = {4: 0, 16: 0}
+
+    def _key(self, address: bytes) -> tuple[int, int]:
+        size = len(address)
+        length = FOLD_PREFIXES[size][self.prefix_index[size]]
+        return size, int.from_bytes(address, "big") >> (size * 8 - length)
+
+    def add(self, remote: bytes, pair: _Pair, port: tuple[str, int] | None) -> None:
+        packets = pair.packets[0] + pair.packets[1]
+        self.add_flow(remote, packets, sum(pair.bytes), pair.first, pair.last, port)
+
+    def add_flow(
+        self,
+        remote: bytes,
+        packets: int,
+        nbytes: int,
+        first: float,
+        last: float,
+        port: tuple[str, int] | None,
+    ) -> None:
+        key = self._key(remote)
+        group = self.groups.get(key)
+        if group is None:
+            if len(self.groups) >= MAX_FOLDED_GROUPS:
+                self._widen()
+                key = self._key(remote)
+                group = self.groups.get(key)
+            if group is None:
+                self.groups[key] = group = _FoldedPrefix()
+        group.packets += packets
+        group.bytes += nbytes
+        group.first = min(group.first, first)
+        group.last = max(group.last, last)
+        if port is not None:
+            group.add_port(port, packets, nbytes)
+        group.distinct.add(remote)
+
+    def _widen(self) -> None:
+        counts = {4: 0, 16: 0}
+        for size, _ in self.groups:
+            counts[size] += 1
+        size = max((4, 16), key=lambda family: (counts[family], family == 4))
+        if self.prefix_index[size] + 1 >= len(FOLD_PREFIXES[size]):
+            return  # already /0: at most one group per family
+        before = FOLD_PREFIXES[size][self.prefix_index[size]]
+        self.prefix_index[size] += 1
+        shift = before - FOLD_PREFIXES[size][self.prefix_index[size]]
+        merged: dict[tuple[int, int], _FoldedPrefix] = {}
+        for (family, value), group in self.groups.items():
+            key = (family, value >> shift) if family == size else (family, value)
+            target = merged.get(key)
+            if target is None:
+                merged[key] = group
+            else:
+                target.merge(group)
+        self.groups = merged
+
+    def build(self) -> tuple[FoldedGroup, ...]:
+        built = []
+        for (size, value), group in self.groups.items():
+            length = FOLD_PREFIXES[size][self.prefix_index[size]]
+            network_type = ipaddress.IPv4Network if size == 4 else ipaddress.IPv6Network
+            network = network_type((value << (size * 8 - length) if length else 0, length))
+            ports = sorted(
+                (PortCount(proto, port, c[0], c[1]) for (proto, port), c in group.ports.items()),
+                key=lambda p: (-p.packets, -p.bytes, p.protocol, p.port),
+            )
+            built.append(
+                FoldedGroup(
+                    prefix=str(network),
+                    peers_estimate=group.distinct.estimate(),
+                    packets=group.packets,
+                    bytes=group.bytes,
+                    first_seen=group.first,
+                    last_seen=group.last,
+                    ports=tuple(ports[:PORTS_KEPT]),
+                )
+            )
+        built.sort(key=lambda g: (-g.packets, -g.bytes, g.prefix))
+        return tuple(built)
 
 
 class _Accumulator:
     """Flow tables filled by the packet loops, folded into address pairs."""
 
-    def __init__(self, frac_per_second: int) -> None:
+    def __init__(
+        self,
+        frac_per_second: int,
+        *,
+        max_peers: int = 20_000,
+        priority: AddressPriority | None = None,
+        given_local: tuple[bytes, ...] | None = None,
+    ) -> None:
         self.frac_per_second = frac_per_second
+        self.max_peers = max_peers
+        # folding works in batches: down to max_peers whenever half as many again are there
+        self.compact_at = max_peers + max(max_peers // 2, 1)
+        self.priority = priority
+        self.given_local = given_local
+        self.folded = _FoldedPrefixes()
+        # the VM's addresses as last inferred, to tell the remote side of flows being folded
+        self.local_hint: frozenset[bytes] | None = None
+        # local address -> counterparts folded away (for the local-address inference)
+        self.folded_counterparts: dict[bytes, int] = {}
         self.tcp: dict[bytes, list[int]] = {}
         self.udp: dict[bytes, list[int]] = {}
         # key: protocol byte + src + dst + ICMP type/code (2 bytes, zero otherwise)
@@ -132,6 +364,9 @@ class _Accumulator:
         self.ip_bytes = 0
         self.other_frames = 0
         self.other_bytes = 0
+        # packets inside tunnels, counted in their flows but not as frames
+        self.inner_packets = 0
+        self.inner_bytes = 0
         self.first: tuple[int, int] | None = None
         self.last: tuple[int, int] | None = None
 
@@ -192,7 +427,10 @@ class _Accumulator:
         elif proto == UDP and sport == 53 and result.payload:
             self.names.dns_message(result.payload)
         if isinstance(result.inner, Decoded):
-            # a tunnel: the inner packet is a conversation of its own, as tshark counts it
+            # a tunnel: the inner packet is a conversation of its own, as tshark counts it,
+            # but the frame is one frame of the capture
+            self.inner_packets += 1
+            self.inner_bytes += orig
             self.add_decoded(result.inner, sec, frac, orig)
         elif len(self.tcp) + len(self.udp) + len(self.other) > MAX_FLOWS:
             self.fold()
@@ -209,6 +447,8 @@ class _Accumulator:
         """Merge the flow tables into per-address-pair aggregates and empty them."""
         fps = self.frac_per_second
         pairs = self.pairs
+        compact_at = self.compact_at
+        max_peers = self.max_peers
         # Inlined on purpose: a SYN scan folds hundreds of thousands of one-packet flows.
         for proto_name, table in (("tcp", self.tcp), ("udp", self.udp)):
             is_tcp = proto_name == "tcp"
@@ -223,12 +463,26 @@ class _Accumulator:
                     pair_key, side = (src, dst), 0
                 else:
                     pair_key, side = (dst, src), 1
-                pair = pairs.get(pair_key)
-                if pair is None:
-                    pairs[pair_key] = pair = _Pair()
                 packets, nbytes = entry[PKTS], entry[BYTES]
                 packets_total += packets
                 bytes_total += nbytes
+                pair = pairs.get(pair_key)
+                if pair is None:
+                    if len(pairs) >= max_peers:
+                        # full: a flow of a new pair that had no exchange is folded at once
+                        port_bytes = key[2 * alen :]
+                        reverse = table.get(dst + src + port_bytes[2:] + port_bytes[:2])
+                        if self._fold_flow(src, dst, entry, reverse, is_tcp, key, alen):
+                            continue
+                        if len(pairs) >= compact_at:
+                            self.compact()
+                    pairs[pair_key] = pair = _Pair()
+                if not pair.exchanged and (not is_tcp or entry[FLAGS] & ACK):
+                    reverse = table.get(
+                        dst + src + key[2 * alen + 2 : 2 * alen + 4] + key[2 * alen : 2 * alen + 2]
+                    )
+                    if reverse is not None and (not is_tcp or reverse[FLAGS] & ACK):
+                        pair.exchanged = True
                 pair.packets[side] += packets
                 pair.bytes[side] += nbytes
                 first = entry[FSEC] + entry[FFRAC] / fps
@@ -258,6 +512,14 @@ class _Accumulator:
             proto = key[0]
             alen = (len(key) - 3) // 2
             src, dst = key[1 : 1 + alen], key[1 + alen : 1 + 2 * alen]
+            if (
+                len(pairs) >= max_peers
+                and (min(src, dst), max(src, dst)) not in pairs
+                and self._fold_flow(src, dst, entry, None, False, key, alen)
+            ):
+                self.ip_packets += entry[PKTS]
+                self.ip_bytes += entry[BYTES]
+                continue
             pair, side = self._pair(src, dst)
             name = protocol_name(proto)
             self._count(pair, side, entry, name, fps)
@@ -289,8 +551,122 @@ class _Accumulator:
             key, side = (dst, src), 1
         pair = self.pairs.get(key)
         if pair is None:
+            if len(self.pairs) >= self.compact_at:
+                self.compact()
             self.pairs[key] = pair = _Pair()
         return pair, side
+
+    # -- folding peers into prefixes ----------------------------------------------------
+
+    def _fold_flow(
+        self,
+        src: bytes,
+        dst: bytes,
+        entry: list[int],
+        reverse: list[int] | None,
+        is_tcp: bool,
+        key: bytes,
+        alen: int,
+    ) -> bool:
+        """Fold one flow of a pair not yet kept straight into its prefix group, unless it
+        matters (see :meth:`compact`); return whether it was folded.
+
+        ``reverse`` is the flow the other way (TCP/UDP), ``key`` the flow's key and ``alen``
+        its address length. Without a :class:`_Pair`, a flood costs a look-up or two per flow.
+        """
+        if entry[PKTS] > FOLD_AT_ONCE_MAX_PACKETS:
+            return False  # busy enough to be ranked with the kept pairs (see compact)
+        local = self.local_hint
+        if local is None:
+            self.local_hint = local = self._local_addresses()
+        src_local, dst_local = src in local, dst in local
+        if src_local and dst_local:
+            return False
+        platform = PLATFORM_SET
+        if dst_local:
+            remote = src
+        elif src_local:
+            remote = dst
+        else:
+            remote = dst if src in platform else src
+        if remote in platform or (self.priority is not None and self.priority(remote)):
+            return False
+        if reverse is not None:
+            if not is_tcp:
+                return False  # a UDP answer
+            if entry[FLAGS] & reverse[FLAGS] & ACK:
+                return False  # ACKs both ways: an established connection
+            if src_local and entry[FIRST_FLAGS] & (SYN | ACK) == SYN and reverse[FLAGS] & SYN:
+                return False  # the VM's own connection, answered
+        if src_local or dst_local:
+            here = src if src_local else dst
+            self.folded_counterparts[here] = self.folded_counterparts.get(here, 0) + 1
+        fps = self.frac_per_second
+        self.folded.add_flow(
+            remote,
+            entry[PKTS],
+            entry[BYTES],
+            entry[FSEC] + entry[FFRAC] / fps,
+            entry[LSEC] + entry[LFRAC] / fps,
+            _flow_service_port(key, alen, entry, is_tcp),
+        )
+        return True
+
+    def _local_addresses(self) -> frozenset[bytes]:
+        if self.given_local is not None:
+            return frozenset(self.given_local)
+        return frozenset(infer_local_addresses(self.pairs, self.folded_counterparts))
+
+    def compact(self) -> None:
+        """Fold the least important address pairs into prefix groups, down to ``max_peers``.
+
+        Never folded: pairs between the VM's own addresses, and peers that are platform
+        addresses or in a small network the policy lists. The rest is ranked, least important
+        folded first: unlisted before listed, then without an exchange before with one (TCP
+        ACKs both ways, a UDP answer, or the VM's own connection answered: what one spoofed
+        packet cannot give), then fewest packets and bytes.
+        """
+        pairs = self.pairs
+        excess = len(pairs) - self.max_peers
+        if excess <= 0:
+            return
+        self.local_hint = local = self._local_addresses()
+        platform = PLATFORM_SET
+        priority = self.priority
+        ranked: list[tuple[int, int, int, int, tuple[bytes, bytes]]] = []
+        for pair_key, pair in pairs.items():
+            a, b = pair_key
+            if a in local:
+                if b in local:
+                    continue
+                remote_side = 1
+            elif b in local:
+                remote_side = 0
+            else:  # neither is the VM: the side sending more is the one a flood forges
+                remote_side = 0 if pair.packets[0] >= pair.packets[1] else 1
+            remote = pair_key[remote_side]
+            listed = priority(remote) if priority is not None else 0
+            if listed >= 2 or remote in platform:
+                continue
+            local_counts = pair.tcp[1 - remote_side]
+            answered = pair.exchanged or (
+                pair_key[1 - remote_side] in local
+                and local_counts[0] > local_counts[1] + local_counts[2]
+            )
+            ranked.append(
+                (listed, answered, pair.packets[0] + pair.packets[1], sum(pair.bytes), pair_key)
+            )
+        ranked.sort()
+        for *_, pair_key in ranked[:excess]:
+            pair = pairs.pop(pair_key)
+            a, b = pair_key
+            remote_side = 1 if a in local else 0
+            if a not in local and b not in local:
+                remote_side = 0 if pair.packets[0] >= pair.packets[1] else 1
+            else:
+                here = pair_key[1 - remote_side]
+                self.folded_counterparts[here] = self.folded_counterparts.get(here, 0) + 1
+            self.folded.add(pair_key[remote_side], pair, _service_port(pair))
 
     def _count(self, pair: _Pair, side: int, entry: list[int], proto: str, fps: int) -> None:
         self.ip_packets += entry[PKTS]
@@ -302,6 +678,38 @@ class _Accumulator:
         pair.first = min(pair.first, first)
         pair.last = max(pair.last, last)
         pair.protocols[proto] = pair.protocols.get(proto, 0) + entry[PKTS]
+
+
+def _flow_service_port(
+    key: bytes, alen: int, entry: list[int], is_tcp: bool
+) -> tuple[str, int] | None:
+    """The port a single flow was for: a SYN's destination port, else the lower port."""
+    if len(key) != 2 * alen + 4:
+        return None  # not TCP or UDP
+    sport = key[2 * alen] << 8 | key[2 * alen + 1]
+    dport = key[2 * alen + 2] << 8 | key[2 * alen + 3]
+    if is_tcp:
+        if entry[FIRST_FLAGS] & (SYN | ACK) == SYN:
+            return "tcp", dport
+        return "tcp", min(sport, dport)
+    return "udp", min(sport, dport)
+
+
+def _service_port(pair: _Pair) -> tuple[str, int] | None:
+    """The port a folded pair's traffic was for: the TCP port most connected to, else the
+    lowest port of its busiest transport (the server's, as a rule)."""
+    opened: dict[int, int] = {}
+    for side in (0, 1):
+        _merge_counts(opened, pair.opened_ports[side])
+    if opened:
+        return "tcp", max(opened, key=lambda port: (opened[port], -port))
+    for proto in sorted(pair.protocols, key=lambda name: -pair.protocols[name]):
+        ports = [
+            port for (_, name), table in pair.ports.items() if name == proto for port in table.ports
+        ]
+        if ports:
+            return proto, min(ports)
+    return None
 
 
 def _port_table(pair: _Pair, side: int, proto: str) -> _PortTable:
@@ -317,6 +725,7 @@ def summarize(
     local_addresses: Iterable[str] | None = None,
     progress: ProgressCallback | None = None,
     budget: Budget | None = None,
+    priority: AddressPriority | None = None,
 ) -> Summary:
     """Read a whole capture from ``stream`` and summarise it per conversation and per peer.
 
@@ -327,7 +736,9 @@ def summarize(
     given = _parse_addresses(local_addresses) if local_addresses is not None else None
     reader = open_capture(stream)
     reader.source.limit = budget.max_decompressed_bytes
-    acc = _Accumulator(reader.frac_per_second)
+    acc = _Accumulator(
+        reader.frac_per_second, max_peers=budget.max_peers, priority=priority, given_local=given
+    )
     limits = _Limits(budget)
     if isinstance(reader, PcapReader) and reader.link_type == 1:
         _walk_ethernet_pcap(reader, acc, progress, limits)
@@ -338,6 +749,7 @@ def summarize(
     if reader.source.limited:
         limits.exhausted = "decompressed_bytes"
     acc.fold()
+    acc.compact()
     return _build_summary(
         acc, reader.format, reader.link_types, reader.warnings, given, limits.exhausted
     )
@@ -552,7 +964,7 @@ def infer_local_addresses(
        (Azure VMs have private addresses), then to the busiest. ``extra_counterparts`` adds
        counterparts no longer in ``pairs`` (folded peers).
     """
-    platform_set = frozenset(PLATFORM_ADDRESSES)
+    platform_set = PLATFORM_SET
     # address -> [answered by a platform address, packets with platform addresses]
     talkers: dict[bytes, list[int]] = {}
     for (a, b), pair in pairs.items():
@@ -601,11 +1013,14 @@ def _is_private(address: bytes) -> bool:
     return ip.is_private and not ip.is_loopback
 
 
+_ALL_ONES_V4 = b"\xff\xff\xff\xff"
+
+
 def _is_unicast(address: bytes) -> bool:
-    ip = ipaddress.ip_address(address)
-    return not (
-        ip.is_multicast or ip.is_unspecified or ip == ipaddress.IPv4Address("255.255.255.255")
-    )
+    """Not multicast, unspecified or the IPv4 broadcast address (byte tests: called per pair)."""
+    if len(address) == 4:
+        return not (224 <= address[0] <= 239 or address in (UNSPECIFIED_V4, _ALL_ONES_V4))
+    return address[0] != 0xFF and any(address)
 
 
 def _build_summary(
@@ -617,7 +1032,11 @@ def _build_summary(
     budget_exhausted: BudgetLimit | None = None,
 ) -> Summary:
     pairs = acc.pairs
-    local = given_local if given_local is not None else infer_local_addresses(pairs)
+    local = (
+        given_local
+        if given_local is not None
+        else infer_local_addresses(pairs, acc.folded_counterparts)
+    )
     local_set = set(local)
     conversations = tuple(
         Conversation(
@@ -651,8 +1070,11 @@ def _build_summary(
         (builder.build(names.get(remote, ())) for remote, builder in builders.items()),
         key=lambda peer: (-peer.bytes, peer.address),
     )
+    folded = acc.folded.build()
     firsts = [p.first for p in pairs.values()]
-    lasts = [p.last for p in pairs.values()]
+    firsts.extend(group.first_seen for group in folded)
+    lasts_folded = [group.last_seen for group in folded]
+    lasts = [p.last for p in pairs.values()] + lasts_folded
     fps = acc.frac_per_second
     if acc.first is not None and acc.last is not None:
         firsts.append(acc.first[0] + acc.first[1] / fps)
@@ -660,21 +1082,24 @@ def _build_summary(
     capture = CaptureInfo(
         format=capture_format,
         link_types=link_types,
-        packets=acc.ip_packets + acc.other_frames,
-        bytes=acc.ip_bytes + acc.other_bytes,
+        packets=acc.ip_packets - acc.inner_packets + acc.other_frames,
+        bytes=acc.ip_bytes - acc.inner_bytes + acc.other_bytes,
         first_seen=min(firsts) if firsts else None,
         last_seen=max(lasts) if lasts else None,
         local_addresses=tuple(_text(a) for a in local),
         local_addresses_inferred=given_local is None,
         complete=not warnings,
         warnings=tuple(warnings),
-        ip_packets=acc.ip_packets,
+        ip_packets=acc.ip_packets - acc.inner_packets,
         non_ip=dict(sorted(acc.non_ip.items())),
         undecodable=dict(sorted(acc.undecodable.items())),
         malformed_dns=acc.names.malformed_dns,
         budget_exhausted=budget_exhausted,
+        folded_peers=sum(group.peers_estimate for group in folded),
+        folded_packets=sum(group.packets for group in folded),
+        folded_bytes=sum(group.bytes for group in folded),
     )
-    return Summary(capture=capture, conversations=conversations, peers=tuple(peers))
+    return Summary(capture=capture, conversations=conversations, peers=tuple(peers), folded=folded)
 
 
 class _PeerBuilder:

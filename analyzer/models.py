@@ -336,13 +336,26 @@ class Analysis:
 
     def to_dict(self) -> dict[str, Any]:
         """The stable JSON document (``schema_version`` changes only on breaking changes)."""
+        document = self.head_dict()
+        for key, items in self.sections().items():
+            document[key] = [item.to_dict() for item in items]
+        return document
+
+    def head_dict(self) -> dict[str, Any]:
+        """The document without its lists (empty in their places), for streaming writers."""
         return {
             "schema_version": SCHEMA_VERSION,
             "analyzer_version": self.analyzer_version,
             "policy_version": self.policy_version,
             "capture": self.capture.to_dict(),
-            "conversations": [c.to_dict() for c in self.conversations],
-            "peers": [p.to_dict() for p in self.peers],
-            "alerts": [a.to_dict() for a in self.alerts],
-            "folded": [g.to_dict() for g in self.folded],
+            **{key: [] for key in self.sections()},
+        }
+
+    def sections(self) -> dict[str, tuple[Conversation | Peer | Alert | FoldedGroup, ...]]:
+        """The document's lists by key, in document order."""
+        return {
+            "conversations": self.conversations,
+            "peers": self.peers,
+            "alerts": self.alerts,
+            "folded": self.folded,
         }

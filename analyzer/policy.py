@@ -12,7 +12,7 @@ import hashlib
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, cast
@@ -48,6 +48,8 @@ DEFAULT_SEVERITIES: Mapping[str, Severity] = MappingProxyType(
 )
 RULE_IDS: tuple[str, ...] = tuple(DEFAULT_SEVERITIES)
 DEFAULT_SCAN_PORT_THRESHOLD = 10
+# A listed network this small is protected from peer folding outright (see address_priority).
+SMALL_NETWORK = 256
 
 _TOP_KEYS = (
     "description",
@@ -199,6 +201,41 @@ class Policy:
     def enabled(self, rule: str) -> bool:
         """Whether ``rule`` may raise alerts (all rules are on unless switched off)."""
         return self.rules.get(rule, True)
+
+    def address_priority(self) -> Callable[[bytes], int]:
+        """A fast test of a raw (4- or 16-byte) address against the networks the policy names.
+
+        The capture engine uses it to decide which peers it may fold when there are too many:
+        ``2`` for an address in a network of at most ``SMALL_NETWORK`` addresses (never folded:
+        the operator listed it), ``1`` for one in a larger network (kept before unlisted peers),
+        ``0`` otherwise. Listed are ``admin_sources``, ``dns_resolvers`` and the CIDRs of
+        ``allow`` and ``deny`` rules; ``vnet_ranges`` describe the VM's own network instead.
+        """
+        networks = [
+            *self.admin_sources,
+            *self.dns_resolvers,
+            *(rule.cidr for rule in (*self.allow, *self.deny) if rule.cidr is not None),
+        ]
+        ranges = tuple(
+            (
+                network.max_prefixlen // 8,
+                int(network.network_address),
+                int(network.broadcast_address),
+                2 if network.num_addresses <= SMALL_NETWORK else 1,
+            )
+            for network in networks
+        )
+
+        def priority(address: bytes) -> int:
+            value = int.from_bytes(address, "big")
+            size = len(address)
+            best = 0
+            for family, low, high, rank in ranges:
+                if family == size and low <= value <= high and rank > best:
+                    best = rank
+            return best
+
+        return priority
 
     def _canonical(self) -> dict[str, Any]:
         # The description is documentation, so it does not change the version.

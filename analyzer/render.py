@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from analyzer.models import Analysis, Peer, iso_time
 from analyzer.textsafe import csv_cell, terminal_text
@@ -34,7 +34,32 @@ PEER_CSV_COLUMNS = (
 
 
 def to_json(analysis: Analysis) -> str:
-    return json.dumps(analysis.to_dict(), indent=2, sort_keys=False) + "\n"
+    """The JSON document, indented as ``json.dumps(analysis.to_dict(), indent=2)`` would be."""
+    return "".join(iter_json(analysis))
+
+
+def iter_json(analysis: Analysis) -> Iterator[str]:
+    """The JSON document in pieces, one per peer, conversation, alert...: the whole document is
+    never held as dicts at once (20,000 peers took hundreds of MB that way)."""
+    sections = analysis.sections()
+    yield "{"
+    separator = "\n  "
+    for key, value in analysis.head_dict().items():
+        yield separator + json.dumps(key) + ": "
+        separator = ",\n  "
+        items = sections.get(key)
+        if items is None:
+            yield json.dumps(value, indent=2).replace("\n", "\n  ")
+        elif not items:
+            yield "[]"
+        else:
+            yield "["
+            item_separator = "\n    "
+            for item in items:
+                yield item_separator + json.dumps(item.to_dict(), indent=2).replace("\n", "\n    ")
+                item_separator = ",\n    "
+            yield "\n  ]"
+    yield "\n}\n"
 
 
 def to_csv(analysis: Analysis) -> str:

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from analyzer.catalog import Service
-from analyzer.classify import classify, services_of
+from analyzer.classify import ALL_PEERS, cap_alerts_per_rule, classify, services_of
 from analyzer.models import (
+    SEVERITY_ORDER,
     Alert,
     CaptureInfo,
     Peer,
@@ -721,3 +722,28 @@ class TestPolicyKnobs:
         assert alerts
         for alert in alerts:
             json.dumps(alert.to_dict())
+
+
+class TestAlertCap:
+    """Past the cap, a rule's alerts collapse into one that counts them and samples peers."""
+
+    def test_cap_keeps_the_most_severe_and_summarises_the_rest(self) -> None:
+        alerts = [
+            Alert("inbound-scan", "high" if i < 3 else "medium", f"198.51.100.{i}", "scan")
+            for i in range(40)
+        ] + [Alert("deny-rule", "high", "203.0.113.9", "denied")]
+        alerts.sort(key=lambda a: (-SEVERITY_ORDER[a.severity], a.peer))
+        capped = cap_alerts_per_rule(alerts, 5)
+        scans = [a for a in capped if a.rule == "inbound-scan"]
+        assert [a.peer for a in scans[:3]] == ["198.51.100.0", "198.51.100.1", "198.51.100.2"]
+        assert len(scans) == 6 and any(a.rule == "deny-rule" for a in capped)
+        (summary,) = (a for a in scans if a.peer == ALL_PEERS)
+        assert summary.severity == "medium"
+        assert summary.evidence["alerts_not_listed"] == 35
+        assert summary.evidence["peers_not_listed"] == 35
+        assert len(summary.evidence["sample_peers"]) == 20
+        assert "NWCAP_MAX_ALERTS_PER_RULE" in summary.message
+
+    def test_under_the_cap_nothing_changes(self) -> None:
+        alerts = [Alert("deny-rule", "high", f"203.0.113.{i}", "denied") for i in range(5)]
+        assert cap_alerts_per_rule(list(alerts), 5) == alerts

@@ -8,9 +8,11 @@ import struct
 
 import pytest
 
-from analyzer.engine import summarize
+from analyzer.budget import Budget
+from analyzer.engine import MAX_FOLDED_GROUPS, MAX_LOCAL_ADDRESSES, summarize
 from analyzer.errors import CorruptCaptureError, UnsupportedFormatError
-from analyzer.models import Summary
+from analyzer.models import PortCount, Summary
+from analyzer.policy import Policy
 from nwcap_testing import synth
 from nwcap_testing.synth import ACK, FIN, PSH, RST, SYN, Packet
 
@@ -300,3 +302,79 @@ class TestLocalAddresses:
         assert summary.capture.local_addresses == ("52.1.2.3",)
         assert not summary.capture.local_addresses_inferred
         assert summary.peers[0].address == VM
+
+    def test_forged_platform_talkers_are_not_the_vm(self) -> None:
+        # the VM's WireServer query is answered; forged sources' queries are not
+        frames = [
+            udp_frame(VM, "168.63.129.16", 33000, 53),
+            udp_frame("168.63.129.16", VM, 53, 33000),
+        ]
+        frames += [udp_frame(f"52.0.{i}.1", "168.63.129.16", 1, 53) for i in range(250)]
+        summary = summary_of(pcap_bytes(frames))
+        assert summary.capture.local_addresses == (VM,)
+
+    def test_unanswered_platform_talkers_are_capped(self) -> None:
+        frames = [udp_frame(f"52.{i >> 8}.{i & 255}.1", "168.63.129.16", 1, 53) for i in range(400)]
+        frames += [udp_frame(VM, "168.63.129.16", 33000, 53)] * 3
+        local = summary_of(pcap_bytes(frames)).capture.local_addresses
+        assert len(local) == MAX_LOCAL_ADDRESSES and VM in local  # the busiest are kept
+
+
+def syn(source: str, port: int = 443) -> bytes:
+    return tcp_frame(source, VM, 1024, port, SYN)
+
+
+def flood_source(i: int) -> str:
+    """Forged sources, 64 per /24."""
+    return f"198.{18 + (i >> 14)}.{(i >> 6) & 255}.{i & 63}"
+
+
+class TestFolding:
+    """Past max_peers, peers without an exchange are folded into prefix groups, nothing lost."""
+
+    def test_flood_folds_but_the_genuine_and_listed_peers_stay(self) -> None:
+        frames = [
+            udp_frame(VM, "168.63.129.16", 33000, 53),
+            udp_frame("168.63.129.16", VM, 53, 33000),
+        ]
+        frames += [syn(flood_source(i)) for i in range(2000)]
+        frames += web_session()  # 52.1.2.3 after the flood: an established exchange
+        frames += [syn("192.0.2.66", 22)]  # one SYN, like the flood, but listed by the policy
+        data = pcap_bytes(frames)
+        summary = summary_of(
+            data,
+            budget=Budget(max_peers=100),
+            priority=Policy.from_mapping({"admin_sources": ["192.0.2.64/30"]}).address_priority(),
+        )
+        addresses = {p.address for p in summary.peers}
+        assert {"52.1.2.3", "192.0.2.66", "168.63.129.16"} <= addresses
+        assert len(summary.peers) == 100
+        web = next(p for p in summary.peers if p.address == "52.1.2.3")
+        assert (web.packets_sent, web.packets_received) == (4, 6)
+        capture = summary.capture
+        assert capture.packets == len(frames)
+        assert sum(p.packets for p in summary.peers) + capture.folded_packets == len(frames)
+        assert capture.folded_peers == 2000 - 97  # 64 or fewer per /24 group: counted exactly
+        assert sum(g.peers_estimate for g in summary.folded) == capture.folded_peers
+        assert {g.prefix for g in summary.folded} <= {f"198.18.{i}.0/24" for i in range(32)}
+        assert all(g.ports[0] == PortCount("tcp", 443, g.packets, g.bytes) for g in summary.folded)
+
+    def test_groups_widen_instead_of_growing_without_bound(self) -> None:
+        # 3,000 /24 prefixes in 900 /16s: one widening step
+        frames = [syn(f"{11 + i % 180}.{(i // 180) % 5}.{i // 900}.1") for i in range(3000)]
+        summary = summary_of(pcap_bytes(frames), budget=Budget(max_peers=10))
+        assert len(summary.folded) <= MAX_FOLDED_GROUPS
+        assert all(g.prefix.endswith("/16") for g in summary.folded)
+        assert len(summary.folded) == 900
+        assert summary.capture.folded_packets + sum(p.packets for p in summary.peers) == 3000
+
+    def test_distinct_estimate_is_close_past_the_exact_count(self) -> None:
+        frames = [syn(flood_source(i)) for i in range(20_000)]
+        summary = summary_of(pcap_bytes(frames), budget=Budget(max_peers=10), local_addresses=[VM])
+        estimate = summary.capture.folded_peers
+        assert abs(estimate - (20_000 - 10)) < 0.1 * 20_000
+
+    def test_no_folding_under_the_budget(self) -> None:
+        summary = summary_of(pcap_bytes([syn(flood_source(i)) for i in range(500)]))
+        assert len(summary.peers) == 500 and summary.folded == ()
+        assert summary.capture.folded_peers == 0
