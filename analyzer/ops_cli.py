@@ -1,7 +1,8 @@
 """``nwcap reconcile`` and ``nwcap status``: the operator's commands, the timer's code path.
 
 ``reconcile`` runs :func:`analyzer.reconcile.reconcile` exactly as the function app's timer
-does (same settings, same processing) and records the run; ``status`` prints
+does (same settings, same processing), records the run and delivers alerts not yet delivered
+(:mod:`analyzer.alert_delivery`); ``status`` prints
 :func:`analyzer.status.status_document`. Connections are named as for the storage commands:
 ``--connection`` (default ``RESULTS_CONNECTION``, else ``CAPTURES_CONNECTION``) for results,
 ``--captures-connection`` (default ``CAPTURES_CONNECTION``) for capture blobs and the poison
@@ -22,6 +23,7 @@ from azure.core.exceptions import AzureError
 from azure.storage.blob import ContainerClient
 from azure.storage.queue import QueueClient
 
+from analyzer.alert_delivery import AlertDelivery, DeliverySettings
 from analyzer.connections import (
     ConnectionSettingError,
     ConnectionSettings,
@@ -41,6 +43,7 @@ from analyzer.reconcile import (
     parse_duration,
     poison_queue,
     processor,
+    queue_service_for,
     reconcile,
 )
 from analyzer.status import status_document
@@ -171,7 +174,17 @@ def run_reconcile(args: argparse.Namespace) -> int:
         poison=None if args.no_poison else site.poison(),
     )
     site.runs.record(report)
+    delivery = AlertDelivery.from_settings(
+        site.store,
+        queue_service_for(site.results),
+        DeliverySettings.from_environ(),
+        create_queue=not site.results.identity_based,
+    )
+    sent = delivery.reconcile()  # alerts not yet delivered, as the timer does
     _print_report(report, args.format)
+    if sent.sent or sent.pending or sent.failed:
+        print(f"nwcap: alerts: {sent.sent} sent, {sent.pending} pending, {sent.failed} failed",
+              file=sys.stderr)
     return EXIT_ALERTS if report.failed else 0
 
 

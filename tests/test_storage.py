@@ -403,6 +403,27 @@ class TestResults:
         assert len(stored) == 230
         assert sum(row["packets_sent"] for row in stored) == sum(range(1, 231))
 
+    def test_rows_of_other_runs_are_not_read(self, results_store: TableResultsStore) -> None:
+        capture = store_results(
+            results_store, record(location()), (peer("20.0.0.1"),), (alert("a", "low", "20.0.0.1"),)
+        )
+        # A later run has written its rows but not flipped the capture row (still running,
+        # or dead): readers keep reading the first run's results, and only those.
+        later = dataclasses.replace(capture, generation=2)
+        results_store.write_results(
+            later, (peer("20.0.0.1", 9, 9), peer("20.0.0.2")), (alert("b", "high", "20.0.0.2"),)
+        )
+        rows = {row["address"]: row for row in results_store.iter_capture_peers(capture.capture_id)}
+        assert set(rows) == {"20.0.0.1"} and rows["20.0.0.1"]["packets_sent"] == 3
+        assert [a["rule"] for a in results_store.list_alerts().items] == ["a"]
+        assert [a["rule"] for a in results_store.iter_capture_alerts(capture.capture_id)] == ["a"]
+        assert results_store.peer_sightings("20.0.0.2").items == []
+        assert len(results_store.peer_sightings("20.0.0.1").items) == 1
+        # Dropping that run's rows leaves exactly the first run's.
+        assert results_store.drop_results(capture.capture_id, generation=2) == 3
+        assert _row_count(results_store, "peerindex") == 1
+        assert _row_count(results_store, "alerts") == 2
+
     def test_peers_and_alerts_are_paged(self, results_store: TableResultsStore) -> None:
         capture = record(location())
         peers = tuple(peer(f"20.0.1.{n}", 1, 0) for n in range(25))
