@@ -35,7 +35,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -70,6 +71,8 @@ _POISON_VISIBILITY = 15 * 60
 _DURATION = re.compile(r"^(\d{1,7})([smhd])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _MAX_DURATION = 400 * 86400
+_PARALLEL_READS = 8
+_READ_CHUNK = 256
 _YEAR, _MONTH, _DAY = re.compile(r"^\d{4}$"), re.compile(r"^\d{2}$"), re.compile(r"^\d{2}$")
 
 Process = Callable[[BlobClient, float], Outcome]
@@ -241,6 +244,26 @@ def list_capture_blobs(
     yield from _walk(container, "", days, since, ())
 
 
+def with_records(
+    store: ResultsStore, container_name: str, listed: Iterable[Listed]
+) -> Iterator[tuple[Listed, str, CaptureRecord | None]]:
+    """Each listed blob with its capture id and ``captures`` row: one point read per blob,
+    several at a time, a bounded number of blobs held at once."""
+
+    def look_up(blob: Listed) -> tuple[Listed, str, CaptureRecord | None]:
+        capture_id = capture_id_for(parse_capture_path(container_name, blob.name))
+        return blob, capture_id, store.get_capture(capture_id)
+
+    with ThreadPoolExecutor(max_workers=_PARALLEL_READS) as pool:
+        chunk: list[Listed] = []
+        for blob in listed:
+            chunk.append(blob)
+            if len(chunk) >= _READ_CHUNK:
+                yield from pool.map(look_up, chunk)
+                chunk = []
+        yield from pool.map(look_up, chunk)
+
+
 def _days(since: float, until: float) -> frozenset[tuple[str, str, str]]:
     # A day of slack each side: a path's date is the capture's start in UTC.
     first = datetime.fromtimestamp(since, tz=timezone.utc).date() - timedelta(days=1)
@@ -357,11 +380,9 @@ def reconcile(
     report = ReconcileReport(started=now, container=container.container_name)
     deadline = now + settings.max_seconds
     due: list[tuple[float, Listed, str, str]] = []
-    for listed in list_capture_blobs(container, since=now - settings.lookback, until=now):
+    listed_blobs = list_capture_blobs(container, since=now - settings.lookback, until=now)
+    for listed, capture_id, record in with_records(store, container.container_name, listed_blobs):
         report.scanned += 1
-        location = parse_capture_path(container.container_name, listed.name)
-        capture_id = capture_id_for(location)
-        record = store.get_capture(capture_id)
         reason = needs_run(record, listed.etag, now, settings.stale_after)
         if reason in _RUN_REASONS:
             due.append((listed.last_modified, listed, capture_id, reason))

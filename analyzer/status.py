@@ -20,15 +20,15 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import ContainerClient
 from azure.storage.queue import QueueClient
 
-from analyzer.blobpath import parse_capture_path
 from analyzer.reconcile import (
     ReconcileSettings,
     RunLog,
     list_capture_blobs,
     needs_run,
     poison_length,
+    with_records,
 )
-from analyzer.storage import TableResultsStore, capture_id_for
+from analyzer.storage import TableResultsStore
 
 # Capture rows counted at most (their status columns only); beyond, the counts say so.
 MAX_ROWS = 100_000
@@ -103,10 +103,9 @@ def _pending(
     reasons: Counter[str] = Counter()
     oldest: tuple[float, str] | None = None
     scanned = 0
-    for listed in list_capture_blobs(container, since=since, until=now):
+    listed_blobs = list_capture_blobs(container, since=since, until=now)
+    for listed, _, record in with_records(store, container.container_name, listed_blobs):
         scanned += 1
-        location = parse_capture_path(container.container_name, listed.name)
-        record = store.get_capture(capture_id_for(location))
         reason = needs_run(record, listed.etag, now, settings.stale_after)
         if reason in ("complete", "newer-analyzer"):
             continue
