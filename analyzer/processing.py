@@ -411,6 +411,8 @@ def _record_failure(
         stale_rows=not transient and claimed.generation > 1,
     )
     try:
+        if not transient:  # rows this run wrote before failing are nobody's results
+            store.drop_results(claimed.capture_id, generation=claimed.generation)
         stored = _flip(store, failed)
     except Exception as secondary:  # storage down too: the row stays processing
         if not transient:

@@ -405,6 +405,9 @@ class TestHostileValues:
         assert (stored.status, stored.transient, stored.error) == (
             "failed", False, "OverflowError: boom"
         )
+        # the rows written before the error are gone, not left behind a failed capture
+        for table in ("peers", "alerts", "peerindex"):
+            assert list(results_store.table(table).list_entities()) == [], table
         assert process_blob(blob, results_store).status == "skipped"
 
 
