@@ -451,13 +451,15 @@ def _store_analysis(
         capture_time, source = claimed.capture_time, claimed.capture_time_source
     elif first_seen is not None:
         capture_time, source = first_seen, "packets"
-    # A back-dated capture, or one whose path names no VM, teaches no baseline: whoever can
-    # write the container could otherwise teach a VM's baseline any address.
-    learns = not claimed.time_mismatch and location.vm != UNKNOWN_VM
-    known = store.known_peers(location) if learns else {}
+    # A capture whose path names no VM has no baseline. A back-dated one is checked against
+    # its VM's baseline but teaches it nothing: whoever can write the container could
+    # otherwise plant a capture dated years ago and make any address look familiar.
+    has_vm = location.vm != UNKNOWN_VM
+    learns = has_vm and not claimed.time_mismatch
+    known = store.known_peers(location) if has_vm else {}
     new_peers = (
         new_peer_keys(analysis.peers, known, claimed.capture_id, capture_time)
-        if learns
+        if has_vm
         else frozenset()
     )
     alerts = analysis.alerts + baseline_alerts(location, analysis.peers, new_peers)

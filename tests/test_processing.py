@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -362,6 +363,11 @@ class TestDelivery:
         assert {row["address"] for row in rows} == set(OTHER)
 
 
+def parse_location(outcome: Outcome) -> CaptureLocation:
+    assert outcome.record is not None
+    return outcome.record.location
+
+
 def new_peer_alerts(store: TableResultsStore, capture_id: str) -> list[dict[str, Any]]:
     return [a for a in store.iter_capture_alerts(capture_id) if a["rule"] == "new-peer"]
 
@@ -443,6 +449,29 @@ class TestBaseline:
             upload(network_watcher_path(minute=3), udp_capture(PEERS)), results_store
         )
         assert new_peer_alerts(results_store, third.capture_id) == []
+
+    def test_back_dated_capture_teaches_nothing(
+        self, upload: Upload, results_store: TableResultsStore
+    ) -> None:
+        first = process_blob(
+            upload(network_watcher_path(minute=1), udp_capture(FIRST)), results_store
+        )
+        learned = results_store.known_peers(parse_location(first))
+        # planted now, dated 2001 by its path: far before the blob was created
+        planted = network_watcher_path(minute=2).replace(
+            "/".join(network_watcher_path().split("/")[-4:-1]), "2001/01/02"
+        )
+        outcome = process_blob(upload(planted, udp_capture(PEERS)), results_store)
+        stored = results_store.get_capture(outcome.capture_id)
+        assert stored is not None and stored.status == "complete"
+        assert "before the blob was created" in stored.time_mismatch
+        assert stored.capture_time_source == "blob-created"
+        assert stored.location.capture_time is not None
+        assert stored.location.capture_time < datetime(2002, 1, 1, tzinfo=timezone.utc).timestamp()
+        # its unknown peers are flagged, and still unknown to the baseline afterwards
+        new = sorted(a["peer"] for a in new_peer_alerts(results_store, outcome.capture_id))
+        assert new == ["20.0.0.2", "2001:db8::7"]
+        assert results_store.known_peers(parse_location(first)) == learned
 
     def test_each_vm_has_its_own_baseline(
         self, upload: Upload, results_store: TableResultsStore
