@@ -199,6 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="nwcap: %(levelname)s: %(message)s",
     )
+    if not args.verbose:
+        # The per-capture and per-alert records are for Application Insights; the commands
+        # print what they did themselves.
+        logging.getLogger("nwcap.outcome").setLevel(logging.ERROR)
     try:
         return int(args.func(args))
     except InputError as exc:
