@@ -252,6 +252,29 @@ class TestBoundsAndOrder:
         report = run(captures_container, results_store, ReconcileSettings(stale_after=0, limit=2))
         assert (report.complete, report.processed, report.left) == (2, 1, 0)
 
+    def test_time_budget_leaves_the_rest(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore,
+    ) -> None:
+        for n in range(3):
+            upload(network_watcher_path(f"vm-{n}", minute=n), udp_capture(PEERS))
+        start = time.time()
+        processed: list[str] = []
+        real = processor(results_store)
+
+        def slow(blob: BlobClient, stale_after: float) -> Outcome:
+            processed.append(blob.blob_name)
+            return real(blob, stale_after)
+
+        # each capture "takes" a minute: after two, the 90 s budget is spent
+        def clock() -> float:
+            return start + 60.0 * len(processed)
+
+        settings = ReconcileSettings(stale_after=0, max_seconds=90)
+        report = reconcile(captures_container, results_store, slow, settings=settings,
+                           clock=clock)
+        assert (report.processed, report.left) == (2, 1)
+
     def test_only_the_window_is_listed(
         self, upload: Upload, captures_container: ContainerClient,
         results_store: TableResultsStore,
