@@ -523,9 +523,13 @@ class TableResultsStore:
         record = self.get_capture(capture_id)
         if record is None:
             return [], None
-        prefix = generation_prefix(record.results_generation)
-        clauses = ["PartitionKey eq @pk", "RowKey ge @low", "RowKey lt @high"]
-        parameters = {"pk": partition, "low": prefix, "high": prefix[:-1] + "}"}
+        if not record.results_generation:
+            # Written before runs had generations: the whole partition is the results.
+            clauses, parameters = ["PartitionKey eq @pk"], {"pk": partition}
+        else:
+            prefix = generation_prefix(record.results_generation)
+            clauses = ["PartitionKey eq @pk", "RowKey ge @low", "RowKey lt @high"]
+            parameters = {"pk": partition, "low": prefix, "high": prefix[:-1] + "}"}
         return self._query(table, clauses, parameters, limit or MAX_PAGE, continuation)
 
     def _current(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

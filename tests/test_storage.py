@@ -424,6 +424,18 @@ class TestResults:
         assert _row_count(results_store, "peerindex") == 1
         assert _row_count(results_store, "alerts") == 2
 
+    def test_rows_from_before_generations_are_read(
+        self, results_store: TableResultsStore
+    ) -> None:
+        capture = record(location())
+        results_store.put_capture(capture)  # generation 0: an older nwcap's row
+        legacy = peer_entity(capture, peer("20.0.0.1"), new=False, alerts=[])
+        legacy["RowKey"] = ip_key("20.0.0.1")  # keys had no generation then
+        del legacy["generation"]
+        results_store.table("peers").create_entity(legacy)
+        rows = list(results_store.iter_capture_peers(capture.capture_id))
+        assert [row["address"] for row in rows] == ["20.0.0.1"]
+
     def test_peers_and_alerts_are_paged(self, results_store: TableResultsStore) -> None:
         capture = record(location())
         peers = tuple(peer(f"20.0.1.{n}", 1, 0) for n in range(25))
