@@ -210,7 +210,7 @@ def _by_ethertype(frame: bytes, at: int, ethertype: int, depth: int = 0) -> Deco
     # Tags that end in the next EtherType are peeled off in a bounded loop, not by recursion.
     tags = 0
     while ethertype not in (ETHERTYPE_IPV4, ETHERTYPE_IPV6):
-        length = _tag_length(frame, at, ethertype)
+        length = 4 if ethertype in VLAN_TAGS else _tag_length(frame, at, ethertype)
         if length is None:
             break
         if not isinstance(length, int):
@@ -251,10 +251,8 @@ ARISTA_TIMESTAMPS = {0x0010: 8, 0x0110: 8, 0x0020: 6, 0x0120: 6}
 
 
 def _tag_length(frame: bytes, at: int, ethertype: int) -> int | NonIp | Undecodable | None:
-    """For a tag that ends in the next EtherType, its length with that EtherType; a result if
-    the tag ends the decoding; None if ``ethertype`` is not a tag."""
-    if ethertype in VLAN_TAGS:  # 802.1Q, 802.1ad, QinQ
-        return 4
+    """For a tag (but VLAN tags) that ends in the next EtherType, its length with that
+    EtherType; a result if the tag ends the decoding; None if ``ethertype`` is not a tag."""
     if ethertype in TAG_LENGTHS:
         return TAG_LENGTHS[ethertype]
     if ethertype == 0x8909:  # Cisco MetaData (SGT): 8 bytes ending in the next EtherType
@@ -453,10 +451,10 @@ def _transport(
     """Read the transport header; a short or later-fragment transport keeps ports at 0."""
     if fragment == 2:
         return Decoded(src, dst, proto, 0, 0, 0, 0, -1, b"", fragment, frag_id)
-    for _ in range(MAX_TAGS):  # AH: skip to what it authenticates
-        if proto != 51 or fragment or end - at < 8:
-            break
-        proto, at = frame[at], at + (frame[at + 1] + 2) * 4
+    ah_headers = 0
+    while proto == 51 and not fragment and end - at >= 8 and ah_headers < MAX_TAGS:
+        proto, at = frame[at], at + (frame[at + 1] + 2) * 4  # AH: skip to what it authenticates
+        ah_headers += 1
     if proto == 103 and not fragment and end - at >= 8 and frame[at] == 0x21:
         # a PIM Register carries the multicast packet it registers
         inner = _ip(frame[:end], at + 8, depth + 1) if depth < MAX_TUNNEL_DEPTH else None
@@ -484,7 +482,12 @@ def _transport(
             end = at + udp_length
         # a zero UDP length (a jumbogram) leaves the payload undissected, as in tshark, and so
         # does a bogus length below the header's own 8 bytes
-        if udp_length >= 8 and not fragment and depth < MAX_TUNNEL_DEPTH:
+        if (
+            (sport in TUNNEL_UDP_PORTS or dport in TUNNEL_UDP_PORTS)
+            and udp_length >= 8
+            and not fragment
+            and depth < MAX_TUNNEL_DEPTH
+        ):
             port = _tunnel_port(sport, dport)
             if port:
                 tunnelled = _udp_tunnel(frame[:end], at + 8, port, depth + 1)

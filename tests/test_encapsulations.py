@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from analyzer.decode import MAX_TUNNEL_DEPTH, Decoded, NonIp, Undecodable, decode
 from analyzer.engine import summarize
 from nwcap_testing import synth
 from nwcap_testing.synth import Packet
@@ -823,3 +824,53 @@ class TestDeliberateDifferences:
 
     def test_reasons_given(self) -> None:
         assert all(len(reason) > 40 for reason in deliberate_differences().values())
+
+
+def nested(layer: Callable[[bytes], bytes], times: int, core: bytes) -> bytes:
+    for _ in range(times):
+        core = layer(core)
+    return core
+
+
+def l2tp_layer(packet: bytes) -> bytes:
+    message = b"\x00\x02\x00\x01\x00\x02\xff\x03\x00\x21" + packet
+    return synth.ipv4(
+        "10.0.0.1", "10.0.0.2", 17, synth.udp("10.0.0.1", "10.0.0.2", 1701, 1701, message)
+    )
+
+
+NO_MAC = bytes(12)
+CORE = synth.ipv4("10.0.0.1", "10.0.0.2", 17, synth.udp("10.0.0.1", "10.0.0.2", 1, 2, b"x"))
+# (link type, frame): thousands of headers nested in one frame, each kind that can nest
+NESTINGS = {
+    "l2tp-in-l2tp": (101, nested(l2tp_layer, 1200, CORE)),
+    "ethernet-bridged-in-ethernet": (1, nested(lambda f: NO_MAC + b"\x65\x58" + f, 3000, CORE)),
+    "cisco-metadata-tags": (1, NO_MAC + b"\x89\x09" + (bytes(6) + b"\x89\x09") * 3000 + CORE),
+    "snap-headers": (1, NO_MAC + b"\x00\x40" + b"\xaa\xaa\x03\x00\x00\x00\x00\x40" * 3000),
+    "ah-headers": (101, synth.ipv4("10.0.0.1", "10.0.0.2", 51, (b"\x33\x01" + bytes(10)) * 3000)),
+    "pbb-in-pbb": (1, nested(lambda f: NO_MAC + b"\x88\xe7" + bytes(4) + f, 3000, CORE)),
+    "nsh-in-nsh": (
+        1,
+        nested(lambda f: NO_MAC + b"\x89\x4f\x00\x02\x02\x03" + bytes(4) + f, 3000, CORE),
+    ),
+    "ppi-in-pktap": (
+        192,
+        nested(
+            lambda f: struct.pack("<HHI", 0, 8, 149) + struct.pack("<II", 8, 192) + f, 2000, CORE
+        ),
+    ),
+}
+
+
+class TestNestingBounded:
+    """A frame of thousands of nested headers decodes to a result, never an exception."""
+
+    @pytest.mark.parametrize("name", sorted(NESTINGS))
+    def test_decode_returns(self, name: str) -> None:
+        link_type, frame = NESTINGS[name]
+        result = decode(link_type, frame)
+        depth = 0
+        while isinstance(result, Decoded) and result.inner is not None:
+            result, depth = result.inner, depth + 1
+        assert isinstance(result, Decoded | NonIp | Undecodable)
+        assert depth <= MAX_TUNNEL_DEPTH
