@@ -33,6 +33,7 @@ from analyzer.decode import (
     protocol_name,
 )
 from analyzer.models import (
+    ACTIVITY_BUCKETS,
     BudgetLimit,
     CaptureInfo,
     Conversation,
@@ -70,12 +71,17 @@ HLL_REGISTERS = 256  # HyperLogLog with 256 one-byte registers: a ~6.5% standard
 # A flow of a new peer, once max_peers are kept, is folded at once only up to this many
 # packets (a forged source sends one or two); busier ones are ranked by compact().
 FOLD_AT_ONCE_MAX_PACKETS = 8
+# A flow's closed spans are merged per bucket when more than this many pile up.
+MAX_SPANS = 2 * ACTIVITY_BUCKETS
 # Service ports remembered per folded group.
 FOLDED_PORTS_KEPT = 64
 
 # Flow entry layout (a list, for speed): packets, bytes, first second, first fraction,
-# last second, last fraction, OR of TCP flags, flags of the first packet.
-PKTS, BYTES, FSEC, FFRAC, LSEC, LFRAC, FLAGS, FIRST_FLAGS = range(8)
+# last second, last fraction, OR of TCP flags, flags of the first packet; then for the
+# activity histogram: the second at which the current span ends (a packet at or past it
+# starts a new span), the bytes counted before the current span, and where the spans closed so
+# far are (an index into _Accumulator.spans, 0 for none).
+PKTS, BYTES, FSEC, FFRAC, LSEC, LFRAC, FLAGS, FIRST_FLAGS, SPLIT_SEC, SPLIT_BYTES, SPANS = range(11)
 ProgressCallback = Callable[[int], None]
 AddressPriority = Callable[[bytes], int]
 _NESTED_TOO_DEEP = Undecodable("nested-too-deep")
@@ -119,6 +125,8 @@ class _Pair:
     """
 
     __slots__ = (
+        "activity",
+        "activity_shift",
         "bytes",
         "exchanged",
         "first",
@@ -147,6 +155,9 @@ class _Pair:
         # a TCP flow with ACKs both ways, or a UDP flow answered: an exchange no spoofer can
         # fake with one packet (see _Accumulator.compact)
         self.exchanged = False
+        # bytes per activity bucket, at bucket width 2**activity_shift seconds
+        self.activity: list[int] | None = None
+        self.activity_shift = 0
 
 
 class _DistinctCount:
@@ -369,6 +380,12 @@ class _Accumulator:
         self.inner_bytes = 0
         self.first: tuple[int, int] | None = None
         self.last: tuple[int, int] | None = None
+        # The activity histogram: bucket i covers [start + i * 2**shift, + 2**shift) seconds;
+        # the width doubles (buckets merging pairwise) whenever a time falls past the last one.
+        self.activity_start: int | None = None
+        self.activity_shift = 0
+        # flows' closed spans (flat: last second of a span, its bytes...); [0] is unused
+        self.spans: list[list[int]] = [[]]
 
     # -- the general path -------------------------------------------------------------
 
@@ -377,6 +394,8 @@ class _Accumulator:
         moment = (sec, frac)
         if self.first is None or moment < self.first:
             self.first = moment
+        if self.activity_start is None:
+            self.activity_start = sec
         if self.last is None or moment > self.last:
             self.last = moment
         try:
@@ -415,8 +434,10 @@ class _Accumulator:
         entry = table.get(key)
         flags = result.flags
         if entry is None:
-            table[key] = entry = [1, orig, sec, frac, sec, frac, flags, flags]
+            table[key] = entry = [1, orig, sec, frac, sec, frac, flags, flags, sec + 1, 0, 0]
         else:
+            if sec >= entry[SPLIT_SEC]:
+                self.roll(entry, sec)
             entry[PKTS] += 1
             entry[BYTES] += orig
             entry[LSEC] = sec
@@ -441,6 +462,59 @@ class _Accumulator:
         else:
             self.names.client_payload(key, dst, seq, payload)
 
+    # -- the activity histogram -------------------------------------------------------
+
+    def roll(self, entry: list[int], sec: int) -> None:
+        """Close a flow's current span before a packet at ``sec``, past the span's end."""
+        if entry[SPANS]:
+            spans = self.spans[entry[SPANS]]
+        else:
+            entry[SPANS] = len(self.spans)
+            self.spans.append(spans := [])
+        spans.append(entry[SPLIT_SEC] - 1)
+        spans.append(entry[BYTES] - entry[SPLIT_BYTES])
+        entry[SPLIT_BYTES] = entry[BYTES]
+        index = self.bucket(sec)
+        start = self.activity_start or 0
+        entry[SPLIT_SEC] = start + ((index + 1) << self.activity_shift)
+        if len(spans) > 2 * MAX_SPANS:
+            merged: dict[int, int] = {}
+            for at in range(0, len(spans), 2):
+                second = start + (self.bucket(spans[at]) << self.activity_shift)
+                merged[second] = merged.get(second, 0) + spans[at + 1]
+            spans[:] = [value for item in merged.items() for value in item]
+
+    def bucket(self, sec: int) -> int:
+        """The activity bucket of ``sec`` (0 before the start), widening buckets as needed."""
+        offset = sec - (self.activity_start or 0)
+        if offset < 0:
+            return 0
+        index = offset >> self.activity_shift
+        while index >= ACTIVITY_BUCKETS:
+            self.activity_shift += 1
+            index >>= 1
+        return index
+
+    def add_activity(self, pair: _Pair, entry: list[int]) -> None:
+        """Add a flow's spans to its pair's histogram."""
+        self._add_span(pair, entry[SPLIT_SEC] - 1, entry[BYTES] - entry[SPLIT_BYTES])
+        if entry[SPANS]:
+            spans = self.spans[entry[SPANS]]
+            for at in range(0, len(spans), 2):
+                self._add_span(pair, spans[at], spans[at + 1])
+
+    def _add_span(self, pair: _Pair, second: int, nbytes: int) -> None:
+        index = self.bucket(second)
+        shift = self.activity_shift
+        histogram = pair.activity
+        if histogram is None:
+            pair.activity = histogram = [0] * ACTIVITY_BUCKETS
+            pair.activity_shift = shift
+        elif pair.activity_shift < shift:
+            _rescale(histogram, shift - pair.activity_shift)
+            pair.activity_shift = shift
+        histogram[index] += nbytes
+
     # -- folding flows into address pairs ----------------------------------------------
 
     def fold(self) -> None:
@@ -449,6 +523,9 @@ class _Accumulator:
         pairs = self.pairs
         compact_at = self.compact_at
         max_peers = self.max_peers
+        add_activity = self.add_activity
+        start = self.activity_start or 0
+        buckets = ACTIVITY_BUCKETS
         # Inlined on purpose: a SYN scan folds hundreds of thousands of one-packet flows.
         for proto_name, table in (("tcp", self.tcp), ("udp", self.udp)):
             is_tcp = proto_name == "tcp"
@@ -506,6 +583,17 @@ class _Accumulator:
                         port_table.add(port, packets, nbytes)
                 if is_tcp and entry[FIRST_FLAGS] & (SYN | ACK) == SYN:
                     self._tcp_attempt(pair, side, key, alen, dport)
+                # the activity histogram, inline for the common case: one span, known width
+                histogram = pair.activity
+                shift = self.activity_shift
+                index = (entry[SPLIT_SEC] - 1 - start) >> shift
+                if histogram is None:
+                    pair.activity = histogram = [0] * ACTIVITY_BUCKETS
+                    pair.activity_shift = shift
+                if entry[SPANS] or pair.activity_shift != shift or not 0 <= index < buckets:
+                    add_activity(pair, entry)
+                else:
+                    histogram[index] += nbytes
             self.ip_packets += packets_total
             self.ip_bytes += bytes_total
         for key, entry in self.other.items():
@@ -523,12 +611,14 @@ class _Accumulator:
             pair, side = self._pair(src, dst)
             name = protocol_name(proto)
             self._count(pair, side, entry, name, fps)
+            add_activity(pair, entry)
             if proto in (ICMP, ICMPV6):
                 icmp_key = f"{key[-2]}:{key[-1]}"
                 pair.icmp[icmp_key] = pair.icmp.get(icmp_key, 0) + entry[PKTS]
         self.tcp = {}
         self.udp = {}
         self.other = {}
+        self.spans = [[]]
 
     def _tcp_attempt(self, pair: _Pair, side: int, key: bytes, alen: int, dport: int) -> None:
         src, dst = key[:alen], key[alen : 2 * alen]
@@ -817,6 +907,7 @@ def _walk_ethernet_pcap(
     tcp_get, udp_get = tcp.get, udp.get
     inspect_tcp = acc.inspect_tcp
     add_frame = acc.add_frame
+    roll = acc.roll
     inspected_packets = NAME_INSPECTED_PACKETS
     ipv4 = 0x0008 if order == "<" else 0x0800  # the EtherType read in the file's byte order
     # An IPv4 total length below the header's 20 bytes is bogus (0 means TSO, and is fine):
@@ -830,8 +921,7 @@ def _walk_ethernet_pcap(
     filled = 0
     pos = 0
     damaged = False
-    # packets left in the budget: the inner loop counts down, so the check costs one compare
-    left = limits.max_packets
+    left = limits.max_packets  # packets left in the budget
     deadline = limits.deadline
     while not damaged:
         got = src.read_into(view[filled : filled + CHUNK_SIZE])
@@ -840,8 +930,13 @@ def _walk_ethernet_pcap(
         end = filled + got
         base = src.offset - end
         fast_limit = end - fast_size
+        if acc.activity_start is None and end >= 4:
+            acc.activity_start = record.unpack_from(buf, 0)[0]
         pos = 0
-        while left:
+        # a for loop over the packets left counts them at no cost per packet; a break leaves
+        # ``taken`` records consumed
+        taken = 0
+        for taken in range(left):  # noqa: B007 - read after the loop
             if pos <= fast_limit:
                 (
                     sec,
@@ -869,7 +964,6 @@ def _walk_ethernet_pcap(
             nxt = data + incl
             if nxt > end:
                 break
-            left -= 1
             if (
                 ethertype == ipv4
                 and version_ihl == 0x45
@@ -880,8 +974,11 @@ def _walk_ethernet_pcap(
                 if proto == 6:
                     entry = tcp_get(key)
                     if entry is None:
-                        tcp[key] = entry = [1, orig, sec, frac, sec, frac, flags, flags]
+                        entry = [1, orig, sec, frac, sec, frac, flags, flags, sec + 1, 0, 0]
+                        tcp[key] = entry
                     else:
+                        if sec >= entry[8]:
+                            roll(entry, sec)
                         entry[0] += 1
                         entry[1] += orig
                         entry[4] = sec
@@ -897,8 +994,10 @@ def _walk_ethernet_pcap(
                 if proto == 17 and key[10:12] not in tunnel_ports and key[8:10] not in tunnel_ports:
                     entry = udp_get(key)
                     if entry is None:
-                        udp[key] = [1, orig, sec, frac, sec, frac, 0, 0]
+                        udp[key] = [1, orig, sec, frac, sec, frac, 0, 0, sec + 1, 0, 0]
                     else:
+                        if sec >= entry[8]:
+                            roll(entry, sec)
                         entry[0] += 1
                         entry[1] += orig
                         entry[4] = sec
@@ -911,6 +1010,9 @@ def _walk_ethernet_pcap(
                     continue
             add_frame(1, sec, frac, orig, bytes(buf[data:nxt]))
             pos = nxt
+        else:
+            taken = left
+        left -= taken
         if not left and pos < end:
             limits.stop("packets", base + pos, reader.warnings)
             damaged = True
@@ -1066,11 +1168,18 @@ def _build_summary(
         if builder is None:
             builders[remote] = builder = _PeerBuilder(remote)
         builder.add(pair, local_side, a if local_side == 0 else b)
+    folded = acc.folded.build()
+    buckets = 0
+    if acc.activity_start is not None and pairs:
+        buckets = acc.bucket(int(max(p.last for p in pairs.values()))) + 1
+    shift = acc.activity_shift
     peers = sorted(
-        (builder.build(names.get(remote, ())) for remote, builder in builders.items()),
+        (
+            builder.build(names.get(remote, ()), buckets, shift)
+            for remote, builder in builders.items()
+        ),
         key=lambda peer: (-peer.bytes, peer.address),
     )
-    folded = acc.folded.build()
     firsts = [p.first for p in pairs.values()]
     firsts.extend(group.first_seen for group in folded)
     lasts_folded = [group.last_seen for group in folded]
@@ -1098,6 +1207,8 @@ def _build_summary(
         folded_peers=sum(group.peers_estimate for group in folded),
         folded_packets=sum(group.packets for group in folded),
         folded_bytes=sum(group.bytes for group in folded),
+        activity_start=float(acc.activity_start or 0) if buckets else None,
+        activity_bucket_seconds=float(1 << shift) if buckets else 0.0,
     )
     return Summary(capture=capture, conversations=conversations, peers=tuple(peers), folded=folded)
 
@@ -1118,6 +1229,7 @@ class _PeerBuilder:
         self.tcp = [0] * 6
         self.opened: list[dict[int, int]] = [{}, {}]  # by peer (local ports), by local
         self.icmp: dict[str, int] = {}
+        self.activity: list[tuple[list[int], int]] = []  # the pairs' histograms and shifts
 
     def add(self, pair: _Pair, local_side: int, local: bytes) -> None:
         remote_side = 1 - local_side
@@ -1150,8 +1262,19 @@ class _PeerBuilder:
         self.tcp[5] += local_counts[2]
         _merge_counts(self.opened[0], pair.opened_ports[remote_side])
         _merge_counts(self.opened[1], pair.opened_ports[local_side])
+        if pair.activity is not None:
+            self.activity.append((pair.activity, pair.activity_shift))
 
-    def build(self, names: tuple[PeerName, ...]) -> Peer:
+    def build(self, names: tuple[PeerName, ...], buckets: int = 0, shift: int = 0) -> Peer:
+        """The peer, with an activity histogram of ``buckets`` buckets of 2**shift seconds."""
+        activity = [0] * ACTIVITY_BUCKETS
+        for histogram, pair_shift in self.activity:
+            widened = histogram
+            if pair_shift < shift:
+                widened = list(histogram)
+                _rescale(widened, shift - pair_shift)
+            for index, nbytes in enumerate(widened):
+                activity[index] += nbytes
         remote_ports, other_remote = self._top_ports(is_remote=True)
         local_ports, other_local = self._top_ports(is_remote=False)
         return Peer(
@@ -1179,6 +1302,7 @@ class _PeerBuilder:
                 ports_opened_by_local=_top_counts(self.opened[1]),
             ),
             icmp_types=dict(sorted(self.icmp.items())),
+            activity=tuple(activity[:buckets]),
             names=names,
         )
 
@@ -1192,6 +1316,16 @@ class _PeerBuilder:
             ranked.extend(PortCount(proto, port, c[0], c[1]) for port, c in table.items())
         ranked.sort(key=lambda p: (-p.packets, -p.bytes, p.protocol, p.port))
         return tuple(ranked[:PORTS_KEPT]), max(0, len(ranked) - PORTS_KEPT) + overflow
+
+
+def _rescale(histogram: list[int], steps: int) -> None:
+    """Widen a histogram's buckets ``steps`` doublings in place, merging neighbours."""
+    for _ in range(steps):
+        half = len(histogram) // 2
+        for index in range(half):
+            histogram[index] = histogram[2 * index] + histogram[2 * index + 1]
+        for index in range(half, len(histogram)):
+            histogram[index] = 0
 
 
 def _merge_counts(target: dict[K, int], source: dict[K, int]) -> None:

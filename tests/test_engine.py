@@ -11,7 +11,7 @@ import pytest
 from analyzer.budget import Budget
 from analyzer.engine import MAX_FOLDED_GROUPS, MAX_LOCAL_ADDRESSES, summarize
 from analyzer.errors import CorruptCaptureError, UnsupportedFormatError
-from analyzer.models import PortCount, Summary
+from analyzer.models import ACTIVITY_BUCKETS, PortCount, Summary
 from analyzer.policy import Policy
 from nwcap_testing import synth
 from nwcap_testing.synth import ACK, FIN, PSH, RST, SYN, Packet
@@ -378,3 +378,61 @@ class TestFolding:
         summary = summary_of(pcap_bytes([syn(flood_source(i)) for i in range(500)]))
         assert len(summary.peers) == 500 and summary.folded == ()
         assert summary.capture.folded_peers == 0
+
+
+def timed_pcap(frames: list[tuple[float, bytes]], *, pcapng: bool = False) -> bytes:
+    """A capture of (seconds after T0, frame) records."""
+    packets_at = [Packet(T0 + int(offset * synth.NS_PER_SECOND), frame) for offset, frame in frames]
+    out = io.BytesIO()
+    (synth.write_pcapng if pcapng else synth.write_pcap)(out, packets_at)
+    return out.getvalue()
+
+
+class TestActivity:
+    """Each peer's bytes per bucket of a fixed-size histogram over the capture's duration."""
+
+    @pytest.mark.parametrize("pcapng", [False, True])
+    def test_buckets_by_construction(self, pcapng: bool) -> None:
+        # one 100-byte frame a second for 300 s, ten more in second 150, then a quiet peer
+        frame = udp_frame("52.1.1.1", VM, 443, 40000, b"x" * 58)
+        assert len(frame) == 100
+        frames = [(float(t), frame) for t in range(300)] + [(150.5, frame)] * 10
+        frames.append((10.0, udp_frame("52.2.2.2", VM, 53, 40001, b"y" * 58)))
+        summary = summary_of(timed_pcap(sorted(frames, key=lambda f: f[0]), pcapng=pcapng))
+        capture = summary.capture
+        # 60 one-second buckets cover 60 s; doubling until 300 s fit: 8-second buckets
+        assert capture.activity_bucket_seconds == 8.0
+        assert capture.activity_start == T0 / synth.NS_PER_SECOND
+        busy = next(p for p in summary.peers if p.address == "52.1.1.1")
+        quiet = next(p for p in summary.peers if p.address == "52.2.2.2")
+        assert len(busy.activity) == len(quiet.activity) == 38  # 0..299 s in 8-second buckets
+        expected = [800] * 37 + [400]
+        expected[150 // 8] += 1000
+        assert list(busy.activity) == expected
+        assert quiet.activity[10 // 8] == 100 and sum(quiet.activity) == 100
+
+    def test_sum_is_the_peers_bytes_and_memory_fixed_whatever_the_duration(self) -> None:
+        frames = [(float(2**k), udp_frame("52.1.1.1", VM, 443, 40000)) for k in range(28)]
+        frames.append((0.0, tcp_frame(VM, "52.3.3.3", 40000, 443, SYN)))
+        summary = summary_of(timed_pcap(frames))
+        assert summary.capture.activity_bucket_seconds == 2.0**22  # 60 buckets span 2**27 s
+        for peer in summary.peers:
+            assert len(peer.activity) <= ACTIVITY_BUCKETS
+            assert sum(peer.activity) == peer.bytes
+
+    def test_packets_before_the_first_go_to_the_first_bucket(self) -> None:
+        frame = udp_frame("52.1.1.1", VM, 443, 40000)
+        summary = summary_of(timed_pcap([(100.0, frame), (5.0, frame), (101.0, frame)]))
+        (peer,) = summary.peers
+        assert peer.activity == (2 * len(frame), len(frame))
+
+    def test_in_the_json_document(self) -> None:
+        summary = summary_of(timed_pcap([(0.0, udp_frame("52.1.1.1", VM, 443, 40000))]))
+        document = summary.capture.to_dict()
+        assert document["activity_bucket_seconds"] == 1.0
+        assert document["activity_start"].endswith("Z")
+        assert summary.peers[0].to_dict()["activity"] == [60]
+
+    def test_empty_capture_has_no_histogram(self) -> None:
+        capture = summary_of(pcap_bytes([])).capture
+        assert capture.activity_start is None and capture.activity_bucket_seconds == 0.0
