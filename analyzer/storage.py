@@ -523,7 +523,7 @@ class TableResultsStore:
         record = self.get_capture(capture_id)
         if record is None:
             return [], None
-        if not record.results_generation:
+        if not record.generation:
             # Written before runs had generations: the whole partition is the results.
             clauses, parameters = ["PartitionKey eq @pk"], {"pk": partition}
         else:
