@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import math
+import operator
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -1267,14 +1268,13 @@ class _PeerBuilder:
 
     def build(self, names: tuple[PeerName, ...], buckets: int = 0, shift: int = 0) -> Peer:
         """The peer, with an activity histogram of ``buckets`` buckets of 2**shift seconds."""
-        activity = [0] * ACTIVITY_BUCKETS
+        activity: list[int] = []
         for histogram, pair_shift in self.activity:
             widened = histogram
             if pair_shift < shift:
                 widened = list(histogram)
                 _rescale(widened, shift - pair_shift)
-            for index, nbytes in enumerate(widened):
-                activity[index] += nbytes
+            activity = list(map(operator.add, activity, widened)) if activity else widened
         remote_ports, other_remote = self._top_ports(is_remote=True)
         local_ports, other_local = self._top_ports(is_remote=False)
         return Peer(
