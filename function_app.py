@@ -48,6 +48,7 @@ from analyzer.reconcile import (
 from analyzer.servicetags import ServiceTags
 from analyzer.status import status_document
 from analyzer.storage import TableResultsStore
+from analyzer.web.blueprint import web_blueprint
 
 log = logging.getLogger("nwcap")
 
@@ -87,6 +88,10 @@ def results_store() -> TableResultsStore:
     """The results store named by the settings, one per process (and per configuration)."""
     settings = Settings.from_environ()
     return _store(resolve_first(RESULTS_CONNECTIONS), settings.table_prefix)
+
+
+# The dashboard (/api/ui/...): the same pages as `nwcap serve`, over the same API handlers.
+app.register_functions(web_blueprint(results_store))
 
 
 @app.blob_trigger(

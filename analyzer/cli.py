@@ -2,7 +2,7 @@
 
 Exit status: 0 success; 1 alerts at or above ``--fail-on``; 2 bad usage; 65 the capture,
 policy or service-tag file is unusable (unsupported format, corrupt header, invalid
-policy); 66 an input file cannot be opened.
+policy); 66 an input file cannot be opened; 73 the report cannot be written.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TextIO
 
-from analyzer import __version__, sweep
+from analyzer import __version__, report_cli, sweep
 from analyzer.errors import NwcapError
 from analyzer.exits import EXIT_ALERTS, EXIT_DATAERR, EXIT_NOINPUT, InputError
 from analyzer.models import SEVERITY_ORDER
@@ -35,7 +35,7 @@ log = logging.getLogger("nwcap")
 
 # Commands that need no Azure SDK: for them the storage commands are not registered, which
 # keeps ~45 MB of imports and a second of start-up out of every `nwcap analyze`.
-LOCAL_COMMANDS = frozenset({"analyze", "sweep"})
+LOCAL_COMMANDS = frozenset({"analyze", "sweep", "report"})
 
 
 def build_parser(*, with_storage: bool = True) -> argparse.ArgumentParser:
@@ -79,6 +79,7 @@ def build_parser(*, with_storage: bool = True) -> argparse.ArgumentParser:
     analyze.set_defaults(func=run_analyze)
 
     sweep.add_commands(sub)
+    report_cli.add_commands(sub)
     if with_storage:
         from analyzer import ops_cli, store_cli  # noqa: PLC0415 - see LOCAL_COMMANDS
 
@@ -190,15 +191,23 @@ def _progress_bar(size: int | None, out: TextIO, mode: str) -> _ProgressBar | No
     return _ProgressBar(size, out)
 
 
+class _TerminalFormatter(logging.Formatter):
+    """Log lines carry blob names and capture text: escape control and bidi characters."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        from analyzer.textsafe import terminal_text  # noqa: PLC0415 - keeps `nwcap --help` fast
+
+        return terminal_text(super().formatMessage(record))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in arguments if not a.startswith("-")), None)
     parser = build_parser(with_storage=command not in LOCAL_COMMANDS)
     args = parser.parse_args(arguments)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="nwcap: %(levelname)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(_TerminalFormatter("nwcap: %(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     if not args.verbose:
         # The per-capture and per-alert records are for Application Insights; the commands
         # print what they did themselves.

@@ -88,6 +88,8 @@ class TestBindings:
             "list_alerts",
             "who_talked_to",
             "get_status",
+            "ui_fleet",
+            "ui_page",
         }
 
     def test_reconcile_timer(self) -> None:
