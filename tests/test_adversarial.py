@@ -9,6 +9,7 @@ escaping helpers.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import json
@@ -25,6 +26,8 @@ import pytest
 
 from analyzer.analysis import analyze
 from analyzer.budget import BUDGET_SETTINGS, Budget, InvalidSettingError
+from analyzer.models import Alert, Analysis, CaptureInfo, Peer, PeerName
+from analyzer.render import to_csv, to_table
 from analyzer.textsafe import csv_cell, terminal_text
 from tests import adversarial as adv
 
@@ -336,3 +339,45 @@ class TestTextSafe:
     def test_every_code_point_comes_out_printable(self) -> None:
         for code in range(0x3000):
             assert terminal_text(chr(code)).isprintable()
+
+
+class TestRenderedOutputs:
+    """The CSV and terminal renderings of an analysis apply the escaping to capture text."""
+
+    def analysis(self) -> Analysis:
+        peer = Peer(
+            address="203.0.113.9",
+            local_addresses=("10.0.0.4",),
+            packets_sent=1,
+            packets_received=1,
+            bytes_sent=60,
+            bytes_received=60,
+            first_seen=0.0,
+            last_seen=1.0,
+            names=(PeerName('=HYPERLINK("http://x")', "dns"), PeerName("a\u202eb.example", "sni")),
+            reason="-looks odd",
+        )
+        capture = CaptureInfo(
+            format="pcap",
+            link_types=(1,),
+            packets=2,
+            bytes=120,
+            first_seen=0.0,
+            last_seen=1.0,
+            local_addresses=("10.0.0.4",),
+            local_addresses_inferred=True,
+            complete=True,
+        )
+        alert = Alert("deny-rule", "high", "203.0.113.9", "seen as \x1b[2Jevil\u2066.example")
+        return Analysis(capture=capture, conversations=(), peers=(peer,), alerts=(alert,))
+
+    def test_csv_cells_do_not_start_formulas(self) -> None:
+        rows = list(csv.reader(io.StringIO(to_csv(self.analysis()))))
+        row = dict(zip(rows[0], rows[1], strict=True))
+        assert row["names"].startswith("'=HYPERLINK")
+        assert row["reason"] == "'-looks odd"
+
+    def test_table_escapes_control_and_bidi_characters(self) -> None:
+        table = to_table(self.analysis())
+        assert "\x1b" not in table and "\u2066" not in table and "\u202e" not in table
+        assert "seen as \\x1b[2Jevil\\u2066.example" in table
