@@ -8,6 +8,7 @@ import struct
 
 import pytest
 
+from analyzer import engine
 from analyzer.budget import Budget
 from analyzer.engine import MAX_FOLDED_GROUPS, MAX_LOCAL_ADDRESSES, summarize
 from analyzer.errors import CorruptCaptureError, UnsupportedFormatError
@@ -436,3 +437,64 @@ class TestActivity:
     def test_empty_capture_has_no_histogram(self) -> None:
         capture = summary_of(pcap_bytes([])).capture
         assert capture.activity_start is None and capture.activity_bucket_seconds == 0.0
+
+
+VM6 = "fd00::4"
+
+
+def qinq(payload: bytes, ethertype: int, outer: int = 0x88A8) -> bytes:
+    tags = struct.pack("!HHHH", outer, 100, 0x8100, 200)
+    return (
+        synth.mac_bytes(GW_MAC)
+        + synth.mac_bytes(VM_MAC)
+        + tags
+        + struct.pack("!H", ethertype)
+        + payload
+    )
+
+
+def second_tier_frames() -> list[bytes]:
+    """IPv6 and VLAN-tagged frames: those the fast path takes, and some it leaves to decode."""
+    peer6 = "2001:db8::7"
+    request = synth.http_request("GET", "/", "six.example")
+    tcp6 = synth.tcp(VM6, peer6, 40000, 80, seq=1, flags=PSH | ACK, payload=request)
+    dns6 = synth.udp(
+        peer6, VM6, 53, 40001, synth.dns_response(7, "v6.example", addresses=["2001:db8::9"])
+    )
+    udp4 = synth.udp(VM, "52.7.7.7", 40002, 123, b"n" * 48)
+    tcp4 = synth.tcp(VM, "52.7.7.8", 40003, 443, seq=1, flags=SYN)
+    fragment = synth.ipv6(VM6, peer6, 44, struct.pack("!BxHI", 17, 1, 9) + b"x" * 16)
+    return [
+        eth(synth.ipv6(VM6, peer6, 6, tcp6), ethertype=0x86DD),
+        eth(synth.ipv6(peer6, VM6, 17, dns6), ethertype=0x86DD),
+        eth(synth.ipv4(VM, "52.7.7.7", 17, udp4), vlan=100),
+        qinq(synth.ipv4(VM, "52.7.7.8", 6, tcp4), 0x0800),
+        qinq(synth.ipv6(VM6, peer6, 6, tcp6), 0x86DD, outer=0x9100),
+        # left to decode: an IPv6 fragment header, IPv4 options, a VXLAN port, three tags
+        eth(fragment, ethertype=0x86DD),
+        eth(synth.ipv4(VM, "52.7.7.9", 6, tcp4, options=b"\x01\x01\x01\x00"), vlan=7),
+        eth(synth.ipv4(VM, "52.7.7.7", 17, synth.udp(VM, "52.7.7.7", 1, 4789, b"v" * 8)), vlan=7),
+        qinq(eth(synth.ipv4(VM, "52.7.7.7", 17, udp4), vlan=5)[14:], 0x8100),
+        eth(synth.ipv6(VM6, peer6, 6, tcp6)[:50], ethertype=0x86DD),  # cut inside TCP
+    ]
+
+
+class TestSecondTierFastPath:
+    """VLAN/QinQ-tagged IPv4 and IPv6 frames: the fast path counts them exactly as decode does."""
+
+    def test_same_summary_as_the_general_path(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        data = pcap_bytes(second_tier_frames() * 3 + web_session())
+        fast = summary_of(data)
+        monkeypatch.setattr(engine._Accumulator, "fast_frame", lambda *_: False)
+        general = summary_of(data)
+        assert fast == general
+
+    def test_counts_and_names_by_construction(self) -> None:
+        summary = summary_of(pcap_bytes(second_tier_frames()), local_addresses=[VM, VM6])
+        peers = {p.address: p for p in summary.peers}
+        six = peers["2001:db8::7"]
+        assert (six.packets_received, six.packets_sent) == (4, 1)  # two TCP, fragment, cut; DNS
+        assert {(n.source, n.name) for n in six.names} == {("http", "six.example")}
+        assert peers["52.7.7.8"].tcp.opened_by_local == 1
+        assert peers["52.7.7.7"].packets_received == 3
+        assert summary.capture.packets == 10
