@@ -435,18 +435,7 @@ class _Accumulator:
             icmp = result.icmp if result.icmp >= 0 else 0
             table = self.other
             key = bytes([proto]) + result.src + result.dst + icmp.to_bytes(2, "big")
-        entry = table.get(key)
-        flags = result.flags
-        if entry is None:
-            table[key] = entry = [1, orig, sec, frac, sec, frac, flags, flags, sec + 1, 0, 0]
-        else:
-            if sec >= entry[SPLIT_SEC]:
-                self.roll(entry, sec)
-            entry[PKTS] += 1
-            entry[BYTES] += orig
-            entry[LSEC] = sec
-            entry[LFRAC] = frac
-            entry[FLAGS] |= flags
+        entry = self.count_packet(table, key, sec, frac, orig, result.flags)
         if result.payload and entry[PKTS] <= NAME_INSPECTED_PACKETS and proto == TCP:
             self.inspect_tcp(key, result.dst, result.seq, result.payload, sport)
         elif proto == UDP and sport == 53 and result.payload:
@@ -459,6 +448,23 @@ class _Accumulator:
             self.add_decoded(result.inner, sec, frac, orig)
         elif len(self.tcp) + len(self.udp) + len(self.other) > MAX_FLOWS:
             self.fold()
+
+    def count_packet(
+        self, table: dict[bytes, list[int]], key: bytes, sec: int, frac: int, orig: int, flags: int
+    ) -> list[int]:
+        """Add one packet to its flow entry in ``table`` (created if new); return the entry."""
+        entry = table.get(key)
+        if entry is None:
+            table[key] = entry = [1, orig, sec, frac, sec, frac, flags, flags, sec + 1, 0, 0]
+        else:
+            if sec >= entry[SPLIT_SEC]:
+                self.roll(entry, sec)
+            entry[PKTS] += 1
+            entry[BYTES] += orig
+            entry[LSEC] = sec
+            entry[LFRAC] = frac
+            entry[FLAGS] |= flags
+        return entry
 
     # -- the fast path's second tier: 802.1Q/QinQ tags, IPv6 ----------------------------
 
@@ -530,17 +536,7 @@ class _Accumulator:
         else:
             return False
         key = src + dst + bytes(buf[at : at + 4])
-        entry = table.get(key)
-        if entry is None:
-            table[key] = entry = [1, orig, sec, frac, sec, frac, flags, flags, sec + 1, 0, 0]
-        else:
-            if sec >= entry[SPLIT_SEC]:
-                self.roll(entry, sec)
-            entry[PKTS] += 1
-            entry[BYTES] += orig
-            entry[LSEC] = sec
-            entry[LFRAC] = frac
-            entry[FLAGS] |= flags
+        entry = self.count_packet(table, key, sec, frac, orig, flags)
         sport = buf[at] << 8 | buf[at + 1]
         if proto == TCP:
             if entry[PKTS] <= NAME_INSPECTED_PACKETS:
