@@ -47,10 +47,21 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     serve = subparsers.add_parser(
         "serve",
         help="run the dashboard and the JSON API locally against RESULTS_CONNECTION",
-        description="Serve /api/ui/ (fleet, capture, peer, alerts pages) and /api/... (the "
-        "HTTP API) from the results store, until interrupted.",
+        description="Serve /api/ui (fleet, capture, peer, alerts pages) and /api/... (the "
+        "HTTP API) from the results store, until interrupted. There is no key: anyone who can "
+        "reach the port reads every result, so only loopback is allowed by default.",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="loopback address to listen on (%(default)s); others need --insecure-no-auth",
+    )
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow a non-loopback --host: every result is then readable without a key by "
+        "anyone who can reach the port",
+    )
     serve.add_argument("--port", type=int, default=8080, help="port (%(default)s; 0: any free)")
     _storage_options(serve)
     serve.set_defaults(func=run_serve)
@@ -136,6 +147,20 @@ def _analyse(args: argparse.Namespace) -> dict[str, object]:
 def run_serve(args: argparse.Namespace) -> int:
     """nwcap serve"""
     from analyzer.store_cli import _guarded, _store  # noqa: PLC0415
-    from analyzer.web.server import serve  # noqa: PLC0415
+    from analyzer.web.server import is_loopback, serve  # noqa: PLC0415
 
+    if not is_loopback(args.host):
+        if not args.insecure_no_auth:
+            print(
+                f"nwcap: error: --host {args.host} is not a loopback address; the dashboard "
+                "has no key, so it would expose every result. Use an SSH tunnel, or "
+                "--insecure-no-auth to accept that.",
+                file=sys.stderr,
+            )
+            return 64  # EX_USAGE
+        print(
+            f"nwcap: WARNING: serving on {args.host} without any authentication: anyone who "
+            "can reach this port reads every stored result",
+            file=sys.stderr,
+        )
     return _guarded(lambda a: serve(_store(a), host=a.host, port=a.port))(args)

@@ -7,6 +7,7 @@ server): all must stay empty. Run ``scripts/setup-browser.sh`` to install chromi
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import time
@@ -171,9 +172,9 @@ class TestReportInBrowser:
         assert shown_column(page, "peers", 9) == [number(v) for v in sorted(expected)[:100]]
         table.locator("button.next").click()
         assert shown_column(page, "peers", 9) == [number(v) for v in sorted(expected)[100:200]]
-        # sort by address, as text
+        # sort by address, as numbers (20.0.0.2 before 20.0.0.10)
         table.locator("th").nth(0).locator("button").click()
-        addresses = sorted(p["address"] for p in document["peers"])
+        addresses = sorted((p["address"] for p in document["peers"]), key=ipaddress.ip_address)
         assert shown_column(page, "peers", 0) == addresses[:100]
         # free text
         table.locator("input.filter-text").fill("host12")

@@ -43,6 +43,13 @@ def shown(value: object, limit: int = MAX_SHOWN) -> str:
     return text
 
 
+def short(value: object, limit: int) -> str:
+    """``value`` made visible as :func:`shown` does, cut to at most ``limit`` characters with
+    a trailing ``…`` (for SVG labels; the full text goes in the element's ``<title>``)."""
+    text = shown(value, limit=max(len(str(value or "")) * 7, MAX_SHOWN))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def embed_json(value: Any) -> Markup:
     """JSON safe inside ``<script type="application/json">``: ``<``, ``>`` and ``&`` are
     written as ``\\u003c`` etc., so neither ``</script>`` nor ``<!--`` can end the element."""

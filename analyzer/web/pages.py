@@ -5,11 +5,15 @@ renders the body it returns, so a page shows exactly what its JSON link (``/api/
 (the way datasette pairs every page with its ``.json``). Free of Azure Functions and of
 ``http.server``: :mod:`analyzer.web.server` and :mod:`analyzer.web.blueprint` adapt it.
 
-URLs are bookmarkable: ``/api/ui/`` (fleet), ``/api/ui/capture?id=``, ``/api/ui/peer?ip=``,
+URLs are bookmarkable: ``/api/ui`` (fleet), ``/api/ui/capture?id=``, ``/api/ui/peer?ip=``,
 ``/api/ui/alerts?severity=&rule=&vm=&since=&until=``. The function key (``code``) a page was
 opened with is added to its links by ``static/dashboard.js``; the server never writes it into a
 page. Two filters have no API parameter and are applied to the API's rows on the page: the
-fleet's ``severity`` (captures whose highest alert is at least that) and the alerts' ``rule``.
+fleet's ``severity`` (captures whose highest alert is at least that) and the alerts' ``rule``;
+with one of them, further API pages are fetched (at most :data:`MAX_FILTER_PAGES`) until the
+page is full or the data ends. List pages look at the last :data:`DEFAULT_SINCE` unless
+``since`` says otherwise (``all``: no bound), since the API returns rows in storage order,
+not newest first.
 """
 
 from __future__ import annotations
@@ -25,10 +29,14 @@ from analyzer import api
 from analyzer.models import SEVERITY_ORDER
 from analyzer.storage import ResultsStore
 from analyzer.web.html import Rendered, render
-from analyzer.web.report import context, from_stored, timestamp
+from analyzer.web.report import SUMMARY_PEER, context, from_stored, timestamp
 
 UI_ROOT = "/api/ui/"
+FLEET_URL = "/api/ui"  # the fleet page: the function app's route "ui" has no trailing slash
 LIST_LIMIT = 500  # rows a list page asks the API for; the next page is a link
+MAX_FILTER_PAGES = 10  # API pages fetched to fill one filtered list page
+DEFAULT_SINCE = "7d"  # a list page's time window when the URL names none
+ALL_TIME = "all"  # ``since=all``: no lower time bound
 MAX_CAPTURE_PAGES = 100  # pages of a paginated capture body joined into one capture page
 CAPTURE_PAGE = 1000  # rows per page asked for when joining them (the API's largest page)
 CAPTURE_TOKENS = ("peers_continuation", "alerts_continuation")
@@ -70,7 +78,7 @@ def html_response(status: int, page: Rendered) -> WebResponse:
 def link(page: str, **params: str | None) -> str:
     """A dashboard URL; empty parameters are left out."""
     query = urlencode({k: v for k, v in params.items() if v})
-    return UI_ROOT + page + (f"?{query}" if query else "")
+    return (UI_ROOT + page if page else FLEET_URL) + (f"?{query}" if query else "")
 
 
 def api_link(path: str, params: Mapping[str, str | None]) -> str:
@@ -82,37 +90,92 @@ def _pick(params: Mapping[str, str], *names: str) -> dict[str, str]:
     return {name: params[name] for name in names if params.get(name, "").strip()}
 
 
+def _since(params: Mapping[str, str]) -> str:
+    """The list page's ``since`` as shown in its form: :data:`DEFAULT_SINCE` when none."""
+    return params.get("since", "").strip() or DEFAULT_SINCE
+
+
+def _api_query(query: Mapping[str, str]) -> dict[str, str]:
+    """A page's query as the API takes it (``since=all`` is no ``since``)."""
+    return {k: v for k, v in query.items() if not (k == "since" and v == ALL_TIME)}
+
+
+@dataclass
+class _Fetched:
+    """Rows of one list page, fetched over as many API pages as its filter needed."""
+
+    rows: list[dict[str, Any]]
+    seen: list[dict[str, Any]]  # every row fetched, before the page's own filter
+    continuation: str | None
+    status: int = 200
+    error: str = ""
+    bounded: bool = False  # the page stopped at MAX_FILTER_PAGES, not full and not at the end
+
+
+def _fetch(
+    call: Callable[[dict[str, str]], api.ApiResponse],
+    key: str,
+    query: Mapping[str, str],
+    keep: Callable[[dict[str, Any]], bool] | None,
+) -> _Fetched:
+    """The API's rows for ``query`` that ``keep`` keeps: one API page without a filter, else
+    API pages until :data:`LIST_LIMIT` rows are kept, the data ends or
+    :data:`MAX_FILTER_PAGES` pages were read."""
+    fetched = _Fetched([], [], query.get("continuation"))
+    for _ in range(MAX_FILTER_PAGES if keep else 1):
+        asked = {**_api_query(query), "limit": str(LIST_LIMIT)}
+        if fetched.continuation:
+            asked["continuation"] = fetched.continuation
+        result = call(asked)
+        if result.status != 200:
+            return _Fetched([], [], None, result.status, _error(result))
+        rows = list(result.body[key])
+        fetched.seen.extend(rows)
+        fetched.rows.extend(r for r in rows if keep is None or keep(r))
+        fetched.continuation = result.body.get("continuation")
+        if not fetched.continuation or len(fetched.rows) >= LIST_LIMIT:
+            return fetched
+    fetched.bounded = keep is not None
+    return fetched
+
+
 # --- pages -----------------------------------------------------------------------------------
 
 
 def fleet(store: ResultsStore, params: Mapping[str, str]) -> tuple[int, Rendered]:
     """VMs with their captures over time, alert counts, captures not complete."""
-    query = _pick(params, "vm", "since", "until", "continuation")
-    result = api.list_captures(store, {**query, "limit": str(LIST_LIMIT)})
+    query = {**_pick(params, "vm", "until", "continuation"), "since": _since(params)}
     severity = params.get("severity", "").strip().lower()
-    error = _error(result)
-    if severity and severity not in SEVERITY_ORDER:
-        error = f"severity: {severity!r} is not one of {', '.join(SEVERITY_ORDER)}"
-    captures = [] if error else list(result.body["captures"])
-    if severity and not error:
+    keep = None
+    if severity in SEVERITY_ORDER:
         floor = SEVERITY_ORDER[severity]
-        captures = [
-            c for c in captures if SEVERITY_ORDER.get(c.get("max_severity") or "", -1) >= floor
-        ]
+
+        def keep(c: dict[str, Any]) -> bool:
+            return SEVERITY_ORDER.get(c.get("max_severity") or "", -1) >= floor
+
+    if severity and severity not in SEVERITY_ORDER:
+        fetched = _Fetched([], [], None, 400)
+        fetched.error = f"severity: {severity!r} is not one of {', '.join(SEVERITY_ORDER)}"
+    else:
+        fetched = _fetch(lambda q: api.list_captures(store, q), "captures", query, keep)
+    captures = fetched.rows
     captures.sort(key=lambda c: str(c.get("capture_time") or ""), reverse=True)
     vms = _vm_rows(captures)
-    more = None if error else result.body.get("continuation")
+    more = fetched.continuation
     return _page(
         "fleet.html",
-        result.status if error else 200,
+        fetched.status,
         "fleet",
-        error=error,
-        form={k: params.get(k, "") for k in ("vm", "since", "until", "severity")},
+        error=fetched.error,
+        form={k: params.get(k, "") for k in ("vm", "until", "severity")}
+        | {"since": query["since"]},
         captures=captures,
         vms=vms,
         not_complete=[c for c in captures if c.get("status") != "complete"],
+        bounded=fetched.bounded,
+        fetched=len(fetched.seen),
         next_link=link("", **{**query, "severity": severity, "continuation": more}) if more else "",
-        json_link=api_link("captures", {**query, "limit": str(LIST_LIMIT)}),
+        json_link=api_link("captures", {**_api_query(query), "limit": str(LIST_LIMIT)}),
     )
 
 
@@ -168,9 +231,13 @@ def whole_capture(
         return result
     peers, alerts = list(result.body.get("peers", [])), list(result.body.get("alerts", []))
     body = result.body
-    for _ in range(MAX_CAPTURE_PAGES):
+    truncated = False
+    for read in range(MAX_CAPTURE_PAGES + 1):
         tokens = {name: str(body[name]) for name in CAPTURE_TOKENS if body.get(name)}
         if not tokens:
+            break
+        if read == MAX_CAPTURE_PAGES:
+            truncated = True
             break
         limit = str(page or CAPTURE_PAGE)
         following = api.get_capture(store, capture_id, {**tokens, "limit": limit})
@@ -180,6 +247,14 @@ def whole_capture(
         peers.extend(body.get("peers", []))
         alerts.extend(body.get("alerts", []))
     joined = {k: v for k, v in result.body.items() if k not in CAPTURE_TOKENS}
+    if truncated:
+        capture = dict(joined.get("capture") or {})
+        capture["warnings"] = [
+            *(capture.get("warnings") or []),
+            f"peers beyond {len(peers):,} and alerts beyond {len(alerts):,} not shown "
+            f"(the page joins at most {MAX_CAPTURE_PAGES + 1} pages of the API)",
+        ]
+        joined["capture"] = capture
     return api.ApiResponse(200, {**joined, "peers": peers, "alerts": alerts})
 
 
@@ -214,7 +289,7 @@ def capture(store: ResultsStore, params: Mapping[str, str]) -> tuple[int, Render
 def peer(store: ResultsStore, params: Mapping[str, str]) -> tuple[int, Rendered]:
     """Who talked to an address: which VMs, in which captures, when, under which names."""
     ip = params.get("ip", "").strip()
-    query = _pick(params, "since", "continuation")
+    query = {**_pick(params, "continuation"), "since": _since(params)}
     if not ip:
         return _page(
             "peer.html",
@@ -224,11 +299,12 @@ def peer(store: ResultsStore, params: Mapping[str, str]) -> tuple[int, Rendered]
             ip="",
             sightings=[],
             summary=None,
-            form={"ip": "", "since": params.get("since", "")},
+            form={"ip": "", "since": query["since"]},
             next_link="",
             json_link="",
         )
-    result = api.who_talked_to(store, ip, {**query, "limit": str(LIST_LIMIT)})
+    api_query = {**_api_query(query), "limit": str(LIST_LIMIT)}
+    result = api.who_talked_to(store, ip, api_query)
     error = _error(result)
     sightings = [] if error else list(result.body["sightings"])
     sightings.sort(key=lambda s: str(s.get("capture_time") or ""), reverse=True)
@@ -254,22 +330,20 @@ def peer(store: ResultsStore, params: Mapping[str, str]) -> tuple[int, Rendered]
         ip=ip,
         sightings=sightings,
         summary=summary,
-        form={"ip": ip, "since": params.get("since", "")},
+        form={"ip": ip, "since": query["since"]},
         next_link=link("peer", ip=ip, **{**query, "continuation": more}) if more else "",
-        json_link=api_link(f"peers/{quote(ip, safe='')}", {**query, "limit": str(LIST_LIMIT)}),
+        json_link=api_link(f"peers/{quote(ip, safe='')}", api_query),
     )
 
 
 def alerts(store: ResultsStore, params: Mapping[str, str]) -> tuple[int, Rendered]:
     """Alerts across the fleet, filtered by rule, severity, VM and time."""
-    query = _pick(params, "since", "until", "severity", "vm", "continuation")
-    result = api.list_alerts(store, {**query, "limit": str(LIST_LIMIT)})
-    error = _error(result)
-    rows = [] if error else list(result.body["alerts"])
+    query = {**_pick(params, "until", "severity", "vm", "continuation"), "since": _since(params)}
     rule = params.get("rule", "").strip()
-    rules = sorted({str(a.get("rule")) for a in rows})
-    if rule:
-        rows = [a for a in rows if a.get("rule") == rule]
+    keep = (lambda a: a.get("rule") == rule) if rule else None
+    fetched = _fetch(lambda q: api.list_alerts(store, q), "alerts", query, keep)
+    rows = fetched.rows
+    rules = sorted({str(a.get("rule")) for a in fetched.seen})
     rows.sort(
         key=lambda a: (
             str(a.get("capture_time") or ""),
@@ -277,17 +351,21 @@ def alerts(store: ResultsStore, params: Mapping[str, str]) -> tuple[int, Rendere
         ),
         reverse=True,
     )
-    more = None if error else result.body.get("continuation")
+    more = fetched.continuation
     return _page(
         "alerts.html",
-        result.status if error else 200,
+        fetched.status,
         "alerts",
-        error=error,
+        error=fetched.error,
         alerts=rows,
         rules=rules,
-        form={k: params.get(k, "") for k in ("since", "until", "severity", "vm", "rule")},
+        bounded=fetched.bounded,
+        fetched=len(fetched.seen),
+        summary_peer=SUMMARY_PEER,
+        form={k: params.get(k, "") for k in ("until", "severity", "vm", "rule")}
+        | {"since": query["since"]},
         next_link=link("alerts", **{**query, "rule": rule, "continuation": more}) if more else "",
-        json_link=api_link("alerts", {**query, "limit": str(LIST_LIMIT)}),
+        json_link=api_link("alerts", {**_api_query(query), "limit": str(LIST_LIMIT)}),
     )
 
 
@@ -323,7 +401,13 @@ def _page(template: str, status: int, current: str, **values: Any) -> tuple[int,
     values.setdefault("json_link", "")
     rendered = render(
         template,
-        {**values, "current": current, "link": link, "severities": list(SEVERITY_ORDER)},
+        {
+            **values,
+            "current": current,
+            "link": link,
+            "severities": list(SEVERITY_ORDER),
+            "max_filter_pages": MAX_FILTER_PAGES,
+        },
         scripts=("table.js", "dashboard.js") if template == "capture.html" else ("dashboard.js",),
         api=True,
     )

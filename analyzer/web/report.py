@@ -9,6 +9,7 @@ drawn as SVG by the template; the peer table's rows are embedded as JSON and pag
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 from collections import Counter, defaultdict
@@ -18,12 +19,16 @@ from datetime import datetime, timezone
 from typing import Any
 
 from analyzer.models import SEVERITY_ORDER
-from analyzer.web.html import Rendered, embed_json, human_size, render, shown
+from analyzer.web.html import Rendered, embed_json, human_size, render, short, shown
 
 MAP_PEERS = 40  # peers drawn one by one on the map; the rest are summed per category
 TIMELINE_PEERS = 10  # peers with a timeline row of their own; the rest are summed
 TABLE_PAGE = 100  # rows per page of the peer table (and rows in the HTML without JavaScript)
-CATEGORY_ORDER = ("platform", "azure-service", "storage", "vnet", "admin", "internet", "noise")
+# The peer map's sectors: families of the classifier's categories (analyzer/classify.py and the
+# catalog's entries), in drawing order; a category not listed here is "other".
+FAMILIES = ("platform", "Azure service", "storage account", "admin", "internet", "other")
+MIN_HISTOGRAM_BUCKETS = 8  # fewer buckets over the capture show less than first-to-last spans
+SUMMARY_PEER = "*"  # an alert's peer when it sums the peers past the classifier's per-rule cap
 
 COLOURS = {
     "alerting": "#c62828",
@@ -124,15 +129,24 @@ def from_stored(body: Mapping[str, Any]) -> ReportData:
 
 
 def sorted_alerts(alerts: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """Highest severity first, then by rule and peer."""
-    return sorted(
-        alerts,
-        key=lambda a: (
-            -SEVERITY_ORDER.get(str(a.get("severity")), 0),
-            str(a.get("rule")),
-            str(a.get("peer")),
-        ),
-    )
+    """Highest severity first, otherwise in the classifier's order (a stable sort), which puts
+    a rule's summary alert (peer ``*``) after the alerts it sums."""
+    return sorted(alerts, key=lambda a: -SEVERITY_ORDER.get(str(a.get("severity")), 0))
+
+
+def family(category: str) -> str:
+    """The peer map's sector for a classifier category (one of :data:`FAMILIES`)."""
+    if category.startswith("platform"):
+        return "platform"
+    if category == "azure-storage":
+        return "storage account"
+    if category.startswith("azure"):
+        return "Azure service"
+    if category.startswith("admin"):
+        return "admin"
+    if category.startswith("internet"):
+        return "internet"
+    return "other"
 
 
 def overview(data: ReportData) -> list[tuple[str, str, bool]]:
@@ -148,13 +162,11 @@ def overview(data: ReportData) -> list[tuple[str, str, bool]]:
     addresses = ", ".join(cap.get("local_addresses") or []) or "(unknown)"
     how = " (inferred from the traffic)" if inferred else (" (given)" if inferred is False else "")
     rows.append(("VM addresses", addresses + how, False))
-    rows.append(
-        (
-            "Capture window",
-            f"{cap.get('first_seen') or '-'} .. {cap.get('last_seen') or '-'}",
-            False,
-        )
-    )
+    window = f"{cap.get('first_seen') or '-'} .. {cap.get('last_seen') or '-'}"
+    first, last = timestamp(cap.get("first_seen")), timestamp(cap.get("last_seen"))
+    if first is not None and last is not None:
+        window += f" ({last - first:,.1f} s)"
+    rows.append(("Capture window", window, False))
     ip_packets = cap.get("ip_packets")
     packets = f"{int(cap.get('packets') or 0):,}"
     if ip_packets is not None:
@@ -224,11 +236,27 @@ def _names_cell(peer: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _ports_cell(ports: Iterable[Mapping[str, Any]], others: int) -> list[str]:
-    lines = [f"{p.get('protocol')}/{p.get('port')} x{int(p.get('packets') or 0):,}" for p in ports]
-    if others:
-        lines.append(f"+{others:,} more ports")
+PORT_LINES = 5  # ports listed in a table cell; the rest are counted
+
+
+def _ports_cell(ports: Sequence[Mapping[str, Any]], others: int) -> list[str]:
+    lines = [
+        f"{p.get('protocol')}/{p.get('port')} x{int(p.get('packets') or 0):,}"
+        for p in ports[:PORT_LINES]
+    ]
+    more = others + max(len(ports) - PORT_LINES, 0)
+    if more:
+        lines.append(f"+{more:,} more")
     return lines
+
+
+def address_key(address: str) -> str:
+    """A text that sorts addresses numerically (IPv4 before IPv6); non-addresses last."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return "9" + address
+    return f"{ip.version}{ip.packed.hex()}"
 
 
 def _tcp_cell(tcp: Mapping[str, Any]) -> list[str]:
@@ -325,6 +353,7 @@ class MapSector:
     y: float
     line_x: float
     line_y: float
+    anchor: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +363,7 @@ class PeerMap:
     cx: float
     cy: float
     vm_label: str
+    vm_title: str
     nodes: list[MapNode]
     sectors: list[MapSector]
     hidden: int
@@ -347,76 +377,77 @@ def peer_colour(peer: Mapping[str, Any], alerting: bool) -> str:
 
 
 def _category_rank(category: str) -> tuple[int, str]:
-    try:
-        return (CATEGORY_ORDER.index(category), category)
-    except ValueError:
-        return (len(CATEGORY_ORDER), category)
+    return (FAMILIES.index(family(category)), category)
 
 
 def peer_map(data: ReportData, *, shown_peers: int = MAP_PEERS) -> PeerMap:
-    """The VM in the middle, peers around it in one sector per category.
+    """The VM in the middle, peers around it in one sector per family of categories.
 
-    Alerting peers are drawn first, then the busiest; the rest of each category is one node
-    ("1,234 other internet peers"). Edge width grows with the log of the bytes exchanged.
+    Alerting peers are drawn first, then the busiest; the rest of each family is one node
+    ("1,234 other internet peers"), drawn in the alerting colour when any of them alerts.
+    Edge width grows with the log of the bytes exchanged. Sector labels sit outside the ring
+    of node labels, so that no edge or node label crosses them.
     """
     alerted = _alerts_by_peer(data.alerts)
     ranked = sorted(data.peers, key=lambda p: (str(p.get("address")) not in alerted, -_bytes(p)))
     drawn = ranked[:shown_peers]
     rest: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for peer in ranked[shown_peers:]:
-        rest[str(peer.get("category") or "unclassified")].append(peer)
-    by_category: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+        rest[family(str(peer.get("category") or ""))].append(peer)
+    by_family: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for peer in drawn:
-        by_category[str(peer.get("category") or "unclassified")].append(peer)
-    categories = sorted(set(by_category) | set(rest), key=_category_rank)
-    slots = {c: len(by_category[c]) + (1 if rest.get(c) else 0) for c in categories}
+        by_family[family(str(peer.get("category") or ""))].append(peer)
+    families = [f for f in FAMILIES if by_family.get(f) or rest.get(f)]
+    slots = {f: len(by_family[f]) + (1 if rest.get(f) else 0) for f in families}
     total_slots = max(sum(slots.values()), 1)
     max_bytes = max([_bytes(p) for p in drawn] + [sum(map(_bytes, g)) for g in rest.values()] + [1])
 
     radius = 150 if total_slots <= 8 else 230  # labels need room only when there are many
-    width, height = 980, int(2 * (radius + 175))
-    cx, cy = width / 2, height / 2 + 10
+    label_room = 175  # a node's label: up to 26 characters along its edge
+    width, height = int(2 * (radius + label_room + 150)), int(2 * (radius + label_room + 25))
+    cx, cy = width / 2, height / 2
     nodes: list[MapNode] = []
     sectors: list[MapSector] = []
     angle = -math.pi / 2
-    for category in categories:
-        span = 2 * math.pi * slots[category] / total_slots
+    for name in families:
+        span = 2 * math.pi * slots[name] / total_slots
         middle = angle + span / 2
+        cos_m, sin_m = math.cos(middle), math.sin(middle)
         sectors.append(
             MapSector(
-                f"{category} ({len(by_category[category]) + len(rest.get(category, [])):,})",
-                cx + radius * 0.55 * math.cos(middle),
-                cy + radius * 0.55 * math.sin(middle) - 6,
-                cx + (radius + 170) * math.cos(angle),
-                cy + (radius + 170) * math.sin(angle),
+                f"{name} ({len(by_family[name]) + len(rest.get(name, [])):,})",
+                cx + (radius + label_room) * cos_m,
+                cy + (radius + label_room) * sin_m + 4,
+                cx + (radius + label_room - 10) * math.cos(angle),
+                cy + (radius + label_room - 10) * math.sin(angle),
+                "start" if cos_m >= 0 else "end",
             )
         )
-        members: list[tuple[str, Mapping[str, Any] | list[Mapping[str, Any]]]] = [
-            ("peer", p) for p in by_category[category]
-        ]
-        if rest.get(category):
-            members.append(("group", rest[category]))
+        members: list[Mapping[str, Any] | list[Mapping[str, Any]]] = list(by_family[name])
+        if rest.get(name):
+            members.append(rest[name])
         step = span / len(members)
-        for index, (kind, member) in enumerate(members):
+        for index, member in enumerate(members):
             theta = angle + step * (index + 0.5)
             if isinstance(member, list):
                 size = sum(map(_bytes, member))
-                count = len(member)
                 alerting = sum(1 for p in member if str(p.get("address")) in alerted)
-                label = f"{count:,} other {category} peers"
-                title = f"{label}: {human_size(size)}" + (
+                label = f"{len(member):,} other {name} peers" + (
                     f", {alerting:,} alerting" if alerting else ""
                 )
-                colour, href, dashed = COLOURS["undecided"], "", True
+                title = f"{label}: {human_size(size)}"
+                colour = COLOURS["alerting" if alerting else "undecided"]
+                href, dashed = "", True
             else:
                 size = _bytes(member)
                 address = str(member.get("address", ""))
-                name = best_name(member)
-                label = shown(name or address, 26)
-                title = f"{shown(name)} {address}, {human_size(size)}, {member.get('category')}"
+                peer_name = best_name(member)
+                label = short(peer_name or address, 26)
+                title = (
+                    f"{shown(peer_name)} {address}, {human_size(size)}, {member.get('category')}"
+                )
                 colour = COLOURS[peer_colour(member, address in alerted)]
                 href, dashed = f"#peer-{address}", False
-            del kind
             cos, sin = math.cos(theta), math.sin(theta)
             nodes.append(
                 MapNode(
@@ -437,14 +468,16 @@ def peer_map(data: ReportData, *, shown_peers: int = MAP_PEERS) -> PeerMap:
         angle += span
     addresses = ", ".join(data.capture.get("local_addresses") or []) or "VM"
     vm = str(data.capture.get("vm") or "")
+    vm_text = f"{vm} {addresses}".strip()
     return PeerMap(
         width=width,
         height=height,
         cx=cx,
         cy=cy,
-        vm_label=shown(f"{vm} {addresses}".strip(), 40),
+        vm_label=short(vm_text, 40),
+        vm_title=shown(vm_text, 1000),
         nodes=nodes,
-        sectors=sectors if len(categories) > 1 else [],
+        sectors=sectors if len(families) > 1 else [],
         hidden=max(len(data.peers) - len(drawn), 0),
     )
 
@@ -455,6 +488,7 @@ def peer_map(data: ReportData, *, shown_peers: int = MAP_PEERS) -> PeerMap:
 @dataclass(frozen=True, slots=True)
 class TimelineRow:
     label: str
+    title: str
     href: str
     y: float
     total: str
@@ -491,27 +525,32 @@ def timeline(data: ReportData, *, rows: int = TIMELINE_PEERS) -> Timeline:
     """Traffic over time of the busiest peers, the rest summed, alerts marked.
 
     Uses the per-peer activity histogram (``activity``, with the capture's ``activity_start``
-    and ``activity_bucket_seconds``) when the document has one; otherwise each row is the span
-    from the peer's first to its last packet.
+    and ``activity_bucket_seconds``) when the document has one and the capture spans at least
+    :data:`MIN_HISTOGRAM_BUCKETS` of its buckets; otherwise each row is the span from the
+    peer's first to its last packet. The axis ends at the capture's last packet.
     """
     cap = data.capture
     start = timestamp(cap.get("activity_start"))
     bucket = timestamp(cap.get("activity_bucket_seconds"))
+    first_seen, last_seen = timestamp(cap.get("first_seen")), timestamp(cap.get("last_seen"))
+    buckets = max((len(p.get("activity") or []) for p in data.peers), default=0)
+    if start is not None and bucket is not None and bucket > 0 and last_seen is not None:
+        buckets = min(buckets, math.floor((last_seen - start) / bucket) + 1)
     histogram = (
         start is not None
         and bucket is not None
         and bucket > 0
+        and buckets >= MIN_HISTOGRAM_BUCKETS
         and any(p.get("activity") for p in data.peers)
     )
     t0: float | None
     t1: float | None
-    buckets = 0
     if start is not None and bucket is not None and histogram:
-        buckets = max(len(p.get("activity") or []) for p in data.peers)
         t0, t1 = start, start + buckets * bucket
+        if last_seen is not None:
+            t1 = min(t1, max(last_seen, start + (buckets - 1) * bucket + bucket / 2))
     else:
-        t0 = timestamp(cap.get("first_seen"))
-        t1 = timestamp(cap.get("last_seen"))
+        t0, t1 = first_seen, last_seen
     width, left, right, row_height = 980, 250, 925, 30
     if t0 is None or t1 is None or not data.peers:
         return Timeline(width, 60, left, right, [], [], histogram, True)
@@ -526,7 +565,7 @@ def timeline(data: ReportData, *, rows: int = TIMELINE_PEERS) -> Timeline:
     for peer in busiest[:rows]:
         address = str(peer.get("address", ""))
         colour = COLOURS[peer_colour(peer, address in alerted)]
-        groups.append((shown(best_name(peer) or address, 34), [peer], f"#peer-{address}", colour))
+        groups.append((best_name(peer) or address, [peer], f"#peer-{address}", colour))
     if busiest[rows:]:
         others = busiest[rows:]
         groups.append((f"{len(others):,} other peers", others, "", COLOURS["undecided"]))
@@ -541,13 +580,13 @@ def timeline(data: ReportData, *, rows: int = TIMELINE_PEERS) -> Timeline:
                 for i, count in enumerate((member.get("activity") or [])[:buckets]):
                     sums[i] += int(count or 0)
             peak = max([*sums, 1])
-            bar_width = (right - left) / buckets
+            bar_width = (right - left) * (bucket or 0.0) / span
             for i, count in enumerate(sums):
                 if count:
                     h = max(2.0, (row_height - 8) * math.log1p(count) / math.log1p(peak))
-                    bars.append(
-                        (left + i * bar_width, y + row_height - 4 - h, max(bar_width - 1, 1), h)
-                    )
+                    x = left + i * bar_width
+                    w = min(max(bar_width - 1, 1), right - x)
+                    bars.append((x, y + row_height - 4 - h, max(w, 1), h))
         else:
             for member in members[:200]:
                 first = timestamp(member.get("first_seen"))
@@ -561,7 +600,18 @@ def timeline(data: ReportData, *, rows: int = TIMELINE_PEERS) -> Timeline:
                 first = timestamp(member.get("first_seen"))
                 if first is not None:
                     markers.append((x_of(first), f"{alert.get('severity')}: {alert.get('rule')}"))
-        out.append(TimelineRow(label, href, y, human_size(total), bars, colour, markers[:20]))
+        out.append(
+            TimelineRow(
+                short(label, 34),
+                shown(label, 1000),
+                href,
+                y,
+                human_size(total),
+                bars,
+                colour,
+                markers[:20],
+            )
+        )
     ticks = []
     for i in range(5):
         ts = origin + span * i / 4
@@ -580,9 +630,14 @@ def table_data(
     *,
     numeric: Sequence[int],
     page: int = TABLE_PAGE,
+    address_column: bool = False,
 ) -> dict[str, Any]:
-    """What ``table.js`` renders: columns, rows of cells, which columns sort as numbers."""
-    return {"columns": list(columns), "rows": rows, "numeric": list(numeric), "page_size": page}
+    """What ``table.js`` renders: columns, rows of cells, which columns sort as numbers, and,
+    when the first column holds addresses, a key per row that sorts them numerically."""
+    table = {"columns": list(columns), "rows": rows, "numeric": list(numeric), "page_size": page}
+    if address_column:
+        table["keys"] = [address_key(str(row[0])) for row in rows]
+    return table
 
 
 def context(data: ReportData) -> dict[str, Any]:
@@ -590,7 +645,7 @@ def context(data: ReportData) -> dict[str, Any]:
     alerted = _alerts_by_peer(data.alerts)
     peers = sorted(data.peers, key=lambda p: -_bytes(p))
     peer_rows = [peer_row(p, alerted.get(str(p.get("address")), [])) for p in peers]
-    peer_table = table_data(PEER_COLUMNS, peer_rows, numeric=(7, 8, 9, 10))
+    peer_table = table_data(PEER_COLUMNS, peer_rows, numeric=(7, 8, 9, 10), address_column=True)
     conversations = None
     if data.conversations is not None:
         conv_rows = [
@@ -600,7 +655,9 @@ def context(data: ReportData) -> dict[str, Any]:
                 key=lambda c: -(int(c.get("bytes_a_to_b") or 0) + int(c.get("bytes_b_to_a") or 0)),
             )
         ]
-        conversations = table_data(CONVERSATION_COLUMNS, conv_rows, numeric=(2, 3, 4, 5))
+        conversations = table_data(
+            CONVERSATION_COLUMNS, conv_rows, numeric=(2, 3, 4, 5), address_column=True
+        )
     folded = None
     if data.folded:
         rows = [folded_row(g) for g in data.folded]
@@ -623,6 +680,7 @@ def context(data: ReportData) -> dict[str, Any]:
         "folded_table": folded,
         "folded_table_json": embed_json(folded) if folded else None,
         "evidence": _evidence_lines,
+        "summary_peer": SUMMARY_PEER,
     }
 
 

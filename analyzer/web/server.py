@@ -28,8 +28,10 @@ MAX_URL = 8192
 
 def route(path: str, params: Mapping[str, str], store: ResultsStore) -> pages.WebResponse:
     """The response for a GET of ``path`` (already split from its query)."""
-    if path in ("/", "/api", "/api/", "/api/ui"):
-        return pages.WebResponse(302, b"", "text/plain", {"Location": pages.UI_ROOT})
+    if path in ("/", "/api", "/api/"):
+        return pages.WebResponse(302, b"", "text/plain", {"Location": pages.FLEET_URL})
+    if path == pages.FLEET_URL:
+        return pages.respond("", params, lambda: store)
     if path.startswith(pages.UI_ROOT):
         return pages.respond(path[len(pages.UI_ROOT) :], params, lambda: store)
     api_path = path.removeprefix("/api/")
@@ -44,7 +46,8 @@ def route(path: str, params: Mapping[str, str], store: ResultsStore) -> pages.We
     return pages.json_response(api.ApiResponse(404, {"error": f"no such path: {path[:80]}"}))
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) is the loopback interface."""
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
@@ -55,7 +58,7 @@ def make_server(
     store: ResultsStore, host: str = "127.0.0.1", port: int = 8080
 ) -> ThreadingHTTPServer:
     """A server (not yet serving) for the dashboard and API over ``store``."""
-    check_host = _is_loopback(host)
+    check_host = is_loopback(host)
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "nwcap"
@@ -65,7 +68,7 @@ def make_server(
             if len(self.path) > MAX_URL:
                 self._send(pages.json_response(api.ApiResponse(414, {"error": "URL too long"})))
                 return
-            if check_host and not _is_loopback(_host_name(self.headers.get("Host", ""))):
+            if check_host and not is_loopback(_host_name(self.headers.get("Host", ""))):
                 self._send(pages.json_response(api.ApiResponse(403, {"error": "bad Host header"})))
                 return
             parts = urlsplit(self.path)
@@ -106,7 +109,7 @@ def serve(
     """Serve until interrupted; prints the URL to open."""
     server = make_server(store, host, port)
     shown_host = f"[{host}]" if ":" in host else host
-    url = f"http://{shown_host}:{server.server_address[1]}{pages.UI_ROOT}"
+    url = f"http://{shown_host}:{server.server_address[1]}{pages.FLEET_URL}"
     print(f"nwcap: dashboard at {url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     if ready:
         ready(url)

@@ -5,6 +5,7 @@
   const numberFormat = new Intl.NumberFormat("en-US");
   const MAX_SHOWN = 200;
   const INVISIBLE = /[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/gu;
+  const PRINT_ALL = 2000; // rows printed in full up to this many; beyond, the current page only
 
   // Same as analyzer.web.html.shown: invisible and bidi control characters made visible, long texts cut.
   function shown(value) {
@@ -35,6 +36,7 @@
   function setUp(root) {
     const data = JSON.parse(root.querySelector("script.table-data").textContent);
     const numeric = new Set(data.numeric);
+    const keys = data.keys || null; // column 0 holds addresses: numeric sort keys, one per row
     const rows = data.rows.map((cells, index) => ({ cells, index, search: null }));
     const tbody = root.querySelector("tbody");
     const headers = Array.from(root.querySelectorAll("thead th"));
@@ -47,6 +49,7 @@
     const next = root.querySelector(".next");
     const anchor = root.dataset.anchor || "";
     const noun = root.dataset.noun || "rows";
+    const printNote = root.querySelector(".print-note");
     const pageSize = data.page_size;
     const state = { column: null, descending: false, page: 0 };
     let view = rows;
@@ -73,7 +76,9 @@
         const sign = state.descending ? -1 : 1;
         const key = numeric.has(col)
           ? (row) => Number(row.cells[col] || 0)
-          : (row) => cellText(row.cells[col]).toLowerCase();
+          : col === 0 && keys
+            ? (row) => keys[row.index]
+            : (row) => cellText(row.cells[col]).toLowerCase();
         view.sort((a, b) => {
           const x = key(a), y = key(b);
           return x < y ? -sign : x > y ? sign : a.index - b.index;
@@ -81,12 +86,19 @@
       }
     }
 
-    function draw() {
+    function draw(printing = false) {
       const pages = Math.max(1, Math.ceil(view.length / pageSize));
       state.page = Math.min(state.page, pages - 1);
-      const start = state.page * pageSize;
+      const all = printing && view.length <= PRINT_ALL;
+      const start = all ? 0 : state.page * pageSize;
+      const end = all ? view.length : start + pageSize;
+      if (printNote) {
+        printNote.textContent = all || pages === 1
+          ? ""
+          : `Printed: rows ${numberFormat.format(start + 1)}–${numberFormat.format(Math.min(end, view.length))} of ${numberFormat.format(view.length)} (the current page; more than ${numberFormat.format(PRINT_ALL)} rows are not printed in full).`;
+      }
       const fragment = document.createDocumentFragment();
-      for (const row of view.slice(start, start + pageSize)) {
+      for (const row of view.slice(start, end)) {
         const tr = document.createElement("tr");
         if (anchor) tr.id = anchor + cellText(row.cells[0]);
         row.cells.forEach((value, col) => {
@@ -131,7 +143,12 @@
     // Show the row a link points to (#peer-ADDRESS), whichever page it is on.
     function reveal() {
       if (!anchor || !location.hash.startsWith("#" + anchor)) return;
-      const key = decodeURIComponent(location.hash.slice(1 + anchor.length));
+      let key;
+      try {
+        key = decodeURIComponent(location.hash.slice(1 + anchor.length));
+      } catch (error) {
+        return; // a malformed fragment (%zz) names no row
+      }
       let position = view.findIndex((row) => cellText(row.cells[0]) === key);
       if (position < 0) {
         if (textInput) textInput.value = "";
@@ -148,9 +165,17 @@
       if (tr) { tr.classList.add("target"); tr.scrollIntoView({ block: "center" }); }
     }
     window.addEventListener("hashchange", reveal);
+    window.addEventListener("beforeprint", () => draw(true));
+    window.addEventListener("afterprint", () => draw());
     refresh();
     reveal();
   }
 
-  for (const root of document.querySelectorAll(".datatable")) setUp(root);
+  for (const root of document.querySelectorAll(".datatable")) {
+    try {
+      setUp(root);
+    } catch (error) {
+      console.warn("table not set up:", error); // the other tables still work
+    }
+  }
 })();
