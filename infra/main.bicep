@@ -63,6 +63,9 @@ param reconcileSchedule string = '0 */10 * * * *'
 @description('How far back the reconciler lists capture blobs, e.g. 48h.')
 param reconcileLookback string = '48h'
 
+@description('ISO 8601 duration without any reconcile run after which the reconciler-silence alert rule fires; keep it at least three RECONCILE_SCHEDULE periods (at most P2D).')
+param reconcileAlertWindow string = 'PT30M'
+
 @description('Most instances the function app scales out to (Flex Consumption: 40 to 1000).')
 @minValue(40)
 @maxValue(1000)
@@ -319,7 +322,9 @@ var connectionSettings = {
   RESULTS_CONNECTION__credential: 'managedidentity'
   RESULTS_CONNECTION__clientId: identity.outputs.clientId
 }
-// Alert delivery and the reconcile timer (RECONCILE_SCHEDULE is a binding expression: it must exist).
+// Alert delivery and the reconcile timer. function_app.py reads RECONCILE_SCHEDULE when the host
+// indexes the functions and falls back to every 10 minutes when it is absent or empty; it is set
+// here so that the schedule in use is the one azd was given.
 var operationSettings = {
   ALERTS_QUEUE: alertsQueueName
   RECONCILE_SCHEDULE: reconcileSchedule
@@ -365,6 +370,7 @@ module alerts 'app/alerts.bicep' = {
     tags: tags
     namePrefix: 'nwcap-${resourceToken}'
     alertEmailAddress: alertEmailAddress
+    reconcileSilenceWindowSize: reconcileAlertWindow
   }
 }
 

@@ -527,13 +527,63 @@ class TestAlertDelivery:
         assert 'event == "nwcap.reconcile" and toint(d.stuck) > 0' in failed
         rules = alerts["resources"]["queryRules"]
         assert rules["type"] == "Microsoft.Insights/scheduledQueryRules"
+        assert rules["api_version"] == "2022-06-15"
         body = rules["config"]["config"]
         assert body["kind"] == "LogAlert"
+        # Every rule, the reconciler-silence one included, notifies the same action group.
         assert body["properties"]["actions"] == {"actionGroups": "actionGroups"}
         [criterion] = body["properties"]["criteria"]["allOf"]
         assert (criterion["operator"], criterion["threshold"]) == ("GreaterThan", 0)
+        assert criterion["timeAggregation"] == "Count"
+        assert "metricMeasureColumn" not in criterion  # counts the rows the query returns
+        for field in ("evaluationFrequency", "windowSize", "autoMitigate"):
+            accessor = body["properties"][field]["operator"]["operands"]
+            assert accessor == {"operand_1": "rule", "operand_2": field}, field
         main = _bicep("main.bicep")["modules"]["alerts"]["config"]["params"]
         assert main["alertEmailAddress"] == "alertEmailAddress"
+
+    def test_reconciler_silence_rule(self) -> None:
+        alerts = _bicep("app/alerts.bicep")
+        [rule] = [
+            r
+            for r in alerts["variables"]["rules"]["value"]
+            if r["name"] == "${namePrefix}-reconciler-silent"
+        ]
+        query = alerts["variables"][rule["query"]]["value"]
+        lines = [line.strip() for line in query.strip().splitlines()]
+        # Row count > 0 of a query giving one row exactly when no run was logged: over no traces,
+        # `summarize count()` without `by` still yields its one row (n = 0); a query giving no
+        # rows, or a Count rule on a measure of an empty result, would never fire.
+        assert lines == [
+            "traces",
+            '| where message startswith "nwcap.reconcile {"',
+            "| summarize n = count()",
+            "| where n == 0",
+        ]
+        assert rule["evaluationFrequency"] == "reconcileSilenceEvaluationFrequency"
+        assert rule["windowSize"] == "reconcileSilenceWindowSize"
+        assert rule["autoMitigate"] is True  # resolves once runs are logged again
+        parameters = alerts["parameters"]
+        assert parameters["reconcileSilenceEvaluationFrequency"]["default"] == "PT10M"
+        window = parameters["reconcileSilenceWindowSize"]["default"]
+        assert window == "PT30M"
+        # Three periods of the default schedule: one late or slow run does not page anyone.
+        main = _bicep("main.bicep")
+        schedule = main["parameters"]["reconcileSchedule"]["default"]
+        period = re.fullmatch(r"0 \*/(\d+) \* \* \* \*", schedule)
+        minutes = re.fullmatch(r"PT(\d+)M", window)
+        assert period and minutes
+        assert int(minutes.group(1)) == 3 * int(period.group(1))
+        assert main["parameters"]["reconcileAlertWindow"]["default"] == window
+        params = main["modules"]["alerts"]["config"]["params"]
+        assert params["reconcileSilenceWindowSize"] == "reconcileAlertWindow"
+        assert _parameter_substitutions()["reconcileAlertWindow"] == (
+            "${RECONCILE_ALERT_WINDOW=PT30M}"
+        )
+        # The other two rules fire on events, so each firing stays until someone looks.
+        others = [r for r in alerts["variables"]["rules"]["value"] if r is not rule]
+        assert len(others) == 2
+        assert all(r["autoMitigate"] is False for r in others)
 
     def test_action_group_only_with_an_address(self) -> None:
         alerts = _bicep("app/alerts.bicep")

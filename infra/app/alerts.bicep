@@ -1,6 +1,6 @@
 // Azure Monitor alerts on the app's structured log records in Application Insights (traces
-// whose message is "nwcap.<event> {json}"): a high-severity nwcap alert, and a capture that failed or
-// is stuck. With an e-mail address, an action group mails each firing; without one the rules still
+// whose message is "nwcap.<event> {json}"): a high-severity nwcap alert, a capture that failed or
+// is stuck, and a reconciler that stopped running. With an e-mail address, an action group mails each firing; without one the rules still
 // fire and show in the portal's Alerts blade, and any action group can be attached later.
 param applicationInsightsName string
 param location string = resourceGroup().location
@@ -17,6 +17,12 @@ param evaluationFrequency string = 'PT5M'
 
 @description('Time span each query looks back over; longer than evaluationFrequency so late-ingested records still count.')
 param windowSize string = 'PT15M'
+
+@description('How often the reconciler-silence rule runs; about one reconcile period (RECONCILE_SCHEDULE).')
+param reconcileSilenceEvaluationFrequency string = 'PT10M'
+
+@description('Time span without any reconcile run after which the reconciler-silence rule fires: at least three reconcile periods, so one slow or late run does not page anyone.')
+param reconcileSilenceWindowSize string = 'PT30M'
 
 resource applicationInsights 'Microsoft.Insights/components@2020-02-02' existing = {
   name: applicationInsightsName
@@ -64,6 +70,18 @@ traces
 | project timestamp, event, status = tostring(d.status), stuck = toint(d.stuck), vm = tostring(d.vm), capture_id = tostring(d.capture_id), message
 '''
 
+// A row only when no reconcile run logged anything in the window. `summarize count()` without
+// `by` returns one row even over no input, so the rule counts rows (GreaterThan 0) of a query
+// that yields a row exactly when n == 0: a query that returned no rows at all would never fire.
+// A run that raises logs no "nwcap.reconcile {" trace, so a reconciler that fails every time
+// fires this rule as well as one that never starts.
+var reconcilerSilentQuery = '''
+traces
+| where message startswith "nwcap.reconcile {"
+| summarize n = count()
+| where n == 0
+'''
+
 var rules = [
   {
     name: '${namePrefix}-high-severity-alert'
@@ -71,6 +89,9 @@ var rules = [
     description: 'A capture produced at least one high-severity alert (e.g. traffic to a storage account outside the policy). The alerts table and the nwcap-alerts queue hold the details.'
     severity: 1
     query: highSeverityQuery
+    evaluationFrequency: evaluationFrequency
+    windowSize: windowSize
+    autoMitigate: false
   }
   {
     name: '${namePrefix}-capture-failed-or-stuck'
@@ -78,6 +99,20 @@ var rules = [
     description: 'A capture was recorded failed, or a reconcile run found captures left unfinished. Run nwcap status, then nwcap reconcile, and read the failure detail in the captures table.'
     severity: 2
     query: capturesFailedOrStuckQuery
+    evaluationFrequency: evaluationFrequency
+    windowSize: windowSize
+    autoMitigate: false
+  }
+  {
+    name: '${namePrefix}-reconciler-silent'
+    displayName: 'nwcap: the reconciler stopped running'
+    description: 'No reconcile run logged nwcap.reconcile in the window: captures whose event was lost, failed or stuck are no longer recovered. Check that the function app is running and read the errors of reconcile_captures in Application Insights; run nwcap reconcile from your machine meanwhile.'
+    severity: 1
+    query: reconcilerSilentQuery
+    evaluationFrequency: reconcileSilenceEvaluationFrequency
+    windowSize: reconcileSilenceWindowSize
+    // A condition, not an event: resolved by itself once runs are logged again.
+    autoMitigate: true
   }
 ]
 
@@ -94,8 +129,8 @@ resource queryRules 'Microsoft.Insights/scheduledQueryRules@2022-06-15' = [for r
     scopes: [
       applicationInsights.id
     ]
-    evaluationFrequency: evaluationFrequency
-    windowSize: windowSize
+    evaluationFrequency: rule.evaluationFrequency
+    windowSize: rule.windowSize
     criteria: {
       allOf: [
         {
@@ -110,8 +145,8 @@ resource queryRules 'Microsoft.Insights/scheduledQueryRules@2022-06-15' = [for r
         }
       ]
     }
-    // Each firing is a new event to look at; nothing resolves it by itself.
-    autoMitigate: false
+    // An alert or a failed capture is a new event to look at each time: nothing resolves it.
+    autoMitigate: rule.autoMitigate
     actions: {
       actionGroups: actionGroups
     }
