@@ -16,7 +16,8 @@ import math
 import operator
 import struct
 import time
-from collections.abc import Callable, Iterable
+from array import array
+from collections.abc import Callable, Iterable, MutableSequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, TypeVar
 
@@ -82,10 +83,11 @@ FOLDED_PORTS_KEPT = 64
 
 # Flow entry layout (a list, for speed): packets, bytes, first second, first fraction,
 # last second, last fraction, OR of TCP flags, flags of the first packet; then for the
-# activity histogram: the second at which the current span ends (a packet at or past it
-# starts a new span), the bytes counted before the current span, and where the spans closed so
-# far are (an index into _Accumulator.spans, 0 for none).
-PKTS, BYTES, FSEC, FFRAC, LSEC, LFRAC, FLAGS, FIRST_FLAGS, SPLIT_SEC, SPLIT_BYTES, SPANS = range(11)
+# activity histogram: the last second of the current span (a packet past it starts a new
+# span; a new flow's first span is its first second, the int object it already holds), the
+# bytes counted before the current span and where the spans closed so far are (an index into
+# _Accumulator.spans), these two only once the flow has more than one span.
+PKTS, BYTES, FSEC, FFRAC, LSEC, LFRAC, FLAGS, FIRST_FLAGS, SPAN_LAST, SPLIT_BYTES, SPANS = range(11)
 ProgressCallback = Callable[[int], None]
 AddressPriority = Callable[[bytes], int]
 _NESTED_TOO_DEEP = Undecodable("nested-too-deep")
@@ -160,7 +162,7 @@ class _Pair:
         # fake with one packet (see _Accumulator.compact)
         self.exchanged = False
         # bytes per activity bucket, at bucket width 2**activity_shift seconds
-        self.activity: list[int] | None = None
+        self.activity: array[int] | None = None
         self.activity_shift = 0
 
 
@@ -455,9 +457,9 @@ class _Accumulator:
         """Add one packet to its flow entry in ``table`` (created if new); return the entry."""
         entry = table.get(key)
         if entry is None:
-            table[key] = entry = [1, orig, sec, frac, sec, frac, flags, flags, sec + 1, 0, 0]
+            table[key] = entry = [1, orig, sec, frac, sec, frac, flags, flags, sec]
         else:
-            if sec >= entry[SPLIT_SEC]:
+            if sec > entry[SPAN_LAST]:
                 self.roll(entry, sec)
             entry[PKTS] += 1
             entry[BYTES] += orig
@@ -558,17 +560,19 @@ class _Accumulator:
 
     def roll(self, entry: list[int], sec: int) -> None:
         """Close a flow's current span before a packet at ``sec``, past the span's end."""
-        if entry[SPANS]:
+        if len(entry) > SPLIT_BYTES:
             spans = self.spans[entry[SPANS]]
-        else:
-            entry[SPANS] = len(self.spans)
+            before = entry[SPLIT_BYTES]
+            entry[SPLIT_BYTES] = entry[BYTES]
+        else:  # the first roll: the flow's entry grows the two slots only rolling flows need
+            before = 0
+            entry += (entry[BYTES], len(self.spans))
             self.spans.append(spans := [])
-        spans.append(entry[SPLIT_SEC] - 1)
-        spans.append(entry[BYTES] - entry[SPLIT_BYTES])
-        entry[SPLIT_BYTES] = entry[BYTES]
+        spans.append(entry[SPAN_LAST])
+        spans.append(entry[BYTES] - before)
         index = self.bucket(sec)
         start = self.activity_start or 0
-        entry[SPLIT_SEC] = start + ((index + 1) << self.activity_shift)
+        entry[SPAN_LAST] = start + ((index + 1) << self.activity_shift) - 1
         if len(spans) > 2 * MAX_SPANS:
             merged: dict[int, int] = {}
             for at in range(0, len(spans), 2):
@@ -589,8 +593,10 @@ class _Accumulator:
 
     def add_activity(self, pair: _Pair, entry: list[int]) -> None:
         """Add a flow's spans to its pair's histogram."""
-        self._add_span(pair, entry[SPLIT_SEC] - 1, entry[BYTES] - entry[SPLIT_BYTES])
-        if entry[SPANS]:
+        if len(entry) == SPLIT_BYTES:
+            self._add_span(pair, entry[SPAN_LAST], entry[BYTES])
+        else:
+            self._add_span(pair, entry[SPAN_LAST], entry[BYTES] - entry[SPLIT_BYTES])
             spans = self.spans[entry[SPANS]]
             for at in range(0, len(spans), 2):
                 self._add_span(pair, spans[at], spans[at + 1])
@@ -600,7 +606,7 @@ class _Accumulator:
         shift = self.activity_shift
         histogram = pair.activity
         if histogram is None:
-            pair.activity = histogram = [0] * ACTIVITY_BUCKETS
+            pair.activity = histogram = _zero_histogram()
             pair.activity_shift = shift
         elif pair.activity_shift < shift:
             _rescale(histogram, shift - pair.activity_shift)
@@ -678,11 +684,15 @@ class _Accumulator:
                 # the activity histogram, inline for the common case: one span, known width
                 histogram = pair.activity
                 shift = self.activity_shift
-                index = (entry[SPLIT_SEC] - 1 - start) >> shift
+                index = (entry[SPAN_LAST] - start) >> shift
                 if histogram is None:
-                    pair.activity = histogram = [0] * ACTIVITY_BUCKETS
+                    pair.activity = histogram = _zero_histogram()
                     pair.activity_shift = shift
-                if entry[SPANS] or pair.activity_shift != shift or not 0 <= index < buckets:
+                if (
+                    len(entry) > SPLIT_BYTES
+                    or pair.activity_shift != shift
+                    or not 0 <= index < buckets
+                ):
                     add_activity(pair, entry)
                 else:
                     histogram[index] += nbytes
@@ -1072,10 +1082,10 @@ def _walk_ethernet_pcap(
                 if proto == 6:
                     entry = tcp_get(key)
                     if entry is None:
-                        entry = [1, orig, sec, frac, sec, frac, flags, flags, sec + 1, 0, 0]
+                        entry = [1, orig, sec, frac, sec, frac, flags, flags, sec]
                         tcp[key] = entry
                     else:
-                        if sec >= entry[8]:
+                        if sec > entry[8]:
                             roll(entry, sec)
                         entry[0] += 1
                         entry[1] += orig
@@ -1092,9 +1102,9 @@ def _walk_ethernet_pcap(
                 if proto == 17 and key[10:12] not in tunnel_ports and key[8:10] not in tunnel_ports:
                     entry = udp_get(key)
                     if entry is None:
-                        udp[key] = [1, orig, sec, frac, sec, frac, 0, 0, sec + 1, 0, 0]
+                        udp[key] = [1, orig, sec, frac, sec, frac, 0, 0, sec]
                     else:
-                        if sec >= entry[8]:
+                        if sec > entry[8]:
                             roll(entry, sec)
                         entry[0] += 1
                         entry[1] += orig
@@ -1333,7 +1343,7 @@ class _PeerBuilder:
         self.tcp = [0] * 6
         self.opened: list[dict[int, int]] = [{}, {}]  # by peer (local ports), by local
         self.icmp: dict[str, int] = {}
-        self.activity: list[tuple[list[int], int]] = []  # the pairs' histograms and shifts
+        self.activity: list[tuple[array[int], int]] = []  # the pairs' histograms and shifts
 
     def add(self, pair: _Pair, local_side: int, local: bytes) -> None:
         remote_side = 1 - local_side
@@ -1373,9 +1383,8 @@ class _PeerBuilder:
         """The peer, with an activity histogram of ``buckets`` buckets of 2**shift seconds."""
         activity: list[int] = []
         for histogram, pair_shift in self.activity:
-            widened = histogram
+            widened = list(histogram)
             if pair_shift < shift:
-                widened = list(histogram)
                 _rescale(widened, shift - pair_shift)
             activity = list(map(operator.add, activity, widened)) if activity else widened
         remote_ports, other_remote = self._top_ports(is_remote=True)
@@ -1421,7 +1430,13 @@ class _PeerBuilder:
         return tuple(ranked[:PORTS_KEPT]), max(0, len(ranked) - PORTS_KEPT) + overflow
 
 
-def _rescale(histogram: list[int], steps: int) -> None:
+def _zero_histogram() -> array[int]:
+    """60 buckets of 8-byte integers: 544 bytes a pair whatever the counts (a list of Python
+    ints costs up to four times that)."""
+    return array("q", bytes(8 * ACTIVITY_BUCKETS))
+
+
+def _rescale(histogram: MutableSequence[int], steps: int) -> None:
     """Widen a histogram's buckets ``steps`` doublings in place, merging neighbours."""
     for _ in range(steps):
         half = len(histogram) // 2
