@@ -18,7 +18,7 @@ from azure.core.exceptions import AzureError
 from azurefunctions.extensions.bindings import blob
 
 from analyzer import api
-from analyzer.alert_delivery import AlertDelivery, DeliverySettings
+from analyzer.alert_delivery import AlertDelivery, DeliverySettings, delivery_window
 from analyzer.connections import (
     ConnectionSettingError,
     ConnectionSettings,
@@ -37,13 +37,14 @@ from analyzer.processing import (
     service_tags_file,
 )
 from analyzer.reconcile import (
-    DEFAULT_SCHEDULE,
     ReconcileSettings,
     RunLog,
+    checked_schedule,
     poison_queue,
     processor,
     queue_service_for,
     reconcile,
+    schedule_seconds,
 )
 from analyzer.servicetags import ServiceTags
 from analyzer.status import status_document
@@ -61,8 +62,9 @@ for _name in AZURE_SDK_LOGGERS:
 CAPTURES_CONNECTION = "CAPTURES_CONNECTION"
 RESULTS_CONNECTIONS = ("RESULTS_CONNECTION", CAPTURES_CONNECTION)
 # Read when the worker indexes the functions (an app setting change restarts the app), so
-# that the setting may be absent: a %SETTING% binding expression would require it.
-RECONCILE_SCHEDULE = os.environ.get("RECONCILE_SCHEDULE", "").strip() or DEFAULT_SCHEDULE
+# that the setting may be absent: a %SETTING% binding expression would require it. A value
+# that is not six fields is logged and replaced by the default, rather than stopping the app.
+RECONCILE_SCHEDULE = checked_schedule(os.environ.get("RECONCILE_SCHEDULE", ""))
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
@@ -166,21 +168,25 @@ def reconcile_captures(timer: func.TimerRequest) -> None:
         service_tags=_service_tags(settings.service_tags_location, results).get(),
         budget=settings.budget,
     )
+    reconcile_settings = ReconcileSettings.from_environ()
+    delivery = _delivery(results, settings.table_prefix)
     with blob_service_for(captures) as blobs, poison_queue(captures) as poison:
         report = reconcile(
             blobs.get_container_client(settings.captures_container),
             store,
             process,
-            settings=ReconcileSettings.from_environ(),
+            settings=reconcile_settings,
             poison=poison,
+            after_processing=delivery.after_processing,
         )
     RunLog(store.service, prefix=settings.table_prefix).record(report)
-    _delivery(results, settings.table_prefix).reconcile()
+    delivery.reconcile(window=delivery_window(reconcile_settings.lookback))
+    fields = {"nwcap_event": "reconcile", **report.counts()}
     log.log(
-        logging.WARNING if report.failed else logging.INFO,
+        logging.WARNING if report.failed or report.stuck or report.poison_error else logging.INFO,
         "nwcap.reconcile %s",
-        json.dumps(report.counts(), separators=(",", ":")),
-        extra={"custom_dimensions": report.counts()},
+        json.dumps(fields, separators=(",", ":")),
+        extra={**fields, "custom_dimensions": fields},
     )
 
 
@@ -202,6 +208,7 @@ def get_status(req: func.HttpRequest) -> func.HttpResponse:
                 poison=poison,
                 runs=RunLog(store.service, prefix=settings.table_prefix),
                 settings=ReconcileSettings.from_environ(),
+                schedule_seconds=schedule_seconds(RECONCILE_SCHEDULE),
             )
     except ConnectionSettingError as error:
         log.error("The status endpoint is not configured: %s", error)

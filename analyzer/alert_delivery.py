@@ -431,6 +431,24 @@ class DeliveryLedger:
         except ResourceNotFoundError:
             return set()
 
+    def pending_before(self, since: float, *, limit: int = 100) -> list[str]:
+        """Captures with alerts pending since before ``since`` (at most ``limit``): beyond the
+        reconciler's window, so no run delivers them any more."""
+        query = "status eq @status and pending_since lt @since"
+        parameters = {"status": "pending", "since": _datetime(since)}
+        found: set[str] = set()
+        try:
+            rows = self.table.query_entities(
+                query, parameters=parameters, select=["PartitionKey"], results_per_page=limit
+            )
+            for row in rows:
+                found.add(row["PartitionKey"])
+                if len(found) >= limit:
+                    break
+        except ResourceNotFoundError:
+            pass
+        return sorted(found)
+
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
         """Upsert rows of one capture, a transaction per hundred (creating the table if needed)."""
         if self.name not in _CREATED_TABLES:
@@ -770,6 +788,7 @@ def deliver_pending(
         candidates = ledger.pending_captures(since) | _undelivered_captures(
             store, ledger, since, threshold
         )
+        abandoned = ledger.pending_before(since)
     except AzureError as error:
         log.log(
             logging.WARNING if _is_transient(error) else logging.ERROR,
@@ -778,6 +797,12 @@ def deliver_pending(
         )
         total.errors.append(_short(error))
         return total
+    if abandoned:
+        log.error(
+            "Alerts of %d capture(s) pending since before the delivery window (%s) are no "
+            "longer retried, e.g. %s",
+            len(abandoned), _datetime(since).isoformat(), ", ".join(abandoned[:5]),
+        )
     for capture_id in sorted(candidates):
         try:
             record = store.get_capture(capture_id)
@@ -860,6 +885,12 @@ class AlertDelivery:
             publish_events=self.publish_events,
             clock=clock,
         )
+
+
+def delivery_window(lookback: float) -> float:
+    """How far back the reconciler delivers: :data:`RECONCILE_WINDOW`, and at least a day
+    beyond the capture reconciler's ``lookback`` (a capture it processes late still counts)."""
+    return max(RECONCILE_WINDOW, lookback + 86400.0)
 
 
 def _undelivered_captures(

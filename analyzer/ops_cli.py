@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,7 +24,7 @@ from azure.core.exceptions import AzureError
 from azure.storage.blob import ContainerClient
 from azure.storage.queue import QueueClient
 
-from analyzer.alert_delivery import AlertDelivery, DeliverySettings
+from analyzer.alert_delivery import AlertDelivery, DeliverySettings, delivery_window
 from analyzer.connections import (
     ConnectionSettingError,
     ConnectionSettings,
@@ -45,6 +46,7 @@ from analyzer.reconcile import (
     processor,
     queue_service_for,
     reconcile,
+    schedule_seconds,
 )
 from analyzer.status import status_document
 from analyzer.storage import TableResultsStore
@@ -166,21 +168,23 @@ def run_reconcile(args: argparse.Namespace) -> int:
     tags = service_tags_file(tags_location, results_blobs).get()
     process = processor(site.store, policy=policy, service_tags=tags,
                         budget=site.settings.budget)
-    report = reconcile(
-        site.container,
-        site.store,
-        process,
-        settings=site.reconcile,
-        poison=None if args.no_poison else site.poison(),
-    )
-    site.runs.record(report)
     delivery = AlertDelivery.from_settings(
         site.store,
         queue_service_for(site.results),
         DeliverySettings.from_environ(),
         create_queue=not site.results.identity_based,
     )
-    sent = delivery.reconcile()  # alerts not yet delivered, as the timer does
+    report = reconcile(
+        site.container,
+        site.store,
+        process,
+        settings=site.reconcile,
+        poison=None if args.no_poison else site.poison(),
+        after_processing=delivery.after_processing,
+    )
+    site.runs.record(report)
+    # alerts not yet delivered, as the timer does
+    sent = delivery.reconcile(window=delivery_window(site.reconcile.lookback))
     _print_report(report, args.format)
     if sent.sent or sent.pending or sent.failed:
         print(f"nwcap: alerts: {sent.sent} sent, {sent.pending} pending, {sent.failed} failed",
@@ -210,6 +214,7 @@ def run_status(args: argparse.Namespace) -> int:
         poison=site.poison(),
         runs=site.runs,
         settings=site.reconcile,
+        schedule_seconds=schedule_seconds(os.environ.get("RECONCILE_SCHEDULE", "")),
     )
     if args.format == "json":
         _print_json(document)

@@ -564,6 +564,7 @@ def log_outcome(outcome: Outcome) -> None:
     """One structured record per capture outcome (see docs/settings.md, "Logs")."""
     record = outcome.record
     fields: dict[str, Any] = {
+        "nwcap_event": "capture",
         "capture_id": outcome.capture_id,
         "blob": outcome.blob,
         "status": outcome.status,
@@ -581,19 +582,27 @@ def log_outcome(outcome: Outcome) -> None:
             time_mismatch=record.time_mismatch or None,
         )
     level = logging.WARNING if outcome.status == "failed" else logging.INFO
-    outcome_log.log(level, "nwcap.capture %s", _json(fields), extra={"custom_dimensions": fields})
+    outcome_log.log(level, "nwcap.capture %s", _json(fields), extra=_extra(fields))
 
 
 def log_alert(record: CaptureRecord, alert: Alert) -> None:
     """One structured record per stored alert."""
     fields = {
+        "nwcap_event": "alert",
         "rule": alert.rule,
         "severity": alert.severity,
         "peer": alert.peer,
         "capture_id": record.capture_id,
         "vm": record.location.vm,
     }
-    outcome_log.warning("nwcap.alert %s", _json(fields), extra={"custom_dimensions": fields})
+    outcome_log.warning("nwcap.alert %s", _json(fields), extra=_extra(fields))
+
+
+def _extra(fields: Mapping[str, Any]) -> dict[str, Any]:
+    # The fields as record attributes and as custom_dimensions, for whichever handler reads
+    # them; the Python worker forwards neither (azure-functions-python-worker#1327), so queries
+    # parse the JSON in the message.
+    return {**fields, "custom_dimensions": dict(fields)}
 
 
 def _json(fields: Mapping[str, Any]) -> str:

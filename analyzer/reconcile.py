@@ -76,6 +76,35 @@ _READ_CHUNK = 256
 _YEAR, _MONTH, _DAY = re.compile(r"^\d{4}$"), re.compile(r"^\d{2}$"), re.compile(r"^\d{2}$")
 
 Process = Callable[[BlobClient, float], Outcome]
+AfterProcessing = Callable[[CaptureRecord], object]
+# What the Functions host writes as a poison message's FunctionId for nwcap's blob trigger
+# (``Host.Functions.`` and the function's name). Two nwcap apps on one account share it.
+TRIGGER_FUNCTION_ID = "Host.Functions.process_capture"
+
+
+def checked_schedule(text: str) -> str:
+    """``text`` when it is a six-field NCRONTAB expression (seconds first, as the timer
+    trigger wants), else :data:`DEFAULT_SCHEDULE` after logging an error; empty means the
+    default."""
+    text = text.strip()
+    if not text:
+        return DEFAULT_SCHEDULE
+    if len(text.split()) != 6:
+        log.error("RECONCILE_SCHEDULE %r is not a six-field NCRONTAB expression "
+                  "(e.g. %r): using %r", text[:100], DEFAULT_SCHEDULE, DEFAULT_SCHEDULE)
+        return DEFAULT_SCHEDULE
+    return text
+
+
+def schedule_seconds(schedule: str) -> float:
+    """The period of a timer schedule, roughly: ``*/N`` in the minute field is N minutes, in
+    the hour field N hours; any other schedule counts as hourly."""
+    fields = checked_schedule(schedule).split()
+    for index, unit in ((1, 60.0), (2, 3600.0)):
+        match = re.fullmatch(r"\*/(\d{1,4})", fields[index])
+        if match and int(match.group(1)) > 0:
+            return int(match.group(1)) * unit
+    return 3600.0
 
 
 class DurationError(ValueError):
@@ -159,7 +188,10 @@ class ReconcileReport:
     were brought to complete or partial; ``failed`` ended failed (or hit a transient error);
     ``left`` still need a run and wait for the next one (over the limit or the time budget);
     ``busy`` are being processed by another run; ``other`` ended otherwise (superseded,
-    missing, left to a newer analyzer). ``poison_*`` count poison-queue messages.
+    missing, left to a newer analyzer). ``stuck`` rows were found ``processing`` for longer
+    than ``stale_after`` (a run died; they are among those processed again). ``poison_*`` count
+    poison-queue messages (``poison_foreign``: another function's, left alone;
+    ``poison_error``: why the queue could not be read).
     """
 
     started: float
@@ -172,9 +204,12 @@ class ReconcileReport:
     left: int = 0
     busy: int = 0
     other: int = 0
+    stuck: int = 0
     poison_seen: int = 0
     poison_deleted: int = 0
     poison_kept: int = 0
+    poison_foreign: int = 0
+    poison_error: str = ""
     items: list[Item] = field(default_factory=list)
 
     def counts(self) -> dict[str, Any]:
@@ -190,9 +225,12 @@ class ReconcileReport:
             "left": self.left,
             "busy": self.busy,
             "other": self.other,
+            "stuck": self.stuck,
             "poison_seen": self.poison_seen,
             "poison_deleted": self.poison_deleted,
             "poison_kept": self.poison_kept,
+            "poison_foreign": self.poison_foreign,
+            "poison_error": self.poison_error,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -202,8 +240,10 @@ class ReconcileReport:
         return (
             f"scanned {self.scanned}: {self.complete} already complete, {self.processed} "
             f"processed, {self.failed} failed, {self.busy} busy elsewhere, {self.other} other, "
-            f"{self.left} left for the next run; poison queue: {self.poison_seen} seen, "
-            f"{self.poison_deleted} done, {self.poison_kept} kept"
+            f"{self.left} left for the next run ({self.stuck} stuck); poison queue: "
+            f"{self.poison_seen} seen, {self.poison_deleted} done, {self.poison_kept} kept, "
+            f"{self.poison_foreign} not ours"
+            + (f", error: {self.poison_error}" if self.poison_error else "")
         )
 
     def add(self, item: Item) -> None:
@@ -287,7 +327,7 @@ def _walk(
         name = str(entry.name)
         if name.endswith("/"):  # a folder
             folder = name[len(prefix) : -1]
-            nested = _date_step(date, folder, days)
+            nested = _date_step(date, folder, days, year_allowed=_machine_folder(prefix))
             if nested is not None:
                 yield from _walk(container, name, days, since, nested)
         elif is_capture_blob(name) and isinstance(entry, BlobProperties):
@@ -296,11 +336,24 @@ def _walk(
                 yield listed
 
 
+def _machine_folder(prefix: str) -> bool:
+    """True when ``prefix`` ends with a machine's folder, where Network Watcher puts the year:
+    ``virtualmachines/{vm}/`` (also a scale-set instance's) or ``virtualmachinescalesets/{name}/``.
+    Elsewhere a four-digit folder (a resource group ``2019``) is no year."""
+    folders = prefix.lower().rstrip("/").split("/")
+    return len(folders) >= 2 and folders[-2] in ("virtualmachines", "virtualmachinescalesets")
+
+
 def _date_step(
-    date: tuple[str, ...], folder: str, days: frozenset[tuple[str, str, str]]
+    date: tuple[str, ...],
+    folder: str,
+    days: frozenset[tuple[str, str, str]],
+    *,
+    year_allowed: bool = True,
 ) -> tuple[str, ...] | None:
-    """The date parts known below ``folder``, or ``None`` to skip it (a date outside the window)."""
-    if not date and _YEAR.match(folder):
+    """The date parts known below ``folder``, or ``None`` to skip it (a date outside the window).
+    ``year_allowed``: ``folder`` sits where a year folder would (see :func:`_machine_folder`)."""
+    if not date and year_allowed and _YEAR.match(folder):
         return (folder,) if any(day[0] == folder for day in days) else None
     if len(date) == 1 and _MONTH.match(folder):
         return (*date, folder) if any(day[:2] == (*date, folder) for day in days) else None
@@ -368,12 +421,15 @@ def reconcile(
     *,
     settings: ReconcileSettings | None = None,
     poison: QueueClient | None = None,
+    after_processing: AfterProcessing | None = None,
     clock: Callable[[], float] = time.time,
 ) -> ReconcileReport:
     """One reconciliation run over ``container`` (see the module's docstring).
 
     ``process(blob, stale_after)`` processes one blob as the trigger does (it is
-    :func:`analyzer.processing.process_blob` with the app's policy and budget bound).
+    :func:`analyzer.processing.process_blob` with the app's policy and budget bound);
+    ``after_processing(record)`` follows each processing run, as it follows the trigger's
+    (alert delivery: a capture processed late is delivered whatever its age).
     """
     settings = settings or ReconcileSettings()
     now = clock()
@@ -384,6 +440,7 @@ def reconcile(
     for listed, capture_id, record in with_records(store, container.container_name, listed_blobs):
         report.scanned += 1
         reason = needs_run(record, listed.etag, now, settings.stale_after)
+        report.stuck += reason == "stale"
         if reason in _RUN_REASONS:
             due.append((listed.last_modified, listed, capture_id, reason))
         elif reason == "complete":
@@ -400,9 +457,12 @@ def reconcile(
             report.left = len(due) - index
             break
         blob = container.get_blob_client(listed.name)
-        report.add(_run_one(blob, process, settings, reason, capture_id, clock() - modified))
+        report.add(_run_one(blob, process, settings, reason, capture_id, clock() - modified,
+                            after_processing))
     if poison is not None:
-        _drain_poison(poison, _Run(container, process, settings, report, deadline, clock))
+        _drain_poison(
+            poison, _Run(container, process, settings, report, deadline, clock, after_processing)
+        )
     report.finished = clock()
     log.info("Reconciled %s: %s", container.container_name, report.line())
     return report
@@ -415,6 +475,7 @@ def _run_one(
     reason: str,
     capture_id: str,
     age: float | None,
+    after_processing: AfterProcessing | None = None,
 ) -> Item:
     name = f"{blob.container_name}/{blob.blob_name}"
     try:
@@ -424,8 +485,16 @@ def _run_one(
         kind = "transient" if is_transient(error) else "storage"
         log.warning("Reconciling %s hit a %s error: %s", name, kind, error)
         return Item(name, reason, "error", capture_id, f"{kind} error: {_short(error)}", age)
+    except Exception as error:  # one bad blob must not wedge every run
+        log.exception("Reconciling %s stopped on an unexpected error", name)
+        return Item(name, reason, "error", capture_id, f"error: {_short(error)}", age)
     if outcome.status == "missing":
         log.info("Capture %s vanished between listing and reading: nothing to do", name)
+    if after_processing is not None and outcome.record is not None:
+        try:
+            after_processing(outcome.record)
+        except Exception:  # delivery is retried by its own reconciling
+            log.exception("After processing %s: delivering its alerts failed", name)
     return Item(name, reason, outcome.status, outcome.capture_id or capture_id,
                 outcome.detail, age)
 
@@ -433,10 +502,23 @@ def _run_one(
 # --- the poison queue -----------------------------------------------------------------------
 
 
-def poison_message_blob(content: str) -> tuple[str, str] | None:
-    """(container, blob name) a blob-trigger poison message names, or ``None`` when the message
-    is not such a message. The host writes JSON (``ContainerName``, ``BlobName``); queues
-    written Base64-encoded are decoded first."""
+@dataclass(frozen=True, slots=True)
+class PoisonMessage:
+    """What a blob-trigger poison message names: the function that gave up, and the blob."""
+
+    function_id: str
+    container: str
+    blob: str
+
+    def is_ours(self) -> bool:
+        """True for a message of nwcap's blob trigger (``FunctionId`` compared ignoring case)."""
+        return self.function_id.lower() == TRIGGER_FUNCTION_ID.lower()
+
+
+def poison_message(content: str) -> PoisonMessage | None:
+    """The blob-trigger poison message in ``content``, or ``None`` when it is not one. The host
+    writes JSON (``FunctionId``, ``ContainerName``, ``BlobName``); queues written
+    Base64-encoded are decoded first."""
     for text in (content, _base64_text(content)):
         if not text:
             continue
@@ -445,10 +527,11 @@ def poison_message_blob(content: str) -> tuple[str, str] | None:
         except ValueError:
             continue
         if isinstance(document, dict):
+            function_id = document.get("FunctionId")
             container = document.get("ContainerName")
             name = document.get("BlobName")
-            if isinstance(container, str) and isinstance(name, str) and container and name:
-                return container, name
+            if all(isinstance(value, str) and value for value in (function_id, container, name)):
+                return PoisonMessage(str(function_id), str(container), str(name))
     return None
 
 
@@ -475,57 +558,95 @@ class _Run:
     report: ReconcileReport
     deadline: float
     clock: Callable[[], float]
+    after_processing: AfterProcessing | None = None
+
+
+_RECEIVE_BATCH = 32  # the most one Get Messages call returns
 
 
 def _drain_poison(queue: QueueClient, run: _Run) -> None:
-    """Process the blobs poison messages name; delete each message once its result is stored.
+    """Process the blobs nwcap's poison messages name; delete each once its result is stored.
 
-    Messages that are not blob-trigger messages, or name a blob in another container, are left
-    in the queue untouched (made visible again): the queue is the host's, shared by every
-    function app whose blob triggers watch this account, so they may well be someone else's.
+    Receives until ``poison_limit`` of nwcap's messages are dealt with, the queue shows no
+    more, or the run's time is up. The queue is the host's, shared by every function app whose
+    blob triggers watch this account: a message of another function (``FunctionId``), of
+    another container, or not a blob-trigger message at all is left in the queue, invisible
+    until the end of the run (so that receiving goes past it) and then made visible again, as
+    are nwcap's messages whose blob hit a transient error. A queue that cannot be read is
+    logged and reported (``poison_error``); the rest of the run goes on.
     """
+    held: dict[str, QueueMessage] = {}  # by id, the latest receipt: released at the end
+    handled = 0
     try:
-        messages = list(
-            queue.receive_messages(
-                max_messages=run.settings.poison_limit, visibility_timeout=_POISON_VISIBILITY
-            )
-        )
+        while handled < run.settings.poison_limit and run.clock() < run.deadline:
+            batch = list(queue.receive_messages(
+                max_messages=min(_RECEIVE_BATCH, run.settings.poison_limit - handled),
+                visibility_timeout=_POISON_VISIBILITY,
+            ))
+            fresh = {message.id for message in batch if message.id not in held}
+            for message in batch:
+                if message.id not in fresh:  # held too long, received again: a new receipt
+                    held[message.id] = message
+            if not fresh:
+                break  # empty, or only what was already held came back
+            for message in batch:
+                if message.id not in fresh:
+                    continue
+                run.report.poison_seen += 1
+                verdict = _poison_one(queue, message, run)
+                if verdict == "foreign":
+                    run.report.poison_foreign += 1
+                    held[message.id] = message
+                    continue
+                handled += 1
+                if verdict == "kept":
+                    run.report.poison_kept += 1
+                    held[message.id] = message
     except ResourceNotFoundError:
-        return  # no poison queue yet: nothing ever failed for good
-    for message in messages:
-        run.report.poison_seen += 1
-        if not _poison_one(queue, message, run):
-            run.report.poison_kept += 1
+        pass  # no poison queue yet: nothing ever failed for good
+    except AzureError as error:
+        log.error("Could not read the poison queue %s: %s", POISON_QUEUE, error)
+        run.report.poison_error = _short(error)
+    finally:
+        for message in held.values():
             _release(queue, message)
 
 
-def _poison_one(queue: QueueClient, message: QueueMessage, run: _Run) -> bool:
-    """True when the message was dealt with and deleted."""
-    named = poison_message_blob(str(message.content or ""))
+def _poison_one(queue: QueueClient, message: QueueMessage, run: _Run) -> str:
+    """``deleted`` when the message was dealt with, ``kept`` when it waits for a later run,
+    ``foreign`` when it is not nwcap's to deal with."""
+    named = poison_message(str(message.content or ""))
     if named is None:
         log.warning(
             "Poison message %s is not a blob-trigger message (%d characters): left in %s",
             message.id, len(str(message.content or "")), POISON_QUEUE,
         )
-        return False
-    container_name, blob_name = named
-    if container_name != run.container.container_name:
+        return "foreign"
+    if not named.is_ours():
+        log.info("Poison message %s is function %r's, not nwcap's: left to its owner",
+                 message.id, named.function_id[:200])
+        return "foreign"
+    if named.container != run.container.container_name:
         log.warning(
             "Poison message %s names a blob in container %r, not %r: left to its owner",
-            message.id, container_name[:100], run.container.container_name,
+            message.id, named.container[:100], run.container.container_name,
         )
-        return False
+        return "foreign"
     if run.clock() >= run.deadline:
-        return False
-    blob = run.container.get_blob_client(blob_name)
-    item = _run_one(blob, run.process, run.settings, "poison", "", None)
+        return "kept"
+    blob = run.container.get_blob_client(named.blob)
+    item = _run_one(blob, run.process, run.settings, "poison", "", None, run.after_processing)
     run.report.add(item)
     if item.status not in _DONE:
-        return False  # transient or busy: the message comes back for the next run
-    queue.delete_message(message)
+        return "kept"  # transient or busy: the message comes back for the next run
+    try:
+        queue.delete_message(message)
+    except ResourceNotFoundError:
+        log.info("Poison message %s for %s was taken by another run", message.id, item.blob)
+        return "deleted"
     run.report.poison_deleted += 1
     log.info("Poison message %s for %s done (%s): deleted", message.id, item.blob, item.status)
-    return True
+    return "deleted"
 
 
 def _release(queue: QueueClient, message: QueueMessage) -> None:

@@ -107,12 +107,15 @@ class TestBindings:
             " if f.get_function_name() == 'reconcile_captures']\n"
             "print(json.loads(f.get_function_json())['bindings'][0]['schedule'])\n"
         )
-        env = {**os.environ, "RECONCILE_SCHEDULE": "0 */5 * * * *"}
-        out = subprocess.run(
-            [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-            check=True, timeout=120,
-        ).stdout
-        assert out.strip() == "0 */5 * * * *"
+        for setting, expected in (("0 */5 * * * *", "0 */5 * * * *"),
+                                  ("*/5 * * * *", "0 */10 * * * *")):  # 5 fields: the default
+            env = {**os.environ, "RECONCILE_SCHEDULE": setting}
+            result = subprocess.run(
+                [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
+                text=True, check=True, timeout=120,
+            )
+            assert result.stdout.strip() == expected
+            assert ("not a six-field NCRONTAB" in result.stderr) == (setting != expected)
 
     def test_sdk_loggers_are_quiet(self) -> None:
         for name in ("azure", "azure.core", "azure.storage", "azure.data.tables", "azure.identity",
@@ -236,11 +239,13 @@ class TestBlobTrigger:
         [outcome] = [r for r in records if r.getMessage().startswith("nwcap.capture ")]
         fields = json.loads(outcome.getMessage().split(" ", 1)[1])
         assert fields == outcome.custom_dimensions  # type: ignore[attr-defined]
+        assert fields["nwcap_event"] == outcome.nwcap_event == "capture"  # type: ignore[attr-defined]
         assert (fields["status"], fields["vm"], fields["peers"]) == ("complete", "vm-web-01", 3)
         assert fields["packets"] == sum(s + r for s, r in PEERS.values())
         alerts = [json.loads(r.getMessage().split(" ", 1)[1]) for r in records
                   if r.getMessage().startswith("nwcap.alert ")]
         assert len(alerts) == sum(fields["alerts"].values()) > 0
+        assert {a["nwcap_event"] for a in alerts} == {"alert"}
         assert {a["capture_id"] for a in alerts} == {fields["capture_id"]}
         assert all(r.levelno == logging.WARNING for r in records if "nwcap.alert" in r.msg)
 
@@ -287,6 +292,8 @@ class TestReconcileTimer:
         [line] = [r for r in caplog.records if r.getMessage().startswith("nwcap.reconcile ")]
         counts = json.loads(line.getMessage().split(" ", 1)[1])
         assert (counts["scanned"], counts["processed"], counts["left"]) == (2, 2, 0)
+        assert (counts["nwcap_event"], counts["stuck"], counts["poison_error"]) == (
+            "reconcile", 0, "")
         status, body = call("get_status", get("status"))
         assert status == 200
         assert body["last_reconcile"]["processed"] == 2

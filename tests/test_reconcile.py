@@ -46,7 +46,7 @@ from analyzer.reconcile import (
     RunLog,
     list_capture_blobs,
     parse_duration,
-    poison_message_blob,
+    poison_message,
     processor,
     reconcile,
 )
@@ -304,6 +304,36 @@ class TestBoundsAndOrder:
             captures_container, since=now + 3600, until=now + 3600)}
         assert "custom/folder/trace.cap" not in listed
 
+    def test_four_digit_folders_outside_the_date_are_walked(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore,
+    ) -> None:
+        """A resource group "2019", a VM "2020" or a scale-set instance "1042" is no year."""
+        date_and_file = "/".join(network_watcher_path().split("/")[-4:])
+        base = ("subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/{rg}/"
+                "providers/microsoft.compute/")
+        names = [
+            base.format(rg="2019") + f"virtualmachines/vm-a/{date_and_file}",
+            base.format(rg="demo-rg") + f"virtualmachines/2020/{date_and_file}",
+            base.format(rg="2019") + f"virtualMachineScaleSets/ss/virtualmachines/1042/"
+            f"{date_and_file}",
+            base.format(rg="demo-rg") + f"virtualmachinescalesets/2021/{date_and_file}",
+        ]
+        for name in names:
+            upload(name, udp_capture(PEERS))
+        now = time.time()
+        listed = {blob.name for blob in list_capture_blobs(
+            captures_container, since=now - 3600, until=now)}
+        assert listed == set(names)
+        report = run(captures_container, results_store)
+        assert (report.scanned, report.processed) == (4, 4)
+        # a real year folder outside the window is still pruned below such folders
+        old = names[2].replace(date_and_file.rsplit("/", 1)[0], "2020/01/02")
+        upload(old, udp_capture(PEERS))
+        listed = {blob.name for blob in list_capture_blobs(
+            captures_container, since=now - 3600, until=now)}
+        assert old not in listed and listed == set(names)
+
 
 class TestFaults:
     """Bad luck between listing and reading, newer writers, two reconcilers at once."""
@@ -506,10 +536,13 @@ def poison(connection_string: str) -> Iterator[QueueClient]:
     queue.delete_queue()
 
 
-def host_message(container: str, name: str, *, encoded: bool = False) -> str:
+def host_message(
+    container: str, name: str, *, encoded: bool = False,
+    function: str = "Host.Functions.process_capture",
+) -> str:
     """A poison message as the Functions host writes one for a blob trigger."""
     body = json.dumps({
-        "Type": "BlobTrigger", "FunctionId": "Host.Functions.process_capture",
+        "Type": "BlobTrigger", "FunctionId": function,
         "BlobType": "BlockBlob", "ContainerName": container, "BlobName": name,
         "ETag": '"0x8DC0000000000000"',
     })
@@ -532,14 +565,59 @@ class TestPoisonQueue:
         poison.send_message(host_message(mine, old_name, encoded=True))
         poison.send_message(host_message(mine, "gone/forever.cap"))
         poison.send_message(host_message("someone-elses-container", "x.cap"))
+        poison.send_message(host_message(mine, old_name, function="Host.Functions.other_app"))
         poison.send_message("{not json")
         report = run(captures_container, results_store, poison=poison)
         assert report.scanned == 0
-        assert (report.poison_seen, report.poison_deleted, report.poison_kept) == (4, 2, 2)
+        assert (report.poison_seen, report.poison_deleted, report.poison_kept,
+                report.poison_foreign) == (5, 2, 0, 3)
         record = capture_of(blob, results_store)
         assert record is not None and record.status == "complete"
         left = sorted(str(m.content) for m in poison.peek_messages(max_messages=32))
-        assert left == sorted([host_message("someone-elses-container", "x.cap"), "{not json"])
+        assert left == sorted([
+            host_message("someone-elses-container", "x.cap"),
+            host_message(mine, old_name, function="Host.Functions.other_app"), "{not json",
+        ])
+
+    def test_foreign_messages_do_not_starve_ours(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore, poison: QueueClient,
+    ) -> None:
+        """More foreign messages than the limit ahead of ours: ours are still reached."""
+        mine = captures_container.container_name
+        for index in range(5):
+            poison.send_message(host_message(mine, f"a/{index}.cap", function="Host.Functions.x"))
+        poison.send_message(host_message(mine, "gone/one.cap"))
+        poison.send_message(host_message(mine, "gone/two.cap"))
+        settings = dataclasses.replace(NOW_SETTINGS, poison_limit=2)
+        report = run(captures_container, results_store, settings, poison=poison)
+        assert (report.poison_deleted, report.poison_foreign) == (2, 5)
+        # the foreign ones are visible again at the end of the run
+        assert len(poison.peek_messages(max_messages=32)) == 5
+
+    def test_message_taken_by_another_run_and_unreadable_queue(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore, poison: QueueClient, connection_string: str,
+    ) -> None:
+        mine = captures_container.container_name
+        poison.send_message(host_message(mine, "gone/one.cap"))
+        real = processor(results_store)
+
+        def other_run_deletes(blob: BlobClient, stale_after: float) -> Outcome:
+            poison.clear_messages()  # as another run would, had it received the message first
+            return real(blob, stale_after)
+
+        report = reconcile(captures_container, results_store, other_run_deletes,
+                           settings=NOW_SETTINGS, poison=poison)
+        assert (report.poison_seen, report.poison_deleted, report.poison_error) == (1, 0, "")
+        # a queue that refuses to be read: the run goes on and says so
+        upload(network_watcher_path(), udp_capture(PEERS))
+        refusing = QueueClient.from_connection_string(
+            connection_string.replace("AccountKey=", "AccountKey=AAAA"), poison.queue_name
+        )
+        report = run(captures_container, results_store, poison=refusing)
+        assert report.processed == 1 and report.poison_error
+        assert "poison_error" in report.counts() and report.counts()["stuck"] == 0
 
     def test_transient_failure_keeps_the_message(
         self, upload: Upload, captures_container: ContainerClient,
@@ -556,10 +634,14 @@ class TestPoisonQueue:
         assert poison.get_queue_properties().approximate_message_count == 1
 
     def test_message_parsing(self) -> None:
-        assert poison_message_blob(host_message("c", "a/b.cap")) == ("c", "a/b.cap")
-        assert poison_message_blob(host_message("c", "a/b.cap", encoded=True)) == ("c", "a/b.cap")
+        for encoded in (False, True):
+            named = poison_message(host_message("c", "a/b.cap", encoded=encoded))
+            assert named is not None and (named.container, named.blob) == ("c", "a/b.cap")
+            assert named.is_ours()
+        other = poison_message(host_message("c", "a/b.cap", function="Host.Functions.resize"))
+        assert other is not None and not other.is_ours()
         for junk in ("", "null", "[]", '{"ContainerName": 3}', "\x00\x01", "e30="):
-            assert poison_message_blob(junk) is None
+            assert poison_message(junk) is None
 
     def test_no_poison_queue(
         self, captures_container: ContainerClient, results_store: TableResultsStore,
