@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, cast
 
-import yaml
-
 from analyzer.errors import PolicyError
 from analyzer.models import SEVERITY_ORDER, Severity
 
@@ -254,6 +252,8 @@ class Policy:
 
 def load_policy(text: str | bytes) -> Policy:
     """Parse and validate a YAML (or JSON) policy; an empty document is the default policy."""
+    import yaml  # noqa: PLC0415 - only a policy file needs it; `nwcap analyze` starts faster
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
