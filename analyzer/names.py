@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from analyzer.models import NameSource, PeerName
 
-MAX_ADDRESSES = 200_000
+MAX_ADDRESSES = 100_000  # ~55 MB of names at most; a peer flood may use the rest
 MAX_NAMES_PER_ADDRESS = 16
 MAX_PARTIAL_FLOWS = 1024
 MAX_PARTIAL_BYTES = 64 * 1024
@@ -421,7 +421,7 @@ class _Partial:
 class NameCollector:
     """Collects peer names from DNS answers, TLS ClientHello SNI and HTTP Host headers.
 
-    Memory is bounded: at most ``MAX_ADDRESSES`` (200,000) addresses with at most
+    Memory is bounded: at most ``MAX_ADDRESSES`` (100,000) addresses with at most
     ``MAX_NAMES_PER_ADDRESS`` (16) names each, first seen kept (``dropped_names`` counts the
     rest); at most ``MAX_PARTIAL_FLOWS`` (1024) partial TLS/HTTP heads and as many DNS-over-TCP
     buffers, of at most 64 KiB each (the oldest flow is forgotten first).
