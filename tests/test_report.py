@@ -10,6 +10,7 @@ import base64
 import hashlib
 import io
 import json
+import math
 import random
 import re
 import time
@@ -43,7 +44,7 @@ from analyzer.processing import process_blob
 from analyzer.storage import TableResultsStore
 from analyzer.web import pages, report
 from analyzer.web.blueprint import web_blueprint
-from analyzer.web.html import embed_json, shown
+from analyzer.web.html import embed_json, short, shown
 from analyzer.web.server import start_in_thread
 from nwcap_testing import synth
 
@@ -67,15 +68,20 @@ def analysis_of(path: Path) -> dict[str, Any]:
         return analyze(stream, policy=POLICY).to_dict()
 
 
-def hostile_capture() -> bytes:
-    """The VM fetching over HTTP and TLS from hosts whose Host header and SNI are markup."""
-    trace = synth.Trace(
-        seed=11,
+def vm_trace(*, seed: int) -> synth.Trace:
+    """An empty trace of the VM's interface, starting on 2026-11-26."""
+    return synth.Trace(
+        seed=seed,
         start=1_795_600_000,
         local_addresses=[VM],
         local_mac="00:0d:3a:6f:12:04",
         gateway_mac="12:34:56:78:9a:bc",
     )
+
+
+def hostile_capture() -> bytes:
+    """The VM fetching over HTTP and TLS from hosts whose Host header and SNI are markup."""
+    trace = vm_trace(seed=11)
     rng = random.Random(5)  # noqa: S311 - reproducible test data
     for index, host in enumerate(HOSTILE_HOSTS):
         server = f"81.2.69.{160 + index}"
@@ -397,7 +403,7 @@ class TestTimeline:
         for peer in document["peers"]:
             peer.pop("activity", None)
         html = report.render_report(report.from_analysis(document, source="b")).html
-        assert "No timeline data" in html
+        assert "each bar shows a peer's first to last packet" in html
 
     def test_with_activity(self) -> None:
         document = big_analysis(14, alerts=1).to_dict()
@@ -411,6 +417,121 @@ class TestTimeline:
         assert drawn.rows[-1].label == "4 other peers"
         assert sum(len(r.bars) for r in drawn.rows) == 14
         assert sum(len(r.markers) for r in drawn.rows) == 1
+
+
+def active_capture(seconds: int = 60) -> bytes:
+    """The VM talking to three servers, one exchange every 3 s each (staggered), for
+    ``seconds``: activity a timeline should show bucket by bucket."""
+    trace = vm_trace(seed=3)
+    for second in range(seconds):
+        trace.seek(second + 0.25)
+        server = f"81.2.69.{10 + second % 3}"
+        request = synth.http_request("GET", f"/{second}", "example.com")
+        trace.tcp_session(VM, server, 80, [(request, synth.http_response(200, "OK", b"x" * 64))])
+    buffer = io.BytesIO()
+    synth.write_pcap(buffer, trace.packets())
+    return buffer.getvalue()
+
+
+class TestTimelineOfRealActivity:
+    """A capture with traffic over a minute gets the histogram; a short one gets spans."""
+
+    def test_histogram_bars_are_the_active_buckets(self) -> None:
+        document = analyze(io.BytesIO(active_capture()), local_addresses=[VM]).to_dict()
+        cap = document["capture"]
+        drawn = report.timeline(report.from_analysis(document, source="a"))
+        assert drawn.histogram and not drawn.empty
+        span_buckets = (
+            math.floor(
+                (report.timestamp(cap["last_seen"]) - report.timestamp(cap["activity_start"]))  # type: ignore[operator]
+                / cap["activity_bucket_seconds"]
+            )
+            + 1
+        )
+        assert span_buckets >= report.MIN_HISTOGRAM_BUCKETS
+        assert len(drawn.rows) == len(document["peers"]) == 3
+        by_href = {row.href: row for row in drawn.rows}
+        for peer in document["peers"]:
+            row = by_href[f"#peer-{peer['address']}"]
+            active = [c for c in peer["activity"][:span_buckets] if c]
+            assert len(row.bars) == len(active) > 0
+            assert all(drawn.left <= x and x + w <= drawn.right + 0.01 for x, _, w, _ in row.bars)
+        assert drawn.ticks[-1][1] == cap["last_seen"][11:23]
+
+    def test_short_capture_uses_spans(self) -> None:
+        document = analyze(io.BytesIO(active_capture(3)), local_addresses=[VM]).to_dict()
+        drawn = report.timeline(report.from_analysis(document, source="a"))
+        assert not drawn.histogram and not drawn.empty
+        assert all(len(row.bars) == 1 for row in drawn.rows)
+        html = report.render_report(report.from_analysis(document, source="a")).html
+        assert "each bar shows a peer's first to last packet" in html
+
+
+class TestReadability:
+    """Summary alerts, families, labels, ports and the capture window read well."""
+
+    def test_summary_alert_is_text_and_last(self) -> None:
+        document = big_analysis(5, alerts=2).to_dict()
+        peer = document["alerts"][0]["peer"]
+        summary = dict(document["alerts"][0], peer="*", message="and 7 other peers")
+        document["alerts"] = [*document["alerts"], summary]  # the classifier's order
+        html = report.render_report(report.from_analysis(document, source="s")).html
+        assert "#peer-*" not in html and "ip=*" not in html
+        assert "other peers (see evidence)" in html
+        ordered = report.sorted_alerts(document["alerts"])
+        same = [a for a in ordered if a["severity"] == summary["severity"]]
+        assert same[-1] is summary and len(same) > 1
+        assert f'href="#peer-{peer}"' in html
+
+    def test_families_and_alerting_groups(self) -> None:
+        categories = ["platform-wireserver", "azure-storage", "azure-service", "admin-client"]
+        analysis = big_analysis(200, alerts=0)
+        document = analysis.to_dict()
+        for index, peer in enumerate(document["peers"]):
+            peer["category"] = categories[index % 4] if index < 8 else "internet"
+        # six alerting peers, five drawn: the least busy (platform) is folded into its group
+        document["alerts"] = [
+            {"rule": "r", "severity": "high", "peer": p["address"], "message": "m", "evidence": {}}
+            for p in document["peers"][:6]
+        ]
+        drawn = report.peer_map(report.from_analysis(document, source="f"), shown_peers=5)
+        families = [s.label.split(" (")[0] for s in drawn.sectors]
+        assert families == [f for f in report.FAMILIES if f in families]
+        assert set(families) == {
+            "platform",
+            "Azure service",
+            "storage account",
+            "admin",
+            "internet",
+        }
+        groups = [n for n in drawn.nodes if not n.href]
+        red = [g for g in groups if g.colour == report.COLOURS["alerting"]]
+        assert len(red) == 1 and red[0].label.endswith(", 1 alerting")
+        for sector in drawn.sectors:  # outside the ring of nodes, anchored away from it
+            assert math.dist((sector.x, sector.y), (drawn.cx, drawn.cy)) > 300
+            assert sector.anchor == ("start" if sector.x >= drawn.cx else "end")
+
+    def test_short_labels_keep_the_full_text_in_title(self) -> None:
+        long_name = "a" * 60 + ".example.com"
+        assert short(long_name, 26) == "a" * 25 + "…"
+        assert short("x\u202ey", 26) == "x\\u202ey"
+        document = big_analysis(3).to_dict()
+        document["peers"][-1]["names"] = [{"name": long_name, "source": "dns", "chain": []}]
+        drawn = report.peer_map(report.from_analysis(document, source="l"))
+        node = next(n for n in drawn.nodes if long_name in n.title)
+        assert node.label == "a" * 25 + "…"
+
+    def test_ports_cell_and_window(self) -> None:
+        ports = [{"protocol": "tcp", "port": p, "packets": 1} for p in range(9)]
+        assert report._ports_cell(ports, 3)[-1] == "+7 more"
+        assert len(report._ports_cell(ports, 3)) == report.PORT_LINES + 1
+        document = analyze(io.BytesIO(active_capture()), local_addresses=[VM]).to_dict()
+        rows = {k: v for k, v, _ in report.overview(report.from_analysis(document, source="w"))}
+        assert rows["Capture window"].endswith(" s)") and "(59." in rows["Capture window"]
+
+    def test_addresses_have_numeric_keys(self) -> None:
+        keys = [report.address_key(a) for a in ("20.0.0.10", "20.0.0.2", "::1", "10.0.0.1")]
+        assert sorted(keys) == [keys[3], keys[1], keys[0], keys[2]]
 
 
 class TestLargeReport:
@@ -429,6 +550,11 @@ class TestLargeReport:
 
 class TestReportCommand:
     """`nwcap report` needs exactly one source and explains what it wrote."""
+
+    def test_serve_refuses_other_hosts(self, capsys: pytest.CaptureFixture[str]) -> None:
+        args = _parser().parse_args(["serve", "--host", "0.0.0.0"])  # noqa: S104 - refused
+        assert args.func(args) == 64
+        assert "not a loopback address" in capsys.readouterr().err
 
     def test_usage(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         args = _parser().parse_args(["report", "-o", str(tmp_path / "r.html")])
@@ -555,6 +681,37 @@ class TestDashboardServer:
         assert raised.value.code == 403
 
 
+class TestListPages:
+    """List pages default to the last 7 days and fill a filtered page over several API pages."""
+
+    def test_filters_fetch_further_pages(
+        self, stored: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        store = stored["store"]
+        monkeypatch.setattr(pages, "LIST_LIMIT", 1)  # one capture or alert per API page
+        _, fleet = pages.fleet(store, {"severity": "medium"})
+        assert len(texts(fleet.html, "capture-row").found) == 1
+        assert f"capture?id={stored['scan']}" in fleet.html
+        scans = api.list_alerts(store, {"limit": "1000"}).body["alerts"]
+        wanted = [a for a in scans if a["rule"] == "inbound-scan"]
+        _, alerts = pages.alerts(store, {"rule": "inbound-scan"})
+        assert len(texts(alerts.html, "alert-row").found) == len(wanted) > 0
+
+    def test_bound_is_said(self, stored: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(pages, "LIST_LIMIT", 1)
+        monkeypatch.setattr(pages, "MAX_FILTER_PAGES", 2)
+        _, fleet = pages.fleet(stored["store"], {"severity": "high"})
+        assert "Stopped after 2 captures (2 pages of the API)" in fleet.html
+        assert "Next 500 →" in fleet.html
+
+    def test_default_since(self, stored: dict[str, Any]) -> None:
+        _, fleet = pages.fleet(stored["store"], {})
+        assert 'name="since" value="7d"' in fleet.html
+        assert "counts over the 3 captures shown" in fleet.html
+        _, everything = pages.fleet(stored["store"], {"since": "all"})
+        assert len(texts(everything.html, "capture-row").found) == 3
+
+
 class TestWholeCapture:
     """A capture's pages of peers and alerts are joined into one report."""
 
@@ -568,6 +725,14 @@ class TestWholeCapture:
         assert joined["peers"] == whole["peers"] and joined["alerts"] == whole["alerts"]
         assert "peers_continuation" not in joined
 
+    def test_truncation_is_said(
+        self, stored: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(pages, "MAX_CAPTURE_PAGES", 1)
+        joined = pages.whole_capture(stored["store"], stored["hostile"], page=2).body
+        assert len(joined["peers"]) == 4
+        assert "peers beyond 4 and alerts beyond" in joined["capture"]["warnings"][-1]
+
 
 class TestBlueprint:
     """The function app's /api/ui routes, at function auth level, render the same pages."""
@@ -577,6 +742,12 @@ class TestBlueprint:
         app.register_functions(web_blueprint(lambda: stored["store"]))
         functions = {f.get_function_name(): f for f in app.get_functions()}
         assert set(functions) == {"ui_fleet", "ui_page"}
+        routes = {name: f.get_trigger().route for name, f in functions.items()}  # type: ignore[union-attr]
+        assert routes == {"ui_fleet": "ui", "ui_page": "ui/{page}"}
+        # the fleet's links are the route "ui" itself, the other pages "ui/{page}"
+        assert pages.link("") == "/" + "api/" + routes["ui_fleet"]
+        assert pages.link("", vm="v").split("?")[0] == "/api/ui"
+        assert pages.link("alerts").startswith("/api/ui/alerts")
         for function in functions.values():
             trigger = function.get_trigger()
             assert trigger is not None

@@ -548,7 +548,7 @@ def timeline(data: ReportData, *, rows: int = TIMELINE_PEERS) -> Timeline:
     if start is not None and bucket is not None and histogram:
         t0, t1 = start, start + buckets * bucket
         if last_seen is not None:
-            t1 = min(t1, max(last_seen, start + (buckets - 1) * bucket + bucket / 2))
+            t1 = min(t1, last_seen)
     else:
         t0, t1 = first_seen, last_seen
     width, left, right, row_height = 980, 250, 925, 30
@@ -681,6 +681,7 @@ def context(data: ReportData) -> dict[str, Any]:
         "folded_table_json": embed_json(folded) if folded else None,
         "evidence": _evidence_lines,
         "summary_peer": SUMMARY_PEER,
+        "min_histogram_buckets": MIN_HISTOGRAM_BUCKETS,
     }
 
 
