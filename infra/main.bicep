@@ -16,7 +16,7 @@ param environmentName string
 })
 param location string
 
-@description('Object id of the deployer (azd sets AZURE_PRINCIPAL_ID): may read the results tables and write the nwcap-config container. Empty for none.')
+@description('Object id of the deployer (azd sets AZURE_PRINCIPAL_ID): gets the rights nwcap reconcile and nwcap status need from an operator machine (results: tables, nwcap-config, alert messages; capture account: read blobs, drain the poison queue). Empty for none.')
 param principalId string = ''
 
 @description('Integrate the function app with a new VNet and reach the host and results storage through private endpoints.')
@@ -243,6 +243,7 @@ module capturesWiring 'app/captures.bicep' = if (!useExistingCaptures) {
   params: {
     storageAccountName: capturesAccountName
     principalId: identity.outputs.principalId
+    operatorPrincipalId: principalId
     systemTopicName: capturesSystemTopicName
     tags: tags
   }
@@ -295,7 +296,11 @@ module resultsAccess 'app/rbac.bicep' = {
   }
 }
 
-// The deployer: query summaries and upload the policy with `--auth-mode login`, no key needed.
+// The deployer, as operator, with `--auth-mode login` and no key: query summaries, upload the
+// policy, read dead-lettered events, and run `nwcap reconcile` / `nwcap status` from their machine
+// (they write the captures table and send pending alerts, as the timer does). The capture
+// account's side is granted by app/captures.bicep (operatorPrincipalId), or by the postdeploy
+// hook for an existing account.
 module deployerAccess 'app/rbac.bicep' = if (!empty(principalId)) {
   name: 'deployer-access'
   scope: rg
@@ -304,8 +309,9 @@ module deployerAccess 'app/rbac.bicep' = if (!empty(principalId)) {
     principalId: principalId
     principalType: ''
     storageRoles: [
-      'StorageTableDataReader'
+      'StorageTableDataContributor'
       'StorageBlobDataContributor'
+      'StorageQueueDataMessageSender'
     ]
   }
 }
@@ -380,6 +386,8 @@ output AZURE_RESOURCE_GROUP string = rg.name
 output AZURE_FUNCTION_APP_NAME string = processor.outputs.name
 output AZURE_FUNCTION_APP_HOSTNAME string = processor.outputs.defaultHostName
 output PROCESSOR_PRINCIPAL_ID string = identity.outputs.principalId
+// Not AZURE_PRINCIPAL_ID: an output of that name would be fed back as the next deployment's input.
+output DEPLOYER_PRINCIPAL_ID string = principalId
 output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.applicationInsightsName
 output CAPTURES_STORAGE_ACCOUNT_NAME string = capturesAccountName
 output CAPTURES_IS_EXISTING bool = useExistingCaptures

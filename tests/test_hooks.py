@@ -535,6 +535,59 @@ class TestTwoEnvironmentsOnOneAccount:
         assert all(len(name) <= 64 for name in names)
 
 
+class TestOperatorAccess:
+    """The deployer gets the app's rights on an existing capture account, for nwcap reconcile
+    and nwcap status, and keeps them when one of their environments comes down."""
+
+    def test_granted_on_an_existing_account_and_kept_by_predown(self, azure: FakeAzure) -> None:
+        azure.load(shared_account_state("a", "b"))
+        deployer = "deployer-object-id"
+        for name in ("a", "b"):
+            up = azure.run("postdeploy.sh", environment(name), DEPLOYER_PRINCIPAL_ID=deployer)
+            assert up.returncode == 0, up.output
+            [wiring, _] = up.calls_to("deployment", "group", "create")
+            assert f"operatorPrincipalId={deployer}" in wiring
+            assert "granting the deployer the same rights there" in up.output
+
+        def held() -> set[str]:
+            return {
+                r["roleDefinitionId"].rsplit("/", 1)[1]
+                for r in azure.state["roles"]
+                if r["scope"] == SHARED_ACCOUNT_ID and r["principalId"] == deployer
+            }
+
+        # One assignment per role, shared by both environments.
+        assert held() == {BLOB_DATA_READER, QUEUE_DATA_CONTRIBUTOR}
+        assert len([r for r in azure.state["roles"] if r["principalId"] == deployer]) == 2
+
+        down = azure.run("predown.sh", environment("a"), DEPLOYER_PRINCIPAL_ID=deployer)
+        assert down.returncode == 0, down.output
+        assert held() == {BLOB_DATA_READER, QUEUE_DATA_CONTRIBUTOR}
+        assert "keeping the deployer's roles on mycaps" in down.output
+        assert (
+            f"az role assignment delete --assignee {deployer} --scope {SHARED_ACCOUNT_ID}"
+            f" --role {BLOB_DATA_READER}"
+        ) in down.output
+        principals = {
+            r["principalId"] for r in azure.state["roles"] if r["scope"] == SHARED_ACCOUNT_ID
+        }
+        assert principals == {"app-principal-b", deployer}
+
+    def test_no_deployer_no_grant(self, azure: FakeAzure) -> None:
+        azure.load(shared_account_state("a"))
+        up = azure.run("postdeploy.sh", environment("a"))
+        assert up.returncode == 0, up.output
+        [wiring, _] = up.calls_to("deployment", "group", "create")
+        assert "operatorPrincipalId=" in wiring
+        assert {r["principalId"] for r in azure.state["roles"]} == {
+            "app-principal-a",
+            "principal-of-egst-mycaps",
+        }
+        assert "granting the deployer" not in up.output
+        down = azure.run("predown.sh", environment("a"))
+        assert "keeping the deployer" not in down.output
+
+
 class TestPredown:
     """predown removes what this environment added, never what others use or own."""
 

@@ -323,6 +323,34 @@ class TestStorageAndRoles:
             "StorageQueueDataContributor",
         ]
 
+    def test_deployer_can_run_reconcile_and_status(self) -> None:
+        # `nwcap reconcile` from the operator's machine does what the timer does: list and read
+        # the captures, drain the poison queue, write the captures table, send pending alerts;
+        # `nwcap status` reads the tables and the poison queue's length.
+        main = _bicep("main.bicep")
+        deployer = _module_config(main["modules"]["deployerAccess"])["params"]
+        assert deployer["principalId"] == "principalId"
+        assert deployer["principalType"] == ""
+        assert deployer["storageRoles"] == [
+            "StorageTableDataContributor",
+            "StorageBlobDataContributor",
+            "StorageQueueDataMessageSender",
+        ]
+        wiring = _module_config(main["modules"]["capturesWiring"])["params"]
+        assert wiring["operatorPrincipalId"] == "principalId"
+        captures = _bicep("app/captures.bicep")
+        assert captures["parameters"]["operatorPrincipalId"]["default"] == ""
+        operator = captures["modules"]["operatorAccess"]["config"]
+        assert "operatorPrincipalId" in json.dumps(operator["condition"])
+        body = operator["config"]
+        assert body["name"] == "captures-operator-${uniqueString(operatorPrincipalId)}"
+        assert body["params"]["principalType"] == ""
+        app = captures["modules"]["access"]["config"]["params"]["storageRoles"]
+        assert body["params"]["storageRoles"] == app
+        # The hook wires an existing account: it needs the deployer's id, under a name that is
+        # not azd's input variable (an output named AZURE_PRINCIPAL_ID would feed back).
+        assert main["outputs"]["DEPLOYER_PRINCIPAL_ID"]["value"] == "principalId"
+
     def test_existing_capture_account_stays_out_of_azd_deployment(self) -> None:
         # azd down deletes every resource group the deployment touched: nothing in main.bicep may
         # be scoped to another group than the environment's own.

@@ -11,6 +11,9 @@ param storageAccountName string
 @description('Object id of the function app identity.')
 param principalId string
 
+@description('Object id of an operator (the deployer) who runs nwcap reconcile and nwcap status from their machine; empty for none.')
+param operatorPrincipalId string = ''
+
 @description('Name of the Event Grid system topic on the account.')
 param systemTopicName string
 
@@ -31,6 +34,24 @@ module access 'rbac.bicep' = {
   params: {
     storageAccountName: capturesAccount.name
     principalId: principalId
+    storageRoles: [
+      'StorageBlobDataReader'
+      'StorageQueueDataContributor'
+    ]
+  }
+}
+
+// The operator's copy of the app's rights here, for `nwcap reconcile` (list and read the captures,
+// drain the poison queue) and `nwcap status` (the poison queue's length). A user or a service
+// principal, so the type is left to Azure. One assignment per principal and role whatever the
+// environment (rbac.bicep names it from the account, principal and role), so environments that
+// one person deploys on this account share it, and predown leaves it in place.
+module operatorAccess 'rbac.bicep' = if (!empty(operatorPrincipalId)) {
+  name: 'captures-operator-${uniqueString(operatorPrincipalId)}'
+  params: {
+    storageAccountName: capturesAccount.name
+    principalId: operatorPrincipalId
+    principalType: ''
     storageRoles: [
       'StorageBlobDataReader'
       'StorageQueueDataContributor'

@@ -11,7 +11,6 @@ param storageAccountName string
   'StorageQueueDataContributor'
   'StorageQueueDataMessageSender'
   'StorageTableDataContributor'
-  'StorageTableDataReader'
 ])
 param storageRoles array
 
@@ -34,23 +33,24 @@ var roleIds = {
   // Read, write and delete blobs, containers and leases: the Functions host's own storage
   // (keys, leases, blob receipts, the deployment package).
   StorageBlobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
-  // Read and write blobs: the deployer uploading the policy and service-tags files to nwcap-config.
+  // Read and write blobs: the deployer uploading the policy and service-tags files to nwcap-config,
+  // and reading dead-lettered events.
   StorageBlobDataContributor: 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
-  // Read blobs: the captures (Event Grid only notifies; the app downloads the .cap) and the
-  // policy and service-tags files.
+  // Read blobs: the captures (Event Grid only notifies; the app downloads the .cap; the operator's
+  // nwcap reconcile lists and reads them too) and the policy and service-tags files.
   StorageBlobDataReader: '2a2b9908-6ea1-4ae2-8e65-a410df84e7d1'
   // Create queues and add, read and delete their messages: the host's blob-trigger queue, and the
   // webjobs-blobtrigger-poison queue the trigger creates and writes on the capture account after
   // its last retry, which the reconciler then reads and deletes (Message Processor would cover the
   // reading, but not the host creating that queue).
   StorageQueueDataContributor: '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
-  // Add messages only (no peek, read, delete or queue management): the app putting one message
-  // per alert on the alerts queue, which Bicep creates, so the app never needs to create it.
+  // Add messages only (no peek, read, delete or queue management): the app (and the operator's
+  // nwcap reconcile) putting one message per alert on the alerts queue, which Bicep creates, so
+  // neither ever needs to create it.
   StorageQueueDataMessageSender: 'c6a89b2d-59bc-44d0-9896-0f6e12d7b80a'
-  // Read and write table entities: the results tables, and the host's diagnostic events.
+  // Read and write table entities: the results tables (written by the app and by the operator's
+  // nwcap reconcile), and the host's diagnostic events.
   StorageTableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
-  // Read table entities: the deployer querying summaries with --auth-mode login.
-  StorageTableDataReader: '76199698-9eea-4c19-bc75-cec21354c6b6'
 }
 
 // Publish telemetry to an Application Insights component whose local (key) auth is disabled.

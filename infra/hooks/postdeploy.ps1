@@ -104,6 +104,9 @@ if ($env:CAPTURES_IS_EXISTING -ieq 'true') {
         $topicGroup = $capturesGroup
     }
     Write-Host "postdeploy: granting the app read access to $accountName (resource group $capturesGroup)"
+    if ($env:DEPLOYER_PRINCIPAL_ID) {
+        Write-Host 'postdeploy: granting the deployer the same rights there, for nwcap reconcile and nwcap status'
+    }
     $parametersFile = New-TemporaryFile
     try {
         # A parameters file sidesteps quoting JSON on the az.cmd command line.
@@ -111,11 +114,12 @@ if ($env:CAPTURES_IS_EXISTING -ieq 'true') {
             '$schema'      = 'https://schema.management.azure.com/schemas/2019-04-01/deploymentParameters.json#'
             contentVersion = '1.0.0.0'
             parameters     = @{
-                storageAccountName = @{ value = $accountName }
-                principalId        = @{ value = $env:PROCESSOR_PRINCIPAL_ID }
-                systemTopicName    = @{ value = $topicName }
-                createSystemTopic  = @{ value = $createTopic }
-                tags               = @{ value = @{ 'nwcap-env-name' = $env:AZURE_ENV_NAME } }
+                storageAccountName  = @{ value = $accountName }
+                principalId         = @{ value = $env:PROCESSOR_PRINCIPAL_ID }
+                operatorPrincipalId = @{ value = [string]$env:DEPLOYER_PRINCIPAL_ID }
+                systemTopicName     = @{ value = $topicName }
+                createSystemTopic   = @{ value = $createTopic }
+                tags                = @{ value = @{ 'nwcap-env-name' = $env:AZURE_ENV_NAME } }
             }
         } | ConvertTo-Json -Depth 5 | Set-Content -Path $parametersFile -Encoding utf8
         $createdPrincipal = Invoke-Az deployment group create `

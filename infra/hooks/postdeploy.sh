@@ -121,6 +121,9 @@ if [ "$(lower "$CAPTURES_IS_EXISTING")" = "true" ]; then
         topic_group=$captures_group
     fi
     echo "postdeploy: granting the app read access to $CAPTURES_STORAGE_ACCOUNT_NAME (resource group $captures_group)"
+    if [ -n "${DEPLOYER_PRINCIPAL_ID:-}" ]; then
+        echo "postdeploy: granting the deployer the same rights there, for nwcap reconcile and nwcap status"
+    fi
     created_principal=$(azs deployment group create \
         --name "$(deployment_name nwcap-captures)" \
         --resource-group "$captures_group" \
@@ -128,6 +131,7 @@ if [ "$(lower "$CAPTURES_IS_EXISTING")" = "true" ]; then
         --parameters \
             storageAccountName="$CAPTURES_STORAGE_ACCOUNT_NAME" \
             principalId="$PROCESSOR_PRINCIPAL_ID" \
+            operatorPrincipalId="${DEPLOYER_PRINCIPAL_ID:-}" \
             systemTopicName="$topic_name" \
             createSystemTopic="$create_topic" \
             tags="{\"nwcap-env-name\": \"$AZURE_ENV_NAME\"}" \

@@ -67,3 +67,11 @@ if ($assignments.Count -gt 0 -and $assignments[0]) {
     Write-Host "predown: removing the app identity's roles on $($env:CAPTURES_STORAGE_ACCOUNT_NAME)"
     Invoke-Az role assignment delete --ids @assignments --output none | Out-Null
 }
+
+# The deployer's own roles on the account (granted by postdeploy for nwcap reconcile and nwcap
+# status) are shared by every environment this person deployed on it: they stay.
+if ($env:DEPLOYER_PRINCIPAL_ID) {
+    Write-Host ("predown: keeping the deployer's roles on $($env:CAPTURES_STORAGE_ACCOUNT_NAME) (other environments may use them); " +
+        "remove them with: az role assignment delete --assignee $($env:DEPLOYER_PRINCIPAL_ID) --scope $accountId " +
+        '--role 2a2b9908-6ea1-4ae2-8e65-a410df84e7d1, then again with --role 974c5e8b-45b9-4653-ba55-5f855dd0fb88')
+}

@@ -72,3 +72,11 @@ if [ -n "$assignments" ]; then
     # shellcheck disable=SC2086
     azs role assignment delete --ids $assignments --output none
 fi
+
+# The deployer's own roles on the account (granted by postdeploy for nwcap reconcile and nwcap
+# status) are shared by every environment this person deployed on it: they stay.
+if [ -n "${DEPLOYER_PRINCIPAL_ID:-}" ]; then
+    echo "predown: keeping the deployer's roles on $CAPTURES_STORAGE_ACCOUNT_NAME (other environments may use them);" \
+        "remove them with: az role assignment delete --assignee $DEPLOYER_PRINCIPAL_ID --scope $account_id" \
+        "--role 2a2b9908-6ea1-4ae2-8e65-a410df84e7d1, then again with --role 974c5e8b-45b9-4653-ba55-5f855dd0fb88"
+fi

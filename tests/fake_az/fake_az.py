@@ -253,8 +253,10 @@ def _deploy(state: dict[str, Any], options: dict[str, list[str]]) -> Any:
     outputs: dict[str, Any] = {}
     if template.name == "captures.bicep":
         account = _account(state, parameters["storageAccountName"])
-        for role in (BLOB_DATA_READER, QUEUE_DATA_CONTRIBUTOR):
-            _grant(state, account["id"], parameters["principalId"], role)
+        principals = [parameters["principalId"], parameters.get("operatorPrincipalId", "")]
+        for principal in filter(None, principals):
+            for role in (BLOB_DATA_READER, QUEUE_DATA_CONTRIBUTOR):
+                _grant(state, account["id"], principal, role)
         principal = ""
         if parameters["createSystemTopic"] == "true":
             principal = f"principal-of-{parameters['systemTopicName']}"
