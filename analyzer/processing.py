@@ -84,8 +84,8 @@ DEFAULT_CONTAINER = "network-watcher-logs"
 NEW_PEER_RULE = "new-peer"
 _TRANSIENT_STATUS = frozenset({408, 429})
 _ATTEMPTS = 5
-# Runs of one blob version before a capture that keeps failing (transiently, or by killing its
-# worker) is given up as failed for good.
+# Runs of one blob version that died (killed worker, timeout) before the capture is given up as
+# failed for good; transient failures do not count (see _attempts).
 MAX_ATTEMPTS = 20
 
 
@@ -289,8 +289,7 @@ def _claim(
                 if decision.status == "skipped" and existing.stale_rows:
                     _drop_older_rows(store, existing)
                 return decision
-        again = existing is not None and existing.blob_etag == record.blob_etag and not force
-        attempts = existing.attempts + 1 if existing is not None and again else 1
+        attempts = _attempts(existing, record, force=force)
         claimed = replace(
             record,
             generation=(existing.generation if existing else 0) + 1,
@@ -305,6 +304,19 @@ def _claim(
     raise ConcurrentUpdateError(f"capture {record.capture_id} keeps changing under this run")
 
 
+def _attempts(existing: CaptureRecord | None, record: CaptureRecord, *, force: bool) -> int:
+    """This run's number among the runs of this ETag that died: a row still ``processing`` at
+    the same ETag is a run that never finished (killed, timed out) and counts; a transient
+    failure does not (storage outages are retried for as long as they last)."""
+    if existing is None or force or existing.blob_etag != record.blob_etag:
+        return 1
+    if existing.status == "processing":
+        return existing.attempts + 1
+    if existing.status == "failed" and existing.transient:
+        return max(existing.attempts, 1)
+    return 1
+
+
 def _no_run_needed(
     existing: CaptureRecord,
     record: CaptureRecord,
@@ -316,12 +328,14 @@ def _no_run_needed(
     def outcome(status: str, detail: str) -> Outcome:
         return Outcome(status, record.location.path, record.capture_id, detail, existing)
 
-    if written_by_newer(existing):
+    same_version = existing.blob_etag == record.blob_etag
+    # Left to a newer nwcap only once it finished this very blob version: a rewritten blob, or
+    # a newer run that died, still gets processed here.
+    if written_by_newer(existing) and same_version and is_final(existing):
         return outcome(
             "newer-analyzer",
             f"recorded by nwcap {existing.analyzer_version} (this is {__version__}): left to it",
         )
-    same_version = existing.blob_etag == record.blob_etag
     if same_version and is_final(existing) and not force:
         return outcome("skipped", f"already {existing.status} at this ETag")
     if _newer(existing, record):
@@ -351,7 +365,7 @@ def _run(
     name = claimed.location.path
     if claimed.attempts > MAX_ATTEMPTS:
         raise GaveUpError(
-            f"gave up after {claimed.attempts - 1} attempts at this ETag that did not finish"
+            f"gave up after {claimed.attempts - 1} runs at this ETag that died before finishing"
         )
     try:
         with open_blob_stream(blob, etag=claimed.blob_etag, size=claimed.blob_size) as stream:
@@ -370,7 +384,7 @@ def _run(
 
 
 class GaveUpError(Exception):
-    """A capture retried too often at one ETag (each run died or failed transiently)."""
+    """A capture whose runs at one ETag died too often (killed worker, timeout)."""
 
 
 class BlobVanishedError(Exception):

@@ -50,7 +50,7 @@ from analyzer.blobpath import is_capture_blob, parse_capture_path
 from analyzer.budget import Budget
 from analyzer.connections import ConnectionSettings
 from analyzer.policy import Policy
-from analyzer.processing import Outcome, is_transient, process_blob, written_by_newer
+from analyzer.processing import Outcome, is_final, is_transient, process_blob, written_by_newer
 from analyzer.servicetags import ServiceTags
 from analyzer.storage import CaptureRecord, ResultsStore, capture_id_for
 
@@ -370,10 +370,10 @@ def needs_run(record: CaptureRecord | None, etag: str, now: float, stale_after: 
     why not (``complete``, ``busy``, ``newer-analyzer``)."""
     if record is None:
         return "new"
-    if written_by_newer(record):
-        return "newer-analyzer"
     if not same_etag(record.blob_etag, etag):
         return "changed"
+    if written_by_newer(record) and is_final(record):
+        return "newer-analyzer"  # a newer nwcap finished this version: left to it
     if record.status == "processing":
         started = record.processing_started or 0.0
         return "stale" if now - started >= stale_after else "busy"

@@ -34,6 +34,7 @@ from analyzer.alert_delivery import (
     cloud_event_for,
     deliver_capture_alerts,
     deliver_pending,
+    delivery_window,
     encoded_size,
     ensure_queue,
     eventgrid_publisher,
@@ -44,6 +45,7 @@ from analyzer.blobpath import parse_capture_path
 from analyzer.models import Alert, iso_time
 from analyzer.policy import load_policy
 from analyzer.processing import process_blob
+from analyzer.reconcile import ReconcileSettings, processor, reconcile
 from analyzer.storage import CaptureRecord, TableResultsStore, capture_id_for
 from analyzer.tablekeys import generation_of, generation_prefix
 
@@ -388,6 +390,39 @@ class TestAsTheAppRunsIt:
             delivery.queue.delete_queue()
 
 
+class TestLateCaptures:
+    """A capture the reconciler processes long after it was taken still gets its alerts out."""
+
+    def test_reconciled_capture_is_delivered_by_the_run(
+        self,
+        upload: Upload,
+        captures_container: ContainerClient,
+        results_store: TableResultsStore,
+        queue_service: QueueServiceClient,
+        alerts: QueueClient,
+    ) -> None:
+        name = network_watcher_path("vm-late", day=10)  # a capture weeks old
+        upload(name, udp_capture(SECOND))
+        settings = DeliverySettings.from_environ({"ALERTS_QUEUE": alerts.queue_name})
+        delivery = AlertDelivery.from_settings(results_store, queue_service, settings)
+        lookback = 30 * 86400.0
+        report = reconcile(
+            captures_container, results_store, processor(results_store, policy=POLICY),
+            settings=ReconcileSettings(lookback=lookback, stale_after=0.0),
+            after_processing=delivery.after_processing,
+        )
+        assert report.processed == 1
+        record = results_store.get_capture(report.items[0].capture_id)
+        assert record is not None
+        # sent by the reconcile run itself, not left to a delivery window over capture times
+        expected = {row for row in stored_rows(results_store, record) if row[2] != "info"}
+        assert expected and ("deny-rule", "high") in {(row[1], row[2]) for row in expected}
+        assert as_rows(drain(alerts)) == expected
+        # the reconciler's delivery window reaches past its lookback
+        assert delivery_window(lookback) >= lookback + 86400 > RECONCILE_WINDOW
+        assert delivery.reconcile(window=delivery_window(lookback)).sent == 0
+
+
 class TestFaults:
     """A queue outage leaves the capture complete and its alerts pending, sent by the next run."""
 
@@ -422,6 +457,23 @@ class TestFaults:
         assert set(ledger) == {row[0] for row in expected}
         assert deliver_pending(results_store, alerts, since=since).sent == 0
         assert drain(alerts) == []
+
+    def test_pending_beyond_the_window_is_an_error(
+        self,
+        results_store: TableResultsStore,
+        alerts: QueueClient,
+        second_capture: CaptureRecord,
+        refused: Refused,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        service = QueueServiceClient.from_connection_string(refused("queue"), retry_total=0)
+        deliver_capture_alerts(results_store, alerts_queue(service, alerts.queue_name),
+                               second_capture)
+        with caplog.at_level(logging.ERROR, logger="analyzer.alert_delivery"):
+            result = deliver_pending(results_store, alerts, since=time.time() + 60)
+        assert result.sent == 0
+        [record] = [r for r in caplog.records if "no longer retried" in r.getMessage()]
+        assert record.levelno == logging.ERROR and second_capture.capture_id in record.getMessage()
 
     def test_queue_deleted_then_recreated(
         self, results_store: TableResultsStore, alerts: QueueClient, second_capture: CaptureRecord

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import pytest
-from azure.core.exceptions import ResourceNotFoundError
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.data.tables import TableClient, TableServiceClient
 from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient
 from azure.storage.queue import QueueClient
@@ -36,7 +36,7 @@ from conftest import (
     undisturbed,
 )
 
-from analyzer import ops_cli
+from analyzer import ops_cli, processing
 from analyzer.processing import Outcome, process_blob
 from analyzer.reconcile import (
     POISON_QUEUE,
@@ -359,11 +359,12 @@ class TestFaults:
         self, upload: Upload, captures_container: ContainerClient,
         results_store: TableResultsStore,
     ) -> None:
+        """Only once a newer nwcap finished this very blob version."""
         blob = upload(network_watcher_path(), udp_capture(PEERS))
         process_blob(blob, results_store)
         record = capture_of(blob, results_store)
         assert record is not None
-        newer = dataclasses.replace(record, analyzer_version="99.0.0", blob_etag='"0x0"')
+        newer = dataclasses.replace(record, analyzer_version="99.0.0")
         results_store.put_capture(newer)
         before = snapshot(results_store)
         report = run(captures_container, results_store)
@@ -371,6 +372,53 @@ class TestFaults:
         # and the processing path itself refuses too (an event for it)
         assert process_blob(blob, results_store).status == "newer-analyzer"
         assert snapshot(results_store) == before
+        # a newer run that died ('processing', stale): this one finishes the capture
+        current = capture_of(blob, results_store)
+        assert current is not None
+        results_store.put_capture(dataclasses.replace(
+            current, status="processing", processing_started=time.time() - 7200
+        ), if_version=current.version)
+        report = run(captures_container, results_store)
+        assert [(item.reason, item.status) for item in report.items] == [("stale", "complete")]
+        assert report.stuck == 1
+        # the blob rewritten after a newer nwcap's run: processed here too
+        current = capture_of(blob, results_store)
+        assert current is not None
+        results_store.put_capture(dataclasses.replace(current, analyzer_version="99.0.0"),
+                                  if_version=current.version)
+        upload(blob.blob_name, udp_capture(OTHER))
+        report = run(captures_container, results_store)
+        assert [(item.reason, item.status) for item in report.items] == [("changed", "complete")]
+
+    def test_runs_that_die_are_given_up_transient_failures_are_not(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore, monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        monkeypatch.setattr(processing, "MAX_ATTEMPTS", 3)
+        flaky = upload(network_watcher_path("vm-flaky"), udp_capture(PEERS))
+        failing = FailingStore(results_store, http_error(503))
+        for _ in range(5):  # more transient failures than MAX_ATTEMPTS: still retried
+            with pytest.raises(HttpResponseError):
+                process_blob(flaky, failing)
+            record = capture_of(flaky, results_store)
+            assert record is not None and (record.status, record.transient) == ("failed", True)
+            assert record.attempts == 1
+        assert process_blob(flaky, results_store).status == "complete"
+        doomed = upload(network_watcher_path("vm-doomed"), udp_capture(PEERS))
+        for attempt in range(1, 4):  # each run killed after its claim
+            with pytest.raises(Killed):
+                process_blob(doomed, KillingStore(results_store, kill_at=2))
+            record = capture_of(doomed, results_store)
+            assert record is not None and (record.status, record.attempts) == (
+                "processing", attempt)
+        report = run(captures_container, results_store)
+        assert [(item.reason, item.status) for item in report.items] == [("stale", "failed")]
+        record = capture_of(doomed, results_store)
+        assert record is not None and (record.status, record.transient) == ("failed", False)
+        assert (record.error_type, report.stuck) == ("GaveUpError", 1)
+        # failed for good: never taken again
+        report = run(captures_container, results_store)
+        assert (report.processed, report.failed, report.complete) == (0, 0, 2)
 
     def test_two_reconcilers_at_once_process_each_blob_once(
         self, upload: Upload, captures_container: ContainerClient,
