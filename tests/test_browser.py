@@ -125,6 +125,45 @@ def number(value: int) -> str:
     return f"{value:,}"
 
 
+def expected_text(value: object) -> str:
+    return "yes" if value is True else ("NO" if value is False else "undecided")
+
+
+def assert_shows(page: Page, document: dict[str, Any]) -> None:
+    """Every alert row and every peer row (one page of them) shows the document's values."""
+    alerts = report.sorted_alerts(document["alerts"])
+    rows = page.eval_on_selector_all(
+        "tr.alert-row", "rows => rows.map(r => Array.from(r.children, c => c.innerText))"
+    )
+    assert len(rows) == len(alerts)
+    for alert, cells in zip(alerts, rows, strict=True):
+        assert cells[0].strip() == shown(alert["severity"])
+        assert cells[1].strip() == shown(alert["rule"])
+        peer = "other peers (see evidence)" if alert["peer"] == "*" else shown(alert["peer"])
+        assert cells[2].replace("who else?", "").strip() == peer
+        assert cells[3].strip() == shown(alert["message"], 1000)
+    by_address = {p["address"]: p for p in document["peers"]}
+    shown_rows = page.eval_on_selector_all(
+        '[data-table="peers"] tbody tr',
+        "rows => rows.map(r => Array.from(r.children, c => c.innerText))",
+    )
+    assert len(shown_rows) == min(len(by_address), report.TABLE_PAGE)
+    for cells in shown_rows:
+        peer = by_address[cells[0]]
+        assert cells[2] == peer["category"]
+        assert cells[3] == expected_text(peer.get("expected"))
+        assert cells[7:11] == [
+            number(peer[k])
+            for k in ("packets_sent", "packets_received", "bytes_sent", "bytes_received")
+        ]
+
+
+def assert_nothing_stored(page: Page) -> None:
+    assert page.evaluate("document.cookie") == ""
+    assert page.evaluate("localStorage.length") == 0
+    assert page.evaluate("sessionStorage.length") == 0
+
+
 class TestReportInBrowser:
     """What the report shows equals its JSON document; sorting, filtering and paging work."""
 
@@ -145,11 +184,7 @@ class TestReportInBrowser:
                 assert [line.split(" (")[0] for line in cell.splitlines() if line] == [
                     shown(n["name"]) for n in peer["names"]
                 ]
-            alert_rows = page.locator("tr.alert-row")
-            assert alert_rows.count() == len(document["alerts"])
-            for index, alert in enumerate(report.sorted_alerts(document["alerts"])):
-                text = alert_rows.nth(index).inner_text()
-                assert alert["rule"] in text and alert["peer"] in text
+            assert_shows(page, document)
             assert len(shown_column(page, "conversations", 0)) == len(document["conversations"])
             assert page.locator("svg.peer-map circle").count() == len(document["peers"]) + 1
         watched.assert_clean()
@@ -195,6 +230,11 @@ class TestReportInBrowser:
         page.emulate_media(media="print")
         assert not table.locator(".controls").is_visible()
         assert page.locator("svg.peer-map").is_visible()
+        page.evaluate("window.dispatchEvent(new Event('beforeprint'))")
+        assert table.locator("tbody tr").count() == 250  # every row prints (up to 2,000)
+        assert table.locator("tbody tr").last.is_visible()
+        page.evaluate("window.dispatchEvent(new Event('afterprint'))")
+        assert table.locator("tbody tr").count() == report.TABLE_PAGE
         watched.assert_clean()
 
     def test_20000_peers_stay_usable(self, watched: Watched, tmp_path: Path) -> None:
@@ -262,6 +302,8 @@ class TestDashboardInBrowser:
         body = api.get_capture(store, stored["scan"], {}).body
         assert sorted(shown_column(page, "peers", 0)) == sorted(p["address"] for p in body["peers"])
         assert page.locator("tr.alert-row").count() == len(body["alerts"]) > 0
+        assert_shows(page, body)
+        assert_nothing_stored(page)
 
         page.locator("a.who-link").first.click()
         page.wait_for_load_state()
@@ -281,6 +323,28 @@ class TestDashboardInBrowser:
         medium = api.list_alerts(store, {"severity": "medium"}).body["alerts"]
         assert page.locator("tr.alert-row").count() == len(medium) > 0
 
+        rule = medium[0]["rule"]
+        page.locator("input[name=rule]").fill(rule)
+        page.locator("form.filters button[type=submit]").click()
+        page.wait_for_load_state()
+        of_rule = [a for a in medium if a["rule"] == rule]
+        rules = page.eval_on_selector_all(
+            "tr.alert-row", "rows => rows.map(r => r.children[2].innerText)"
+        )
+        assert rules == [rule] * len(of_rule)
+        page.locator("select[name=severity]").select_option("")
+        page.locator("input[name=rule]").fill("new-peer")  # low: not in the medium view
+        page.locator("form.filters button[type=submit]").click()
+        page.wait_for_load_state()
+        new_peers = [a for a in alerts if a["rule"] == "new-peer"]
+        rows = page.eval_on_selector_all(
+            "tr.alert-row",
+            "rows => rows.map(r => [r.children[2].innerText, r.children[4].innerText])",
+        )
+        assert sorted(rows) == sorted([a["rule"], a["peer"]] for a in new_peers) and rows
+        page.goto(f"{server}alerts?severity=medium&code=k3y")
+        assert_nothing_stored(page)
+
         with page.expect_navigation():
             page.locator("footer a.json").click()
         assert (
@@ -295,6 +359,34 @@ class TestDashboardInBrowser:
         watched.assert_clean()
         app_requests = [u for u in watched.requested if u.startswith(origin)]
         assert app_requests and all("code=k3y" in u for u in app_requests)
+
+    def test_capture_table_sorts_and_filters(
+        self, watched: Watched, server: str, stored: dict[str, Any]
+    ) -> None:
+        watched.allowed_origin = server.split("/api/ui/", maxsplit=1)[0]
+        body = api.get_capture(stored["store"], stored["hostile"], {}).body
+        page = watched.page
+        page.goto(f"{server}capture?id={stored['hostile']}&code=k3y")
+        table = page.locator('[data-table="peers"]')
+        table.locator("th").nth(0).locator("button").click()
+        addresses = sorted((p["address"] for p in body["peers"]), key=ipaddress.ip_address)
+        assert shown_column(page, "peers", 0) == addresses
+        table.locator("th").nth(0).locator("button").click()
+        assert shown_column(page, "peers", 0) == addresses[::-1]
+        table.locator("th").nth(7).locator("button").click()  # packets from peer, descending
+        most = sorted((p["packets_sent"] for p in body["peers"]), reverse=True)
+        assert shown_column(page, "peers", 7) == [number(v) for v in most]
+        table.locator("input.filter-text").fill("81.2.70.")
+        tls = [p["address"] for p in body["peers"] if p["address"].startswith("81.2.70.")]
+        assert sorted(shown_column(page, "peers", 0)) == sorted(tls) and tls
+        table.locator("input.filter-text").fill("")
+        table.locator("input.filter-nonempty").check()
+        alerting = {a["peer"] for a in body["alerts"]}
+        assert set(shown_column(page, "peers", 0)) == alerting and alerting
+        page.goto(f"{server}capture?id={stored['hostile']}&code=k3y#peer-%zz")
+        assert len(shown_column(page, "peers", 0)) == len(body["peers"])  # a bad fragment: ignored
+        assert_nothing_stored(page)
+        watched.assert_clean()
 
     def test_served_headers(self, server: str) -> None:
         with urllib.request.urlopen(server, timeout=30) as response:  # noqa: S310 - local
