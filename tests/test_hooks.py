@@ -430,10 +430,44 @@ class TestPostdeployWaitsForRoles:
         lists = run.index_of("role", "assignment", "list")
         # Three answers without the roles, one with the app's, one with the topic's.
         assert len(lists) == 5
-        assert run.sleeps == ["5", "10", "20"]
+        # The back-off, then the settle pause once the roles are listed.
+        assert run.sleeps == ["5", "10", "20", "120"]
+        assert "giving the role assignments 120s to take effect" in run.output
         assert run.output.count("waiting for the role assignments") == 3
         [create] = run.index_of("eventgrid", "system-topic", "event-subscription", "create")
         assert create > max(lists)
+
+    def test_settles_once_listed_before_subscribing(self, azure: FakeAzure) -> None:
+        # Listed at the first check: no back-off, but ARM's listing says nothing of the storage
+        # front ends, so the hook still pauses, once, before it waits for the key (two 0 s polls).
+        azure.load(created_account_state("dev"))
+        run = azure.run("postdeploy.sh", environment("dev", existing=False))
+        assert run.returncode == 0, run.output
+        assert len(run.calls_to("role", "assignment", "list")) == 2
+        assert run.sleeps == ["120", "0", "0"]
+
+    @pytest.mark.parametrize(("value", "sleeps"), [("0", ["0", "0"]), ("45", ["45", "0", "0"])])
+    def test_settle_is_configurable(self, azure: FakeAzure, value: str, sleeps: list[str]) -> None:
+        azure.load(created_account_state("dev"))
+        run = azure.run(
+            "postdeploy.sh", environment("dev", existing=False), NWCAP_ROLE_SETTLE_SECONDS=value
+        )
+        assert run.returncode == 0, run.output
+        assert run.sleeps == sleeps
+        assert ("to take effect in storage" in run.output) == (value != "0")
+
+    @pytest.mark.parametrize("value", ["two", "-5", "1.5"])
+    def test_settle_must_be_whole_seconds(self, azure: FakeAzure, value: str) -> None:
+        azure.load(created_account_state("dev"))
+        run = azure.run(
+            "postdeploy.sh", environment("dev", existing=False), NWCAP_ROLE_SETTLE_SECONDS=value
+        )
+        assert run.returncode != 0
+        assert f"NWCAP_ROLE_SETTLE_SECONDS must be a whole number of seconds, not '{value}'" in (
+            run.output
+        )
+        assert run.sleeps == []
+        assert run.calls_to("eventgrid", "system-topic", "event-subscription", "create") == []
 
     def test_bounded_with_capped_back_off(self, azure: FakeAzure) -> None:
         state = created_account_state("dev")

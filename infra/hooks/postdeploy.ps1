@@ -179,6 +179,17 @@ else {
     Write-Warning ("postdeploy: system topic $topicName (not created by nwcap) has no managed identity, so undeliverable " +
         "events cannot be dead-lettered; see 'Dead-lettered events' in docs/deploy.md")
 }
+# ARM lists an assignment as soon as it exists; each storage front end enforces it only once its
+# cache refreshes, minutes later. An event delivered before then fails with 403 and its capture
+# waits for the next reconcile run, so pause a bounded while before subscribing.
+$settle = 120
+if ($env:NWCAP_ROLE_SETTLE_SECONDS -and (-not [int]::TryParse($env:NWCAP_ROLE_SETTLE_SECONDS, [ref]$settle) -or $settle -lt 0)) {
+    throw "postdeploy: NWCAP_ROLE_SETTLE_SECONDS must be a whole number of seconds, not '$($env:NWCAP_ROLE_SETTLE_SECONDS)'"
+}
+if ($settle -gt 0) {
+    Write-Host "postdeploy: giving the role assignments ${settle}s to take effect in storage (NWCAP_ROLE_SETTLE_SECONDS=0 skips this)"
+    Start-Sleep -Seconds $settle
+}
 
 # The host creates the blobs_extension key when it first indexes a blob trigger, which can take a
 # few minutes after a deployment.

@@ -203,6 +203,17 @@ else
     echo "postdeploy: warning: system topic $topic_name (not created by nwcap) has no managed identity," \
         "so undeliverable events cannot be dead-lettered; see 'Dead-lettered events' in docs/deploy.md" >&2
 fi
+# ARM lists an assignment as soon as it exists; each storage front end enforces it only once its
+# cache refreshes, minutes later. An event delivered before then fails with 403 and its capture
+# waits for the next reconcile run, so pause a bounded while before subscribing.
+settle=${NWCAP_ROLE_SETTLE_SECONDS:-120}
+case $settle in
+    '' | *[!0-9]*) fail "NWCAP_ROLE_SETTLE_SECONDS must be a whole number of seconds, not '$settle'" ;;
+esac
+if [ "$settle" -gt 0 ]; then
+    echo "postdeploy: giving the role assignments ${settle}s to take effect in storage (NWCAP_ROLE_SETTLE_SECONDS=0 skips this)"
+    sleep "$settle"
+fi
 
 # The host creates the blobs_extension key when it first indexes a blob trigger, which can take a
 # few minutes after a deployment.
