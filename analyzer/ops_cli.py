@@ -71,6 +71,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     run.add_argument("--stale-after", type=_duration, metavar="DURATION",
                      help="a 'processing' row older than this is retried (default: "
                      "RECONCILE_STALE_AFTER or 70m, longer than the function timeout)")
+    run.add_argument("--grace", type=_duration, metavar="DURATION", default=0.0,
+                     help="leave blobs with no row modified less than this long ago to their "
+                     "event (default: 0s, process everything now; the timer uses "
+                     "RECONCILE_GRACE or 5m)")
     run.add_argument("--limit", type=_count, metavar="N",
                      help="captures processed at most in this run (default: RECONCILE_LIMIT "
                      "or 20); the rest are left for the next run")
@@ -146,6 +150,8 @@ class _Site:
         overrides = {"lookback": args.since} if args.since is not None else {}
         if getattr(args, "stale_after", None) is not None:
             overrides["stale_after"] = args.stale_after
+        if getattr(args, "grace", None) is not None:
+            overrides["grace"] = args.grace
         if getattr(args, "limit", None) is not None:
             overrides["limit"] = args.limit
         self.reconcile = ReconcileSettings(**{

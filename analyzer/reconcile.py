@@ -63,6 +63,9 @@ DEFAULT_LOOKBACK = 48 * 3600.0
 # Longer than host.json's functionTimeout (1 h): a row older than that is no run's any more.
 DEFAULT_STALE_AFTER = 70 * 60.0
 DEFAULT_LIMIT = 20
+# A blob with no row modified less than this long ago is left to its Event Grid event (which
+# usually arrives within seconds), so that the trigger and the timer do not both process it.
+DEFAULT_GRACE = 300.0
 # The timer run stops starting captures after this long, so that it ends within the timeout.
 DEFAULT_MAX_SECONDS = 40 * 60.0
 # Poison messages looked at per run (each costs a processing run at most).
@@ -132,6 +135,7 @@ class ReconcileSettings:
     limit: int = DEFAULT_LIMIT
     max_seconds: float = DEFAULT_MAX_SECONDS
     poison_limit: int = DEFAULT_POISON_LIMIT
+    grace: float = DEFAULT_GRACE
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> ReconcileSettings:
@@ -142,6 +146,7 @@ class ReconcileSettings:
             ("lookback", "RECONCILE_LOOKBACK"),
             ("stale_after", "RECONCILE_STALE_AFTER"),
             ("max_seconds", "RECONCILE_MAX_DURATION"),
+            ("grace", "RECONCILE_GRACE"),
         ):
             raw = env.get(setting, "").strip()
             if raw:
@@ -186,7 +191,8 @@ class ReconcileReport:
 
     ``scanned`` blobs were listed; ``complete`` were already final at their ETag; ``processed``
     were brought to complete or partial; ``failed`` ended failed (or hit a transient error);
-    ``left`` still need a run and wait for the next one (over the limit or the time budget);
+    ``left`` still need a run and wait for the next one (over the limit or the time budget, or
+    new blobs younger than ``grace``, left to their event);
     ``busy`` are being processed by another run; ``other`` ended otherwise (superseded,
     missing, left to a newer analyzer). ``stuck`` rows were found ``processing`` for longer
     than ``stale_after`` (a run died; they are among those processed again). ``poison_*`` count
@@ -441,7 +447,9 @@ def reconcile(
         report.scanned += 1
         reason = needs_run(record, listed.etag, now, settings.stale_after)
         report.stuck += reason == "stale"
-        if reason in _RUN_REASONS:
+        if reason == "new" and now - listed.last_modified < settings.grace:
+            report.left += 1  # its event's trigger is most likely on it already
+        elif reason in _RUN_REASONS:
             due.append((listed.last_modified, listed, capture_id, reason))
         elif reason == "complete":
             report.complete += 1
@@ -454,7 +462,7 @@ def reconcile(
     due.sort(key=lambda entry: (entry[0], entry[1].name))
     for index, (modified, listed, capture_id, reason) in enumerate(due):
         if index >= settings.limit or clock() >= deadline:
-            report.left = len(due) - index
+            report.left += len(due) - index
             break
         blob = container.get_blob_client(listed.name)
         report.add(_run_one(blob, process, settings, reason, capture_id, clock() - modified,

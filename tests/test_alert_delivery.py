@@ -408,7 +408,7 @@ class TestLateCaptures:
         lookback = 30 * 86400.0
         report = reconcile(
             captures_container, results_store, processor(results_store, policy=POLICY),
-            settings=ReconcileSettings(lookback=lookback, stale_after=0.0),
+            settings=ReconcileSettings(lookback=lookback, stale_after=0.0, grace=0.0),
             after_processing=delivery.after_processing,
         )
         assert report.processed == 1

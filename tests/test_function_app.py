@@ -279,6 +279,7 @@ class TestReconcileTimer:
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         monkeypatch.setenv("RECONCILE_STALE_AFTER", "0s")
+        monkeypatch.setenv("RECONCILE_GRACE", "0s")
         names = [network_watcher_path(f"vm-{n}", minute=n) for n in range(2)]
         for name in names:
             captures_container.upload_blob(name, udp_capture(PEERS))

@@ -39,22 +39,25 @@ from conftest import (
 from analyzer import ops_cli, processing
 from analyzer.processing import Outcome, process_blob
 from analyzer.reconcile import (
+    DEFAULT_SCHEDULE,
     POISON_QUEUE,
     DurationError,
     ReconcileReport,
     ReconcileSettings,
     RunLog,
+    checked_schedule,
     list_capture_blobs,
     parse_duration,
     poison_message,
     processor,
     reconcile,
+    schedule_seconds,
 )
 from analyzer.storage import CaptureRecord, TableResultsStore, capture_id_for
 
 PEERS = {"20.0.0.1": (3, 2), "20.0.0.2": (1, 0), "2001:db8::7": (0, 4)}
 OTHER = {"20.0.0.9": (2, 2), "20.0.0.1": (1, 1)}
-NOW_SETTINGS = ReconcileSettings(stale_after=0.0)
+NOW_SETTINGS = ReconcileSettings(stale_after=0.0, grace=0.0)
 BASELINE = frozenset({"baseline"})
 Upload = Callable[[str, bytes], BlobClient]
 
@@ -115,8 +118,26 @@ class TestDurations:
             {"RECONCILE_LOOKBACK": "6h", "RECONCILE_STALE_AFTER": "15m", "RECONCILE_LIMIT": "3"}
         )
         assert (settings.lookback, settings.stale_after, settings.limit) == (21600, 900, 3)
+        assert (settings.grace, ReconcileSettings().grace) == (300, 300)
+        assert ReconcileSettings.from_environ({"RECONCILE_GRACE": "0s"}).grace == 0
         with pytest.raises(ValueError, match="RECONCILE_LOOKBACK"):
             ReconcileSettings.from_environ({"RECONCILE_LOOKBACK": "forever"})
+
+
+class TestSchedule:
+    """The timer's period, for status's lateness check, from its NCRONTAB schedule."""
+
+    @pytest.mark.parametrize(("schedule", "seconds"), [
+        ("0 */10 * * * *", 600), ("0 */5 * * * *", 300), ("0 15 */2 * * *", 7200),
+        ("0 0 * * * *", 3600), ("0 30 9 * * 1-5", 3600), ("*/10 * * * *", 600), ("", 600),
+    ])
+    def test_period(self, schedule: str, seconds: float) -> None:
+        assert schedule_seconds(schedule) == seconds
+
+    def test_bad_schedule_is_the_default(self, caplog: pytest.LogCaptureFixture) -> None:
+        assert checked_schedule(" 0 */5 * * * * ") == "0 */5 * * * *"
+        assert checked_schedule("every ten minutes") == DEFAULT_SCHEDULE
+        assert "not a six-field NCRONTAB" in caplog.text
 
 
 class TestNoEvents:
@@ -187,7 +208,8 @@ class TestNoEvents:
         record = capture_of(blob, results_store)
         assert record is not None and record.status == "processing"
         # within stale-after the row is left to its (apparently) running owner
-        report = run(captures_container, results_store, ReconcileSettings(stale_after=3600))
+        owner_alive = ReconcileSettings(stale_after=3600, grace=0.0)
+        report = run(captures_container, results_store, owner_alive)
         assert (report.busy, report.processed) == (1, 0)
         report = run(captures_container, results_store)
         assert [item.reason for item in report.items] == ["stale"]
@@ -246,11 +268,26 @@ class TestBoundsAndOrder:
         for name in names:
             upload(name, udp_capture(PEERS))
             time.sleep(1.1)  # Last-Modified has whole seconds
-        report = run(captures_container, results_store, ReconcileSettings(stale_after=0, limit=2))
+        settings = ReconcileSettings(stale_after=0, limit=2, grace=0)
+        report = run(captures_container, results_store, settings)
         assert [item.blob.split("/", 1)[1] for item in report.items] == names[:2]
         assert (report.processed, report.left) == (2, 1)
-        report = run(captures_container, results_store, ReconcileSettings(stale_after=0, limit=2))
+        report = run(captures_container, results_store, settings)
         assert (report.complete, report.processed, report.left) == (2, 1, 0)
+
+    def test_new_blobs_within_grace_are_left_to_their_event(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore,
+    ) -> None:
+        fresh = upload(network_watcher_path("vm-fresh"), udp_capture(PEERS))
+        report = run(captures_container, results_store, ReconcileSettings(stale_after=0))
+        assert (report.scanned, report.processed, report.left) == (1, 0, 1)
+        assert capture_of(fresh, results_store) is None
+        # once its event had its chance (or with no grace), the reconciler takes it
+        later = time.time() + 301
+        report = run(captures_container, results_store, ReconcileSettings(stale_after=0),
+                     clock=lambda: later)
+        assert (report.processed, report.left) == (1, 0)
 
     def test_time_budget_leaves_the_rest(
         self, upload: Upload, captures_container: ContainerClient,
@@ -270,7 +307,7 @@ class TestBoundsAndOrder:
         def clock() -> float:
             return start + 60.0 * len(processed)
 
-        settings = ReconcileSettings(stale_after=0, max_seconds=90)
+        settings = ReconcileSettings(stale_after=0, max_seconds=90, grace=0)
         report = reconcile(captures_container, results_store, slow, settings=settings,
                            clock=clock)
         assert (report.processed, report.left) == (2, 1)
@@ -440,7 +477,7 @@ class TestFaults:
                 return real(blob, stale_after)
 
             # stale-after 1 h: a claim the other reconciler just made is left to it
-            settings = ReconcileSettings(stale_after=3600)
+            settings = ReconcileSettings(stale_after=3600, grace=0.0)
             reports.append(reconcile(captures_container, store, together, settings=settings))
 
         threads = [threading.Thread(target=one) for _ in range(2)]
@@ -675,7 +712,7 @@ class TestPoisonQueue:
         upload(name, udp_capture(PEERS))
         poison.send_message(host_message(captures_container.container_name, name))
         failing = FailingStore(results_store, http_error(503))
-        settings = ReconcileSettings(stale_after=0, lookback=0)
+        settings = ReconcileSettings(stale_after=0, lookback=0, grace=0)
         report = reconcile(captures_container, failing, processor(failing), settings=settings,
                            poison=poison)
         assert (report.poison_deleted, report.poison_kept) == (0, 1)
