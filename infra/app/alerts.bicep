@@ -61,13 +61,17 @@ traces
 | project timestamp, rule = tostring(d.rule), peer = tostring(d.peer), vm = tostring(d.vm), capture_id = tostring(d.capture_id), message
 '''
 
+// A capture recorded failed for good logs "nwcap.capture" with status failed. A transient failure
+// (storage outage, a 403 while roles propagate) logs no capture record: it raises, and the
+// reconciler retries it; a reconcile run that could not bring a capture to an end counts it in
+// `failed`, and one that found runs dead in `processing` counts them in `stuck`.
 var capturesFailedOrStuckQuery = '''
 traces
 | where message startswith "nwcap.capture {" or message startswith "nwcap.reconcile {"
 | extend event = tostring(split(message, " ")[0]), d = parse_json(substring(message, indexof(message, "{")))
 | where (event == "nwcap.capture" and tostring(d.status) == "failed")
-    or (event == "nwcap.reconcile" and toint(d.stuck) > 0)
-| project timestamp, event, status = tostring(d.status), stuck = toint(d.stuck), vm = tostring(d.vm), capture_id = tostring(d.capture_id), message
+    or (event == "nwcap.reconcile" and (toint(d.stuck) > 0 or toint(d.failed) > 0))
+| project timestamp, event, status = tostring(d.status), stuck = toint(d.stuck), failed = toint(d.failed), vm = tostring(d.vm), capture_id = tostring(d.capture_id), message
 '''
 
 // A row only when no reconcile run logged anything in the window. `summarize count()` without
@@ -96,7 +100,7 @@ var rules = [
   {
     name: '${namePrefix}-capture-failed-or-stuck'
     displayName: 'nwcap: capture failed or stuck'
-    description: 'A capture was recorded failed, or a reconcile run found captures left unfinished. Run nwcap status, then nwcap reconcile, and read the failure detail in the captures table.'
+    description: 'A capture was recorded failed, or a reconcile run could not process a capture (failed, including transient errors it will retry) or found runs that died in processing (stuck). Run nwcap status, then nwcap reconcile, and read the failure detail in the captures table.'
     severity: 2
     query: capturesFailedOrStuckQuery
     evaluationFrequency: evaluationFrequency
