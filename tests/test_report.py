@@ -507,9 +507,14 @@ class TestReadability:
         groups = [n for n in drawn.nodes if not n.href]
         red = [g for g in groups if g.colour == report.COLOURS["alerting"]]
         assert len(red) == 1 and red[0].label.endswith(", 1 alerting")
-        for sector in drawn.sectors:  # outside the ring of nodes, anchored away from it
-            assert math.dist((sector.x, sector.y), (drawn.cx, drawn.cy)) > 300
-            assert sector.anchor == ("start" if sector.x >= drawn.cx else "end")
+        radius = math.dist((drawn.nodes[0].x, drawn.nodes[0].y), (drawn.cx, drawn.cy))
+        label_ends = radius + 10 + report.LABEL_CHAR_WIDTH * max(len(n.label) for n in drawn.nodes)
+        for sector in drawn.sectors:  # outside the ring of node labels, anchored away from it
+            distance = math.dist((sector.x, sector.y), (drawn.cx, drawn.cy))
+            assert distance > label_ends
+            dx = sector.x - drawn.cx
+            side = "start" if dx > 0 else "end"
+            assert sector.anchor == ("middle" if abs(dx) < 0.2 * distance else side)
 
     def test_short_labels_keep_the_full_text_in_title(self) -> None:
         long_name = "a" * 60 + ".example.com"

@@ -380,6 +380,20 @@ def _category_rank(category: str) -> tuple[int, str]:
     return (FAMILIES.index(family(category)), category)
 
 
+LABEL_CHAR_WIDTH = 6.3  # pixels per character of an 11 px label, on average
+
+
+def _node_label(peer: Mapping[str, Any]) -> str:
+    return short(best_name(peer) or str(peer.get("address", "")), 26)
+
+
+def _group_label(
+    name: str, members: Sequence[Mapping[str, Any]], alerted: Mapping[str, object]
+) -> str:
+    alerting = sum(1 for p in members if str(p.get("address")) in alerted)
+    return f"{len(members):,} other {name} peers" + (f", {alerting:,} alerting" if alerting else "")
+
+
 def peer_map(data: ReportData, *, shown_peers: int = MAP_PEERS) -> PeerMap:
     """The VM in the middle, peers around it in one sector per family of categories.
 
@@ -403,7 +417,12 @@ def peer_map(data: ReportData, *, shown_peers: int = MAP_PEERS) -> PeerMap:
     max_bytes = max([_bytes(p) for p in drawn] + [sum(map(_bytes, g)) for g in rest.values()] + [1])
 
     radius = 150 if total_slots <= 8 else 230  # labels need room only when there are many
-    label_room = 175  # a node's label: up to 26 characters along its edge
+    longest = max(
+        [len(_node_label(p)) for p in drawn]
+        + [len(_group_label(f, g, alerted)) for f, g in rest.items()]
+        + [0]
+    )
+    label_room = 34 + LABEL_CHAR_WIDTH * longest  # node labels run along their edge, then a gap
     width, height = int(2 * (radius + label_room + 150)), int(2 * (radius + label_room + 25))
     cx, cy = width / 2, height / 2
     nodes: list[MapNode] = []
@@ -420,7 +439,7 @@ def peer_map(data: ReportData, *, shown_peers: int = MAP_PEERS) -> PeerMap:
                 cy + (radius + label_room) * sin_m + 4,
                 cx + (radius + label_room - 10) * math.cos(angle),
                 cy + (radius + label_room - 10) * math.sin(angle),
-                "start" if cos_m >= 0 else "end",
+                "middle" if abs(cos_m) < 0.2 else ("start" if cos_m > 0 else "end"),
             )
         )
         members: list[Mapping[str, Any] | list[Mapping[str, Any]]] = list(by_family[name])
@@ -432,9 +451,7 @@ def peer_map(data: ReportData, *, shown_peers: int = MAP_PEERS) -> PeerMap:
             if isinstance(member, list):
                 size = sum(map(_bytes, member))
                 alerting = sum(1 for p in member if str(p.get("address")) in alerted)
-                label = f"{len(member):,} other {name} peers" + (
-                    f", {alerting:,} alerting" if alerting else ""
-                )
+                label = _group_label(name, member, alerted)
                 title = f"{label}: {human_size(size)}"
                 colour = COLOURS["alerting" if alerting else "undecided"]
                 href, dashed = "", True
@@ -442,7 +459,7 @@ def peer_map(data: ReportData, *, shown_peers: int = MAP_PEERS) -> PeerMap:
                 size = _bytes(member)
                 address = str(member.get("address", ""))
                 peer_name = best_name(member)
-                label = short(peer_name or address, 26)
+                label = _node_label(member)
                 title = (
                     f"{shown(peer_name)} {address}, {human_size(size)}, {member.get('category')}"
                 )

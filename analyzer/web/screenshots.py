@@ -1,7 +1,8 @@
 """Screenshots of the report and of each dashboard page, for the docs.
 
 ``python -m analyzer.web.screenshots [docs/img]`` from a checkout: starts Azurite
-(``scripts/azurite.py``), processes ``samples/*.cap`` at Network Watcher paths as the demo does,
+(``scripts/azurite.py``), processes ``samples/*.cap`` at Network Watcher paths as the demo does
+(dated over the last hours, since a path may not be dated more than 6 h before its upload),
 serves the dashboard on a free port and photographs it with Debian's chromium (run
 ``scripts/setup.sh`` and ``scripts/setup-browser.sh`` first). Writes report.png, fleet.png,
 capture.png, peer.png and alerts.png.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,14 @@ from analyzer.web import report
 from analyzer.web.server import start_in_thread
 
 ROOT = Path(__file__).resolve().parents[2]
-VM_PATH = (
+VM_PREFIX = (
     "subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/demo-rg/providers/"
-    "microsoft.compute/virtualmachines/vm-web-01"
+    "microsoft.compute/virtualmachines/"
 )
-REPORT_SAMPLE = "unlisted-admin-source.cap"
+VMS = ("vm-web-01", "vm-app-01")  # the samples alternate between them
+SPREAD = timedelta(hours=5)  # the first sample's capture time before now; the rest follow evenly
+REPORT_SAMPLE = "baseline.cap"  # 88 s: the timeline shows activity bucket by bucket
+CAPTURE_SAMPLE = "unlisted-admin-source.cap"  # 30 s, with an alert
 MAX_HEIGHT = 1900  # pixels of a page photographed: the top, where each page says the most
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-quic"]
 
@@ -53,8 +58,14 @@ def _processed(connection: str) -> tuple[TableResultsStore, dict[str, str]]:
     store.create_tables()
     policy = load_policy((ROOT / "samples" / "policy.yaml").read_bytes())
     ids = {}
-    for minute, sample in enumerate(sorted((ROOT / "samples").glob("*.cap")), start=15):
-        name = f"{VM_PATH}/2026/11/25/packetcapture_10_{minute:02d}_00_123.cap"
+    samples = sorted((ROOT / "samples").glob("*.cap"))
+    first = datetime.now(timezone.utc) - SPREAD
+    for index, sample in enumerate(samples):
+        when = first + SPREAD * index / len(samples)
+        name = (
+            f"{VM_PREFIX}{VMS[index % len(VMS)]}/{when:%Y/%m/%d}/"
+            f"packetcapture_{when:%H_%M_%S}_{when.microsecond // 1000:03d}.cap"
+        )
         container.upload_blob(name, sample.read_bytes(), overwrite=True)
         ids[sample.name] = process_blob(
             container.get_blob_client(name), store, policy=policy
@@ -77,11 +88,10 @@ def main(argv: list[str]) -> int:
     with _azurite().running() as azurite:
         store, ids = _processed(azurite.connection_string)
         server, url = start_in_thread(store)
-        scan = ids["inbound-scan.cap"]
         shots = {
             "report": report_file.as_uri(),
             "fleet": url,
-            "capture": f"{url}capture?id={scan}",
+            "capture": f"{url}capture?id={ids[CAPTURE_SAMPLE]}",
             "peer": f"{url}peer?ip=175.16.199.77",
             "alerts": f"{url}alerts",
         }
