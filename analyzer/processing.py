@@ -295,6 +295,9 @@ def _claim(
             generation=(existing.generation if existing else 0) + 1,
             results_generation=existing.results_generation if existing else 0,
             attempts=attempts,
+            # Rows to delete once this run's are in: an unfinished cleanup, or rows written
+            # before runs had generations (whose keys no generation range finds).
+            stale_rows=existing is not None and (existing.stale_rows or not existing.generation),
         )
         try:
             version = store.put_capture(claimed, if_version=existing.version if existing else "")
@@ -422,7 +425,7 @@ def _record_failure(
         processing_seconds=round(clock() - started, 3),
         # A transient failure keeps the last results readable; a permanent one has none.
         results_generation=claimed.results_generation if transient else claimed.generation,
-        stale_rows=not transient and claimed.generation > 1,
+        stale_rows=claimed.stale_rows if transient else _has_older_rows(claimed),
     )
     try:
         if not transient:  # rows this run wrote before failing are nobody's results
@@ -507,7 +510,7 @@ def _store_analysis(
         activity_start=storable_time(info.activity_start),
         activity_bucket_seconds=info.activity_bucket_seconds,
         results_generation=claimed.generation,
-        stale_rows=claimed.generation > 1,
+        stale_rows=_has_older_rows(claimed),
         transient=False,
         error="",
         error_type="",
@@ -562,6 +565,10 @@ def _abandon(
         log.warning("Could not drop the rows of run %d of %s: %s",
                     mine.generation, mine.capture_id, error)
     return Outcome("superseded", mine.location.path, mine.capture_id, why)
+
+
+def _has_older_rows(claimed: CaptureRecord) -> bool:
+    return claimed.generation > 1 or claimed.stale_rows
 
 
 def _drop_older_rows(store: ResultsStore, stored: CaptureRecord) -> None:

@@ -198,7 +198,8 @@ class ResultsStore(Protocol):
 
     def drop_results(self, capture_id: str, *, below: int | None = None,
                      generation: int | None = None) -> int:
-        """Delete the result rows of generations older than ``below``, or of ``generation``.
+        """Delete the result rows of generations older than ``below`` (and rows whose keys
+        carry no generation, written before runs had them), or of ``generation``.
 
         Returns how many partition rows went. Safe to repeat, and to run concurrently.
         """
@@ -295,6 +296,13 @@ def decode_continuation(text: str | None) -> dict[str, str] | None:
 
 
 # --- the Azure implementation ------------------------------------------------------------
+
+
+def _older_run(row_key: str, below: int) -> bool:
+    """True for a result row of a run before ``below``, or of no run (written before runs had
+    generations)."""
+    generation = generation_of(row_key)
+    return generation is None or generation < below
 
 
 def _as_datetime(ts: float) -> datetime:
@@ -394,7 +402,9 @@ class TableResultsStore:
         self, capture_id: str, *, below: int | None = None, generation: int | None = None
     ) -> int:
         if below is not None and generation is None:
-            low, high = "", generation_prefix(below)
+            # From the partition's start: rows written before runs had generations have keys
+            # without a generation (an address, ``severity|...``), found wherever they sort.
+            low, high = "", "\uffff"
         elif generation is not None and below is None:
             low, high = generation_prefix(generation), f"{generation:08d}}}"
         else:
@@ -406,6 +416,11 @@ class TableResultsStore:
             "alerts", CAPTURE_ALERTS_PREFIX + capture_id, low, high,
             ["PartitionKey", "RowKey", "day_pk", "day_rk"],
         )
+        if below is not None:
+            peer_rows, alert_rows = (
+                [row for row in rows if _older_run(row["RowKey"], below)]
+                for rows in (peer_rows, alert_rows)
+            )
         # The rows in other partitions first, so that a cleanup cut short can be done again.
         self._delete_each(
             "peerindex",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import threading
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from analyzer.processing import (
     process_blob,
 )
 from analyzer.storage import BaselineEntry, TableResultsStore, capture_id_for, ip_key
+from analyzer.tablekeys import CAPTURE_ALERTS_PREFIX, generation_of
 from nwcap_testing import synth
 
 PEERS = {"20.0.0.1": (3, 2), "20.0.0.2": (1, 0), "2001:db8::7": (0, 4)}
@@ -123,6 +125,41 @@ class TestProcessing:
         assert outcome.status == "partial"
         assert stored is not None and stored.status == "partial" and stored.warnings
         assert stored.packets == sum(s + r for s, r in PEERS.values()) - 1
+
+
+class TestRowsFromBeforeGenerations:
+    """Result rows written before runs had generations go when the capture is processed again."""
+
+    def test_reprocessing_drops_them(
+        self, upload: Upload, results_store: TableResultsStore
+    ) -> None:
+        name = network_watcher_path("vm-legacy")
+        outcome = process_blob(upload(name, udp_capture(PEERS)), results_store)
+        capture_id = outcome.capture_id
+        partitions = (("peers", capture_id), ("alerts", CAPTURE_ALERTS_PREFIX + capture_id))
+        # as an nwcap without generations wrote them: keys with no generation prefix
+        legacy = 0
+        for table, partition in partitions:
+            client = results_store.table(table)
+            for row in list(client.query_entities("PartitionKey eq @pk",
+                                                  parameters={"pk": partition})):
+                client.create_entity({**row, "RowKey": row["RowKey"].partition("|")[2]})
+                client.delete_entity(partition, row["RowKey"])
+                legacy += 1
+        record = results_store.get_capture(capture_id)
+        assert record is not None and legacy > len(PEERS)
+        results_store.put_capture(dataclasses.replace(record, generation=0,
+                                                      results_generation=0))
+        rewritten = process_blob(upload(name, udp_capture(OTHER)), results_store)
+        assert rewritten.status == "complete"
+        record = results_store.get_capture(capture_id)
+        assert record is not None and (record.generation, record.stale_rows) == (1, False)
+        for table, partition in partitions:
+            keys = [row["RowKey"] for row in results_store.table(table).query_entities(
+                "PartitionKey eq @pk", parameters={"pk": partition}, select=["RowKey"])]
+            assert keys and all(generation_of(key) == 1 for key in keys), keys
+        assert {row["address"] for row in results_store.iter_capture_peers(capture_id)} == set(
+            OTHER)
 
 
 class TestPermanentErrors:
