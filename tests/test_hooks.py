@@ -576,12 +576,18 @@ class TestOperatorAccess:
     def test_granted_on_an_existing_account_and_kept_by_predown(self, azure: FakeAzure) -> None:
         azure.load(shared_account_state("a", "b"))
         deployer = "deployer-object-id"
-        for name in ("a", "b"):
-            up = azure.run("postdeploy.sh", environment(name), DEPLOYER_PRINCIPAL_ID=deployer)
-            assert up.returncode == 0, up.output
-            [wiring, _] = up.calls_to("deployment", "group", "create")
-            assert f"operatorPrincipalId={deployer}" in wiring
-            assert "granting the deployer the same rights there" in up.output
+        up_a = azure.run("postdeploy.sh", environment("a"), DEPLOYER_PRINCIPAL_ID=deployer)
+        assert up_a.returncode == 0, up_a.output
+        [wiring, _] = up_a.calls_to("deployment", "group", "create")
+        assert f"operatorPrincipalId={deployer}" in wiring
+        assert "granting the deployer the same rights there" in up_a.output
+        # The second environment finds them held and does not assign them again (Azure would
+        # refuse a second assignment of the same role under another name).
+        up_b = azure.run("postdeploy.sh", environment("b"), DEPLOYER_PRINCIPAL_ID=deployer)
+        assert up_b.returncode == 0, up_b.output
+        [wiring, _] = up_b.calls_to("deployment", "group", "create")
+        assert "operatorPrincipalId=" in wiring
+        assert "the deployer already holds the rights" in up_b.output
 
         def held() -> set[str]:
             return {
@@ -606,6 +612,22 @@ class TestOperatorAccess:
             r["principalId"] for r in azure.state["roles"] if r["scope"] == SHARED_ACCOUNT_ID
         }
         assert principals == {"app-principal-b", deployer}
+
+    def test_part_held_is_not_assigned_again(self, azure: FakeAzure) -> None:
+        state = shared_account_state("a")
+        state["roles"] = [role(SHARED_ACCOUNT_ID, "deployer-object-id", BLOB_DATA_READER, 1)]
+        azure.load(state)
+        up = azure.run(
+            "postdeploy.sh", environment("a"), DEPLOYER_PRINCIPAL_ID="deployer-object-id"
+        )
+        assert up.returncode == 0, up.output
+        [wiring, _] = up.calls_to("deployment", "group", "create")
+        assert "operatorPrincipalId=" in wiring
+        assert "holds only part of the rights" in up.output
+        assert (
+            "az role assignment create --assignee-object-id deployer-object-id"
+            f" --scope {SHARED_ACCOUNT_ID} --role <id>, for each id of: {QUEUE_DATA_CONTRIBUTOR}"
+        ) in " ".join(up.output.split())
 
     def test_no_deployer_no_grant(self, azure: FakeAzure) -> None:
         azure.load(shared_account_state("a"))

@@ -104,8 +104,26 @@ if ($env:CAPTURES_IS_EXISTING -ieq 'true') {
         $topicGroup = $capturesGroup
     }
     Write-Host "postdeploy: granting the app read access to $accountName (resource group $capturesGroup)"
+    # The deployer gets the same two roles, for nwcap reconcile and nwcap status. Azure refuses a
+    # second assignment of a role a principal already holds on the same scope under another
+    # name, so roles the deployer holds already are not assigned again.
+    $operator = ''
     if ($env:DEPLOYER_PRINCIPAL_ID) {
-        Write-Host 'postdeploy: granting the deployer the same rights there, for nwcap reconcile and nwcap status'
+        $held = @(Invoke-Az role assignment list --scope $accountId `
+                --query "[?principalId=='$($env:DEPLOYER_PRINCIPAL_ID)'].roleDefinitionId" --output tsv) -join "`n"
+        $lacking = @(@($storageBlobDataReader, $storageQueueDataContributor) | Where-Object { $held -notmatch [regex]::Escape($_) })
+        if ($lacking.Count -eq 2) {
+            $operator = $env:DEPLOYER_PRINCIPAL_ID
+            Write-Host 'postdeploy: granting the deployer the same rights there, for nwcap reconcile and nwcap status'
+        }
+        elseif ($lacking.Count -eq 0) {
+            Write-Host 'postdeploy: the deployer already holds the rights nwcap reconcile and nwcap status need there'
+        }
+        else {
+            Write-Warning ("postdeploy: the deployer holds only part of the rights nwcap reconcile needs on $accountName; " +
+                "grant the rest with: az role assignment create --assignee-object-id $($env:DEPLOYER_PRINCIPAL_ID) " +
+                "--scope $accountId --role <id>, for each id of: $($lacking -join ' ')")
+        }
     }
     $parametersFile = New-TemporaryFile
     try {
@@ -116,7 +134,7 @@ if ($env:CAPTURES_IS_EXISTING -ieq 'true') {
             parameters     = @{
                 storageAccountName  = @{ value = $accountName }
                 principalId         = @{ value = $env:PROCESSOR_PRINCIPAL_ID }
-                operatorPrincipalId = @{ value = [string]$env:DEPLOYER_PRINCIPAL_ID }
+                operatorPrincipalId = @{ value = $operator }
                 systemTopicName     = @{ value = $topicName }
                 createSystemTopic   = @{ value = $createTopic }
                 tags                = @{ value = @{ 'nwcap-env-name' = $env:AZURE_ENV_NAME } }

@@ -121,8 +121,29 @@ if [ "$(lower "$CAPTURES_IS_EXISTING")" = "true" ]; then
         topic_group=$captures_group
     fi
     echo "postdeploy: granting the app read access to $CAPTURES_STORAGE_ACCOUNT_NAME (resource group $captures_group)"
+    # The deployer gets the same two roles, for nwcap reconcile and nwcap status. Azure refuses a
+    # second assignment of a role a principal already holds on the same scope under another
+    # name, so roles the deployer holds already are not assigned again.
+    operator=""
     if [ -n "${DEPLOYER_PRINCIPAL_ID:-}" ]; then
-        echo "postdeploy: granting the deployer the same rights there, for nwcap reconcile and nwcap status"
+        held=$(azs role assignment list --scope "$account_id" \
+            --query "[?principalId=='$DEPLOYER_PRINCIPAL_ID'].roleDefinitionId" --output tsv)
+        lacking=""
+        for role in "$storage_blob_data_reader" "$storage_queue_data_contributor"; do
+            if ! printf '%s\n' "$held" | grep -qi "$role"; then
+                lacking="$lacking $role"
+            fi
+        done
+        if [ "$lacking" = " $storage_blob_data_reader $storage_queue_data_contributor" ]; then
+            operator=$DEPLOYER_PRINCIPAL_ID
+            echo "postdeploy: granting the deployer the same rights there, for nwcap reconcile and nwcap status"
+        elif [ -z "$lacking" ]; then
+            echo "postdeploy: the deployer already holds the rights nwcap reconcile and nwcap status need there"
+        else
+            echo "postdeploy: warning: the deployer holds only part of the rights nwcap reconcile needs on" \
+                "$CAPTURES_STORAGE_ACCOUNT_NAME; grant the rest with: az role assignment create" \
+                "--assignee-object-id $DEPLOYER_PRINCIPAL_ID --scope $account_id --role <id>, for each id of:$lacking" >&2
+        fi
     fi
     created_principal=$(azs deployment group create \
         --name "$(deployment_name nwcap-captures)" \
@@ -131,7 +152,7 @@ if [ "$(lower "$CAPTURES_IS_EXISTING")" = "true" ]; then
         --parameters \
             storageAccountName="$CAPTURES_STORAGE_ACCOUNT_NAME" \
             principalId="$PROCESSOR_PRINCIPAL_ID" \
-            operatorPrincipalId="${DEPLOYER_PRINCIPAL_ID:-}" \
+            operatorPrincipalId="$operator" \
             systemTopicName="$topic_name" \
             createSystemTopic="$create_topic" \
             tags="{\"nwcap-env-name\": \"$AZURE_ENV_NAME\"}" \
