@@ -82,9 +82,9 @@ echo "   open file://$report"
 port="${NWCAP_PORT:-8080}"
 if [ "${1:-}" = "--serve" ]; then
     echo
-    echo "== Dashboard: open http://127.0.0.1:$port/api/ui/ (Ctrl-C stops it and Azurite)"
+    echo "== Dashboard: open http://127.0.0.1:$port/api/ui (Ctrl-C stops it and Azurite)"
     "$nwcap" serve --port "$port"
 else
     echo
-    echo "== Dashboard: run 'scripts/demo.sh --serve', then open http://127.0.0.1:$port/api/ui/"
+    echo "== Dashboard: run 'scripts/demo.sh --serve', then open http://127.0.0.1:$port/api/ui"
 fi
