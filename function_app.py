@@ -192,10 +192,14 @@ def reconcile_captures(timer: func.TimerRequest) -> None:
 
 @app.route(route="status", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 def get_status(req: func.HttpRequest) -> func.HttpResponse:
-    """Is every capture getting processed? (see analyzer.status)"""
-    unknown = sorted(set(req.params) - {"code"})  # code: the function key, when not a header
+    """Is every capture getting processed? (see analyzer.status) The last reconcile run's
+    counts, one table read; ``?live=1`` counts now (lists the window's blobs, bounded)."""
+    unknown = sorted(set(req.params) - {"code", "live"})  # code: the function key
     if unknown:
         return _json(400, {"error": f"unknown parameter: {unknown[0][:100]}"})
+    live = req.params.get("live", "0")
+    if live not in ("0", "1"):
+        return _json(400, {"error": "live must be 0 or 1"})
     try:
         settings = Settings.from_environ()
         results = resolve_first(RESULTS_CONNECTIONS)
@@ -209,6 +213,7 @@ def get_status(req: func.HttpRequest) -> func.HttpResponse:
                 runs=RunLog(store.service, prefix=settings.table_prefix),
                 settings=ReconcileSettings.from_environ(),
                 schedule_seconds=schedule_seconds(RECONCILE_SCHEDULE),
+                live=live == "1",
             )
     except ConnectionSettingError as error:
         log.error("The status endpoint is not configured: %s", error)

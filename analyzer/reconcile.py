@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 
 POISON_QUEUE = "webjobs-blobtrigger-poison"
 RUNS_TABLE = "reconcileruns"
+RUN_RETENTION = 30 * 86400.0  # rows of runs older than this are deleted by later runs
+_PRUNE_BATCH = 100
 DEFAULT_SCHEDULE = "0 */10 * * * *"
 DEFAULT_LOOKBACK = 48 * 3600.0
 # Longer than host.json's functionTimeout (1 h): a row older than that is no run's any more.
@@ -216,6 +219,13 @@ class ReconcileReport:
     poison_kept: int = 0
     poison_foreign: int = 0
     poison_error: str = ""
+    poison_length: int | None = None
+    # What status serves from the run's row (see analyzer.status): the window's blobs by their
+    # capture row's status ("none": no row) and those still needing a run, at the run's end.
+    by_status: dict[str, int] = field(default_factory=dict)
+    pending: int = 0
+    oldest_pending: float | None = None
+    oldest_pending_blob: str = ""
     items: list[Item] = field(default_factory=list)
 
     def counts(self) -> dict[str, Any]:
@@ -237,6 +247,15 @@ class ReconcileReport:
             "poison_kept": self.poison_kept,
             "poison_foreign": self.poison_foreign,
             "poison_error": self.poison_error,
+            "poison_length": self.poison_length,
+            "pending": self.pending,
+            "oldest_pending_age_seconds": (
+                None if self.oldest_pending is None
+                else round(self.finished - self.oldest_pending, 1)
+            ),
+            "oldest_pending_blob": self.oldest_pending_blob,
+            **{f"status_{name.replace('-', '_')}": count
+               for name, count in sorted(self.by_status.items())},
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -393,6 +412,15 @@ def needs_run(record: CaptureRecord | None, etag: str, now: float, stale_after: 
 _RUN_REASONS = frozenset({"new", "changed", "stale", "transient", "cleanup"})
 
 
+def status_key(record: CaptureRecord | None) -> str:
+    """How status counts a capture row: its status, ``failed-transient``, or ``none``."""
+    if record is None:
+        return "none"
+    if record.status == "failed" and record.transient:
+        return "failed-transient"
+    return record.status
+
+
 def same_etag(one: str, other: str) -> bool:
     """ETags compared as values: a listing gives them without the quotes a HEAD gives."""
     return one.strip('"') == other.strip('"')
@@ -443,14 +471,23 @@ def reconcile(
     deadline = now + settings.max_seconds
     due: list[tuple[float, Listed, str, str]] = []
     listed_blobs = list_capture_blobs(container, since=now - settings.lookback, until=now)
+    by_status: Counter[str] = Counter()
+    waiting: list[tuple[float, str]] = []  # blobs left as they were: (modified, name)
+    prior: dict[str, str] = {}  # due blobs' status before this run
     for listed, capture_id, record in with_records(store, container.container_name, listed_blobs):
         report.scanned += 1
+        by_status[status_key(record)] += 1
         reason = needs_run(record, listed.etag, now, settings.stale_after)
         report.stuck += reason == "stale"
+        if reason in ("new", "busy") and (
+            reason == "busy" or now - listed.last_modified < settings.grace
+        ):
+            waiting.append((listed.last_modified, listed.name))
         if reason == "new" and now - listed.last_modified < settings.grace:
             report.left += 1  # its event's trigger is most likely on it already
         elif reason in _RUN_REASONS:
             due.append((listed.last_modified, listed, capture_id, reason))
+            prior[listed.name] = status_key(record)
         elif reason == "complete":
             report.complete += 1
         elif reason == "busy":
@@ -463,14 +500,27 @@ def reconcile(
     for index, (modified, listed, capture_id, reason) in enumerate(due):
         if index >= settings.limit or clock() >= deadline:
             report.left += len(due) - index
+            waiting.extend((entry[0], entry[1].name) for entry in due[index:])
             break
         blob = container.get_blob_client(listed.name)
-        report.add(_run_one(blob, process, settings, reason, capture_id, clock() - modified,
-                            after_processing))
+        item = _run_one(blob, process, settings, reason, capture_id, clock() - modified,
+                        after_processing)
+        report.add(item)
+        if item.status in ("complete", "partial", "failed"):
+            by_status[prior.pop(listed.name, "none")] -= 1
+            by_status[item.status] += 1
+        if item.status not in ("complete", "partial", "failed", "skipped", "missing"):
+            waiting.append((modified, listed.name))
     if poison is not None:
         _drain_poison(
             poison, _Run(container, process, settings, report, deadline, clock, after_processing)
         )
+        with contextlib.suppress(AzureError):
+            report.poison_length = poison_length(poison)
+    report.by_status = {name: count for name, count in by_status.items() if count}
+    report.pending = len(waiting)
+    if waiting:
+        report.oldest_pending, report.oldest_pending_blob = min(waiting)
     report.finished = clock()
     log.info("Reconciled %s: %s", container.container_name, report.line())
     return report
@@ -715,11 +765,29 @@ class RunLog:
         }
         entity = {
             "PartitionKey": "runs",
-            # Newest first: row keys sort ascending.
-            "RowKey": f"{10**13 - int(report.started * 1000):014d}",
-            **counts,
+            "RowKey": _run_key(report.started),
+            **{key: value for key, value in counts.items() if value is not None},
         }
         self.table.upsert_entity(entity, mode=UpdateMode.REPLACE)
+        self.prune(before=report.started - RUN_RETENTION)
+
+    def prune(self, *, before: float) -> int:
+        """Delete up to a hundred rows of runs started before ``before`` (a run at a time
+        catches up: runs are minutes apart); how many went. Failures are logged, not raised."""
+        try:
+            rows = self.table.query_entities(
+                "PartitionKey eq @pk and RowKey gt @key",
+                parameters={"pk": "runs", "key": _run_key(before)},
+                select=["PartitionKey", "RowKey"],
+                results_per_page=_PRUNE_BATCH,
+            )
+            old = [dict(row) for _, row in zip(range(_PRUNE_BATCH), rows, strict=False)]
+            if old:
+                self.table.submit_transaction([("delete", row) for row in old])
+        except AzureError as error:
+            log.warning("Could not delete old rows of %s: %s", self.name, _short(error))
+            return 0
+        return len(old)
 
     def last(self) -> dict[str, Any] | None:
         try:
@@ -732,6 +800,11 @@ class RunLog:
         except ResourceNotFoundError:
             return None
         return None
+
+
+def _run_key(started: float) -> str:
+    # Newest first: row keys sort ascending, so older runs have larger keys.
+    return f"{10**13 - int(started * 1000):014d}"
 
 
 def _iso(ts: float) -> str:

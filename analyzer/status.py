@@ -4,8 +4,11 @@ and ``GET /api/status``.
 It holds the captures of the lookback window by status, the capture blobs seen but not yet
 final at their ETag (with the oldest one's age), the blob trigger's poison-queue length and
 the last reconcile run with its counts, and a list of what needs a person's attention.
-Counting reads the window's capture rows (their status columns only) and lists the window's
-blobs as the reconciler does; nothing is written.
+By default (``GET /api/status``) the counts are those the last reconcile run stored in its
+row (its window's blobs by status, those still waiting, the poison queue's length after it):
+one read, whatever the fleet's size. ``live`` (``nwcap status``, ``?live=1``) counts now:
+it reads the window's capture rows (status columns only, at most :data:`MAX_ROWS`) and lists
+the window's blobs as the reconciler does (at most :data:`MAX_LISTED`). Nothing is written.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from analyzer.storage import TableResultsStore
 
 # Capture rows counted at most (their status columns only); beyond, the counts say so.
 MAX_ROWS = 100_000
+# Blobs listed at most by a live count; beyond, ``pending.truncated`` says so.
+MAX_LISTED = 50_000
 # A reconcile run older than this many schedule periods is worth a look.
 _LATE_RUNS = 3
 
@@ -44,21 +49,31 @@ def status_document(
     runs: RunLog | None = None,
     settings: ReconcileSettings | None = None,
     schedule_seconds: float = 600.0,
+    live: bool = True,
     clock: Callable[[], float] = time.time,
 ) -> dict[str, Any]:
-    """The status document; see the module's docstring."""
+    """The status document; see the module's docstring. Without ``live``, counts come from
+    the last run's row when it has them (else they are counted now)."""
     settings = settings or ReconcileSettings()
     now = clock()
     since = now - settings.lookback
-    captures, truncated = _captures_by_status(store, since)
-    pending = _pending(store, container, now, since, settings) if container is not None else None
-    poison_count = poison_length(poison) if poison is not None else None
     last = runs.last() if runs is not None else None
+    stored = None if live or last is None else _from_run(last, now)
+    pending: dict[str, Any] | None
+    if stored is not None:
+        captures, truncated, pending, poison_count = stored
+    else:
+        captures, truncated = _captures_by_status(store, since)
+        pending = (
+            _pending(store, container, now, since, settings) if container is not None else None
+        )
+        poison_count = poison_length(poison) if poison is not None else None
     attention = _attention(captures, pending, poison_count, last, now, settings, schedule_seconds)
     return {
         "generated_at": _iso(now),
         "window": {"since": _iso(since), "lookback_seconds": settings.lookback},
         "container": container.container_name if container is not None else None,
+        "source": "live" if stored is None else "last reconcile run",
         "captures": {"by_status": captures, "truncated": truncated},
         "pending": pending,
         "poison_queue": {"name": "webjobs-blobtrigger-poison", "length": poison_count},
@@ -66,6 +81,35 @@ def status_document(
         "attention": attention,
         "ok": not attention,
     }
+
+
+def _from_run(
+    last: dict[str, Any], now: float
+) -> tuple[dict[str, int], bool, dict[str, Any], int | None] | None:
+    """Captures by status, pending blobs and poison length as the last run stored them;
+    ``None`` for a row without them (written by an older nwcap)."""
+    if "pending" not in last or not isinstance(last.get("finished"), datetime):
+        return None
+    captures = {
+        key.removeprefix("status_").replace("_", "-"): int(value)
+        for key, value in last.items() if key.startswith("status_")
+    }
+    for status in ("processing", "complete", "partial", "failed", "failed-transient"):
+        captures.setdefault(status, 0)
+    age = last.get("oldest_pending_age_seconds")
+    finished: datetime = last["finished"]
+    pending: dict[str, Any] = {
+        "as_of": finished.isoformat(),
+        "count": int(last["pending"]),
+        "oldest_blob": last.get("oldest_pending_blob") or None,
+        # as old as it was then, plus the time since the run
+        "oldest_age_seconds": (
+            None if age is None else round(float(age) + now - finished.timestamp(), 1)
+        ),
+        "by_reason": {},
+    }
+    poison = last.get("poison_length")
+    return captures, False, pending, None if poison is None else int(poison)
 
 
 def _captures_by_status(store: TableResultsStore, since: float) -> tuple[dict[str, int], bool]:
@@ -104,7 +148,11 @@ def _pending(
     oldest: tuple[float, str] | None = None
     scanned = 0
     listed_blobs = list_capture_blobs(container, since=since, until=now)
+    truncated = False
     for listed, _, record in with_records(store, container.container_name, listed_blobs):
+        if scanned >= MAX_LISTED:
+            truncated = True
+            break
         scanned += 1
         reason = needs_run(record, listed.etag, now, settings.stale_after)
         if reason in ("complete", "newer-analyzer"):
@@ -114,6 +162,7 @@ def _pending(
             oldest = (listed.last_modified, listed.name)
     return {
         "scanned": scanned,
+        "truncated": truncated,
         "count": sum(reasons.values()),
         "by_reason": dict(reasons),
         "oldest_blob": oldest[1] if oldest else None,

@@ -298,8 +298,17 @@ class TestReconcileTimer:
         status, body = call("get_status", get("status"))
         assert status == 200
         assert body["last_reconcile"]["processed"] == 2
+        assert body["source"] == "last reconcile run"  # one read, no listing
         assert body["captures"]["by_status"]["complete"] == 2
         assert body["pending"]["count"] == 0
+        late = network_watcher_path("vm-late", minute=9)
+        captures_container.upload_blob(late, udp_capture(PEERS))
+        status, body = call("get_status", get("status"))
+        assert (body["source"], body["pending"]["count"]) == ("last reconcile run", 0)
+        status, body = call("get_status", get("status", {"live": "1"}))
+        assert (body["source"], body["pending"]["count"]) == ("live", 1)
+        assert body["pending"]["oldest_blob"] == late
+        assert call("get_status", get("status", {"live": "yes"}))[0] == 400
 
 
 class TestStatusEndpoint:

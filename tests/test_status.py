@@ -145,3 +145,28 @@ class TestCommand:
             monkeypatch.delenv(f"AzureWebJobs{setting}", raising=False)
         assert self._run("status") == 2
         assert "error" in capsys.readouterr().err
+
+
+class TestRunRecords:
+    """Rows of runs older than the retention are deleted by later runs; counts are kept."""
+
+    def test_old_runs_are_pruned(self, runs: RunLog, results_store: TableResultsStore) -> None:
+        now = time.time()
+        for days in (45, 35, 2):
+            started = now - days * 86400
+            runs.record(ReconcileReport(started=started, finished=started + 1, container="c"))
+        kept = list(runs.table.list_entities())
+        assert len(kept) == 1  # the 45- and 35-day-old runs went when the newest was recorded
+        report = ReconcileReport(started=now, finished=now + 1, container="c", pending=3,
+                                 oldest_pending=now - 600, oldest_pending_blob="a/b.cap",
+                                 by_status={"complete": 4, "failed-transient": 1})
+        runs.record(report)
+        document = status_document(results_store, runs=runs, live=False,
+                                   clock=lambda: now + 61)
+        assert document["source"] == "last reconcile run"
+        assert document["captures"]["by_status"]["complete"] == 4
+        assert document["captures"]["by_status"]["failed-transient"] == 1
+        assert (document["pending"]["count"], document["pending"]["oldest_blob"]) == (3, "a/b.cap")
+        assert document["pending"]["oldest_age_seconds"] == 601 + 60  # at the run, and since
+        assert runs.prune(before=now + 10) == 2 and list(runs.table.list_entities()) == []
+
