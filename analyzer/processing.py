@@ -519,10 +519,14 @@ def _store_analysis(
     if _blob_changed(blob, final):
         return _superseded(final)
     store.write_results(final, analysis.peers, alerts, new_peers)
-    if learns:
-        store.add_to_baseline(location, final.capture_id, capture_time, analysis.peers, known)
+    # Checked before the baseline learns from this run: a superseded run teaches it nothing.
+    # (Learning after the flip instead would lose the lesson for good if the run died between.)
     if _blob_changed(blob, final):
         return _abandon(store, final, analysis.peers, alerts, "the blob changed while stored")
+    if not _still_claimed(store, final):
+        return _abandon(store, final, analysis.peers, alerts, "a later run of the blob took over")
+    if learns:
+        store.add_to_baseline(location, final.capture_id, capture_time, analysis.peers, known)
     stored = _flip(store, replace(final, processed_at=clock(),
                                   processing_seconds=round(clock() - started, 3)))
     if stored is None:
@@ -531,6 +535,12 @@ def _store_analysis(
     for alert in alerts:
         log_alert(stored, alert)
     return Outcome(stored.status, name, stored.capture_id, stored.error, stored)
+
+
+def _still_claimed(store: ResultsStore, mine: CaptureRecord) -> bool:
+    """True while the capture row is still this run's claim (no later run took over)."""
+    current = store.get_capture(mine.capture_id)
+    return current is not None and current.generation == mine.generation
 
 
 def _flip(store: ResultsStore, final: CaptureRecord) -> CaptureRecord | None:

@@ -43,7 +43,13 @@ from analyzer.processing import (
     policy_file,
     process_blob,
 )
-from analyzer.storage import BaselineEntry, TableResultsStore, capture_id_for, ip_key
+from analyzer.storage import (
+    BaselineEntry,
+    CaptureRecord,
+    TableResultsStore,
+    capture_id_for,
+    ip_key,
+)
 from analyzer.tablekeys import CAPTURE_ALERTS_PREFIX, generation_of
 from nwcap_testing import synth
 
@@ -452,6 +458,32 @@ class TestHostileValues:
         for table in ("peers", "alerts", "peerindex"):
             assert list(results_store.table(table).list_entities()) == [], table
         assert process_blob(blob, results_store).status == "skipped"
+
+
+class _OvertakenStore(TableResultsStore):
+    """The real store, where a later run claims the capture right after this run's rows."""
+
+    def write_results(self, record: CaptureRecord, *args: Any, **kwargs: Any) -> None:
+        super().write_results(record, *args, **kwargs)
+        current = self.get_capture(record.capture_id)
+        assert current is not None
+        self.put_capture(dataclasses.replace(current, generation=current.generation + 1),
+                         if_version=current.version)
+
+
+class TestSupersededRun:
+    """A run overtaken by a later one before its flip leaves no rows and teaches no baseline."""
+
+    def test_overtaken_run_teaches_nothing(
+        self, upload: Upload, results_store: TableResultsStore
+    ) -> None:
+        blob = upload(network_watcher_path("vm-overtaken"), udp_capture(PEERS))
+        overtaken = _OvertakenStore(results_store.service,
+                                    prefix=results_store.names["captures"][: -len("captures")])
+        outcome = process_blob(blob, overtaken)
+        assert outcome.status == "superseded"
+        for table in ("baseline", "peers", "peerindex"):
+            assert list(results_store.table(table).list_entities()) == [], table
 
 
 def synth_frame(peer: str) -> bytes:
