@@ -392,6 +392,27 @@ class TestFaults:
         assert report.failed == 0
         assert list(results_store.table("captures").list_entities()) == []
 
+    def test_an_unexpected_exception_does_not_stop_the_run(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore, caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        bad = upload(network_watcher_path("vm-a", minute=1), udp_capture(PEERS))
+        good = upload(network_watcher_path("vm-b", minute=2), udp_capture(PEERS))
+        real = processor(results_store)
+
+        def bug_on_one(blob: BlobClient, stale_after: float) -> Outcome:
+            if blob.blob_name == bad.blob_name:
+                raise KeyError("a bug")
+            return real(blob, stale_after)
+
+        report = reconcile(captures_container, results_store, bug_on_one, settings=NOW_SETTINGS)
+        assert [(item.status, item.detail) for item in report.items] == [
+            ("error", "error: 'a bug'"), ("complete", "")]
+        assert (report.failed, report.processed) == (1, 1)
+        assert "Traceback" in caplog.text or any(r.exc_info for r in caplog.records)
+        record = capture_of(good, results_store)
+        assert record is not None and record.status == "complete"
+
     def test_row_of_a_newer_analyzer_is_left_alone(
         self, upload: Upload, captures_container: ContainerClient,
         results_store: TableResultsStore,
