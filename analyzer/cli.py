@@ -23,6 +23,7 @@ from analyzer.exits import EXIT_ALERTS, EXIT_DATAERR, EXIT_NOINPUT, InputError
 from analyzer.models import SEVERITY_ORDER
 
 if TYPE_CHECKING:
+    from analyzer.budget import Budget
     from analyzer.policy import Policy
     from analyzer.servicetags import ServiceTags
 
@@ -90,7 +91,9 @@ def build_parser(*, with_storage: bool = True) -> argparse.ArgumentParser:
 
 def run_analyze(args: argparse.Namespace) -> int:
     from analyzer.analysis import analyze  # noqa: PLC0415 - keeps `nwcap --help` fast
-    from analyzer.render import to_csv, to_json, to_table  # noqa: PLC0415
+    from analyzer.render import iter_json, to_csv, to_table  # noqa: PLC0415
+
+    budget = work_budget()
 
     policy = _load_policy(args.policy) if args.policy else None
     tags = _load_service_tags(args.service_tags) if args.service_tags else None
@@ -104,12 +107,16 @@ def run_analyze(args: argparse.Namespace) -> int:
                 policy=policy,
                 service_tags=tags,
                 progress=progress,
+                budget=budget,
             )
     finally:
         if progress is not None:
             progress.close()
-    render = {"table": to_table, "json": to_json, "csv": to_csv}[args.format]
-    sys.stdout.write(render(result))
+    if args.format == "json":
+        # Piece by piece: 20,000 peers as one string would cost hundreds of MB.
+        sys.stdout.writelines(iter_json(result))
+    else:
+        sys.stdout.write({"table": to_table, "csv": to_csv}[args.format](result))
     for warning in result.capture.warnings:
         log.warning("%s: %s", args.capture, warning)
     if args.fail_on:
@@ -117,6 +124,20 @@ def run_analyze(args: argparse.Namespace) -> int:
         if any(SEVERITY_ORDER[a.severity] >= threshold for a in result.alerts):
             return EXIT_ALERTS
     return 0
+
+
+def work_budget() -> Budget:
+    """The work budget from the ``NWCAP_MAX_*`` settings, as the function reads them."""
+    from analyzer.budget import Budget, InvalidSettingError  # noqa: PLC0415
+
+    try:
+        return Budget.from_environ(os.environ)
+    except InvalidSettingError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+class UsageError(Exception):
+    """Bad usage that argparse cannot see, e.g. an invalid setting: exit status 2."""
 
 
 def _open_capture(name: str) -> tuple[BinaryIO, int | None]:
@@ -214,6 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("nwcap.outcome").setLevel(logging.ERROR)
     try:
         return int(args.func(args))
+    except UsageError as exc:
+        print(f"nwcap: error: {exc}", file=sys.stderr)
+        return 2
     except InputError as exc:
         print(f"nwcap: error: {exc}", file=sys.stderr)
         return EXIT_NOINPUT

@@ -132,13 +132,20 @@ def _analyse(args: argparse.Namespace) -> dict[str, object]:
         _load_policy,
         _load_service_tags,
         _open_capture,
+        work_budget,
     )
 
     policy = _load_policy(args.policy) if args.policy else None
     tags = _load_service_tags(args.service_tags) if args.service_tags else None
     stream, _size = _open_capture(args.capture)
     with stream:
-        result = analyze(stream, local_addresses=args.local_ip, policy=policy, service_tags=tags)
+        result = analyze(
+            stream,
+            local_addresses=args.local_ip,
+            policy=policy,
+            service_tags=tags,
+            budget=work_budget(),
+        )
     for warning in result.capture.warnings:
         print(f"nwcap: warning: {args.capture}: {warning}", file=sys.stderr)
     return result.to_dict()
