@@ -227,7 +227,7 @@ def capture_links(capture_id: str, links_base: str | None) -> dict[str, str]:
     escaped = quote(capture_id, safe="")
     return {
         "api": f"{base}/api/captures/{escaped}",
-        "dashboard": f"{base}/api/ui/captures/{escaped}",
+        "dashboard": f"{base}/api/ui/capture?id={escaped}",
     }
 
 

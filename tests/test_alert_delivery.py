@@ -217,7 +217,7 @@ class TestQueueMessages:
             assert message["evidence_truncated"] is False
             assert message["links"] == {
                 "api": f"{LINKS}/api/captures/{record.capture_id}",
-                "dashboard": f"{LINKS}/api/ui/captures/{record.capture_id}",
+                "dashboard": f"{LINKS}/api/ui/capture?id={record.capture_id}",
             }
             assert message["message"] and isinstance(message["evidence"], dict)
             assert message["names"] == message["evidence"].get("names", [])
