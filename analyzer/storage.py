@@ -25,9 +25,9 @@ import base64
 import binascii
 import contextlib
 import json
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -141,9 +141,11 @@ __all__ = [
     "vm_key",
 ]
 
-_PARALLEL_WRITES = 8
-# Index rows built and sent at once: bounds memory whatever the number of peers.
-_PARALLEL_CHUNK = 256
+# Requests (single writes or transactions) in flight at once. 4 saturates Azurite on two
+# cores and keeps the function's peak RSS margin (bench/README.md, "End to end").
+_PARALLEL_WRITES = 4
+# Capture rows looked up at once when filtering index or day rows (small point reads).
+_PARALLEL_READS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -560,7 +562,7 @@ class TableResultsStore:
                 record = None
             current[capture_id] = record.results_generation if record is not None else None
 
-        _run_parallel(look_up, capture_ids)
+        _run_bounded(look_up, capture_ids, _PARALLEL_READS)
         return [
             row for row in rows if current.get(_str(row, "capture_id")) == _int(row, "generation")
         ]
@@ -674,22 +676,19 @@ class TableResultsStore:
 
     def _upsert_batches(self, table: str, rows: Iterable[dict[str, Any]]) -> None:
         """Rows in transactions, built as they are sent (consecutive rows of one partition
-        share a transaction)."""
+        share a transaction), a few transactions in flight at once.
+
+        Each transaction is atomic on its own and none depends on another, so their order
+        within a call does not matter; the call returns only once all succeeded (or raises
+        the first failure after the others in flight ended), so calls keep their order.
+        """
         operations = (("upsert", row, {"mode": UpdateMode.REPLACE}) for row in rows)
-        for batch in _consecutive_batches(operations):
-            self.table(table).submit_transaction(batch)
+        _run_bounded(self.table(table).submit_transaction, _consecutive_batches(operations))
 
     def _upsert_each(self, table: str, rows: Iterable[dict[str, Any]]) -> None:
-        """Rows of many partitions, one request each, several at a time, a bounded number
-        built at once."""
+        """Rows of many partitions, one request each, a few at a time, built as they go."""
         client = self.table(table)
-        chunk: list[dict[str, Any]] = []
-        for row in rows:
-            chunk.append(row)
-            if len(chunk) >= _PARALLEL_CHUNK:
-                _run_parallel(lambda r: client.upsert_entity(r, mode=UpdateMode.REPLACE), chunk)
-                chunk = []
-        _run_parallel(lambda r: client.upsert_entity(r, mode=UpdateMode.REPLACE), chunk)
+        _run_bounded(lambda row: client.upsert_entity(row, mode=UpdateMode.REPLACE), rows)
 
     def _delete_batches(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
         operations = [
@@ -707,20 +706,16 @@ class TableResultsStore:
             self._delete_each(table, [entity for _, entity in batch])
 
     def _delete_each_lazily(self, table: str, keys: Iterable[tuple[str, str]]) -> None:
-        """Delete rows by key, a bounded number at a time."""
-        chunk: list[Mapping[str, Any]] = []
-        for partition, row in keys:
-            chunk.append({"PartitionKey": partition, "RowKey": row})
-            if len(chunk) >= _PARALLEL_CHUNK:
-                self._delete_each(table, chunk)
-                chunk = []
-        self._delete_each(table, chunk)
+        """Delete rows by key, a bounded number built and in flight at a time."""
+        self._delete_each(
+            table, ({"PartitionKey": partition, "RowKey": row} for partition, row in keys)
+        )
 
-    def _delete_each(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    def _delete_each(self, table: str, rows: Iterable[Mapping[str, Any]]) -> None:
         client = self.table(table)
 
         # delete_entity treats an entity that is gone already as deleted.
-        _run_parallel(lambda row: client.delete_entity(row["PartitionKey"], row["RowKey"]), rows)
+        _run_bounded(lambda row: client.delete_entity(row["PartitionKey"], row["RowKey"]), rows)
 
 
 def _all_pages(fetch: Callable[[str | None], Page]) -> Iterator[dict[str, Any]]:
@@ -769,12 +764,25 @@ def _learns(entry: BaselineEntry | None, capture_id: str, capture_time: float) -
     return entry is None or entry.capture_id == capture_id or entry.capture_time > capture_time
 
 
-def _run_parallel(action: Callable[[Any], object], items: Iterable[Any]) -> None:
-    items = list(items)
-    if len(items) <= 1:
-        for item in items:
-            action(item)
-        return
-    with ThreadPoolExecutor(max_workers=min(_PARALLEL_WRITES, len(items))) as pool:
-        for _ in pool.map(action, items):  # re-raises the first failure
-            pass
+def _run_bounded(
+    action: Callable[[Any], object], items: Iterable[Any], limit: int = _PARALLEL_WRITES
+) -> None:
+    """``action`` on each item, at most ``limit`` at a time; items are drawn only as slots
+    free up, so a generator of rows is never built all at once.
+
+    Returns once every action succeeded. On a failure the items not started are dropped, the
+    actions in flight are waited for, then the first failure seen is re-raised: nothing this
+    call started is still running when it returns or raises.
+    """
+    with ThreadPoolExecutor(max_workers=limit) as pool:  # its exit waits for running actions
+        running: deque[Future[object]] = deque()
+        try:
+            for item in items:
+                if len(running) >= limit:
+                    running.popleft().result()
+                running.append(pool.submit(action, item))
+            while running:
+                running.popleft().result()
+        finally:
+            for future in running:
+                future.cancel()

@@ -5,7 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
+import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
+from typing import Any
 
 import pytest
 from azure.data.tables import EdmType, EntityProperty
@@ -30,6 +34,7 @@ from analyzer.storage import (
     InvalidContinuationError,
     TableResultsStore,
     _batches,
+    _run_bounded,
     baseline_key,
     capture_entity,
     capture_from_entity,
@@ -322,6 +327,76 @@ class TestCaptureRows:
         assert results_store.get_capture(capture_id_for(location("nobody"))) is None
 
 
+class TestBoundedRuns:
+    """Writes go a few at a time, drawn only as slots free up, and a failure stops them all."""
+
+    @staticmethod
+    def _tracked(fail_at: int | None = None) -> tuple[Any, Any, dict[str, int]]:
+        lock = threading.Lock()
+        state = {"drawn": 0, "running": 0, "done": 0, "most_running": 0, "most_ahead": 0}
+
+        def items() -> Iterator[int]:
+            for n in range(40):
+                with lock:
+                    state["drawn"] += 1
+                    # drawn but not finished: built rows held in memory at once
+                    state["most_ahead"] = max(state["most_ahead"], state["drawn"] - state["done"])
+                yield n
+
+        def action(n: int) -> None:
+            with lock:
+                state["running"] += 1
+                state["most_running"] = max(state["most_running"], state["running"])
+            try:
+                time.sleep(0.002)
+                if n == fail_at:
+                    raise RuntimeError(f"write {n} failed")
+            finally:
+                with lock:
+                    state["running"] -= 1
+                    state["done"] += 1
+
+        return action, items, state
+
+    def test_at_most_limit_in_flight_and_drawn(self) -> None:
+        action, items, state = self._tracked()
+        _run_bounded(action, items(), limit=4)
+        assert state["done"] == 40
+        assert 1 < state["most_running"] <= 4
+        assert state["most_ahead"] <= 4 + 1  # the one drawn while waiting for a free slot
+
+    def test_a_failure_is_raised_after_everything_in_flight_ended(self) -> None:
+        action, items, state = self._tracked(fail_at=5)
+        with pytest.raises(RuntimeError, match="write 5 failed"):
+            _run_bounded(action, items(), limit=4)
+        # Nothing still writing once the caller hears of the failure (it may flip nothing
+        # while a write is on its way), and the rest of the items were never started.
+        assert state["running"] == 0
+        assert state["drawn"] <= 5 + 4 + 1
+        assert state["done"] < 40
+
+
+class _FailingTransactions:
+    """A table client whose ``fail_at``-th transaction fails after the others are sent."""
+
+    def __init__(self, client: Any, fail_at: int) -> None:
+        self._client = client
+        self._fail_at = fail_at
+        self._lock = threading.Lock()
+        self.sent = 0
+
+    def submit_transaction(self, batch: Any) -> Any:
+        with self._lock:
+            self.sent += 1
+            mine = self.sent
+        if mine == self._fail_at:
+            raise RuntimeError("transaction lost")
+        return self._client.submit_transaction(batch)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
 def store_results(
     store: TableResultsStore,
     capture: CaptureRecord,
@@ -402,6 +477,28 @@ class TestResults:
         stored = list(results_store.iter_capture_peers(capture.capture_id))
         assert len(stored) == 230
         assert sum(row["packets_sent"] for row in stored) == sum(range(1, 231))
+
+    def test_a_failed_transaction_fails_the_write_and_nothing_lands_after(
+        self, results_store: TableResultsStore
+    ) -> None:
+        capture = record(location(), generation=1)
+        peers = tuple(peer(f"20.0.{n // 256}.{n % 256}") for n in range(650))  # 7 transactions
+        failing = _FailingTransactions(results_store.table("peers"), fail_at=2)
+        original = results_store.table
+
+        def table(name: str) -> Any:
+            return failing if name == "peers" else original(name)
+
+        results_store.table = table  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="transaction lost"):
+            results_store.write_results(capture, peers, ())
+        results_store.table = original  # type: ignore[method-assign]
+        written = _row_count(results_store, "peers")
+        assert written < 650 and written % MAX_BATCH_ENTITIES == 0  # whole transactions only
+        # later calls of the write (alert and index rows) never started
+        assert _row_count(results_store, "peerindex") == 0
+        time.sleep(0.2)
+        assert _row_count(results_store, "peers") == written  # nothing was still on its way
 
     def test_rows_of_other_runs_are_not_read(self, results_store: TableResultsStore) -> None:
         capture = store_results(
