@@ -242,7 +242,8 @@ class TestOutage:
         assert stored is not None and stored.status == "processing"
         if table == "peers":
             written = list(base.table("peers").list_entities())
-            assert 0 < len(written) < PEER_COUNT
+            # transactions already in flight when Azurite stopped may land whole
+            assert 0 < len(written) <= PEER_COUNT
             # a run's rows are nobody's results before its flip
             assert list(base.iter_capture_peers(capture_id)) == []
         # the host's retry
