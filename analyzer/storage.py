@@ -144,6 +144,7 @@ __all__ = [
 # Requests (single writes or transactions) in flight at once. 4 saturates Azurite on two
 # cores and keeps the function's peak RSS margin (bench/README.md, "End to end").
 _PARALLEL_WRITES = 4
+_RETRY_UPSERT_TRANSACTIONS = frozenset({"HEAD", "GET", "PUT", "DELETE", "OPTIONS", "TRACE", "POST"})
 # Capture rows looked up at once when filtering index or day rows (small point reads).
 _PARALLEL_READS = 8
 
@@ -683,7 +684,15 @@ class TableResultsStore:
         the first failure after the others in flight ended), so calls keep their order.
         """
         operations = (("upsert", row, {"mode": UpdateMode.REPLACE}) for row in rows)
-        _run_bounded(self.table(table).submit_transaction, _consecutive_batches(operations))
+        client = self.table(table)
+
+        def submit(batch: list[tuple[Any, ...]]) -> object:
+            # An upsert transaction is idempotent, so a connection lost mid-request (a pooled
+            # socket closed while a long analysis ran, a reset under load) is safe to send again;
+            # the SDK retries a POST only on a 500/503/504 answer.
+            return client.submit_transaction(batch, retry_on_methods=_RETRY_UPSERT_TRANSACTIONS)
+
+        _run_bounded(submit, _consecutive_batches(operations))
 
     def _upsert_each(self, table: str, rows: Iterable[dict[str, Any]]) -> None:
         """Rows of many partitions, one request each, a few at a time, built as they go."""

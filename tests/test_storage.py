@@ -693,3 +693,52 @@ class TestConnections:
         assert resolve_first(names, environ).name == "CAPTURES_CONNECTION"
         with pytest.raises(ConnectionSettingError, match="RESULTS_CONNECTION"):
             resolve_first(names, {})
+
+
+class TestLostConnections:
+    """An upsert transaction whose connection drops mid-request is sent again (it is idempotent)."""
+
+    def test_reset_connections_are_retried(self) -> None:
+        import socket
+        import struct
+
+        from azure.core.exceptions import ServiceResponseError
+        from azure.data.tables import TableServiceClient
+
+        from analyzer.storage import TableResultsStore
+
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        port = server.getsockname()[1]
+        accepted: list[int] = []
+
+        def reset_every_connection() -> None:
+            while True:
+                try:
+                    connection, _ = server.accept()
+                except OSError:
+                    return
+                accepted.append(1)
+                connection.recv(1024)
+                # linger 0: the close sends a RST, as a server dropping a pooled socket can
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                connection.close()
+
+        threading.Thread(target=reset_every_connection, daemon=True).start()
+        try:
+            service = TableServiceClient.from_connection_string(
+                "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+                "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/"
+                "K1SZFPTOtr/KBHBeksoGMGw==;"
+                f"TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1;",
+                retry_total=2,
+                retry_backoff_factor=0.01,
+            )
+            store = TableResultsStore(service, prefix="t")
+            with pytest.raises(ServiceResponseError):
+                store._upsert_batches("peers", [{"PartitionKey": "p", "RowKey": "r"}])
+        finally:
+            server.close()
+        # the first attempt and both retries; the SDK alone would send a POST once
+        assert len(accepted) == 3
