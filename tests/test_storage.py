@@ -385,13 +385,13 @@ class _FailingTransactions:
         self._lock = threading.Lock()
         self.sent = 0
 
-    def submit_transaction(self, batch: Any) -> Any:
+    def submit_transaction(self, batch: Any, **options: Any) -> Any:
         with self._lock:
             self.sent += 1
             mine = self.sent
         if mine == self._fail_at:
             raise RuntimeError("transaction lost")
-        return self._client.submit_transaction(batch)
+        return self._client.submit_transaction(batch, **options)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
