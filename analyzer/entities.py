@@ -24,6 +24,7 @@ from analyzer.tablekeys import (
     fit_json,
     fit_text,
     generation_prefix,
+    index_partition,
     ip_key,
     peer_row_key,
     storable_time,
@@ -400,7 +401,7 @@ def peer_entity(
     row = _EntityBuilder(record.capture_id, peer_row_key(record.generation, peer.address))
     _capture_context(row, record)
     row.text("address", peer.address)
-    row.text("index_rk", _index_row_key(record))
+    row.text("index_rk", index_row_keys(record, peer)[1])
     row.json("local_addresses", list(peer.local_addresses))
     row.count("packets_sent", peer.packets_sent)
     row.count("packets_received", peer.packets_received)
@@ -473,8 +474,25 @@ def alert_row_keys(record: CaptureRecord, alert: Alert, occurrence: int) -> tupl
 
 
 def index_row_keys(record: CaptureRecord, peer: Peer) -> tuple[str, str]:
-    """The partition and row key of the ``peerindex`` row of ``peer`` in this run."""
-    return ip_key(peer.address), _index_row_key(record)
+    """The partition and row key of the ``peerindex`` row of ``peer`` in this run: the
+    address's bucket, and ``{peer key}|{time}|{capture id}|{generation}``."""
+    key = ip_key(peer.address)
+    return index_partition(key), f"{key}|{_index_row_key(record)}"
+
+
+def index_keys_of_peer_row(row: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Where the ``peerindex`` row of a stored ``peers`` row is (``None`` if it has none).
+
+    Rows written before the index was bucketed have the peer key as partition and a row key
+    without it; they are still found, so that their cleanup works.
+    """
+    row_key = row.get("index_rk")
+    if not row_key:
+        return None
+    address_key = str(row["RowKey"]).rpartition("|")[2]
+    if row_key.startswith(address_key + "|"):
+        return index_partition(address_key), row_key
+    return address_key, row_key
 
 
 def alert_entities(

@@ -10,7 +10,7 @@ captures   VM key (lower-case VM name)  capture id                            ca
 peers      capture id                   peer key (canonical IP)               peer of a capture
 alerts     ``capture-{capture id}``     ``{4-rank}|{rule}|{peer key}|{n}``    alert (by capture)
 alerts     ``day-{yyyy-mm-dd}``         ``{time}|{capture id}|{alert key}``   alert (by day)
-peerindex  peer key                     ``{time}|{capture id}``               peer of a capture
+peerindex  ``bucket-{nn}`` (peer key hash)  ``{peer key}|{time}|{capture id}|...`` peer of a capture
 baseline   ``{sub}|{rg}|{vm}``          peer key                              peer ever seen by a VM
 ========== ============================ ===================================== ================
 
@@ -58,6 +58,7 @@ from analyzer.entities import (
     capture_entity,
     capture_from_entity,
     index_entity,
+    index_keys_of_peer_row,
     index_row_keys,
     peer_document,
     peer_entity,
@@ -85,6 +86,7 @@ from analyzer.tablekeys import (
     fit_text,
     generation_of,
     generation_prefix,
+    index_partition,
     ip_key,
     parse_capture_id,
     storable_time,
@@ -181,7 +183,7 @@ class ResultsStore(Protocol):
     def write_results(
         self,
         record: CaptureRecord,
-        peers: Iterable[Peer],
+        peers: Sequence[Peer],
         alerts: Sequence[Alert],
         new_peers: frozenset[str] = frozenset(),
     ) -> None:
@@ -368,7 +370,7 @@ class TableResultsStore:
     def write_results(
         self,
         record: CaptureRecord,
-        peers: Iterable[Peer],
+        peers: Sequence[Peer],
         alerts: Sequence[Alert],
         new_peers: frozenset[str] = frozenset(),
     ) -> None:
@@ -388,7 +390,13 @@ class TableResultsStore:
         self._upsert_batches("peers", peer_rows())
         self._upsert_batches("alerts", (alert_entities(record, a, n)[0] for a, n in occurrences))
         self._upsert_batches("alerts", (alert_entities(record, a, n)[1] for a, n in occurrences))
-        self._upsert_each("peerindex", (index_entity(record, peer) for peer in peers))
+        # Grouped by partition so that they go in transactions; the index's order within a
+        # bucket is that of its row keys, so the rows' order here does not matter.
+        indexed = sorted(
+            ((index_partition(ip_key(peer.address)), n) for n, peer in enumerate(peers)),
+            key=lambda bucket_and_position: bucket_and_position[0],
+        )
+        self._upsert_batches("peerindex", (index_entity(record, peers[n]) for _, n in indexed))
 
     def drop_run(
         self, record: CaptureRecord, peers: Iterable[Peer], alerts: Sequence[Alert]
@@ -425,13 +433,10 @@ class TableResultsStore:
                 for rows in (peer_rows, alert_rows)
             )
         # The rows in other partitions first, so that a cleanup cut short can be done again.
-        self._delete_each(
+        index_keys = (index_keys_of_peer_row(row) for row in peer_rows)
+        self._delete_batches(
             "peerindex",
-            [
-                {"PartitionKey": row["RowKey"].partition("|")[2], "RowKey": row["index_rk"]}
-                for row in peer_rows
-                if row.get("index_rk")
-            ],
+            [{"PartitionKey": keys[0], "RowKey": keys[1]} for keys in index_keys if keys],
         )
         self._delete_batches(
             "alerts",
@@ -614,11 +619,15 @@ class TableResultsStore:
         limit: int = 100,
         continuation: str | None = None,
     ) -> Page:
-        clauses = ["PartitionKey eq @peer"]
-        parameters: dict[str, Any] = {"peer": ip_key(address)}
-        if since is not None:
-            clauses.append("RowKey ge @since")
-            parameters["since"] = time_key(since)
+        # One partition, one key range: "{key}|" up to "{key}}" ("}" sorts right after "|",
+        # and neither appears in a peer key).
+        key = ip_key(address)
+        clauses = ["PartitionKey eq @bucket", "RowKey ge @low", "RowKey lt @high"]
+        parameters: dict[str, Any] = {
+            "bucket": index_partition(key),
+            "low": f"{key}|{time_key(since) if since is not None else ''}",
+            "high": f"{key}}}",
+        }
         rows, token = self._query("peerindex", clauses, parameters, limit, continuation)
         return Page([sighting_document(row) for row in self._current(rows)], token)
 
@@ -693,11 +702,6 @@ class TableResultsStore:
             return client.submit_transaction(batch, retry_on_methods=_RETRY_UPSERT_TRANSACTIONS)
 
         _run_bounded(submit, _consecutive_batches(operations))
-
-    def _upsert_each(self, table: str, rows: Iterable[dict[str, Any]]) -> None:
-        """Rows of many partitions, one request each, a few at a time, built as they go."""
-        client = self.table(table)
-        _run_bounded(lambda row: client.upsert_entity(row, mode=UpdateMode.REPLACE), rows)
 
     def _delete_batches(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
         operations = [

@@ -40,6 +40,11 @@ _LATEST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
 _KEY_SAFE = re.compile(r"[A-Za-z0-9._-]")
 _CAPTURE_ID = re.compile(r"^(?P<vm>[A-Za-z0-9._~-]{1,120})\.(?P<digest>[0-9a-f]{20})$")
 DAY_PREFIX = "day-"
+# The peerindex spreads addresses over a fixed number of partitions so that one capture's index
+# rows go in transactions (one request per 100 rows, not one per row) while fleet-wide writes
+# still spread over several partitions.
+INDEX_BUCKETS = 16
+INDEX_PREFIX = "bucket-"
 CAPTURE_ALERTS_PREFIX = "capture-"
 
 
@@ -147,6 +152,12 @@ def generation_of(row_key: str) -> int | None:
     """The generation a result row key starts with, ``None`` for another kind of key."""
     head, sep, _ = row_key.partition("|")
     return int(head) if sep and len(head) == 8 and head.isdigit() else None
+
+
+def index_partition(address_key: str) -> str:
+    """The ``peerindex`` partition of an address key: one of :data:`INDEX_BUCKETS`, by hash."""
+    digest = hashlib.blake2b(address_key.encode(), digest_size=2).digest()
+    return f"{INDEX_PREFIX}{int.from_bytes(digest, 'big') % INDEX_BUCKETS:02d}"
 
 
 def peer_row_key(generation: int, address: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import re
 import threading
@@ -46,6 +47,7 @@ from analyzer.storage import (
     escape_key,
     fit_json,
     fit_text,
+    index_entity,
     ip_key,
     parse_capture_id,
     peer_entity,
@@ -53,6 +55,7 @@ from analyzer.storage import (
     time_key,
     utf16_size,
 )
+from analyzer.tablekeys import INDEX_BUCKETS, index_partition
 
 FORBIDDEN_IN_KEYS = re.compile(r"[/\\#?\x00-\x1f\x7f-\x9f%]")
 T0 = datetime(2026, 11, 25, 10, 15, tzinfo=timezone.utc).timestamp()
@@ -445,7 +448,8 @@ class TestResults:
 
     def test_new_results_drop_stale_rows(self, results_store: TableResultsStore) -> None:
         first = record(location())
-        store_results(results_store,
+        store_results(
+            results_store,
             first,
             (peer("20.0.0.1"), peer("20.0.0.2"), peer("20.0.0.3")),
             (alert("a", "low", "20.0.0.1"), alert("b", "high", "20.0.0.2")),
@@ -453,7 +457,8 @@ class TestResults:
         # The new version of the blob has other peers and a capture time a day later, so the
         # index and day rows move to other keys.
         second = record(location(), capture_time=first.capture_time + DAY)  # type: ignore[operator]
-        store_results(results_store,
+        store_results(
+            results_store,
             second,
             (peer("20.0.0.2"), peer("20.0.0.4")),
             (alert("b", "high", "20.0.0.2"),),
@@ -521,9 +526,7 @@ class TestResults:
         assert _row_count(results_store, "peerindex") == 1
         assert _row_count(results_store, "alerts") == 2
 
-    def test_rows_from_before_generations_are_read(
-        self, results_store: TableResultsStore
-    ) -> None:
+    def test_rows_from_before_generations_are_read(self, results_store: TableResultsStore) -> None:
         capture = record(location())
         results_store.put_capture(capture)  # generation 0: an older nwcap's row
         legacy = peer_entity(capture, peer("20.0.0.1"), new=False, alerts=[])
@@ -532,6 +535,77 @@ class TestResults:
         results_store.table("peers").create_entity(legacy)
         rows = list(results_store.iter_capture_peers(capture.capture_id))
         assert [row["address"] for row in rows] == ["20.0.0.1"]
+
+    def test_index_rows_go_in_transactions_one_bucket_each(
+        self, results_store: TableResultsStore
+    ) -> None:
+        capture = record(location())
+        # addresses that share text prefixes, so that a key range too wide would mix them
+        addresses = [f"20.0.0.{n}" for n in range(1, 256)] + ["2001:db8::1", "2001:db8::10"]
+        calls: list[int] = []
+        index = results_store.table("peerindex")
+        original = results_store.table
+
+        def counting(name: str) -> Any:
+            if name != "peerindex":
+                return original(name)
+
+            class Counting:
+                def __getattr__(self, attribute: str) -> Any:
+                    return getattr(index, attribute)
+
+                def submit_transaction(self, batch: Any, **kwargs: Any) -> Any:
+                    partitions = {entity["PartitionKey"] for _, entity, *_ in batch}
+                    assert len(partitions) == 1
+                    calls.append(len(batch))
+                    return index.submit_transaction(batch, **kwargs)
+
+                def upsert_entity(self, *args: Any, **kwargs: Any) -> Any:
+                    raise AssertionError("index rows are written in transactions")
+
+            return Counting()
+
+        results_store.table = counting  # type: ignore[method-assign]
+        store_results(results_store, capture, tuple(peer(a) for a in addresses), ())
+        results_store.table = original  # type: ignore[method-assign]
+        assert sum(calls) == len(addresses)
+        buckets = {index_partition(ip_key(a)) for a in addresses}
+        assert len(calls) == len(buckets) <= INDEX_BUCKETS  # one transaction per bucket here
+        for address in ("20.0.0.1", "20.0.0.12", "20.0.0.123", "2001:db8::1", "2001:DB8::10"):
+            sightings = results_store.peer_sightings(address).items
+            assert [s["address"] for s in sightings] == [str(ipaddress.ip_address(address))]
+
+    def test_sightings_since_a_time(self, results_store: TableResultsStore) -> None:
+        first = store_results(results_store, record(location(day=24)), (peer("20.0.0.9"),), ())
+        second = store_results(results_store, record(location(day=25)), (peer("20.0.0.9"),), ())
+        assert first.capture_time is not None and second.capture_time is not None
+        every = results_store.peer_sightings("20.0.0.9").items
+        assert [s["capture_id"] for s in every] == [first.capture_id, second.capture_id]
+        later = results_store.peer_sightings("20.0.0.9", since=first.capture_time + 1).items
+        assert [s["capture_id"] for s in later] == [second.capture_id]
+
+    def test_index_rows_of_the_unbucketed_layout_are_still_dropped(
+        self, results_store: TableResultsStore
+    ) -> None:
+        # A run by an nwcap from before the index was bucketed: its index row's partition is
+        # the peer key, and the peers row's index_rk has no peer key in front.
+        old = record(location(), generation=1, results_generation=1)
+        results_store.put_capture(old)
+        old_peer = peer("20.0.0.7")
+        row = peer_entity(old, old_peer, new=False, alerts=[])
+        legacy_rk = row["index_rk"].partition("|")[2]
+        row["index_rk"] = legacy_rk
+        results_store.table("peers").create_entity(row)
+        legacy_index = index_entity(old, old_peer)
+        legacy_index.update(PartitionKey=ip_key("20.0.0.7"), RowKey=legacy_rk)
+        results_store.table("peerindex").create_entity(legacy_index)
+        store_results(results_store, old, (peer("20.0.0.8"),), ())
+        keys = {
+            (r["PartitionKey"], r["RowKey"])
+            for r in results_store.table("peerindex").list_entities()
+        }
+        assert len(keys) == 1
+        assert next(iter(keys))[0] == index_partition(ip_key("20.0.0.8"))
 
     def test_peers_and_alerts_are_paged(self, results_store: TableResultsStore) -> None:
         capture = record(location())
@@ -605,7 +679,8 @@ class TestQueries:
     def test_alerts_by_severity_vm_and_time(self, results_store: TableResultsStore) -> None:
         for day_offset, vm in ((0, "vm-a"), (1, "vm-b"), (2, "vm-a")):
             capture = record(location(vm, day=25 + day_offset))
-            store_results(results_store,
+            store_results(
+                results_store,
                 capture,
                 (peer("20.0.0.1"),),
                 (alert("x", "info", "20.0.0.1"), alert("y", "high", "20.0.0.1")),
