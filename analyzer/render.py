@@ -40,7 +40,12 @@ def to_json(analysis: Analysis) -> str:
 
 def iter_json(analysis: Analysis) -> Iterator[str]:
     """The JSON document in pieces, one per peer, conversation, alert...: the whole document is
-    never held as dicts at once (20,000 peers took hundreds of MB that way)."""
+    never held as dicts at once (20,000 peers took hundreds of MB that way).
+
+    Each peer, conversation and alert is one line: ``json.dumps`` with an indent runs in pure
+    Python, several times slower than the C encoder it uses without one (1.5 s of a 20,000-peer
+    capture's 5 s), and a line per item suits ``grep`` as well as ``jq``.
+    """
     sections = analysis.sections()
     yield "{"
     separator = "\n  "
@@ -56,7 +61,7 @@ def iter_json(analysis: Analysis) -> Iterator[str]:
             yield "["
             item_separator = "\n    "
             for item in items:
-                yield item_separator + json.dumps(item.to_dict(), indent=2).replace("\n", "\n    ")
+                yield item_separator + json.dumps(item.to_dict())
                 item_separator = ",\n    "
             yield "\n  ]"
     yield "\n}\n"
