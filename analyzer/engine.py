@@ -1268,36 +1268,45 @@ def _build_summary(
         for (a, b), pair in sorted(pairs.items(), key=lambda item: (len(item[0][0]), item[0]))
     )
     names = acc.names.names_by_address()
-    builders: dict[bytes, _PeerBuilder] = {}
-    for (a, b), pair in pairs.items():
-        if a in local_set and b in local_set:
-            continue
+    # The pairs of each remote address, found first; each peer is then built from its pairs
+    # and the pairs dropped, so that only one peer's builder is alive at a time (a capture of
+    # 20,000 peers otherwise held every builder and every pair at once).
+    by_remote: dict[bytes, list[tuple[tuple[bytes, bytes], int]]] = {}
+    for a, b in pairs:
         if a in local_set:
+            if b in local_set:
+                continue
             local_side, remote = 0, b
         elif b in local_set:
             local_side, remote = 1, a
         else:
             continue
-        builder = builders.get(remote)
-        if builder is None:
-            builders[remote] = builder = _PeerBuilder(remote)
-        builder.add(pair, local_side, a if local_side == 0 else b)
+        members = by_remote.get(remote)
+        if members is None:
+            by_remote[remote] = [((a, b), local_side)]
+        else:
+            members.append(((a, b), local_side))
     folded = acc.folded.build()
     buckets = 0
     if acc.activity_start is not None and pairs:
         buckets = acc.bucket(int(max(p.last for p in pairs.values()))) + 1
     shift = acc.activity_shift
-    peers = sorted(
-        (
-            builder.build(names.get(remote, ()), buckets, shift)
-            for remote, builder in builders.items()
-        ),
-        key=lambda peer: (-peer.bytes, peer.address),
-    )
     firsts = [p.first for p in pairs.values()]
     firsts.extend(group.first_seen for group in folded)
     lasts_folded = [group.last_seen for group in folded]
     lasts = [p.last for p in pairs.values()] + lasts_folded
+
+    def build_peer(remote: bytes, members: list[tuple[tuple[bytes, bytes], int]]) -> Peer:
+        builder = _PeerBuilder(remote)
+        for pair_key, local_side in members:
+            builder.add(pairs.pop(pair_key), local_side, pair_key[local_side])
+        return builder.build(names.get(remote, ()), buckets, shift)
+
+    peers = sorted(
+        (build_peer(remote, members) for remote, members in by_remote.items()),
+        key=lambda peer: (-peer.bytes, peer.address),
+    )
+    del by_remote
     fps = acc.frac_per_second
     if acc.first is not None and acc.last is not None:
         firsts.append(acc.first[0] + acc.first[1] / fps)
