@@ -7,11 +7,10 @@ real Network Watcher path, then times in the same run, each in its own process (
 start-up, peak RSS from ``os.wait4``):
 
 - ``nwcap analyze FILE --format json``;
-- ``nwcap process BLOB_URL --format json`` on fresh tables (the VM's first capture);
-- the same ``process`` with the changes this benchmark recommends applied in-process
-  (``--patched-cli``): concurrent transactions and writes, and as a prototype of a key
-  change, index rows in transactions (the read-ahead download, analyzer/blobstream.py, is in
-  processing.py already).
+- ``nwcap process BLOB_URL --format json`` on fresh tables (the VM's first capture).
+
+The changes this benchmark once applied in-process to measure them (read-ahead download,
+concurrent transactions, index rows in transactions) are all in nwcap now.
 
 It prints the ratio process/analyze (target <= 3x) and peak RSS (target < 150 MiB) with PASS or
 FAIL, then where the time goes, measured phase by phase through the library: download alone
@@ -22,8 +21,6 @@ of ``process_blob``. See bench/README.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import importlib.util
 import json
 import logging
@@ -31,9 +28,8 @@ import os
 import sys
 import time
 import uuid
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -44,22 +40,18 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from azure.core import MatchConditions  # noqa: E402
-from azure.data.tables import TableServiceClient, UpdateMode  # noqa: E402
+from azure.data.tables import TableServiceClient  # noqa: E402
 from azure.storage.blob import BlobServiceClient  # noqa: E402
 
 import bench  # noqa: E402
 from analyzer import analysis, processing, storage  # noqa: E402
 from analyzer.blobstream import open_blob_stream  # noqa: E402
-from analyzer.cli import main as nwcap_main  # noqa: E402
 
 MIB = bench.MIB
 TARGET_RATIO = 3.0
 TARGET_RSS = 150 * MIB
 CONTAINER = "network-watcher-logs"
 READ_AHEAD = {"chunk_size": 4 * MIB, "concurrency": 4}
-TRANSACTIONS_AT_ONCE = 8
-WRITES_AT_ONCE = 8
-INDEX_BUCKETS = 16
 
 
 def capture_blob_name(vm: str) -> str:
@@ -78,98 +70,6 @@ def _load_azurite() -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-# --- the recommended changes, applied from outside for measurement -------------------------
-
-
-def run_bounded(action: Callable[[Any], object], items: Iterable[Any], limit: int) -> None:
-    """``action`` on each item, at most ``limit`` at a time, items taken only as slots free up
-    (so a generator of rows is never built all at once); re-raises the first failure."""
-    with ThreadPoolExecutor(max_workers=limit) as pool:
-        running: deque[Future[object]] = deque()
-        try:
-            for item in items:
-                if len(running) >= limit:
-                    running.popleft().result()
-                running.append(pool.submit(action, item))
-            while running:
-                running.popleft().result()
-        finally:
-            for future in running:
-                future.cancel()
-
-
-def _transactions(rows: Iterable[dict[str, Any]]) -> Iterator[list[tuple[Any, ...]]]:
-    """Rows as upsert transactions, the way storage.py groups them (either version of it)."""
-    operations = (("upsert", row, {"mode": UpdateMode.REPLACE}) for row in rows)
-    consecutive = getattr(storage, "_consecutive_batches", None)
-    if consecutive is not None:
-        return consecutive(operations)  # type: ignore[no-any-return]
-    return storage._batches(list(operations))
-
-
-def index_bucket(address_key: str) -> str:
-    """The peerindex partition of an address in the bucketed layout (prototype): one of
-    ``INDEX_BUCKETS``, chosen by a hash, so a capture's index rows share few partitions."""
-    digest = hashlib.blake2b(address_key.encode(), digest_size=2).digest()
-    return f"b{int.from_bytes(digest, 'big') % INDEX_BUCKETS:03d}"
-
-
-def _bucketed(row: dict[str, Any]) -> dict[str, Any]:
-    """An index row keyed ``bucket`` / ``address|row key``: "who talked to X" stays one
-    partition range query (RowKey ge 'X|' and lt 'X|~')."""
-    address = row["PartitionKey"]
-    return {**row, "PartitionKey": index_bucket(address), "RowKey": f"{address}|{row['RowKey']}"}
-
-
-@contextlib.contextmanager
-def recommendations_applied(*, bucketed_index: bool = False) -> Iterator[None]:
-    """Patch storage the way bench/README.md recommends, in this process only (change 1,
-    the read-ahead download, is in processing.py since commit edef010).
-
-    2. ``TableResultsStore._upsert_batches``: a call's transactions sent up to
-       ``TRANSACTIONS_AT_ONCE`` at a time (each is atomic on its own, none depends on
-       another of the same call, and the calls keep their order);
-    3. ``TableResultsStore._upsert_each``: one bounded pool for all the rows, with no barrier
-       every few hundred rows;
-    4. with ``bucketed_index``, a prototype of a key change: ``peerindex`` rows partitioned by
-       a hash bucket of the address instead of the address, so that they go in transactions
-       (see :func:`_bucketed`; the query side is not patched, only the writes are timed).
-    """
-
-    def upsert_batches(
-        self: storage.TableResultsStore, table: str, rows: Iterable[dict[str, Any]]
-    ) -> None:
-        run_bounded(self.table(table).submit_transaction, _transactions(rows), TRANSACTIONS_AT_ONCE)
-
-    def upsert_each(
-        self: storage.TableResultsStore, table: str, rows: Iterable[dict[str, Any]]
-    ) -> None:
-        client = self.table(table)
-        if bucketed_index and table == "peerindex":
-            operations = [("upsert", _bucketed(row), {"mode": UpdateMode.REPLACE}) for row in rows]
-            run_bounded(client.submit_transaction, storage._batches(operations), WRITES_AT_ONCE)
-            return
-        run_bounded(
-            lambda row: client.upsert_entity(row, mode=UpdateMode.REPLACE), rows, WRITES_AT_ONCE
-        )
-
-    store = storage.TableResultsStore
-    saved = store._upsert_batches, store._upsert_each
-    store._upsert_batches = upsert_batches  # type: ignore[method-assign, assignment]
-    store._upsert_each = upsert_each  # type: ignore[method-assign, assignment]
-    try:
-        yield
-    finally:
-        store._upsert_batches, store._upsert_each = saved
-
-
-def patched_cli(argv: list[str]) -> int:
-    """``nwcap [--bucketed-index] ARGS`` with :func:`recommendations_applied`."""
-    bucketed = argv[:1] == ["--bucketed-index"]
-    with recommendations_applied(bucketed_index=bucketed):
-        return nwcap_main(argv[1:] if bucketed else argv)
 
 
 # --- timing processes ----------------------------------------------------------------------
@@ -289,7 +189,7 @@ def _read_all(stream: Any) -> int:
     return total
 
 
-def breakdown(connection: str, blob_name: str, path: Path, *, patched: bool) -> list[str]:
+def breakdown(connection: str, blob_name: str, path: Path) -> list[str]:
     """Time each phase of processing one blob in this process; returns the printed lines."""
     blob = BlobServiceClient.from_connection_string(connection).get_blob_client(
         CONTAINER, blob_name
@@ -330,42 +230,33 @@ def breakdown(connection: str, blob_name: str, path: Path, *, patched: bool) -> 
     )
 
     tables = TableServiceClient.from_connection_string(connection)
-    variants = (("as is", None), ("changes 2-3", False), ("changes 2-4", True))
-    for label, bucketed in variants[:1] if not patched else variants:
-        store = timed_store(tables, f"e2e{uuid.uuid4().hex[:10]}")
-        store.create_tables()
-        inner = processing.analyze
-        spent = Counter[str]()
+    store = timed_store(tables, f"e2e{uuid.uuid4().hex[:10]}")
+    store.create_tables()
+    inner = processing.analyze
+    spent = Counter[str]()
 
-        def timed_analyze(*args: Any, inner: Any = inner, spent: Any = spent, **kw: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return inner(*args, **kw)
-            finally:
-                spent["download + analysis"] += time.perf_counter() - started
-
-        processing.analyze = timed_analyze
+    def timed_analyze(*args: Any, **kw: Any) -> Any:
+        started = time.perf_counter()
         try:
-            changes = (
-                contextlib.nullcontext()
-                if bucketed is None
-                else recommendations_applied(bucketed_index=bucketed)
-            )
-            with changes:
-                total = phase(
-                    f"process_blob {label}, total",
-                    lambda store=store: processing.process_blob(blob, store, force=True),
-                )
+            return inner(*args, **kw)
         finally:
-            processing.analyze = inner
-        parts = {**spent, **store.seconds}
-        accounted = sum(parts.values())
-        parts["other (blob properties, building rows)"] = total - accounted
-        for name, value in parts.items():
-            lines.append(f"    {name:<50}{value:>8.2f} s")
-        lines.append("    requests (count, seconds summed over threads):")
-        for name, count in sorted(store.requests.items()):
-            lines.append(f"      {name:<38}{count:>8,}{store.busy[name]:>10.2f} s")
+            spent["download + analysis"] += time.perf_counter() - started
+
+    processing.analyze = timed_analyze
+    try:
+        total = phase(
+            "process_blob, total", lambda: processing.process_blob(blob, store, force=True)
+        )
+    finally:
+        processing.analyze = inner
+    parts = {**spent, **store.seconds}
+    accounted = sum(parts.values())
+    parts["other (blob properties, building rows)"] = total - accounted
+    for name, value in parts.items():
+        lines.append(f"    {name:<50}{value:>8.2f} s")
+    lines.append("    requests (count, seconds summed over threads):")
+    for name, count in sorted(store.requests.items()):
+        lines.append(f"      {name:<38}{count:>8,}{store.busy[name]:>10.2f} s")
     return lines
 
 
@@ -378,8 +269,6 @@ def verdict(ok: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
-    if arguments[:1] == ["--patched-cli"]:
-        return patched_cli(arguments[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="--packets-scale 0.1 unless given")
     parser.add_argument("--packets-scale", type=float, default=None)
@@ -387,17 +276,14 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         action="append",
         choices=[spec.name for spec in bench.SPECS],
-        help="this capture only (repeatable; default: mixed and small)",
+        help="this capture only (repeatable; default: mixed, small and wide)",
     )
     parser.add_argument("--repeat", type=int, default=1, help="best of N runs of each command")
     parser.add_argument("--nwcap", type=Path, default=ROOT / ".venv" / "bin" / "nwcap")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the phase timings")
-    parser.add_argument(
-        "--no-patched", action="store_true", help="skip the run with the recommendations applied"
-    )
     args = parser.parse_args(arguments)
     scale = args.packets_scale or (bench.QUICK_SCALE if args.quick else 1.0)
-    names = args.only or ["mixed", "small"]
+    names = args.only or ["mixed", "small", "wide"]
     bench.check_nwcap(args.nwcap)
     print("\n".join(bench.machine()))
     print(f"nwcap    {bench._first_line([str(args.nwcap), '--version'])}")
@@ -450,17 +336,6 @@ def main(argv: list[str] | None = None) -> int:
             check_outcome(process_output)
             peers = len(json.loads((bench.OUT / f"{stem}-analyze.json").read_text())["peers"])
             rows = [("nwcap analyze FILE", analyze), ("nwcap process BLOB", process)]
-            variants = (
-                ("process, changes 2-3 applied", "patched", []),
-                ("process, changes 2-4 applied", "bucketed", ["--bucketed-index"]),
-            )
-            for label, name, extra in () if args.no_patched else variants:
-                output = bench.OUT / f"{stem}-{name}.json"
-                command = [sys.executable, str(Path(__file__).resolve()), "--patched-cli"]
-                command += [*extra, "process", blob.url, "--format", "json"]
-                variant = timed_runs(command, output, args.repeat, fresh_tables)
-                check_outcome(output)
-                rows.append((label, variant))
             print(f"  {peers:,} peers")
             print(f"  {'command':<36}{'wall s':>8}{'peak RSS MiB':>14}{'x analyze':>11}")
             for label, run in rows:
@@ -476,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("  where the time goes (in-process, no start-up):")
                 logging.disable(logging.WARNING)  # process_blob logs every alert; not wanted here
                 try:
-                    lines = breakdown(connection, blob_name, path, patched=not args.no_patched)
+                    lines = breakdown(connection, blob_name, path)
                 finally:
                     logging.disable(logging.NOTSET)
                 print("\n".join(lines))
