@@ -613,11 +613,7 @@ def deliver_capture_alerts(
             record.capture_id,
             _short(error),
         )
-        result.pending = sum(
-            count
-            for severity, count in record.alerts.items()
-            if SEVERITY_ORDER.get(severity, 0) >= threshold
-        )
+        result.pending = _alerts_to_send(record.alerts, threshold)
         result.errors.append(_short(error))
         return result
     sender = _Sender(queue_client, record, ledger, result, links_base, clock)
@@ -893,6 +889,15 @@ def delivery_window(lookback: float) -> float:
     return max(RECONCILE_WINDOW, lookback + 86400.0)
 
 
+def _alerts_to_send(counts: Mapping[str, Any], threshold: int) -> int:
+    """How many of a capture's alerts (counts by severity) are at or above ``threshold``."""
+    return sum(
+        int(count)
+        for severity, count in counts.items()
+        if SEVERITY_ORDER.get(severity, 0) >= threshold
+    )
+
+
 def _undelivered_captures(
     store: TableResultsStore, ledger: DeliveryLedger, since: float, threshold: int
 ) -> set[str]:
@@ -904,12 +909,7 @@ def _undelivered_captures(
         for capture in page.items:
             if capture.get("status") not in _DELIVERED_STATUSES:
                 continue
-            counts = capture.get("alerts") or {}
-            expected = sum(
-                int(count)
-                for severity, count in counts.items()
-                if SEVERITY_ORDER.get(severity, 0) >= threshold
-            )
+            expected = _alerts_to_send(capture.get("alerts") or {}, threshold)
             if not expected:
                 continue
             etag = capture.get("blob_etag")

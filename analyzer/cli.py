@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, BinaryIO, TextIO
 from analyzer import __version__, report_cli, sweep
 from analyzer.errors import NwcapError
 from analyzer.exits import EXIT_ALERTS, EXIT_DATAERR, EXIT_NOINPUT, InputError
-from analyzer.models import SEVERITY_ORDER
+from analyzer.models import SEVERITY_ORDER, Analysis
 
 if TYPE_CHECKING:
+
     from analyzer.budget import Budget
     from analyzer.policy import Policy
     from analyzer.servicetags import ServiceTags
@@ -90,18 +91,36 @@ def build_parser(*, with_storage: bool = True) -> argparse.ArgumentParser:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
+    from analyzer.render import iter_json, to_csv, to_table  # noqa: PLC0415 - keeps `nwcap --help` fast
+
+    result = analyse_capture_file(args, progress_mode=args.progress)
+    if args.format == "json":
+        # Piece by piece: 20,000 peers as one string would cost hundreds of MB.
+        sys.stdout.writelines(iter_json(result))
+    else:
+        sys.stdout.write({"table": to_table, "csv": to_csv}[args.format](result))
+    log_capture_warnings(args.capture, result)
+    if args.fail_on:
+        threshold = SEVERITY_ORDER[args.fail_on]
+        if any(SEVERITY_ORDER[a.severity] >= threshold for a in result.alerts):
+            return EXIT_ALERTS
+    return 0
+
+
+def analyse_capture_file(args: argparse.Namespace, *, progress_mode: str = "never") -> Analysis:
+    """``args.capture`` analysed as ``nwcap analyze`` and ``nwcap report`` read it: the work
+    budget from the settings, then the policy and service tags the arguments name, then the
+    file (``--local-ip`` if given)."""
     from analyzer.analysis import analyze  # noqa: PLC0415 - keeps `nwcap --help` fast
-    from analyzer.render import iter_json, to_csv, to_table  # noqa: PLC0415
 
     budget = work_budget()
-
     policy = _load_policy(args.policy) if args.policy else None
     tags = _load_service_tags(args.service_tags) if args.service_tags else None
     stream, size = _open_capture(args.capture)
-    progress = _progress_bar(size, sys.stderr, args.progress)
+    progress = _progress_bar(size, sys.stderr, progress_mode)
     try:
         with stream:
-            result = analyze(
+            return analyze(
                 stream,
                 local_addresses=args.local_ip,
                 policy=policy,
@@ -112,18 +131,12 @@ def run_analyze(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.close()
-    if args.format == "json":
-        # Piece by piece: 20,000 peers as one string would cost hundreds of MB.
-        sys.stdout.writelines(iter_json(result))
-    else:
-        sys.stdout.write({"table": to_table, "csv": to_csv}[args.format](result))
+
+
+def log_capture_warnings(capture: str, result: Analysis) -> None:
+    """Why reading stopped early, on stderr (escaped like every log line)."""
     for warning in result.capture.warnings:
-        log.warning("%s: %s", args.capture, warning)
-    if args.fail_on:
-        threshold = SEVERITY_ORDER[args.fail_on]
-        if any(SEVERITY_ORDER[a.severity] >= threshold for a in result.alerts):
-            return EXIT_ALERTS
-    return 0
+        log.warning("%s: %s", capture, warning)
 
 
 def work_budget() -> Budget:

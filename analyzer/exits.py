@@ -9,6 +9,9 @@ EXIT_ALERTS = 1
 EXIT_USAGE = 2
 EXIT_DATAERR = 65
 EXIT_NOINPUT = 66
+EXIT_CANTCREAT = 73
+# sysexits' EX_USAGE: `nwcap serve` refusing a non-loopback --host without --insecure-no-auth
+EXIT_REFUSED_HOST = 64
 
 
 class InputError(Exception):

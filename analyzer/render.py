@@ -34,7 +34,8 @@ PEER_CSV_COLUMNS = (
 
 
 def to_json(analysis: Analysis) -> str:
-    """The JSON document, indented as ``json.dumps(analysis.to_dict(), indent=2)`` would be."""
+    """The JSON document as :func:`iter_json` writes it (equal to ``analysis.to_dict()`` when
+    parsed)."""
     return "".join(iter_json(analysis))
 
 

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from analyzer.exits import EXIT_CANTCREAT, EXIT_REFUSED_HOST, EXIT_USAGE
+
 if TYPE_CHECKING:
     from analyzer.web.report import ReportData
-
-EXIT_USAGE = 2
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,7 +41,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     report.add_argument("--policy", metavar="FILE", help="policy file (YAML or JSON)")
     report.add_argument("--service-tags", metavar="FILE", help="ServiceTags_Public_*.json file")
-    _storage_options(report)
+    results_store_options(report)
     report.set_defaults(func=run_report)
 
     serve = subparsers.add_parser(
@@ -63,11 +63,12 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "anyone who can reach the port",
     )
     serve.add_argument("--port", type=int, default=8080, help="port (%(default)s; 0: any free)")
-    _storage_options(serve)
+    results_store_options(serve)
     serve.set_defaults(func=run_serve)
 
 
-def _storage_options(parser: argparse.ArgumentParser) -> None:
+def results_store_options(parser: argparse.ArgumentParser) -> None:
+    """``--connection`` and ``--table-prefix``: which results store a command reads."""
     parser.add_argument(
         "--connection",
         metavar="NAME",
@@ -98,28 +99,28 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def _report_stored(args: argparse.Namespace) -> int:
-    from analyzer.store_cli import _store  # noqa: PLC0415 - the storage commands' settings
+    from analyzer.store_cli import _failed, _store  # noqa: PLC0415 - as the storage commands
     from analyzer.web import pages, report  # noqa: PLC0415
 
     started = time.monotonic()
     result = pages.whole_capture(_store(args), args.capture_id)
-    if result.status != 200:
-        print(f"nwcap: {result.body.get('error', result.status)}", file=sys.stderr)
-        return EXIT_USAGE if result.status == 400 else 1
+    status = _failed(result)
+    if status is not None:
+        return status
     return _write(args.output, report.from_stored(result.body), started)
 
 
 def _write(output: str, data: ReportData, started: float) -> int:
     from analyzer.web.report import render_report  # noqa: PLC0415
 
-    page = render_report(data)
+    body = render_report(data).html.encode("utf-8")
     try:
-        Path(output).write_text(page.html, encoding="utf-8")
+        Path(output).write_bytes(body)
     except OSError as exc:
         print(f"nwcap: error: cannot write {output}: {exc.strerror}", file=sys.stderr)
-        return 73  # EX_CANTCREAT
+        return EXIT_CANTCREAT
     print(
-        f"nwcap: wrote {output}: {len(page.html.encode()):,} bytes, {len(data.peers):,} "
+        f"nwcap: wrote {output}: {len(body):,} bytes, {len(data.peers):,} "
         f"peers, {len(data.alerts):,} alerts in {time.monotonic() - started:.1f} s",
         file=sys.stderr,
     )
@@ -127,27 +128,10 @@ def _write(output: str, data: ReportData, started: float) -> int:
 
 
 def _analyse(args: argparse.Namespace) -> dict[str, object]:
-    from analyzer.analysis import analyze  # noqa: PLC0415
-    from analyzer.cli import (  # noqa: PLC0415 - the same loaders as `nwcap analyze`
-        _load_policy,
-        _load_service_tags,
-        _open_capture,
-        work_budget,
-    )
+    from analyzer.cli import analyse_capture_file, log_capture_warnings  # noqa: PLC0415
 
-    policy = _load_policy(args.policy) if args.policy else None
-    tags = _load_service_tags(args.service_tags) if args.service_tags else None
-    stream, _size = _open_capture(args.capture)
-    with stream:
-        result = analyze(
-            stream,
-            local_addresses=args.local_ip,
-            policy=policy,
-            service_tags=tags,
-            budget=work_budget(),
-        )
-    for warning in result.capture.warnings:
-        print(f"nwcap: warning: {args.capture}: {warning}", file=sys.stderr)
+    result = analyse_capture_file(args)
+    log_capture_warnings(args.capture, result)
     return result.to_dict()
 
 
@@ -164,7 +148,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 "--insecure-no-auth to accept that.",
                 file=sys.stderr,
             )
-            return 64  # EX_USAGE
+            return EXIT_REFUSED_HOST
         print(
             f"nwcap: WARNING: serving on {args.host} without any authentication: anyone who "
             "can reach this port reads every stored result",

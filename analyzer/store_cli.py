@@ -46,6 +46,7 @@ from analyzer.processing import (
     process_blob,
     service_tags_file,
 )
+from analyzer.report_cli import results_store_options
 from analyzer.storage import MAX_PAGE, TableResultsStore
 from analyzer.textsafe import csv_cell, terminal_text
 
@@ -119,17 +120,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--connection",
-        metavar="NAME",
-        help="connection (app setting name) of the results account "
-        "(default: RESULTS_CONNECTION, else CAPTURES_CONNECTION)",
-    )
-    parser.add_argument(
-        "--table-prefix",
-        default=None,
-        help="prefix of the table names (default: NWCAP_TABLE_PREFIX, usually empty)",
-    )
+    results_store_options(parser)
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format")
 
 
