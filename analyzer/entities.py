@@ -265,6 +265,11 @@ class BaselineEntry:
     capture_time: float
 
 
+def first_to_show(entry: BaselineEntry | None, capture_id: str, capture_time: float) -> bool:
+    """True when a capture at ``capture_time`` is (still) the first to show a peer whose
+    baseline row is ``entry``: no row, the row is this capture's, or this capture is older."""
+    return entry is None or entry.capture_id == capture_id or entry.capture_time > capture_time
+
 
 # --- mapping -----------------------------------------------------------------------------
 
@@ -495,25 +500,25 @@ def index_keys_of_peer_row(row: Mapping[str, Any]) -> tuple[str, str] | None:
     return address_key, row_key
 
 
-def alert_entities(
-    record: CaptureRecord, alert: Alert, occurrence: int
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """An alert's two rows: in its capture's partition and in its day's partition."""
+def alert_entity(
+    record: CaptureRecord, alert: Alert, occurrence: int, *, by_day: bool
+) -> dict[str, Any]:
+    """One of an alert's two rows: in its capture's partition, or (``by_day``) in its day's."""
     key, day_pk, day_rk = alert_row_keys(record, alert, occurrence)
-    rows = []
-    for partition, row_key in ((CAPTURE_ALERTS_PREFIX + record.capture_id, key), (day_pk, day_rk)):
-        row = _EntityBuilder(partition, row_key)
-        _capture_context(row, record)
-        row.text("rule", alert.rule)
-        row.text("severity", alert.severity)
-        row.small("severity_rank", SEVERITY_ORDER.get(alert.severity, 0))
-        row.text("peer", alert.peer)
-        row.text("message", alert.message)
-        row.json("evidence", dict(alert.evidence))
-        row.text("day_pk", day_pk)
-        row.text("day_rk", day_rk)
-        rows.append(row.build())
-    return rows[0], rows[1]
+    if by_day:
+        row = _EntityBuilder(day_pk, day_rk)
+    else:
+        row = _EntityBuilder(CAPTURE_ALERTS_PREFIX + record.capture_id, key)
+    _capture_context(row, record)
+    row.text("rule", alert.rule)
+    row.text("severity", alert.severity)
+    row.small("severity_rank", SEVERITY_ORDER.get(alert.severity, 0))
+    row.text("peer", alert.peer)
+    row.text("message", alert.message)
+    row.json("evidence", dict(alert.evidence))
+    row.text("day_pk", day_pk)
+    row.text("day_rk", day_rk)
+    return row.build()
 
 
 def alert_document(entity: Mapping[str, Any]) -> dict[str, Any]:

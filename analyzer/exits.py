@@ -4,7 +4,6 @@ Kept apart from :mod:`analyzer.cli` so that the modules adding commands to it (`
 ``store_cli``, ``ops_cli``) need not import the module that imports them.
 """
 
-EXIT_OK = 0
 EXIT_ALERTS = 1
 EXIT_USAGE = 2
 EXIT_DATAERR = 65

@@ -70,6 +70,7 @@ from analyzer.storage import (
     ConcurrentUpdateError,
     ResultsStore,
     capture_id_for,
+    first_to_show,
     ip_key,
     storable_time,
 )
@@ -496,7 +497,7 @@ def _store_analysis(
         analyzer_version=analysis.analyzer_version or __version__,
         policy_version=analysis.policy_version,
         format=info.format,
-        first_seen=storable_time(info.first_seen),
+        first_seen=first_seen,
         last_seen=storable_time(info.last_seen),
         packets=info.packets,
         bytes=info.bytes,
@@ -692,13 +693,8 @@ def new_peer_keys(
     )
     if not learned_before:
         return frozenset()
-    fresh = set()
-    for peer in peers:
-        key = ip_key(peer.address)
-        entry = known.get(key)
-        if entry is None or entry.capture_id == capture_id or entry.capture_time > capture_time:
-            fresh.add(key)
-    return frozenset(fresh)
+    keys = (ip_key(peer.address) for peer in peers)
+    return frozenset(key for key in keys if first_to_show(known.get(key), capture_id, capture_time))
 
 
 def baseline_alerts(

@@ -50,6 +50,7 @@ from azure.storage.queue import QueueClient, QueueMessage, QueueServiceClient
 from analyzer.blobpath import is_capture_blob, parse_capture_path
 from analyzer.budget import Budget
 from analyzer.connections import ConnectionSettings
+from analyzer.models import iso_time
 from analyzer.policy import Policy
 from analyzer.processing import Outcome, is_final, is_transient, process_blob, written_by_newer
 from analyzer.servicetags import ServiceTags
@@ -231,8 +232,8 @@ class ReconcileReport:
     def counts(self) -> dict[str, Any]:
         return {
             "container": self.container,
-            "started": _iso(self.started),
-            "finished": _iso(self.finished),
+            "started": iso_time(self.started),
+            "finished": iso_time(self.finished),
             "seconds": round(self.finished - self.started, 3),
             "scanned": self.scanned,
             "complete": self.complete,
@@ -805,10 +806,6 @@ class RunLog:
 def _run_key(started: float) -> str:
     # Newest first: row keys sort ascending, so older runs have larger keys.
     return f"{10**13 - int(started * 1000):014d}"
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _short(error: BaseException) -> str:

@@ -23,7 +23,9 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import ContainerClient
 from azure.storage.queue import QueueClient
 
+from analyzer.models import iso_time
 from analyzer.reconcile import (
+    POISON_QUEUE,
     ReconcileSettings,
     RunLog,
     list_capture_blobs,
@@ -39,6 +41,9 @@ MAX_ROWS = 100_000
 MAX_LISTED = 50_000
 # A reconcile run older than this many schedule periods is worth a look.
 _LATE_RUNS = 3
+
+# every status a capture row is counted under, shown even when none has it
+_COUNTED = ("processing", "complete", "partial", "failed", "failed-transient")
 
 
 def status_document(
@@ -70,13 +75,13 @@ def status_document(
         poison_count = poison_length(poison) if poison is not None else None
     attention = _attention(captures, pending, poison_count, last, now, settings, schedule_seconds)
     return {
-        "generated_at": _iso(now),
-        "window": {"since": _iso(since), "lookback_seconds": settings.lookback},
+        "generated_at": iso_time(now),
+        "window": {"since": iso_time(since), "lookback_seconds": settings.lookback},
         "container": container.container_name if container is not None else None,
         "source": "live" if stored is None else "last reconcile run",
         "captures": {"by_status": captures, "truncated": truncated},
         "pending": pending,
-        "poison_queue": {"name": "webjobs-blobtrigger-poison", "length": poison_count},
+        "poison_queue": {"name": POISON_QUEUE, "length": poison_count},
         "last_reconcile": _jsonable(last),
         "attention": attention,
         "ok": not attention,
@@ -94,7 +99,7 @@ def _from_run(
         key.removeprefix("status_").replace("_", "-"): int(value)
         for key, value in last.items() if key.startswith("status_")
     }
-    for status in ("processing", "complete", "partial", "failed", "failed-transient"):
+    for status in _COUNTED:
         captures.setdefault(status, 0)
     age = last.get("oldest_pending_age_seconds")
     finished: datetime = last["finished"]
@@ -131,7 +136,7 @@ def _captures_by_status(store: TableResultsStore, since: float) -> tuple[dict[st
             counts[status] += 1
     except ResourceNotFoundError:
         pass
-    for status in ("processing", "complete", "partial", "failed", "failed-transient"):
+    for status in _COUNTED:
         counts.setdefault(status, 0)
     return dict(counts), False
 
@@ -212,5 +217,3 @@ def _jsonable(row: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

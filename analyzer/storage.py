@@ -52,11 +52,12 @@ from analyzer.entities import (
     _str,
     _ts,
     alert_document,
-    alert_entities,
+    alert_entity,
     alert_row_keys,
     baseline_entity,
     capture_entity,
     capture_from_entity,
+    first_to_show,
     index_entity,
     index_keys_of_peer_row,
     index_row_keys,
@@ -113,7 +114,7 @@ __all__ = [
     "Status",
     "TableResultsStore",
     "alert_document",
-    "alert_entities",
+    "alert_entity",
     "alert_key",
     "baseline_entity",
     "baseline_key",
@@ -126,6 +127,7 @@ __all__ = [
     "encode_continuation",
     "entity_size",
     "escape_key",
+    "first_to_show",
     "fit_json",
     "fit_text",
     "generation_of",
@@ -388,8 +390,10 @@ class TableResultsStore:
 
         occurrences = list(_alert_occurrences(alerts))
         self._upsert_batches("peers", peer_rows())
-        self._upsert_batches("alerts", (alert_entities(record, a, n)[0] for a, n in occurrences))
-        self._upsert_batches("alerts", (alert_entities(record, a, n)[1] for a, n in occurrences))
+        for by_day in (False, True):
+            self._upsert_batches(
+                "alerts", (alert_entity(record, a, n, by_day=by_day) for a, n in occurrences)
+            )
         # Grouped by partition so that they go in transactions; the index's order within a
         # bucket is that of its row keys, so the rows' order here does not matter.
         indexed = sorted(
@@ -492,7 +496,7 @@ class TableResultsStore:
         rows = (
             baseline_entity(location, peer, capture_id, capture_time)
             for peer in peers
-            if _learns(known.get(ip_key(peer.address)), capture_id, capture_time)
+            if first_to_show(known.get(ip_key(peer.address)), capture_id, capture_time)
         )
         self._upsert_batches("baseline", rows)
 
@@ -770,11 +774,6 @@ def _consecutive_batches(
         size += entity_bytes
     if batch:
         yield batch
-
-
-def _learns(entry: BaselineEntry | None, capture_id: str, capture_time: float) -> bool:
-    """True when a capture at ``capture_time`` is (still) the first to show a peer."""
-    return entry is None or entry.capture_id == capture_id or entry.capture_time > capture_time
 
 
 def _run_bounded(

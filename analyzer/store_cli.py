@@ -39,6 +39,7 @@ from analyzer.connections import (
     table_service_for,
 )
 from analyzer.errors import NwcapError
+from analyzer.exits import EXIT_DATAERR, EXIT_USAGE
 from analyzer.processing import (
     Outcome,
     Settings,
@@ -51,8 +52,6 @@ from analyzer.storage import MAX_PAGE, TableResultsStore
 from analyzer.textsafe import csv_cell, terminal_text
 
 FORMATS = ("table", "json", "csv")
-EXIT_USAGE = 2
-EXIT_DATAERR = 65
 _FAILURES = frozenset({"failed", "error"})
 _PATH_COLUMNS = frozenset({"blob"})
 
