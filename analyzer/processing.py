@@ -90,7 +90,7 @@ _ATTEMPTS = 5
 MAX_ATTEMPTS = 20
 # Ranges downloaded ahead of the analysis: 2 MiB keeps the read-ahead's memory (4 ranges,
 # each held twice while the SDK joins it) 16 MiB lower at peak than 4 MiB ranges (bench/README).
-_DOWNLOAD_CHUNK = 2 * MIB
+DOWNLOAD_CHUNK = 2 * MIB
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,7 +376,7 @@ def _run(
         )
     try:
         with open_blob_stream(
-            blob, etag=claimed.blob_etag, size=claimed.blob_size, chunk_size=_DOWNLOAD_CHUNK
+            blob, etag=claimed.blob_etag, size=claimed.blob_size, chunk_size=DOWNLOAD_CHUNK
         ) as stream:
             analysis = analyze(
                 stream, policy=policy, service_tags=service_tags, progress=progress, budget=budget

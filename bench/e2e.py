@@ -31,6 +31,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -45,20 +46,24 @@ from azure.storage.blob import BlobServiceClient  # noqa: E402
 
 import bench  # noqa: E402
 from analyzer import analysis, processing, storage  # noqa: E402
-from analyzer.blobstream import open_blob_stream  # noqa: E402
+from analyzer.blobstream import DEFAULT_CONCURRENCY, open_blob_stream  # noqa: E402
 
 MIB = bench.MIB
 TARGET_RATIO = 3.0
 TARGET_RSS = 150 * MIB
 CONTAINER = "network-watcher-logs"
-READ_AHEAD = {"chunk_size": 4 * MIB, "concurrency": 4}
+# the read-ahead process_blob uses, so that the phases time what the function does
+READ_AHEAD = {"chunk_size": processing.DOWNLOAD_CHUNK, "concurrency": DEFAULT_CONCURRENCY}
 
 
 def capture_blob_name(vm: str) -> str:
-    """Where Network Watcher puts a capture of ``vm`` (a fixed, valid path)."""
+    """Where Network Watcher puts a capture of ``vm`` taken now (a path dated hours before
+    the blob was written would be flagged back-dated and teach the baseline nothing, leaving
+    out the baseline writes that the function's path does)."""
+    now = datetime.now(timezone.utc)
     return (
         "subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/bench-rg/providers/"
-        f"microsoft.compute/virtualmachines/{vm}/2026/11/29/packetcapture_10_00_00_000.cap"
+        f"microsoft.compute/virtualmachines/{vm}/{now:%Y/%m/%d}/packetcapture_{now:%H_%M_%S}_000.cap"
     )
 
 
@@ -98,12 +103,12 @@ def fresh_tables() -> None:
     os.environ["NWCAP_TABLE_PREFIX"] = f"e2e{uuid.uuid4().hex[:10]}"
 
 
-def check_outcome(output: Path) -> str:
+def check_outcome(output: Path) -> None:
+    """Stop the benchmark unless ``nwcap process`` ended complete or partial."""
     outcomes = json.loads(output.read_text())["outcomes"]
     status = outcomes[0]["status"] if outcomes else "none"
     if status not in ("complete", "partial"):
         raise SystemExit(f"nwcap process ended {status}: {outcomes}")
-    return str(status)
 
 
 # --- phase by phase, through the library ---------------------------------------------------
@@ -113,7 +118,6 @@ STORE_CALLS = (
     "get_capture",
     "put_capture",
     "known_peers",
-    "replace_results",
     "write_results",
     "drop_results",
     "add_to_baseline",
@@ -215,7 +219,8 @@ def breakdown(connection: str, blob_name: str, path: Path) -> list[str]:
 
     phase("download, sequential (one download_blob, chunks())", sequential)
     phase(
-        "download, read-ahead 4 x 4 MiB (blobstream)",
+        f"download, read-ahead {DEFAULT_CONCURRENCY} x {processing.DOWNLOAD_CHUNK // MIB} MiB "
+        "(blobstream)",
         lambda: _read_all(open_blob_stream(blob, etag=etag, size=size, **READ_AHEAD)),
     )
 
