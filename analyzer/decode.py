@@ -33,8 +33,8 @@ ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_IPV6 = 0x86DD
 VLAN_TAGS = (0x8100, 0x88A8, 0x9100)  # as tshark: not the pre-standard 0x9200
 # Tags that sit between the MAC addresses and the EtherType: their length with the EtherType
-# that follows them (Cisco VN-Tag, IEEE 802.1BR E-Tag, IEEE 802.1CB R-TAG)
-TAG_LENGTHS = {0x8926: 6, 0x893F: 8, 0xF1C1: 6}
+# that follows them (Cisco VN-Tag, IEEE 802.1BR E-Tag, Cisco MetaData/SGT, IEEE 802.1CB R-TAG)
+TAG_LENGTHS = {0x8926: 6, 0x893F: 8, 0x8909: 8, 0xF1C1: 6}
 ETHERTYPE_NAMES = {
     0x0806: "arp",
     0x8035: "rarp",
@@ -255,8 +255,6 @@ def _tag_length(frame: bytes, at: int, ethertype: int) -> int | NonIp | Undecoda
     EtherType; a result if the tag ends the decoding; None if ``ethertype`` is not a tag."""
     if ethertype in TAG_LENGTHS:
         return TAG_LENGTHS[ethertype]
-    if ethertype == 0x8909:  # Cisco MetaData (SGT): 8 bytes ending in the next EtherType
-        return 8
     if ethertype <= 1500:  # an 802.3 length field: LLC, perhaps SNAP carrying an EtherType
         return 8 if frame.startswith(b"\xaa\xaa\x03\x00\x00\x00", at) else NonIp("llc")
     if ethertype == 0x88E5:  # MACsec: integrity-only frames carry the packet in the clear

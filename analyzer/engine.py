@@ -407,7 +407,8 @@ class _Accumulator:
         try:
             result: object = decode(link_type, frame)
         except RecursionError:
-            # headers nested thousands deep in one frame (Ethernet in Ethernet...): damage
+            # A backstop only: decode() bounds nesting itself (MAX_TUNNEL_DEPTH, MAX_TAGS), but
+            # a frame is attacker-controlled and one missed path must not end the capture.
             result = _NESTED_TOO_DEEP
         self.add_decoded(result, sec, frac, orig)
 
@@ -1287,14 +1288,14 @@ def _build_summary(
         else:
             members.append(((a, b), local_side))
     folded = acc.folded.build()
+    lasts = [p.last for p in pairs.values()]
     buckets = 0
-    if acc.activity_start is not None and pairs:
-        buckets = acc.bucket(int(max(p.last for p in pairs.values()))) + 1
+    if acc.activity_start is not None and lasts:
+        buckets = acc.bucket(int(max(lasts))) + 1
     shift = acc.activity_shift
     firsts = [p.first for p in pairs.values()]
     firsts.extend(group.first_seen for group in folded)
-    lasts_folded = [group.last_seen for group in folded]
-    lasts = [p.last for p in pairs.values()] + lasts_folded
+    lasts.extend(group.last_seen for group in folded)
 
     def build_peer(remote: bytes, members: list[tuple[tuple[bytes, bytes], int]]) -> Peer:
         builder = _PeerBuilder(remote)
