@@ -405,17 +405,26 @@ class TableResultsStore:
     def drop_run(
         self, record: CaptureRecord, peers: Iterable[Peer], alerts: Sequence[Alert]
     ) -> None:
+        # By their keys: a later run may already have deleted this run's peers and alerts rows
+        # (which say where the index and day rows are) while this one was still writing.
         occurrences = list(_alert_occurrences(alerts))
         days = [alert_row_keys(record, alert, n) for alert, n in occurrences]
-        self._delete_each_lazily(
-            "peerindex", (index_row_keys(record, peer) for peer in peers)
-        )
+        index = sorted(index_row_keys(record, peer) for peer in peers)
+        self._delete_batches("peerindex", [{"PartitionKey": pk, "RowKey": rk} for pk, rk in index])
         self._delete_batches("alerts", [{"PartitionKey": pk, "RowKey": rk} for _, pk, rk in days])
-        self.drop_results(record.capture_id, generation=record.generation)
+        # Those are gone now: only the run's own partitions are left to drop.
+        self.drop_results(record.capture_id, generation=record.generation, others=False)
 
     def drop_results(
-        self, capture_id: str, *, below: int | None = None, generation: int | None = None
+        self,
+        capture_id: str,
+        *,
+        below: int | None = None,
+        generation: int | None = None,
+        others: bool = True,
     ) -> int:
+        """Delete the rows of runs below ``below`` or of run ``generation``: their index and
+        day rows first (unless not ``others``: the caller deleted those), then their own."""
         if below is not None and generation is None:
             # From the partition's start: rows written before runs had generations have keys
             # without a generation (an address, ``severity|...``), found wherever they sort.
@@ -436,20 +445,21 @@ class TableResultsStore:
                 [row for row in rows if _older_run(row["RowKey"], below)]
                 for rows in (peer_rows, alert_rows)
             )
-        # The rows in other partitions first, so that a cleanup cut short can be done again.
-        index_keys = (index_keys_of_peer_row(row) for row in peer_rows)
-        self._delete_batches(
-            "peerindex",
-            [{"PartitionKey": keys[0], "RowKey": keys[1]} for keys in index_keys if keys],
-        )
-        self._delete_batches(
-            "alerts",
-            [
-                {"PartitionKey": row["day_pk"], "RowKey": row["day_rk"]}
-                for row in alert_rows
-                if row.get("day_pk") and row.get("day_rk")
-            ],
-        )
+        if others:
+            # The rows in other partitions first, so that a cleanup cut short can be done again.
+            index_keys = (index_keys_of_peer_row(row) for row in peer_rows)
+            self._delete_batches(
+                "peerindex",
+                [{"PartitionKey": keys[0], "RowKey": keys[1]} for keys in index_keys if keys],
+            )
+            self._delete_batches(
+                "alerts",
+                [
+                    {"PartitionKey": row["day_pk"], "RowKey": row["day_rk"]}
+                    for row in alert_rows
+                    if row.get("day_pk") and row.get("day_rk")
+                ],
+            )
         self._delete_batches("peers", peer_rows)
         self._delete_batches("alerts", alert_rows)
         return len(peer_rows) + len(alert_rows)
@@ -721,12 +731,6 @@ class TableResultsStore:
         except TableTransactionError:
             # One of them went already (a concurrent run): delete the rest one by one.
             self._delete_each(table, [entity for _, entity in batch])
-
-    def _delete_each_lazily(self, table: str, keys: Iterable[tuple[str, str]]) -> None:
-        """Delete rows by key, a bounded number built and in flight at a time."""
-        self._delete_each(
-            table, ({"PartitionKey": partition, "RowKey": row} for partition, row in keys)
-        )
 
     def _delete_each(self, table: str, rows: Iterable[Mapping[str, Any]]) -> None:
         client = self.table(table)
