@@ -23,6 +23,7 @@ from analyzer.connections import (
     ConnectionSettingError,
     ConnectionSettings,
     blob_service_for,
+    queue_service_for,
     resolve,
     resolve_first,
     table_service_for,
@@ -42,7 +43,6 @@ from analyzer.reconcile import (
     checked_schedule,
     poison_queue,
     processor,
-    queue_service_for,
     reconcile,
     schedule_seconds,
 )

@@ -30,6 +30,7 @@ from azure.core.credentials import TokenCredential
 from azure.data.tables import TableServiceClient
 from azure.identity import ClientSecretCredential, DefaultAzureCredential, ManagedIdentityCredential
 from azure.storage.blob import BlobServiceClient
+from azure.storage.queue import QueueServiceClient
 
 from analyzer.errors import NwcapError
 
@@ -47,6 +48,7 @@ class ConnectionSettings:
     connection_string: str = ""
     blob_service_uri: str = ""
     table_service_uri: str = ""
+    queue_service_uri: str = ""
     credential_kind: str = ""
     client_id: str = ""
     tenant_id: str = ""
@@ -106,9 +108,13 @@ def _identity_settings(name: str, setting: str, group: dict[str, str]) -> Connec
     account = group.get("accountname", "")
     blob = group.get("blobserviceuri") or group.get("serviceuri", "")
     table = group.get("tableserviceuri") or group.get("endpoint", "")
+    queue = group.get("queueserviceuri", "")
     if account:
         blob = blob or f"https://{account}.blob.core.windows.net"
         table = table or f"https://{account}.table.core.windows.net"
+        queue = queue or f"https://{account}.queue.core.windows.net"
+    if not queue and blob:
+        queue = blob.replace(".blob.", ".queue.", 1)  # the same account's queue endpoint
     if not (blob or table):
         raise ConnectionSettingError(
             f"connection {name!r} has identity settings ({', '.join(sorted(group))}) "
@@ -120,6 +126,7 @@ def _identity_settings(name: str, setting: str, group: dict[str, str]) -> Connec
         setting=setting,
         blob_service_uri=blob,
         table_service_uri=table,
+        queue_service_uri=queue,
         credential_kind=group.get("credential", ""),
         client_id=group.get("clientid", ""),
         tenant_id=group.get("tenantid", ""),
@@ -156,6 +163,19 @@ def table_service_for(settings: ConnectionSettings) -> TableServiceClient:
             f"set {settings.setting}__tableServiceUri"
         )
     return TableServiceClient(settings.table_service_uri, credential=settings.credential())
+
+
+def queue_service_for(settings: ConnectionSettings) -> QueueServiceClient:
+    """The queue service of a connection: its connection string, or ``NAME__queueServiceUri``
+    (as the Functions host reads it), else the queue twin of its blob endpoint."""
+    if not settings.identity_based:
+        return QueueServiceClient.from_connection_string(settings.connection_string)
+    if not settings.queue_service_uri:
+        raise ConnectionSettingError(
+            f"connection {settings.name!r} has no queue endpoint: "
+            f"set {settings.setting}__queueServiceUri"
+        )
+    return QueueServiceClient(settings.queue_service_uri, credential=settings.credential())
 
 
 def resolve_first(

@@ -29,6 +29,7 @@ from analyzer.connections import (
     ConnectionSettingError,
     ConnectionSettings,
     blob_service_for,
+    queue_service_for,
     resolve,
     resolve_first,
     table_service_for,
@@ -44,7 +45,6 @@ from analyzer.reconcile import (
     parse_duration,
     poison_queue,
     processor,
-    queue_service_for,
     reconcile,
     schedule_seconds,
 )

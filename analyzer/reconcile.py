@@ -45,11 +45,11 @@ from typing import Any
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import TableClient, TableServiceClient, UpdateMode
 from azure.storage.blob import BlobClient, BlobProperties, ContainerClient
-from azure.storage.queue import QueueClient, QueueMessage, QueueServiceClient
+from azure.storage.queue import QueueClient, QueueMessage
 
 from analyzer.blobpath import is_capture_blob, parse_capture_path
 from analyzer.budget import Budget
-from analyzer.connections import ConnectionSettings
+from analyzer.connections import ConnectionSettings, queue_service_for
 from analyzer.models import iso_time
 from analyzer.policy import Policy
 from analyzer.processing import Outcome, is_final, is_transient, process_blob, written_by_newer
@@ -715,26 +715,9 @@ def _release(queue: QueueClient, message: QueueMessage) -> None:
         log.info("Could not release poison message %s: %s", message.id, error)
 
 
-def queue_service_for(
-    connection: ConnectionSettings, *, environ: Mapping[str, str] | None = None
-) -> QueueServiceClient:
-    """The queue service of a connection: its connection string, or ``NAME__queueServiceUri``
-    (as the Functions host reads it), else the blob endpoint's queue twin."""
-    if not connection.identity_based:
-        return QueueServiceClient.from_connection_string(connection.connection_string)
-    env = os.environ if environ is None else environ
-    lowered = {key.lower(): value for key, value in env.items()}
-    endpoint = lowered.get(f"{connection.setting}__queueserviceuri".lower(), "")
-    if not endpoint and connection.blob_service_uri:
-        endpoint = connection.blob_service_uri.replace(".blob.", ".queue.", 1)
-    return QueueServiceClient(endpoint, credential=connection.credential())
-
-
-def poison_queue(
-    connection: ConnectionSettings, *, environ: Mapping[str, str] | None = None
-) -> QueueClient:
+def poison_queue(connection: ConnectionSettings) -> QueueClient:
     """The blob trigger's poison queue in the captures account of ``connection``."""
-    return queue_service_for(connection, environ=environ).get_queue_client(POISON_QUEUE)
+    return queue_service_for(connection).get_queue_client(POISON_QUEUE)
 
 
 def poison_length(queue: QueueClient) -> int | None:

@@ -22,6 +22,7 @@ from analyzer.blobpath import CaptureLocation, parse_capture_path
 from analyzer.connections import (
     ConnectionSettingError,
     blob_service_client,
+    queue_service_for,
     resolve,
     resolve_first,
     table_service_client,
@@ -753,6 +754,27 @@ class TestConnections:
         assert blob_service_client("CAPS", environ).account_name == "acct"
         with pytest.raises(ConnectionSettingError, match="__tableServiceUri"):
             table_service_client("CAPS", environ)
+
+    @pytest.mark.parametrize(
+        ("environ", "queue"),
+        [
+            ({"CAPS__accountName": "acct"}, "https://acct.queue.core.windows.net"),
+            ({"CAPS__serviceUri": "https://acct.blob.core.windows.net"},
+             "https://acct.queue.core.windows.net"),
+            ({"CAPS__blobServiceUri": "https://acct.blob.core.windows.net",
+              "caps__QUEUESERVICEURI": "https://queues.example.net"},
+             "https://queues.example.net"),
+        ],
+    )
+    def test_queue_endpoint(self, environ: dict[str, str], queue: str) -> None:
+        settings = resolve("CAPS", environ)
+        assert settings.queue_service_uri == queue
+        assert queue_service_for(settings).url.startswith(queue)
+
+    def test_queue_endpoint_missing(self) -> None:
+        environ = {"CAPS__tableServiceUri": "https://acct.table.core.windows.net"}
+        with pytest.raises(ConnectionSettingError, match="__queueServiceUri"):
+            queue_service_for(resolve("CAPS", environ))
 
     def test_identity_without_endpoint(self) -> None:
         with pytest.raises(ConnectionSettingError, match="no endpoint"):
