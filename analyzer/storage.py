@@ -236,15 +236,26 @@ class ResultsStore(Protocol):
     ) -> Page: ...
 
     def capture_peers(
-        self, capture_id: str, *, limit: int | None = None, continuation: str | None = None
+        self,
+        capture_id: str,
+        *,
+        limit: int | None = None,
+        continuation: str | None = None,
+        record: CaptureRecord | None = None,
     ) -> Page:
-        """A page of the capture's peers (``limit`` ``None``: the largest page, ``MAX_PAGE``)."""
+        """A page of the capture's peers (``limit`` ``None``: the largest page, ``MAX_PAGE``).
+        ``record``: the capture's row, when the caller has just read it."""
         ...
 
     def capture_alerts(
-        self, capture_id: str, *, limit: int | None = None, continuation: str | None = None
+        self,
+        capture_id: str,
+        *,
+        limit: int | None = None,
+        continuation: str | None = None,
+        record: CaptureRecord | None = None,
     ) -> Page:
-        """A page of the capture's alerts, highest severity first."""
+        """A page of the capture's alerts, highest severity first (``record`` as above)."""
         ...
 
     def iter_capture_peers(self, capture_id: str) -> Iterator[dict[str, Any]]:
@@ -536,16 +547,30 @@ class TableResultsStore:
         return Page([capture_from_entity(row).to_dict() for row in rows], token)
 
     def capture_peers(
-        self, capture_id: str, *, limit: int | None = None, continuation: str | None = None
+        self,
+        capture_id: str,
+        *,
+        limit: int | None = None,
+        continuation: str | None = None,
+        record: CaptureRecord | None = None,
     ) -> Page:
-        rows, token = self._results_page("peers", capture_id, capture_id, limit, continuation)
+        rows, token = self._results_page(
+            "peers", capture_id, capture_id, limit, continuation, record
+        )
         return Page([peer_document(row) for row in rows], token)
 
     def capture_alerts(
-        self, capture_id: str, *, limit: int | None = None, continuation: str | None = None
+        self,
+        capture_id: str,
+        *,
+        limit: int | None = None,
+        continuation: str | None = None,
+        record: CaptureRecord | None = None,
     ) -> Page:
         partition = CAPTURE_ALERTS_PREFIX + capture_id
-        rows, token = self._results_page("alerts", capture_id, partition, limit, continuation)
+        rows, token = self._results_page(
+            "alerts", capture_id, partition, limit, continuation, record
+        )
         return Page([alert_document(row) for row in rows], token)
 
     def _results_page(
@@ -555,9 +580,12 @@ class TableResultsStore:
         partition: str,
         limit: int | None,
         continuation: str | None,
+        record: CaptureRecord | None,
     ) -> tuple[list[dict[str, Any]], str | None]:
-        """A page of the rows of the run whose results the capture row names."""
-        record = self.get_capture(capture_id)
+        """A page of the rows of the run whose results the capture row names (``record``,
+        read here when not given)."""
+        if record is None:
+            record = self.get_capture(capture_id)
         if record is None:
             return [], None
         if not record.generation:
