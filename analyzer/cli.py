@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TextIO
 
-from analyzer import __version__, report_cli, sweep
+from analyzer import __version__
 from analyzer.errors import NwcapError
 from analyzer.exits import EXIT_ALERTS, EXIT_DATAERR, EXIT_NOINPUT, InputError
 from analyzer.models import SEVERITY_ORDER, Analysis
@@ -40,7 +40,9 @@ log = logging.getLogger("nwcap")
 LOCAL_COMMANDS = frozenset({"analyze", "sweep", "report"})
 
 
-def build_parser(*, with_storage: bool = True) -> argparse.ArgumentParser:
+def build_parser(
+    *, with_storage: bool = True, analyze_only: bool = False
+) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nwcap",
         description="Per-peer summaries and alerts for Azure Network Watcher packet captures.",
@@ -79,6 +81,11 @@ def build_parser(*, with_storage: bool = True) -> argparse.ArgumentParser:
         help="progress bar on stderr (auto: for large files on a terminal)",
     )
     analyze.set_defaults(func=run_analyze)
+
+    if analyze_only:
+        # `nwcap analyze` is timed against tshark: it imports no other command's modules
+        return parser
+    from analyzer import report_cli, sweep  # noqa: PLC0415 - see analyze_only
 
     sweep.add_commands(sub)
     report_cli.add_commands(sub)
@@ -237,7 +244,9 @@ class _TerminalFormatter(logging.Formatter):
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in arguments if not a.startswith("-")), None)
-    parser = build_parser(with_storage=command not in LOCAL_COMMANDS)
+    parser = build_parser(
+        with_storage=command not in LOCAL_COMMANDS, analyze_only=command == "analyze"
+    )
     args = parser.parse_args(arguments)
     handler = logging.StreamHandler()
     handler.setFormatter(_TerminalFormatter("nwcap: %(levelname)s: %(message)s"))

@@ -14,11 +14,13 @@ import hashlib
 import ipaddress
 import math
 import operator
+import os
 import struct
 import time
 from array import array
 from collections.abc import Callable, Iterable, MutableSequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import BinaryIO, TypeVar
 
 from analyzer.budget import Budget
@@ -52,6 +54,8 @@ from analyzer.models import (
 from analyzer.names import NameCollector
 from analyzer.reader import CHUNK_SIZE, CaptureFormatReader, PcapReader, open_capture
 
+# The version of native/_nwcap_walk.c's scan() this loop calls; a build of another is ignored.
+COMPILED_WALK_ABI = 3
 MAX_FLOWS = 250_000
 MAX_FRAGMENTS = 10_000
 PORTS_KEPT = 10
@@ -88,6 +92,35 @@ FOLDED_PORTS_KEPT = 64
 # bytes counted before the current span and where the spans closed so far are (an index into
 # _Accumulator.spans), these two only once the flow has more than one span.
 PKTS, BYTES, FSEC, FFRAC, LSEC, LFRAC, FLAGS, FIRST_FLAGS, SPAN_LAST, SPLIT_BYTES, SPANS = range(11)
+# what the compiled walk must have been built with to be used
+_COMPILED_FOR = (COMPILED_WALK_ABI, PORTS_TRACKED, SPLIT_BYTES)
+# The libpcap record header, and the fast loop's one read of a record: the header, then from
+# the frame the EtherType, IPv4 version/IHL, total length, fragment field, protocol, addresses
+# and ports as one 12-byte key, and the TCP flags; per byte order.
+_RECORD = {order: struct.Struct(order + "IIII") for order in "<>"}
+_FAST = {order: struct.Struct(order + "IIII12xHBxH2xHxB2x12s9xB") for order in "<>"}
+# IPv6 and VLAN-tagged frames, their EtherTypes as read in each byte order
+_SECOND_TIER = {
+    order: frozenset(
+        int.from_bytes(value.to_bytes(2, "big"), "little" if order == "<" else "big")
+        for value in (ETHERTYPE_IPV6, *VLAN_TAGS)
+    )
+    for order in "<>"
+}
+_TUNNEL_PORT_BYTES = frozenset(port.to_bytes(2, "big") for port in TUNNEL_UDP_PORTS)
+
+
+def _lookup_table(values: Iterable[int]) -> bytes:
+    """65,536 bytes, 1 at each of ``values`` (16-bit ports or EtherTypes), for the C loop."""
+    table = bytearray(65536)
+    for value in values:
+        table[value] = 1
+    return bytes(table)
+
+
+# the same two sets for the C loop: 1 at each port or EtherType (in network order)
+_TUNNEL_PORT_TABLE = _lookup_table(TUNNEL_UDP_PORTS)
+_SECOND_TIER_TABLE = _lookup_table((ETHERTYPE_IPV6, *VLAN_TAGS))
 ProgressCallback = Callable[[int], None]
 AddressPriority = Callable[[bytes], int]
 _NESTED_TOO_DEEP = Undecodable("nested-too-deep")
@@ -620,85 +653,24 @@ class _Accumulator:
         """Merge the flow tables into per-address-pair aggregates and empty them."""
         fps = self.frac_per_second
         pairs = self.pairs
-        compact_at = self.compact_at
         max_peers = self.max_peers
-        add_activity = self.add_activity
-        start = self.activity_start or 0
-        buckets = ACTIVITY_BUCKETS
-        # Inlined on purpose: a SYN scan folds hundreds of thousands of one-packet flows.
+        compiled = compiled_walk()
         for proto_name, table in (("tcp", self.tcp), ("udp", self.udp)):
-            is_tcp = proto_name == "tcp"
-            keys = ((0, proto_name), (1, proto_name))
-            packets_total = 0
-            bytes_total = 0
-            for key, entry in table.items():
-                alen = 4 if len(key) == 12 else 16
-                src = key[:alen]
-                dst = key[alen : 2 * alen]
-                if src <= dst:
-                    pair_key, side = (src, dst), 0
-                else:
-                    pair_key, side = (dst, src), 1
-                packets, nbytes = entry[PKTS], entry[BYTES]
-                packets_total += packets
-                bytes_total += nbytes
-                pair = pairs.get(pair_key)
-                if pair is None:
-                    if len(pairs) >= max_peers:
-                        # full: a flow of a new pair that had no exchange is folded at once
-                        port_bytes = key[2 * alen :]
-                        reverse = table.get(dst + src + port_bytes[2:] + port_bytes[:2])
-                        if self._fold_flow(src, dst, entry, reverse, is_tcp, key, alen):
-                            continue
-                        if len(pairs) >= compact_at:
-                            self.compact()
-                    pairs[pair_key] = pair = _Pair()
-                if not pair.exchanged and (not is_tcp or entry[FLAGS] & ACK):
-                    reverse = table.get(
-                        dst + src + key[2 * alen + 2 : 2 * alen + 4] + key[2 * alen : 2 * alen + 2]
-                    )
-                    if reverse is not None and (not is_tcp or reverse[FLAGS] & ACK):
-                        pair.exchanged = True
-                pair.packets[side] += packets
-                pair.bytes[side] += nbytes
-                first = entry[FSEC] + entry[FFRAC] / fps
-                pair.first = min(pair.first, first)
-                last = entry[LSEC] + entry[LFRAC] / fps
-                pair.last = max(pair.last, last)
-                protocols = pair.protocols
-                protocols[proto_name] = protocols.get(proto_name, 0) + packets
-                ports = pair.ports
-                sport = key[2 * alen] << 8 | key[2 * alen + 1]
-                dport = key[2 * alen + 2] << 8 | key[2 * alen + 3]
-                for port_side, port in ((side, sport), (1 - side, dport)):
-                    port_table = ports.get(keys[port_side])
-                    if port_table is None:
-                        ports[keys[port_side]] = port_table = _PortTable()
-                    counts = port_table.ports.get(port)
-                    if counts is not None:
-                        counts[0] += packets
-                        counts[1] += nbytes
-                    else:
-                        port_table.add(port, packets, nbytes)
-                if is_tcp and entry[FIRST_FLAGS] & (SYN | ACK) == SYN:
-                    self._tcp_attempt(pair, side, key, alen, dport)
-                # the activity histogram, inline for the common case: one span, known width
-                histogram = pair.activity
-                shift = self.activity_shift
-                index = (entry[SPAN_LAST] - start) >> shift
-                if histogram is None:
-                    pair.activity = histogram = _zero_histogram()
-                    pair.activity_shift = shift
-                if (
-                    len(entry) > SPLIT_BYTES
-                    or pair.activity_shift != shift
-                    or not 0 <= index < buckets
-                ):
-                    add_activity(pair, entry)
-                else:
-                    histogram[index] += nbytes
-            self.ip_packets += packets_total
-            self.ip_bytes += bytes_total
+            if compiled is not None:  # the same loop in C (native/_nwcap_walk.c)
+                packets, nbytes = compiled.fold_flows(
+                    self,
+                    table,
+                    proto_name,
+                    ((0, proto_name), (1, proto_name)),
+                    _Pair,
+                    _PortTable,
+                    _zero_histogram,
+                    ACTIVITY_BUCKETS,
+                )
+            else:
+                packets, nbytes = self._fold_table(table, proto_name)
+            self.ip_packets += packets
+            self.ip_bytes += nbytes
         for key, entry in self.other.items():
             proto = key[0]
             alen = (len(key) - 3) // 2
@@ -714,7 +686,7 @@ class _Accumulator:
             pair, side = self._pair(src, dst)
             name = protocol_name(proto)
             self._count(pair, side, entry, name, fps)
-            add_activity(pair, entry)
+            self.add_activity(pair, entry)
             if proto in (ICMP, ICMPV6):
                 icmp_key = f"{key[-2]}:{key[-1]}"
                 pair.icmp[icmp_key] = pair.icmp.get(icmp_key, 0) + entry[PKTS]
@@ -722,6 +694,90 @@ class _Accumulator:
         self.udp = {}
         self.other = {}
         self.spans = [[]]
+
+    def _fold_table(self, table: dict[bytes, list[int]], proto_name: str) -> tuple[int, int]:
+        """Fold one flow table (TCP or UDP) into :attr:`pairs`; return its packets and bytes.
+
+        Inlined on purpose: a SYN scan folds hundreds of thousands of one-packet flows.
+        """
+        fps = self.frac_per_second
+        pairs = self.pairs
+        compact_at = self.compact_at
+        max_peers = self.max_peers
+        add_activity = self.add_activity
+        start = self.activity_start or 0
+        buckets = ACTIVITY_BUCKETS
+        is_tcp = proto_name == "tcp"
+        keys = ((0, proto_name), (1, proto_name))
+        packets_total = 0
+        bytes_total = 0
+        for key, entry in table.items():
+            alen = 4 if len(key) == 12 else 16
+            src = key[:alen]
+            dst = key[alen : 2 * alen]
+            if src <= dst:
+                pair_key, side = (src, dst), 0
+            else:
+                pair_key, side = (dst, src), 1
+            packets, nbytes = entry[PKTS], entry[BYTES]
+            packets_total += packets
+            bytes_total += nbytes
+            pair = pairs.get(pair_key)
+            if pair is None:
+                if len(pairs) >= max_peers:
+                    # full: a flow of a new pair that had no exchange is folded at once
+                    port_bytes = key[2 * alen :]
+                    reverse = table.get(dst + src + port_bytes[2:] + port_bytes[:2])
+                    if self._fold_flow(src, dst, entry, reverse, is_tcp, key, alen):
+                        continue
+                    if len(pairs) >= compact_at:
+                        self.compact()
+                pairs[pair_key] = pair = _Pair()
+            if not pair.exchanged and (not is_tcp or entry[FLAGS] & ACK):
+                reverse = table.get(
+                    dst + src + key[2 * alen + 2 : 2 * alen + 4] + key[2 * alen : 2 * alen + 2]
+                )
+                if reverse is not None and (not is_tcp or reverse[FLAGS] & ACK):
+                    pair.exchanged = True
+            pair.packets[side] += packets
+            pair.bytes[side] += nbytes
+            first = entry[FSEC] + entry[FFRAC] / fps
+            pair.first = min(pair.first, first)
+            last = entry[LSEC] + entry[LFRAC] / fps
+            pair.last = max(pair.last, last)
+            protocols = pair.protocols
+            protocols[proto_name] = protocols.get(proto_name, 0) + packets
+            ports = pair.ports
+            sport = key[2 * alen] << 8 | key[2 * alen + 1]
+            dport = key[2 * alen + 2] << 8 | key[2 * alen + 3]
+            for port_side, port in ((side, sport), (1 - side, dport)):
+                port_table = ports.get(keys[port_side])
+                if port_table is None:
+                    ports[keys[port_side]] = port_table = _PortTable()
+                counts = port_table.ports.get(port)
+                if counts is not None:
+                    counts[0] += packets
+                    counts[1] += nbytes
+                else:
+                    port_table.add(port, packets, nbytes)
+            if is_tcp and entry[FIRST_FLAGS] & (SYN | ACK) == SYN:
+                self._tcp_attempt(pair, side, key, alen, dport)
+            # the activity histogram, inline for the common case: one span, known width
+            histogram = pair.activity
+            shift = self.activity_shift
+            index = (entry[SPAN_LAST] - start) >> shift
+            if histogram is None:
+                pair.activity = histogram = _zero_histogram()
+                pair.activity_shift = shift
+            if (
+                len(entry) > SPLIT_BYTES
+                or pair.activity_shift != shift
+                or not 0 <= index < buckets
+            ):
+                add_activity(pair, entry)
+            else:
+                histogram[index] += nbytes
+        return packets_total, bytes_total
 
     def _tcp_attempt(self, pair: _Pair, side: int, key: bytes, alen: int, dport: int) -> None:
         src, dst = key[:alen], key[alen : 2 * alen]
@@ -993,42 +1049,21 @@ def _walk_frames(
 def _walk_ethernet_pcap(
     reader: PcapReader, acc: _Accumulator, progress: ProgressCallback | None, limits: _Limits
 ) -> None:
-    """The hot loop: Ethernet libpcap records, the common case decoded inline."""
+    """The hot loop: Ethernet libpcap records, the common case decoded inline.
+
+    The records of each chunk go through ``scan``: the compiled loop when it is installed
+    (:func:`compiled_walk`), else :func:`_scan_records`, its Python original.
+    """
     order = reader.byte_order
-    record = struct.Struct(order + "IIII")
-    # Record header, then from the frame: EtherType, IPv4 version/IHL, fragment field,
-    # protocol, addresses and ports as one 12-byte key, TCP flags.
-    fast = struct.Struct(order + "IIII12xHBxH2xHxB2x12s9xB")
-    unpack_fast = fast.unpack_from
-    unpack_record = record.unpack_from
-    fast_size = fast.size
-    # "more fragments" or a fragment offset, in the byte order the field is read in
-    fragment_mask = 0xFF3F if order == "<" else 0x3FFF
+    compiled = compiled_walk()
+    scan = compiled.scan if compiled is not None else _scan_records
     limit = reader.max_record
     src = reader.source
-    tcp, udp, names = acc.tcp, acc.udp, acc.names
-    tcp_get, udp_get = tcp.get, udp.get
-    inspect_tcp = acc.inspect_tcp
-    add_frame = acc.add_frame
-    roll = acc.roll
-    fast_frame = acc.fast_frame
-    # IPv6 and VLAN-tagged frames, their EtherTypes as read in the file's byte order
-    second_tier = {
-        int.from_bytes(value.to_bytes(2, "big"), "little" if order == "<" else "big")
-        for value in (ETHERTYPE_IPV6, *VLAN_TAGS)
-    }
-    inspected_packets = NAME_INSPECTED_PACKETS
-    ipv4 = 0x0008 if order == "<" else 0x0800  # the EtherType read in the file's byte order
-    # An IPv4 total length below the header's 20 bytes is bogus (0 means TSO, and is fine):
-    # the test in the byte order the field is read in.
-    len_floor, len_mask = (0x1400, 0xFF) if order == "<" else (20, 0)
-    tunnel_ports = {port.to_bytes(2, "big") for port in TUNNEL_UDP_PORTS}
     # One buffer for the whole file: each chunk is read into it behind the unconsumed tail of
     # the previous one, so no chunk is allocated, copied or page-faulted anew.
     buf = bytearray(CHUNK_SIZE + limit + 16)
     view = memoryview(buf)
     filled = 0
-    pos = 0
     damaged = False
     left = limits.max_packets  # packets left in the budget
     deadline = limits.deadline
@@ -1038,95 +1073,23 @@ def _walk_ethernet_pcap(
             break
         end = filled + got
         base = src.offset - end
-        fast_limit = end - fast_size
         if acc.activity_start is None and end >= 4:
-            acc.activity_start = record.unpack_from(buf, 0)[0]
-        pos = 0
-        # a for loop over the packets left counts them at no cost per packet; a break leaves
-        # ``taken`` records consumed
-        taken = 0
-        for taken in range(left):  # noqa: B007 - read after the loop
-            if pos <= fast_limit:
-                (
-                    sec,
-                    frac,
-                    incl,
-                    orig,
-                    ethertype,
-                    version_ihl,
-                    total_len,
-                    frag,
-                    proto,
-                    key,
-                    flags,
-                ) = unpack_fast(buf, pos)
-            elif pos + 16 <= end:
-                sec, frac, incl, orig = unpack_record(buf, pos)
-                ethertype = -1
-            else:
-                break
-            if incl > limit:
-                reader.warnings.append(reader.damaged_record(base + pos, incl))
-                damaged = True
-                break
-            data = pos + 16
-            nxt = data + incl
-            if nxt > end:
-                break
-            if (
-                ethertype == ipv4
-                and version_ihl == 0x45
-                and incl >= 48
-                and not frag & fragment_mask
-                and (total_len >= len_floor or total_len & len_mask or not total_len)
-            ):
-                if proto == 6:
-                    entry = tcp_get(key)
-                    if entry is None:
-                        entry = [1, orig, sec, frac, sec, frac, flags, flags, sec]
-                        tcp[key] = entry
-                    else:
-                        if sec > entry[8]:
-                            roll(entry, sec)
-                        entry[0] += 1
-                        entry[1] += orig
-                        entry[4] = sec
-                        entry[5] = frac
-                        entry[6] |= flags
-                    if entry[0] <= inspected_packets:
-                        payload = _ipv4_payload(buf, data, nxt, 34 + (buf[data + 46] >> 4) * 4)
-                        if payload:
-                            seq = int.from_bytes(buf[data + 38 : data + 42], "big")
-                            inspect_tcp(key, key[4:8], seq, payload, key[8] << 8 | key[9])
-                    pos = nxt
-                    continue
-                if proto == 17 and key[10:12] not in tunnel_ports and key[8:10] not in tunnel_ports:
-                    entry = udp_get(key)
-                    if entry is None:
-                        udp[key] = [1, orig, sec, frac, sec, frac, 0, 0, sec]
-                    else:
-                        if sec > entry[8]:
-                            roll(entry, sec)
-                        entry[0] += 1
-                        entry[1] += orig
-                        entry[4] = sec
-                        entry[5] = frac
-                    if key[9] == 53 and key[8] == 0:
-                        payload = _ipv4_payload(buf, data, nxt, 42)
-                        if payload:
-                            names.dns_message(payload)
-                    pos = nxt
-                    continue
-            elif ethertype in second_tier and fast_frame(buf, data, nxt, sec, frac, orig):
-                pos = nxt
-                continue
-            add_frame(1, sec, frac, orig, bytes(buf[data:nxt]))
-            if acc.tcp is not tcp:  # the general path folded the flow tables
-                tcp, udp = acc.tcp, acc.udp
-                tcp_get, udp_get = tcp.get, udp.get
-            pos = nxt
-        else:
-            taken = left
+            acc.activity_start = _RECORD[order].unpack_from(buf, 0)[0]
+        pos, taken, damaged_incl = scan(
+            buf,
+            0,
+            end,
+            left,
+            limit,
+            order == ">",
+            acc,
+            _TUNNEL_PORT_TABLE,
+            _SECOND_TIER_TABLE,
+            NAME_INSPECTED_PACKETS,
+        )
+        if damaged_incl >= 0:
+            reader.warnings.append(reader.damaged_record(base + pos, damaged_incl))
+            damaged = True
         left -= taken
         if not left and pos < end:
             limits.stop("packets", base + pos, reader.warnings)
@@ -1138,16 +1101,152 @@ def _walk_ethernet_pcap(
             break
         filled = end - pos
         buf[:filled] = buf[pos:end]
-        pos = 0
-        if len(tcp) + len(udp) > MAX_FLOWS:
+        if len(acc.tcp) + len(acc.udp) > MAX_FLOWS:
             acc.fold()
-            tcp, udp = acc.tcp, acc.udp
-            tcp_get, udp_get = tcp.get, udp.get
         if progress is not None:
             progress(src.offset)
     view.release()
     if not damaged:
         reader.finish(bytes(buf[:filled]), src.offset - filled)
+
+
+def _scan_records(
+    buf: bytearray,
+    pos: int,
+    end: int,
+    left: int,
+    limit: int,
+    big_endian: bool,
+    acc: _Accumulator,
+    tunnel_table: bytes,
+    tier_table: bytes,
+    inspected_packets: int,
+) -> tuple[int, int, int]:
+    """Account at most ``left`` of the libpcap records in ``buf[pos:end]``; return where it
+    stopped, how many records it took and the length field of a damaged record there (-1
+    when none). ``tunnel_table`` and ``tier_table`` are for the C version's sake, which does
+    exactly this (native/_nwcap_walk.c).
+    """
+    order = ">" if big_endian else "<"
+    fast = _FAST[order]
+    unpack_fast = fast.unpack_from
+    unpack_record = _RECORD[order].unpack_from
+    fast_limit = end - fast.size
+    # "more fragments" or a fragment offset, in the byte order the field is read in
+    fragment_mask = 0x3FFF if big_endian else 0xFF3F
+    tcp, udp, names = acc.tcp, acc.udp, acc.names
+    tcp_get, udp_get = tcp.get, udp.get
+    inspect_tcp = acc.inspect_tcp
+    add_frame = acc.add_frame
+    roll = acc.roll
+    fast_frame = acc.fast_frame
+    second_tier = _SECOND_TIER[order]
+    ipv4 = 0x0008 if order == "<" else 0x0800  # the EtherType read in the file's byte order
+    # An IPv4 total length below the header's 20 bytes is bogus (0 means TSO, and is fine):
+    # the test in the byte order the field is read in.
+    len_floor, len_mask = (0x1400, 0xFF) if order == "<" else (20, 0)
+    tunnel_ports = _TUNNEL_PORT_BYTES
+    # a for loop over the packets left counts them at no cost per packet; a break leaves
+    # ``taken`` records consumed
+    taken = 0
+    for taken in range(left):
+        if pos <= fast_limit:
+            (
+                sec,
+                frac,
+                incl,
+                orig,
+                ethertype,
+                version_ihl,
+                total_len,
+                frag,
+                proto,
+                key,
+                flags,
+            ) = unpack_fast(buf, pos)
+        elif pos + 16 <= end:
+            sec, frac, incl, orig = unpack_record(buf, pos)
+            ethertype = -1
+        else:
+            break
+        if incl > limit:
+            return pos, taken, incl
+        data = pos + 16
+        nxt = data + incl
+        if nxt > end:
+            break
+        if (
+            ethertype == ipv4
+            and version_ihl == 0x45
+            and incl >= 48
+            and not frag & fragment_mask
+            and (total_len >= len_floor or total_len & len_mask or not total_len)
+        ):
+            if proto == 6:
+                entry = tcp_get(key)
+                if entry is None:
+                    entry = [1, orig, sec, frac, sec, frac, flags, flags, sec]
+                    tcp[key] = entry
+                else:
+                    if sec > entry[8]:
+                        roll(entry, sec)
+                    entry[0] += 1
+                    entry[1] += orig
+                    entry[4] = sec
+                    entry[5] = frac
+                    entry[6] |= flags
+                if entry[0] <= inspected_packets:
+                    payload = _ipv4_payload(buf, data, nxt, 34 + (buf[data + 46] >> 4) * 4)
+                    if payload:
+                        seq = int.from_bytes(buf[data + 38 : data + 42], "big")
+                        inspect_tcp(key, key[4:8], seq, payload, key[8] << 8 | key[9])
+                pos = nxt
+                continue
+            if proto == 17 and key[10:12] not in tunnel_ports and key[8:10] not in tunnel_ports:
+                entry = udp_get(key)
+                if entry is None:
+                    udp[key] = [1, orig, sec, frac, sec, frac, 0, 0, sec]
+                else:
+                    if sec > entry[8]:
+                        roll(entry, sec)
+                    entry[0] += 1
+                    entry[1] += orig
+                    entry[4] = sec
+                    entry[5] = frac
+                if key[9] == 53 and key[8] == 0:
+                    payload = _ipv4_payload(buf, data, nxt, 42)
+                    if payload:
+                        names.dns_message(payload)
+                pos = nxt
+                continue
+        elif ethertype in second_tier and fast_frame(buf, data, nxt, sec, frac, orig):
+            pos = nxt
+            continue
+        add_frame(1, sec, frac, orig, bytes(buf[data:nxt]))
+        if acc.tcp is not tcp:  # the general path folded the flow tables
+            tcp, udp = acc.tcp, acc.udp
+            tcp_get, udp_get = tcp.get, udp.get
+        pos = nxt
+    else:
+        taken = left
+    return pos, taken, -1
+
+
+def compiled_walk() -> ModuleType | None:
+    """The compiled record walk (``native/``), or None to run the loop in Python.
+
+    None when it is not installed, was built for another version of the loop, or
+    ``NWCAP_PURE_PYTHON`` is set (to compare the two, or to rule the extension out).
+    """
+    if os.environ.get("NWCAP_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        import _nwcap_walk  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
+    except ImportError:
+        return None
+    names = ("ABI", "PORTS_TRACKED", "SPLIT_BYTES")
+    built_for = tuple(getattr(_nwcap_walk, name, None) for name in names)
+    return _nwcap_walk if built_for == _COMPILED_FOR else None
 
 
 def _ipv4_payload(buf: bytearray, data: int, nxt: int, header_len: int) -> bytes:

@@ -1,0 +1,893 @@
+/*
+ * The hot loop of analyzer/engine.py (_walk_ethernet_pcap) in C: one call walks the libpcap
+ * records of one buffer and does, record for record, exactly what the Python loop does. The
+ * flow tables stay Python dicts of Python lists, and everything but the common case (Ethernet,
+ * option-less unfragmented IPv4, TCP or UDP) goes to the same Python callables the Python loop
+ * calls, so both paths produce the same state; tests compare them on every corpus capture.
+ *
+ * Everything read from the buffer is bounds-checked against the record and the buffer: the
+ * input is attacker-controlled.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define WALK_ABI 3
+#define FAST_SIZE 64 /* record header + the frame bytes the fast test reads (Python's struct) */
+
+static inline uint32_t
+read_u32(const unsigned char *p, int big_endian)
+{
+    if (big_endian)
+        return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+    return (uint32_t)p[3] << 24 | (uint32_t)p[2] << 16 | (uint32_t)p[1] << 8 | p[0];
+}
+
+/* entry[index] as a long long; -1 with an exception set if it is not an int */
+static inline long long
+entry_ll(PyObject *entry, Py_ssize_t index)
+{
+    return PyLong_AsLongLong(PyList_GET_ITEM(entry, index));
+}
+
+/* entry[index] = value (a new reference, stolen); 0 on success */
+static inline int
+entry_set(PyObject *entry, Py_ssize_t index, PyObject *value)
+{
+    if (value == NULL)
+        return -1;
+    PyObject *old = PyList_GET_ITEM(entry, index);
+    PyList_SET_ITEM(entry, index, value);
+    Py_DECREF(old);
+    return 0;
+}
+
+/* entry[index] += delta */
+static inline int
+entry_add(PyObject *entry, Py_ssize_t index, long long delta)
+{
+    long long value = entry_ll(entry, index);
+    if (value == -1 && PyErr_Occurred())
+        return -1;
+    return entry_set(entry, index, PyLong_FromLongLong(value + delta));
+}
+
+/* A new flow entry: [1, orig, sec, frac, sec, frac, flags, flags, sec] (one sec object, as
+ * the Python loop's list display shares it). */
+static PyObject *
+new_entry(uint32_t sec, uint32_t frac, uint32_t orig, long flags)
+{
+    PyObject *entry = PyList_New(9);
+    if (entry == NULL)
+        return NULL;
+    PyObject *psec = PyLong_FromUnsignedLong(sec);
+    PyObject *pfrac = PyLong_FromUnsignedLong(frac);
+    PyObject *porig = PyLong_FromUnsignedLong(orig);
+    PyObject *pflags = PyLong_FromLong(flags);
+    PyObject *one = PyLong_FromLong(1);
+    if (!psec || !pfrac || !porig || !pflags || !one) {
+        Py_XDECREF(psec);
+        Py_XDECREF(pfrac);
+        Py_XDECREF(porig);
+        Py_XDECREF(pflags);
+        Py_XDECREF(one);
+        Py_DECREF(entry);
+        return NULL;
+    }
+    PyList_SET_ITEM(entry, 0, one);
+    PyList_SET_ITEM(entry, 1, porig);
+    Py_INCREF(psec);
+    PyList_SET_ITEM(entry, 2, psec);
+    Py_INCREF(pfrac);
+    PyList_SET_ITEM(entry, 3, pfrac);
+    Py_INCREF(psec);
+    PyList_SET_ITEM(entry, 4, psec);
+    PyList_SET_ITEM(entry, 5, pfrac);
+    Py_INCREF(pflags);
+    PyList_SET_ITEM(entry, 6, pflags);
+    PyList_SET_ITEM(entry, 7, pflags);
+    PyList_SET_ITEM(entry, 8, psec);
+    return entry;
+}
+
+/* What one scan() call works with: the accumulator's tables and methods, and the settings. */
+typedef struct {
+    PyObject *tcp, *udp;                   /* the flow tables (dicts), refreshed after add_frame */
+    PyObject *roll, *inspect_tcp, *dns;    /* acc.roll, acc.inspect_tcp, acc.names.dns_message */
+    const unsigned char *tunnel_ports;     /* 65,536 flags: UDP ports left to decode() */
+    Py_ssize_t inspected;                  /* NAME_INSPECTED_PACKETS */
+} Walk;
+
+/* One packet of the flow ``key`` in ``table`` (engine._Accumulator.count_packet): a new entry,
+ * or the existing one's span rolled (in Python) if ``sec`` is past it, then packets, bytes,
+ * last time and the OR of TCP flags. Returns the flow's packets so far, -1 on error. */
+static long long
+count_flow(Walk *w, PyObject *table, PyObject *key, uint32_t sec, uint32_t frac, uint32_t orig,
+           long flags)
+{
+    PyObject *entry = PyDict_GetItemWithError(table, key);
+    if (entry == NULL) {
+        if (PyErr_Occurred() || !(entry = new_entry(sec, frac, orig, flags)))
+            return -1;
+        int failed = PyDict_SetItem(table, key, entry);
+        Py_DECREF(entry);
+        return failed ? -1 : 1;
+    }
+    if (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) < 9) {
+        PyErr_SetString(PyExc_TypeError, "scan: a flow entry is not a list");
+        return -1;
+    }
+    Py_INCREF(entry); /* the roll callback runs Python code */
+    long long packets = -1;
+    long long span_last = entry_ll(entry, 8);
+    if (span_last == -1 && PyErr_Occurred())
+        goto done;
+    if ((long long)sec > span_last) {
+        PyObject *result = PyObject_CallFunction(w->roll, "Ok", entry, (unsigned long)sec);
+        if (result == NULL)
+            goto done;
+        Py_DECREF(result);
+    }
+    if (entry_add(entry, 0, 1) < 0 || entry_add(entry, 1, orig) < 0)
+        goto done;
+    long long last_sec = entry_ll(entry, 4);
+    if (last_sec == -1 && PyErr_Occurred())
+        goto done;
+    if (last_sec != (long long)sec && entry_set(entry, 4, PyLong_FromUnsignedLong(sec)) < 0)
+        goto done;
+    if (entry_set(entry, 5, PyLong_FromUnsignedLong(frac)) < 0)
+        goto done;
+    long long old = entry_ll(entry, 6);
+    if (old == -1 && PyErr_Occurred())
+        goto done;
+    if ((old | flags) != old && entry_set(entry, 6, PyLong_FromLongLong(old | flags)) < 0)
+        goto done;
+    packets = entry_ll(entry, 0);
+done:
+    Py_DECREF(entry);
+    return packets;
+}
+
+/* acc.inspect_tcp(key, dst, seq, buf[start:end], sport) */
+static int
+inspect(Walk *w, PyObject *key, const unsigned char *dst, Py_ssize_t alen, uint32_t seq,
+        const unsigned char *buf, Py_ssize_t start, Py_ssize_t end, unsigned sport)
+{
+    PyObject *pdst = PyBytes_FromStringAndSize((const char *)dst, alen);
+    PyObject *payload = PyBytes_FromStringAndSize((const char *)buf + start, end - start);
+    PyObject *result = NULL;
+    if (pdst != NULL && payload != NULL)
+        result = PyObject_CallFunction(w->inspect_tcp, "OOkOI", key, pdst, (unsigned long)seq,
+                                       payload, sport);
+    Py_XDECREF(pdst);
+    Py_XDECREF(payload);
+    Py_XDECREF(result);
+    return result == NULL ? -1 : 0;
+}
+
+/* acc.names.dns_message(buf[start:end]) */
+static int
+dns_message(Walk *w, const unsigned char *buf, Py_ssize_t start, Py_ssize_t end)
+{
+    PyObject *payload = PyBytes_FromStringAndSize((const char *)buf + start, end - start);
+    if (payload == NULL)
+        return -1;
+    PyObject *result = PyObject_CallOneArg(w->dns, payload);
+    Py_DECREF(payload);
+    Py_XDECREF(result);
+    return result == NULL ? -1 : 0;
+}
+
+/* The common case, as the Python loop's inline branch: Ethernet, option-less unfragmented
+ * IPv4 (checked by the caller), TCP, or UDP on no tunnel port. 1 if taken, 0 if not, -1 on
+ * error. */
+static int
+ipv4_fast(Walk *w, const unsigned char *buf, Py_ssize_t data, Py_ssize_t nxt, uint32_t sec,
+          uint32_t frac, uint32_t orig)
+{
+    unsigned proto = buf[data + 23];
+    const unsigned char *k = buf + data + 26; /* src, dst, sport, dport */
+    unsigned sport = k[8] << 8 | k[9], dport = k[10] << 8 | k[11];
+    int is_tcp = proto == 6;
+    if (!is_tcp && !(proto == 17 && !w->tunnel_ports[dport] && !w->tunnel_ports[sport]))
+        return 0;
+    PyObject *key = PyBytes_FromStringAndSize((const char *)k, 12);
+    if (key == NULL)
+        return -1;
+    long long packets = count_flow(w, is_tcp ? w->tcp : w->udp, key, sec, frac, orig,
+                                   is_tcp ? buf[data + 47] : 0);
+    int status = packets < 0 ? -1 : 1;
+    if (status > 0 && (is_tcp ? packets <= w->inspected : sport == 53)) {
+        /* the transport payload, clipped to the IP total length (engine._ipv4_payload) */
+        Py_ssize_t total = buf[data + 16] << 8 | buf[data + 17];
+        Py_ssize_t end = total && data + 14 + total < nxt ? data + 14 + total : nxt;
+        Py_ssize_t start = data + (is_tcp ? 34 + (buf[data + 46] >> 4) * 4 : 42);
+        if (start < end) {
+            if (is_tcp && inspect(w, key, k + 4, 4, read_u32(buf + data + 38, 1), buf, start,
+                                  end, sport) < 0)
+                status = -1;
+            else if (!is_tcp && dns_message(w, buf, start, end) < 0)
+                status = -1;
+        }
+    }
+    Py_DECREF(key);
+    return status;
+}
+
+/* The second tier (engine._Accumulator.fast_frame and _fast_transport): up to two VLAN tags
+ * over option-less unfragmented IPv4, or IPv6 without extension headers, carrying TCP, or UDP
+ * on no tunnel port. 1 if taken, 0 to leave the frame to decode(), -1 on error. */
+static int
+second_tier(Walk *w, const unsigned char *buf, Py_ssize_t data, Py_ssize_t nxt, uint32_t sec,
+            uint32_t frac, uint32_t orig)
+{
+    Py_ssize_t at = data + 12;
+    unsigned ethertype = buf[at] << 8 | buf[at + 1];
+    at += 2;
+    for (int tags = 0; tags < 2; tags++) {
+        if (ethertype != 0x8100 && ethertype != 0x88A8 && ethertype != 0x9100)
+            break;
+        if (at + 4 > nxt)
+            return 0;
+        ethertype = buf[at + 2] << 8 | buf[at + 3];
+        at += 4;
+    }
+    Py_ssize_t alen, end;
+    unsigned proto;
+    if (ethertype == 0x0800) {
+        if (nxt - at < 20 || buf[at] != 0x45 || (buf[at + 6] & 0x3F) || buf[at + 7])
+            return 0;
+        Py_ssize_t total = buf[at + 2] << 8 | buf[at + 3];
+        if (total && total < 20)
+            return 0;
+        end = total && at + total < nxt ? at + total : nxt;
+        alen = 4;
+        proto = buf[at + 9];
+        at += 12; /* the addresses */
+    } else if (ethertype == 0x86DD) {
+        if (nxt - at < 40 || buf[at] >> 4 != 6)
+            return 0;
+        Py_ssize_t payload_len = buf[at + 4] << 8 | buf[at + 5];
+        if (!payload_len)
+            return 0;
+        end = at + 40 + payload_len < nxt ? at + 40 + payload_len : nxt;
+        alen = 16;
+        proto = buf[at + 6];
+        at += 8;
+    } else {
+        return 0;
+    }
+    const unsigned char *src = buf + at;
+    Py_ssize_t transport = at + 2 * alen;
+    long flags;
+    int is_tcp = proto == 6;
+    if (is_tcp) {
+        if (end - transport < 20)
+            return 0;
+        flags = buf[transport + 13];
+    } else if (proto == 17) {
+        if (end - transport < 8)
+            return 0;
+        unsigned sport = buf[transport] << 8 | buf[transport + 1];
+        unsigned dport = buf[transport + 2] << 8 | buf[transport + 3];
+        if (w->tunnel_ports[sport] || w->tunnel_ports[dport])
+            return 0;
+        Py_ssize_t udp_length = buf[transport + 4] << 8 | buf[transport + 5];
+        if (8 <= udp_length && udp_length < end - transport) /* padding after the datagram */
+            end = transport + udp_length;
+        flags = 0;
+    } else {
+        return 0;
+    }
+    unsigned char keybuf[36];
+    memcpy(keybuf, src, 2 * alen);
+    memcpy(keybuf + 2 * alen, buf + transport, 4);
+    PyObject *key = PyBytes_FromStringAndSize((const char *)keybuf, 2 * alen + 4);
+    if (key == NULL)
+        return -1;
+    long long packets = count_flow(w, is_tcp ? w->tcp : w->udp, key, sec, frac, orig, flags);
+    int status = packets < 0 ? -1 : 1;
+    unsigned sport = buf[transport] << 8 | buf[transport + 1];
+    if (status > 0 && is_tcp && packets <= w->inspected) {
+        Py_ssize_t offset = (buf[transport + 12] >> 4) * 4;
+        if (offset >= 20 && transport + offset < end &&
+            inspect(w, key, src + alen, alen, read_u32(buf + transport + 4, 1), buf,
+                    transport + offset, end, sport) < 0)
+            status = -1;
+    } else if (status > 0 && !is_tcp && sport == 53 && transport + 8 < end) {
+        if (dns_message(w, buf, transport + 8, end) < 0)
+            status = -1;
+    }
+    Py_DECREF(key);
+    return status;
+}
+
+PyDoc_STRVAR(scan_doc,
+"scan(buf, pos, end, left, max_record, big_endian, acc, tunnel_ports, second_tier,\n"
+"     inspected_packets) -> (pos, taken, damaged_incl)\n\n"
+"Walk the libpcap records in buf[pos:end] as engine._walk_ethernet_pcap's inner loop does,\n"
+"at most ``left`` of them. Returns where the walk stopped, how many records it consumed and\n"
+"the length field of a damaged record there (-1 when none).");
+
+static PyObject *
+scan(PyObject *module, PyObject *args)
+{
+    PyObject *bufobj, *acc;
+    Py_ssize_t pos, end, left, max_record, inspected;
+    int big_endian;
+    Py_buffer tunnel, tier;
+    if (!PyArg_ParseTuple(args, "O!nnnnpOy*y*n", &PyByteArray_Type, &bufobj, &pos, &end, &left,
+                          &max_record, &big_endian, &acc, &tunnel, &tier, &inspected))
+        return NULL;
+    PyObject *result = NULL, *names = NULL, *add_frame = NULL, *link = NULL;
+    Walk w = {NULL, NULL, NULL, NULL, NULL, tunnel.buf, inspected};
+    if (tunnel.len != 65536 || tier.len != 65536 || pos < 0 || end < pos ||
+        end > PyByteArray_GET_SIZE(bufobj)) {
+        PyErr_SetString(PyExc_ValueError, "scan: bad buffer bounds or port tables");
+        goto done;
+    }
+    const unsigned char *tier_types = tier.buf;
+    if (!(w.tcp = PyObject_GetAttrString(acc, "tcp")) ||
+        !(w.udp = PyObject_GetAttrString(acc, "udp")) ||
+        !(w.roll = PyObject_GetAttrString(acc, "roll")) ||
+        !(w.inspect_tcp = PyObject_GetAttrString(acc, "inspect_tcp")) ||
+        !(names = PyObject_GetAttrString(acc, "names")) ||
+        !(w.dns = PyObject_GetAttrString(names, "dns_message")) ||
+        !(add_frame = PyObject_GetAttrString(acc, "add_frame")) || !(link = PyLong_FromLong(1)))
+        goto done;
+    if (!PyDict_CheckExact(w.tcp) || !PyDict_CheckExact(w.udp)) {
+        PyErr_SetString(PyExc_TypeError, "scan: flow tables must be dicts");
+        goto done;
+    }
+    Py_ssize_t taken = 0;
+    long long damaged = -1;
+    for (; taken < left; taken++) {
+        /* callbacks run Python code: take the buffer's address afresh for each record */
+        if (PyByteArray_GET_SIZE(bufobj) < end) {
+            PyErr_SetString(PyExc_RuntimeError, "scan: the buffer shrank");
+            goto done;
+        }
+        const unsigned char *buf = (const unsigned char *)PyByteArray_AS_STRING(bufobj);
+        if (pos + 16 > end)
+            break;
+        uint32_t sec = read_u32(buf + pos, big_endian);
+        uint32_t frac = read_u32(buf + pos + 4, big_endian);
+        uint32_t incl = read_u32(buf + pos + 8, big_endian);
+        uint32_t orig = read_u32(buf + pos + 12, big_endian);
+        if ((Py_ssize_t)incl > max_record) {
+            damaged = incl;
+            break;
+        }
+        Py_ssize_t data = pos + 16;
+        Py_ssize_t nxt = data + (Py_ssize_t)incl;
+        if (nxt > end)
+            break;
+        /* The Python loop reads the fast fields only when they fit in the buffer (they may
+         * lie past a short frame, as here); else the record goes to decode(). */
+        int taken_here = 0;
+        if (pos + FAST_SIZE <= end) {
+            unsigned ethertype = buf[data + 12] << 8 | buf[data + 13];
+            if (ethertype == 0x0800) {
+                unsigned total_len = buf[data + 16] << 8 | buf[data + 17];
+                unsigned frag = buf[data + 20] << 8 | buf[data + 21];
+                if (buf[data + 14] == 0x45 && incl >= 48 && !(frag & 0x3FFF) &&
+                    (total_len >= 20 || total_len == 0))
+                    taken_here = ipv4_fast(&w, buf, data, nxt, sec, frac, orig);
+            } else if (tier_types[ethertype]) {
+                taken_here = second_tier(&w, buf, data, nxt, sec, frac, orig);
+            }
+        }
+        if (taken_here < 0)
+            goto done;
+        if (!taken_here) {
+            buf = (const unsigned char *)PyByteArray_AS_STRING(bufobj);
+            PyObject *frame = PyBytes_FromStringAndSize((const char *)buf + data, nxt - data);
+            if (frame == NULL)
+                goto done;
+            PyObject *r = PyObject_CallFunction(add_frame, "OkkkO", link, (unsigned long)sec,
+                                                (unsigned long)frac, (unsigned long)orig, frame);
+            Py_DECREF(frame);
+            if (r == NULL)
+                goto done;
+            Py_DECREF(r);
+            /* the general path may have folded the flow tables into new ones */
+            PyObject *now_tcp = PyObject_GetAttrString(acc, "tcp");
+            PyObject *now_udp = PyObject_GetAttrString(acc, "udp");
+            if (now_tcp == NULL || now_udp == NULL || !PyDict_CheckExact(now_tcp) ||
+                !PyDict_CheckExact(now_udp)) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_TypeError, "scan: flow tables must be dicts");
+                Py_XDECREF(now_tcp);
+                Py_XDECREF(now_udp);
+                goto done;
+            }
+            Py_SETREF(w.tcp, now_tcp);
+            Py_SETREF(w.udp, now_udp);
+        }
+        pos = nxt;
+    }
+    result = Py_BuildValue("nnL", pos, taken, damaged);
+done:
+    Py_XDECREF(w.tcp);
+    Py_XDECREF(w.udp);
+    Py_XDECREF(w.roll);
+    Py_XDECREF(w.inspect_tcp);
+    Py_XDECREF(w.dns);
+    Py_XDECREF(names);
+    Py_XDECREF(add_frame);
+    Py_XDECREF(link);
+    PyBuffer_Release(&tunnel);
+    PyBuffer_Release(&tier);
+    return result;
+}
+
+
+/* ---- folding flows into address pairs (engine._Accumulator._fold_table) ------------------ */
+
+static PyObject *s_pairs, *s_max_peers, *s_compact_at, *s_frac_per_second, *s_activity_start,
+    *s_activity_shift, *s_fold_flow, *s_compact, *s_add_activity, *s_exchanged, *s_packets,
+    *s_bytes, *s_first, *s_last, *s_protocols, *s_ports, *s_tcp, *s_opened_ports, *s_activity,
+    *s_add;
+
+#define PORTS_TRACKED 512
+#define SPLIT_BYTES 9
+#define F_SYN 0x02
+#define F_RST 0x04
+#define F_ACK 0x10
+
+static long long
+attr_ll(PyObject *object, PyObject *name)
+{
+    PyObject *value = PyObject_GetAttr(object, name);
+    if (value == NULL)
+        return -1;
+    long long result = PyLong_AsLongLong(value);
+    Py_DECREF(value);
+    return result;
+}
+
+/* list[index] += delta, for a list of Python ints */
+static int
+list_add(PyObject *list, Py_ssize_t index, PyObject *delta)
+{
+    if (!PyList_CheckExact(list) || PyList_GET_SIZE(list) <= index) {
+        PyErr_SetString(PyExc_TypeError, "fold_flows: expected a list of counts");
+        return -1;
+    }
+    PyObject *sum = PyNumber_Add(PyList_GET_ITEM(list, index), delta);
+    return entry_set(list, index, sum);
+}
+
+/* mapping[key] = mapping.get(key, 0) + delta */
+static int
+dict_add(PyObject *mapping, PyObject *key, PyObject *delta)
+{
+    PyObject *old = PyDict_GetItemWithError(mapping, key);
+    if (old == NULL && PyErr_Occurred())
+        return -1;
+    PyObject *sum = old == NULL ? Py_NewRef(delta) : PyNumber_Add(old, delta);
+    if (sum == NULL)
+        return -1;
+    int failed = PyDict_SetItem(mapping, key, sum);
+    Py_DECREF(sum);
+    return failed;
+}
+
+/* the flow the other way: dst + src + dport + sport; a borrowed reference or NULL */
+static PyObject *
+reverse_flow(PyObject *table, const unsigned char *k, Py_ssize_t alen, int *failed)
+{
+    unsigned char reversed[36];
+    memcpy(reversed, k + alen, alen);
+    memcpy(reversed + alen, k, alen);
+    memcpy(reversed + 2 * alen, k + 2 * alen + 2, 2);
+    memcpy(reversed + 2 * alen + 2, k + 2 * alen, 2);
+    PyObject *key = PyBytes_FromStringAndSize((const char *)reversed, 2 * alen + 4);
+    if (key == NULL) {
+        *failed = 1;
+        return NULL;
+    }
+    PyObject *entry = PyDict_GetItemWithError(table, key);
+    Py_DECREF(key);
+    if (entry == NULL && PyErr_Occurred())
+        *failed = 1;
+    return entry;
+}
+
+static long long
+flags_of(PyObject *entry)
+{
+    return PyLong_AsLongLong(PyList_GET_ITEM(entry, 6));
+}
+
+/* One port of a pair side (the Python loop's inner ``for port_side, port``). */
+static int
+add_port(PyObject *ports, PyObject *side_key, PyObject *port_table_type, unsigned port,
+         PyObject *packets, PyObject *nbytes)
+{
+    PyObject *table = PyDict_GetItemWithError(ports, side_key);
+    if (table == NULL) {
+        if (PyErr_Occurred() || !(table = PyObject_CallNoArgs(port_table_type)))
+            return -1;
+        int failed = PyDict_SetItem(ports, side_key, table);
+        Py_DECREF(table);
+        if (failed)
+            return -1;
+    }
+    Py_INCREF(table);
+    int status = -1;
+    PyObject *by_port = PyObject_GetAttr(table, s_ports);
+    PyObject *pport = PyLong_FromUnsignedLong(port);
+    if (by_port == NULL || pport == NULL || !PyDict_CheckExact(by_port))
+        goto done;
+    PyObject *counts = PyDict_GetItemWithError(by_port, pport);
+    if (counts != NULL) {
+        status = list_add(counts, 0, packets) < 0 || list_add(counts, 1, nbytes) < 0 ? -1 : 0;
+    } else if (PyErr_Occurred()) {
+        goto done;
+    } else if (PyDict_GET_SIZE(by_port) < PORTS_TRACKED) { /* _PortTable.add, tracked */
+        PyObject *fresh = PyList_New(2);
+        if (fresh != NULL) {
+            PyList_SET_ITEM(fresh, 0, Py_NewRef(packets));
+            PyList_SET_ITEM(fresh, 1, Py_NewRef(nbytes));
+        }
+        status = fresh == NULL || PyDict_SetItem(by_port, pport, fresh) < 0 ? -1 : 0;
+        Py_XDECREF(fresh);
+    } else {
+        PyObject *r = PyObject_CallMethodObjArgs(table, s_add, pport, packets, nbytes, NULL);
+        status = r == NULL ? -1 : 0;
+        Py_XDECREF(r);
+    }
+done:
+    Py_XDECREF(by_port);
+    Py_XDECREF(pport);
+    Py_DECREF(table);
+    return status;
+}
+
+/* A SYN's flow (engine._Accumulator._tcp_attempt). */
+static int
+tcp_attempt(PyObject *pair, int side, PyObject *table, const unsigned char *k, Py_ssize_t alen,
+            unsigned dport)
+{
+    int failed = 0;
+    PyObject *reverse = reverse_flow(table, k, alen, &failed);
+    if (failed)
+        return -1;
+    PyObject *tcp = PyObject_GetAttr(pair, s_tcp);
+    PyObject *opened_ports = PyObject_GetAttr(pair, s_opened_ports);
+    PyObject *one = PyLong_FromLong(1), *pport = PyLong_FromUnsignedLong(dport);
+    int status = -1;
+    if (!tcp || !opened_ports || !one || !pport || !PyList_CheckExact(tcp) ||
+        !PyList_CheckExact(opened_ports) || PyList_GET_SIZE(tcp) < 2 ||
+        PyList_GET_SIZE(opened_ports) < 2) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "fold_flows: unexpected pair layout");
+        goto done;
+    }
+    PyObject *counts = PyList_GET_ITEM(tcp, side);
+    if (list_add(counts, 0, one) < 0)
+        goto done;
+    if (reverse == NULL) {
+        if (list_add(counts, 1, one) < 0)
+            goto done;
+    } else {
+        long long flags = flags_of(reverse);
+        if (flags == -1 && PyErr_Occurred())
+            goto done;
+        if ((flags & F_RST) && !(flags & F_SYN) && list_add(counts, 2, one) < 0)
+            goto done;
+    }
+    PyObject *opened = PyList_GET_ITEM(opened_ports, side);
+    if (!PyDict_CheckExact(opened)) {
+        PyErr_SetString(PyExc_TypeError, "fold_flows: unexpected pair layout");
+        goto done;
+    }
+    status = dict_add(opened, pport, one);
+done:
+    Py_XDECREF(tcp);
+    Py_XDECREF(opened_ports);
+    Py_XDECREF(one);
+    Py_XDECREF(pport);
+    return status;
+}
+
+/* pair.first = min(pair.first, value), or max for pair.last */
+static int
+keep_extreme(PyObject *pair, PyObject *name, double value, int lowest)
+{
+    PyObject *current = PyObject_GetAttr(pair, name);
+    if (current == NULL)
+        return -1;
+    double now = PyFloat_AsDouble(current);
+    Py_DECREF(current);
+    if (now == -1.0 && PyErr_Occurred())
+        return -1;
+    if (lowest ? value < now : value > now) {
+        PyObject *fresh = PyFloat_FromDouble(value);
+        if (fresh == NULL)
+            return -1;
+        int failed = PyObject_SetAttr(pair, name, fresh);
+        Py_DECREF(fresh);
+        return failed;
+    }
+    return 0;
+}
+
+/* The activity histogram, inline for the common case (one span, the pair's width, in range);
+ * else acc.add_activity(pair, entry). */
+static int
+add_histogram(PyObject *acc, PyObject *pair, PyObject *entry, long long start, Py_ssize_t buckets,
+              PyObject *zero_histogram, PyObject *nbytes)
+{
+    long long shift = attr_ll(acc, s_activity_shift);
+    long long span_last = entry_ll(entry, 8);
+    if ((shift == -1 || span_last == -1) && PyErr_Occurred())
+        return -1;
+    PyObject *histogram = PyObject_GetAttr(pair, s_activity);
+    if (histogram == NULL)
+        return -1;
+    int status = -1;
+    if (histogram == Py_None) {
+        Py_DECREF(histogram);
+        PyObject *pshift = PyLong_FromLongLong(shift);
+        if (!pshift || !(histogram = PyObject_CallNoArgs(zero_histogram)) ||
+            PyObject_SetAttr(pair, s_activity, histogram) < 0 ||
+            PyObject_SetAttr(pair, s_activity_shift, pshift) < 0) {
+            Py_XDECREF(pshift);
+            Py_XDECREF(histogram);
+            return -1;
+        }
+        Py_DECREF(pshift);
+    }
+    long long pair_shift = attr_ll(pair, s_activity_shift);
+    if (pair_shift == -1 && PyErr_Occurred())
+        goto done;
+    long long offset = span_last - start;
+    long long index = offset >= 0 && shift < 63 ? offset >> shift : -1;
+    if (PyList_GET_SIZE(entry) > SPLIT_BYTES || pair_shift != shift || index < 0 ||
+        index >= buckets) {
+        PyObject *r = PyObject_CallMethodObjArgs(acc, s_add_activity, pair, entry, NULL);
+        status = r == NULL ? -1 : 0;
+        Py_XDECREF(r);
+        goto done;
+    }
+    /* histogram[index] += nbytes, as the array's own item assignment would */
+    PyObject *old = PySequence_GetItem(histogram, (Py_ssize_t)index);
+    if (old == NULL)
+        goto done;
+    PyObject *sum = PyNumber_Add(old, nbytes);
+    Py_DECREF(old);
+    if (sum == NULL)
+        goto done;
+    status = PySequence_SetItem(histogram, (Py_ssize_t)index, sum);
+    Py_DECREF(sum);
+done:
+    Py_DECREF(histogram);
+    return status;
+}
+
+PyDoc_STRVAR(fold_flows_doc,
+"fold_flows(acc, table, proto_name, port_keys, pair_type, port_table_type, zero_histogram,\n"
+"           buckets) -> (packets, bytes)\n\n"
+"Fold one flow table (TCP or UDP) into acc.pairs as engine._Accumulator._fold_table does;\n"
+"return the packets and bytes of its flows.");
+
+static PyObject *
+fold_flows(PyObject *module, PyObject *args)
+{
+    PyObject *acc, *table, *proto_name, *port_keys, *pair_type, *port_table_type,
+        *zero_histogram;
+    Py_ssize_t buckets;
+    if (!PyArg_ParseTuple(args, "OO!UO!OOOn", &acc, &PyDict_Type, &table, &proto_name,
+                          &PyTuple_Type, &port_keys, &pair_type, &port_table_type,
+                          &zero_histogram, &buckets))
+        return NULL;
+    if (PyTuple_GET_SIZE(port_keys) != 2) {
+        PyErr_SetString(PyExc_ValueError, "fold_flows: port_keys must be a pair");
+        return NULL;
+    }
+    int is_tcp = PyUnicode_CompareWithASCIIString(proto_name, "tcp") == 0;
+    PyObject *pairs = PyObject_GetAttr(acc, s_pairs);
+    if (pairs == NULL)
+        return NULL;
+    PyObject *result = NULL;
+    long long packets_total = 0, bytes_total = 0;
+    long long max_peers = attr_ll(acc, s_max_peers);
+    long long compact_at = attr_ll(acc, s_compact_at);
+    long long fps = attr_ll(acc, s_frac_per_second);
+    PyObject *start_object = PyObject_GetAttr(acc, s_activity_start);
+    long long start = 0;
+    if (start_object != NULL && start_object != Py_None)
+        start = PyLong_AsLongLong(start_object);
+    Py_XDECREF(start_object);
+    if (PyErr_Occurred() || !PyDict_CheckExact(pairs) || fps <= 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "fold_flows: unexpected accumulator");
+        goto done;
+    }
+    Py_ssize_t at = 0;
+    PyObject *key, *entry;
+    while (PyDict_Next(table, &at, &key, &entry)) {
+        if (!PyBytes_CheckExact(key) || !PyList_CheckExact(entry) ||
+            PyList_GET_SIZE(entry) < SPLIT_BYTES) {
+            PyErr_SetString(PyExc_TypeError, "fold_flows: unexpected flow entry");
+            goto done;
+        }
+        Py_INCREF(key);
+        Py_INCREF(entry);
+        int failed = 1;
+        PyObject *src = NULL, *dst = NULL, *pair_key = NULL, *pair = NULL, *counts = NULL;
+        const unsigned char *k = (const unsigned char *)PyBytes_AS_STRING(key);
+        Py_ssize_t alen = PyBytes_GET_SIZE(key) == 12 ? 4 : 16;
+        if (PyBytes_GET_SIZE(key) != 2 * alen + 4) {
+            PyErr_SetString(PyExc_TypeError, "fold_flows: unexpected flow key");
+            goto next;
+        }
+        if (!(src = PyBytes_FromStringAndSize((const char *)k, alen)) ||
+            !(dst = PyBytes_FromStringAndSize((const char *)k + alen, alen)))
+            goto next;
+        int side = memcmp(k, k + alen, alen) <= 0 ? 0 : 1;
+        if (!(pair_key = side == 0 ? PyTuple_Pack(2, src, dst) : PyTuple_Pack(2, dst, src)))
+            goto next;
+        PyObject *packets = PyList_GET_ITEM(entry, 0), *nbytes = PyList_GET_ITEM(entry, 1);
+        long long packets_ll = PyLong_AsLongLong(packets), bytes_ll = PyLong_AsLongLong(nbytes);
+        if (PyErr_Occurred())
+            goto next;
+        packets_total += packets_ll;
+        bytes_total += bytes_ll;
+        pair = PyDict_GetItemWithError(pairs, pair_key);
+        if (pair == NULL) {
+            if (PyErr_Occurred())
+                goto next;
+            if (PyDict_GET_SIZE(pairs) >= max_peers) {
+                /* full: a flow of a new pair that had no exchange is folded at once */
+                int bad = 0;
+                PyObject *reverse = reverse_flow(table, k, alen, &bad);
+                PyObject *palen = bad ? NULL : PyLong_FromSsize_t(alen);
+                if (palen == NULL)
+                    goto next;
+                PyObject *folded = PyObject_CallMethodObjArgs(
+                    acc, s_fold_flow, src, dst, entry, reverse ? reverse : Py_None,
+                    is_tcp ? Py_True : Py_False, key, palen, NULL);
+                Py_DECREF(palen);
+                if (folded == NULL)
+                    goto next;
+                int yes = PyObject_IsTrue(folded);
+                Py_DECREF(folded);
+                if (yes < 0)
+                    goto next;
+                if (yes) {
+                    failed = 0;
+                    goto next;
+                }
+                if (PyDict_GET_SIZE(pairs) >= compact_at) {
+                    PyObject *r = PyObject_CallMethodObjArgs(acc, s_compact, NULL);
+                    if (r == NULL)
+                        goto next;
+                    Py_DECREF(r);
+                }
+            }
+            if (!(pair = PyObject_CallNoArgs(pair_type)) ||
+                PyDict_SetItem(pairs, pair_key, pair) < 0)
+                goto next;
+        } else {
+            Py_INCREF(pair);
+        }
+        /* an exchange: ACKs both ways (TCP), or an answer (UDP) */
+        PyObject *exchanged = PyObject_GetAttr(pair, s_exchanged);
+        if (exchanged == NULL)
+            goto next;
+        int was = PyObject_IsTrue(exchanged);
+        Py_DECREF(exchanged);
+        if (was < 0)
+            goto next;
+        long long flags = flags_of(entry);
+        if (flags == -1 && PyErr_Occurred())
+            goto next;
+        if (!was && (!is_tcp || (flags & F_ACK))) {
+            int bad = 0;
+            PyObject *reverse = reverse_flow(table, k, alen, &bad);
+            if (bad)
+                goto next;
+            if (reverse != NULL) {
+                long long reverse_flags = flags_of(reverse);
+                if (reverse_flags == -1 && PyErr_Occurred())
+                    goto next;
+                if ((!is_tcp || (reverse_flags & F_ACK)) &&
+                    PyObject_SetAttr(pair, s_exchanged, Py_True) < 0)
+                    goto next;
+            }
+        }
+        if (!(counts = PyObject_GetAttr(pair, s_packets)) || list_add(counts, side, packets) < 0)
+            goto next;
+        Py_SETREF(counts, PyObject_GetAttr(pair, s_bytes));
+        if (counts == NULL || list_add(counts, side, nbytes) < 0)
+            goto next;
+        long long fsec = entry_ll(entry, 2), ffrac = entry_ll(entry, 3);
+        long long lsec = entry_ll(entry, 4), lfrac = entry_ll(entry, 5);
+        if (PyErr_Occurred())
+            goto next;
+        if (keep_extreme(pair, s_first, (double)fsec + (double)ffrac / (double)fps, 1) < 0 ||
+            keep_extreme(pair, s_last, (double)lsec + (double)lfrac / (double)fps, 0) < 0)
+            goto next;
+        Py_SETREF(counts, PyObject_GetAttr(pair, s_protocols));
+        if (counts == NULL || !PyDict_CheckExact(counts) ||
+            dict_add(counts, proto_name, packets) < 0)
+            goto next;
+        Py_SETREF(counts, PyObject_GetAttr(pair, s_ports));
+        if (counts == NULL || !PyDict_CheckExact(counts))
+            goto next;
+        unsigned sport = k[2 * alen] << 8 | k[2 * alen + 1];
+        unsigned dport = k[2 * alen + 2] << 8 | k[2 * alen + 3];
+        if (add_port(counts, PyTuple_GET_ITEM(port_keys, side), port_table_type, sport, packets,
+                     nbytes) < 0 ||
+            add_port(counts, PyTuple_GET_ITEM(port_keys, 1 - side), port_table_type, dport,
+                     packets, nbytes) < 0)
+            goto next;
+        long long first_flags = entry_ll(entry, 7);
+        if (first_flags == -1 && PyErr_Occurred())
+            goto next;
+        if (is_tcp && (first_flags & (F_SYN | F_ACK)) == F_SYN &&
+            tcp_attempt(pair, side, table, k, alen, dport) < 0)
+            goto next;
+        if (add_histogram(acc, pair, entry, start, buckets, zero_histogram, nbytes) < 0)
+            goto next;
+        failed = 0;
+    next:
+        Py_XDECREF(src);
+        Py_XDECREF(dst);
+        Py_XDECREF(pair_key);
+        Py_XDECREF(pair);
+        Py_XDECREF(counts);
+        Py_DECREF(key);
+        Py_DECREF(entry);
+        if (failed) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "fold_flows: unexpected pair layout");
+            goto done;
+        }
+    }
+    result = Py_BuildValue("LL", packets_total, bytes_total);
+done:
+    Py_DECREF(pairs);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"scan", scan, METH_VARARGS, scan_doc},
+    {"fold_flows", fold_flows, METH_VARARGS, fold_flows_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "_nwcap_walk",
+    "nwcap's compiled record walk (see analyzer/engine.py).", -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__nwcap_walk(void)
+{
+    struct { PyObject **slot; const char *text; } names[] = {
+        {&s_pairs, "pairs"}, {&s_max_peers, "max_peers"}, {&s_compact_at, "compact_at"},
+        {&s_frac_per_second, "frac_per_second"}, {&s_activity_start, "activity_start"},
+        {&s_activity_shift, "activity_shift"}, {&s_fold_flow, "_fold_flow"},
+        {&s_compact, "compact"}, {&s_add_activity, "add_activity"}, {&s_exchanged, "exchanged"},
+        {&s_packets, "packets"}, {&s_bytes, "bytes"}, {&s_first, "first"}, {&s_last, "last"},
+        {&s_protocols, "protocols"}, {&s_ports, "ports"}, {&s_tcp, "tcp"},
+        {&s_opened_ports, "opened_ports"}, {&s_activity, "activity"}, {&s_add, "add"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        if (*names[i].slot == NULL && !(*names[i].slot = PyUnicode_InternFromString(names[i].text)))
+            return NULL;
+    }
+    PyObject *module = PyModule_Create(&module_def);
+    if (module != NULL && (PyModule_AddIntConstant(module, "ABI", WALK_ABI) < 0 ||
+                           PyModule_AddIntConstant(module, "PORTS_TRACKED", PORTS_TRACKED) < 0 ||
+                           PyModule_AddIntConstant(module, "SPLIT_BYTES", SPLIT_BYTES) < 0)) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
