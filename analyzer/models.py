@@ -33,7 +33,8 @@ def iso_time(ts: float | None) -> str | None:
     except (OverflowError, ValueError, OSError):
         # a damaged or hostile capture can declare a time no date holds (past year 9999)
         return None
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat, not strftime: a quarter of the cost, for every time of every peer
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,10 @@ precomputed answer, so a lookup is one binary search.
 from __future__ import annotations
 
 import json
-import socket
+
+# socket's C half: the address parsing without the socket module's 5 ms of imports, which
+# every `nwcap analyze` would pay whether it reads service tags or not
+from _socket import AF_INET, AF_INET6, inet_pton
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -113,11 +116,11 @@ def _parse_address(text: str) -> tuple[int, int] | None:
     text = text.split("%", 1)[0]
     try:
         if ":" in text:
-            value = int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+            value = int.from_bytes(inet_pton(AF_INET6, text), "big")
             if value >> 32 == 0xFFFF:  # ::ffff:a.b.c.d is an IPv4 address in disguise
                 return _V4_BITS, value & 0xFFFFFFFF
             return _V6_BITS, value
-        return _V4_BITS, int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+        return _V4_BITS, int.from_bytes(inet_pton(AF_INET, text), "big")
     except (OSError, ValueError):
         return None
 
@@ -125,9 +128,9 @@ def _parse_address(text: str) -> tuple[int, int] | None:
 def _parse_prefix(text: str) -> tuple[int, int, int] | None:
     """Return ``(bits, network start, prefix length)``, host bits cleared, or None if invalid."""
     address, slash, length_text = text.strip().partition("/")
-    family, bits = (socket.AF_INET6, _V6_BITS) if ":" in address else (socket.AF_INET, _V4_BITS)
+    family, bits = (AF_INET6, _V6_BITS) if ":" in address else (AF_INET, _V4_BITS)
     try:
-        value = int.from_bytes(socket.inet_pton(family, address), "big")
+        value = int.from_bytes(inet_pton(family, address), "big")
     except (OSError, ValueError):
         return None
     if not slash:

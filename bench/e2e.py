@@ -290,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     scale = args.packets_scale or (bench.QUICK_SCALE if args.quick else 1.0)
     names = args.only or ["mixed", "small", "wide"]
     bench.check_nwcap(args.nwcap)
+    walk = bench.prepare_nwcap(args.nwcap)
     print("\n".join(bench.machine()))
-    print(f"nwcap    {bench._first_line([str(args.nwcap), '--version'])}")
+    print(f"nwcap    {bench._first_line([str(args.nwcap), '--version'])}, {walk} record walk")
     print(f"scale    {scale:g} of the full captures, best of {args.repeat}")
     azurite_script = _load_azurite()
     summary: list[str] = []
