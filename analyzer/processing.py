@@ -59,6 +59,7 @@ from analyzer.blobpath import (
 from analyzer.blobstream import MIB, open_blob_stream
 from analyzer.budget import Budget
 from analyzer.connections import require_url_on_service
+from analyzer.engine import compiled_walk
 from analyzer.errors import CorruptCaptureError, UnsupportedFormatError
 from analyzer.models import SEVERITY_ORDER, Alert, Analysis, Peer, Severity, iso_time
 from analyzer.policy import Policy, load_policy
@@ -606,6 +607,9 @@ def log_outcome(outcome: Outcome) -> None:
         "blob": outcome.blob,
         "status": outcome.status,
         "detail": outcome.detail,
+        # "python" in Azure means the remote build could not compile native/: several times
+        # slower, same results
+        "record_walk": "compiled" if compiled_walk() is not None else "python",
     }
     if record is not None:
         fields.update(

@@ -242,6 +242,9 @@ class TestBlobTrigger:
         assert fields["nwcap_event"] == outcome.nwcap_event == "capture"  # type: ignore[attr-defined]
         assert (fields["status"], fields["vm"], fields["peers"]) == ("complete", "vm-web-01", 3)
         assert fields["packets"] == sum(s + r for s, r in PEERS.values())
+        # the project's set-up compiles the record walk (tests/test_compiled_walk.py)
+        walk = "python" if os.environ.get("NWCAP_PURE_PYTHON") else "compiled"
+        assert fields["record_walk"] == walk
         alerts = [json.loads(r.getMessage().split(" ", 1)[1]) for r in records
                   if r.getMessage().startswith("nwcap.alert ")]
         assert len(alerts) == sum(fields["alerts"].values()) > 0
