@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase, translate
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from analyzer.models import PeerName
 
@@ -92,6 +92,27 @@ class NameMatch:
     name: str
 
 
+V = TypeVar("V")
+
+
+def _int_ranges(items: Iterable[tuple[IPNetwork, V]]) -> tuple[tuple[int, int, int, V], ...]:
+    """``(version, first, last, value)`` per network, in the given order."""
+    return tuple(
+        (network.version, int(network.network_address), int(network.broadcast_address), value)
+        for network, value in items
+    )
+
+
+def _first_holding(ranges: tuple[tuple[int, int, int, V], ...], address: IPAddress) -> V | None:
+    """The value of the first range holding ``address``, or None."""
+    version, value = address.version, int(address)
+    for family, first, last, held in ranges:
+        if family == version and first <= value <= last:
+            return held
+    return None
+
+
+@lru_cache(maxsize=4096)
 def parse_address(text: str) -> IPAddress | None:
     """Parse an address, dropping an IPv6 zone and unwrapping IPv4-mapped IPv6; None if invalid."""
     try:
@@ -141,6 +162,13 @@ class Catalog:
             (ipaddress.ip_network(item["cidr"]), item["label"]) for item in data["private"]
         )
         self._by_id = {entry.id: entry for entry in (*self.address_entries, *self.name_entries)}
+        # The same ranges as integers, in file order: a comparison each instead of an
+        # ipaddress containment test (every peer is looked up in all of them).
+        self._entry_ranges = _int_ranges(
+            (network, entry) for entry in self.address_entries for network in entry.networks
+        )
+        self._noise_ranges = _int_ranges(self._noise)
+        self._private_ranges = _int_ranges(self._private)
         # All globs in one regex, a named group per entry in file order, so that one match
         # finds the first entry whose globs fit (fnmatch.translate anchors each glob).
         self._name_regex = re.compile(
@@ -164,10 +192,7 @@ class Catalog:
         parsed = parse_address(address) if isinstance(address, str) else address
         if parsed is None:
             return None
-        for entry in self.address_entries:
-            if any(parsed in network for network in entry.networks):
-                return entry
-        return None
+        return _first_holding(self._entry_ranges, parsed)
 
     def match_name(self, name: str) -> Entry | None:
         """The entry whose name globs match ``name`` (case and trailing dot ignored), or None."""
@@ -221,20 +246,16 @@ class Catalog:
         parsed = parse_address(address) if isinstance(address, str) else address
         if parsed is None:
             return None
-        for network, label in self._noise:
-            if parsed.version == network.version and parsed in network:
-                return str(label)
-        return None
+        label = _first_holding(self._noise_ranges, parsed)
+        return None if label is None else str(label)
 
     def private_range(self, address: str | IPAddress) -> str | None:
         """The label of the private range (RFC 1918, ULA...) holding ``address``, or None."""
         parsed = parse_address(address) if isinstance(address, str) else address
         if parsed is None:
             return None
-        for network, label in self._private:
-            if parsed.version == network.version and parsed in network:
-                return str(label)
-        return None
+        label = _first_holding(self._private_ranges, parsed)
+        return None if label is None else str(label)
 
 
 @lru_cache(maxsize=1)

@@ -1262,6 +1262,8 @@ def _parse_addresses(values: Iterable[str]) -> tuple[bytes, ...]:
 
 
 def _text(address: bytes) -> str:
+    if len(address) == 4:  # what str(IPv4Address) gives, at a tenth of the cost
+        return "%d.%d.%d.%d" % tuple(address)  # noqa: UP031 - the fastest here
     return str(ipaddress.ip_address(address))
 
 
