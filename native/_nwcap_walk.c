@@ -16,6 +16,13 @@
 #define WALK_ABI 3
 #define FAST_SIZE 64 /* record header + the frame bytes the fast test reads (Python's struct) */
 
+/* Attribute names, interned once: PyObject_GetAttrString would make a new string per call,
+ * and the type attribute cache keeps a reference to each one it sees. */
+static PyObject *s_pairs, *s_max_peers, *s_compact_at, *s_frac_per_second, *s_activity_start,
+    *s_activity_shift, *s_fold_flow, *s_compact, *s_add_activity, *s_exchanged, *s_packets,
+    *s_bytes, *s_first, *s_last, *s_protocols, *s_ports, *s_tcp, *s_opened_ports, *s_activity,
+    *s_add, *s_udp, *s_roll, *s_inspect_tcp, *s_names, *s_dns_message, *s_add_frame;
+
 static inline uint32_t
 read_u32(const unsigned char *p, int big_endian)
 {
@@ -328,13 +335,13 @@ scan(PyObject *module, PyObject *args)
         goto done;
     }
     const unsigned char *tier_types = tier.buf;
-    if (!(w.tcp = PyObject_GetAttrString(acc, "tcp")) ||
-        !(w.udp = PyObject_GetAttrString(acc, "udp")) ||
-        !(w.roll = PyObject_GetAttrString(acc, "roll")) ||
-        !(w.inspect_tcp = PyObject_GetAttrString(acc, "inspect_tcp")) ||
-        !(names = PyObject_GetAttrString(acc, "names")) ||
-        !(w.dns = PyObject_GetAttrString(names, "dns_message")) ||
-        !(add_frame = PyObject_GetAttrString(acc, "add_frame")) || !(link = PyLong_FromLong(1)))
+    if (!(w.tcp = PyObject_GetAttr(acc, s_tcp)) ||
+        !(w.udp = PyObject_GetAttr(acc, s_udp)) ||
+        !(w.roll = PyObject_GetAttr(acc, s_roll)) ||
+        !(w.inspect_tcp = PyObject_GetAttr(acc, s_inspect_tcp)) ||
+        !(names = PyObject_GetAttr(acc, s_names)) ||
+        !(w.dns = PyObject_GetAttr(names, s_dns_message)) ||
+        !(add_frame = PyObject_GetAttr(acc, s_add_frame)) || !(link = PyLong_FromLong(1)))
         goto done;
     if (!PyDict_CheckExact(w.tcp) || !PyDict_CheckExact(w.udp)) {
         PyErr_SetString(PyExc_TypeError, "scan: flow tables must be dicts");
@@ -392,8 +399,8 @@ scan(PyObject *module, PyObject *args)
                 goto done;
             Py_DECREF(r);
             /* the general path may have folded the flow tables into new ones */
-            PyObject *now_tcp = PyObject_GetAttrString(acc, "tcp");
-            PyObject *now_udp = PyObject_GetAttrString(acc, "udp");
+            PyObject *now_tcp = PyObject_GetAttr(acc, s_tcp);
+            PyObject *now_udp = PyObject_GetAttr(acc, s_udp);
             if (now_tcp == NULL || now_udp == NULL || !PyDict_CheckExact(now_tcp) ||
                 !PyDict_CheckExact(now_udp)) {
                 if (!PyErr_Occurred())
@@ -425,10 +432,6 @@ done:
 
 /* ---- folding flows into address pairs (engine._Accumulator._fold_table) ------------------ */
 
-static PyObject *s_pairs, *s_max_peers, *s_compact_at, *s_frac_per_second, *s_activity_start,
-    *s_activity_shift, *s_fold_flow, *s_compact, *s_add_activity, *s_exchanged, *s_packets,
-    *s_bytes, *s_first, *s_last, *s_protocols, *s_ports, *s_tcp, *s_opened_ports, *s_activity,
-    *s_add;
 
 #define PORTS_TRACKED 512
 #define SPLIT_BYTES 9
@@ -877,6 +880,8 @@ PyInit__nwcap_walk(void)
         {&s_packets, "packets"}, {&s_bytes, "bytes"}, {&s_first, "first"}, {&s_last, "last"},
         {&s_protocols, "protocols"}, {&s_ports, "ports"}, {&s_tcp, "tcp"},
         {&s_opened_ports, "opened_ports"}, {&s_activity, "activity"}, {&s_add, "add"},
+        {&s_udp, "udp"}, {&s_roll, "roll"}, {&s_inspect_tcp, "inspect_tcp"}, {&s_names, "names"},
+        {&s_dns_message, "dns_message"}, {&s_add_frame, "add_frame"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         if (*names[i].slot == NULL && !(*names[i].slot = PyUnicode_InternFromString(names[i].text)))

@@ -10,9 +10,11 @@ and on mutated captures from the fuzzer's seeds.
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import random
+import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -312,3 +314,20 @@ def test_scans_and_the_peer_cap(max_peers: int, monkeypatch: pytest.MonkeyPatch)
     compiled, python = both(capture(frames), Budget(max_peers=max_peers))
     assert compiled == python
     assert ('"folded": []' in compiled) == (max_peers > 400)
+
+
+@needs_compiled
+def test_no_reference_leaks() -> None:
+    """Objects the C creates are all released: repeated runs hold no more memory."""
+    data = capture(mixed_frames(random.Random(4), 1500))  # noqa: S311 - test data
+    engine.summarize(io.BytesIO(data))  # warm caches (the catalogue, the type cache)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for _ in range(4):
+            engine.summarize(io.BytesIO(data))
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 1024, f"{held} bytes still held after 4 runs"
