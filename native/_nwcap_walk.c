@@ -54,10 +54,14 @@ entry_set(PyObject *entry, Py_ssize_t index, PyObject *value)
 static inline int
 entry_add(PyObject *entry, Py_ssize_t index, long long delta)
 {
-    long long value = entry_ll(entry, index);
+    long long value = entry_ll(entry, index), sum;
     if (value == -1 && PyErr_Occurred())
         return -1;
-    return entry_set(entry, index, PyLong_FromLongLong(value + delta));
+    if (__builtin_add_overflow(value, delta, &sum)) { /* past any packet budget */
+        PyErr_SetString(PyExc_OverflowError, "scan: a flow count passed 2**63");
+        return -1;
+    }
+    return entry_set(entry, index, PyLong_FromLongLong(sum));
 }
 
 /* A new flow entry: [1, orig, sec, frac, sec, frac, flags, flags, sec] (one sec object, as
@@ -68,12 +72,10 @@ new_entry(uint32_t sec, uint32_t frac, uint32_t orig, long flags)
     PyObject *entry = PyList_New(9);
     if (entry == NULL)
         return NULL;
-    PyObject *psec = PyLong_FromUnsignedLong(sec);
-    PyObject *pfrac = PyLong_FromUnsignedLong(frac);
-    PyObject *porig = PyLong_FromUnsignedLong(orig);
-    PyObject *pflags = PyLong_FromLong(flags);
-    PyObject *one = PyLong_FromLong(1);
-    if (!psec || !pfrac || !porig || !pflags || !one) {
+    PyObject *psec = NULL, *pfrac = NULL, *porig = NULL, *pflags = NULL, *one = NULL;
+    if (!(psec = PyLong_FromUnsignedLong(sec)) || !(pfrac = PyLong_FromUnsignedLong(frac)) ||
+        !(porig = PyLong_FromUnsignedLong(orig)) || !(pflags = PyLong_FromLong(flags)) ||
+        !(one = PyLong_FromLong(1))) {
         Py_XDECREF(psec);
         Py_XDECREF(pfrac);
         Py_XDECREF(porig);
@@ -135,6 +137,10 @@ count_flow(Walk *w, PyObject *table, PyObject *key, uint32_t sec, uint32_t frac,
         if (result == NULL)
             goto done;
         Py_DECREF(result);
+        if (PyList_GET_SIZE(entry) < 9) { /* roll only ever grows an entry */
+            PyErr_SetString(PyExc_TypeError, "scan: roll shrank a flow entry");
+            goto done;
+        }
     }
     if (entry_add(entry, 0, 1) < 0 || entry_add(entry, 1, orig) < 0)
         goto done;
@@ -161,10 +167,11 @@ static int
 inspect(Walk *w, PyObject *key, const unsigned char *dst, Py_ssize_t alen, uint32_t seq,
         const unsigned char *buf, Py_ssize_t start, Py_ssize_t end, unsigned sport)
 {
+    PyObject *payload = NULL, *result = NULL;
     PyObject *pdst = PyBytes_FromStringAndSize((const char *)dst, alen);
-    PyObject *payload = PyBytes_FromStringAndSize((const char *)buf + start, end - start);
-    PyObject *result = NULL;
-    if (pdst != NULL && payload != NULL)
+    if (pdst != NULL)
+        payload = PyBytes_FromStringAndSize((const char *)buf + start, end - start);
+    if (payload != NULL)
         result = PyObject_CallFunction(w->inspect_tcp, "OOkOI", key, pdst, (unsigned long)seq,
                                        payload, sport);
     Py_XDECREF(pdst);
@@ -329,11 +336,22 @@ scan(PyObject *module, PyObject *args)
         return NULL;
     PyObject *result = NULL, *names = NULL, *add_frame = NULL, *link = NULL;
     Walk w = {NULL, NULL, NULL, NULL, NULL, tunnel.buf, inspected};
-    if (tunnel.len != 65536 || tier.len != 65536 || pos < 0 || end < pos ||
-        end > PyByteArray_GET_SIZE(bufobj)) {
-        PyErr_SetString(PyExc_ValueError, "scan: bad buffer bounds or port tables");
+    /* An export of the buffer for the whole call: Python code run from here (roll, add_frame)
+     * cannot resize it under the pointers taken into it. */
+    Py_buffer pinned = {0};
+    if (!PyByteArray_CheckExact(bufobj) || PyObject_GetBuffer(bufobj, &pinned, PyBUF_SIMPLE) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "scan: buf must be a bytearray");
+        PyBuffer_Release(&tunnel);
+        PyBuffer_Release(&tier);
+        return NULL;
+    }
+    if (tunnel.len != 65536 || tier.len != 65536 || pos < 0 || end < pos || max_record < 0 ||
+        end > pinned.len) {
+        PyErr_SetString(PyExc_ValueError, "scan: bad buffer bounds, limit or port tables");
         goto done;
     }
+    const unsigned char *buf = pinned.buf;
     const unsigned char *tier_types = tier.buf;
     if (!(w.tcp = PyObject_GetAttr(acc, s_tcp)) ||
         !(w.udp = PyObject_GetAttr(acc, s_udp)) ||
@@ -350,26 +368,20 @@ scan(PyObject *module, PyObject *args)
     Py_ssize_t taken = 0;
     long long damaged = -1;
     for (; taken < left; taken++) {
-        /* callbacks run Python code: take the buffer's address afresh for each record */
-        if (PyByteArray_GET_SIZE(bufobj) < end) {
-            PyErr_SetString(PyExc_RuntimeError, "scan: the buffer shrank");
-            goto done;
-        }
-        const unsigned char *buf = (const unsigned char *)PyByteArray_AS_STRING(bufobj);
         if (pos + 16 > end)
             break;
         uint32_t sec = read_u32(buf + pos, big_endian);
         uint32_t frac = read_u32(buf + pos + 4, big_endian);
         uint32_t incl = read_u32(buf + pos + 8, big_endian);
         uint32_t orig = read_u32(buf + pos + 12, big_endian);
-        if ((Py_ssize_t)incl > max_record) {
+        if ((uint64_t)incl > (uint64_t)max_record) {
             damaged = incl;
             break;
         }
         Py_ssize_t data = pos + 16;
+        if ((uint64_t)incl > (uint64_t)(end - data))
+            break; /* the rest of the record is in the next chunk */
         Py_ssize_t nxt = data + (Py_ssize_t)incl;
-        if (nxt > end)
-            break;
         /* The Python loop reads the fast fields only when they fit in the buffer (they may
          * lie past a short frame, as here); else the record goes to decode(). */
         int taken_here = 0;
@@ -388,7 +400,6 @@ scan(PyObject *module, PyObject *args)
         if (taken_here < 0)
             goto done;
         if (!taken_here) {
-            buf = (const unsigned char *)PyByteArray_AS_STRING(bufobj);
             PyObject *frame = PyBytes_FromStringAndSize((const char *)buf + data, nxt - data);
             if (frame == NULL)
                 goto done;
@@ -426,6 +437,7 @@ done:
     Py_XDECREF(link);
     PyBuffer_Release(&tunnel);
     PyBuffer_Release(&tier);
+    PyBuffer_Release(&pinned);
     return result;
 }
 
@@ -501,6 +513,10 @@ reverse_flow(PyObject *table, const unsigned char *k, Py_ssize_t alen, int *fail
 static long long
 flags_of(PyObject *entry)
 {
+    if (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) < 9) {
+        PyErr_SetString(PyExc_TypeError, "fold_flows: a flow entry is not a list");
+        return -1;
+    }
     return PyLong_AsLongLong(PyList_GET_ITEM(entry, 6));
 }
 
@@ -520,10 +536,13 @@ add_port(PyObject *ports, PyObject *side_key, PyObject *port_table_type, unsigne
     }
     Py_INCREF(table);
     int status = -1;
-    PyObject *by_port = PyObject_GetAttr(table, s_ports);
-    PyObject *pport = PyLong_FromUnsignedLong(port);
-    if (by_port == NULL || pport == NULL || !PyDict_CheckExact(by_port))
+    PyObject *by_port = NULL, *pport = NULL;
+    if (!(by_port = PyObject_GetAttr(table, s_ports)) || !(pport = PyLong_FromUnsignedLong(port)))
         goto done;
+    if (!PyDict_CheckExact(by_port)) {
+        PyErr_SetString(PyExc_TypeError, "fold_flows: a port table's ports is not a dict");
+        goto done;
+    }
     PyObject *counts = PyDict_GetItemWithError(by_port, pport);
     if (counts != NULL) {
         status = list_add(counts, 0, packets) < 0 || list_add(counts, 1, nbytes) < 0 ? -1 : 0;
@@ -554,15 +573,12 @@ static int
 tcp_attempt(PyObject *pair, int side, PyObject *table, const unsigned char *k, Py_ssize_t alen,
             unsigned dport)
 {
-    int failed = 0;
-    PyObject *reverse = reverse_flow(table, k, alen, &failed);
-    if (failed)
-        return -1;
-    PyObject *tcp = PyObject_GetAttr(pair, s_tcp);
-    PyObject *opened_ports = PyObject_GetAttr(pair, s_opened_ports);
-    PyObject *one = PyLong_FromLong(1), *pport = PyLong_FromUnsignedLong(dport);
+    PyObject *tcp = NULL, *opened_ports = NULL, *one = NULL, *pport = NULL;
     int status = -1;
-    if (!tcp || !opened_ports || !one || !pport || !PyList_CheckExact(tcp) ||
+    if (!(tcp = PyObject_GetAttr(pair, s_tcp)) ||
+        !(opened_ports = PyObject_GetAttr(pair, s_opened_ports)) ||
+        !(one = PyLong_FromLong(1)) || !(pport = PyLong_FromUnsignedLong(dport)) ||
+        !PyList_CheckExact(tcp) ||
         !PyList_CheckExact(opened_ports) || PyList_GET_SIZE(tcp) < 2 ||
         PyList_GET_SIZE(opened_ports) < 2) {
         if (!PyErr_Occurred())
@@ -571,6 +587,10 @@ tcp_attempt(PyObject *pair, int side, PyObject *table, const unsigned char *k, P
     }
     PyObject *counts = PyList_GET_ITEM(tcp, side);
     if (list_add(counts, 0, one) < 0)
+        goto done;
+    int failed = 0;
+    PyObject *reverse = reverse_flow(table, k, alen, &failed); /* borrowed: used at once */
+    if (failed)
         goto done;
     if (reverse == NULL) {
         if (list_add(counts, 1, one) < 0)
@@ -634,6 +654,7 @@ add_histogram(PyObject *acc, PyObject *pair, PyObject *entry, long long start, P
     int status = -1;
     if (histogram == Py_None) {
         Py_DECREF(histogram);
+        histogram = NULL;
         PyObject *pshift = PyLong_FromLongLong(shift);
         if (!pshift || !(histogram = PyObject_CallNoArgs(zero_histogram)) ||
             PyObject_SetAttr(pair, s_activity, histogram) < 0 ||
@@ -687,8 +708,8 @@ fold_flows(PyObject *module, PyObject *args)
                           &PyTuple_Type, &port_keys, &pair_type, &port_table_type,
                           &zero_histogram, &buckets))
         return NULL;
-    if (PyTuple_GET_SIZE(port_keys) != 2) {
-        PyErr_SetString(PyExc_ValueError, "fold_flows: port_keys must be a pair");
+    if (PyTuple_GET_SIZE(port_keys) != 2 || !PyDict_CheckExact(table)) {
+        PyErr_SetString(PyExc_TypeError, "fold_flows: port_keys must be a pair, table a dict");
         return NULL;
     }
     int is_tcp = PyUnicode_CompareWithASCIIString(proto_name, "tcp") == 0;
@@ -697,14 +718,20 @@ fold_flows(PyObject *module, PyObject *args)
         return NULL;
     PyObject *result = NULL;
     long long packets_total = 0, bytes_total = 0;
-    long long max_peers = attr_ll(acc, s_max_peers);
-    long long compact_at = attr_ll(acc, s_compact_at);
-    long long fps = attr_ll(acc, s_frac_per_second);
-    PyObject *start_object = PyObject_GetAttr(acc, s_activity_start);
-    long long start = 0;
-    if (start_object != NULL && start_object != Py_None)
+    long long max_peers = -1, compact_at = -1, fps = -1, start = 0;
+    PyObject *start_object = NULL;
+    /* each read only if the one before worked: no C-API call with an exception pending */
+    if ((max_peers = attr_ll(acc, s_max_peers)) == -1 && PyErr_Occurred())
+        goto done;
+    if ((compact_at = attr_ll(acc, s_compact_at)) == -1 && PyErr_Occurred())
+        goto done;
+    if ((fps = attr_ll(acc, s_frac_per_second)) == -1 && PyErr_Occurred())
+        goto done;
+    if (!(start_object = PyObject_GetAttr(acc, s_activity_start)))
+        goto done;
+    if (start_object != Py_None)
         start = PyLong_AsLongLong(start_object);
-    Py_XDECREF(start_object);
+    Py_DECREF(start_object);
     if (PyErr_Occurred() || !PyDict_CheckExact(pairs) || fps <= 0) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_TypeError, "fold_flows: unexpected accumulator");
@@ -722,6 +749,9 @@ fold_flows(PyObject *module, PyObject *args)
         Py_INCREF(entry);
         int failed = 1;
         PyObject *src = NULL, *dst = NULL, *pair_key = NULL, *pair = NULL, *counts = NULL;
+        /* owned: the callbacks below run Python code */
+        PyObject *packets = Py_NewRef(PyList_GET_ITEM(entry, 0));
+        PyObject *nbytes = Py_NewRef(PyList_GET_ITEM(entry, 1));
         const unsigned char *k = (const unsigned char *)PyBytes_AS_STRING(key);
         Py_ssize_t alen = PyBytes_GET_SIZE(key) == 12 ? 4 : 16;
         if (PyBytes_GET_SIZE(key) != 2 * alen + 4) {
@@ -734,12 +764,15 @@ fold_flows(PyObject *module, PyObject *args)
         int side = memcmp(k, k + alen, alen) <= 0 ? 0 : 1;
         if (!(pair_key = side == 0 ? PyTuple_Pack(2, src, dst) : PyTuple_Pack(2, dst, src)))
             goto next;
-        PyObject *packets = PyList_GET_ITEM(entry, 0), *nbytes = PyList_GET_ITEM(entry, 1);
-        long long packets_ll = PyLong_AsLongLong(packets), bytes_ll = PyLong_AsLongLong(nbytes);
-        if (PyErr_Occurred())
+        long long packets_ll = PyLong_AsLongLong(packets), bytes_ll = -1;
+        if ((packets_ll == -1 && PyErr_Occurred()) ||
+            ((bytes_ll = PyLong_AsLongLong(nbytes)) == -1 && PyErr_Occurred()))
             goto next;
-        packets_total += packets_ll;
-        bytes_total += bytes_ll;
+        if (__builtin_add_overflow(packets_total, packets_ll, &packets_total) ||
+            __builtin_add_overflow(bytes_total, bytes_ll, &bytes_total)) {
+            PyErr_SetString(PyExc_OverflowError, "fold_flows: a total passed 2**63");
+            goto next;
+        }
         pair = PyDict_GetItemWithError(pairs, pair_key);
         if (pair == NULL) {
             if (PyErr_Occurred())
@@ -808,10 +841,12 @@ fold_flows(PyObject *module, PyObject *args)
         Py_SETREF(counts, PyObject_GetAttr(pair, s_bytes));
         if (counts == NULL || list_add(counts, side, nbytes) < 0)
             goto next;
-        long long fsec = entry_ll(entry, 2), ffrac = entry_ll(entry, 3);
-        long long lsec = entry_ll(entry, 4), lfrac = entry_ll(entry, 5);
-        if (PyErr_Occurred())
-            goto next;
+        long long times[4]; /* first second, first fraction, last second, last fraction */
+        for (int i = 0; i < 4; i++) {
+            if ((times[i] = entry_ll(entry, 2 + i)) == -1 && PyErr_Occurred())
+                goto next;
+        }
+        long long fsec = times[0], ffrac = times[1], lsec = times[2], lfrac = times[3];
         if (keep_extreme(pair, s_first, (double)fsec + (double)ffrac / (double)fps, 1) < 0 ||
             keep_extreme(pair, s_last, (double)lsec + (double)lfrac / (double)fps, 0) < 0)
             goto next;
@@ -844,6 +879,8 @@ fold_flows(PyObject *module, PyObject *args)
         Py_XDECREF(pair_key);
         Py_XDECREF(pair);
         Py_XDECREF(counts);
+        Py_DECREF(packets);
+        Py_DECREF(nbytes);
         Py_DECREF(key);
         Py_DECREF(entry);
         if (failed) {

@@ -14,6 +14,7 @@ import gc
 import io
 import os
 import random
+import struct
 import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from analyzer.budget import Budget
 from analyzer.errors import NwcapError
 from analyzer.render import iter_json
 from nwcap_testing import synth
+from nwcap_testing.synth import ACK
 
 CORPUS = Path(
     os.environ.get("NWCAP_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus")
@@ -331,3 +333,76 @@ def test_no_reference_leaks() -> None:
     finally:
         tracemalloc.stop()
     assert held < 1024, f"{held} bytes still held after 4 runs"
+
+
+@needs_compiled
+def test_callbacks_cannot_pull_the_buffer_away() -> None:
+    """The C holds pointers into the buffer while Python callbacks run: it pins it, so a
+    callback that resizes it gets an error, not freed memory (found by a review under ASan)."""
+    walk = engine.compiled_walk()
+    assert walk is not None
+    frame = eth(
+        synth.ipv4(
+            "52.1.2.3",
+            VM,
+            6,
+            synth.tcp(
+                "52.1.2.3",
+                VM,
+                40000,
+                443,
+                seq=1,
+                flags=synth.ACK,
+                payload=b"GET / HTTP/1.1\r\n\r\n",
+            ),
+        )
+    )
+    record = b"".join(
+        struct.pack("<IIII", second, 0, len(frame), len(frame)) + frame for second in (100, 200)
+    )
+    buf = bytearray(record + bytes(64))
+
+    class Resizing(engine._Accumulator):
+        def roll(self, entry: list[int], sec: int) -> None:
+            buf.extend(bytes(1 << 20))  # a reallocation, were it allowed
+            super().roll(entry, sec)
+
+    acc = Resizing(10**6)
+    acc.activity_start = 100
+    with pytest.raises(BufferError):
+        walk.scan(
+            buf,
+            0,
+            len(record),
+            10,
+            65535,
+            False,
+            acc,
+            engine._TUNNEL_PORT_TABLE,
+            engine._SECOND_TIER_TABLE,
+            4,
+        )
+
+
+@needs_compiled
+def test_fold_checks_the_reverse_flow() -> None:
+    """A flow table value that is not a flow entry is an error, whichever flow meets it."""
+    walk = engine.compiled_walk()
+    assert walk is not None
+    acc = engine._Accumulator(10**6)
+    acc.activity_start = 0
+    ports = (443).to_bytes(2, "big") + (40000).to_bytes(2, "big")
+    forward = bytes([10, 0, 0, 4, 52, 1, 2, 3]) + ports
+    reverse = bytes([52, 1, 2, 3, 10, 0, 0, 4]) + ports[2:] + ports[:2]
+    table = {forward: [1, 60, 0, 0, 0, 0, ACK, ACK, 0], reverse: 12345}
+    with pytest.raises(TypeError):
+        walk.fold_flows(
+            acc,
+            table,
+            "tcp",
+            ((0, "tcp"), (1, "tcp")),
+            engine._Pair,
+            engine._PortTable,
+            engine._zero_histogram,
+            60,
+        )
