@@ -10,7 +10,6 @@ pair aggregates at the end, or earlier whenever the flow table grows past
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import math
 import operator
@@ -21,7 +20,7 @@ from array import array
 from collections.abc import Callable, Iterable, MutableSequence
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from analyzer.budget import Budget
 from analyzer.decode import (
@@ -199,6 +198,20 @@ class _Pair:
         self.activity_shift = 0
 
 
+_blake2b: Any = None  # hashlib.blake2b, imported on first use (see _hash64)
+
+
+def _hash64(data: bytes) -> int:
+    """64 bits of BLAKE2b of ``data``. hashlib is imported here, not at start-up: only folding
+    needs it, and importing it costs every run 3 ms (it loads OpenSSL)."""
+    global _blake2b  # noqa: PLW0603 - a one-time lazy import
+    if _blake2b is None:
+        from hashlib import blake2b  # noqa: PLC0415
+
+        _blake2b = blake2b
+    return int.from_bytes(_blake2b(data, digest_size=8).digest(), "big")
+
+
 class _DistinctCount:
     """Distinct addresses: exact up to ``EXACT_DISTINCT``, then a small HyperLogLog."""
 
@@ -224,7 +237,7 @@ class _DistinctCount:
         registers = self.registers
         if registers is None:
             self.registers = registers = bytearray(HLL_REGISTERS)
-        value = int.from_bytes(hashlib.blake2b(address, digest_size=8).digest(), "big")
+        value = _hash64(address)
         index = value >> 56  # the top 8 bits pick one of 256 registers
         rank = 57 - (value & ((1 << 56) - 1)).bit_length()
         registers[index] = max(registers[index], rank)
