@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import SplitResult, urlsplit
 
 from azure.core.credentials import TokenCredential
@@ -33,6 +34,8 @@ from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import QueueServiceClient
 
 from analyzer.errors import NwcapError
+
+C = TypeVar("C")  # a service client type
 
 
 class ConnectionSettingError(NwcapError):
@@ -145,37 +148,58 @@ def table_service_client(name: str, environ: Mapping[str, str] | None = None) ->
 
 
 def blob_service_for(settings: ConnectionSettings) -> BlobServiceClient:
-    if not settings.identity_based:
-        return BlobServiceClient.from_connection_string(settings.connection_string)
-    if not settings.blob_service_uri:
-        raise ConnectionSettingError(
-            f"connection {settings.name!r} has no blob endpoint: set {settings.setting}__serviceUri"
-        )
-    return BlobServiceClient(settings.blob_service_uri, credential=settings.credential())
+    return _service_client(
+        settings,
+        BlobServiceClient,
+        BlobServiceClient.from_connection_string,
+        settings.blob_service_uri,
+        "blob",
+        "serviceUri",
+    )
 
 
 def table_service_for(settings: ConnectionSettings) -> TableServiceClient:
-    if not settings.identity_based:
-        return TableServiceClient.from_connection_string(settings.connection_string)
-    if not settings.table_service_uri:
-        raise ConnectionSettingError(
-            f"connection {settings.name!r} has no table endpoint: "
-            f"set {settings.setting}__tableServiceUri"
-        )
-    return TableServiceClient(settings.table_service_uri, credential=settings.credential())
+    return _service_client(
+        settings,
+        TableServiceClient,
+        TableServiceClient.from_connection_string,
+        settings.table_service_uri,
+        "table",
+        "tableServiceUri",
+    )
 
 
 def queue_service_for(settings: ConnectionSettings) -> QueueServiceClient:
     """The queue service of a connection: its connection string, or ``NAME__queueServiceUri``
     (as the Functions host reads it), else the queue twin of its blob endpoint."""
+    return _service_client(
+        settings,
+        QueueServiceClient,
+        QueueServiceClient.from_connection_string,
+        settings.queue_service_uri,
+        "queue",
+        "queueServiceUri",
+    )
+
+
+def _service_client(
+    settings: ConnectionSettings,
+    client: Callable[..., C],
+    from_connection_string: Callable[[str], C],
+    service_uri: str | None,
+    service: str,
+    uri_setting: str,
+) -> C:
+    """A service client of a connection: from its connection string, or from its endpoint
+    (``NAME__<uri_setting>``) with its identity."""
     if not settings.identity_based:
-        return QueueServiceClient.from_connection_string(settings.connection_string)
-    if not settings.queue_service_uri:
+        return from_connection_string(settings.connection_string)
+    if not service_uri:
         raise ConnectionSettingError(
-            f"connection {settings.name!r} has no queue endpoint: "
-            f"set {settings.setting}__queueServiceUri"
+            f"connection {settings.name!r} has no {service} endpoint: "
+            f"set {settings.setting}__{uri_setting}"
         )
-    return QueueServiceClient(settings.queue_service_uri, credential=settings.credential())
+    return client(service_uri, credential=settings.credential())
 
 
 def resolve_first(
