@@ -155,20 +155,16 @@ class Catalog:
         self.storage_tags = frozenset(tag.lower() for tag in tags["storage"])
         self.expected_tags = frozenset(tag.lower() for tag in tags["expected"])
         self.expected_tag_ports = tuple(_port_spec(item) for item in tags["expected_outbound"])
-        self._noise = tuple(
-            (ipaddress.ip_network(item["cidr"]), item["label"]) for item in data["noise"]
-        )
-        self._private = tuple(
-            (ipaddress.ip_network(item["cidr"]), item["label"]) for item in data["private"]
-        )
         self._by_id = {entry.id: entry for entry in (*self.address_entries, *self.name_entries)}
-        # The same ranges as integers, in file order: a comparison each instead of an
-        # ipaddress containment test (every peer is looked up in all of them).
+        # Address ranges as integers, in file order: a comparison each instead of an ipaddress
+        # containment test (every peer is looked up in all of them).
         self._entry_ranges = _int_ranges(
             (network, entry) for entry in self.address_entries for network in entry.networks
         )
-        self._noise_ranges = _int_ranges(self._noise)
-        self._private_ranges = _int_ranges(self._private)
+        self._noise_ranges, self._private_ranges = (
+            _int_ranges((ipaddress.ip_network(item["cidr"]), item["label"]) for item in data[kind])
+            for kind in ("noise", "private")
+        )
         # All globs in one regex, a named group per entry in file order, so that one match
         # finds the first entry whose globs fit (fnmatch.translate anchors each glob).
         self._name_regex = re.compile(
