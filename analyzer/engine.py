@@ -98,11 +98,12 @@ _COMPILED_FOR = (COMPILED_WALK_ABI, PORTS_TRACKED, SPLIT_BYTES)
 # and ports as one 12-byte key, and the TCP flags; per byte order.
 _RECORD = {order: struct.Struct(order + "IIII") for order in "<>"}
 _FAST = {order: struct.Struct(order + "IIII12xHBxH2xHxB2x12s9xB") for order in "<>"}
-# IPv6 and VLAN-tagged frames, their EtherTypes as read in each byte order
+# The second tier: IPv6 and VLAN-tagged frames, by EtherType, and as read in each byte order
+_SECOND_TIER_TYPES = (ETHERTYPE_IPV6, *VLAN_TAGS)
 _SECOND_TIER = {
     order: frozenset(
         int.from_bytes(value.to_bytes(2, "big"), "little" if order == "<" else "big")
-        for value in (ETHERTYPE_IPV6, *VLAN_TAGS)
+        for value in _SECOND_TIER_TYPES
     )
     for order in "<>"
 }
@@ -119,7 +120,7 @@ def _lookup_table(values: Iterable[int]) -> bytes:
 
 # the same two sets for the C loop: 1 at each port or EtherType (in network order)
 _TUNNEL_PORT_TABLE = _lookup_table(TUNNEL_UDP_PORTS)
-_SECOND_TIER_TABLE = _lookup_table((ETHERTYPE_IPV6, *VLAN_TAGS))
+_SECOND_TIER_TABLE = _lookup_table(_SECOND_TIER_TYPES)
 ProgressCallback = Callable[[int], None]
 AddressPriority = Callable[[bytes], int]
 _NESTED_TOO_DEEP = Undecodable("nested-too-deep")

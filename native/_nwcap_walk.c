@@ -105,6 +105,7 @@ typedef struct {
     PyObject *tcp, *udp;                   /* the flow tables (dicts), refreshed after add_frame */
     PyObject *roll, *inspect_tcp, *dns;    /* acc.roll, acc.inspect_tcp, acc.names.dns_message */
     const unsigned char *tunnel_ports;     /* 65,536 flags: UDP ports left to decode() */
+    const unsigned char *tier_types;       /* 65,536 flags: IPv6 and the VLAN tag types */
     Py_ssize_t inspected;                  /* NAME_INSPECTED_PACKETS */
 } Walk;
 
@@ -240,7 +241,7 @@ second_tier(Walk *w, const unsigned char *buf, Py_ssize_t data, Py_ssize_t nxt, 
     unsigned ethertype = buf[at] << 8 | buf[at + 1];
     at += 2;
     for (int tags = 0; tags < 2; tags++) {
-        if (ethertype != 0x8100 && ethertype != 0x88A8 && ethertype != 0x9100)
+        if (ethertype == 0x86DD || !w->tier_types[ethertype]) /* not a VLAN tag (VLAN_TAGS) */
             break;
         if (at + 4 > nxt)
             return 0;
@@ -335,7 +336,7 @@ scan(PyObject *module, PyObject *args)
                           &max_record, &big_endian, &acc, &tunnel, &tier, &inspected))
         return NULL;
     PyObject *result = NULL, *names = NULL, *add_frame = NULL, *link = NULL;
-    Walk w = {NULL, NULL, NULL, NULL, NULL, tunnel.buf, inspected};
+    Walk w = {NULL, NULL, NULL, NULL, NULL, tunnel.buf, tier.buf, inspected};
     /* An export of the buffer for the whole call: Python code run from here (roll, add_frame)
      * cannot resize it under the pointers taken into it. */
     Py_buffer pinned = {0};
@@ -352,7 +353,6 @@ scan(PyObject *module, PyObject *args)
         goto done;
     }
     const unsigned char *buf = pinned.buf;
-    const unsigned char *tier_types = tier.buf;
     if (!(w.tcp = PyObject_GetAttr(acc, s_tcp)) ||
         !(w.udp = PyObject_GetAttr(acc, s_udp)) ||
         !(w.roll = PyObject_GetAttr(acc, s_roll)) ||
@@ -393,7 +393,7 @@ scan(PyObject *module, PyObject *args)
                 if (buf[data + 14] == 0x45 && incl >= 48 && !(frag & 0x3FFF) &&
                     (total_len >= 20 || total_len == 0))
                     taken_here = ipv4_fast(&w, buf, data, nxt, sec, frac, orig);
-            } else if (tier_types[ethertype]) {
+            } else if (w.tier_types[ethertype]) {
                 taken_here = second_tier(&w, buf, data, nxt, sec, frac, orig);
             }
         }
@@ -616,6 +616,18 @@ done:
     return status;
 }
 
+/* The truth of ``value``, a new reference (released here; NULL passes an error on): 1, 0, or
+ * -1 with an exception set. */
+static int
+truth_of(PyObject *value)
+{
+    if (value == NULL)
+        return -1;
+    int truth = PyObject_IsTrue(value);
+    Py_DECREF(value);
+    return truth;
+}
+
 /* pair.first = min(pair.first, value), or max for pair.last */
 static int
 keep_extreme(PyObject *pair, PyObject *name, double value, int lowest)
@@ -784,14 +796,10 @@ fold_flows(PyObject *module, PyObject *args)
                 PyObject *palen = bad ? NULL : PyLong_FromSsize_t(alen);
                 if (palen == NULL)
                     goto next;
-                PyObject *folded = PyObject_CallMethodObjArgs(
+                int yes = truth_of(PyObject_CallMethodObjArgs(
                     acc, s_fold_flow, src, dst, entry, reverse ? reverse : Py_None,
-                    is_tcp ? Py_True : Py_False, key, palen, NULL);
+                    is_tcp ? Py_True : Py_False, key, palen, NULL));
                 Py_DECREF(palen);
-                if (folded == NULL)
-                    goto next;
-                int yes = PyObject_IsTrue(folded);
-                Py_DECREF(folded);
                 if (yes < 0)
                     goto next;
                 if (yes) {
@@ -812,11 +820,7 @@ fold_flows(PyObject *module, PyObject *args)
             Py_INCREF(pair);
         }
         /* an exchange: ACKs both ways (TCP), or an answer (UDP) */
-        PyObject *exchanged = PyObject_GetAttr(pair, s_exchanged);
-        if (exchanged == NULL)
-            goto next;
-        int was = PyObject_IsTrue(exchanged);
-        Py_DECREF(exchanged);
+        int was = truth_of(PyObject_GetAttr(pair, s_exchanged));
         if (was < 0)
             goto next;
         long long flags = flags_of(entry);
