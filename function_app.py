@@ -17,19 +17,10 @@ import azure.functions as func
 from azure.core.exceptions import AzureError
 from azurefunctions.extensions.bindings import blob
 
-from analyzer import api
-from analyzer.alert_delivery import AlertDelivery, DeliverySettings, delivery_window
-from analyzer.connections import (
-    ConnectionSettingError,
-    ConnectionSettings,
-    blob_service_for,
-    queue_service_for,
-    resolve,
-    resolve_first,
-    table_service_for,
-)
-from analyzer.policy import Policy
-from analyzer.processing import (
+from analyzer.judge.policy import Policy
+from analyzer.judge.servicetags import ServiceTags
+from analyzer.pipeline.alert_delivery import AlertDelivery, DeliverySettings, delivery_window
+from analyzer.pipeline.processing import (
     ReferenceFile,
     Settings,
     is_transient,
@@ -37,7 +28,7 @@ from analyzer.processing import (
     process_blob,
     service_tags_file,
 )
-from analyzer.reconcile import (
+from analyzer.pipeline.reconcile import (
     ReconcileSettings,
     RunLog,
     checked_schedule,
@@ -46,9 +37,18 @@ from analyzer.reconcile import (
     reconcile,
     schedule_seconds,
 )
-from analyzer.servicetags import ServiceTags
-from analyzer.status import status_document
-from analyzer.storage import TableResultsStore
+from analyzer.pipeline.status import status_document
+from analyzer.store.connections import (
+    ConnectionSettingError,
+    ConnectionSettings,
+    blob_service_for,
+    queue_service_for,
+    resolve,
+    resolve_first,
+    table_service_for,
+)
+from analyzer.store.results import TableResultsStore
+from analyzer.web import api
 from analyzer.web.blueprint import web_blueprint
 
 log = logging.getLogger("nwcap")
@@ -103,7 +103,8 @@ app.register_functions(web_blueprint(results_store))
     source=func.BlobSource.EVENT_GRID,
 )
 def process_capture(capture: blob.BlobClient) -> None:
-    """Analyse a new or changed capture blob and store the results (see analyzer.processing).
+    """Analyse a new or changed capture blob and store the results (see
+    analyzer.pipeline.processing).
 
     Errors reaching here are transient (the host retries, then reconciling) or a configuration
     mistake (e.g. an invalid policy: reconciling takes the capture again once it is fixed).
@@ -155,7 +156,8 @@ def _delivery(results: ConnectionSettings, prefix: str) -> AlertDelivery:
 )
 def reconcile_captures(timer: func.TimerRequest) -> None:
     """Process every capture blob of the lookback window that is not final at its ETag, drain
-    the poison queue, deliver pending alerts, and record the run (see analyzer.reconcile)."""
+    the poison queue, deliver pending alerts, and record the run (see
+    analyzer.pipeline.reconcile)."""
     if timer.past_due:
         log.warning("The reconcile timer is running late")
     settings = Settings.from_environ()
@@ -192,7 +194,7 @@ def reconcile_captures(timer: func.TimerRequest) -> None:
 
 @app.route(route="status", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 def get_status(req: func.HttpRequest) -> func.HttpResponse:
-    """Is every capture getting processed? (see analyzer.status) The last reconcile run's
+    """Is every capture getting processed? (see analyzer.pipeline.status) The last reconcile run's
     counts, one table read; ``?live=1`` counts now (lists the window's blobs, bounded)."""
     unknown = sorted(set(req.params) - {"code", "live"})  # code: the function key
     if unknown:

@@ -43,7 +43,7 @@ class Run:
 # child counts the launcher's memory at the fork, which here holds the generated captures.
 CLI_WITH_PEAK = """
 import sys
-from analyzer.cli import main
+from analyzer.cli.main import main
 status = main(sys.argv[1:])
 with open("/proc/self/status") as proc:
     peak = next(line.split()[1] for line in proc if line.startswith("VmHWM:"))

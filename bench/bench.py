@@ -607,7 +607,7 @@ def check_nwcap(nwcap: Path) -> None:
         last = (probe.stderr.strip().splitlines() or ["(no message)"])[-1]
         raise SystemExit(
             f"`{nwcap} analyze` does not work yet ({last}); the benchmark needs the engine and "
-            "CLI (analyzer/cli.py). Use --generate-only to just build the captures."
+            "CLI (analyzer/cli/main.py). Use --generate-only to just build the captures."
         )
 
 
@@ -620,7 +620,7 @@ def prepare_nwcap(nwcap: Path) -> str:
     """
     python = nwcap.parent / "python"
     probe = (
-        "import analyzer, analyzer.engine as e, pathlib; "
+        "import analyzer, analyzer.capture.engine as e, pathlib; "
         "print(pathlib.Path(analyzer.__file__).parent); "
         "print('compiled (native/_nwcap_walk.c)' if e.compiled_walk() else 'pure Python')"
     )

@@ -45,8 +45,10 @@ from azure.data.tables import TableServiceClient  # noqa: E402
 from azure.storage.blob import BlobServiceClient  # noqa: E402
 
 import bench  # noqa: E402
-from analyzer import analysis, processing, storage  # noqa: E402
-from analyzer.blobstream import DEFAULT_CONCURRENCY, open_blob_stream  # noqa: E402
+from analyzer.judge import analysis  # noqa: E402
+from analyzer.pipeline import processing  # noqa: E402
+from analyzer.store import results  # noqa: E402
+from analyzer.store.blobstream import DEFAULT_CONCURRENCY, open_blob_stream  # noqa: E402
 
 MIB = bench.MIB
 TARGET_RATIO = 3.0
@@ -163,7 +165,7 @@ def timed_store(service: TableServiceClient, prefix: str) -> Any:
     requests: Counter[str] = Counter()
     busy: Counter[str] = Counter()
 
-    class TimedStore(storage.TableResultsStore):
+    class TimedStore(results.TableResultsStore):
         def table(self, name: str) -> Any:
             return CountingTable(super().table(name), name, requests, busy)
 

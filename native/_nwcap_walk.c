@@ -1,5 +1,5 @@
 /*
- * The hot loop of analyzer/engine.py (_walk_ethernet_pcap) in C: one call walks the libpcap
+ * The hot loop of analyzer/capture/engine.py (_walk_ethernet_pcap) in C: one call walks the libpcap
  * records of one buffer and does, record for record, exactly what the Python loop does. The
  * flow tables stay Python dicts of Python lists, and everything but the common case (Ethernet,
  * option-less unfragmented IPv4, TCP or UDP) goes to the same Python callables the Python loop
@@ -907,7 +907,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "_nwcap_walk",
-    "nwcap's compiled record walk (see analyzer/engine.py).", -1, methods, NULL, NULL, NULL, NULL,
+    "nwcap's compiled record walk (see analyzer/capture/engine.py).", -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC

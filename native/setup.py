@@ -1,4 +1,4 @@
-"""Builds ``_nwcap_walk``, the C version of analyzer/engine.py's record loop.
+"""Builds ``_nwcap_walk``, the C version of analyzer/capture/engine.py's record loop.
 
 Kept a distribution of its own, beside the source-deployed ``analyzer`` package, so that the
 Functions remote build (which runs ``pip install -r requirements.txt``) compiles it for the

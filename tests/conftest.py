@@ -22,7 +22,7 @@ from azure.core.exceptions import HttpResponseError
 from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient, ContainerClient
 
-from analyzer.storage import TableResultsStore
+from analyzer.store.results import TableResultsStore
 from nwcap_testing import synth
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -245,7 +245,7 @@ def undisturbed(
     service: TableServiceClient, blob: Any, *, without: frozenset[str] = frozenset()
 ) -> Snapshot:
     """The rows one undisturbed run of ``blob`` (as it is now) writes into fresh tables."""
-    from analyzer.processing import process_blob
+    from analyzer.pipeline.processing import process_blob
 
     store = fresh_store(service)
     try:

@@ -24,11 +24,11 @@ from typing import Any
 
 import pytest
 
-from analyzer.analysis import analyze
-from analyzer.budget import BUDGET_SETTINGS, Budget, InvalidSettingError
-from analyzer.models import Alert, Analysis, CaptureInfo, Peer, PeerName
-from analyzer.render import to_csv, to_table
-from analyzer.textsafe import csv_cell, terminal_text
+from analyzer.base.models import Alert, Analysis, CaptureInfo, Peer, PeerName
+from analyzer.capture.budget import BUDGET_SETTINGS, Budget, InvalidSettingError
+from analyzer.judge.analysis import analyze
+from analyzer.present.render import to_csv, to_table
+from analyzer.present.textsafe import csv_cell, terminal_text
 from tests import adversarial as adv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,9 +36,9 @@ RSS_LIMIT_MIB = 256  # the issue's bound for every attack class
 
 CHILD = """
 import json, os, sys, time
-from analyzer.analysis import analyze
-from analyzer.budget import Budget
-from analyzer.render import to_json
+from analyzer.judge.analysis import analyze
+from analyzer.capture.budget import Budget
+from analyzer.present.render import to_json
 started = time.perf_counter()
 started_cpu = time.process_time()
 with open(sys.argv[1], "rb") as stream:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from azure.storage.blob import ContainerClient
 
-from analyzer.storage import TableResultsStore
+from analyzer.store.results import TableResultsStore
 from tests import adversarial as adv
 from tests.conftest import network_watcher_path
 
@@ -31,9 +31,9 @@ CHILD = """
 import json, os, sys, time
 from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobClient
-from analyzer.budget import Budget
-from analyzer.processing import process_blob
-from analyzer.storage import TableResultsStore
+from analyzer.capture.budget import Budget
+from analyzer.pipeline.processing import process_blob
+from analyzer.store.results import TableResultsStore
 
 connection, container, name, prefix = sys.argv[1:5]
 store = TableResultsStore(TableServiceClient.from_connection_string(connection), prefix=prefix)

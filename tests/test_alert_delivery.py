@@ -1,4 +1,5 @@
-"""Tests of analyzer.alert_delivery: queue messages against the alerts table on Azurite, faults
+"""Tests of analyzer.pipeline.alert_delivery: queue messages against the alerts table on
+Azurite, faults
 and their recovery, message size, and the CloudEvent of an alert."""
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from azure.storage.blob import BlobClient, ContainerClient
 from azure.storage.queue import QueueClient, QueueServiceClient, TextBase64EncodePolicy
 from conftest import ROOT, network_watcher_path, udp_capture
 
-from analyzer.alert_delivery import (
+from analyzer.base.models import Alert, iso_time
+from analyzer.judge.policy import load_policy
+from analyzer.pipeline.alert_delivery import (
     MAX_ATTEMPTS,
     MAX_MESSAGE_BYTES,
     RECONCILE_WINDOW,
@@ -41,13 +44,11 @@ from analyzer.alert_delivery import (
     fit_message,
     message_body,
 )
-from analyzer.blobpath import parse_capture_path
-from analyzer.models import Alert, iso_time
-from analyzer.policy import load_policy
-from analyzer.processing import process_blob
-from analyzer.reconcile import ReconcileSettings, processor, reconcile
-from analyzer.storage import CaptureRecord, TableResultsStore, capture_id_for
-from analyzer.tablekeys import generation_of, generation_prefix
+from analyzer.pipeline.processing import process_blob
+from analyzer.pipeline.reconcile import ReconcileSettings, processor, reconcile
+from analyzer.store.blobpath import parse_capture_path
+from analyzer.store.results import CaptureRecord, TableResultsStore, capture_id_for
+from analyzer.store.tablekeys import generation_of, generation_prefix
 
 # The VM's first capture seeds its baseline; the second, of the same VM, then raises by
 # construction: deny-rule (high) on 20.0.0.2, new-peer on each peer not in the first capture
@@ -326,7 +327,7 @@ class TestQueueMessages:
         second_capture: CaptureRecord,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
-        with caplog.at_level(logging.INFO, logger="analyzer.alert_delivery"):
+        with caplog.at_level(logging.INFO, logger="analyzer.pipeline.alert_delivery"):
             deliver_capture_alerts(results_store, alerts, second_capture)
         records = [r for r in caplog.records if getattr(r, "nwcap_event", "") == "alert_sent"]
         ids = {row[0] for row in as_rows(drain(alerts))}
@@ -469,7 +470,7 @@ class TestFaults:
         service = QueueServiceClient.from_connection_string(refused("queue"), retry_total=0)
         deliver_capture_alerts(results_store, alerts_queue(service, alerts.queue_name),
                                second_capture)
-        with caplog.at_level(logging.ERROR, logger="analyzer.alert_delivery"):
+        with caplog.at_level(logging.ERROR, logger="analyzer.pipeline.alert_delivery"):
             result = deliver_pending(results_store, alerts, since=time.time() + 60)
         assert result.sent == 0
         [record] = [r for r in caplog.records if "no longer retried" in r.getMessage()]
@@ -694,7 +695,7 @@ class TestMessageParts:
         # Installing it (a deliberate choice: it is not a dependency) calls for a test of the
         # publisher itself instead.
         assert importlib.util.find_spec("azure.eventgrid") is None
-        with caplog.at_level(logging.WARNING, logger="analyzer.alert_delivery"):
+        with caplog.at_level(logging.WARNING, logger="analyzer.pipeline.alert_delivery"):
             assert eventgrid_publisher(endpoint) is None
         assert "azure-eventgrid is not installed" in caplog.text
 

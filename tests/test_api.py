@@ -1,4 +1,4 @@
-"""Tests of analyzer.api: parameter validation, and answers when storage is down."""
+"""Tests of analyzer.web.api: parameter validation, and answers when storage is down."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import pytest
 from azure.data.tables import TableServiceClient
 from conftest import network_watcher_path, udp_capture
 
-from analyzer import api
-from analyzer.api import (
+from analyzer.pipeline.processing import process_blob
+from analyzer.store.results import TableResultsStore
+from analyzer.web import api
+from analyzer.web.api import (
     BadRequest,
     parse_capture,
     parse_ip,
@@ -19,8 +21,6 @@ from analyzer.api import (
     parse_severity,
     parse_time,
 )
-from analyzer.processing import process_blob
-from analyzer.storage import TableResultsStore
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc).timestamp()
 

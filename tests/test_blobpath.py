@@ -1,4 +1,4 @@
-"""Tests of analyzer.blobpath: VM identity and capture time from capture blob paths."""
+"""Tests of analyzer.store.blobpath: VM identity and capture time from capture blob paths."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyzer.blobpath import (
+from analyzer.store.blobpath import (
     DEFAULT_TIME_TOLERANCE,
     MAX_CAPTURE_SECONDS,
     CaptureLocation,

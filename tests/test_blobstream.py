@@ -17,7 +17,7 @@ from azure.core.exceptions import ResourceModifiedError
 from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient
 from conftest import azurite_script
 
-from analyzer.blobstream import open_blob_stream
+from analyzer.store.blobstream import open_blob_stream
 
 Upload = Callable[[str, bytes], Any]
 WORKER_PREFIX = "nwcap-blob-read"
@@ -278,7 +278,7 @@ MIB = 1024 * 1024
 PEAK_RSS_CHILD = """
 import sys
 from azure.storage.blob import BlobClient
-from analyzer.blobstream import open_blob_stream
+from analyzer.store.blobstream import open_blob_stream
 
 def high_water() -> int:
     with open("/proc/self/status") as status:

@@ -28,8 +28,7 @@ from test_report import (
     hostile_document,
 )
 
-from analyzer import api
-from analyzer.web import report
+from analyzer.web import api, report
 from analyzer.web.html import shown
 
 # Azurite with processed captures, and `nwcap serve` over them: test_report's fixtures.

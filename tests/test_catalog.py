@@ -1,4 +1,5 @@
-"""Tests of analyzer.catalog and its data file: platform addresses, names, storage accounts."""
+"""Tests of analyzer.judge.catalog and its data file: platform addresses, names, storage
+accounts."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.catalog import Catalog, Service, parse_address, peer_names
-from analyzer.models import PeerName
+from analyzer.base.models import PeerName
+from analyzer.judge.catalog import Catalog, Service, parse_address, peer_names
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_FILE = ROOT / "analyzer" / "data" / "azure_catalog.json"

@@ -1,4 +1,5 @@
-"""Tests of analyzer.classify: categories, expectations and every alert rule on hand-built peers."""
+"""Tests of analyzer.judge.classify: categories, expectations and every alert rule on
+hand-built peers."""
 
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ from typing import Any
 
 import pytest
 
-from analyzer.catalog import Service
-from analyzer.classify import ALL_PEERS, cap_alerts_per_rule, classify, services_of
-from analyzer.models import (
+from analyzer.base.models import (
     SEVERITY_ORDER,
     Alert,
     CaptureInfo,
@@ -22,8 +21,10 @@ from analyzer.models import (
     TcpCounts,
     iso_time,
 )
-from analyzer.policy import RULE_IDS, Policy
-from analyzer.servicetags import ServiceTags
+from analyzer.judge.catalog import Service
+from analyzer.judge.classify import ALL_PEERS, cap_alerts_per_rule, classify, services_of
+from analyzer.judge.policy import RULE_IDS, Policy
+from analyzer.judge.servicetags import ServiceTags
 
 DATA = Path(__file__).parent / "data"
 VM = "10.0.0.4"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.cli import EXIT_ALERTS, EXIT_DATAERR, EXIT_NOINPUT, main
+from analyzer.cli.main import EXIT_ALERTS, EXIT_DATAERR, EXIT_NOINPUT, main
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"

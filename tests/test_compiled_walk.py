@@ -24,11 +24,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from test_fuzz import captures
 
-from analyzer import engine
-from analyzer.analysis import analyze
-from analyzer.budget import Budget
-from analyzer.errors import NwcapError
-from analyzer.render import iter_json
+from analyzer.base.errors import NwcapError
+from analyzer.capture import engine
+from analyzer.capture.budget import Budget
+from analyzer.judge.analysis import analyze
+from analyzer.present.render import iter_json
 from nwcap_testing import synth
 from nwcap_testing.synth import ACK
 

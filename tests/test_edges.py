@@ -22,10 +22,10 @@ from conftest import network_watcher_path, udp_capture
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analyzer import api
-from analyzer.cli import EXIT_DATAERR, EXIT_NOINPUT, main
-from analyzer.processing import process_blob
-from analyzer.storage import TableResultsStore
+from analyzer.cli.main import EXIT_DATAERR, EXIT_NOINPUT, main
+from analyzer.pipeline.processing import process_blob
+from analyzer.store.results import TableResultsStore
+from analyzer.web import api
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = {"20.0.0.1": (2, 1), "20.0.0.2": (1, 1)}
@@ -128,7 +128,7 @@ class TestCaptureArguments:
     ) -> None:
         """The real entry point, on standard input too: the status, the message, no trace."""
         done = subprocess.run(
-            [sys.executable, "-m", "analyzer.cli", *argv],
+            [sys.executable, "-m", "analyzer.cli.main", *argv],
             input=stdin, capture_output=True, cwd=ROOT, timeout=60, check=False,
         )
         err = done.stderr.decode()
@@ -155,7 +155,7 @@ class TestStorageCommandArguments:
         self, storage_env: Mapping[str, str], argv: list[str], message: str
     ) -> None:
         done = subprocess.run(
-            [sys.executable, "-m", "analyzer.cli", *argv],
+            [sys.executable, "-m", "analyzer.cli.main", *argv],
             capture_output=True, cwd=ROOT, timeout=60, check=False,
             env={**os.environ, **storage_env},
         )

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.decode import MAX_TUNNEL_DEPTH, Decoded, NonIp, Undecodable, decode
-from analyzer.engine import summarize
+from analyzer.capture.decode import MAX_TUNNEL_DEPTH, Decoded, NonIp, Undecodable, decode
+from analyzer.capture.engine import summarize
 from nwcap_testing import synth
 from nwcap_testing.synth import Packet
 from tests.oracle import ConversationTable, tshark_conversations, tshark_size

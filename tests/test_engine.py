@@ -8,12 +8,12 @@ import struct
 
 import pytest
 
-from analyzer import engine
-from analyzer.budget import Budget
-from analyzer.engine import MAX_FOLDED_GROUPS, MAX_LOCAL_ADDRESSES, summarize
-from analyzer.errors import CorruptCaptureError, UnsupportedFormatError
-from analyzer.models import ACTIVITY_BUCKETS, PortCount, Summary
-from analyzer.policy import Policy
+from analyzer.base.errors import CorruptCaptureError, UnsupportedFormatError
+from analyzer.base.models import ACTIVITY_BUCKETS, PortCount, Summary
+from analyzer.capture import engine
+from analyzer.capture.budget import Budget
+from analyzer.capture.engine import MAX_FOLDED_GROUPS, MAX_LOCAL_ADDRESSES, summarize
+from analyzer.judge.policy import Policy
 from nwcap_testing import synth
 from nwcap_testing.synth import ACK, FIN, PSH, RST, SYN, Packet
 

@@ -33,8 +33,8 @@ from conftest import (
     undisturbed,
 )
 
-from analyzer.processing import Outcome, is_transient, process_blob
-from analyzer.storage import TableResultsStore
+from analyzer.pipeline.processing import Outcome, is_transient, process_blob
+from analyzer.store.results import TableResultsStore
 
 PEER_COUNT = 150  # two transactions of peers, alerts and baseline rows each
 

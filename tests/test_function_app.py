@@ -23,8 +23,8 @@ from azurefunctions.extensions.bindings.blob import BlobClientConverter
 from conftest import ROOT, FailingStore, http_error, network_watcher_path, udp_capture
 
 import function_app
-from analyzer.blobpath import parse_capture_path
-from analyzer.storage import TableResultsStore, capture_id_for
+from analyzer.store.blobpath import parse_capture_path
+from analyzer.store.results import TableResultsStore, capture_id_for
 
 PEERS = {"20.0.0.1": (3, 2), "20.0.0.2": (1, 0), "2001:db8::7": (0, 4)}
 FIRST = {"20.0.0.1": (1, 1), "20.0.0.5": (1, 1)}

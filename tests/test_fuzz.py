@@ -35,13 +35,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analyzer.analysis import analyze
-from analyzer.decode import MAX_TUNNEL_DEPTH, Decoded, NonIp, Undecodable, decode
-from analyzer.engine import summarize
-from analyzer.errors import NwcapError, UnsupportedFormatError
-from analyzer.models import Summary
-from analyzer.names import NameCollector, client_hello_sni, http_host, parse_dns_answers
-from analyzer.reader import CHUNK_SIZE, open_capture
+from analyzer.base.errors import NwcapError, UnsupportedFormatError
+from analyzer.base.models import Summary
+from analyzer.capture.decode import MAX_TUNNEL_DEPTH, Decoded, NonIp, Undecodable, decode
+from analyzer.capture.engine import summarize
+from analyzer.capture.names import NameCollector, client_hello_sni, http_host, parse_dns_answers
+from analyzer.capture.reader import CHUNK_SIZE, open_capture
+from analyzer.judge.analysis import analyze
 from nwcap_testing import synth
 
 CORPUS = Path(

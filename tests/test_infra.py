@@ -201,7 +201,7 @@ class TestAppSettings:
         assert container["default"] == "network-watcher-logs"
 
     def test_settings_reach_the_app(self) -> None:
-        from analyzer.processing import DEFAULT_CONTAINER, Settings
+        from analyzer.pipeline.processing import DEFAULT_CONTAINER, Settings
         from function_app import CAPTURES_CONNECTION, RESULTS_CONNECTIONS
 
         main = _bicep("main.bicep")["variables"]
@@ -278,7 +278,7 @@ class TestStorageAndRoles:
         assert monitoring["applicationInsights"]["config"]["properties"]["DisableLocalAuth"] is True
 
     def test_results_tables(self) -> None:
-        from analyzer.storage import TABLES
+        from analyzer.store.results import TABLES
 
         main = _bicep("main.bicep")
         assert main["variables"]["resultsTables"]["value"] == [

@@ -22,8 +22,8 @@ from typing import Any, BinaryIO
 
 import pytest
 
-from analyzer.budget import Budget
-from analyzer.tablekeys import INDEX_BUCKETS
+from analyzer.capture.budget import Budget
+from analyzer.store.tablekeys import INDEX_BUCKETS
 from nwcap_testing import synth
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,7 +117,7 @@ def write_scan(stream: BinaryIO, peers: int) -> None:
 
 SCAN_FIGURES = """
 import hashlib, json, sys
-from analyzer.engine import summarize
+from analyzer.capture.engine import summarize
 with open(sys.argv[1], "rb") as stream:
     summary = summarize(stream)
 info = summary.capture
@@ -155,7 +155,7 @@ class TestScan:
         figures = json.loads(run.stdout)
         answered = SCAN_PEERS // 2
         # Beyond the work budget's 20,000 peers the least important are folded into
-        # per-prefix groups (analyzer.budget): every packet is still accounted for.
+        # per-prefix groups (analyzer.capture.budget): every packet is still accounted for.
         assert (figures["packets"], figures["local"]) == (SCAN_PEERS + answered, [VM])
         assert figures["peers"] == Budget().max_peers
         assert set(figures["kept_addresses"]) <= {scan_peer(i) for i in range(SCAN_PEERS)}
@@ -223,7 +223,7 @@ class TestLargeCapture:
     def analyze(
         self, feed: Iterable[bytes], tmp: Path, record: Callable[[str, object], None]
     ) -> dict[str, object]:
-        argv = [sys.executable, "-m", "analyzer.cli", "analyze", "-", "--format", "json"]
+        argv = [sys.executable, "-m", "analyzer.cli.main", "analyze", "-", "--format", "json"]
         run = run_child(argv, feed, tmp)
         record("peak_rss_mib", run.peak_rss >> 20)
         assert run.status == 0, run.stderr
@@ -295,9 +295,9 @@ PROCESS_SCAN = """
 import json, sys, time
 from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient
-from analyzer.policy import load_policy
-from analyzer.processing import process_blob
-from analyzer.storage import TableResultsStore
+from analyzer.judge.policy import load_policy
+from analyzer.pipeline.processing import process_blob
+from analyzer.store.results import TableResultsStore
 
 class CountingStore(TableResultsStore):
     transactions = {}
@@ -369,7 +369,7 @@ class TestThroughAzurite:
     ) -> None:
         from conftest import network_watcher_path
 
-        from analyzer.storage import (
+        from analyzer.store.results import (
             MAX_ENTITY_BYTES,
             MAX_PROPERTY_BYTES,
             entity_size,

@@ -1,4 +1,4 @@
-"""Tests of analyzer.names: DNS answers, TLS SNI and HTTP Host names of peers."""
+"""Tests of analyzer.capture.names: DNS answers, TLS SNI and HTTP Host names of peers."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyzer import names
-from analyzer.models import PeerName
-from analyzer.names import (
+from analyzer.base.models import PeerName
+from analyzer.capture import names
+from analyzer.capture.names import (
     MAX_CNAME_HOPS,
     MAX_DNS_ANSWERS,
     MAX_DNS_QUESTIONS,

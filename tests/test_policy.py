@@ -1,4 +1,4 @@
-"""Tests of analyzer.policy: loading, validation messages, defaults and versions."""
+"""Tests of analyzer.judge.policy: loading, validation messages, defaults and versions."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from analyzer.errors import NwcapError, PolicyError
-from analyzer.policy import (
+from analyzer.base.errors import NwcapError, PolicyError
+from analyzer.judge.policy import (
     DEFAULT_SCAN_PORT_THRESHOLD,
     DEFAULT_SEVERITIES,
     RULE_IDS,

@@ -1,4 +1,5 @@
-"""Tests of analyzer.processing on Azurite: statuses, idempotency, concurrency, errors, baseline."""
+"""Tests of analyzer.pipeline.processing on Azurite: statuses, idempotency, concurrency, errors,
+baseline."""
 
 from __future__ import annotations
 
@@ -31,11 +32,9 @@ from conftest import (
     udp_frame_bytes,
 )
 
-from analyzer.blobpath import CaptureLocation
-from analyzer.connections import ConnectionSettingError
-from analyzer.models import Peer
-from analyzer.policy import load_policy
-from analyzer.processing import (
+from analyzer.base.models import Peer
+from analyzer.judge.policy import load_policy
+from analyzer.pipeline.processing import (
     BlobReader,
     Outcome,
     is_transient,
@@ -43,14 +42,16 @@ from analyzer.processing import (
     policy_file,
     process_blob,
 )
-from analyzer.storage import (
+from analyzer.store.blobpath import CaptureLocation
+from analyzer.store.connections import ConnectionSettingError
+from analyzer.store.results import (
     BaselineEntry,
     CaptureRecord,
     TableResultsStore,
     capture_id_for,
     ip_key,
 )
-from analyzer.tablekeys import CAPTURE_ALERTS_PREFIX, generation_of
+from analyzer.store.tablekeys import CAPTURE_ALERTS_PREFIX, generation_of
 from nwcap_testing import synth
 
 PEERS = {"20.0.0.1": (3, 2), "20.0.0.2": (1, 0), "2001:db8::7": (0, 4)}
@@ -555,7 +556,7 @@ class TestBaseline:
         assert new_peer_alerts(results_store, other.capture_id) == []
 
     def test_expected_peers_are_info(self) -> None:
-        from analyzer.processing import baseline_alerts, new_peer_keys
+        from analyzer.pipeline.processing import baseline_alerts, new_peer_keys
 
         location = CaptureLocation("c", "x.cap", "custom", "vm-a")
         peers = (

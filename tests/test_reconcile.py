@@ -36,9 +36,10 @@ from conftest import (
     undisturbed,
 )
 
-from analyzer import ops_cli, processing
-from analyzer.processing import Outcome, process_blob
-from analyzer.reconcile import (
+from analyzer.cli import ops_commands
+from analyzer.pipeline import processing
+from analyzer.pipeline.processing import Outcome, process_blob
+from analyzer.pipeline.reconcile import (
     DEFAULT_SCHEDULE,
     POISON_QUEUE,
     DurationError,
@@ -53,7 +54,7 @@ from analyzer.reconcile import (
     reconcile,
     schedule_seconds,
 )
-from analyzer.storage import CaptureRecord, TableResultsStore, capture_id_for
+from analyzer.store.results import CaptureRecord, TableResultsStore, capture_id_for
 
 PEERS = {"20.0.0.1": (3, 2), "20.0.0.2": (1, 0), "2001:db8::7": (0, 4)}
 OTHER = {"20.0.0.9": (2, 2), "20.0.0.1": (1, 1)}
@@ -72,7 +73,7 @@ def run(
 
 
 def capture_of(blob: BlobClient, store: TableResultsStore) -> CaptureRecord | None:
-    from analyzer.blobpath import parse_capture_path
+    from analyzer.store.blobpath import parse_capture_path
 
     location = parse_capture_path(blob.container_name, blob.blob_name)
     return store.get_capture(capture_id_for(location))
@@ -765,7 +766,7 @@ class TestCommand:
         import argparse
 
         parser = argparse.ArgumentParser(prog="nwcap")
-        ops_cli.add_commands(parser.add_subparsers(dest="command", required=True))
+        ops_commands.add_commands(parser.add_subparsers(dest="command", required=True))
         args = parser.parse_args(argv)
         return int(args.func(args))
 

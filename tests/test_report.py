@@ -27,9 +27,7 @@ import pytest
 from azure.storage.blob import BlobClient
 from conftest import ROOT, network_watcher_path
 
-from analyzer import api, report_cli
-from analyzer.analysis import analyze
-from analyzer.models import (
+from analyzer.base.models import (
     Alert,
     Analysis,
     CaptureInfo,
@@ -39,10 +37,12 @@ from analyzer.models import (
     PortCount,
     TcpCounts,
 )
-from analyzer.policy import load_policy
-from analyzer.processing import process_blob
-from analyzer.storage import TableResultsStore
-from analyzer.web import pages, report
+from analyzer.cli import report_commands
+from analyzer.judge.analysis import analyze
+from analyzer.judge.policy import load_policy
+from analyzer.pipeline.processing import process_blob
+from analyzer.store.results import TableResultsStore
+from analyzer.web import api, pages, report
 from analyzer.web.blueprint import web_blueprint
 from analyzer.web.html import embed_json, short, shown
 from analyzer.web.server import start_in_thread
@@ -247,7 +247,7 @@ def _parser() -> Any:
     import argparse
 
     parser = argparse.ArgumentParser(prog="nwcap")
-    report_cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    report_commands.add_commands(parser.add_subparsers(dest="command", required=True))
     return parser
 
 

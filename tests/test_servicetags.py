@@ -1,4 +1,5 @@
-"""Tests of analyzer.servicetags: reading Microsoft's service-tag file and looking addresses up."""
+"""Tests of analyzer.judge.servicetags: reading Microsoft's service-tag file and looking
+addresses up."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from analyzer.errors import NwcapError, PolicyError
-from analyzer.servicetags import ServiceTag, ServiceTags, ServiceTagsError
+from analyzer.base.errors import NwcapError, PolicyError
+from analyzer.judge.servicetags import ServiceTag, ServiceTags, ServiceTagsError
 
 SMALL = Path(__file__).parent / "data" / "servicetags_small.json"
 UNSPECIFIED = "0.0.0.0"  # noqa: S104 - an address looked up, not one bound to

@@ -15,11 +15,11 @@ from azure.storage.blob import BlobClient, ContainerClient
 from azure.storage.queue import QueueClient
 from conftest import FailingStore, http_error, network_watcher_path, udp_capture
 
-from analyzer import ops_cli
-from analyzer.processing import process_blob
-from analyzer.reconcile import ReconcileReport, ReconcileSettings, RunLog
-from analyzer.status import status_document
-from analyzer.storage import TableResultsStore
+from analyzer.cli import ops_commands
+from analyzer.pipeline.processing import process_blob
+from analyzer.pipeline.reconcile import ReconcileReport, ReconcileSettings, RunLog
+from analyzer.pipeline.status import status_document
+from analyzer.store.results import TableResultsStore
 
 PEERS = {"20.0.0.1": (3, 2), "20.0.0.2": (1, 0)}
 Upload = Callable[[str, bytes], BlobClient]
@@ -118,7 +118,7 @@ class TestCommand:
 
     def _run(self, *argv: str) -> int:
         parser = argparse.ArgumentParser(prog="nwcap")
-        ops_cli.add_commands(parser.add_subparsers(dest="command", required=True))
+        ops_commands.add_commands(parser.add_subparsers(dest="command", required=True))
         args = parser.parse_args(argv)
         return int(args.func(args))
 

@@ -1,4 +1,4 @@
-"""Tests of analyzer.storage: keys, limits, the entity mapping and queries on Azurite."""
+"""Tests of analyzer.store.results: keys, limits, the entity mapping and queries on Azurite."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
 from hypothesis import given
 from hypothesis import strategies as st
 
-from analyzer.blobpath import CaptureLocation, parse_capture_path
-from analyzer.connections import (
+from analyzer.base.models import Alert, Peer, PeerName
+from analyzer.store.blobpath import CaptureLocation, parse_capture_path
+from analyzer.store.connections import (
     ConnectionSettingError,
     blob_service_client,
     queue_service_for,
@@ -27,8 +28,7 @@ from analyzer.connections import (
     resolve_first,
     table_service_client,
 )
-from analyzer.models import Alert, Peer, PeerName
-from analyzer.storage import (
+from analyzer.store.results import (
     MAX_BATCH_ENTITIES,
     MAX_ENTITY_BYTES,
     MAX_PROPERTY_BYTES,
@@ -56,7 +56,7 @@ from analyzer.storage import (
     time_key,
     utf16_size,
 )
-from analyzer.tablekeys import INDEX_BUCKETS, index_partition
+from analyzer.store.tablekeys import INDEX_BUCKETS, index_partition
 
 FORBIDDEN_IN_KEYS = re.compile(r"[/\\#?\x00-\x1f\x7f-\x9f%]")
 T0 = datetime(2026, 11, 25, 10, 15, tzinfo=timezone.utc).timestamp()
@@ -802,7 +802,7 @@ class TestLostConnections:
         from azure.core.exceptions import ServiceResponseError
         from azure.data.tables import TableServiceClient
 
-        from analyzer.storage import TableResultsStore
+        from analyzer.store.results import TableResultsStore
 
         server = socket.socket()
         server.bind(("127.0.0.1", 0))

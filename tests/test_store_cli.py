@@ -1,4 +1,4 @@
-"""Tests of the storage subcommands (analyzer.store_cli) against Azurite."""
+"""Tests of the storage subcommands (analyzer.cli.store_commands) against Azurite."""
 
 from __future__ import annotations
 
@@ -17,17 +17,18 @@ from azure.identity import ManagedIdentityCredential
 from azure.storage.blob import BlobServiceClient, ContainerClient
 from conftest import ROOT, network_watcher_path, udp_capture
 
-from analyzer import api, store_cli
-from analyzer.blobpath import parse_capture_path
-from analyzer.connections import (
+from analyzer.cli import store_commands
+from analyzer.cli.store_commands import ProgressBar, add_commands
+from analyzer.pipeline.processing import Outcome
+from analyzer.store.blobpath import parse_capture_path
+from analyzer.store.connections import (
     ConnectionSettingError,
     ConnectionSettings,
     require_trusted_blob_url,
     require_url_on_service,
 )
-from analyzer.processing import Outcome
-from analyzer.storage import TableResultsStore, capture_id_for
-from analyzer.store_cli import ProgressBar, add_commands
+from analyzer.store.results import TableResultsStore, capture_id_for
+from analyzer.web import api
 
 PEERS = {"20.0.0.1": (3, 2), "20.0.0.2": (1, 0), "2001:db8::7": (0, 4)}
 FIRST = {"20.0.0.1": (1, 1), "20.0.0.5": (1, 1)}
@@ -328,7 +329,7 @@ def page_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, str]]:
         calls.append(dict(params))
         return real(store, capture_id, params)
 
-    monkeypatch.setattr(store_cli, "MAX_PAGE", 4)
+    monkeypatch.setattr(store_commands, "MAX_PAGE", 4)
     monkeypatch.setattr(api, "get_capture", spy)
     return calls
 
@@ -392,7 +393,7 @@ class TestShowReadsPages:
                 return api.ApiResponse(404, {"error": f"no capture {capture_id}"})
             return real(store, capture_id, params)
 
-        monkeypatch.setattr(store_cli, "MAX_PAGE", 4)
+        monkeypatch.setattr(store_commands, "MAX_PAGE", 4)
         monkeypatch.setattr(api, "get_capture", vanishing)
         code, _, err = output(capsys, "show", many_peers, "--format", "csv")
         assert code == 1
@@ -441,9 +442,9 @@ class TestHostileText:
         "text", ['=HYPERLINK("http://x")', "+1", "-1+1", "@SUM(A1)", "\tx", "\rx"]
     )
     def test_every_formula_start(self, text: str) -> None:
-        assert store_cli._csv(text) == "'" + text
-        assert store_cli._csv(["=x"]) == '["=x"]'
-        assert store_cli._csv(-1) == "-1"
+        assert store_commands._csv(text) == "'" + text
+        assert store_commands._csv(["=x"]) == '["=x"]'
+        assert store_commands._csv(-1) == "-1"
 
 
 class TestTimeParameters:

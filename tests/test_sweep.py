@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from analyzer import sweep
-from analyzer.errors import CorruptCaptureError, UnsupportedFormatError
-from analyzer.sweep import FileResult, SweepReport, reason_kind
+from analyzer.base.errors import CorruptCaptureError, UnsupportedFormatError
+from analyzer.cli import sweep
+from analyzer.cli.sweep import FileResult, SweepReport, reason_kind
 from nwcap_testing import synth
 
 CORPUS = Path(
@@ -259,7 +259,7 @@ class TestCommand:
         assert "swept 1 files" in capsys.readouterr().out
 
     def test_missing_directory_is_an_input_error(self, tmp_path: Path) -> None:
-        from analyzer.exits import InputError
+        from analyzer.cli.exits import InputError
 
         with pytest.raises(InputError, match="no such file or directory"):
             run_command(["sweep", str(tmp_path / "absent")])

@@ -497,7 +497,7 @@ class TestSamples:
         assert len({row[1] for row in rows}) == len(rows) >= 50
 
     def test_policy_loads(self) -> None:
-        from analyzer.policy import load_policy
+        from analyzer.judge.policy import load_policy
 
         policy = load_policy((SAMPLES / "policy.yaml").read_bytes())
 

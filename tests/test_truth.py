@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.engine import summarize
-from analyzer.errors import NwcapError
+from analyzer.base.errors import NwcapError
+from analyzer.capture.engine import summarize
 from tests.oracle import ConversationTable, tshark_conversations, tshark_size
 
 ROOT = Path(__file__).resolve().parents[1]

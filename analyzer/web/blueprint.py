@@ -12,9 +12,9 @@ from collections.abc import Callable
 import azure.functions as func
 from azure.core.exceptions import AzureError
 
-from analyzer.connections import ConnectionSettingError
-from analyzer.processing import is_transient
-from analyzer.storage import ResultsStore
+from analyzer.pipeline.processing import is_transient
+from analyzer.store.connections import ConnectionSettingError
+from analyzer.store.results import ResultsStore
 from analyzer.web import pages
 
 log = logging.getLogger("nwcap")

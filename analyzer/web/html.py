@@ -22,7 +22,7 @@ import jinja2
 from markupsafe import Markup
 
 from analyzer import __version__
-from analyzer.render import human_bytes
+from analyzer.present.render import human_bytes
 
 MAX_SHOWN = 200  # characters of one capture-derived text shown in full; the rest is counted
 _INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})

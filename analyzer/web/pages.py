@@ -1,6 +1,6 @@
 """The dashboard's pages over stored results: fleet, capture, peer and alerts.
 
-Each page calls the HTTP API's own handler (:mod:`analyzer.api`) with its query parameters and
+Each page calls the HTTP API's own handler (:mod:`analyzer.web.api`) with its query parameters and
 renders the body it returns, so a page shows exactly what its JSON link (``/api/...``) returns
 (the way datasette pairs every page with its ``.json``). Free of Azure Functions and of
 ``http.server``: :mod:`analyzer.web.server` and :mod:`analyzer.web.blueprint` adapt it.
@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from analyzer import api
-from analyzer.models import SEVERITY_ORDER
-from analyzer.storage import ResultsStore
+from analyzer.base.models import SEVERITY_ORDER
+from analyzer.store.results import ResultsStore
+from analyzer.web import api
 from analyzer.web.html import Rendered, render
 from analyzer.web.report import SUMMARY_PEER, context, from_stored, timestamp
 

@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from analyzer.models import SEVERITY_ORDER
+from analyzer.base.models import SEVERITY_ORDER
 from analyzer.web.html import Rendered, embed_json, human_size, render, short, shown
 
 MAP_PEERS = 40  # peers drawn one by one on the map; the rest are summed per category
 TIMELINE_PEERS = 10  # peers with a timeline row of their own; the rest are summed
 TABLE_PAGE = 100  # rows per page of the peer table (and rows in the HTML without JavaScript)
-# The peer map's sectors: families of the classifier's categories (analyzer/classify.py and the
-# catalog's entries), in drawing order; a category not listed here is "other".
+# The peer map's sectors: families of the classifier's categories (analyzer/judge/classify.py
+# and the catalog's entries), in drawing order; a category not listed here is "other".
 FAMILIES = ("platform", "Azure service", "storage account", "admin", "internet", "other")
 MIN_HISTOGRAM_BUCKETS = 8  # fewer buckets over the capture show less than first-to-last spans
 SUMMARY_PEER = "*"  # an alert's peer when it sums the peers past the classifier's per-rule cap

@@ -2,7 +2,7 @@
 
 ``/api/ui/...`` are the dashboard's pages (:mod:`analyzer.web.pages`), ``/api/captures``,
 ``/api/captures/{id}``, ``/api/alerts`` and ``/api/peers/{ip}`` the HTTP API's handlers
-(:mod:`analyzer.api`), so pages and data are the same code as in Azure. GET only. Bound to
+(:mod:`analyzer.web.api`), so pages and data are the same code as in Azure. GET only. Bound to
 loopback by default; then the Host header must name loopback too, which keeps a web page from
 reaching the dashboard through DNS rebinding.
 """
@@ -17,9 +17,8 @@ from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from analyzer import api
-from analyzer.storage import ResultsStore
-from analyzer.web import pages
+from analyzer.store.results import ResultsStore
+from analyzer.web import api, pages
 
 log = logging.getLogger(__name__)
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})

@@ -1,0 +1,533 @@
+"""Names of peers, as the capture reveals them: DNS answers, TLS SNI and HTTP Host headers.
+
+The capture engine feeds :class:`NameCollector` with UDP/TCP payloads; the collector keeps, for
+each raw address (4 or 16 bytes), the names that address was seen under. Everything here is pure
+and bounded in memory; hostile input is skipped (and, for DNS, counted), never raised.
+
+The small parsers :func:`parse_dns_answers`, :func:`client_hello_sni` and :func:`http_host` are
+exposed for testing and fuzzing. Names are lower-case, without the trailing dot; bytes outside
+printable ASCII, and dots or backslashes inside a DNS label, are written ``\\DDD`` (decimal), as
+in DNS master files.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+
+from analyzer.base.models import NameSource, PeerName
+
+MAX_ADDRESSES = 100_000  # ~55 MB of names at most; a peer flood may use the rest
+MAX_NAMES_PER_ADDRESS = 16
+MAX_PARTIAL_FLOWS = 1024
+MAX_PARTIAL_BYTES = 64 * 1024
+MAX_CNAME_HOPS = 32
+# Real responses carry one question and rarely more than a few dozen answers; hostile ones
+# carry thousands to multiply the work. More questions make the message malformed; answers
+# past the cap are not read.
+MAX_DNS_QUESTIONS = 16
+MAX_DNS_ANSWERS = 256
+# An HTTP request head is parsed up to this many bytes (servers' own limits are 8-16 KiB).
+MAX_HTTP_HEAD = 8 * 1024
+
+_DNS_HEADER_LEN = 12
+_MAX_NAME_WIRE_LEN = 255
+_MAX_POINTER_JUMPS = 127  # a name has at most 127 labels; a valid pointer chain adds one each
+_RR_HEADER = struct.Struct("!HHIH")
+_TYPE_A = 1
+_TYPE_CNAME = 5
+_TYPE_AAAA = 28
+_CLASS_IN = 1
+
+# Bytes that stand for themselves in a name; anything else in a label is escaped.
+_PLAIN_LABEL_BYTES = bytes(b for b in range(0x21, 0x7F) if b not in b".\\")
+_PLAIN_HOST_BYTES = bytes(range(0x21, 0x7F))
+
+_IPV4_LITERAL = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
+_HTTP_METHODS = frozenset(
+    (b"GET", b"POST", b"PUT", b"HEAD", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT")
+)
+_LONGEST_METHOD = max(len(m) for m in _HTTP_METHODS)
+_HTTP_REQUEST_LINE = re.compile(rb"([A-Z]+) ([^ \r\n]+) HTTP/1\.[0-9]\r?\n")
+
+Chain = tuple[str, ...]
+
+
+# --- DNS -----------------------------------------------------------------------------------
+
+
+def _label_text(label: bytes) -> str:
+    """One label as text: lower-case ASCII, other bytes escaped as ``\\DDD``."""
+    if not label.translate(None, _PLAIN_LABEL_BYTES):
+        return label.decode("ascii").lower()
+    return "".join(chr(b).lower() if b in _PLAIN_LABEL_BYTES else f"\\{b:03d}" for b in label)
+
+
+def _read_name(message: bytes, offset: int, cache: dict[int, tuple[str, int]]) -> tuple[str, int]:
+    """Read the (possibly compressed) name at ``offset``; return it and the offset after it.
+
+    ``cache`` maps offsets already decoded in this message to (name, wire length): a pointer
+    to one costs a look-up, and a hostile chain of pointers is walked once per message.
+    """
+    size = len(message)
+    if offset + 1 < size and message[offset] >= 0xC0:
+        # the common case: an owner name that is only a pointer to a name decoded before
+        cached = cache.get(((message[offset] & 0x3F) << 8) | message[offset + 1])
+        if cached is not None:
+            return cached[0], offset + 2
+    start = offset
+    labels: list[str] = []
+    # (pointer target, labels read before it, their wire length)
+    jumps: list[tuple[int, int, int]] = []
+    end = -1
+    wire_len = 1  # the root label
+    tail = ""
+    while True:
+        if offset >= size:
+            raise ValueError("name runs past the end of the message")
+        length = message[offset]
+        if length == 0:
+            break
+        if length >= 0xC0:
+            if offset + 1 >= size:
+                raise ValueError("truncated compression pointer")
+            if end < 0:
+                end = offset + 2
+            target = ((length & 0x3F) << 8) | message[offset + 1]
+            cached = cache.get(target)
+            if cached is not None:
+                tail, tail_len = cached
+                wire_len += tail_len - 1
+                break
+            if target >= size:
+                raise ValueError("compression pointer out of range")
+            if len(jumps) >= _MAX_POINTER_JUMPS:
+                raise ValueError("too many compression pointers")
+            jumps.append((target, len(labels), wire_len - 1))
+            offset = target
+            continue
+        if length >= 0x40:
+            raise ValueError("unsupported label type")
+        label = message[offset + 1 : offset + 1 + length]
+        if len(label) < length:
+            raise ValueError("label runs past the end of the message")
+        wire_len += length + 1
+        if wire_len > _MAX_NAME_WIRE_LEN:
+            raise ValueError("name longer than 255 bytes")
+        labels.append(_label_text(label))
+        offset += 1 + length
+    if end < 0:
+        end = offset + 1
+    if wire_len > _MAX_NAME_WIRE_LEN:
+        raise ValueError("name longer than 255 bytes")
+    if tail:
+        labels.append(tail)
+    name = ".".join(labels)
+    cache[start] = (name, wire_len)
+    for target, before, before_len in jumps:
+        if target not in cache:
+            cache[target] = (".".join(labels[before:]), wire_len - before_len)
+    return name, end
+
+
+def parse_dns_answers(message: bytes) -> list[tuple[bytes, Chain]]:
+    """The A/AAAA records of a DNS response, each as (raw address, chain of names).
+
+    The chain runs from the name queried through every CNAME to the record's owner; an owner
+    not reachable from a question gives the chain ``(owner,)``. Queries and responses without
+    answers give ``[]``. Raises :class:`ValueError` on a malformed header, question or answer
+    section, or more than ``MAX_DNS_QUESTIONS`` questions (the authority and additional
+    sections are not read, nor answers past ``MAX_DNS_ANSWERS``).
+    """
+    if len(message) < _DNS_HEADER_LEN:
+        raise ValueError("shorter than a DNS header")
+    if not message[2] & 0x80:
+        return []
+    qdcount = int.from_bytes(message[4:6], "big")
+    ancount = int.from_bytes(message[6:8], "big")
+    if ancount == 0:
+        return []
+    if qdcount > MAX_DNS_QUESTIONS:
+        raise ValueError(f"{qdcount} questions")
+    cache: dict[int, tuple[str, int]] = {}
+    size = len(message)
+    offset = _DNS_HEADER_LEN
+    questions: dict[str, None] = {}
+    for _ in range(qdcount):
+        name, offset = _read_name(message, offset, cache)
+        offset += 4
+        if offset > size:
+            raise ValueError("question runs past the end of the message")
+        questions[name] = None
+
+    cnames: dict[str, str] = {}
+    records: list[tuple[bytes, str]] = []
+    for _ in range(min(ancount, MAX_DNS_ANSWERS)):
+        owner, offset = _read_name(message, offset, cache)
+        if offset + 10 > size:
+            raise ValueError("resource record header runs past the end of the message")
+        rtype, rclass, _ttl, rdlength = _RR_HEADER.unpack_from(message, offset)
+        rdata_start = offset + 10
+        offset = rdata_start + rdlength
+        if offset > size:
+            raise ValueError("resource data runs past the end of the message")
+        if rclass != _CLASS_IN:
+            continue
+        if (rtype == _TYPE_A and rdlength == 4) or (rtype == _TYPE_AAAA and rdlength == 16):
+            records.append((message[rdata_start:offset], owner))
+        elif rtype == _TYPE_CNAME:
+            target, target_end = _read_name(message, rdata_start, cache)
+            if target_end > offset:
+                raise ValueError("CNAME target runs past its resource data")
+            cnames.setdefault(owner, target)
+    if not records:
+        return []
+
+    # Each name joins the chain of the first question reaching it: every name is walked at
+    # most once per message, however many questions share a chain.
+    chains: dict[str, Chain] = {}
+    for question in questions:
+        if question in chains:
+            continue
+        path = [question]
+        chains[question] = (question,)
+        current = question
+        for _ in range(MAX_CNAME_HOPS):
+            next_name = cnames.get(current)
+            if next_name is None or next_name in chains:
+                break
+            path.append(next_name)
+            chains[next_name] = tuple(path)
+            current = next_name
+    return [(address, chains.get(owner) or (owner,)) for address, owner in records]
+
+
+# --- TLS -----------------------------------------------------------------------------------
+
+_NEED_MORE = 0
+_COMPLETE = 1
+_INVALID = 2
+
+_TLS_RECORD_HANDSHAKE = 0x16
+_TLS_HANDSHAKE_CLIENT_HELLO = 1
+_TLS_MAX_RECORD = 16384 + 2048
+_EXT_SERVER_NAME = 0
+_SNI_HOST_NAME = 0
+
+
+def _looks_like_client_hello(data: bytes) -> bool:
+    return (
+        len(data) >= 6
+        and data[0] == _TLS_RECORD_HANDSHAKE
+        and data[1] == 3
+        and data[5] == _TLS_HANDSHAKE_CLIENT_HELLO
+    )
+
+
+def _host_text(raw: bytes) -> str | None:
+    """A host name as sent by a client: printable ASCII, lower-case, no trailing dot.
+
+    IP literals are not names and give ``None``.
+    """
+    if not raw or len(raw) > _MAX_NAME_WIRE_LEN or raw.translate(None, _PLAIN_HOST_BYTES):
+        return None
+    host = raw.decode("ascii").lower().rstrip(".")
+    if not host or ":" in host or _IPV4_LITERAL.fullmatch(host):
+        return None
+    return host
+
+
+def _client_hello_status(data: bytes) -> tuple[int, str | None]:
+    """Parse a ClientHello spread over one or more TLS records.
+
+    Returns ``(_COMPLETE, sni or None)``, ``(_NEED_MORE, None)`` when the data stops before the
+    ClientHello does, or ``(_INVALID, None)`` when it is not a ClientHello.
+    """
+    if not _looks_like_client_hello(data):
+        return (_NEED_MORE, None) if len(data) < 6 and data[:1] == b"\x16" else (_INVALID, None)
+    # Gather the handshake bytes from consecutive handshake records.
+    fragments: list[bytes] = []
+    have = 0
+    needed = -1
+    offset = 0
+    size = len(data)
+    while needed < 0 or have < needed:
+        if offset + 5 > size:
+            return _NEED_MORE, None
+        if data[offset] != _TLS_RECORD_HANDSHAKE or data[offset + 1] != 3:
+            return _INVALID, None
+        length = (data[offset + 3] << 8) | data[offset + 4]
+        if length == 0 or length > _TLS_MAX_RECORD:
+            return _INVALID, None
+        fragment = data[offset + 5 : offset + 5 + length]
+        fragments.append(fragment)
+        have += len(fragment)
+        offset += 5 + length
+        if needed < 0 and have >= 4:
+            head = b"".join(fragments)
+            if head[0] != _TLS_HANDSHAKE_CLIENT_HELLO:
+                return _INVALID, None
+            needed = 4 + int.from_bytes(head[1:4], "big")
+            if needed > MAX_PARTIAL_BYTES:
+                return _INVALID, None
+        if len(fragment) < length and (needed < 0 or have < needed):
+            return _NEED_MORE, None
+    body = b"".join(fragments)[4:needed]
+    return _COMPLETE, _sni_from_client_hello_body(body)
+
+
+def _sni_from_client_hello_body(body: bytes) -> str | None:
+    """The host_name of the server_name extension of a complete ClientHello body, if any."""
+    offset = 2 + 32  # client_version, random
+    if offset >= len(body):
+        return None
+    offset += 1 + body[offset]  # session_id
+    if offset + 2 > len(body):
+        return None
+    offset += 2 + int.from_bytes(body[offset : offset + 2], "big")  # cipher_suites
+    if offset >= len(body):
+        return None
+    offset += 1 + body[offset]  # compression_methods
+    if offset + 2 > len(body):
+        return None  # no extensions
+    end = offset + 2 + int.from_bytes(body[offset : offset + 2], "big")
+    if end > len(body):
+        return None
+    offset += 2
+    while offset + 4 <= end:
+        ext_type = int.from_bytes(body[offset : offset + 2], "big")
+        ext_len = int.from_bytes(body[offset + 2 : offset + 4], "big")
+        offset += 4
+        if offset + ext_len > end:
+            return None
+        if ext_type == _EXT_SERVER_NAME:
+            return _host_name_from_server_name_list(body[offset : offset + ext_len])
+        offset += ext_len
+    return None
+
+
+def _host_name_from_server_name_list(ext: bytes) -> str | None:
+    if len(ext) < 2:
+        return None
+    end = min(len(ext), 2 + int.from_bytes(ext[0:2], "big"))
+    offset = 2
+    while offset + 3 <= end:
+        name_type = ext[offset]
+        name_len = int.from_bytes(ext[offset + 1 : offset + 3], "big")
+        name = ext[offset + 3 : offset + 3 + name_len]
+        if len(name) < name_len:
+            return None
+        if name_type == _SNI_HOST_NAME:
+            return _host_text(name)
+        offset += 3 + name_len
+    return None
+
+
+def client_hello_sni(data: bytes) -> str | None:
+    """The SNI host name of the TLS ClientHello that ``data`` starts with, if it has one.
+
+    ``data`` must hold the whole ClientHello (possibly over several handshake records).
+    """
+    status, sni = _client_hello_status(data)
+    return sni if status == _COMPLETE else None
+
+
+# --- HTTP ----------------------------------------------------------------------------------
+
+
+def _http_request_method(data: bytes) -> bytes | None:
+    space = data.find(b" ", 0, _LONGEST_METHOD + 1)
+    if space <= 0:
+        return None
+    method = data[:space]
+    return method if method in _HTTP_METHODS else None
+
+
+def _strip_port(authority: bytes) -> bytes:
+    if authority.startswith(b"["):
+        close = authority.find(b"]")
+        return authority[1:close] if close > 0 else b""
+    host, colon, port = authority.rpartition(b":")
+    if colon and (port.isdigit() or not port) and b":" not in host:
+        return host
+    return authority
+
+
+def _http_status(data: bytes) -> tuple[int, str | None]:
+    """Like :func:`_client_hello_status`, for the head of an HTTP/1.x request."""
+    method = _http_request_method(data)
+    if method is None:
+        return _INVALID, None
+    capped = len(data) >= MAX_HTTP_HEAD
+    data = data[:MAX_HTTP_HEAD]
+    line_end = data.find(b"\n")
+    if line_end < 0:
+        return (_INVALID if capped else _NEED_MORE), None
+    request = _HTTP_REQUEST_LINE.match(data, 0, line_end + 1)
+    if request is None:
+        return _INVALID, None
+    if method == b"CONNECT":
+        return _COMPLETE, _host_text(_strip_port(request.group(2)))
+    head_end = data.find(b"\r\n\r\n", line_end - 1)
+    if head_end < 0:
+        head_end = data.find(b"\n\n", line_end)
+    head = data[line_end : head_end + 2] if head_end >= 0 else data[line_end:]
+    host = _host_header(head)
+    if host is not None:
+        return _COMPLETE, _host_text(_strip_port(host))
+    return (_NEED_MORE if head_end < 0 and not capped else _COMPLETE), None
+
+
+def _host_header(head: bytes) -> bytes | None:
+    """The value of the first complete ``Host`` header line of ``head`` (which starts at the
+    request line's newline), without surrounding blanks.
+
+    Plain splitting, no regular expression: every byte is looked at a bounded number of times
+    whatever the header holds (a backtracking pattern took seconds on a line of tabs).
+    """
+    lines = head.split(b"\n")
+    for line in lines[1:-1]:  # the last piece has no newline after it: not complete yet
+        name, colon, value = line.partition(b":")
+        if colon and len(name) <= 64 and name.rstrip(b" \t").lower() == b"host":
+            value = value.removesuffix(b"\r")
+            if b"\r" in value:
+                continue
+            return value.strip(b" \t")
+    return None
+
+
+def http_host(data: bytes) -> str | None:
+    """The host (without port) of the HTTP/1.x request that ``data`` starts with, if any.
+
+    That is the Host header (its line must be complete), or for CONNECT the request target.
+    """
+    status, host = _http_status(data)
+    return host if status == _COMPLETE else None
+
+
+# --- the collector -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Partial:
+    """The first segments of a ClientHello or HTTP request head that is not complete yet."""
+
+    next_seq: int
+    data: bytes
+    is_tls: bool
+
+
+class NameCollector:
+    """Collects peer names from DNS answers, TLS ClientHello SNI and HTTP Host headers.
+
+    Memory is bounded: at most ``MAX_ADDRESSES`` (100,000) addresses with at most
+    ``MAX_NAMES_PER_ADDRESS`` (16) names each, first seen kept (``dropped_names`` counts the
+    rest); at most ``MAX_PARTIAL_FLOWS`` (1024) partial TLS/HTTP heads and as many DNS-over-TCP
+    buffers, of at most 64 KiB each (the oldest flow is forgotten first).
+    """
+
+    def __init__(self) -> None:
+        self.malformed_dns = 0
+        self.dropped_names = 0
+        self._names: dict[bytes, dict[tuple[NameSource, Chain], None]] = {}
+        self._dns_tcp: dict[bytes, bytes] = {}
+        self._partials: dict[bytes, _Partial] = {}
+
+    def _add(self, address: bytes, source: NameSource, chain: Chain) -> None:
+        names = self._names.get(address)
+        if names is None:
+            if len(self._names) >= MAX_ADDRESSES:
+                self.dropped_names += 1
+                return
+            names = self._names[address] = {}
+        key = (source, chain)
+        if key in names:
+            return
+        if len(names) >= MAX_NAMES_PER_ADDRESS:
+            self.dropped_names += 1
+            return
+        names[key] = None
+
+    def dns_message(self, payload: bytes) -> None:
+        """One DNS message (a UDP payload from port 53); only responses with answers count."""
+        # The cheap checks first: most DNS traffic is queries.
+        if len(payload) < _DNS_HEADER_LEN:
+            self.malformed_dns += 1
+            return
+        if not payload[2] & 0x80 or payload[6:8] == b"\x00\x00":
+            return
+        try:
+            answers = parse_dns_answers(payload)
+        except (ValueError, IndexError):
+            self.malformed_dns += 1
+            return
+        for address, chain in answers:
+            if chain[0]:
+                self._add(address, "dns", chain)
+
+    def dns_tcp_segment(self, flow_key: bytes, payload: bytes) -> None:
+        """A TCP payload from port 53: length-prefixed DNS messages, possibly split or packed."""
+        buffer = self._dns_tcp.pop(flow_key, b"") + payload
+        offset = 0
+        size = len(buffer)
+        while offset + 2 <= size:
+            length = (buffer[offset] << 8) | buffer[offset + 1]
+            if length == 0:
+                self.malformed_dns += 1
+                return  # lost framing: forget the flow until it starts afresh
+            if offset + 2 + length > size:
+                break
+            before = self.malformed_dns
+            self.dns_message(buffer[offset + 2 : offset + 2 + length])
+            offset += 2 + length
+            if self.malformed_dns != before:
+                return
+        if offset < size:
+            if len(self._dns_tcp) >= MAX_PARTIAL_FLOWS:
+                del self._dns_tcp[next(iter(self._dns_tcp))]
+            self._dns_tcp[flow_key] = buffer[offset:]
+
+    def client_payload(self, flow_key: bytes, server: bytes, seq: int, payload: bytes) -> None:
+        """One of the first data segments of a TCP flow direction (``server`` its destination).
+
+        A TLS ClientHello (on any port) gives its SNI, an HTTP/1.x request its Host; either
+        may span several in-order segments.
+        """
+        if not payload:
+            return
+        partial = self._partials.get(flow_key)
+        if partial is not None and seq == partial.next_seq:
+            del self._partials[flow_key]
+            data = partial.data + payload
+            is_tls = partial.is_tls
+            status, name = _client_hello_status(data) if is_tls else _http_status(data)
+        else:
+            # No partial, or this segment is out of order, a retransmission or garbage: only
+            # the start of a new request replaces the partial.
+            if payload[0] == _TLS_RECORD_HANDSHAKE:
+                is_tls = True
+            elif _http_request_method(payload) is not None:
+                is_tls = False
+            else:
+                return
+            data = payload
+            status, name = _client_hello_status(data) if is_tls else _http_status(data)
+            if status == _INVALID:
+                return
+            self._partials.pop(flow_key, None)
+        if status == _COMPLETE:
+            if name:
+                self._add(server, "sni" if is_tls else "http", (name,))
+        elif status == _NEED_MORE and len(data) < MAX_PARTIAL_BYTES:
+            if len(self._partials) >= MAX_PARTIAL_FLOWS:
+                del self._partials[next(iter(self._partials))]
+            next_seq = (seq + len(payload)) & 0xFFFFFFFF
+            self._partials[flow_key] = _Partial(next_seq, data, is_tls)
+
+    def names_by_address(self) -> dict[bytes, tuple[PeerName, ...]]:
+        """Raw address -> the names it was seen under, deduplicated, in first-seen order."""
+        return {
+            address: tuple(PeerName(chain[0], source, chain) for source, chain in names)
+            for address, names in self._names.items()
+        }

@@ -1,0 +1,3 @@
+"""The `nwcap` command: options, exit codes and output; each command hands off to a stage
+below. May import all of analyzer; nothing in analyzer imports it.
+"""

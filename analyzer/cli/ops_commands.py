@@ -1,0 +1,307 @@
+"""``nwcap reconcile`` and ``nwcap status``: the operator's commands, the timer's code path.
+
+``reconcile`` runs :func:`analyzer.pipeline.reconcile.reconcile` exactly as the function app's timer
+does (same settings, same processing), records the run and delivers alerts not yet delivered
+(:mod:`analyzer.pipeline.alert_delivery`); ``status`` prints
+:func:`analyzer.pipeline.status.status_document`. Connections are named as for the storage commands:
+``--connection`` (default ``RESULTS_CONNECTION``, else ``CAPTURES_CONNECTION``) for results,
+``--captures-connection`` (default ``CAPTURES_CONNECTION``) for capture blobs and the poison
+queue. Text from blob names and messages is escaped before it reaches the terminal or a CSV
+cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from azure.core.exceptions import AzureError
+from azure.storage.blob import ContainerClient
+from azure.storage.queue import QueueClient
+
+from analyzer.base.errors import NwcapError
+from analyzer.cli.exits import EXIT_ALERTS, EXIT_DATAERR, EXIT_USAGE
+from analyzer.pipeline.alert_delivery import AlertDelivery, DeliverySettings, delivery_window
+from analyzer.pipeline.processing import Settings, is_transient, policy_file, service_tags_file
+from analyzer.pipeline.reconcile import (
+    DurationError,
+    ReconcileReport,
+    ReconcileSettings,
+    RunLog,
+    parse_duration,
+    poison_queue,
+    processor,
+    reconcile,
+    schedule_seconds,
+)
+from analyzer.pipeline.status import status_document
+from analyzer.present.textsafe import csv_cell, terminal_text
+from analyzer.store.connections import (
+    ConnectionSettingError,
+    ConnectionSettings,
+    blob_service_for,
+    queue_service_for,
+    resolve,
+    resolve_first,
+    table_service_for,
+)
+from analyzer.store.results import TableResultsStore
+
+FORMATS = ("table", "json", "csv")
+_ITEM_COLUMNS = ("status", "reason", "age_seconds", "capture_id", "blob", "detail")
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``reconcile`` and ``status``."""
+    run = subparsers.add_parser(
+        "reconcile",
+        help="process every capture blob that has no complete result yet (as the timer does)",
+        description="List the capture blobs of the lookback window, compare them with the "
+        "captures table and process, oldest first, those never processed, rewritten, left "
+        "'processing' by a run that died, or failed transiently; then drain the blob "
+        "trigger's poison queue. Safe to run at any time, also next to the timer. "
+        "Exit status 1 when a capture failed.",
+    )
+    _common(run)
+    run.add_argument("--stale-after", type=_duration, metavar="DURATION",
+                     help="a 'processing' row older than this is retried (default: "
+                     "RECONCILE_STALE_AFTER or 70m, longer than the function timeout)")
+    run.add_argument("--grace", type=_duration, metavar="DURATION", default=0.0,
+                     help="leave blobs with no row modified less than this long ago to their "
+                     "event (default: 0s, process everything now; the timer uses "
+                     "RECONCILE_GRACE or 5m)")
+    run.add_argument("--limit", type=_count, metavar="N",
+                     help="captures processed at most in this run (default: RECONCILE_LIMIT "
+                     "or 20); the rest are left for the next run")
+    run.add_argument("--no-poison", action="store_true",
+                     help="leave the poison queue alone")
+    run.add_argument("--policy", help="policy file, blob URL or container/blob "
+                     "(default: NWCAP_POLICY)")
+    run.add_argument("--service-tags", help="service tags file, located like --policy "
+                     "(default: NWCAP_SERVICE_TAGS)")
+    run.set_defaults(func=_guarded(run_reconcile))
+
+    status = subparsers.add_parser(
+        "status",
+        help="is every capture getting processed? captures by status, waiting blobs, "
+        "poison queue, last reconcile run",
+        description="Captures of the lookback window by status, capture blobs not yet "
+        "processed at their ETag (and the oldest one's age), the poison queue's length and "
+        "the last reconcile run. Exit status 1 when something needs attention.",
+    )
+    _common(status)
+    status.set_defaults(func=_guarded(run_status))
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "container", nargs="?",
+        help="capture container (default: CAPTURES_CONTAINER or network-watcher-logs)",
+    )
+    parser.add_argument("--since", type=_duration, metavar="DURATION",
+                        help="lookback window, e.g. 15m, 48h, 7d (default: RECONCILE_LOOKBACK "
+                        "or 48h)")
+    parser.add_argument("--connection", metavar="NAME",
+                        help="connection of the results account (default: RESULTS_CONNECTION, "
+                        "else CAPTURES_CONNECTION)")
+    parser.add_argument("--captures-connection", metavar="NAME", default="CAPTURES_CONNECTION",
+                        help="connection of the capture account (default: %(default)s)")
+    parser.add_argument("--table-prefix", default=None,
+                        help="prefix of the table names (default: NWCAP_TABLE_PREFIX)")
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output format")
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except DurationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or len(text) > 6 or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number from 1 to 999999: {text[:40]!r}")
+    return int(text)
+
+
+class _Site:
+    """The storage a command works on, resolved from its arguments and the app settings."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.settings = Settings.from_environ()
+        names = (args.connection,) if args.connection else ("RESULTS_CONNECTION",
+                                                            "CAPTURES_CONNECTION")
+        self.results: ConnectionSettings = resolve_first(names)
+        self.captures: ConnectionSettings = resolve(args.captures_connection)
+        prefix = args.table_prefix if args.table_prefix is not None else self.settings.table_prefix
+        tables = table_service_for(self.results)
+        self.store = TableResultsStore(tables, prefix=prefix)
+        self.runs = RunLog(tables, prefix=prefix)
+        name = args.container or self.settings.captures_container
+        self.container: ContainerClient = blob_service_for(self.captures).get_container_client(
+            name
+        )
+        base = ReconcileSettings.from_environ()
+        overrides = {"lookback": args.since} if args.since is not None else {}
+        if getattr(args, "stale_after", None) is not None:
+            overrides["stale_after"] = args.stale_after
+        if getattr(args, "grace", None) is not None:
+            overrides["grace"] = args.grace
+        if getattr(args, "limit", None) is not None:
+            overrides["limit"] = args.limit
+        self.reconcile = ReconcileSettings(**{
+            name: overrides.get(name, getattr(base, name)) for name in base.__dataclass_fields__
+        })
+
+    def poison(self) -> QueueClient:
+        return poison_queue(self.captures)
+
+
+def run_reconcile(args: argparse.Namespace) -> int:
+    site = _Site(args)
+    site.store.create_tables()
+    results_blobs = lambda: blob_service_for(site.results)  # noqa: E731 - evaluated lazily
+    policy_location = args.policy if args.policy is not None else site.settings.policy_location
+    tags_location = (
+        args.service_tags if args.service_tags is not None else site.settings.service_tags_location
+    )
+    policy = policy_file(policy_location, results_blobs).get()
+    tags = service_tags_file(tags_location, results_blobs).get()
+    process = processor(site.store, policy=policy, service_tags=tags,
+                        budget=site.settings.budget)
+    delivery = AlertDelivery.from_settings(
+        site.store,
+        queue_service_for(site.results),
+        DeliverySettings.from_environ(),
+        create_queue=not site.results.identity_based,
+    )
+    report = reconcile(
+        site.container,
+        site.store,
+        process,
+        settings=site.reconcile,
+        poison=None if args.no_poison else site.poison(),
+        after_processing=delivery.after_processing,
+    )
+    site.runs.record(report)
+    # alerts not yet delivered, as the timer does
+    sent = delivery.reconcile(window=delivery_window(site.reconcile.lookback))
+    _print_report(report, args.format)
+    if sent.sent or sent.pending or sent.failed:
+        print(f"nwcap: alerts: {sent.sent} sent, {sent.pending} pending, {sent.failed} failed",
+              file=sys.stderr)
+    return EXIT_ALERTS if report.failed else 0
+
+
+def _print_report(report: ReconcileReport, fmt: str) -> None:
+    rows = [item.to_dict() for item in report.items]
+    if fmt == "json":
+        _print_json(report.to_dict())
+        return
+    if fmt == "csv":
+        _print_csv(rows, _ITEM_COLUMNS)
+        print(f"nwcap: {report.line()}", file=sys.stderr)
+        return
+    if rows:
+        _print_table(rows, _ITEM_COLUMNS)
+    print(report.line())
+
+
+def run_status(args: argparse.Namespace) -> int:
+    site = _Site(args)
+    document = status_document(
+        site.store,
+        container=site.container,
+        poison=site.poison(),
+        runs=site.runs,
+        settings=site.reconcile,
+        schedule_seconds=schedule_seconds(os.environ.get("RECONCILE_SCHEDULE", "")),
+    )
+    if args.format == "json":
+        _print_json(document)
+    else:
+        rows = _status_rows(document)
+        if args.format == "csv":
+            _print_csv(rows, ("what", "value"))
+        else:
+            _print_table(rows, ("what", "value"))
+    return 0 if document["ok"] else EXIT_ALERTS
+
+
+def _status_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = [
+        {"what": "window since", "value": document["window"]["since"]},
+        {"what": "container", "value": document["container"]},
+    ]
+    for status, count in sorted(document["captures"]["by_status"].items()):
+        rows.append({"what": f"captures {status}", "value": count})
+    pending = document["pending"] or {}
+    rows.append({"what": "blobs not processed yet", "value": pending.get("count")})
+    for reason, count in sorted((pending.get("by_reason") or {}).items()):
+        rows.append({"what": f"  because {reason}", "value": count})
+    rows.append({"what": "oldest waiting (s)", "value": pending.get("oldest_age_seconds")})
+    rows.append({"what": "oldest waiting blob", "value": pending.get("oldest_blob")})
+    rows.append({"what": "poison queue", "value": document["poison_queue"]["length"]})
+    last = document["last_reconcile"] or {}
+    rows.extend(
+        {"what": f"last reconcile {key}", "value": last.get(key)}
+        for key in ("finished", "scanned", "complete", "processed", "failed", "left")
+    )
+    rows.extend({"what": "ATTENTION", "value": note} for note in document["attention"])
+    return rows
+
+
+def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Configuration and storage errors become one line and an exit status, not a traceback."""
+
+    def guarded(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (ConnectionSettingError, ValueError) as error:
+            _error(f"error: {error}")
+            return EXIT_USAGE
+        except NwcapError as error:  # e.g. an invalid policy file
+            _error(f"error: {error}")
+            return EXIT_DATAERR
+        except AzureError as error:
+            kind = "storage unavailable (try again)" if is_transient(error) else "storage error"
+            _error(f"{kind}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+            return 1
+
+    return guarded
+
+
+def _error(message: str) -> None:
+    print(f"nwcap: {terminal_text(message)}", file=sys.stderr)
+
+
+def _print_json(document: Any) -> None:
+    json.dump(document, sys.stdout, indent=2, default=str)  # ASCII only: escapes all else
+    sys.stdout.write("\n")
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    cells = [[terminal_text(_text(row.get(column))) for column in columns] for row in rows]
+    widths = [
+        max([len(column), *(len(line[index]) for line in cells)])
+        for index, column in enumerate(columns)
+    ]
+    for line in [[column.upper() for column in columns], *cells]:
+        padded = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        print("  ".join(padded).rstrip())
+
+
+def _print_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    writer = csv.writer(sys.stdout)
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([csv_cell(_text(row.get(column))) for column in columns])

@@ -1,0 +1,623 @@
+"""The entity mapping: capture records and how captures, peers, alerts, index and baseline
+rows become Table entities and come back as JSON documents (the one place each meets storage)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from azure.data.tables import EdmType, EntityProperty
+
+from analyzer.base.models import SEVERITY_ORDER, Alert, Peer, iso_time
+from analyzer.store.blobpath import CaptureLocation
+from analyzer.store.tablekeys import (
+    CAPTURE_ALERTS_PREFIX,
+    MAX_ENTITY_BYTES,
+    alert_key,
+    baseline_key,
+    day_partition,
+    entity_size,
+    fit_json,
+    fit_text,
+    generation_prefix,
+    index_partition,
+    ip_key,
+    peer_row_key,
+    storable_time,
+    time_key,
+    vm_key,
+)
+
+Status = Literal["processing", "complete", "partial", "failed"]
+FINAL_STATUSES: frozenset[str] = frozenset({"complete", "partial", "failed"})
+
+
+class _EntityBuilder:
+    """Collects an entity's properties, typing them and fitting them into the limits."""
+
+    def __init__(self, partition_key: str, row_key: str) -> None:
+        self.entity: dict[str, Any] = {"PartitionKey": partition_key, "RowKey": row_key}
+        self.truncated: list[str] = []
+
+    def text(self, name: str, value: str | None) -> None:
+        if value is None:
+            return
+        fitted, cut = fit_text(value)
+        self.entity[name] = fitted
+        if cut:
+            self.truncated.append(name)
+
+    def json(self, name: str, value: list[Any] | dict[str, Any]) -> None:
+        fitted, cut = fit_json(value)
+        self.entity[name] = fitted
+        if cut:
+            self.truncated.append(name)
+
+    def count(self, name: str, value: int | None) -> None:
+        if value is not None:
+            self.entity[name] = EntityProperty(int(value), EdmType.INT64)
+
+    def small(self, name: str, value: int) -> None:
+        self.entity[name] = EntityProperty(int(value), EdmType.INT32)
+
+    def number(self, name: str, value: float | None) -> None:
+        if value is not None:
+            self.entity[name] = float(value)
+
+    def flag(self, name: str, value: bool | None) -> None:
+        if value is not None:
+            self.entity[name] = bool(value)
+
+    def time(self, name: str, ts: float | None) -> None:
+        moment = storable_time(ts)  # a capture can claim any time; Edm.DateTime holds 1601-9999
+        if moment is not None:
+            self.entity[name] = datetime.fromtimestamp(moment, tz=timezone.utc)
+
+    def build(self) -> dict[str, Any]:
+        if self.truncated:
+            self.entity["truncated"] = ",".join(self.truncated)
+        size = entity_size(self.entity)
+        if size > MAX_ENTITY_BYTES:
+            # Cannot happen with the fields defined here (each is cut to 64 KiB and no entity
+            # has more than a dozen long ones), so this is a programming error.
+            raise ValueError(f"entity {self.entity['RowKey']!r} is {size} bytes")
+        return self.entity
+
+
+# --- reading entities back ---------------------------------------------------------------
+
+
+def _raw(entity: Mapping[str, Any], name: str, default: Any = None) -> Any:
+    value = entity.get(name, default)
+    return value.value if isinstance(value, EntityProperty) else value
+
+
+def _int(entity: Mapping[str, Any], name: str) -> int:
+    value = _raw(entity, name, 0)
+    return int(value) if value is not None else 0
+
+
+def _str(entity: Mapping[str, Any], name: str) -> str:
+    value = _raw(entity, name, "")
+    return str(value) if value is not None else ""
+
+
+def _ts(entity: Mapping[str, Any], name: str) -> float | None:
+    value = _raw(entity, name)
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return moment.timestamp()
+    return None
+
+
+def _loads(entity: Mapping[str, Any], name: str, default: Any) -> Any:
+    value = _raw(entity, name)
+    if not value:
+        return default
+    try:
+        return json.loads(value)
+    except ValueError:
+        return default
+
+
+def _bool(entity: Mapping[str, Any], name: str) -> bool | None:
+    value = _raw(entity, name)
+    return bool(value) if value is not None else None
+
+
+# --- records -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureRecord:
+    """One capture blob: where it is, whose it is, how far its processing got, and its summary.
+
+    ``version`` is the row's table ETag when read back (for optimistic concurrency).
+    ``alerts`` counts the capture's alerts by severity.
+
+    ``generation`` counts the runs that claimed the row; every result row a run writes carries
+    its generation in its key, and ``results_generation`` names the run whose rows are the
+    capture's results (see docs/reliability.md). ``stale_rows`` says rows of earlier runs may
+    remain to be deleted. ``transient`` tells whether a ``failed`` capture's error was one that
+    a later attempt may not meet (throttling, an outage), so that reconciling retries it.
+    ``time_mismatch`` says why the capture's claimed time is not believed (its peers are then
+    not learned into the VM's baseline).
+    """
+
+    capture_id: str
+    location: CaptureLocation
+    blob_url: str
+    blob_etag: str
+    blob_size: int
+    blob_last_modified: float
+    status: Status
+    capture_time: float | None = None
+    capture_time_source: str = ""
+    processing_started: float | None = None
+    processed_at: float | None = None
+    processing_seconds: float | None = None
+    error: str = ""
+    error_type: str = ""
+    analyzer_version: str = ""
+    policy_version: str = ""
+    format: str = ""
+    first_seen: float | None = None
+    last_seen: float | None = None
+    packets: int = 0
+    bytes: int = 0
+    ip_packets: int = 0
+    peers: int = 0
+    alerts: Mapping[str, int] = field(default_factory=dict)
+    new_peers: int = 0
+    warnings: tuple[str, ...] = ()
+    local_addresses: tuple[str, ...] = ()
+    local_addresses_inferred: bool | None = None
+    truncated: str = ""
+    generation: int = 0
+    results_generation: int = 0
+    stale_rows: bool = False
+    transient: bool = False
+    attempts: int = 0
+    time_mismatch: str = ""
+    budget_exhausted: str = ""
+    folded_peers: int = 0
+    folded_packets: int = 0
+    folded_bytes: int = 0
+    folded: tuple[Mapping[str, Any], ...] = ()
+    activity_start: float | None = None
+    activity_bucket_seconds: float = 0.0
+    version: str = ""
+
+    @property
+    def alert_total(self) -> int:
+        return sum(self.alerts.values())
+
+    @property
+    def max_severity(self) -> str:
+        present = [severity for severity, count in self.alerts.items() if count]
+        return max(present, key=lambda s: SEVERITY_ORDER.get(s, 0)) if present else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The capture as JSON, for the CLI and the HTTP API."""
+        where = self.location
+        return {
+            "capture_id": self.capture_id,
+            "status": self.status,
+            "vm": where.vm,
+            "subscription": where.subscription,
+            "resource_group": where.resource_group,
+            "scale_set": where.scale_set,
+            "instance": where.instance,
+            "layout": where.layout,
+            "resource_id": where.resource_id,
+            "capture_time": iso_time(self.capture_time),
+            "capture_time_source": self.capture_time_source,
+            "container": where.container,
+            "blob_name": where.name,
+            "blob_url": self.blob_url,
+            "blob_etag": self.blob_etag,
+            "blob_size": self.blob_size,
+            "blob_last_modified": iso_time(self.blob_last_modified),
+            "format": self.format,
+            "first_seen": iso_time(self.first_seen),
+            "last_seen": iso_time(self.last_seen),
+            "packets": self.packets,
+            "bytes": self.bytes,
+            "ip_packets": self.ip_packets,
+            "peers": self.peers,
+            "new_peers": self.new_peers,
+            "alerts": {severity: self.alerts.get(severity, 0) for severity in SEVERITY_ORDER},
+            "max_severity": self.max_severity,
+            "warnings": list(self.warnings),
+            "local_addresses": list(self.local_addresses),
+            "local_addresses_inferred": self.local_addresses_inferred,
+            "error": self.error,
+            "error_type": self.error_type,
+            "analyzer_version": self.analyzer_version,
+            "policy_version": self.policy_version,
+            "processing_started": iso_time(self.processing_started),
+            "processed_at": iso_time(self.processed_at),
+            "processing_seconds": self.processing_seconds,
+            "transient": self.transient,
+            "attempts": self.attempts,
+            "time_mismatch": self.time_mismatch,
+            "budget_exhausted": self.budget_exhausted or None,
+            "folded_peers": self.folded_peers,
+            "folded_packets": self.folded_packets,
+            "folded_bytes": self.folded_bytes,
+            "folded": [dict(group) for group in self.folded],
+            "activity_start": iso_time(self.activity_start),
+            "activity_bucket_seconds": self.activity_bucket_seconds,
+            "generation": self.generation,
+            "truncated": self.truncated.split(",") if self.truncated else [],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class BaselineEntry:
+    """The first capture in which a VM was seen talking to a peer."""
+
+    capture_id: str
+    capture_time: float
+
+
+def first_to_show(entry: BaselineEntry | None, capture_id: str, capture_time: float) -> bool:
+    """True when a capture at ``capture_time`` is (still) the first to show a peer whose
+    baseline row is ``entry``: no row, the row is this capture's, or this capture is older."""
+    return entry is None or entry.capture_id == capture_id or entry.capture_time > capture_time
+
+
+# --- mapping -----------------------------------------------------------------------------
+
+
+def capture_entity(record: CaptureRecord) -> dict[str, Any]:
+    """The ``captures`` row of a capture."""
+    where = record.location
+    row = _EntityBuilder(vm_key(where.vm), record.capture_id)
+    row.text("status", record.status)
+    row.text("vm", where.vm)
+    row.text("subscription", where.subscription)
+    row.text("resource_group", where.resource_group)
+    row.text("scale_set", where.scale_set)
+    row.text("instance", where.instance)
+    row.text("layout", where.layout)
+    row.text("resource_id", where.resource_id)
+    row.text("container", where.container)
+    row.text("blob_name", where.name)
+    row.text("blob_url", record.blob_url)
+    row.text("blob_etag", record.blob_etag)
+    row.count("blob_size", record.blob_size)
+    row.time("blob_last_modified", record.blob_last_modified)
+    row.time("path_time", where.capture_time)
+    row.time("capture_time", record.capture_time)
+    row.text("capture_time_source", record.capture_time_source)
+    row.time("processing_started", record.processing_started)
+    row.time("processed_at", record.processed_at)
+    row.number("processing_seconds", record.processing_seconds)
+    row.text("error", record.error)
+    row.text("error_type", record.error_type)
+    row.text("analyzer_version", record.analyzer_version)
+    row.text("policy_version", record.policy_version)
+    row.text("format", record.format)
+    row.time("first_seen", record.first_seen)
+    row.time("last_seen", record.last_seen)
+    row.count("packets", record.packets)
+    row.count("bytes", record.bytes)
+    row.count("ip_packets", record.ip_packets)
+    row.count("peers", record.peers)
+    row.count("new_peers", record.new_peers)
+    for severity in SEVERITY_ORDER:
+        row.count(f"alerts_{severity}", record.alerts.get(severity, 0))
+    row.count("alerts_total", record.alert_total)
+    row.text("max_severity", record.max_severity)
+    row.json("warnings", list(record.warnings))
+    row.json("local_addresses", list(record.local_addresses))
+    row.flag("local_addresses_inferred", record.local_addresses_inferred)
+    row.count("generation", record.generation)
+    row.count("results_generation", record.results_generation)
+    row.flag("stale_rows", record.stale_rows)
+    row.flag("transient", record.transient)
+    row.count("attempts", record.attempts)
+    row.text("time_mismatch", record.time_mismatch)
+    row.text("budget_exhausted", record.budget_exhausted)
+    row.count("folded_peers", record.folded_peers)
+    row.count("folded_packets", record.folded_packets)
+    row.count("folded_bytes", record.folded_bytes)
+    row.json("folded", [dict(group) for group in record.folded])
+    row.time("activity_start", record.activity_start)
+    row.number("activity_bucket_seconds", record.activity_bucket_seconds)
+    return row.build()
+
+
+def capture_from_entity(entity: Mapping[str, Any]) -> CaptureRecord:
+    """A capture read back from its ``captures`` row."""
+    layout = _str(entity, "layout") or "custom"
+    location = CaptureLocation(
+        container=_str(entity, "container"),
+        name=_str(entity, "blob_name"),
+        layout=layout,  # type: ignore[arg-type]  # written from a Layout
+        vm=_str(entity, "vm"),
+        subscription=_str(entity, "subscription"),
+        resource_group=_str(entity, "resource_group"),
+        scale_set=_str(entity, "scale_set"),
+        instance=_str(entity, "instance"),
+        capture_time=_ts(entity, "path_time"),
+    )
+    metadata = getattr(entity, "metadata", {}) or {}
+    return CaptureRecord(
+        capture_id=_str(entity, "RowKey"),
+        location=location,
+        blob_url=_str(entity, "blob_url"),
+        blob_etag=_str(entity, "blob_etag"),
+        blob_size=_int(entity, "blob_size"),
+        blob_last_modified=_ts(entity, "blob_last_modified") or 0.0,
+        status=_str(entity, "status") or "processing",  # type: ignore[arg-type]
+        capture_time=_ts(entity, "capture_time"),
+        capture_time_source=_str(entity, "capture_time_source"),
+        processing_started=_ts(entity, "processing_started"),
+        processed_at=_ts(entity, "processed_at"),
+        processing_seconds=_raw(entity, "processing_seconds"),
+        error=_str(entity, "error"),
+        error_type=_str(entity, "error_type"),
+        analyzer_version=_str(entity, "analyzer_version"),
+        policy_version=_str(entity, "policy_version"),
+        format=_str(entity, "format"),
+        first_seen=_ts(entity, "first_seen"),
+        last_seen=_ts(entity, "last_seen"),
+        packets=_int(entity, "packets"),
+        bytes=_int(entity, "bytes"),
+        ip_packets=_int(entity, "ip_packets"),
+        peers=_int(entity, "peers"),
+        alerts={severity: _int(entity, f"alerts_{severity}") for severity in SEVERITY_ORDER},
+        new_peers=_int(entity, "new_peers"),
+        warnings=tuple(_loads(entity, "warnings", [])),
+        local_addresses=tuple(_loads(entity, "local_addresses", [])),
+        local_addresses_inferred=_bool(entity, "local_addresses_inferred"),
+        truncated=_str(entity, "truncated"),
+        generation=_int(entity, "generation"),
+        results_generation=_int(entity, "results_generation"),
+        stale_rows=bool(_bool(entity, "stale_rows")),
+        transient=bool(_bool(entity, "transient")),
+        attempts=_int(entity, "attempts"),
+        time_mismatch=_str(entity, "time_mismatch"),
+        budget_exhausted=_str(entity, "budget_exhausted"),
+        folded_peers=_int(entity, "folded_peers"),
+        folded_packets=_int(entity, "folded_packets"),
+        folded_bytes=_int(entity, "folded_bytes"),
+        folded=tuple(group for group in _loads(entity, "folded", []) if isinstance(group, dict)),
+        activity_start=_ts(entity, "activity_start"),
+        activity_bucket_seconds=float(_raw(entity, "activity_bucket_seconds") or 0.0),
+        version=str(metadata.get("etag") or ""),
+    )
+
+
+def peer_entity(
+    record: CaptureRecord,
+    peer: Peer,
+    *,
+    new: bool,
+    alerts: Sequence[Alert],
+) -> dict[str, Any]:
+    """The ``peers`` row of one peer of a capture (``alerts``: those about this peer)."""
+    row = _EntityBuilder(record.capture_id, peer_row_key(record.generation, peer.address))
+    _capture_context(row, record)
+    row.text("address", peer.address)
+    row.text("index_rk", index_row_keys(record, peer)[1])
+    row.json("local_addresses", list(peer.local_addresses))
+    row.count("packets_sent", peer.packets_sent)
+    row.count("packets_received", peer.packets_received)
+    row.count("bytes_sent", peer.bytes_sent)
+    row.count("bytes_received", peer.bytes_received)
+    row.count("packets", peer.packets)
+    row.count("bytes", peer.bytes)
+    row.time("first_seen", peer.first_seen)
+    row.time("last_seen", peer.last_seen)
+    document = peer.to_dict()
+    for name in ("protocols", "remote_ports", "local_ports", "tcp", "icmp_types", "names"):
+        row.json(name, document[name])
+    row.count("other_remote_ports", peer.other_remote_ports)
+    row.count("other_local_ports", peer.other_local_ports)
+    row.text("category", peer.category)
+    row.flag("expected", peer.expected)
+    row.text("reason", peer.reason)
+    row.json("service_tags", list(peer.service_tags))
+    row.json("roles", list(peer.roles))
+    row.json("activity", list(peer.activity))
+    row.flag("new_peer", new)
+    row.count("alerts", len(alerts))
+    severities = [alert.severity for alert in alerts]
+    row.text("max_severity", max(severities, key=SEVERITY_ORDER.__getitem__) if severities else "")
+    return row.build()
+
+
+def peer_document(entity: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``peers`` row as JSON: the fields of :meth:`Peer.to_dict` plus the capture's context."""
+    return {
+        "address": _str(entity, "address"),
+        "local_addresses": _loads(entity, "local_addresses", []),
+        "packets_sent": _int(entity, "packets_sent"),
+        "packets_received": _int(entity, "packets_received"),
+        "bytes_sent": _int(entity, "bytes_sent"),
+        "bytes_received": _int(entity, "bytes_received"),
+        "packets": _int(entity, "packets"),
+        "bytes": _int(entity, "bytes"),
+        "first_seen": iso_time(_ts(entity, "first_seen")),
+        "last_seen": iso_time(_ts(entity, "last_seen")),
+        "protocols": _loads(entity, "protocols", {}),
+        "remote_ports": _loads(entity, "remote_ports", []),
+        "local_ports": _loads(entity, "local_ports", []),
+        "other_remote_ports": _int(entity, "other_remote_ports"),
+        "other_local_ports": _int(entity, "other_local_ports"),
+        "tcp": _loads(entity, "tcp", {}),
+        "icmp_types": _loads(entity, "icmp_types", {}),
+        "names": _loads(entity, "names", []),
+        "category": _str(entity, "category"),
+        "expected": _bool(entity, "expected"),
+        "reason": _str(entity, "reason"),
+        "service_tags": _loads(entity, "service_tags", []),
+        "roles": _loads(entity, "roles", []),
+        "activity": _loads(entity, "activity", []),
+        "new_peer": bool(_bool(entity, "new_peer")),
+        "alerts": _int(entity, "alerts"),
+        "max_severity": _str(entity, "max_severity"),
+        "capture_id": _str(entity, "capture_id"),
+        "vm": _str(entity, "vm"),
+        "capture_time": iso_time(_ts(entity, "capture_time")),
+        "truncated": _split(_str(entity, "truncated")),
+    }
+
+
+def alert_row_keys(record: CaptureRecord, alert: Alert, occurrence: int) -> tuple[str, str, str]:
+    """An alert's row key in its capture's partition, and its day partition and row key."""
+    capture_time = _required_time(record)
+    key = generation_prefix(record.generation) + alert_key(alert, occurrence)
+    return key, day_partition(capture_time), f"{time_key(capture_time)}|{record.capture_id}|{key}"
+
+
+def index_row_keys(record: CaptureRecord, peer: Peer) -> tuple[str, str]:
+    """The partition and row key of the ``peerindex`` row of ``peer`` in this run: the
+    address's bucket, and ``{peer key}|{time}|{capture id}|{generation}``."""
+    key = ip_key(peer.address)
+    return index_partition(key), f"{key}|{_index_row_key(record)}"
+
+
+def index_keys_of_peer_row(row: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Where the ``peerindex`` row of a stored ``peers`` row is (``None`` if it has none).
+
+    Rows written before the index was bucketed have the peer key as partition and a row key
+    without it; they are still found, so that their cleanup works.
+    """
+    row_key = row.get("index_rk")
+    if not row_key:
+        return None
+    address_key = str(row["RowKey"]).rpartition("|")[2]
+    if row_key.startswith(address_key + "|"):
+        return index_partition(address_key), row_key
+    return address_key, row_key
+
+
+def alert_entity(
+    record: CaptureRecord, alert: Alert, occurrence: int, *, by_day: bool
+) -> dict[str, Any]:
+    """One of an alert's two rows: in its capture's partition, or (``by_day``) in its day's."""
+    key, day_pk, day_rk = alert_row_keys(record, alert, occurrence)
+    if by_day:
+        row = _EntityBuilder(day_pk, day_rk)
+    else:
+        row = _EntityBuilder(CAPTURE_ALERTS_PREFIX + record.capture_id, key)
+    _capture_context(row, record)
+    row.text("rule", alert.rule)
+    row.text("severity", alert.severity)
+    row.small("severity_rank", SEVERITY_ORDER.get(alert.severity, 0))
+    row.text("peer", alert.peer)
+    row.text("message", alert.message)
+    row.json("evidence", dict(alert.evidence))
+    row.text("day_pk", day_pk)
+    row.text("day_rk", day_rk)
+    return row.build()
+
+
+def alert_document(entity: Mapping[str, Any]) -> dict[str, Any]:
+    """An ``alerts`` row as JSON: :meth:`Alert.to_dict` plus the capture's context."""
+    return {
+        "rule": _str(entity, "rule"),
+        "severity": _str(entity, "severity"),
+        "peer": _str(entity, "peer"),
+        "message": _str(entity, "message"),
+        "evidence": _loads(entity, "evidence", {}),
+        "capture_id": _str(entity, "capture_id"),
+        "vm": _str(entity, "vm"),
+        "subscription": _str(entity, "subscription"),
+        "resource_group": _str(entity, "resource_group"),
+        "capture_time": iso_time(_ts(entity, "capture_time")),
+        "truncated": _split(_str(entity, "truncated")),
+    }
+
+
+def index_entity(record: CaptureRecord, peer: Peer) -> dict[str, Any]:
+    """The ``peerindex`` row recording that this capture's VM talked to ``peer``."""
+    row = _EntityBuilder(*index_row_keys(record, peer))
+    _capture_context(row, record)
+    row.text("address", peer.address)
+    row.time("first_seen", peer.first_seen)
+    row.time("last_seen", peer.last_seen)
+    row.count("packets", peer.packets)
+    row.count("bytes", peer.bytes)
+    row.text("category", peer.category)
+    row.flag("expected", peer.expected)
+    row.json("names", sorted({name.name for name in peer.names}))
+    row.json("local_addresses", list(peer.local_addresses))
+    return row.build()
+
+
+def sighting_document(entity: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``peerindex`` row as JSON: which VM talked to the address, in which capture, when."""
+    return {
+        "address": _str(entity, "address"),
+        "capture_id": _str(entity, "capture_id"),
+        "vm": _str(entity, "vm"),
+        "subscription": _str(entity, "subscription"),
+        "resource_group": _str(entity, "resource_group"),
+        "capture_time": iso_time(_ts(entity, "capture_time")),
+        "first_seen": iso_time(_ts(entity, "first_seen")),
+        "last_seen": iso_time(_ts(entity, "last_seen")),
+        "packets": _int(entity, "packets"),
+        "bytes": _int(entity, "bytes"),
+        "category": _str(entity, "category"),
+        "expected": _bool(entity, "expected"),
+        "names": _loads(entity, "names", []),
+        "local_addresses": _loads(entity, "local_addresses", []),
+    }
+
+
+def baseline_entity(
+    location: CaptureLocation, peer: Peer, capture_id: str, capture_time: float
+) -> dict[str, Any]:
+    row = _EntityBuilder(baseline_key(location), ip_key(peer.address))
+    row.text("address", peer.address)
+    row.text("vm", location.vm)
+    row.text("first_capture_id", capture_id)
+    row.time("first_capture_time", capture_time)
+    row.time("first_seen", peer.first_seen)
+    row.text("category", peer.category)
+    return row.build()
+
+
+def _capture_context(row: _EntityBuilder, record: CaptureRecord) -> None:
+    where = record.location
+    row.text("capture_id", record.capture_id)
+    row.text("vm", where.vm)
+    row.text("vm_key", vm_key(where.vm))
+    row.text("subscription", where.subscription)
+    row.text("resource_group", where.resource_group)
+    row.time("capture_time", record.capture_time)
+    row.text("blob_etag", record.blob_etag)
+    row.count("generation", record.generation)
+
+
+def _index_row_key(record: CaptureRecord) -> str:
+    return f"{time_key(_required_time(record))}|{record.capture_id}|{record.generation:08d}"
+
+
+def _required_time(record: CaptureRecord) -> float:
+    if record.capture_time is None:
+        raise ValueError(f"capture {record.capture_id} has no capture time yet")
+    return record.capture_time
+
+
+def _split(text: str) -> list[str]:
+    return text.split(",") if text else []
+
+
+def _alert_occurrences(alerts: Sequence[Alert]) -> Iterator[tuple[Alert, int]]:
+    """Each alert with its number among alerts of the same rule, severity and peer."""
+    seen: dict[tuple[str, str, str], int] = defaultdict(int)
+    for alert in alerts:
+        key = (alert.rule, alert.severity, ip_key(alert.peer))
+        yield alert, seen[key]
+        seen[key] += 1
+

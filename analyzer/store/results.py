@@ -1,0 +1,832 @@
+"""Where results live: the Table Storage schema, its mapping, and the results-store interface.
+
+Five tables (names optionally prefixed, see :func:`table_names`), documented in
+``docs/data-model.md``:
+
+========== ============================ ===================================== ================
+table      PartitionKey                 RowKey                                one row per
+========== ============================ ===================================== ================
+captures   VM key (lower-case VM name)  capture id                            capture blob
+peers      capture id                   peer key (canonical IP)               peer of a capture
+alerts     ``capture-{capture id}``     ``{4-rank}|{rule}|{peer key}|{n}``    alert (by capture)
+alerts     ``day-{yyyy-mm-dd}``         ``{time}|{capture id}|{alert key}``   alert (by day)
+peerindex  ``bucket-{nn}`` (peer key hash)  ``{peer key}|{time}|{capture id}|...`` peer of a capture
+baseline   ``{sub}|{rg}|{vm}``          peer key                              peer ever seen by a VM
+========== ============================ ===================================== ================
+
+The store is here; keys and limits are in :mod:`analyzer.store.tablekeys`, the entity mapping in
+:mod:`analyzer.store.entities`. Their names are re-exported so that
+``from analyzer.store.results import`` keeps working.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import (
+    TableClient,
+    TableServiceClient,
+    TableTransactionError,
+    UpdateMode,
+)
+
+from analyzer.base.models import SEVERITY_ORDER, Alert, Peer
+from analyzer.store.blobpath import CaptureLocation
+from analyzer.store.entities import (
+    FINAL_STATUSES,
+    BaselineEntry,
+    CaptureRecord,
+    Status,
+    _alert_occurrences,
+    _int,
+    _str,
+    _ts,
+    alert_document,
+    alert_entity,
+    alert_row_keys,
+    baseline_entity,
+    capture_entity,
+    capture_from_entity,
+    first_to_show,
+    index_entity,
+    index_keys_of_peer_row,
+    index_row_keys,
+    peer_document,
+    peer_entity,
+    sighting_document,
+)
+from analyzer.store.tablekeys import (
+    BATCH_BUDGET,
+    CAPTURE_ALERTS_PREFIX,
+    DAY_PREFIX,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_ENTITIES,
+    MAX_ENTITY_BYTES,
+    MAX_PAGE,
+    MAX_PROPERTY_BYTES,
+    TABLES,
+    alert_key,
+    baseline_key,
+    bounded_key,
+    capture_id_for,
+    day_partition,
+    entity_size,
+    escape_key,
+    fit_json,
+    fit_text,
+    generation_of,
+    generation_prefix,
+    index_partition,
+    ip_key,
+    parse_capture_id,
+    storable_time,
+    table_names,
+    time_key,
+    utf16_size,
+    vm_key,
+)
+
+__all__ = [
+    "FINAL_STATUSES",
+    "MAX_BATCH_BYTES",
+    "MAX_BATCH_ENTITIES",
+    "MAX_ENTITY_BYTES",
+    "MAX_PAGE",
+    "MAX_PROPERTY_BYTES",
+    "TABLES",
+    "BaselineEntry",
+    "CaptureRecord",
+    "ConcurrentUpdateError",
+    "InvalidContinuationError",
+    "Page",
+    "ResultsStore",
+    "Status",
+    "TableResultsStore",
+    "alert_document",
+    "alert_entity",
+    "alert_key",
+    "baseline_entity",
+    "baseline_key",
+    "bounded_key",
+    "capture_entity",
+    "capture_from_entity",
+    "capture_id_for",
+    "day_partition",
+    "decode_continuation",
+    "encode_continuation",
+    "entity_size",
+    "escape_key",
+    "first_to_show",
+    "fit_json",
+    "fit_text",
+    "generation_of",
+    "generation_prefix",
+    "index_entity",
+    "ip_key",
+    "parse_capture_id",
+    "peer_document",
+    "peer_entity",
+    "sighting_document",
+    "storable_time",
+    "table_names",
+    "time_key",
+    "utf16_size",
+    "vm_key",
+]
+
+# Requests (single writes or transactions) in flight at once. 4 saturates Azurite on two
+# cores and keeps the function's peak RSS margin (bench/README.md, "End to end").
+_PARALLEL_WRITES = 4
+_RETRY_UPSERT_TRANSACTIONS = frozenset({"HEAD", "GET", "PUT", "DELETE", "OPTIONS", "TRACE", "POST"})
+# Capture rows looked up at once when filtering index or day rows (small point reads).
+_PARALLEL_READS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of query results, and the token that fetches the next (``None``: no more)."""
+
+    items: list[dict[str, Any]]
+    continuation: str | None
+
+
+class InvalidContinuationError(ValueError):
+    """A continuation token that this store did not issue."""
+
+
+class ConcurrentUpdateError(Exception):
+    """A conditional write lost to another writer (re-read and decide again)."""
+
+
+class ResultsStore(Protocol):
+    """Where processing writes and queries read; :class:`TableResultsStore` is the Azure one."""
+
+    def get_capture(self, capture_id: str) -> CaptureRecord | None: ...
+
+    def put_capture(self, record: CaptureRecord, *, if_version: str | None = None) -> str:
+        """Write a capture row and return its new version.
+
+        ``if_version`` ``None`` writes whatever is there; ``""`` only if there is no row yet;
+        a version only over that version. A lost race raises :class:`ConcurrentUpdateError`.
+        """
+        ...
+
+    def write_results(
+        self,
+        record: CaptureRecord,
+        peers: Sequence[Peer],
+        alerts: Sequence[Alert],
+        new_peers: frozenset[str] = frozenset(),
+    ) -> None:
+        """Write the peer, alert and index rows of run ``record.generation``.
+
+        No row of another generation is touched: rows of runs are told apart by their keys,
+        and a capture's results are the rows of its ``results_generation``.
+        """
+        ...
+
+    def drop_run(
+        self, record: CaptureRecord, peers: Iterable[Peer], alerts: Sequence[Alert]
+    ) -> None:
+        """Delete every row :meth:`write_results` writes for these results, whichever of them
+        exist: what a run overtaken by a later one wrote, found by its keys."""
+        ...
+
+    def drop_results(self, capture_id: str, *, below: int | None = None,
+                     generation: int | None = None) -> int:
+        """Delete the result rows of generations older than ``below`` (and rows whose keys
+        carry no generation, written before runs had them), or of ``generation``.
+
+        Returns how many partition rows went. Safe to repeat, and to run concurrently.
+        """
+        ...
+
+    def known_peers(self, location: CaptureLocation) -> dict[str, BaselineEntry]:
+        """The VM's baseline: peer key → first capture it was seen in."""
+        ...
+
+    def add_to_baseline(
+        self,
+        location: CaptureLocation,
+        capture_id: str,
+        capture_time: float,
+        peers: Sequence[Peer],
+        known: Mapping[str, BaselineEntry],
+    ) -> None: ...
+
+    def list_captures(
+        self,
+        *,
+        vm: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+        continuation: str | None = None,
+    ) -> Page: ...
+
+    def capture_peers(
+        self,
+        capture_id: str,
+        *,
+        limit: int | None = None,
+        continuation: str | None = None,
+        record: CaptureRecord | None = None,
+    ) -> Page:
+        """A page of the capture's peers (``limit`` ``None``: the largest page, ``MAX_PAGE``).
+        ``record``: the capture's row, when the caller has just read it."""
+        ...
+
+    def capture_alerts(
+        self,
+        capture_id: str,
+        *,
+        limit: int | None = None,
+        continuation: str | None = None,
+        record: CaptureRecord | None = None,
+    ) -> Page:
+        """A page of the capture's alerts, highest severity first (``record`` as above)."""
+        ...
+
+    def iter_capture_peers(self, capture_id: str) -> Iterator[dict[str, Any]]:
+        """Every peer of the capture, read a page at a time (memory bounded by the page)."""
+        ...
+
+    def iter_capture_alerts(self, capture_id: str) -> Iterator[dict[str, Any]]:
+        """Every alert of the capture, read a page at a time."""
+        ...
+
+    def list_alerts(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        min_severity: str | None = None,
+        vm: str | None = None,
+        limit: int = 100,
+        continuation: str | None = None,
+    ) -> Page: ...
+
+    def peer_sightings(
+        self,
+        address: str,
+        *,
+        since: float | None = None,
+        limit: int = 100,
+        continuation: str | None = None,
+    ) -> Page: ...
+
+
+# --- continuation tokens -----------------------------------------------------------------
+
+
+def encode_continuation(token: Mapping[str, str] | None) -> str | None:
+    """A table continuation as an opaque URL-safe string."""
+    if not token:
+        return None
+    raw = json.dumps({"pk": token.get("PartitionKey"), "rk": token.get("RowKey")})
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_continuation(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    try:
+        padded = text + "=" * (-len(text) % 4)
+        raw = json.loads(base64.urlsafe_b64decode(padded.encode()))
+    except (ValueError, binascii.Error) as error:
+        raise InvalidContinuationError("the continuation token is malformed") from error
+    if not isinstance(raw, dict) or not all(
+        key in raw and isinstance(raw[key], (str, type(None))) for key in ("pk", "rk")
+    ):
+        raise InvalidContinuationError("the continuation token is malformed")
+    return {"PartitionKey": raw["pk"], "RowKey": raw["rk"]}
+
+
+# --- the Azure implementation ------------------------------------------------------------
+
+
+def _older_run(row_key: str, below: int) -> bool:
+    """True for a result row of a run before ``below``, or of no run (written before runs had
+    generations)."""
+    generation = generation_of(row_key)
+    return generation is None or generation < below
+
+
+def _as_datetime(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+class TableResultsStore:
+    """The results store on Azure Table Storage (or Azurite)."""
+
+    def __init__(self, service: TableServiceClient, *, prefix: str = "") -> None:
+        self.service = service
+        self.names = table_names(prefix)
+        self._clients = {
+            name: service.get_table_client(actual) for name, actual in self.names.items()
+        }
+
+    def create_tables(self) -> None:
+        """Create the tables that do not exist yet (safe to call concurrently)."""
+        for actual in self.names.values():
+            self._create_table(actual)
+
+    def _create_table(self, name: str) -> None:
+        with contextlib.suppress(ResourceExistsError):
+            self.service.create_table(name)
+
+    def table(self, name: str) -> TableClient:
+        return self._clients[name]
+
+    # -- captures ---------------------------------------------------------------------
+
+    def get_capture(self, capture_id: str) -> CaptureRecord | None:
+        partition = parse_capture_id(capture_id)
+        try:
+            entity = self.table("captures").get_entity(partition, capture_id)
+        except ResourceNotFoundError:
+            return None
+        return capture_from_entity(entity)
+
+    def put_capture(self, record: CaptureRecord, *, if_version: str | None = None) -> str:
+        entity = capture_entity(record)
+        table = self.table("captures")
+        try:
+            if if_version == "":
+                metadata = table.create_entity(entity)
+            elif if_version is not None:
+                metadata = table.update_entity(
+                    entity,
+                    mode=UpdateMode.REPLACE,
+                    etag=if_version,
+                    match_condition=MatchConditions.IfNotModified,
+                )
+            else:
+                metadata = table.upsert_entity(entity, mode=UpdateMode.REPLACE)
+        except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError) as error:
+            raise ConcurrentUpdateError(str(error)) from error
+        return str(metadata.get("etag") or "")
+
+    # -- a capture's results ----------------------------------------------------------
+
+    def write_results(
+        self,
+        record: CaptureRecord,
+        peers: Sequence[Peer],
+        alerts: Sequence[Alert],
+        new_peers: frozenset[str] = frozenset(),
+    ) -> None:
+        # The capture's own partitions first: their rows record where the index and day rows
+        # are, so rows of a run cut short anywhere can be found and deleted later. Rows are
+        # built a transaction at a time, never all at once (a capture may have many peers).
+        by_peer: dict[str, list[Alert]] = defaultdict(list)
+        for alert in alerts:
+            by_peer[ip_key(alert.peer)].append(alert)
+
+        def peer_rows() -> Iterator[dict[str, Any]]:
+            for peer in peers:
+                key = ip_key(peer.address)
+                yield peer_entity(record, peer, new=key in new_peers, alerts=by_peer.get(key, []))
+
+        occurrences = list(_alert_occurrences(alerts))
+        self._upsert_batches("peers", peer_rows())
+        for by_day in (False, True):
+            self._upsert_batches(
+                "alerts", (alert_entity(record, a, n, by_day=by_day) for a, n in occurrences)
+            )
+        # Grouped by partition so that they go in transactions; the index's order within a
+        # bucket is that of its row keys, so the rows' order here does not matter.
+        indexed = sorted(
+            ((index_partition(ip_key(peer.address)), n) for n, peer in enumerate(peers)),
+            key=lambda bucket_and_position: bucket_and_position[0],
+        )
+        self._upsert_batches("peerindex", (index_entity(record, peers[n]) for _, n in indexed))
+
+    def drop_run(
+        self, record: CaptureRecord, peers: Iterable[Peer], alerts: Sequence[Alert]
+    ) -> None:
+        # By their keys: a later run may already have deleted this run's peers and alerts rows
+        # (which say where the index and day rows are) while this one was still writing.
+        occurrences = list(_alert_occurrences(alerts))
+        days = [alert_row_keys(record, alert, n) for alert, n in occurrences]
+        index = sorted(index_row_keys(record, peer) for peer in peers)
+        self._delete_batches("peerindex", [{"PartitionKey": pk, "RowKey": rk} for pk, rk in index])
+        self._delete_batches("alerts", [{"PartitionKey": pk, "RowKey": rk} for _, pk, rk in days])
+        # Those are gone now: only the run's own partitions are left to drop.
+        self.drop_results(record.capture_id, generation=record.generation, others=False)
+
+    def drop_results(
+        self,
+        capture_id: str,
+        *,
+        below: int | None = None,
+        generation: int | None = None,
+        others: bool = True,
+    ) -> int:
+        """Delete the rows of runs below ``below`` or of run ``generation``: their index and
+        day rows first (unless not ``others``: the caller deleted those), then their own."""
+        if below is not None and generation is None:
+            # From the partition's start: rows written before runs had generations have keys
+            # without a generation (an address, ``severity|...``), found wherever they sort.
+            low, high = "", "\uffff"
+        elif generation is not None and below is None:
+            low, high = generation_prefix(generation), f"{generation:08d}}}"
+        else:
+            raise ValueError("give exactly one of below and generation")
+        peer_rows = self._key_range(
+            "peers", capture_id, low, high, ["PartitionKey", "RowKey", "index_rk"]
+        )
+        alert_rows = self._key_range(
+            "alerts", CAPTURE_ALERTS_PREFIX + capture_id, low, high,
+            ["PartitionKey", "RowKey", "day_pk", "day_rk"],
+        )
+        if below is not None:
+            peer_rows, alert_rows = (
+                [row for row in rows if _older_run(row["RowKey"], below)]
+                for rows in (peer_rows, alert_rows)
+            )
+        if others:
+            # The rows in other partitions first, so that a cleanup cut short can be done again.
+            index_keys = (index_keys_of_peer_row(row) for row in peer_rows)
+            self._delete_batches(
+                "peerindex",
+                [{"PartitionKey": keys[0], "RowKey": keys[1]} for keys in index_keys if keys],
+            )
+            self._delete_batches(
+                "alerts",
+                [
+                    {"PartitionKey": row["day_pk"], "RowKey": row["day_rk"]}
+                    for row in alert_rows
+                    if row.get("day_pk") and row.get("day_rk")
+                ],
+            )
+        self._delete_batches("peers", peer_rows)
+        self._delete_batches("alerts", alert_rows)
+        return len(peer_rows) + len(alert_rows)
+
+    def _key_range(
+        self, table: str, partition: str, low: str, high: str, select: list[str]
+    ) -> list[dict[str, Any]]:
+        """The rows of ``partition`` whose row keys are in ``[low, high)`` (keys only)."""
+        try:
+            return list(
+                self.table(table).query_entities(
+                    "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high",
+                    parameters={"pk": partition, "low": low, "high": high},
+                    select=select,
+                )
+            )
+        except ResourceNotFoundError:
+            return []
+
+    # -- baseline ---------------------------------------------------------------------
+
+    def known_peers(self, location: CaptureLocation) -> dict[str, BaselineEntry]:
+        rows = self._partition(
+            "baseline",
+            baseline_key(location),
+            select=["RowKey", "first_capture_id", "first_capture_time"],
+        )
+        return {
+            row["RowKey"]: BaselineEntry(
+                capture_id=_str(row, "first_capture_id"),
+                capture_time=_ts(row, "first_capture_time") or 0.0,
+            )
+            for row in rows
+        }
+
+    def add_to_baseline(
+        self,
+        location: CaptureLocation,
+        capture_id: str,
+        capture_time: float,
+        peers: Sequence[Peer],
+        known: Mapping[str, BaselineEntry],
+    ) -> None:
+        rows = (
+            baseline_entity(location, peer, capture_id, capture_time)
+            for peer in peers
+            if first_to_show(known.get(ip_key(peer.address)), capture_id, capture_time)
+        )
+        self._upsert_batches("baseline", rows)
+
+    # -- queries ----------------------------------------------------------------------
+
+    def list_captures(
+        self,
+        *,
+        vm: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+        continuation: str | None = None,
+    ) -> Page:
+        clauses: list[str] = []
+        parameters: dict[str, Any] = {}
+        if vm:
+            clauses.append("PartitionKey eq @vm")
+            parameters["vm"] = vm_key(vm)
+        if since is not None:
+            clauses.append("capture_time ge @since")
+            parameters["since"] = _as_datetime(since)
+        if until is not None:
+            clauses.append("capture_time lt @until")
+            parameters["until"] = _as_datetime(until)
+        rows, token = self._query("captures", clauses, parameters, limit, continuation)
+        return Page([capture_from_entity(row).to_dict() for row in rows], token)
+
+    def capture_peers(
+        self,
+        capture_id: str,
+        *,
+        limit: int | None = None,
+        continuation: str | None = None,
+        record: CaptureRecord | None = None,
+    ) -> Page:
+        rows, token = self._results_page(
+            "peers", capture_id, capture_id, limit, continuation, record
+        )
+        return Page([peer_document(row) for row in rows], token)
+
+    def capture_alerts(
+        self,
+        capture_id: str,
+        *,
+        limit: int | None = None,
+        continuation: str | None = None,
+        record: CaptureRecord | None = None,
+    ) -> Page:
+        partition = CAPTURE_ALERTS_PREFIX + capture_id
+        rows, token = self._results_page(
+            "alerts", capture_id, partition, limit, continuation, record
+        )
+        return Page([alert_document(row) for row in rows], token)
+
+    def _results_page(
+        self,
+        table: str,
+        capture_id: str,
+        partition: str,
+        limit: int | None,
+        continuation: str | None,
+        record: CaptureRecord | None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of the rows of the run whose results the capture row names (``record``,
+        read here when not given)."""
+        if record is None:
+            record = self.get_capture(capture_id)
+        if record is None:
+            return [], None
+        if not record.generation:
+            # Written before runs had generations: the whole partition is the results.
+            clauses, parameters = ["PartitionKey eq @pk"], {"pk": partition}
+        else:
+            prefix = generation_prefix(record.results_generation)
+            clauses = ["PartitionKey eq @pk", "RowKey ge @low", "RowKey lt @high"]
+            parameters = {"pk": partition, "low": prefix, "high": prefix[:-1] + "}"}
+        return self._query(table, clauses, parameters, limit or MAX_PAGE, continuation)
+
+    def _current(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``rows`` (index or day rows of any captures) less those of runs whose results are
+        not their capture's: rows a superseded run wrote after a newer one finished."""
+        capture_ids = sorted({_str(row, "capture_id") for row in rows})
+        current: dict[str, int | None] = {}
+
+        def look_up(capture_id: str) -> None:
+            try:
+                record = self.get_capture(capture_id)
+            except ValueError:  # not a capture id: not ours to show
+                record = None
+            current[capture_id] = record.results_generation if record is not None else None
+
+        _run_bounded(look_up, capture_ids, _PARALLEL_READS)
+        return [
+            row for row in rows if current.get(_str(row, "capture_id")) == _int(row, "generation")
+        ]
+
+    def iter_capture_peers(self, capture_id: str) -> Iterator[dict[str, Any]]:
+        return _all_pages(lambda token: self.capture_peers(capture_id, continuation=token))
+
+    def iter_capture_alerts(self, capture_id: str) -> Iterator[dict[str, Any]]:
+        return _all_pages(lambda token: self.capture_alerts(capture_id, continuation=token))
+
+    def list_alerts(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        min_severity: str | None = None,
+        vm: str | None = None,
+        limit: int = 100,
+        continuation: str | None = None,
+    ) -> Page:
+        # Only the day partitions in range are read: their keys sort by date, and row keys
+        # start with the capture time.
+        clauses = ["PartitionKey ge @first_day", "PartitionKey le @last_day"]
+        parameters: dict[str, Any] = {
+            "first_day": day_partition(since) if since is not None else DAY_PREFIX,
+            "last_day": day_partition(until) if until is not None else DAY_PREFIX + "9999",
+        }
+        if since is not None:
+            clauses.append("RowKey ge @since")
+            parameters["since"] = time_key(since)
+        if until is not None:
+            clauses.append("RowKey lt @until")
+            parameters["until"] = time_key(until)
+        if min_severity:
+            clauses.append("severity_rank ge @rank")
+            parameters["rank"] = SEVERITY_ORDER[min_severity]
+        if vm:
+            clauses.append("vm_key eq @vm")
+            parameters["vm"] = vm_key(vm)
+        rows, token = self._query("alerts", clauses, parameters, limit, continuation)
+        return Page([alert_document(row) for row in self._current(rows)], token)
+
+    def peer_sightings(
+        self,
+        address: str,
+        *,
+        since: float | None = None,
+        limit: int = 100,
+        continuation: str | None = None,
+    ) -> Page:
+        # One partition, one key range: "{key}|" up to "{key}}" ("}" sorts right after "|",
+        # and neither appears in a peer key).
+        key = ip_key(address)
+        clauses = ["PartitionKey eq @bucket", "RowKey ge @low", "RowKey lt @high"]
+        parameters: dict[str, Any] = {
+            "bucket": index_partition(key),
+            "low": f"{key}|{time_key(since) if since is not None else ''}",
+            "high": f"{key}}}",
+        }
+        rows, token = self._query("peerindex", clauses, parameters, limit, continuation)
+        return Page([sighting_document(row) for row in self._current(rows)], token)
+
+    # -- table plumbing ---------------------------------------------------------------
+
+    def _query(
+        self,
+        table: str,
+        clauses: Sequence[str],
+        parameters: Mapping[str, Any],
+        limit: int,
+        continuation: str | None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Up to ``limit`` rows matching every clause, and the token for the rest.
+
+        The service may return short or even empty pages for filtered queries, so pages are
+        requested until ``limit`` rows arrived, each asking only for what is still missing
+        (so that the continuation token points exactly after the last row returned).
+        """
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
+        client = self.table(table)
+        token = decode_continuation(continuation)
+        rows: list[dict[str, Any]] = []
+        query_filter = " and ".join(clauses)
+        while True:
+            wanted = limit - len(rows)
+            if query_filter:
+                pager = client.query_entities(
+                    query_filter, parameters=dict(parameters), results_per_page=wanted
+                ).by_page(continuation_token=token)  # type: ignore[arg-type]  # a dict for tables
+            else:
+                pager = client.list_entities(results_per_page=wanted).by_page(
+                    continuation_token=token  # type: ignore[arg-type]
+                )
+            try:
+                page = next(pager, None)
+                rows.extend(page or [])
+            except ResourceNotFoundError:  # the table does not exist yet: nothing stored
+                return rows, None
+            token = pager.continuation_token  # type: ignore[attr-defined]
+            if not token or len(rows) >= limit:
+                return rows, encode_continuation(token)
+
+    def _partition(
+        self, table: str, partition: str, *, select: list[str] | None = None
+    ) -> list[dict[str, Any]]:
+        try:
+            return list(
+                self.table(table).query_entities(
+                    "PartitionKey eq @pk", parameters={"pk": partition}, select=select
+                )
+            )
+        except ResourceNotFoundError:
+            return []
+
+    def _upsert_batches(self, table: str, rows: Iterable[dict[str, Any]]) -> None:
+        """Rows in transactions, built as they are sent (consecutive rows of one partition
+        share a transaction), a few transactions in flight at once.
+
+        Each transaction is atomic on its own and none depends on another, so their order
+        within a call does not matter; the call returns only once all succeeded (or raises
+        the first failure after the others in flight ended), so calls keep their order.
+        """
+        operations = (("upsert", row, {"mode": UpdateMode.REPLACE}) for row in rows)
+        client = self.table(table)
+
+        def submit(batch: list[tuple[Any, ...]]) -> object:
+            # An upsert transaction is idempotent, so a connection lost mid-request (a pooled
+            # socket closed while a long analysis ran, a reset under load) is safe to send again;
+            # the SDK retries a POST only on a 500/503/504 answer.
+            return client.submit_transaction(batch, retry_on_methods=_RETRY_UPSERT_TRANSACTIONS)
+
+        _run_bounded(submit, _consecutive_batches(operations))
+
+    def _delete_batches(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        operations = [
+            ("delete", {"PartitionKey": row["PartitionKey"], "RowKey": row["RowKey"]})
+            for row in rows
+        ]
+        for batch in _batches(operations):
+            self._delete_batch(table, batch)
+
+    def _delete_batch(self, table: str, batch: list[tuple[Any, ...]]) -> None:
+        try:
+            self.table(table).submit_transaction(batch)
+        except TableTransactionError:
+            # One of them went already (a concurrent run): delete the rest one by one.
+            self._delete_each(table, [entity for _, entity in batch])
+
+    def _delete_each(self, table: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        client = self.table(table)
+
+        # delete_entity treats an entity that is gone already as deleted.
+        _run_bounded(lambda row: client.delete_entity(row["PartitionKey"], row["RowKey"]), rows)
+
+
+def _all_pages(fetch: Callable[[str | None], Page]) -> Iterator[dict[str, Any]]:
+    token: str | None = None
+    while True:
+        page = fetch(token)
+        yield from page.items
+        if not page.continuation:
+            return
+        token = page.continuation
+
+
+def _batches(operations: Sequence[tuple[Any, ...]]) -> Iterator[list[tuple[Any, ...]]]:
+    """Operations grouped by partition in transactions of at most 100 entities and 4 MiB."""
+    by_partition: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+    for operation in operations:
+        by_partition[operation[1]["PartitionKey"]].append(operation)
+    for group in by_partition.values():
+        yield from _consecutive_batches(group)
+
+
+def _consecutive_batches(
+    operations: Iterable[tuple[Any, ...]],
+) -> Iterator[list[tuple[Any, ...]]]:
+    """Transactions of at most 100 entities and 4 MiB, a new one wherever the partition
+    changes; operations are consumed as the transactions are."""
+    batch: list[tuple[Any, ...]] = []
+    size = 0
+    for operation in operations:
+        entity_bytes = entity_size(operation[1])
+        if batch and (
+            len(batch) >= MAX_BATCH_ENTITIES
+            or size + entity_bytes > BATCH_BUDGET
+            or batch[0][1]["PartitionKey"] != operation[1]["PartitionKey"]
+        ):
+            yield batch
+            batch, size = [], 0
+        batch.append(operation)
+        size += entity_bytes
+    if batch:
+        yield batch
+
+
+def _run_bounded(
+    action: Callable[[Any], object], items: Iterable[Any], limit: int = _PARALLEL_WRITES
+) -> None:
+    """``action`` on each item, at most ``limit`` at a time; items are drawn only as slots
+    free up, so a generator of rows is never built all at once.
+
+    Returns once every action succeeded. On a failure the items not started are dropped, the
+    actions in flight are waited for, then the first failure seen is re-raised: nothing this
+    call started is still running when it returns or raises.
+    """
+    with ThreadPoolExecutor(max_workers=limit) as pool:  # its exit waits for running actions
+        running: deque[Future[object]] = deque()
+        try:
+            for item in items:
+                if len(running) >= limit:
+                    running.popleft().result()
+                running.append(pool.submit(action, item))
+            while running:
+                running.popleft().result()
+        finally:
+            for future in running:
+                future.cancel()
