@@ -48,6 +48,7 @@ import bench  # noqa: E402
 from analyzer.judge import analysis  # noqa: E402
 from analyzer.pipeline import processing  # noqa: E402
 from analyzer.store import results  # noqa: E402
+from analyzer.store.blobpath import network_watcher_blob_name  # noqa: E402
 from analyzer.store.blobstream import DEFAULT_CONCURRENCY, open_blob_stream  # noqa: E402
 
 MIB = bench.MIB
@@ -62,10 +63,11 @@ def capture_blob_name(vm: str) -> str:
     """Where Network Watcher puts a capture of ``vm`` taken now (a path dated hours before
     the blob was written would be flagged back-dated and teach the baseline nothing, leaving
     out the baseline writes that the function's path does)."""
-    now = datetime.now(timezone.utc)
-    return (
-        "subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/bench-rg/providers/"
-        f"microsoft.compute/virtualmachines/{vm}/{now:%Y/%m/%d}/packetcapture_{now:%H_%M_%S}_000.cap"
+    return network_watcher_blob_name(
+        datetime.now(timezone.utc).replace(microsecond=0),
+        subscription="00000000-0000-0000-0000-000000000000",
+        resource_group="bench-rg",
+        vm=vm,
     )
 
 

@@ -39,16 +39,14 @@ from pathlib import Path
 from azure.core.exceptions import ResourceExistsError
 from azure.storage.blob import BlobServiceClient
 
+from analyzer.store.blobpath import network_watcher_blob_name
+
 service = BlobServiceClient.from_connection_string(os.environ["CAPTURES_CONNECTION"])
 container = service.get_container_client(os.environ["CAPTURES_CONTAINER"])
 try:
     container.create_container()
 except ResourceExistsError:
     pass
-vm = (
-    "subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/demo-rg/providers/"
-    "microsoft.compute/virtualmachines/vm-web-01"
-)
 # One capture a minute, in name order, ending now (a path dated far from the blob's creation is
 # flagged as back-dated and not learned from): baseline.cap (normal traffic) comes first, so the
 # VM's baseline is learned from it and the anomalies that follow raise new-peer alerts.
@@ -56,7 +54,12 @@ samples = sorted(Path("samples").glob("*.cap"))
 start = datetime.now(timezone.utc) - timedelta(minutes=len(samples) + 1)
 for index, sample in enumerate(samples):
     at = start + timedelta(minutes=index)
-    name = f"{vm}/{at:%Y/%m/%d}/packetcapture_{at:%H_%M_%S}_123.cap"
+    name = network_watcher_blob_name(
+        at.replace(microsecond=123000),
+        subscription="00000000-0000-0000-0000-000000000000",
+        resource_group="demo-rg",
+        vm="vm-web-01",
+    )
     container.upload_blob(name, sample.read_bytes(), overwrite=True)
     print(f"  {sample.name:<32} -> {name}")
 PYTHON

@@ -22,10 +22,12 @@ from azure.core.exceptions import HttpResponseError
 from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient, ContainerClient
 
+from analyzer.store.blobpath import network_watcher_blob_name
 from analyzer.store.results import TableResultsStore
 from nwcap_testing import synth
 
 ROOT = Path(__file__).resolve().parent.parent
+SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"  # of every test capture's path
 VM_ADDRESS = "10.0.0.4"
 VM_ADDRESS6 = "fd00::4"
 VM_MAC = "00:0d:3a:6f:12:04"
@@ -137,11 +139,10 @@ CAPTURE_HOUR = datetime.now(timezone.utc).replace(minute=0, second=0, microsecon
 def network_watcher_path(vm: str = "vm-web-01", *, minute: int = 15, day: int | None = None) -> str:
     """A blob name where Network Watcher would put a capture of ``vm``, taken at ``minute`` of
     :data:`CAPTURE_HOUR` (or at 10:``minute`` on 2026-11-``day``, back-dated for any upload)."""
-    when = CAPTURE_HOUR if day is None else datetime(2026, 11, day, 10, tzinfo=timezone.utc)
-    return (
-        "subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/demo-rg/providers/"
-        f"microsoft.compute/virtualmachines/{vm}/{when:%Y/%m/%d}/"
-        f"packetcapture_{when:%H}_{minute:02d}_00_123.cap"
+    hour = CAPTURE_HOUR if day is None else datetime(2026, 11, day, 10, tzinfo=timezone.utc)
+    when = hour.replace(minute=minute, microsecond=123000)
+    return network_watcher_blob_name(
+        when, subscription=SUBSCRIPTION, resource_group="demo-rg", vm=vm
     )
 
 

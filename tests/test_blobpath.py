@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given, settings
@@ -15,6 +15,7 @@ from analyzer.store.blobpath import (
     CapturePathError,
     capture_time_mismatch,
     is_capture_blob,
+    network_watcher_blob_name,
     network_watcher_location,
     parse_capture_path,
 )
@@ -27,11 +28,11 @@ def utc(*parts: int) -> float:
     return datetime(*parts, tzinfo=timezone.utc).timestamp()
 
 
+WHEN = datetime(2026, 11, 25, 10, 15, 0, 123000, tzinfo=timezone.utc)
+
+
 def vm_path(vm: str = "vm-web-01", *, rg: str = "demo-rg", sub: str = SUB) -> str:
-    return (
-        f"subscriptions/{sub}/resourcegroups/{rg}/providers/microsoft.compute/"
-        f"virtualmachines/{vm}/2026/11/25/packetcapture_10_15_00_123.cap"
-    )
+    return network_watcher_blob_name(WHEN, subscription=sub, resource_group=rg, vm=vm)
 
 
 class TestCaptureSuffix:
@@ -80,6 +81,28 @@ class TestVirtualMachineLayout:
         )
         assert location.capture_time == utc(2026, 1, 2, 23, 59, 58, 7000)
 
+    def test_built_as_network_watcher_writes_it(self) -> None:
+        assert vm_path() == (
+            f"{PROVIDER}/virtualmachines/vm-web-01/2026/11/25/packetcapture_10_15_00_123.cap"
+        )
+        # read in UTC: an aware time in another zone, and a naive one taken as UTC
+        elsewhere = WHEN.astimezone(timezone(timedelta(hours=-5)))
+        naive = WHEN.replace(tzinfo=None)
+        for when in (elsewhere, naive):
+            name = network_watcher_blob_name(
+                when, subscription=SUB, resource_group="demo-rg", vm="vm-web-01"
+            )
+            assert name == vm_path()
+        assert parse_capture_path("c", vm_path()).capture_time == WHEN.timestamp()
+
+    @pytest.mark.parametrize(
+        "machine",
+        [{}, {"vm": "a", "scale_set": "b"}, {"vm": "a", "instance": "1"}, {"instance": "1"}],
+    )
+    def test_builder_needs_one_machine(self, machine: dict[str, str]) -> None:
+        with pytest.raises(ValueError, match="name either a vm"):
+            network_watcher_blob_name(WHEN, subscription=SUB, resource_group="rg", **machine)
+
     def test_name_without_milliseconds(self) -> None:
         name = f"{PROVIDER}/virtualmachines/vm/2026/11/25/packetcapture_10_15_00.cap"
         assert parse_capture_path("c", name).capture_time == utc(2026, 11, 25, 10, 15)
@@ -109,7 +132,10 @@ class TestScaleSetLayouts:
         assert location.resource_id.endswith("/virtualMachineScaleSets/web-ss/virtualMachines/3")
 
     def test_scale_set_without_instance(self) -> None:
-        name = (
+        name = network_watcher_blob_name(
+            WHEN, subscription=SUB, resource_group="demo-rg", scale_set="web-ss"
+        )
+        assert name == (
             f"{PROVIDER}/virtualmachinescalesets/web-ss/2026/11/25/packetcapture_10_15_00_123.cap"
         )
         location = parse_capture_path("c", name)
@@ -244,9 +270,8 @@ class TestBoundedFields:
             assert text.isascii() and text.isprintable() and "/" not in text
 
     def test_longest_accepted_identity(self) -> None:
-        name = (
-            f"subscriptions/{SUB}/resourcegroups/{'r' * 90}/providers/microsoft.compute/"
-            f"virtualmachinescalesets/{'s' * 64}/virtualmachines/{'9' * 10}/{FILE}"
+        name = network_watcher_blob_name(
+            WHEN, subscription=SUB, resource_group="r" * 90, scale_set="s" * 64, instance="9" * 10
         )
         location = parse_capture_path("c", name)
         assert location.layout == "scale-set-instance"

@@ -26,11 +26,13 @@ from azure.data.tables import TableClient, TableServiceClient
 from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient
 from azure.storage.queue import QueueClient
 from conftest import (
+    SUBSCRIPTION,
     FailingStore,
     drop_tables,
     fresh_store,
     http_error,
     network_watcher_path,
+    path_time,
     snapshot,
     udp_capture,
     undisturbed,
@@ -54,6 +56,7 @@ from analyzer.pipeline.reconcile import (
     reconcile,
     schedule_seconds,
 )
+from analyzer.store.blobpath import network_watcher_blob_name
 from analyzer.store.results import CaptureRecord, TableResultsStore, capture_id_for
 
 PEERS = {"20.0.0.1": (3, 2), "20.0.0.2": (1, 0), "2001:db8::7": (0, 4)}
@@ -348,15 +351,18 @@ class TestBoundsAndOrder:
     ) -> None:
         """A resource group "2019", a VM "2020" or a scale-set instance "1042" is no year."""
         date_and_file = "/".join(network_watcher_path().split("/")[-4:])
-        base = ("subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/{rg}/"
-                "providers/microsoft.compute/")
-        names = [
-            base.format(rg="2019") + f"virtualmachines/vm-a/{date_and_file}",
-            base.format(rg="demo-rg") + f"virtualmachines/2020/{date_and_file}",
-            base.format(rg="2019") + f"virtualMachineScaleSets/ss/virtualmachines/1042/"
-            f"{date_and_file}",
-            base.format(rg="demo-rg") + f"virtualmachinescalesets/2021/{date_and_file}",
+        machines: list[dict[str, str]] = [
+            {"resource_group": "2019", "vm": "vm-a"},
+            {"resource_group": "demo-rg", "vm": "2020"},
+            {"resource_group": "2019", "scale_set": "ss", "instance": "1042"},
+            {"resource_group": "demo-rg", "scale_set": "2021"},
         ]
+        names = [
+            network_watcher_blob_name(path_time(), subscription=SUBSCRIPTION, **machine)
+            for machine in machines
+        ]
+        # keywords in any case
+        names[2] = names[2].replace("virtualmachinescalesets", "virtualMachineScaleSets")
         for name in names:
             upload(name, udp_capture(PEERS))
         now = time.time()

@@ -19,7 +19,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from analyzer.base.models import Alert, Peer, PeerName
-from analyzer.store.blobpath import CaptureLocation, parse_capture_path
+from analyzer.store.blobpath import (
+    CaptureLocation,
+    network_watcher_blob_name,
+    parse_capture_path,
+)
 from analyzer.store.connections import (
     ConnectionSettingError,
     blob_service_client,
@@ -77,10 +81,11 @@ def unescape_key(key: str) -> str:
 
 
 def location(vm: str = "vm-web-01", minute: int = 15, day: int = 25) -> CaptureLocation:
-    name = (
-        "subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/demo-rg/providers/"
-        f"microsoft.compute/virtualmachines/{vm}/2026/11/{day:02d}/"
-        f"packetcapture_10_{minute:02d}_00_000.cap"
+    name = network_watcher_blob_name(
+        datetime(2026, 11, day, 10, minute, tzinfo=timezone.utc),
+        subscription="00000000-0000-0000-0000-000000000000",
+        resource_group="demo-rg",
+        vm=vm,
     )
     return parse_capture_path("network-watcher-logs", name)
 

@@ -22,15 +22,12 @@ from azure.storage.blob import BlobServiceClient
 from analyzer.judge.analysis import analyze
 from analyzer.judge.policy import load_policy
 from analyzer.pipeline.processing import process_blob
+from analyzer.store.blobpath import network_watcher_blob_name
 from analyzer.store.results import TableResultsStore
 from analyzer.web import report
 from analyzer.web.server import start_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
-VM_PREFIX = (
-    "subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/demo-rg/providers/"
-    "microsoft.compute/virtualmachines/"
-)
 VMS = ("vm-web-01", "vm-app-01")  # the samples alternate between them
 SPREAD = timedelta(hours=5)  # the first sample's capture time before now; the rest follow evenly
 REPORT_SAMPLE = "baseline.cap"  # 88 s: the timeline shows activity bucket by bucket
@@ -62,9 +59,11 @@ def _processed(connection: str) -> tuple[TableResultsStore, dict[str, str]]:
     first = datetime.now(timezone.utc) - SPREAD
     for index, sample in enumerate(samples):
         when = first + SPREAD * index / len(samples)
-        name = (
-            f"{VM_PREFIX}{VMS[index % len(VMS)]}/{when:%Y/%m/%d}/"
-            f"packetcapture_{when:%H_%M_%S}_{when.microsecond // 1000:03d}.cap"
+        name = network_watcher_blob_name(
+            when,
+            subscription="00000000-0000-0000-0000-000000000000",
+            resource_group="demo-rg",
+            vm=VMS[index % len(VMS)],
         )
         container.upload_blob(name, sample.read_bytes(), overwrite=True)
         ids[sample.name] = process_blob(

@@ -152,6 +152,38 @@ def network_watcher_location(container: str, name: str) -> CaptureLocation:
     )
 
 
+def network_watcher_blob_name(
+    when: datetime,
+    *,
+    subscription: str,
+    resource_group: str,
+    vm: str = "",
+    scale_set: str = "",
+    instance: str = "",
+) -> str:
+    """The blob name Network Watcher gives a capture started at ``when``: the path
+    :func:`network_watcher_location` reads back (keywords in lower case).
+
+    Name either ``vm``, or a ``scale_set`` with the ``instance`` id (without one: a capture of
+    the scale set itself). ``when`` is read in UTC (a naive one is taken as UTC); its
+    milliseconds go into the file name.
+    """
+    if bool(vm) == bool(scale_set) or (instance and not scale_set):
+        raise ValueError("name either a vm, or a scale_set (and optionally its instance)")
+    if scale_set:
+        machine = f"virtualmachinescalesets/{scale_set}"
+        if instance:
+            machine += f"/virtualmachines/{instance}"
+    else:
+        machine = f"virtualmachines/{vm}"
+    moment = when.astimezone(timezone.utc) if when.tzinfo is not None else when
+    return (
+        f"subscriptions/{subscription}/resourcegroups/{resource_group}/providers/"
+        f"microsoft.compute/{machine}/{moment:%Y/%m/%d}/"
+        f"packetcapture_{moment:%H_%M_%S}_{moment.microsecond // 1000:03d}.cap"
+    )
+
+
 def capture_time_mismatch(
     location: CaptureLocation,
     created_on: float,
