@@ -31,14 +31,13 @@ from conftest import (
     udp_capture,
     udp_frame_bytes,
 )
+from storage_helpers import BlobReader, open_blob
 
 from analyzer.base.models import Peer
 from analyzer.judge.policy import load_policy
 from analyzer.pipeline.processing import (
-    BlobReader,
     Outcome,
     is_transient,
-    open_blob,
     policy_file,
     process_blob,
 )

@@ -25,14 +25,13 @@ are deleted after the flip. Hence (the reasoning is in ``docs/reliability.md``):
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -159,38 +158,6 @@ def version_tuple(version: str) -> tuple[int, ...]:
 def written_by_newer(record: CaptureRecord) -> bool:
     """True when a newer nwcap than this one wrote the row (it is left to that version)."""
     return version_tuple(record.analyzer_version) > version_tuple(__version__)
-
-
-class BlobReader(io.RawIOBase):
-    """A capture blob as a read-only, non-seekable stream fed chunk by chunk from the service."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        super().__init__()
-        self._chunks = chunks
-        self._pending = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        target = memoryview(buffer).cast("B")
-        while not self._pending:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                return 0
-            self._pending = memoryview(chunk)
-        count = min(len(target), len(self._pending))
-        target[:count] = self._pending[:count]
-        self._pending = self._pending[count:]
-        return count
-
-
-def open_blob(blob: BlobClient, etag: str) -> io.BufferedReader:
-    """Stream ``blob`` at ``etag``: reading fails with a 412 if the blob changes meanwhile."""
-    downloader = blob.download_blob(
-        etag=etag, match_condition=MatchConditions.IfNotModified, max_concurrency=1
-    )
-    return io.BufferedReader(BlobReader(downloader.chunks()), buffer_size=1024 * 1024)
 
 
 def process_blob(
