@@ -13,7 +13,7 @@ from analyzer.base.models import PeerName
 from analyzer.judge.catalog import Catalog, Service, parse_address, peer_names
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_FILE = ROOT / "analyzer" / "data" / "azure_catalog.json"
+DATA_FILE = ROOT / "analyzer" / "judge" / "data" / "azure_catalog.json"
 DOC = ROOT / "docs" / "azure-catalog.md"
 UNSPECIFIED = "0.0.0.0"  # noqa: S104 - an address looked up, not one bound to
 CATEGORIES = {
