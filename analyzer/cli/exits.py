@@ -1,7 +1,8 @@
 """Exit statuses of the ``nwcap`` command, shared by its command modules (sysexits.h values).
 
 Kept apart from :mod:`analyzer.cli.main` so that the modules adding commands to it (``sweep``,
-``store_cli``, ``ops_cli``) need not import the module that imports them.
+``report_commands``, ``store_commands``, ``ops_commands``) need not import the module that
+imports them.
 """
 
 EXIT_ALERTS = 1
@@ -15,3 +16,7 @@ EXIT_REFUSED_HOST = 64
 
 class InputError(Exception):
     """An input file cannot be opened (exit status 66)."""
+
+
+class UsageError(Exception):
+    """Bad usage that argparse cannot see, e.g. an invalid setting: exit status 2."""

@@ -8,32 +8,32 @@ policy); 66 an input file cannot be opened; 73 the report cannot be written.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
-import os
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from analyzer import __version__
 from analyzer.base.errors import NwcapError
-from analyzer.base.models import SEVERITY_ORDER, Analysis
-from analyzer.cli.exits import EXIT_ALERTS, EXIT_DATAERR, EXIT_NOINPUT, InputError
+from analyzer.base.models import SEVERITY_ORDER
+from analyzer.cli.common import analyse_capture_file, ip_address, log_capture_warnings
+from analyzer.cli.exits import (
+    EXIT_ALERTS,
+    EXIT_DATAERR,
+    EXIT_NOINPUT,
+    EXIT_USAGE,
+    InputError,
+    UsageError,
+)
 
-if TYPE_CHECKING:
-
-    from analyzer.capture.budget import Budget
-    from analyzer.judge.policy import Policy
-    from analyzer.judge.servicetags import ServiceTags
-
-PROGRESS_MIN_BYTES = 16 << 20
-
-__all__ = ["EXIT_ALERTS", "EXIT_DATAERR", "EXIT_NOINPUT", "InputError", "build_parser", "main"]
-
-log = logging.getLogger("nwcap")
-
+__all__ = [
+    "EXIT_ALERTS",
+    "EXIT_DATAERR",
+    "EXIT_NOINPUT",
+    "InputError",
+    "UsageError",
+    "build_parser",
+    "main",
+]
 
 # Commands that need no Azure SDK: for them the storage commands are not registered, which
 # keeps ~45 MB of imports and a second of start-up out of every `nwcap analyze`.
@@ -60,7 +60,7 @@ def build_parser(
     analyze.add_argument(
         "--local-ip",
         action="append",
-        type=_ip_address,
+        type=ip_address,
         metavar="IP",
         help="the VM's own address (repeatable); inferred from the capture when omitted",
     )
@@ -114,124 +114,6 @@ def run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def analyse_capture_file(args: argparse.Namespace, *, progress_mode: str = "never") -> Analysis:
-    """``args.capture`` analysed as ``nwcap analyze`` and ``nwcap report`` read it: the work
-    budget from the settings, then the policy and service tags the arguments name, then the
-    file (``--local-ip`` if given)."""
-    from analyzer.judge.analysis import analyze  # noqa: PLC0415 - keeps `nwcap --help` fast
-
-    budget = work_budget()
-    policy = _load_policy(args.policy) if args.policy else None
-    tags = _load_service_tags(args.service_tags) if args.service_tags else None
-    stream, size = _open_capture(args.capture)
-    progress = _progress_bar(size, sys.stderr, progress_mode)
-    try:
-        with stream:
-            return analyze(
-                stream,
-                local_addresses=args.local_ip,
-                policy=policy,
-                service_tags=tags,
-                progress=progress,
-                budget=budget,
-            )
-    finally:
-        if progress is not None:
-            progress.close()
-
-
-def log_capture_warnings(capture: str, result: Analysis) -> None:
-    """Why reading stopped early, on stderr (escaped like every log line)."""
-    for warning in result.capture.warnings:
-        log.warning("%s: %s", capture, warning)
-
-
-def work_budget() -> Budget:
-    """The work budget from the ``NWCAP_MAX_*`` settings, as the function reads them."""
-    from analyzer.capture.budget import Budget, InvalidSettingError  # noqa: PLC0415
-
-    try:
-        return Budget.from_environ(os.environ)
-    except InvalidSettingError as exc:
-        raise UsageError(str(exc)) from exc
-
-
-class UsageError(Exception):
-    """Bad usage that argparse cannot see, e.g. an invalid setting: exit status 2."""
-
-
-def _open_capture(name: str) -> tuple[BinaryIO, int | None]:
-    if name == "-":
-        return os.fdopen(os.dup(sys.stdin.fileno()), "rb"), None
-    try:
-        stream = open(name, "rb")  # noqa: SIM115 - closed by the caller's with-block
-    except OSError as exc:
-        raise InputError(f"cannot open capture {name}: {exc.strerror}") from exc
-    return stream, os.fstat(stream.fileno()).st_size
-
-
-def _read_file(name: str, what: str) -> bytes:
-    try:
-        return Path(name).read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read {what} {name}: {exc.strerror}") from exc
-
-
-def _load_policy(name: str) -> Policy:
-    from analyzer.judge.policy import load_policy  # noqa: PLC0415
-
-    return load_policy(_read_file(name, "policy"))
-
-
-def _load_service_tags(name: str) -> ServiceTags:
-    from analyzer.judge.servicetags import ServiceTags  # noqa: PLC0415
-
-    return ServiceTags.from_json(_read_file(name, "service tags"))
-
-
-def _ip_address(text: str) -> str:
-    try:
-        return str(ipaddress.ip_address(text.strip()))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 or IPv6 address") from None
-
-
-class _ProgressBar:
-    """A one-line progress bar on a terminal stream, redrawn at most a few times a second."""
-
-    def __init__(self, total: int, out: TextIO) -> None:
-        self.total = max(total, 1)
-        self.out = out
-        self.started = time.monotonic()
-        self.drawn_at = 0.0
-
-    def __call__(self, done: int) -> None:
-        now = time.monotonic()
-        if now - self.drawn_at < 0.2 and done < self.total:
-            return
-        self.drawn_at = now
-        fraction = min(done / self.total, 1.0)
-        filled = int(fraction * 30)
-        rate = done / max(now - self.started, 1e-6) / (1 << 20)
-        self.out.write(
-            f"\r[{'#' * filled}{'.' * (30 - filled)}] {fraction:6.1%} "
-            f"{done >> 20}/{self.total >> 20} MiB {rate:6.1f} MiB/s"
-        )
-        self.out.flush()
-
-    def close(self) -> None:
-        self.out.write("\n")
-        self.out.flush()
-
-
-def _progress_bar(size: int | None, out: TextIO, mode: str) -> _ProgressBar | None:
-    if mode == "never" or size is None:
-        return None
-    if mode == "auto" and (size < PROGRESS_MIN_BYTES or not out.isatty()):
-        return None
-    return _ProgressBar(size, out)
-
-
 class _TerminalFormatter(logging.Formatter):
     """Log lines carry blob names and capture text: escape control and bidi characters."""
 
@@ -259,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except UsageError as exc:
         print(f"nwcap: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except InputError as exc:
         print(f"nwcap: error: {exc}", file=sys.stderr)
         return EXIT_NOINPUT

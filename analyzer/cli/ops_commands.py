@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from azure.core.exceptions import AzureError
 from azure.storage.blob import ContainerClient
 from azure.storage.queue import QueueClient
 
-from analyzer.base.errors import NwcapError
-from analyzer.cli.exits import EXIT_ALERTS, EXIT_DATAERR, EXIT_USAGE
+from analyzer.cli.common import (
+    FORMATS,
+    captures_connection_option,
+    guarded,
+    print_json,
+    results_connection,
+    results_store_options,
+)
+from analyzer.cli.exits import EXIT_ALERTS
 from analyzer.pipeline.alert_delivery import AlertDelivery, DeliverySettings, delivery_window
-from analyzer.pipeline.processing import Settings, is_transient, policy_file, service_tags_file
+from analyzer.pipeline.processing import Settings, policy_file, service_tags_file
 from analyzer.pipeline.reconcile import (
     DurationError,
     ReconcileReport,
@@ -42,17 +47,14 @@ from analyzer.pipeline.reconcile import (
 from analyzer.pipeline.status import status_document
 from analyzer.present.textsafe import csv_cell, terminal_text
 from analyzer.store.connections import (
-    ConnectionSettingError,
     ConnectionSettings,
     blob_service_for,
     queue_service_for,
     resolve,
-    resolve_first,
     table_service_for,
 )
 from analyzer.store.results import TableResultsStore
 
-FORMATS = ("table", "json", "csv")
 _ITEM_COLUMNS = ("status", "reason", "age_seconds", "capture_id", "blob", "detail")
 
 
@@ -84,7 +86,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                      "(default: NWCAP_POLICY)")
     run.add_argument("--service-tags", help="service tags file, located like --policy "
                      "(default: NWCAP_SERVICE_TAGS)")
-    run.set_defaults(func=_guarded(run_reconcile))
+    run.set_defaults(func=guarded(run_reconcile, brief=True))
 
     status = subparsers.add_parser(
         "status",
@@ -95,7 +97,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "the last reconcile run. Exit status 1 when something needs attention.",
     )
     _common(status)
-    status.set_defaults(func=_guarded(run_status))
+    status.set_defaults(func=guarded(run_status, brief=True))
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -106,13 +108,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", type=_duration, metavar="DURATION",
                         help="lookback window, e.g. 15m, 48h, 7d (default: RECONCILE_LOOKBACK "
                         "or 48h)")
-    parser.add_argument("--connection", metavar="NAME",
-                        help="connection of the results account (default: RESULTS_CONNECTION, "
-                        "else CAPTURES_CONNECTION)")
-    parser.add_argument("--captures-connection", metavar="NAME", default="CAPTURES_CONNECTION",
-                        help="connection of the capture account (default: %(default)s)")
-    parser.add_argument("--table-prefix", default=None,
-                        help="prefix of the table names (default: NWCAP_TABLE_PREFIX)")
+    results_store_options(parser)
+    captures_connection_option(parser)
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format")
 
 
@@ -134,9 +131,7 @@ class _Site:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.settings = Settings.from_environ()
-        names = (args.connection,) if args.connection else ("RESULTS_CONNECTION",
-                                                            "CAPTURES_CONNECTION")
-        self.results: ConnectionSettings = resolve_first(names)
+        self.results: ConnectionSettings = results_connection(args)
         self.captures: ConnectionSettings = resolve(args.captures_connection)
         prefix = args.table_prefix if args.table_prefix is not None else self.settings.table_prefix
         tables = table_service_for(self.results)
@@ -201,7 +196,7 @@ def run_reconcile(args: argparse.Namespace) -> int:
 def _print_report(report: ReconcileReport, fmt: str) -> None:
     rows = [item.to_dict() for item in report.items]
     if fmt == "json":
-        _print_json(report.to_dict())
+        print_json(report.to_dict())
         return
     if fmt == "csv":
         _print_csv(rows, _ITEM_COLUMNS)
@@ -223,7 +218,7 @@ def run_status(args: argparse.Namespace) -> int:
         schedule_seconds=schedule_seconds(os.environ.get("RECONCILE_SCHEDULE", "")),
     )
     if args.format == "json":
-        _print_json(document)
+        print_json(document)
     else:
         rows = _status_rows(document)
         if args.format == "csv":
@@ -254,35 +249,6 @@ def _status_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
     )
     rows.extend({"what": "ATTENTION", "value": note} for note in document["attention"])
     return rows
-
-
-def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Configuration and storage errors become one line and an exit status, not a traceback."""
-
-    def guarded(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except (ConnectionSettingError, ValueError) as error:
-            _error(f"error: {error}")
-            return EXIT_USAGE
-        except NwcapError as error:  # e.g. an invalid policy file
-            _error(f"error: {error}")
-            return EXIT_DATAERR
-        except AzureError as error:
-            kind = "storage unavailable (try again)" if is_transient(error) else "storage error"
-            _error(f"{kind}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
-            return 1
-
-    return guarded
-
-
-def _error(message: str) -> None:
-    print(f"nwcap: {terminal_text(message)}", file=sys.stderr)
-
-
-def _print_json(document: Any) -> None:
-    json.dump(document, sys.stdout, indent=2, default=str)  # ASCII only: escapes all else
-    sys.stdout.write("\n")
 
 
 def _text(value: Any) -> str:

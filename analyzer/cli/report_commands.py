@@ -13,6 +13,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from analyzer.cli.common import (
+    analyse_capture_file,
+    failed,
+    guarded,
+    ip_address,
+    log_capture_warnings,
+    results_store,
+    results_store_options,
+)
 from analyzer.cli.exits import EXIT_CANTCREAT, EXIT_REFUSED_HOST, EXIT_USAGE
 
 if TYPE_CHECKING:
@@ -21,8 +30,6 @@ if TYPE_CHECKING:
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``report`` and ``serve``."""
-    from analyzer.cli.main import _ip_address  # noqa: PLC0415 - cli imports this module
-
     report = subparsers.add_parser(
         "report",
         help="write a self-contained HTML report of one capture (file or stored)",
@@ -35,7 +42,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     report.add_argument(
         "--local-ip",
         action="append",
-        type=_ip_address,
+        type=ip_address,
         metavar="IP",
         help="the VM's own address (repeatable); inferred from the capture when omitted",
     )
@@ -67,30 +74,13 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     serve.set_defaults(func=run_serve)
 
 
-def results_store_options(parser: argparse.ArgumentParser) -> None:
-    """``--connection`` and ``--table-prefix``: which results store a command reads."""
-    parser.add_argument(
-        "--connection",
-        metavar="NAME",
-        help="connection (app setting name) of the results account "
-        "(default: RESULTS_CONNECTION, else CAPTURES_CONNECTION)",
-    )
-    parser.add_argument(
-        "--table-prefix",
-        default=None,
-        help="prefix of the table names (default: NWCAP_TABLE_PREFIX, usually empty)",
-    )
-
-
 def run_report(args: argparse.Namespace) -> int:
     """nwcap report"""
     if bool(args.capture) == bool(args.capture_id):
         print("nwcap: error: give either a capture file or --capture-id", file=sys.stderr)
         return EXIT_USAGE
     if args.capture_id:
-        from analyzer.cli.store_commands import _guarded  # noqa: PLC0415 - storage errors as messages
-
-        return _guarded(_report_stored)(args)
+        return guarded(_report_stored)(args)  # storage errors as messages
     from analyzer.web import report  # noqa: PLC0415 - keeps `nwcap --help` fast
 
     started = time.monotonic()
@@ -99,12 +89,11 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def _report_stored(args: argparse.Namespace) -> int:
-    from analyzer.cli.store_commands import _failed, _store  # noqa: PLC0415 - as the storage commands
     from analyzer.web import pages, report  # noqa: PLC0415
 
     started = time.monotonic()
-    result = pages.whole_capture(_store(args), args.capture_id)
-    status = _failed(result)
+    result = pages.whole_capture(results_store(args), args.capture_id)
+    status = failed(result)
     if status is not None:
         return status
     return _write(args.output, report.from_stored(result.body), started)
@@ -128,8 +117,6 @@ def _write(output: str, data: ReportData, started: float) -> int:
 
 
 def _analyse(args: argparse.Namespace) -> dict[str, object]:
-    from analyzer.cli.main import analyse_capture_file, log_capture_warnings  # noqa: PLC0415
-
     result = analyse_capture_file(args)
     log_capture_warnings(args.capture, result)
     return result.to_dict()
@@ -137,7 +124,6 @@ def _analyse(args: argparse.Namespace) -> dict[str, object]:
 
 def run_serve(args: argparse.Namespace) -> int:
     """nwcap serve"""
-    from analyzer.cli.store_commands import _guarded, _store  # noqa: PLC0415
     from analyzer.web.server import is_loopback, serve  # noqa: PLC0415
 
     if not is_loopback(args.host):
@@ -154,4 +140,4 @@ def run_serve(args: argparse.Namespace) -> int:
             "can reach this port reads every stored result",
             file=sys.stderr,
         )
-    return _guarded(lambda a: serve(_store(a), host=a.host, port=a.port))(args)
+    return guarded(lambda a: serve(results_store(a), host=a.host, port=a.port))(args)

@@ -23,15 +23,22 @@ import csv
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TextIO, TypeGuard
 
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 from azure.storage.blob import BlobClient, BlobServiceClient
 
-from analyzer.base.errors import NwcapError
-from analyzer.cli.exits import EXIT_DATAERR, EXIT_USAGE
-from analyzer.cli.report_commands import results_store_options
+from analyzer.cli.common import (
+    FORMATS,
+    CaptureReadError,
+    captures_connection_option,
+    failed,
+    guarded,
+    print_json,
+    results_store,
+    results_store_options,
+)
 from analyzer.pipeline.processing import (
     Outcome,
     Settings,
@@ -42,17 +49,14 @@ from analyzer.pipeline.processing import (
 from analyzer.present.textsafe import csv_cell, terminal_text
 from analyzer.store.blobpath import is_capture_blob
 from analyzer.store.connections import (
-    ConnectionSettingError,
     blob_service_for,
     require_trusted_blob_url,
     resolve,
     resolve_first,
-    table_service_for,
 )
 from analyzer.store.results import MAX_PAGE, TableResultsStore
 from analyzer.web import api
 
-FORMATS = ("table", "json", "csv")
 _FAILURES = frozenset({"failed", "error"})
 _PATH_COLUMNS = frozenset({"blob"})
 
@@ -82,12 +86,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "--service-tags",
         help="service-tags JSON file, blob URL or container/blob (default: NWCAP_SERVICE_TAGS)",
     )
-    process.add_argument(
-        "--captures-connection",
-        default="CAPTURES_CONNECTION",
-        metavar="NAME",
-        help="connection (app setting name) of the captures account (default: %(default)s)",
-    )
+    captures_connection_option(process)
     _common(process)
     process.set_defaults(func=run_process)
 
@@ -137,60 +136,13 @@ def _paging(parser: argparse.ArgumentParser) -> None:
 # --- running -----------------------------------------------------------------------------
 
 
-def _store(args: argparse.Namespace) -> TableResultsStore:
-    names = (args.connection,) if args.connection else ("RESULTS_CONNECTION", "CAPTURES_CONNECTION")
-    connection = resolve_first(names)
-    prefix = args.table_prefix
-    if prefix is None:
-        prefix = Settings.from_environ().table_prefix
-    return TableResultsStore(table_service_for(connection), prefix=prefix)
-
-
-def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Configuration and storage errors become a message and an exit code, not a traceback."""
-
-    def guarded(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except ConnectionSettingError as error:
-            _error(f"error: {error}")
-            return EXIT_USAGE
-        except CaptureReadError as error:
-            _error(f"error: {error}")
-            return 1
-        except NwcapError as error:  # e.g. an invalid policy file
-            _error(f"error: {error}")
-            return EXIT_DATAERR
-        except ValueError as error:
-            _error(f"error: {error}")
-            return EXIT_USAGE
-        except AzureError as error:
-            _error(f"storage error: {error}")
-            return 1
-
-    guarded.__doc__ = run.__doc__
-    return guarded
-
-
-def _error(message: str) -> None:
-    print(f"nwcap: {terminal_text(message)}", file=sys.stderr)
-
-
-def _failed(result: api.ApiResponse) -> int | None:
-    """The exit status for an answer that is not a 200, after saying why; None for a 200."""
-    if result.status == 200:
-        return None
-    _error(str(result.body.get("error", result.status)))
-    return EXIT_USAGE if result.status == 400 else 1
-
-
 def _query(args: argparse.Namespace, call: api.Handler, key: str, columns: Sequence[str]) -> int:
-    result = call(_store(args))
-    status = _failed(result)
+    result = call(results_store(args))
+    status = failed(result)
     if status is not None:
         return status
     if args.format == "json":
-        _print_json(result.body)
+        print_json(result.body)
     else:
         # Pages come in table order; within one, the oldest first reads best.
         rows = sorted(result.body[key], key=lambda row: str(row.get("capture_time") or ""))
@@ -210,7 +162,7 @@ def _params(args: argparse.Namespace, *names: str) -> dict[str, str]:
     return params
 
 
-@_guarded
+@guarded
 def run_captures(args: argparse.Namespace) -> int:
     """nwcap captures"""
     params = _params(args, "vm", "since", "until", "limit", "continuation")
@@ -218,7 +170,7 @@ def run_captures(args: argparse.Namespace) -> int:
     return _query(args, lambda store: api.list_captures(store, params), "captures", columns)
 
 
-@_guarded
+@guarded
 def run_alerts(args: argparse.Namespace) -> int:
     """nwcap alerts"""
     params = _params(args, "since", "until", "severity", "vm", "limit", "continuation")
@@ -226,7 +178,7 @@ def run_alerts(args: argparse.Namespace) -> int:
     return _query(args, lambda store: api.list_alerts(store, params), "alerts", columns)
 
 
-@_guarded
+@guarded
 def run_who_talked_to(args: argparse.Namespace) -> int:
     """nwcap who-talked-to"""
     params = _params(args, "since", "limit", "continuation")
@@ -260,12 +212,12 @@ _PEER_COLUMNS = (
 _ALERT_COLUMNS = ("severity", "rule", "peer", "message")
 
 
-@_guarded
+@guarded
 def run_show(args: argparse.Namespace) -> int:
     """nwcap show"""
-    store = _store(args)
+    store = results_store(args)
     first = api.get_capture(store, args.capture_id, {"part": "peers", "limit": str(MAX_PAGE)})
-    status = _failed(first)
+    status = failed(first)
     if status is not None:
         return status
     capture = first.body["capture"]
@@ -323,14 +275,10 @@ def _page(store: TableResultsStore, capture_id: str, params: dict[str, str]) -> 
     return result.body
 
 
-class CaptureReadError(Exception):
-    """A capture could not be read to its end (it went away, or storage did, mid-way)."""
-
-
 # --- process -----------------------------------------------------------------------------
 
 
-@_guarded
+@guarded
 def run_process(args: argparse.Namespace) -> int:
     """nwcap process"""
     settings = Settings.from_environ()
@@ -350,7 +298,7 @@ def run_process(args: argparse.Namespace) -> int:
         if _is_url(location):
             require_trusted_blob_url(location, results)
     captures_service = blob_service_for(captures)
-    store = _store(args)
+    store = results_store(args)
     store.create_tables()
     policy = policy_file(policy_location, lambda: blob_service_for(results)).get()
     service_tags = service_tags_file(tags_location, lambda: blob_service_for(results)).get()
@@ -382,7 +330,7 @@ def run_process(args: argparse.Namespace) -> int:
         for outcome in outcomes
     ]
     if args.format == "json":
-        _print_json({"outcomes": documents})
+        print_json({"outcomes": documents})
     else:
         _print_rows(documents, ("status", "capture_id", "blob", "detail"), args.format)
     counts: dict[str, int] = {}
@@ -458,11 +406,6 @@ class ProgressBar:
 
 
 # --- output ------------------------------------------------------------------------------
-
-
-def _print_json(document: Any) -> None:
-    json.dump(document, sys.stdout, indent=2)
-    sys.stdout.write("\n")
 
 
 def _json(value: Any, level: int) -> str:

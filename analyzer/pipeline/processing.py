@@ -112,9 +112,16 @@ class Settings:
             captures_container=env.get("CAPTURES_CONTAINER", "").strip() or DEFAULT_CONTAINER,
             policy_location=env.get("NWCAP_POLICY", "").strip(),
             service_tags_location=env.get("NWCAP_SERVICE_TAGS", "").strip(),
-            table_prefix=env.get("NWCAP_TABLE_PREFIX", "").strip(),
+            table_prefix=table_prefix_setting(env),
             budget=Budget.from_environ(env),
         )
+
+
+def table_prefix_setting(environ: Mapping[str, str] | None = None) -> str:
+    """``NWCAP_TABLE_PREFIX``: all that reading results needs of the settings (the query API,
+    the dashboard and the query commands read no other, so a bad budget cannot stop them)."""
+    env = os.environ if environ is None else environ
+    return env.get("NWCAP_TABLE_PREFIX", "").strip()
 
 
 @dataclass(frozen=True, slots=True)

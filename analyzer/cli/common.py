@@ -1,0 +1,286 @@
+"""What the ``nwcap`` commands share: reading a capture file as ``analyze`` and ``report`` do,
+the options naming the results store and the store they name, errors as one line and an exit
+status, and JSON output.
+
+The command modules import this one and :mod:`analyzer.cli.exits`, never each other. It
+imports nothing but the standard library when loaded (``nwcap analyze`` is timed against
+tshark, and ``nwcap --help`` should be quick): the Azure SDK and the stages are imported by the
+functions that use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
+
+from analyzer.base.errors import NwcapError
+from analyzer.cli.exits import EXIT_DATAERR, EXIT_USAGE, InputError, UsageError
+
+if TYPE_CHECKING:
+    from analyzer.base.models import Analysis
+    from analyzer.capture.budget import Budget
+    from analyzer.judge.policy import Policy
+    from analyzer.judge.servicetags import ServiceTags
+    from analyzer.store.connections import ConnectionSettings
+    from analyzer.store.results import TableResultsStore
+    from analyzer.web.api import ApiResponse
+
+FORMATS = ("table", "json", "csv")
+# Where results are stored unless --connection names another connection: as the function app.
+RESULTS_CONNECTIONS = ("RESULTS_CONNECTION", "CAPTURES_CONNECTION")
+PROGRESS_MIN_BYTES = 16 << 20
+
+Command = Callable[[argparse.Namespace], int]
+
+log = logging.getLogger("nwcap")
+
+
+# --- options -----------------------------------------------------------------------------
+
+
+def results_store_options(parser: argparse.ArgumentParser) -> None:
+    """``--connection`` and ``--table-prefix``: which results store a command reads."""
+    parser.add_argument(
+        "--connection",
+        metavar="NAME",
+        help="connection (app setting name) of the results account "
+        "(default: RESULTS_CONNECTION, else CAPTURES_CONNECTION)",
+    )
+    parser.add_argument(
+        "--table-prefix",
+        default=None,
+        help="prefix of the table names (default: NWCAP_TABLE_PREFIX, usually empty)",
+    )
+
+
+def captures_connection_option(parser: argparse.ArgumentParser) -> None:
+    """``--captures-connection``: the account of the capture blobs (and the poison queue)."""
+    parser.add_argument(
+        "--captures-connection",
+        default="CAPTURES_CONNECTION",
+        metavar="NAME",
+        help="connection (app setting name) of the captures account (default: %(default)s)",
+    )
+
+
+def ip_address(text: str) -> str:
+    """An IPv4 or IPv6 address option, canonical (an ``argparse`` type)."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 or IPv6 address") from None
+
+
+# --- the results store -------------------------------------------------------------------
+
+
+def results_connection(args: argparse.Namespace) -> ConnectionSettings:
+    """The connection ``--connection`` names, else the function app's results connection."""
+    from analyzer.store.connections import resolve_first  # noqa: PLC0415 - see the docstring
+
+    return resolve_first((args.connection,) if args.connection else RESULTS_CONNECTIONS)
+
+
+def table_prefix(args: argparse.Namespace) -> str:
+    """``--table-prefix``, else the app setting ``NWCAP_TABLE_PREFIX``."""
+    from analyzer.pipeline.processing import table_prefix_setting  # noqa: PLC0415
+
+    return args.table_prefix if args.table_prefix is not None else table_prefix_setting()
+
+
+def results_store(args: argparse.Namespace) -> TableResultsStore:
+    """The results store the ``results_store_options`` name (its tables are not created)."""
+    from analyzer.store.connections import table_service_for  # noqa: PLC0415
+    from analyzer.store.results import TableResultsStore  # noqa: PLC0415
+
+    service = table_service_for(results_connection(args))
+    return TableResultsStore(service, prefix=table_prefix(args))
+
+
+# --- errors and output -------------------------------------------------------------------
+
+
+class CaptureReadError(Exception):
+    """A capture could not be read to its end (it went away, or storage did, mid-way)."""
+
+
+def guarded(run: Command, *, brief: bool = False) -> Command:
+    """``run`` with configuration and storage errors turned into one line and an exit status,
+    not a traceback.
+
+    ``brief``: a storage error shows its first line only, and a transient one says "storage
+    unavailable (try again)" (the operator's commands); else the whole error is shown.
+    """
+
+    def guarded_run(args: argparse.Namespace) -> int:
+        from azure.core.exceptions import AzureError  # noqa: PLC0415 - see the docstring
+
+        from analyzer.store.connections import ConnectionSettingError  # noqa: PLC0415
+
+        try:
+            return run(args)
+        except ConnectionSettingError as problem:
+            error(f"error: {problem}")
+            return EXIT_USAGE
+        except CaptureReadError as problem:
+            error(f"error: {problem}")
+            return 1
+        except NwcapError as problem:  # e.g. an invalid policy file
+            error(f"error: {problem}")
+            return EXIT_DATAERR
+        except ValueError as problem:
+            error(f"error: {problem}")
+            return EXIT_USAGE
+        except AzureError as problem:
+            error(_storage_error(problem) if brief else f"storage error: {problem}")
+            return 1
+
+    guarded_run.__doc__ = run.__doc__
+    return guarded_run
+
+
+def _storage_error(problem: Exception) -> str:
+    from analyzer.pipeline.processing import is_transient  # noqa: PLC0415
+
+    kind = "storage unavailable (try again)" if is_transient(problem) else "storage error"
+    text = str(problem)
+    return f"{kind}: {text.splitlines()[0] if text else type(problem).__name__}"
+
+
+def error(message: str) -> None:
+    """``nwcap: message`` on stderr, escaped (messages carry blob names and capture text)."""
+    from analyzer.present.textsafe import terminal_text  # noqa: PLC0415
+
+    print(f"nwcap: {terminal_text(message)}", file=sys.stderr)
+
+
+def failed(result: ApiResponse) -> int | None:
+    """The exit status for an API answer that is not a 200, after saying why; None for a 200."""
+    if result.status == 200:
+        return None
+    error(str(result.body.get("error", result.status)))
+    return EXIT_USAGE if result.status == 400 else 1
+
+
+def print_json(document: Any) -> None:
+    """``document`` as indented JSON on stdout, ASCII only (every other character escaped)."""
+    json.dump(document, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+# --- a capture file, as analyze and report read it ---------------------------------------
+
+
+def analyse_capture_file(args: argparse.Namespace, *, progress_mode: str = "never") -> Analysis:
+    """``args.capture`` analysed as ``nwcap analyze`` and ``nwcap report`` read it: the work
+    budget from the settings, then the policy and service tags the arguments name, then the
+    file (``--local-ip`` if given)."""
+    from analyzer.judge.analysis import analyze  # noqa: PLC0415 - keeps `nwcap --help` fast
+
+    budget = work_budget()
+    policy = _load_policy(args.policy) if args.policy else None
+    tags = _load_service_tags(args.service_tags) if args.service_tags else None
+    stream, size = _open_capture(args.capture)
+    progress = _progress_bar(size, sys.stderr, progress_mode)
+    try:
+        with stream:
+            return analyze(
+                stream,
+                local_addresses=args.local_ip,
+                policy=policy,
+                service_tags=tags,
+                progress=progress,
+                budget=budget,
+            )
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def log_capture_warnings(capture: str, result: Analysis) -> None:
+    """Why reading stopped early, on stderr (escaped like every log line)."""
+    for warning in result.capture.warnings:
+        log.warning("%s: %s", capture, warning)
+
+
+def work_budget() -> Budget:
+    """The work budget from the ``NWCAP_MAX_*`` settings, as the function reads them."""
+    from analyzer.capture.budget import Budget, InvalidSettingError  # noqa: PLC0415
+
+    try:
+        return Budget.from_environ(os.environ)
+    except InvalidSettingError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _open_capture(name: str) -> tuple[BinaryIO, int | None]:
+    if name == "-":
+        return os.fdopen(os.dup(sys.stdin.fileno()), "rb"), None
+    try:
+        stream = open(name, "rb")  # noqa: SIM115 - closed by the caller's with-block
+    except OSError as exc:
+        raise InputError(f"cannot open capture {name}: {exc.strerror}") from exc
+    return stream, os.fstat(stream.fileno()).st_size
+
+
+def _read_file(name: str, what: str) -> bytes:
+    try:
+        return Path(name).read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {name}: {exc.strerror}") from exc
+
+
+def _load_policy(name: str) -> Policy:
+    from analyzer.judge.policy import load_policy  # noqa: PLC0415
+
+    return load_policy(_read_file(name, "policy"))
+
+
+def _load_service_tags(name: str) -> ServiceTags:
+    from analyzer.judge.servicetags import ServiceTags  # noqa: PLC0415
+
+    return ServiceTags.from_json(_read_file(name, "service tags"))
+
+
+class _ProgressBar:
+    """A one-line progress bar on a terminal stream, redrawn at most a few times a second."""
+
+    def __init__(self, total: int, out: TextIO) -> None:
+        self.total = max(total, 1)
+        self.out = out
+        self.started = time.monotonic()
+        self.drawn_at = 0.0
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.drawn_at < 0.2 and done < self.total:
+            return
+        self.drawn_at = now
+        fraction = min(done / self.total, 1.0)
+        filled = int(fraction * 30)
+        rate = done / max(now - self.started, 1e-6) / (1 << 20)
+        self.out.write(
+            f"\r[{'#' * filled}{'.' * (30 - filled)}] {fraction:6.1%} "
+            f"{done >> 20}/{self.total >> 20} MiB {rate:6.1f} MiB/s"
+        )
+        self.out.flush()
+
+    def close(self) -> None:
+        self.out.write("\n")
+        self.out.flush()
+
+
+def _progress_bar(size: int | None, out: TextIO, mode: str) -> _ProgressBar | None:
+    if mode == "never" or size is None:
+        return None
+    if mode == "auto" and (size < PROGRESS_MIN_BYTES or not out.isatty()):
+        return None
+    return _ProgressBar(size, out)
