@@ -8,26 +8,21 @@ import json
 from pathlib import Path
 
 import pytest
+from clirunner import nwcap
 
-from analyzer.cli.main import EXIT_ALERTS, EXIT_DATAERR, EXIT_NOINPUT, main
+from analyzer.cli.main import EXIT_ALERTS, EXIT_DATAERR, EXIT_NOINPUT
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
 EXPECTED = json.loads((SAMPLES / "expected_alerts.json").read_text())
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(["analyze", *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 class TestOutputFormats:
     """The table, JSON and CSV renderings carry the documented fields."""
 
-    def test_json_document(self, capsys: pytest.CaptureFixture[str]) -> None:
-        code, out, _ = run(
-            capsys,
+    def test_json_document(self) -> None:
+        code, out, _ = nwcap(
+            "analyze",
             str(SAMPLES / "baseline.cap"),
             "--format",
             "json",
@@ -65,19 +60,19 @@ class TestOutputFormats:
         total = sum(c["packets_a_to_b"] + c["packets_b_to_a"] for c in doc["conversations"])
         assert total == capture["ip_packets"]
 
-    def test_table_shows_peers_and_alerts(self, capsys: pytest.CaptureFixture[str]) -> None:
-        code, out, _ = run(
-            capsys, str(SAMPLES / "inbound-scan.cap"), "--policy", str(SAMPLES / "policy.yaml")
+    def test_table_shows_peers_and_alerts(self) -> None:
+        code, out, _ = nwcap(
+            "analyze", str(SAMPLES / "inbound-scan.cap"), "--policy", str(SAMPLES / "policy.yaml")
         )
         assert code == 0
         assert "PEER" in out and "CATEGORY" in out
         assert "inbound-scan" in out
 
-    def test_csv_one_row_per_peer(self, capsys: pytest.CaptureFixture[str]) -> None:
-        code, out, _ = run(capsys, str(SAMPLES / "baseline.cap"), "--format", "csv")
+    def test_csv_one_row_per_peer(self) -> None:
+        code, out, _ = nwcap("analyze", str(SAMPLES / "baseline.cap"), "--format", "csv")
         assert code == 0
         rows = list(csv.DictReader(io.StringIO(out)))
-        _, json_out, _ = run(capsys, str(SAMPLES / "baseline.cap"), "--format", "json")
+        _, json_out, _ = nwcap("analyze", str(SAMPLES / "baseline.cap"), "--format", "json")
         assert [r["address"] for r in rows] == [p["address"] for p in json.loads(json_out)["peers"]]
 
 
@@ -85,9 +80,9 @@ class TestSampleScenario:
     """Each sample capture produces exactly the alerts it was built to produce."""
 
     @pytest.mark.parametrize("name", sorted(EXPECTED["captures"]))
-    def test_exact_alerts(self, capsys: pytest.CaptureFixture[str], name: str) -> None:
-        code, out, _ = run(
-            capsys,
+    def test_exact_alerts(self, name: str) -> None:
+        code, out, _ = nwcap(
+            "analyze",
             str(SAMPLES / name),
             "--format",
             "json",
@@ -103,31 +98,27 @@ class TestSampleScenario:
 class TestExitCodes:
     """Errors are one clear line and a distinct exit status, never a traceback."""
 
-    def test_fail_on(self, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_fail_on(self) -> None:
         scan = str(SAMPLES / "inbound-scan.cap")
         policy = str(SAMPLES / "policy.yaml")
-        assert run(capsys, scan, "--policy", policy, "--fail-on", "low")[0] == EXIT_ALERTS
-        assert (
-            run(capsys, str(SAMPLES / "baseline.cap"), "--policy", policy, "--fail-on", "low")[0]
-            == 0
-        )
+        assert nwcap("analyze", scan, "--policy", policy, "--fail-on", "low").code == EXIT_ALERTS
+        baseline = str(SAMPLES / "baseline.cap")
+        assert nwcap("analyze", baseline, "--policy", policy, "--fail-on", "low").code == 0
 
-    def test_missing_file(self, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-        code, _, err = run(capsys, str(tmp_path / "nope.cap"))
+    def test_missing_file(self, tmp_path: Path) -> None:
+        code, _, err = nwcap("analyze", str(tmp_path / "nope.cap"))
         assert code == EXIT_NOINPUT
         assert err.startswith("nwcap: error: cannot open capture")
         assert "Traceback" not in err
 
-    def test_not_a_capture(self, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    def test_not_a_capture(self, tmp_path: Path) -> None:
         bogus = tmp_path / "x.cap"
         bogus.write_text("hello world, this is text")
-        code, _, err = run(capsys, str(bogus))
+        code, _, err = nwcap("analyze", str(bogus))
         assert code == EXIT_DATAERR
         assert "68 65 6c 6c" in err
 
-    def test_bad_local_ip(self, capsys: pytest.CaptureFixture[str]) -> None:
-        with pytest.raises(SystemExit) as info:
-            run(capsys, str(SAMPLES / "baseline.cap"), "--local-ip", "10.0.0.300")
-        assert info.value.code == 2
-        err = capsys.readouterr().err
+    def test_bad_local_ip(self) -> None:
+        code, _, err = nwcap("analyze", str(SAMPLES / "baseline.cap"), "--local-ip", "10.0.0.300")
+        assert code == 2
         assert "'10.0.0.300' is not an IPv4 or IPv6 address" in err

@@ -18,11 +18,12 @@ from typing import Any
 
 import pytest
 from azure.storage.blob import BlobClient
+from clirunner import nwcap
 from conftest import network_watcher_path, udp_capture
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analyzer.cli.main import EXIT_DATAERR, EXIT_NOINPUT, main
+from analyzer.cli.main import EXIT_DATAERR, EXIT_NOINPUT
 from analyzer.pipeline.processing import process_blob
 from analyzer.store.results import TableResultsStore
 from analyzer.web import api
@@ -38,26 +39,17 @@ def capture(tmp_path: Path) -> Path:
     return path
 
 
-def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """``nwcap argv`` in this process: its exit status and what it wrote on stderr."""
-    try:
-        status = main(argv)
-    except SystemExit as exit_:  # argparse's usage errors
-        status = int(exit_.code or 0)
-    return status, capsys.readouterr().err
-
-
 class TestCaptureArguments:
     """A capture that cannot be opened or read is one line of error and a documented status."""
 
-    def test_missing_file(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_missing_file(self, tmp_path: Path) -> None:
         missing = tmp_path / "absent.cap"
-        status, err = run_main(["analyze", str(missing)], capsys)
+        status, _, err = nwcap("analyze", str(missing))
         assert status == EXIT_NOINPUT
         assert err == f"nwcap: error: cannot open capture {missing}: No such file or directory\n"
 
-    def test_directory(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        status, err = run_main(["analyze", str(tmp_path)], capsys)
+    def test_directory(self, tmp_path: Path) -> None:
+        status, _, err = nwcap("analyze", str(tmp_path))
         assert status == EXIT_NOINPUT
         assert err.startswith(f"nwcap: error: cannot open capture {tmp_path}: ")
         assert err.count("\n") == 1
@@ -73,20 +65,20 @@ class TestCaptureArguments:
         ],
     )
     def test_unsupported_format_describes_the_first_bytes(
-        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], data: bytes, described: str
+        self, tmp_path: Path, data: bytes, described: str
     ) -> None:
         path = tmp_path / "odd.cap"
         path.write_bytes(data)
-        status, err = run_main(["analyze", str(path)], capsys)
+        status, _, err = nwcap("analyze", str(path))
         assert status == EXIT_DATAERR
         assert err.startswith("nwcap: error: ")
         assert described in err
         assert err.count("\n") == 1
 
-    def test_header_cut_short(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_header_cut_short(self, tmp_path: Path) -> None:
         path = tmp_path / "short.cap"
         path.write_bytes(udp_capture(PEERS)[:10])
-        status, err = run_main(["analyze", str(path)], capsys)
+        status, _, err = nwcap("analyze", str(path))
         assert status == EXIT_DATAERR
         assert err == "nwcap: error: pcap-le-usec file header is cut short: 10 of 24 bytes\n"
 
@@ -94,9 +86,9 @@ class TestCaptureArguments:
         "value", ["10.0.0.300", "", "10.0.0.0/24", "' or 1 eq 1", "vm-web-01", "1" * 5000]
     )
     def test_bad_local_ip(
-        self, capture: Path, capsys: pytest.CaptureFixture[str], value: str
+        self, capture: Path, value: str
     ) -> None:
-        status, err = run_main(["analyze", str(capture), "--local-ip", value], capsys)
+        status, _, err = nwcap("analyze", str(capture), "--local-ip", value)
         assert status == 2
         assert f"nwcap analyze: error: argument --local-ip: {value!r} is not an IPv4 or " in err
         assert "Traceback" not in err
@@ -106,9 +98,9 @@ class TestCaptureArguments:
                               ("--progress", "sometimes")]
     )
     def test_bad_choices(
-        self, capture: Path, capsys: pytest.CaptureFixture[str], option: str, value: str
+        self, capture: Path, option: str, value: str
     ) -> None:
-        status, err = run_main(["analyze", str(capture), option, value], capsys)
+        status, _, err = nwcap("analyze", str(capture), option, value)
         assert status == 2
         assert f"argument {option}: invalid choice: '{value}'" in err
 
@@ -201,30 +193,28 @@ class TestPolicyFiles:
         ],
     )
     def test_policy(
-        self, tmp_path: Path, capture: Path, capsys: pytest.CaptureFixture[str], text: str,
+        self, tmp_path: Path, capture: Path, text: str,
         field: str,
     ) -> None:
         policy = tmp_path / "policy.yaml"
         policy.write_text(text)
-        status, err = run_main(["analyze", str(capture), "--policy", str(policy)], capsys)
+        status, _, err = nwcap("analyze", str(capture), "--policy", str(policy))
         assert status == EXIT_DATAERR
         assert err.startswith(f"nwcap: error: {field}"), err
 
     def test_binary_policy(
-        self, tmp_path: Path, capture: Path, capsys: pytest.CaptureFixture[str]
+        self, tmp_path: Path, capture: Path
     ) -> None:
         policy = tmp_path / "policy.yaml"
         policy.write_bytes(b"\xff\xfe\x00\x01garbage\x00")
-        status, err = run_main(["analyze", str(capture), "--policy", str(policy)], capsys)
+        status, _, err = nwcap("analyze", str(capture), "--policy", str(policy))
         assert status == EXIT_DATAERR
         assert err.startswith("nwcap: error: policy: ")
 
     def test_missing_policy(
-        self, tmp_path: Path, capture: Path, capsys: pytest.CaptureFixture[str]
+        self, tmp_path: Path, capture: Path
     ) -> None:
-        status, err = run_main(
-            ["analyze", str(capture), "--policy", str(tmp_path / "none.yaml")], capsys
-        )
+        status, _, err = nwcap("analyze", str(capture), "--policy", str(tmp_path / "none.yaml"))
         assert status == EXIT_NOINPUT
         assert err == f"nwcap: error: cannot read policy {tmp_path / 'none.yaml'}: " \
             "No such file or directory\n"
@@ -241,12 +231,12 @@ class TestPolicyFiles:
         ],
     )
     def test_service_tags(
-        self, tmp_path: Path, capture: Path, capsys: pytest.CaptureFixture[str], text: str,
+        self, tmp_path: Path, capture: Path, text: str,
         field: str,
     ) -> None:
         tags = tmp_path / "tags.json"
         tags.write_text(text)
-        status, err = run_main(["analyze", str(capture), "--service-tags", str(tags)], capsys)
+        status, _, err = nwcap("analyze", str(capture), "--service-tags", str(tags))
         assert status == EXIT_DATAERR
         assert err.startswith(f"nwcap: error: {field}"), err
 

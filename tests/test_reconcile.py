@@ -25,6 +25,7 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.data.tables import TableClient, TableServiceClient
 from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient
 from azure.storage.queue import QueueClient
+from clirunner import nwcap
 from conftest import (
     SUBSCRIPTION,
     FailingStore,
@@ -38,7 +39,6 @@ from conftest import (
     undisturbed,
 )
 
-from analyzer.cli import ops_commands
 from analyzer.pipeline import processing
 from analyzer.pipeline.processing import Outcome, process_blob
 from analyzer.pipeline.reconcile import (
@@ -768,46 +768,35 @@ class TestPoisonQueue:
 class TestCommand:
     """``nwcap reconcile`` does the timer's work, records the run, and prints what it did."""
 
-    def _run(self, *argv: str) -> int:
-        import argparse
-
-        parser = argparse.ArgumentParser(prog="nwcap")
-        ops_commands.add_commands(parser.add_subparsers(dest="command", required=True))
-        args = parser.parse_args(argv)
-        return int(args.func(args))
-
     def test_reconcile_and_record(
         self, storage_env: Any, upload: Upload, results_store: TableResultsStore,
-        capsys: pytest.CaptureFixture[str], table_service: TableServiceClient,
+        table_service: TableServiceClient,
     ) -> None:
         upload(network_watcher_path(minute=1), udp_capture(PEERS))
         upload(network_watcher_path("vm-\u202eevil", minute=2), b"garbage" * 30)
-        assert self._run("reconcile", "--stale-after", "0s", "--no-poison") == 1
-        out = capsys.readouterr().out
+        code, out, _ = nwcap("reconcile", "--stale-after", "0s", "--no-poison")
+        assert code == 1
         assert "scanned 2: 0 already complete, 1 processed, 1 failed" in out
         assert "\u202e" not in out  # a bidi override from a blob name is escaped
-        assert self._run("reconcile", "--format", "json", "--no-poison") == 0
-        document = json.loads(capsys.readouterr().out)
+        code, out, _ = nwcap("reconcile", "--format", "json", "--no-poison")
+        assert code == 0
+        document = json.loads(out)
         assert (document["scanned"], document["complete"], document["processed"]) == (2, 2, 0)
         last = RunLog(table_service, prefix=storage_env["NWCAP_TABLE_PREFIX"]).last()
         assert last is not None and (last["scanned"], last["complete"]) == (2, 2)
         table_service.delete_table(storage_env["NWCAP_TABLE_PREFIX"] + "reconcileruns")
 
-    def test_csv_and_bad_arguments(
-        self, storage_env: Any, upload: Upload, capsys: pytest.CaptureFixture[str],
-    ) -> None:
+    def test_csv_and_bad_arguments(self, storage_env: Any, upload: Upload) -> None:
         upload(network_watcher_path(minute=1), b"=HYPERLINK(1)" * 20)
-        assert self._run("reconcile", "--format", "csv", "--stale-after", "0s",
-                         "--no-poison") == 1
-        captured = capsys.readouterr()
-        lines = captured.out.splitlines()
+        code, out, err = nwcap("reconcile", "--format", "csv", "--stale-after", "0s",
+                               "--no-poison")
+        assert code == 1
+        lines = out.splitlines()
         assert lines[0] == "status,reason,age_seconds,capture_id,blob,detail"
         assert lines[1].startswith("failed,new,")
-        assert "processed" in captured.err
-        with pytest.raises(SystemExit):
-            self._run("reconcile", "--since", "forever")
-        with pytest.raises(SystemExit):
-            self._run("reconcile", "--limit", "0")
+        assert "processed" in err
+        assert nwcap("reconcile", "--since", "forever").code == 2
+        assert nwcap("reconcile", "--limit", "0").code == 2
 
 
 def test_missing_run_table_reads_as_no_run(table_service: TableServiceClient) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import azure.functions as func
 import pytest
 from azure.storage.blob import BlobClient
+from clirunner import nwcap
 from conftest import ROOT, network_watcher_path
 
 from analyzer.base.models import (
@@ -37,7 +38,6 @@ from analyzer.base.models import (
     PortCount,
     TcpCounts,
 )
-from analyzer.cli import report_commands
 from analyzer.judge.analysis import analyze
 from analyzer.judge.policy import load_policy
 from analyzer.pipeline.processing import process_blob
@@ -243,14 +243,6 @@ def assert_safe_page(html: str, csp: str) -> None:
     assert "@import" not in html and "url(" not in html
 
 
-def _parser() -> Any:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="nwcap")
-    report_commands.add_commands(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
 # --- the report --------------------------------------------------------------------------------
 
 
@@ -260,10 +252,8 @@ class TestSampleReports:
     @pytest.mark.parametrize("sample", SAMPLES, ids=[s.name for s in SAMPLES])
     def test_every_peer_and_alert(self, sample: Path, tmp_path: Path) -> None:
         out = tmp_path / "report.html"
-        args = _parser().parse_args(
-            ["report", str(sample), "-o", str(out), "--policy", str(ROOT / "samples/policy.yaml")]
-        )
-        assert args.func(args) == 0
+        policy = str(ROOT / "samples/policy.yaml")
+        assert nwcap("report", str(sample), "-o", str(out), "--policy", policy).code == 0
         html = out.read_text("utf-8")
         document = analysis_of(sample)
         rows = table_rows(html, "peers")
@@ -556,32 +546,25 @@ class TestLargeReport:
 class TestReportCommand:
     """`nwcap report` needs exactly one source and explains what it wrote."""
 
-    def test_serve_refuses_other_hosts(self, capsys: pytest.CaptureFixture[str]) -> None:
-        args = _parser().parse_args(["serve", "--host", "0.0.0.0"])  # noqa: S104 - refused
-        assert args.func(args) == 64
-        assert "not a loopback address" in capsys.readouterr().err
+    def test_serve_refuses_other_hosts(self) -> None:
+        code, _, err = nwcap("serve", "--host", "0.0.0.0")  # noqa: S104 - refused
+        assert code == 64
+        assert "not a loopback address" in err
 
-    def test_usage(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        args = _parser().parse_args(["report", "-o", str(tmp_path / "r.html")])
-        assert args.func(args) == 2
-        assert "either a capture file or --capture-id" in capsys.readouterr().err
+    def test_usage(self, tmp_path: Path) -> None:
+        code, _, err = nwcap("report", "-o", str(tmp_path / "r.html"))
+        assert code == 2
+        assert "either a capture file or --capture-id" in err
 
     def test_stored(
         self, stored: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         out = tmp_path / "r.html"
-        args = _parser().parse_args(
-            [
-                "report",
-                "--capture-id",
-                stored["scan"],
-                "-o",
-                str(out),
-                "--table-prefix",
-                stored["prefix"],
-            ]
+        ran = nwcap(
+            "report", "--capture-id", stored["scan"], "-o", str(out),
+            "--table-prefix", stored["prefix"],
         )
-        assert args.func(args) == 0
+        assert ran.code == 0, ran.err
         body = api.get_capture(stored["store"], stored["scan"], {}).body
         rows = table_rows(out.read_text("utf-8"), "peers")
         assert sorted(r[0] for r in rows) == sorted(p["address"] for p in body["peers"])

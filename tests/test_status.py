@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 import uuid
@@ -13,9 +12,9 @@ import pytest
 from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobClient, ContainerClient
 from azure.storage.queue import QueueClient
+from clirunner import nwcap
 from conftest import FailingStore, http_error, network_watcher_path, udp_capture
 
-from analyzer.cli import ops_commands
 from analyzer.pipeline.processing import process_blob
 from analyzer.pipeline.reconcile import ReconcileReport, ReconcileSettings, RunLog
 from analyzer.pipeline.status import status_document
@@ -116,35 +115,29 @@ class TestDocument:
 class TestCommand:
     """``nwcap status`` prints the document and exits 1 when something needs attention."""
 
-    def _run(self, *argv: str) -> int:
-        parser = argparse.ArgumentParser(prog="nwcap")
-        ops_commands.add_commands(parser.add_subparsers(dest="command", required=True))
-        args = parser.parse_args(argv)
-        return int(args.func(args))
-
     def test_table_and_json(
         self, storage_env: Any, upload: Upload, results_store: TableResultsStore,
-        capsys: pytest.CaptureFixture[str],
     ) -> None:
         upload(network_watcher_path("vm-\u202eevil"), udp_capture(PEERS))
-        assert self._run("status") == 1
-        out = capsys.readouterr().out
+        code, out, _ = nwcap("status")
+        assert code == 1
         assert "blobs not processed yet" in out and "ATTENTION" in out
         assert "\u202e" not in out
-        assert self._run("status", "--format", "json") == 1
-        document = json.loads(capsys.readouterr().out)
+        code, out, _ = nwcap("status", "--format", "json")
+        assert code == 1
+        document = json.loads(out)
         assert document["pending"]["by_reason"] == {"new": 1}
-        assert self._run("status", "--format", "csv") == 1
-        assert capsys.readouterr().out.splitlines()[0] == "what,value"
+        code, out, _ = nwcap("status", "--format", "csv")
+        assert code == 1
+        assert out.splitlines()[0] == "what,value"
 
-    def test_unconfigured(
-        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-    ) -> None:
+    def test_unconfigured(self, monkeypatch: pytest.MonkeyPatch) -> None:
         for setting in ("RESULTS_CONNECTION", "CAPTURES_CONNECTION"):
             monkeypatch.delenv(setting, raising=False)
             monkeypatch.delenv(f"AzureWebJobs{setting}", raising=False)
-        assert self._run("status") == 2
-        assert "error" in capsys.readouterr().err
+        code, _, err = nwcap("status")
+        assert code == 2
+        assert "error" in err
 
 
 class TestRunRecords:

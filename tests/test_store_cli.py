@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -15,10 +14,11 @@ from typing import Any
 import pytest
 from azure.identity import ManagedIdentityCredential
 from azure.storage.blob import BlobServiceClient, ContainerClient
+from clirunner import nwcap
 from conftest import ROOT, network_watcher_path, udp_capture
 
 from analyzer.cli import store_commands
-from analyzer.cli.store_commands import ProgressBar, add_commands
+from analyzer.cli.store_commands import ProgressBar
 from analyzer.pipeline.processing import Outcome
 from analyzer.store.blobpath import parse_capture_path
 from analyzer.store.connections import (
@@ -34,24 +34,10 @@ PEERS = {"20.0.0.1": (3, 2), "20.0.0.2": (1, 0), "2001:db8::7": (0, 4)}
 FIRST = {"20.0.0.1": (1, 1), "20.0.0.5": (1, 1)}
 
 
-def run(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="nwcap")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-def output(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = run(*argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.fixture
 def backfilled(
     storage_env: Mapping[str, str],
     captures_container: ContainerClient,
-    capsys: pytest.CaptureFixture[str],
 ) -> dict[str, str]:
     """Two good captures of one VM and a broken one of another, processed by `nwcap process`."""
     names = {
@@ -63,7 +49,7 @@ def backfilled(
     captures_container.upload_blob(names["second"], udp_capture(PEERS))
     captures_container.upload_blob(names["broken"], b"no capture here" * 8)
     captures_container.upload_blob("subscriptions/readme.txt", b"not a capture")
-    code, out, err = output(capsys, "process", "--format", "json")
+    code, out, err = nwcap("process", "--format", "json")
     assert code == 1  # the broken capture failed
     outcomes = {o["blob"].split("/", 1)[1]: o["status"] for o in json.loads(out)["outcomes"]}
     assert outcomes == {
@@ -80,9 +66,9 @@ class TestProcess:
     """Backfill processes every capture once, skips what is done, and re-runs on --force."""
 
     def test_second_run_skips(
-        self, backfilled: dict[str, str], capsys: pytest.CaptureFixture[str]
+        self, backfilled: dict[str, str]
     ) -> None:
-        code, out, err = output(capsys, "process", "--format", "csv")
+        code, out, err = nwcap("process", "--format", "csv")
         rows = list(csv.DictReader(io.StringIO(out)))
         assert code == 0
         assert sorted(row["status"] for row in rows) == ["skipped", "skipped", "skipped"]
@@ -92,10 +78,9 @@ class TestProcess:
         self,
         backfilled: dict[str, str],
         results_store: TableResultsStore,
-        capsys: pytest.CaptureFixture[str],
     ) -> None:
         prefix = network_watcher_path("vm-a").rsplit("/", 4)[0]
-        code, out, _ = output(capsys, "process", "--prefix", prefix, "--force", "--format", "json")
+        code, out, _ = nwcap("process", "--prefix", prefix, "--force", "--format", "json")
         assert code == 0
         statuses = sorted(o["status"] for o in json.loads(out)["outcomes"])
         assert statuses == ["complete", "complete"]
@@ -111,11 +96,10 @@ class TestProcess:
         storage_env: Mapping[str, str],
         captures_container: ContainerClient,
         results_store: TableResultsStore,
-        capsys: pytest.CaptureFixture[str],
     ) -> None:
         name = network_watcher_path("vm-z")
         blob = captures_container.upload_blob(name, udp_capture(PEERS))
-        code, out, _ = output(capsys, "process", blob.url, "--format", "json")
+        code, out, _ = nwcap("process", blob.url, "--format", "json")
         assert code == 0
         [outcome] = json.loads(out)["outcomes"]
         assert outcome["status"] == "complete"
@@ -127,16 +111,15 @@ class TestProcess:
         captures_container: ContainerClient,
         results_store: TableResultsStore,
         tmp_path: Path,
-        capsys: pytest.CaptureFixture[str],
     ) -> None:
         policy = tmp_path / "policy.yaml"
         policy.write_text("vnet_ranges: [10.0.0.0/16]\n")
         captures_container.upload_blob(network_watcher_path(), udp_capture(PEERS))
-        assert run("process", "--policy", str(policy)) == 0
+        assert nwcap("process", "--policy", str(policy)).code == 0
         [capture] = results_store.list_captures().items
         assert capture["policy_version"] not in ("", "default")
         policy.write_text("vnet_ranges: [not a network]\n")
-        code, _, err = output(capsys, "process", "--policy", str(policy), "--force")
+        code, _, err = nwcap("process", "--policy", str(policy), "--force")
         assert code == 65
         assert "vnet_ranges" in err
 
@@ -145,9 +128,9 @@ class TestQueries:
     """captures, show, alerts and who-talked-to print what is stored, in three formats."""
 
     def test_captures_table(
-        self, backfilled: dict[str, str], capsys: pytest.CaptureFixture[str]
+        self, backfilled: dict[str, str]
     ) -> None:
-        code, out, _ = output(capsys, "captures", "--vm", "vm-a")
+        code, out, _ = nwcap("captures", "--vm", "vm-a")
         lines = out.splitlines()
         assert code == 0
         assert lines[0].split() == [
@@ -165,46 +148,46 @@ class TestQueries:
         )
 
     def test_captures_json_and_paging(
-        self, backfilled: dict[str, str], capsys: pytest.CaptureFixture[str]
+        self, backfilled: dict[str, str]
     ) -> None:
-        code, out, _ = output(capsys, "captures", "--limit", "2", "--format", "json")
+        code, out, _ = nwcap("captures", "--limit", "2", "--format", "json")
         page = json.loads(out)
         assert code == 0 and len(page["captures"]) == 2 and page["continuation"]
-        code, out, _ = output(
-            capsys, "captures", "--format", "json", "--continuation", page["continuation"]
+        code, out, _ = nwcap(
+            "captures", "--format", "json", "--continuation", page["continuation"]
         )
         rest = json.loads(out)
         ids = {c["capture_id"] for c in page["captures"] + rest["captures"]}
         assert ids == set(backfilled.values())
-        code, out, err = output(capsys, "captures", "--limit", "1")
+        code, out, err = nwcap("captures", "--limit", "1")
         assert code == 0 and len(out.splitlines()) == 2
         assert "(more: --continuation " in err
 
-    def test_show(self, backfilled: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
-        code, out, _ = output(capsys, "show", backfilled["second"], "--format", "json")
+    def test_show(self, backfilled: dict[str, str]) -> None:
+        code, out, _ = nwcap("show", backfilled["second"], "--format", "json")
         document = json.loads(out)
         assert code == 0
         assert document["capture"]["status"] == "complete"
         assert {p["address"] for p in document["peers"]} == set(PEERS)
-        code, out, _ = output(capsys, "show", backfilled["second"])
+        code, out, _ = nwcap("show", backfilled["second"])
         assert code == 0
         assert ["capture_id", backfilled["second"]] in [line.split() for line in out.splitlines()]
         assert "peers (3)" in out
-        code, out, _ = output(capsys, "show", backfilled["second"], "--format", "csv")
+        code, out, _ = nwcap("show", backfilled["second"], "--format", "csv")
         rows = list(csv.DictReader(io.StringIO(out)))
         assert {row["address"] for row in rows} == set(PEERS)
         assert {json.loads(row["local_addresses"])[0] for row in rows} == {"10.0.0.4", "fd00::4"}
 
     def test_show_failed_capture(
-        self, backfilled: dict[str, str], capsys: pytest.CaptureFixture[str]
+        self, backfilled: dict[str, str]
     ) -> None:
-        code, out, _ = output(capsys, "show", backfilled["broken"], "--format", "json")
+        code, out, _ = nwcap("show", backfilled["broken"], "--format", "json")
         capture = json.loads(out)["capture"]
         assert code == 0
         assert (capture["status"], capture["error_type"]) == ("failed", "UnsupportedFormatError")
 
-    def test_alerts(self, backfilled: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
-        code, out, _ = output(capsys, "alerts", "--vm", "vm-a", "--format", "csv")
+    def test_alerts(self, backfilled: dict[str, str]) -> None:
+        code, out, _ = nwcap("alerts", "--vm", "vm-a", "--format", "csv")
         rows = list(csv.DictReader(io.StringIO(out)))
         assert code == 0
         assert {row["capture_id"] for row in rows} <= {backfilled["first"], backfilled["second"]}
@@ -212,13 +195,13 @@ class TestQueries:
             "20.0.0.2",
             "2001:db8::7",
         ]
-        code, out, _ = output(capsys, "alerts", "--severity", "high", "--format", "json")
+        code, out, _ = nwcap("alerts", "--severity", "high", "--format", "json")
         assert all(a["severity"] == "high" for a in json.loads(out)["alerts"])
 
     def test_who_talked_to(
-        self, backfilled: dict[str, str], capsys: pytest.CaptureFixture[str]
+        self, backfilled: dict[str, str]
     ) -> None:
-        code, out, _ = output(capsys, "who-talked-to", "20.0.0.1", "--format", "json")
+        code, out, _ = nwcap("who-talked-to", "20.0.0.1", "--format", "json")
         sightings = json.loads(out)["sightings"]
         assert code == 0
         assert sorted(s["capture_id"] for s in sightings) == sorted(
@@ -238,20 +221,19 @@ class TestQueries:
     def test_bad_arguments(
         self,
         storage_env: Mapping[str, str],
-        capsys: pytest.CaptureFixture[str],
         argv: tuple[str, ...],
         message: str,
     ) -> None:
-        code, _, err = output(capsys, *argv)
+        code, _, err = nwcap(*argv)
         assert code == 2
         assert message in err
 
     def test_missing_connection(
-        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+        self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         for name in ("RESULTS_CONNECTION", "CAPTURES_CONNECTION"):
             monkeypatch.delenv(name, raising=False)
-        code, _, err = output(capsys, "captures")
+        code, _, err = nwcap("captures")
         assert code == 2
         assert "RESULTS_CONNECTION" in err and "UseDevelopmentStorage=true" in err
 
@@ -312,7 +294,7 @@ def many_peers(storage_env: Mapping[str, str], captures_container: ContainerClie
     """A stored capture of 23 peers, every one new to its VM (23 new-peer alerts)."""
     captures_container.upload_blob(network_watcher_path("vm-m", minute=1), udp_capture(FIRST))
     captures_container.upload_blob(network_watcher_path("vm-m", minute=2), udp_capture(MANY))
-    assert run("process") == 0
+    assert nwcap("process").code == 0
     location = parse_capture_path(
         captures_container.container_name, network_watcher_path("vm-m", minute=2)
     )
@@ -341,9 +323,8 @@ class TestShowReadsPages:
         self,
         many_peers: str,
         page_calls: list[dict[str, str]],
-        capsys: pytest.CaptureFixture[str],
     ) -> None:
-        code, out, _ = output(capsys, "show", many_peers)
+        code, out, _ = nwcap("show", many_peers)
         assert code == 0
         peers = out[out.index("peers (23)") : out.index("\nalerts (")].splitlines()[2:]
         assert sorted(line.split()[0] for line in peers) == sorted(MANY)
@@ -358,9 +339,8 @@ class TestShowReadsPages:
         self,
         many_peers: str,
         page_calls: list[dict[str, str]],
-        capsys: pytest.CaptureFixture[str],
     ) -> None:
-        code, out, _ = output(capsys, "show", many_peers, "--format", "json")
+        code, out, _ = nwcap("show", many_peers, "--format", "json")
         document = json.loads(out)
         assert code == 0 and set(document) == {"capture", "peers", "alerts"}
         assert sorted(p["address"] for p in document["peers"]) == sorted(MANY)
@@ -371,9 +351,8 @@ class TestShowReadsPages:
         self,
         many_peers: str,
         page_calls: list[dict[str, str]],
-        capsys: pytest.CaptureFixture[str],
     ) -> None:
-        code, out, _ = output(capsys, "show", many_peers, "--format", "csv")
+        code, out, _ = nwcap("show", many_peers, "--format", "csv")
         rows = list(csv.DictReader(io.StringIO(out)))
         assert code == 0
         assert sorted(row["address"] for row in rows) == sorted(MANY)
@@ -384,7 +363,6 @@ class TestShowReadsPages:
         many_peers: str,
         results_store: TableResultsStore,
         monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str],
     ) -> None:
         real = api.get_capture
 
@@ -395,7 +373,7 @@ class TestShowReadsPages:
 
         monkeypatch.setattr(store_commands, "MAX_PAGE", 4)
         monkeypatch.setattr(api, "get_capture", vanishing)
-        code, _, err = output(capsys, "show", many_peers, "--format", "csv")
+        code, _, err = nwcap("show", many_peers, "--format", "csv")
         assert code == 1
         assert err == f"nwcap: error: no capture {many_peers}\n"
 
@@ -407,13 +385,12 @@ class TestHostileText:
         self,
         storage_env: Mapping[str, str],
         captures_container: ContainerClient,
-        capsys: pytest.CaptureFixture[str],
     ) -> None:
         # Blob names are XML in listings, so no C0 controls: format characters are enough to
         # reorder what the terminal shows ("evil<RLO>pac.exe" reads "evilexe.cap").
         name = "manual/evil\u202epac.exe\u2066\u200b.cap"
         captures_container.upload_blob(name, b"not a capture at all" * 4)
-        code, out, err = output(capsys, "process", "--format", "table")
+        code, out, err = nwcap("process", "--format", "table")
         assert code == 1  # the blob failed
         # What this command prints (processing's own log records are cli.py's to format).
         [progress] = [line for line in err.splitlines() if line.startswith("[1/1]")]
@@ -426,13 +403,12 @@ class TestHostileText:
         self,
         storage_env: Mapping[str, str],
         captures_container: ContainerClient,
-        capsys: pytest.CaptureFixture[str],
     ) -> None:
         # A resource group name may hold '-', '(' and ')': "-2-3(1)" is a formula to a spreadsheet.
         name = network_watcher_path("vm-f").replace("/demo-rg/", "/-2-3(1)/")
         captures_container.upload_blob(name, udp_capture(PEERS))
-        assert output(capsys, "process")[0] == 0
-        code, out, _ = output(capsys, "who-talked-to", "20.0.0.1", "--format", "csv")
+        assert nwcap("process")[0] == 0
+        code, out, _ = nwcap("who-talked-to", "20.0.0.1", "--format", "csv")
         [row] = list(csv.DictReader(io.StringIO(out)))
         assert code == 0
         assert row["resource_group"] == "'-2-3(1)"
@@ -463,10 +439,9 @@ class TestTimeParameters:
     def test_bad_time(
         self,
         storage_env: Mapping[str, str],
-        capsys: pytest.CaptureFixture[str],
         argv: tuple[str, ...],
     ) -> None:
-        code, out, err = output(capsys, *argv)
+        code, out, err = nwcap(*argv)
         assert code == 2 and out == ""
         assert err.startswith(f"nwcap: {argv[-2].lstrip('-')}: ")
         assert "Traceback" not in err and len(err) < 300
@@ -557,11 +532,10 @@ class TestCredentialsStayHome:
         storage_env: Mapping[str, str],
         captures_container: ContainerClient,
         results_store: TableResultsStore,
-        capsys: pytest.CaptureFixture[str],
     ) -> None:
         blob = captures_container.upload_blob(network_watcher_path("vm-u"), udp_capture(PEERS))
         elsewhere = blob.url.replace("127.0.0.1", "localhost")
-        code, out, err = output(capsys, "process", elsewhere)
+        code, out, err = nwcap("process", elsewhere)
         assert code == 2 and out == ""
         assert err.startswith(
             "nwcap: error: refusing to send the credential of connection "
@@ -569,5 +543,5 @@ class TestCredentialsStayHome:
         )
         assert results_store.list_captures().items == []
         policy = "https://attacker.example/policies/policy.yaml"
-        code, _, err = output(capsys, "process", "--policy", policy)
+        code, _, err = nwcap("process", "--policy", policy)
         assert code == 2 and "'https://attacker.example'" in err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import gzip
 import io
@@ -15,9 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from clirunner import nwcap
 
 from analyzer.base.errors import CorruptCaptureError, UnsupportedFormatError
 from analyzer.cli import sweep
+from analyzer.cli.exits import EXIT_NOINPUT
 from analyzer.cli.sweep import FileResult, SweepReport, reason_kind
 from nwcap_testing import synth
 
@@ -26,14 +27,6 @@ CORPUS = Path(
 )
 needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"corpus not found at {CORPUS}")
 PCAP_HEADER = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)
-
-
-def run_command(argv: Sequence[str]) -> int:
-    """Parse ``argv`` as the ``nwcap`` parser would once ``sweep`` is added, and run it."""
-    parser = argparse.ArgumentParser(prog="nwcap")
-    sweep.add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
 
 
 def small_pcap(peers: int = 3) -> bytes:
@@ -221,59 +214,54 @@ class TestRealInputs:
 class TestCommand:
     """``nwcap sweep DIR`` prints one line and fails only on crashes and hangs."""
 
-    def test_clean_tree_exits_zero_with_one_line(
-        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-    ) -> None:
+    def test_clean_tree_exits_zero_with_one_line(self, tmp_path: Path) -> None:
         (tmp_path / "a.cap").write_bytes(small_pcap())
         (tmp_path / "b.txt").write_text("hello")
-        assert run_command(["sweep", str(tmp_path), "--jobs", "2"]) == 0
-        out = capsys.readouterr().out
+        code, out, _ = nwcap("sweep", str(tmp_path), "--jobs", "2")
+        assert code == 0
         assert out.count("\n") == 1
         figures = ": 1 ok, 0 partial, 1 rejected (unsupported capture format 1), 0 crashed, 0 hung;"
         assert figures in out
 
-    def test_hang_exits_one_and_names_the_file(
-        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-    ) -> None:
+    def test_hang_exits_one_and_names_the_file(self, tmp_path: Path) -> None:
         (tmp_path / "bomb.gz").write_bytes(decompression_bomb())
-        assert run_command(["sweep", str(tmp_path), "--timeout", "0.5"]) == sweep.EXIT_FAILED
-        lines = capsys.readouterr().out.splitlines()
+        code, out, _ = nwcap("sweep", str(tmp_path), "--timeout", "0.5")
+        assert code == sweep.EXIT_FAILED
+        lines = out.splitlines()
         assert len(lines) == 2
         assert lines[0].endswith(", 1 hung; slowest bomb.gz " + lines[0].rsplit(" ", 1)[1])
         assert lines[1] == "hung: bomb.gz: timeout 0.5s: killed after 0.5s"
 
-    def test_json(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_json(self, tmp_path: Path) -> None:
         capture = small_pcap()
         (tmp_path / "a.cap").write_bytes(capture)
         (tmp_path / "b.cap").write_bytes(capture[:30])
-        assert run_command(["sweep", str(tmp_path), "--format", "json"]) == 0
-        document = json.loads(capsys.readouterr().out)
+        code, out, _ = nwcap("sweep", str(tmp_path), "--format", "json")
+        assert code == 0
+        document = json.loads(out)
         assert document["counts"] == {"ok": 1, "partial": 1, "rejected": 0, "crashed": 0,
                                       "hung": 0}
         assert [r["path"] for r in document["results"]] == ["a.cap", "b.cap"]
         assert document["results"][1]["detail"].startswith("truncated record header at byte 24")
 
-    def test_single_file(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_single_file(self, tmp_path: Path) -> None:
         (tmp_path / "a.cap").write_bytes(small_pcap())
-        assert run_command(["sweep", str(tmp_path / "a.cap")]) == 0
-        assert "swept 1 files" in capsys.readouterr().out
+        code, out, _ = nwcap("sweep", str(tmp_path / "a.cap"))
+        assert code == 0
+        assert "swept 1 files" in out
 
     def test_missing_directory_is_an_input_error(self, tmp_path: Path) -> None:
-        from analyzer.cli.exits import InputError
-
-        with pytest.raises(InputError, match="no such file or directory"):
-            run_command(["sweep", str(tmp_path / "absent")])
+        code, _, err = nwcap("sweep", str(tmp_path / "absent"))
+        assert code == EXIT_NOINPUT
+        assert err.startswith("nwcap: error: ") and "no such file or directory" in err
 
     @pytest.mark.parametrize(
         ("option", "value"), [("--timeout", "0"), ("--timeout", "soon"), ("--jobs", "0")]
     )
-    def test_bad_limits_are_usage_errors(
-        self, tmp_path: Path, option: str, value: str, capsys: pytest.CaptureFixture[str]
-    ) -> None:
-        with pytest.raises(SystemExit) as exit_info:
-            run_command(["sweep", str(tmp_path), option, value])
-        assert exit_info.value.code == 2
-        assert f"argument {option}: " in capsys.readouterr().err
+    def test_bad_limits_are_usage_errors(self, tmp_path: Path, option: str, value: str) -> None:
+        code, _, err = nwcap("sweep", str(tmp_path), option, value)
+        assert code == 2
+        assert f"argument {option}: " in err
 
 
 def manifest() -> list[dict[str, str]]:
@@ -284,11 +272,8 @@ def manifest() -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def document() -> dict[str, object]:
     """``nwcap sweep CORPUS --jobs 2 --format json``: its JSON, and its exit status added."""
-    out = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("sys.stdout", out)
-        status = run_command(["sweep", str(CORPUS), "--jobs", "2", "--format", "json"])
-    parsed: dict[str, object] = json.loads(out.getvalue())
+    status, out, _ = nwcap("sweep", str(CORPUS), "--jobs", "2", "--format", "json")
+    parsed: dict[str, object] = json.loads(out)
     parsed["exit_status"] = status
     return parsed
 
