@@ -46,12 +46,9 @@ needs_compiled = pytest.mark.skipif(
 
 @contextmanager
 def pure_python() -> Iterator[None]:
-    saved = engine.compiled_walk
-    engine.compiled_walk = lambda: None
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NWCAP_PURE_PYTHON", "1")  # every compiled_walk() call reads it
         yield
-    finally:
-        engine.compiled_walk = saved
 
 
 def output(data: bytes, budget: Budget | None = None) -> str:
@@ -187,8 +184,9 @@ def capture(frames: list[synth.Packet], **options: object) -> bytes:
 def test_constructed_captures(
     seed: int, options: dict[str, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(engine, "MAX_FLOWS", 40)  # fold in the middle of the walk
-    monkeypatch.setattr(engine, "CHUNK_SIZE", 3000)  # records across chunk edges
+    monkeypatch.setattr("analyzer.capture.flows.MAX_FLOWS", 40)  # fold in the middle of the walk
+    monkeypatch.setattr("analyzer.capture.walk.MAX_FLOWS", 40)
+    monkeypatch.setattr("analyzer.capture.walk.CHUNK_SIZE", 3000)  # records across chunk edges
     rng = random.Random(seed)  # noqa: S311 - reproducible test data
     data = capture(mixed_frames(rng, 1500), **options)
     compiled, python = both(data)
@@ -199,7 +197,7 @@ def test_constructed_captures(
 @needs_compiled
 @pytest.mark.parametrize("max_packets", [1, 2, 777, 1499, 1500, 1501])
 def test_packet_budget(max_packets: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "CHUNK_SIZE", 5000)
+    monkeypatch.setattr("analyzer.capture.walk.CHUNK_SIZE", 5000)
     data = capture(mixed_frames(random.Random(1), 1500))  # noqa: S311 - test data
     compiled, python = both(data, Budget(max_packets=max_packets))
     assert f'"packets": {min(max_packets, 1500)}' in compiled
@@ -243,7 +241,8 @@ def test_corpus() -> None:
 def test_scans_and_the_peer_cap(max_peers: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A port scan past the ports tracked per pair, answered in part, and sources past the
     peer cap: the port-table overflow, TCP attempts and folding into prefixes."""
-    monkeypatch.setattr(engine, "MAX_FLOWS", 500)
+    monkeypatch.setattr("analyzer.capture.flows.MAX_FLOWS", 500)
+    monkeypatch.setattr("analyzer.capture.walk.MAX_FLOWS", 500)
     scanner = "203.0.113.9"
     frames: list[synth.Packet] = []
     ts = T0

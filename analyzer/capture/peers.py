@@ -1,0 +1,235 @@
+"""The summary: address pairs merged into the VM's peers, and the capture's figures."""
+
+from __future__ import annotations
+
+import ipaddress
+import operator
+from array import array
+
+from analyzer.base.models import (
+    BudgetLimit,
+    CaptureInfo,
+    Conversation,
+    Peer,
+    PeerName,
+    PortCount,
+    Summary,
+    TcpCounts,
+)
+from analyzer.capture.flows import Accumulator
+from analyzer.capture.local_addresses import infer_local_addresses
+from analyzer.capture.pairs import PORTS_KEPT, Pair, merge_counts, rescale
+
+OPENED_PORTS_KEPT = 32
+
+
+def build_summary(
+    acc: Accumulator,
+    capture_format: str,
+    link_types: tuple[int, ...],
+    warnings: list[str],
+    given_local: tuple[bytes, ...] | None,
+    budget_exhausted: BudgetLimit | None = None,
+) -> Summary:
+    """The summary of ``acc`` once folded: conversations, the VM's peers and folded groups."""
+    pairs = acc.pairs
+    local = (
+        given_local
+        if given_local is not None
+        else infer_local_addresses(pairs, acc.folded_counterparts)
+    )
+    local_set = set(local)
+    conversations = tuple(
+        Conversation(
+            a=_text(a),
+            b=_text(b),
+            packets_a_to_b=pair.packets[0],
+            packets_b_to_a=pair.packets[1],
+            bytes_a_to_b=pair.bytes[0],
+            bytes_b_to_a=pair.bytes[1],
+            first_seen=pair.first,
+            last_seen=pair.last,
+        )
+        for (a, b), pair in sorted(pairs.items(), key=lambda item: (len(item[0][0]), item[0]))
+    )
+    names = acc.names.names_by_address()
+    # The pairs of each remote address, found first; each peer is then built from its pairs
+    # and the pairs dropped, so that only one peer's builder is alive at a time (a capture of
+    # 20,000 peers otherwise held every builder and every pair at once).
+    by_remote: dict[bytes, list[tuple[tuple[bytes, bytes], int]]] = {}
+    for a, b in pairs:
+        if a in local_set:
+            if b in local_set:
+                continue
+            local_side, remote = 0, b
+        elif b in local_set:
+            local_side, remote = 1, a
+        else:
+            continue
+        members = by_remote.get(remote)
+        if members is None:
+            by_remote[remote] = [((a, b), local_side)]
+        else:
+            members.append(((a, b), local_side))
+    folded = acc.folded.build()
+    lasts = [p.last for p in pairs.values()]
+    buckets = 0
+    if acc.activity_start is not None and lasts:
+        buckets = acc.bucket(int(max(lasts))) + 1
+    shift = acc.activity_shift
+    firsts = [p.first for p in pairs.values()]
+    firsts.extend(group.first_seen for group in folded)
+    lasts.extend(group.last_seen for group in folded)
+
+    def build_peer(remote: bytes, members: list[tuple[tuple[bytes, bytes], int]]) -> Peer:
+        builder = _PeerBuilder(remote)
+        for pair_key, local_side in members:
+            builder.add(pairs.pop(pair_key), local_side, pair_key[local_side])
+        return builder.build(names.get(remote, ()), buckets, shift)
+
+    peers = sorted(
+        (build_peer(remote, members) for remote, members in by_remote.items()),
+        key=lambda peer: (-peer.bytes, peer.address),
+    )
+    del by_remote
+    fps = acc.frac_per_second
+    if acc.first is not None and acc.last is not None:
+        firsts.append(acc.first[0] + acc.first[1] / fps)
+        lasts.append(acc.last[0] + acc.last[1] / fps)
+    capture = CaptureInfo(
+        format=capture_format,
+        link_types=link_types,
+        packets=acc.ip_packets - acc.inner_packets + acc.other_frames,
+        bytes=acc.ip_bytes - acc.inner_bytes + acc.other_bytes,
+        first_seen=min(firsts) if firsts else None,
+        last_seen=max(lasts) if lasts else None,
+        local_addresses=tuple(_text(a) for a in local),
+        local_addresses_inferred=given_local is None,
+        complete=not warnings,
+        warnings=tuple(warnings),
+        ip_packets=acc.ip_packets - acc.inner_packets,
+        non_ip=dict(sorted(acc.non_ip.items())),
+        undecodable=dict(sorted(acc.undecodable.items())),
+        malformed_dns=acc.names.malformed_dns,
+        budget_exhausted=budget_exhausted,
+        folded_peers=sum(group.peers_estimate for group in folded),
+        folded_packets=sum(group.packets for group in folded),
+        folded_bytes=sum(group.bytes for group in folded),
+        activity_start=float(acc.activity_start or 0) if buckets else None,
+        activity_bucket_seconds=float(1 << shift) if buckets else 0.0,
+    )
+    return Summary(capture=capture, conversations=conversations, peers=tuple(peers), folded=folded)
+
+
+class _PeerBuilder:
+    """Merges the address pairs between one remote address and the VM's addresses."""
+
+    def __init__(self, remote: bytes) -> None:
+        self.remote = remote
+        self.locals: list[bytes] = []
+        self.sent = [0, 0]  # packets, bytes the peer sent
+        self.received = [0, 0]
+        self.first = float("inf")
+        self.last = float("-inf")
+        self.protocols: dict[str, int] = {}
+        self.ports: dict[tuple[bool, str], dict[int, list[int]]] = {}
+        self.overflow: dict[tuple[bool, str], int] = {}
+        self.tcp = [0] * 6
+        self.opened: list[dict[int, int]] = [{}, {}]  # by peer (local ports), by local
+        self.icmp: dict[str, int] = {}
+        self.activity: list[tuple[array[int], int]] = []  # the pairs' histograms and shifts
+
+    def add(self, pair: Pair, local_side: int, local: bytes) -> None:
+        remote_side = 1 - local_side
+        if local not in self.locals:
+            self.locals.append(local)
+        self.sent[0] += pair.packets[remote_side]
+        self.sent[1] += pair.bytes[remote_side]
+        self.received[0] += pair.packets[local_side]
+        self.received[1] += pair.bytes[local_side]
+        self.first = min(self.first, pair.first)
+        self.last = max(self.last, pair.last)
+        merge_counts(self.protocols, pair.protocols)
+        merge_counts(self.icmp, pair.icmp)
+        for (side, proto), table in pair.ports.items():
+            is_remote = side == remote_side
+            target = self.ports.setdefault((is_remote, proto), {})
+            for port, (packets, nbytes) in table.ports.items():
+                entry = target.setdefault(port, [0, 0])
+                entry[0] += packets
+                entry[1] += nbytes
+            self.overflow[(is_remote, proto)] = (
+                self.overflow.get((is_remote, proto), 0) + table.overflow_distinct()
+            )
+        peer_counts, local_counts = pair.tcp[remote_side], pair.tcp[local_side]
+        self.tcp[0] += peer_counts[0]
+        self.tcp[1] += local_counts[0]
+        self.tcp[2] += peer_counts[1]
+        self.tcp[3] += local_counts[1]
+        self.tcp[4] += peer_counts[2]
+        self.tcp[5] += local_counts[2]
+        merge_counts(self.opened[0], pair.opened_ports[remote_side])
+        merge_counts(self.opened[1], pair.opened_ports[local_side])
+        if pair.activity is not None:
+            self.activity.append((pair.activity, pair.activity_shift))
+
+    def build(self, names: tuple[PeerName, ...], buckets: int = 0, shift: int = 0) -> Peer:
+        """The peer, with an activity histogram of ``buckets`` buckets of 2**shift seconds."""
+        activity: list[int] = []
+        for histogram, pair_shift in self.activity:
+            widened = list(histogram)
+            if pair_shift < shift:
+                rescale(widened, shift - pair_shift)
+            activity = list(map(operator.add, activity, widened)) if activity else widened
+        remote_ports, other_remote = self._top_ports(is_remote=True)
+        local_ports, other_local = self._top_ports(is_remote=False)
+        return Peer(
+            address=_text(self.remote),
+            local_addresses=tuple(_text(a) for a in self.locals),
+            packets_sent=self.sent[0],
+            packets_received=self.received[0],
+            bytes_sent=self.sent[1],
+            bytes_received=self.received[1],
+            first_seen=self.first,
+            last_seen=self.last,
+            protocols=dict(sorted(self.protocols.items(), key=lambda kv: (-kv[1], kv[0]))),
+            remote_ports=remote_ports,
+            local_ports=local_ports,
+            other_remote_ports=other_remote,
+            other_local_ports=other_local,
+            tcp=TcpCounts(
+                opened_by_peer=self.tcp[0],
+                opened_by_local=self.tcp[1],
+                unanswered_from_peer=self.tcp[2],
+                unanswered_from_local=self.tcp[3],
+                reset_from_peer=self.tcp[4],
+                reset_from_local=self.tcp[5],
+                ports_opened_by_peer=_top_counts(self.opened[0]),
+                ports_opened_by_local=_top_counts(self.opened[1]),
+            ),
+            icmp_types=dict(sorted(self.icmp.items())),
+            activity=tuple(activity[:buckets]),
+            names=names,
+        )
+
+    def _top_ports(self, *, is_remote: bool) -> tuple[tuple[PortCount, ...], int]:
+        ranked: list[PortCount] = []
+        overflow = 0
+        for (remote, proto), table in self.ports.items():
+            if remote != is_remote:
+                continue
+            overflow += self.overflow.get((remote, proto), 0)
+            ranked.extend(PortCount(proto, port, c[0], c[1]) for port, c in table.items())
+        ranked.sort(key=lambda p: (-p.packets, -p.bytes, p.protocol, p.port))
+        return tuple(ranked[:PORTS_KEPT]), max(0, len(ranked) - PORTS_KEPT) + overflow
+
+
+def _text(address: bytes) -> str:
+    if len(address) == 4:  # what str(IPv4Address) gives, at a tenth of the cost
+        return "%d.%d.%d.%d" % tuple(address)  # noqa: UP031 - the fastest here
+    return str(ipaddress.ip_address(address))
+
+
+def _top_counts(counts: dict[int, int]) -> dict[int, int]:
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:OPENED_PORTS_KEPT]
+    return dict(ranked)
