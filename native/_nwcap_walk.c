@@ -13,7 +13,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define WALK_ABI 3
+#define WALK_ABI 4
 #define FAST_SIZE 64 /* record header + the frame bytes the fast test reads (Python's struct) */
 
 /* Attribute names, interned once: PyObject_GetAttrString would make a new string per call,
@@ -163,32 +163,33 @@ done:
     return packets;
 }
 
-/* acc.inspect_tcp(key, dst, seq, buf[start:end], sport) */
+/* acc.inspect_tcp(key, dst, seq, buf[start:end], sport, sec) */
 static int
 inspect(Walk *w, PyObject *key, const unsigned char *dst, Py_ssize_t alen, uint32_t seq,
-        const unsigned char *buf, Py_ssize_t start, Py_ssize_t end, unsigned sport)
+        const unsigned char *buf, Py_ssize_t start, Py_ssize_t end, unsigned sport, uint32_t sec)
 {
     PyObject *payload = NULL, *result = NULL;
     PyObject *pdst = PyBytes_FromStringAndSize((const char *)dst, alen);
     if (pdst != NULL)
         payload = PyBytes_FromStringAndSize((const char *)buf + start, end - start);
     if (payload != NULL)
-        result = PyObject_CallFunction(w->inspect_tcp, "OOkOI", key, pdst, (unsigned long)seq,
-                                       payload, sport);
+        result = PyObject_CallFunction(w->inspect_tcp, "OOkOIk", key, pdst, (unsigned long)seq,
+                                       payload, sport, (unsigned long)sec);
     Py_XDECREF(pdst);
     Py_XDECREF(payload);
     Py_XDECREF(result);
     return result == NULL ? -1 : 0;
 }
 
-/* acc.names.dns_message(buf[start:end]) */
+/* acc.names.dns_message(key, buf[start:end], sec): a query to or an answer from port 53 */
 static int
-dns_message(Walk *w, const unsigned char *buf, Py_ssize_t start, Py_ssize_t end)
+dns_message(Walk *w, PyObject *key, const unsigned char *buf, Py_ssize_t start, Py_ssize_t end,
+            uint32_t sec)
 {
     PyObject *payload = PyBytes_FromStringAndSize((const char *)buf + start, end - start);
     if (payload == NULL)
         return -1;
-    PyObject *result = PyObject_CallOneArg(w->dns, payload);
+    PyObject *result = PyObject_CallFunction(w->dns, "OOk", key, payload, (unsigned long)sec);
     Py_DECREF(payload);
     Py_XDECREF(result);
     return result == NULL ? -1 : 0;
@@ -213,16 +214,16 @@ ipv4_fast(Walk *w, const unsigned char *buf, Py_ssize_t data, Py_ssize_t nxt, ui
     long long packets = count_flow(w, is_tcp ? w->tcp : w->udp, key, sec, frac, orig,
                                    is_tcp ? buf[data + 47] : 0);
     int status = packets < 0 ? -1 : 1;
-    if (status > 0 && (is_tcp ? packets <= w->inspected : sport == 53)) {
+    if (status > 0 && (is_tcp ? packets <= w->inspected : sport == 53 || dport == 53)) {
         /* the transport payload, clipped to the IP total length (engine._ipv4_payload) */
         Py_ssize_t total = buf[data + 16] << 8 | buf[data + 17];
         Py_ssize_t end = total && data + 14 + total < nxt ? data + 14 + total : nxt;
         Py_ssize_t start = data + (is_tcp ? 34 + (buf[data + 46] >> 4) * 4 : 42);
         if (start < end) {
             if (is_tcp && inspect(w, key, k + 4, 4, read_u32(buf + data + 38, 1), buf, start,
-                                  end, sport) < 0)
+                                  end, sport, sec) < 0)
                 status = -1;
-            else if (!is_tcp && dns_message(w, buf, start, end) < 0)
+            else if (!is_tcp && dns_message(w, key, buf, start, end, sec) < 0)
                 status = -1;
         }
     }
@@ -304,14 +305,15 @@ second_tier(Walk *w, const unsigned char *buf, Py_ssize_t data, Py_ssize_t nxt, 
     long long packets = count_flow(w, is_tcp ? w->tcp : w->udp, key, sec, frac, orig, flags);
     int status = packets < 0 ? -1 : 1;
     unsigned sport = buf[transport] << 8 | buf[transport + 1];
+    unsigned dport = buf[transport + 2] << 8 | buf[transport + 3];
     if (status > 0 && is_tcp && packets <= w->inspected) {
         Py_ssize_t offset = (buf[transport + 12] >> 4) * 4;
         if (offset >= 20 && transport + offset < end &&
             inspect(w, key, src + alen, alen, read_u32(buf + transport + 4, 1), buf,
-                    transport + offset, end, sport) < 0)
+                    transport + offset, end, sport, sec) < 0)
             status = -1;
-    } else if (status > 0 && !is_tcp && sport == 53 && transport + 8 < end) {
-        if (dns_message(w, buf, transport + 8, end) < 0)
+    } else if (status > 0 && !is_tcp && (sport == 53 || dport == 53) && transport + 8 < end) {
+        if (dns_message(w, key, buf, transport + 8, end, sec) < 0)
             status = -1;
     }
     Py_DECREF(key);

@@ -362,10 +362,18 @@ class TestNameFuzz:
         collector = NameCollector()
         for kind, flow, seq, payload in calls:
             key = bytes([flow]) * 12
+            # DNS flows go both ways (queries to port 53, answers from it), so that answers
+            # are matched against fuzzed queries too
+            ports = b"\x00\x35\xc3\x50" if seq & 1 else b"\xc3\x50\x00\x35"
+            dns_key = bytes([flow]) * 4 + bytes([flow ^ 1]) * 4 + ports
+            if seq & 2:
+                dns_key = dns_key[4:8] + dns_key[:4] + dns_key[10:] + dns_key[8:10]
             if kind == "dns":
-                collector.dns_message(payload)
+                collector.dns_message(dns_key, payload, seq % 16)
             elif kind == "dns-tcp":
-                collector.dns_tcp_segment(key, struct.pack("!H", len(payload)) + payload)
+                collector.dns_tcp_segment(
+                    dns_key, struct.pack("!H", len(payload)) + payload, seq % 16
+                )
             else:
                 collector.client_payload(key, bytes([203, 0, 113, flow]), seq, payload)
         for names in collector.names_by_address().values():

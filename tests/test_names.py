@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dpkt
 import pytest
@@ -117,6 +118,15 @@ def flow(n: int = 1) -> bytes:
 
 
 SERVER = ip("20.60.1.2")
+VM = ip("10.0.0.4")
+AZURE_DNS = ip("168.63.129.16")
+# A datagram from Azure DNS port 53 to the VM: an answer (to whatever query).
+ANSWER_KEY = AZURE_DNS + VM + struct.pack("!HH", 53, 40000)
+
+
+def dns_flow(n: int = 1) -> bytes:
+    """A DNS-over-TCP flow key from the resolver's port 53 to the VM."""
+    return AZURE_DNS + VM + struct.pack("!HH", 53, 50000 + n)
 
 
 def pairs(collector: NameCollector) -> set[tuple[bytes, str, tuple[str, ...]]]:
@@ -350,7 +360,7 @@ class TestCollectorDns:
 
     def test_udp_message_gives_peer_names(self) -> None:
         collector = NameCollector()
-        collector.dns_message(
+        collector.dns_message(ANSWER_KEY,
             response(
                 "login.microsoftonline.com",
                 cname_rr(QNAME_AT, encode_name("ak.privatelink.msidentity.com")),
@@ -366,17 +376,17 @@ class TestCollectorDns:
     def test_repeated_answers_are_deduplicated_in_first_seen_order(self) -> None:
         collector = NameCollector()
         for qname in ("b.example", "a.example", "b.example"):
-            collector.dns_message(response(qname, a_rr(QNAME_AT, "192.0.2.1")))
+            collector.dns_message(ANSWER_KEY, response(qname, a_rr(QNAME_AT, "192.0.2.1")))
         peers = collector.names_by_address()[ip("192.0.2.1")]
         assert [p.name for p in peers] == ["b.example", "a.example"]
 
     def test_malformed_responses_are_counted_not_raised(self) -> None:
         collector = NameCollector()
         good = response("example.com", a_rr(QNAME_AT, "192.0.2.1"))
-        collector.dns_message(good[:-1])
-        collector.dns_message(b"\x12\x34\x81")
-        collector.dns_message(dns_header(an=3) + encode_name("", pointer=12))
-        collector.dns_message(dns_header(response=False, an=0))  # a query is not malformed
+        collector.dns_message(ANSWER_KEY, good[:-1])
+        collector.dns_message(ANSWER_KEY, b"\x12\x34\x81")
+        collector.dns_message(ANSWER_KEY, dns_header(an=3) + encode_name("", pointer=12))
+        collector.dns_message(ANSWER_KEY, dns_header(response=False, an=0))  # not malformed
         assert collector.malformed_dns == 3
         assert collector.names_by_address() == {}
 
@@ -384,7 +394,8 @@ class TestCollectorDns:
         collector = NameCollector()
         total = names.MAX_NAMES_PER_ADDRESS + 4
         for i in range(total):
-            collector.dns_message(response(f"n{i}.example", a_rr(QNAME_AT, "192.0.2.1")))
+            message = response(f"n{i}.example", a_rr(QNAME_AT, "192.0.2.1"))
+            collector.dns_message(ANSWER_KEY, message)
         peers = collector.names_by_address()[ip("192.0.2.1")]
         assert [p.name for p in peers] == [
             f"n{i}.example" for i in range(names.MAX_NAMES_PER_ADDRESS)
@@ -395,7 +406,8 @@ class TestCollectorDns:
         monkeypatch.setattr(names, "MAX_ADDRESSES", 3)
         collector = NameCollector()
         for i in range(5):
-            collector.dns_message(response("x.example", a_rr(QNAME_AT, f"192.0.2.{i}")))
+            message = response("x.example", a_rr(QNAME_AT, f"192.0.2.{i}"))
+            collector.dns_message(ANSWER_KEY, message)
         assert list(collector.names_by_address()) == [ip(f"192.0.2.{i}") for i in range(3)]
         assert collector.dropped_names == 2
 
@@ -410,7 +422,7 @@ class TestCollectorDnsOverTcp:
         collector = NameCollector()
         first = response("one.example", a_rr(QNAME_AT, "192.0.2.1"))
         second = response("two.example", a_rr(QNAME_AT, "2001:db8::2"))
-        collector.dns_tcp_segment(flow(), self.framed(first) + self.framed(second))
+        collector.dns_tcp_segment(dns_flow(), self.framed(first) + self.framed(second))
         assert pairs(collector) == {
             (ip("192.0.2.1"), "dns", ("one.example",)),
             (ip("2001:db8::2"), "dns", ("two.example",)),
@@ -420,9 +432,9 @@ class TestCollectorDnsOverTcp:
         stream = self.framed(response("split.example", a_rr(QNAME_AT, "192.0.2.3")))
         for cut in range(1, len(stream)):
             collector = NameCollector()
-            collector.dns_tcp_segment(flow(), stream[:cut])
+            collector.dns_tcp_segment(dns_flow(), stream[:cut])
             assert collector.names_by_address() == {}
-            collector.dns_tcp_segment(flow(), stream[cut:])
+            collector.dns_tcp_segment(dns_flow(), stream[cut:])
             assert pairs(collector) == {(ip("192.0.2.3"), "dns", ("split.example",))}
             assert collector.malformed_dns == 0
 
@@ -430,10 +442,10 @@ class TestCollectorDnsOverTcp:
         collector = NameCollector()
         one = self.framed(response("one.example", a_rr(QNAME_AT, "192.0.2.1")))
         two = self.framed(response("two.example", a_rr(QNAME_AT, "192.0.2.2")))
-        collector.dns_tcp_segment(flow(1), one[:10])
-        collector.dns_tcp_segment(flow(2), two[:7])
-        collector.dns_tcp_segment(flow(2), two[7:] + one[:3])
-        collector.dns_tcp_segment(flow(1), one[10:])
+        collector.dns_tcp_segment(dns_flow(1), one[:10])
+        collector.dns_tcp_segment(dns_flow(2), two[:7])
+        collector.dns_tcp_segment(dns_flow(2), two[7:] + one[:3])
+        collector.dns_tcp_segment(dns_flow(1), one[10:])
         assert pairs(collector) == {
             (ip("192.0.2.1"), "dns", ("one.example",)),
             (ip("192.0.2.2"), "dns", ("two.example",)),
@@ -441,10 +453,10 @@ class TestCollectorDnsOverTcp:
 
     def test_garbage_is_counted_and_framing_restarts(self) -> None:
         collector = NameCollector()
-        collector.dns_tcp_segment(flow(), b"\x00\x05hello")
+        collector.dns_tcp_segment(dns_flow(), b"\x00\x05hello")
         assert collector.malformed_dns == 1
         good = self.framed(response("after.example", a_rr(QNAME_AT, "192.0.2.4")))
-        collector.dns_tcp_segment(flow(), good)
+        collector.dns_tcp_segment(dns_flow(), good)
         assert pairs(collector) == {(ip("192.0.2.4"), "dns", ("after.example",))}
 
 
@@ -637,7 +649,7 @@ class TestCollectorHttp:
         collector = NameCollector()
         collector.client_payload(flow(1), SERVER, 0, b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
         collector.client_payload(flow(2), SERVER, 0, client_hello("a.example"))
-        collector.dns_message(response("a.example", a_rr(QNAME_AT, "20.60.1.2")))
+        collector.dns_message(ANSWER_KEY, response("a.example", a_rr(QNAME_AT, "20.60.1.2")))
         assert collector.names_by_address()[SERVER] == (
             PeerName("a.example", "http", ("a.example",)),
             PeerName("a.example", "sni", ("a.example",)),
@@ -652,8 +664,9 @@ class TestCollectorHttp:
         collector = NameCollector()
         for n, seq, payload in segments:
             collector.client_payload(flow(n), SERVER, seq, payload)
-            collector.dns_tcp_segment(flow(n), payload)
-            collector.dns_message(payload)
+            collector.dns_tcp_segment(dns_flow(n), payload)
+            collector.dns_message(ANSWER_KEY, payload)
+            collector.dns_message(QUERY_KEY, payload)
         for peers in collector.names_by_address().values():
             assert all(isinstance(p, PeerName) for p in peers)
 
@@ -714,12 +727,12 @@ def collect(path: Path, packets_per_direction: int = 8) -> NameCollector:
     for src, dst, proto, sport, dport, seq, data in read_packets(path):
         if not data:
             continue
-        if proto == 17:
-            if sport == 53:
-                collector.dns_message(bytes(data))
-            continue
         key = src + dst + struct.pack("!HH", sport, dport)
-        if sport == 53:
+        if proto == 17:
+            if 53 in (sport, dport):
+                collector.dns_message(key, bytes(data))
+            continue
+        if 53 in (sport, dport):
             collector.dns_tcp_segment(key, bytes(data))
         seen = data_packets.get(key, 0)
         if seen < packets_per_direction:
@@ -932,3 +945,142 @@ class TestAgainstTshark:
         expected = {(ip(row[0][0]), "sni", (row[1][0],)) for row in rows}
         assert {name for _, _, (name,) in expected} == {"secure.adnxs.com"}
         assert pairs(collect(split)) == expected
+
+
+def query(qname: str, qtype: int = 1, txid: int = 0x1234) -> bytes:
+    header = struct.pack("!HHHHHH", txid, 0x0100, 1, 0, 0, 0)
+    return header + question(encode_name(qname), qtype)
+
+
+def answer(qname: str, address: str, txid: int = 0x1234, qtype: int = 1) -> bytes:
+    header = struct.pack("!HHHHHH", txid, 0x8180, 1, 1, 0, 0)
+    return header + question(encode_name(qname), qtype) + a_rr(QNAME_AT, address)
+
+
+def udp_key(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
+    return src + dst + struct.pack("!HH", sport, dport)
+
+
+QUERY_KEY = udp_key(VM, AZURE_DNS, 40000, 53)
+
+
+def resolvers(collector: NameCollector, address: str) -> list[str | None]:
+    return [n.resolver for n in collector.names_by_address(frozenset({VM}))[ip(address)]]
+
+
+class TestDnsExchangeMatching:
+    """An answer is evidence only when it answers a query the VM sent (RFC 5452 section 9.1)."""
+
+    def exchange(self, **changes: object) -> NameCollector:
+        """A query at second 100 and an answer, the answer's fields changed by ``changes``."""
+        fields: dict[str, Any] = {"key": ANSWER_KEY, "qname": "a.example", "txid": 0x1234}
+        fields.update(qtype=1, sec=101)
+        fields.update(changes)
+        collector = NameCollector()
+        collector.dns_message(QUERY_KEY, query("a.example"), 100)
+        message = answer(fields["qname"], "192.0.2.7", fields["txid"], fields["qtype"])
+        collector.dns_message(fields["key"], message, fields["sec"])
+        return collector
+
+    def test_a_matching_answer_names_its_resolver(self) -> None:
+        collector = self.exchange()
+        assert resolvers(collector, "192.0.2.7") == ["168.63.129.16"]
+        assert collector.unmatched_dns_answers == 0
+
+    @pytest.mark.parametrize(
+        ("change", "value"),
+        [
+            ("txid", 0x1235),
+            ("qname", "b.example"),
+            ("qtype", 28),
+            ("key", udp_key(AZURE_DNS, VM, 53, 40001)),  # another client port
+            ("key", udp_key(bytes(4), VM, 53, 40000)),  # another server address: 0.0.0.0
+            ("key", udp_key(ip("203.0.113.9"), VM, 53, 40000)),
+            ("sec", 99),  # before the query
+            ("sec", 100 + names.DNS_ANSWER_WINDOW + 1),  # too late
+        ],
+    )
+    def test_an_answer_differing_in_one_field_is_a_claim(self, change: str, value: object) -> None:
+        collector = self.exchange(**{change: value})
+        assert resolvers(collector, "192.0.2.7") == [None]
+        assert collector.unmatched_dns_answers == 1
+
+    def test_an_unsolicited_answer_is_a_claim(self) -> None:
+        collector = NameCollector()
+        collector.dns_message(ANSWER_KEY, answer("a.example", "192.0.2.7"), 5)
+        assert resolvers(collector, "192.0.2.7") == [None]
+
+    def test_only_the_first_answer_to_a_query_counts(self) -> None:
+        collector = NameCollector()
+        collector.dns_message(QUERY_KEY, query("a.example"), 100)
+        collector.dns_message(ANSWER_KEY, answer("a.example", "192.0.2.7"), 100)
+        collector.dns_message(ANSWER_KEY, answer("a.example", "192.0.2.8"), 100)
+        assert resolvers(collector, "192.0.2.7") == ["168.63.129.16"]
+        assert resolvers(collector, "192.0.2.8") == [None]
+
+    def test_an_exchange_of_another_client_is_not_the_vms(self) -> None:
+        collector = self.exchange()
+        names_seen = collector.names_by_address(frozenset({ip("10.0.0.5")}))
+        assert [n.resolver for n in names_seen[ip("192.0.2.7")]] == [None]
+
+    def test_an_answer_sent_to_port_53_is_ignored(self) -> None:
+        collector = NameCollector()
+        collector.dns_message(udp_key(AZURE_DNS, VM, 40000, 53), answer("a.example", "192.0.2.7"))
+        assert collector.names_by_address() == {}
+
+    def test_pending_queries_are_bounded(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(names, "MAX_PENDING_QUERIES", 4)
+        collector = NameCollector()
+        for txid in range(6):
+            collector.dns_message(QUERY_KEY, query("a.example", txid=txid), 100)
+        collector.dns_message(ANSWER_KEY, answer("a.example", "192.0.2.1", txid=0), 100)
+        collector.dns_message(ANSWER_KEY, answer("a.example", "192.0.2.5", txid=5), 100)
+        assert resolvers(collector, "192.0.2.1") == [None]  # forgotten: the oldest
+        assert resolvers(collector, "192.0.2.5") == ["168.63.129.16"]
+
+    def test_dns_over_tcp_is_matched_within_its_connection(self) -> None:
+        collector = NameCollector()
+        framed = TestCollectorDnsOverTcp().framed
+        to_server = VM + AZURE_DNS + struct.pack("!HH", 50001, 53)
+        collector.dns_tcp_segment(to_server, framed(query("t.example")), 7)
+        collector.dns_tcp_segment(dns_flow(1), framed(answer("t.example", "192.0.2.9")), 7)
+        collector.dns_tcp_segment(dns_flow(2), framed(answer("t.example", "192.0.2.10")), 7)
+        assert resolvers(collector, "192.0.2.9") == ["168.63.129.16"]
+        assert resolvers(collector, "192.0.2.10") == [None]  # another connection: no query
+
+
+class TestNamesCannotBeCrowdedOut:
+    """Claims give way to names from matched exchanges when a table is full."""
+
+    def test_a_full_table_of_claims_yields_to_the_real_answer(self) -> None:
+        collector = NameCollector()
+        for i in range(names.MAX_NAMES_PER_ADDRESS):
+            collector.dns_message(ANSWER_KEY, answer(f"fake{i}.example", "192.0.2.7"), 1)
+        collector.dns_message(QUERY_KEY, query("real.example"), 2)
+        collector.dns_message(ANSWER_KEY, answer("real.example", "192.0.2.7"), 2)
+        kept = collector.names_by_address(frozenset({VM}))[ip("192.0.2.7")]
+        assert len(kept) == names.MAX_NAMES_PER_ADDRESS
+        assert ("real.example", "168.63.129.16") in {(n.name, n.resolver) for n in kept}
+        assert "fake0.example" not in {n.name for n in kept}  # the first claim gave way
+        assert collector.dropped_names == 1
+
+    def test_a_full_address_table_yields_to_the_real_answer(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(names, "MAX_ADDRESSES", 3)
+        collector = NameCollector()
+        for i in range(3):
+            collector.dns_message(ANSWER_KEY, answer("fake.example", f"198.51.100.{i}"), 1)
+        collector.dns_message(QUERY_KEY, query("real.example"), 2)
+        collector.dns_message(ANSWER_KEY, answer("real.example", "192.0.2.7"), 2)
+        kept = collector.names_by_address(frozenset({VM}))
+        assert set(kept) == {ip("198.51.100.1"), ip("198.51.100.2"), ip("192.0.2.7")}
+        assert collector.dropped_names == 1
+
+    def test_claims_do_not_displace_claims(self) -> None:
+        collector = NameCollector()
+        for i in range(names.MAX_NAMES_PER_ADDRESS + 2):
+            collector.dns_message(ANSWER_KEY, answer(f"n{i}.example", "192.0.2.7"), 1)
+        kept = collector.names_by_address()[ip("192.0.2.7")]
+        assert kept[0].name == "n0.example"
+        assert collector.dropped_names == 2

@@ -61,14 +61,42 @@ class PeerName:
 
     For DNS, ``chain`` runs from the name queried through every CNAME to the owner of the
     A/AAAA record (``name`` is the name queried); for SNI and HTTP it is just ``(name,)``.
+    ``resolver`` is, for DNS, the server of a query the VM sent that this answer matched
+    (RFC 5452: id, question, addresses and ports, in time); None for an answer nobody asked
+    for, and always for SNI and HTTP, which the client alone chooses.
     """
 
     name: str
     source: NameSource
     chain: tuple[str, ...] = ()
+    resolver: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source, "chain": list(self.chain or (self.name,))}
+        return {
+            "name": self.name,
+            "source": self.source,
+            "chain": list(self.chain or (self.name,)),
+            "resolver": self.resolver,
+        }
+
+
+NameBasis = Literal["dns-exchange", "live-dns", "service-tag", "claimed", ""]
+
+
+@dataclass(frozen=True, slots=True)
+class UnverifiedName:
+    """A name a peer claimed that would have made it expected, and why it was not believed.
+
+    ``source`` is where the claim came from: ``dns-unsolicited`` (an answer to no query the VM
+    sent), ``dns-resolver`` (an answer from a server the VM may not use), ``sni`` or ``http``.
+    """
+
+    name: str
+    source: str
+    why: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "why": self.why}
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +164,10 @@ class Peer:
     ``packets_sent``/``bytes_sent`` are what the peer sent to the VM; ``*_received`` what it got
     from the VM. ``remote_ports`` are ports on the peer's side, ``local_ports`` on the VM's side,
     each the busiest few; ``other_*_ports`` counts the distinct ports left out.
-    Classification fields (``category`` to ``roles``) are filled in by
-    :mod:`analyzer.judge.classify`.
+    Classification fields (``category`` to ``roles``, ``name_basis`` and
+    ``unverified_names``) are filled in by :mod:`analyzer.judge.classify`: ``name_basis`` says
+    how the names the verdict relied on were established (``dns-exchange``, ``live-dns``,
+    ``service-tag``; ``claimed`` when only claims name the peer; empty without names).
     ``activity`` is the bytes both ways per bucket of the capture's activity histogram (see
     :class:`CaptureInfo`).
     """
@@ -164,6 +194,8 @@ class Peer:
     service_tags: tuple[str, ...] = ()
     roles: tuple[str, ...] = ()
     activity: tuple[int, ...] = ()
+    name_basis: NameBasis = ""
+    unverified_names: tuple[UnverifiedName, ...] = ()
 
     @property
     def packets(self) -> int:
@@ -197,6 +229,8 @@ class Peer:
             "service_tags": list(self.service_tags),
             "roles": list(self.roles),
             "activity": list(self.activity),
+            "name_basis": self.name_basis,
+            "unverified_names": [n.to_dict() for n in self.unverified_names],
         }
 
 
@@ -252,6 +286,8 @@ class CaptureInfo:
     undecodable: dict[str, int] = field(default_factory=dict)
     malformed_dns: int = 0
     budget_exhausted: BudgetLimit | None = None
+    names_dropped: int = 0
+    unmatched_dns_answers: int = 0
     folded_peers: int = 0
     folded_packets: int = 0
     folded_bytes: int = 0
@@ -275,6 +311,8 @@ class CaptureInfo:
             "undecodable": dict(self.undecodable),
             "malformed_dns": self.malformed_dns,
             "budget_exhausted": self.budget_exhausted,
+            "names_dropped": self.names_dropped,
+            "unmatched_dns_answers": self.unmatched_dns_answers,
             "folded_peers": self.folded_peers,
             "folded_packets": self.folded_packets,
             "folded_bytes": self.folded_bytes,

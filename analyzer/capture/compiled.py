@@ -14,7 +14,7 @@ from types import ModuleType
 from analyzer.capture.pairs import PORTS_TRACKED, SPLIT_BYTES
 
 # The version of native/_nwcap_walk.c's scan() this loop calls; a build of another is ignored.
-COMPILED_WALK_ABI = 3
+COMPILED_WALK_ABI = 4
 # what the compiled walk must have been built with to be used
 _COMPILED_FOR = (COMPILED_WALK_ABI, PORTS_TRACKED, SPLIT_BYTES)
 

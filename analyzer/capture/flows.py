@@ -44,7 +44,7 @@ from analyzer.capture.folded import (
     service_port,
 )
 from analyzer.capture.local_addresses import PLATFORM_SET, infer_local_addresses
-from analyzer.capture.names import NameCollector
+from analyzer.capture.names import DNS_PORT_BYTES, NameCollector
 from analyzer.capture.pairs import (
     ACK,
     BYTES,
@@ -171,9 +171,9 @@ class Accumulator:
             key = bytes([proto]) + result.src + result.dst + icmp.to_bytes(2, "big")
         entry = self.count_packet(table, key, sec, frac, orig, result.flags)
         if result.payload and entry[PKTS] <= NAME_INSPECTED_PACKETS and proto == TCP:
-            self.inspect_tcp(key, result.dst, result.seq, result.payload, sport)
-        elif proto == UDP and sport == 53 and result.payload:
-            self.names.dns_message(result.payload)
+            self.inspect_tcp(key, result.dst, result.seq, result.payload, sport, sec)
+        elif proto == UDP and (sport == 53 or dport == 53) and result.payload:
+            self.names.dns_message(key, result.payload, sec)
         if isinstance(result.inner, Decoded):
             # a tunnel: the inner packet is a conversation of its own, as tshark counts it,
             # but the frame is one frame of the capture
@@ -272,19 +272,24 @@ class Accumulator:
         key = src + dst + bytes(buf[at : at + 4])
         entry = self.count_packet(table, key, sec, frac, orig, flags)
         sport = buf[at] << 8 | buf[at + 1]
+        dport = buf[at + 2] << 8 | buf[at + 3]
         if proto == TCP:
             if entry[PKTS] <= NAME_INSPECTED_PACKETS:
                 offset = (buf[at + 12] >> 4) * 4
                 if offset >= 20 and at + offset < end:
                     seq = int.from_bytes(buf[at + 4 : at + 8], "big")
-                    self.inspect_tcp(key, dst, seq, bytes(buf[at + offset : end]), sport)
-        elif sport == 53 and at + 8 < end:
-            self.names.dns_message(bytes(buf[at + 8 : end]))
+                    self.inspect_tcp(key, dst, seq, bytes(buf[at + offset : end]), sport, sec)
+        elif (sport == 53 or dport == 53) and at + 8 < end:
+            self.names.dns_message(key, bytes(buf[at + 8 : end]), sec)
         return True
 
-    def inspect_tcp(self, key: bytes, dst: bytes, seq: int, payload: bytes, sport: int) -> None:
-        if sport == 53:
-            self.names.dns_tcp_segment(key, payload)
+    def inspect_tcp(
+        self, key: bytes, dst: bytes, seq: int, payload: bytes, sport: int, sec: int = 0
+    ) -> None:
+        """One of a TCP flow direction's first data segments: DNS when either port is 53
+        (queries are matched with answers), else a possible ClientHello or HTTP request."""
+        if sport == 53 or key[-2:] == DNS_PORT_BYTES:
+            self.names.dns_tcp_segment(key, payload, sec)
         else:
             self.names.client_payload(key, dst, seq, payload)
 

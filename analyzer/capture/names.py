@@ -4,6 +4,14 @@ The capture engine feeds :class:`NameCollector` with UDP/TCP payloads; the colle
 each raw address (4 or 16 bytes), the names that address was seen under. Everything here is pure
 and bounded in memory; hostile input is skipped (and, for DNS, counted), never raised.
 
+Every name is a *claim* made by the traffic. A DNS answer becomes evidence only when it answers
+a query seen in the capture, as RFC 5452 section 9.1 has resolvers check: same transaction id,
+question name and type, the client's address and port, and the server's address and port the
+query went to, arriving after the query and within :data:`DNS_ANSWER_WINDOW` seconds. The
+collector records that exchange (client, server) with the name; whether the client is the VM
+and the server a resolver the VM may use is decided later (the engine knows the VM's
+addresses, the judge the policy's resolvers). SNI and HTTP Host are always claims.
+
 The small parsers :func:`parse_dns_answers`, :func:`client_hello_sni` and :func:`http_host` are
 exposed for testing and fuzzing. Names are lower-case, without the trailing dot; bytes outside
 printable ASCII, and dots or backslashes inside a DNS label, are written ``\\DDD`` (decimal), as
@@ -12,6 +20,7 @@ in DNS master files.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import struct
 from dataclasses import dataclass
@@ -23,6 +32,14 @@ MAX_NAMES_PER_ADDRESS = 16
 MAX_PARTIAL_FLOWS = 1024
 MAX_PARTIAL_BYTES = 64 * 1024
 MAX_CNAME_HOPS = 32
+# Queries waiting for their answer (RFC 5452 matching); the oldest is forgotten first.
+MAX_PENDING_QUERIES = 4096
+# An answer counts only within this many seconds of its query (stub resolvers give up at 5 s
+# and retry; the retry is a new query).
+DNS_ANSWER_WINDOW = 10
+# Exchanges remembered per name, so that one answered to another client cannot hide the VM's.
+MAX_EXCHANGES_PER_NAME = 4
+DNS_PORT_BYTES = b"\x00\x35"
 # Real responses carry one question and rarely more than a few dozen answers; hostile ones
 # carry thousands to multiply the work. More questions make the message malformed; answers
 # past the cap are not read.
@@ -134,6 +151,30 @@ def _read_name(message: bytes, offset: int, cache: dict[int, tuple[str, int]]) -
 def parse_dns_answers(message: bytes) -> list[tuple[bytes, Chain]]:
     """The A/AAAA records of a DNS response, each as (raw address, chain of names).
 
+    See :func:`parse_dns_response`, which also returns the response's first question.
+    """
+    return parse_dns_response(message)[1]
+
+
+Question = tuple[str, int]  # (name, type)
+
+
+def parse_dns_query(message: bytes) -> Question | None:
+    """The first question of a DNS query (QR clear), or None if it has none or is malformed."""
+    if len(message) < _DNS_HEADER_LEN or message[2] & 0x80 or message[4:6] == b"\x00\x00":
+        return None
+    try:
+        name, offset = _read_name(message, _DNS_HEADER_LEN, {})
+    except (ValueError, IndexError):
+        return None
+    if offset + 4 > len(message):
+        return None
+    return name, int.from_bytes(message[offset : offset + 2], "big")
+
+
+def parse_dns_response(message: bytes) -> tuple[Question | None, list[tuple[bytes, Chain]]]:
+    """A DNS response's first question and its A/AAAA records as (raw address, chain).
+
     The chain runs from the name queried through every CNAME to the record's owner; an owner
     not reachable from a question gives the chain ``(owner,)``. Queries and responses without
     answers give ``[]``. Raises :class:`ValueError` on a malformed header, question or answer
@@ -143,23 +184,26 @@ def parse_dns_answers(message: bytes) -> list[tuple[bytes, Chain]]:
     if len(message) < _DNS_HEADER_LEN:
         raise ValueError("shorter than a DNS header")
     if not message[2] & 0x80:
-        return []
+        return None, []
     qdcount = int.from_bytes(message[4:6], "big")
     ancount = int.from_bytes(message[6:8], "big")
     if ancount == 0:
-        return []
+        return None, []
     if qdcount > MAX_DNS_QUESTIONS:
         raise ValueError(f"{qdcount} questions")
     cache: dict[int, tuple[str, int]] = {}
     size = len(message)
     offset = _DNS_HEADER_LEN
     questions: dict[str, None] = {}
+    first: Question | None = None
     for _ in range(qdcount):
         name, offset = _read_name(message, offset, cache)
         offset += 4
         if offset > size:
             raise ValueError("question runs past the end of the message")
         questions[name] = None
+        if first is None:
+            first = name, int.from_bytes(message[offset - 4 : offset - 2], "big")
 
     cnames: dict[str, str] = {}
     records: list[tuple[bytes, str]] = []
@@ -182,7 +226,7 @@ def parse_dns_answers(message: bytes) -> list[tuple[bytes, Chain]]:
                 raise ValueError("CNAME target runs past its resource data")
             cnames.setdefault(owner, target)
     if not records:
-        return []
+        return first, []
 
     # Each name joins the chain of the first question reaching it: every name is walked at
     # most once per message, however many questions share a chain.
@@ -200,7 +244,7 @@ def parse_dns_answers(message: bytes) -> list[tuple[bytes, Chain]]:
             path.append(next_name)
             chains[next_name] = tuple(path)
             current = next_name
-    return [(address, chains.get(owner) or (owner,)) for address, owner in records]
+    return first, [(address, chains.get(owner) or (owner,)) for address, owner in records]
 
 
 # --- TLS -----------------------------------------------------------------------------------
@@ -418,56 +462,157 @@ class _Partial:
     is_tls: bool
 
 
+Exchange = tuple[bytes, bytes]  # (client address, server address) of a matched DNS exchange
+
+
+@dataclass(slots=True)
+class _NameEntry:
+    """One name of an address and the DNS exchanges (if any) that it answered."""
+
+    exchanges: list[Exchange]
+
+
+def address_text(address: bytes) -> str:
+    """A raw 4- or 16-byte address as text."""
+    if len(address) == 4:
+        return ".".join(str(b) for b in address)
+    return str(ipaddress.IPv6Address(address))
+
+
 class NameCollector:
     """Collects peer names from DNS answers, TLS ClientHello SNI and HTTP Host headers.
 
-    Memory is bounded: at most ``MAX_ADDRESSES`` (100,000) addresses with at most
-    ``MAX_NAMES_PER_ADDRESS`` (16) names each, first seen kept (``dropped_names`` counts the
-    rest); at most ``MAX_PARTIAL_FLOWS`` (1024) partial TLS/HTTP heads and as many DNS-over-TCP
-    buffers, of at most 64 KiB each (the oldest flow is forgotten first).
+    DNS queries are remembered (at most ``MAX_PENDING_QUERIES``) so that each answer can be
+    matched to the query it answers (see the module docstring); an answer that matches none is
+    kept as a claim. Memory is bounded: at most ``MAX_ADDRESSES`` (100,000) addresses with at
+    most ``MAX_NAMES_PER_ADDRESS`` (16) names each. A name from a matched exchange takes the
+    place of a claim when an address's table (or the table of addresses) is full, so that
+    forged answers sent first cannot crowd the real name out; every name left out is counted
+    in ``dropped_names``. At most ``MAX_PARTIAL_FLOWS`` (1024) partial TLS/HTTP heads and as
+    many DNS-over-TCP buffers are kept, of at most 64 KiB each (the oldest flow is forgotten
+    first).
     """
 
     def __init__(self) -> None:
         self.malformed_dns = 0
         self.dropped_names = 0
-        self._names: dict[bytes, dict[tuple[NameSource, Chain], None]] = {}
+        self.unmatched_dns_answers = 0
+        self._names: dict[bytes, dict[tuple[NameSource, Chain], _NameEntry]] = {}
+        self._claims_only: dict[bytes, None] = {}  # addresses none of whose names is matched
+        self._pending: dict[tuple[bytes, bytes, bytes, str, int], int] = {}
         self._dns_tcp: dict[bytes, bytes] = {}
         self._partials: dict[bytes, _Partial] = {}
 
-    def _add(self, address: bytes, source: NameSource, chain: Chain) -> None:
+    def _add(
+        self, address: bytes, source: NameSource, chain: Chain, exchange: Exchange | None = None
+    ) -> None:
         names = self._names.get(address)
         if names is None:
-            if len(self._names) >= MAX_ADDRESSES:
+            if len(self._names) >= MAX_ADDRESSES and not self._evict_claimed_address(exchange):
                 self.dropped_names += 1
                 return
             names = self._names[address] = {}
+            self._claims_only[address] = None
         key = (source, chain)
-        if key in names:
-            return
-        if len(names) >= MAX_NAMES_PER_ADDRESS:
-            self.dropped_names += 1
-            return
-        names[key] = None
+        entry = names.get(key)
+        if entry is None:
+            if len(names) >= MAX_NAMES_PER_ADDRESS and not self._evict_claim(names, exchange):
+                self.dropped_names += 1
+                return
+            entry = names[key] = _NameEntry([])
+        if exchange is not None and exchange not in entry.exchanges:
+            if len(entry.exchanges) < MAX_EXCHANGES_PER_NAME:
+                entry.exchanges.append(exchange)
+            self._claims_only.pop(address, None)
 
-    def dns_message(self, payload: bytes) -> None:
-        """One DNS message (a UDP payload from port 53); only responses with answers count."""
+    def _evict_claim(
+        self, names: dict[tuple[NameSource, Chain], _NameEntry], exchange: Exchange | None
+    ) -> bool:
+        """Make room for a matched name by dropping the first claim of a full table."""
+        if exchange is None:
+            return False
+        for key, entry in names.items():
+            if not entry.exchanges:
+                del names[key]
+                self.dropped_names += 1
+                return True
+        return False
+
+    def _evict_claimed_address(self, exchange: Exchange | None) -> bool:
+        """Make room for a matched name's address by dropping the first claims-only address."""
+        if exchange is None or not self._claims_only:
+            return False
+        address = next(iter(self._claims_only))
+        del self._claims_only[address]
+        self.dropped_names += len(self._names.pop(address))
+        return True
+
+    def dns_message(self, key: bytes, payload: bytes, sec: int = 0) -> None:
+        """One DNS message of the UDP flow ``key`` (source, destination, source port,
+        destination port) at ``sec``: a query to port 53 is remembered, a response from port 53
+        gives names (only responses with answers count; only they are counted as malformed).
+        """
+        ports = key[-4:]
+        if ports[2:] == DNS_PORT_BYTES and ports[:2] != DNS_PORT_BYTES:
+            self._query(key, payload, sec)
+            return
+        if ports[:2] != DNS_PORT_BYTES:
+            return
         # The cheap checks first: most DNS traffic is queries.
         if len(payload) < _DNS_HEADER_LEN:
             self.malformed_dns += 1
             return
-        if not payload[2] & 0x80 or payload[6:8] == b"\x00\x00":
+        if not payload[2] & 0x80:
+            if ports[2:] == DNS_PORT_BYTES:
+                self._query(key, payload, sec)  # port 53 to port 53: servers ask each other
+            return
+        if payload[6:8] == b"\x00\x00":
             return
         try:
-            answers = parse_dns_answers(payload)
+            question, answers = parse_dns_response(payload)
         except (ValueError, IndexError):
             self.malformed_dns += 1
             return
+        if not answers:
+            return
+        exchange = self._match(key, payload, question, sec)
+        if exchange is None:
+            self.unmatched_dns_answers += 1
         for address, chain in answers:
             if chain[0]:
-                self._add(address, "dns", chain)
+                self._add(address, "dns", chain, exchange)
 
-    def dns_tcp_segment(self, flow_key: bytes, payload: bytes) -> None:
-        """A TCP payload from port 53: length-prefixed DNS messages, possibly split or packed."""
+    def _query(self, key: bytes, payload: bytes, sec: int) -> None:
+        question = parse_dns_query(payload)
+        if question is None:
+            return
+        alen = (len(key) - 4) // 2
+        # (client + client port, server + server port, transaction id, question)
+        pending = (key[:alen] + key[-4:-2], key[alen:-4] + key[-2:], payload[:2], *question)
+        self._pending.pop(pending, None)  # a retransmission: the latest time counts
+        if len(self._pending) >= MAX_PENDING_QUERIES:
+            del self._pending[next(iter(self._pending))]
+        self._pending[pending] = sec
+
+    def _match(
+        self, key: bytes, payload: bytes, question: Question | None, sec: int
+    ) -> Exchange | None:
+        """The (client, server) of the pending query this response answers, if any (RFC 5452:
+        id, question, addresses and ports; after the query and within the window)."""
+        if question is None:
+            return None
+        alen = (len(key) - 4) // 2
+        server, client = key[:alen], key[alen:-4]
+        pending = (client + key[-2:], server + key[-4:-2], payload[:2], *question)
+        asked = self._pending.get(pending)
+        if asked is None or not 0 <= sec - asked <= DNS_ANSWER_WINDOW:
+            return None
+        del self._pending[pending]  # the first answer wins; a second one is not evidence
+        return client, server
+
+    def dns_tcp_segment(self, flow_key: bytes, payload: bytes, sec: int = 0) -> None:
+        """A TCP payload to or from port 53: length-prefixed DNS messages, possibly split or
+        packed; each is handled as :meth:`dns_message` handles a datagram of that flow."""
         buffer = self._dns_tcp.pop(flow_key, b"") + payload
         offset = 0
         size = len(buffer)
@@ -479,7 +624,7 @@ class NameCollector:
             if offset + 2 + length > size:
                 break
             before = self.malformed_dns
-            self.dns_message(buffer[offset + 2 : offset + 2 + length])
+            self.dns_message(flow_key, buffer[offset + 2 : offset + 2 + length], sec)
             offset += 2 + length
             if self.malformed_dns != before:
                 return
@@ -525,9 +670,26 @@ class NameCollector:
             next_seq = (seq + len(payload)) & 0xFFFFFFFF
             self._partials[flow_key] = _Partial(next_seq, data, is_tls)
 
-    def names_by_address(self) -> dict[bytes, tuple[PeerName, ...]]:
-        """Raw address -> the names it was seen under, deduplicated, in first-seen order."""
-        return {
-            address: tuple(PeerName(chain[0], source, chain) for source, chain in names)
-            for address, names in self._names.items()
-        }
+    def names_by_address(
+        self, local: frozenset[bytes] | None = None
+    ) -> dict[bytes, tuple[PeerName, ...]]:
+        """Raw address -> the names it was seen under, deduplicated, in first-seen order.
+
+        A DNS name carries the ``resolver`` of the first matched exchange whose client is one
+        of ``local`` (any client when ``local`` is None); None means no query the VM sent was
+        answered with it.
+        """
+        result: dict[bytes, tuple[PeerName, ...]] = {}
+        for address, names in self._names.items():
+            result[address] = tuple(
+                PeerName(chain[0], source, chain, _resolver(entry.exchanges, local))
+                for (source, chain), entry in names.items()
+            )
+        return result
+
+
+def _resolver(exchanges: list[Exchange], local: frozenset[bytes] | None) -> str | None:
+    for client, server in exchanges:
+        if local is None or client in local:
+            return address_text(server)
+    return None

@@ -18,6 +18,7 @@ from analyzer.base.models import (
 )
 from analyzer.capture.flows import Accumulator
 from analyzer.capture.local_addresses import infer_local_addresses
+from analyzer.capture.names import MAX_ADDRESSES, MAX_NAMES_PER_ADDRESS
 from analyzer.capture.pairs import PORTS_KEPT, Pair, merge_counts, rescale
 
 OPENED_PORTS_KEPT = 32
@@ -52,7 +53,7 @@ def build_summary(
         )
         for (a, b), pair in sorted(pairs.items(), key=lambda item: (len(item[0][0]), item[0]))
     )
-    names = acc.names.names_by_address()
+    names = acc.names.names_by_address(frozenset(local))
     # The pairs of each remote address, found first; each peer is then built from its pairs
     # and the pairs dropped, so that only one peer's builder is alive at a time (a capture of
     # 20,000 peers otherwise held every builder and every pair at once).
@@ -96,6 +97,13 @@ def build_summary(
     if acc.first is not None and acc.last is not None:
         firsts.append(acc.first[0] + acc.first[1] / fps)
         lasts.append(acc.last[0] + acc.last[1] / fps)
+    complete = not warnings  # reading stopped early; what follows is worth saying, not partial
+    dropped = acc.names.dropped_names
+    if dropped:
+        warnings.append(
+            f"names: {dropped} names left out (at most {MAX_NAMES_PER_ADDRESS} per address and "
+            f"{MAX_ADDRESSES} addresses; names from DNS exchanges the VM had are kept first)"
+        )
     capture = CaptureInfo(
         format=capture_format,
         link_types=link_types,
@@ -105,13 +113,15 @@ def build_summary(
         last_seen=max(lasts) if lasts else None,
         local_addresses=tuple(_text(a) for a in local),
         local_addresses_inferred=given_local is None,
-        complete=not warnings,
+        complete=complete,
         warnings=tuple(warnings),
         ip_packets=acc.ip_packets - acc.inner_packets,
         non_ip=dict(sorted(acc.non_ip.items())),
         undecodable=dict(sorted(acc.undecodable.items())),
         malformed_dns=acc.names.malformed_dns,
         budget_exhausted=budget_exhausted,
+        names_dropped=dropped,
+        unmatched_dns_answers=acc.names.unmatched_dns_answers,
         folded_peers=sum(group.peers_estimate for group in folded),
         folded_packets=sum(group.packets for group in folded),
         folded_bytes=sum(group.bytes for group in folded),

@@ -253,7 +253,7 @@ def _scan_records(
                     payload = _ipv4_payload(buf, data, nxt, 34 + (buf[data + 46] >> 4) * 4)
                     if payload:
                         seq = int.from_bytes(buf[data + 38 : data + 42], "big")
-                        inspect_tcp(key, key[4:8], seq, payload, key[8] << 8 | key[9])
+                        inspect_tcp(key, key[4:8], seq, payload, key[8] << 8 | key[9], sec)
                 pos = nxt
                 continue
             if proto == 17 and key[10:12] not in tunnel_ports and key[8:10] not in tunnel_ports:
@@ -267,10 +267,10 @@ def _scan_records(
                     entry[1] += orig
                     entry[4] = sec
                     entry[5] = frac
-                if key[9] == 53 and key[8] == 0:
+                if (key[9] == 53 and key[8] == 0) or (key[11] == 53 and key[10] == 0):
                     payload = _ipv4_payload(buf, data, nxt, 42)
                     if payload:
-                        names.dns_message(payload)
+                        names.dns_message(key, payload, sec)
                 pos = nxt
                 continue
         elif ethertype in second_tier and fast_frame(buf, data, nxt, sec, frac, orig):
