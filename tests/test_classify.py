@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,12 @@ def peer(
 
 
 def dns_name(*chain: str) -> PeerName:
+    """A name from a DNS exchange the VM had with Azure DNS (a verified name)."""
+    return PeerName(chain[0], "dns", tuple(chain), resolver="168.63.129.16")
+
+
+def claimed_dns_name(*chain: str) -> PeerName:
+    """A name from a DNS answer that matched no query of the VM's (a claim)."""
     return PeerName(chain[0], "dns", tuple(chain))
 
 
@@ -748,3 +755,92 @@ class TestAlertCap:
     def test_under_the_cap_nothing_changes(self) -> None:
         alerts = [Alert("deny-rule", "high", f"203.0.113.{i}", "denied") for i in range(5)]
         assert cap_alerts_per_rule(list(alerts), 5) == alerts
+
+
+class TestUnverifiedName:
+    """A claimed name that would make a peer expected raises unverified-name instead."""
+
+    def test_a_claimed_storage_account_is_not_expected(self) -> None:
+        policy = Policy.from_mapping({"expected_storage_accounts": ["contosologs"]})
+        forged = outbound_tcp(
+            "198.51.100.66", 443, names=[claimed_dns_name("contosologs.blob.core.windows.net")]
+        )
+        peers, alerts = run(forged, policy=policy)
+        assert peers[0].expected is False
+        assert peers[0].name_basis == "claimed"
+        assert rules_of(alerts) == [("unverified-name", "198.51.100.66")]
+        (claim,) = alerts[0].evidence["claimed_names"]
+        assert claim["name"] == "contosologs.blob.core.windows.net"
+        assert claim["source"] == "dns-unsolicited"
+
+    def test_sni_of_a_catalogue_name(self) -> None:
+        sni = PeerName("azkms.core.windows.net", "sni", ("azkms.core.windows.net",))
+        peers, alerts = run(outbound_tcp("198.51.100.66", 1688, names=[sni]))
+        assert peers[0].category != "azure-service"
+        assert rules_of(alerts) == [("unverified-name", "198.51.100.66")]
+        assert "SNI" in alerts[0].message or "SNI" in alerts[0].evidence["claimed_names"][0]["why"]
+
+    def test_the_same_name_verified_raises_nothing(self) -> None:
+        policy = Policy.from_mapping({"expected_storage_accounts": ["contosologs"]})
+        genuine = outbound_tcp(
+            "20.60.40.5",
+            443,
+            names=[
+                dns_name("contosologs.blob.core.windows.net", "blob.ams.store.core.windows.net")
+            ],
+        )
+        peers, alerts = run(genuine, policy=policy)
+        assert peers[0].expected is True
+        assert peers[0].name_basis == "dns-exchange"
+        assert alerts == ()
+
+    def test_a_claim_nothing_trusts_raises_nothing(self) -> None:
+        sni = PeerName("example.org", "sni", ("example.org",))
+        _, alerts = run(outbound_tcp("198.51.100.66", 443, names=[sni]))
+        assert rules_of(alerts) == [("unexpected-endpoint", "198.51.100.66")]
+
+    def test_claims_about_the_platform_address_change_nothing(self) -> None:
+        forged = PeerName("evil.partner.example", "sni", ("evil.partner.example",))
+        policy = Policy.from_mapping({"allow": [{"fqdn": "*.partner.example"}]})
+        peers, alerts = run(outbound_tcp("168.63.129.16", 80, names=[forged]), policy=policy)
+        assert peers[0].expected is True
+        assert alerts == ()
+
+    def test_deny_rules_see_claims_and_say_so(self) -> None:
+        policy = Policy.from_mapping({"deny": [{"name": "no-paste", "fqdn": "paste.example"}]})
+        claim = PeerName("paste.example", "sni", ("paste.example",))
+        _, alerts = run(outbound_tcp("198.51.100.66", 443, names=[claim]), policy=policy)
+        assert rules_of(alerts) == [("deny-rule", "198.51.100.66")]
+        assert alerts[0].evidence["matched_names"] == [{"name": "paste.example", "verified": False}]
+
+
+class TestAllowDirection:
+    """An allow rule with an fqdn is outbound unless it says otherwise."""
+
+    def test_fqdn_rules_do_not_cover_inbound(self) -> None:
+        policy = Policy.from_mapping(
+            {
+                "allow": [{"fqdn": "jump.contoso.example", "port": 22}],
+                "admin_sources": ["192.0.2.0/24"],
+            }
+        )
+        inbound = replace(
+            inbound_tcp("198.51.100.66", 22), names=(dns_name("jump.contoso.example"),)
+        )
+        peers, alerts = run(inbound, policy=policy)
+        assert peers[0].expected is False
+        assert ("unlisted-admin-source", "198.51.100.66") in rules_of(alerts)
+
+    def test_direction_any_keeps_the_old_behaviour(self) -> None:
+        policy = Policy.from_mapping(
+            {
+                "allow": [{"fqdn": "jump.contoso.example", "port": 22, "direction": "any"}],
+                "admin_sources": ["192.0.2.0/24"],
+            }
+        )
+        inbound = replace(
+            inbound_tcp("198.51.100.66", 22), names=(dns_name("jump.contoso.example"),)
+        )
+        peers, alerts = run(inbound, policy=policy)
+        assert alerts == ()
+        assert peers[0].expected is True

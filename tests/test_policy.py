@@ -45,6 +45,7 @@ class TestLoad:
             fqdn="*.payments.example.com",
             protocol="tcp",
             port=(443, 443),
+            direction="outbound",  # an fqdn allow rule's default
         )
         assert policy.deny[1].cidr == ipaddress.ip_network("198.51.100.0/24")
         assert policy.severity_of("unexpected-endpoint") == "medium"

@@ -10,6 +10,7 @@ from analyzer.base.models import Analysis
 from analyzer.capture.budget import Budget
 from analyzer.capture.engine import summarize
 from analyzer.judge.classify import classify
+from analyzer.judge.livedns import LiveDns, NameLookup, lookup_for_capture
 from analyzer.judge.policy import Policy
 from analyzer.judge.servicetags import ServiceTags
 
@@ -22,11 +23,14 @@ def analyze(
     service_tags: ServiceTags | None = None,
     progress: Callable[[int], None] | None = None,
     budget: Budget | None = None,
+    lookup: LiveDns | NameLookup | None = None,
 ) -> Analysis:
     """Read a capture from ``stream`` and return its classified per-peer analysis.
 
     ``progress`` is called now and then with the number of bytes read so far. ``budget``
     bounds the work (default :class:`Budget`); hitting it gives a partial analysis.
+    ``lookup`` checks claimed names live (a :class:`~analyzer.judge.livedns.LiveDns` gets a
+    fresh per-capture budget); None checks nothing live.
     Raises :class:`analyzer.base.errors.UnsupportedFormatError` or
     :class:`analyzer.base.errors.CorruptCaptureError` when nothing can be read at all.
     """
@@ -38,6 +42,7 @@ def analyze(
         policy=policy,
         service_tags=service_tags,
         max_alerts_per_rule=budget.max_alerts_per_rule,
+        lookup=lookup_for_capture(lookup),
     )
     return Analysis(
         capture=summary.capture,

@@ -66,6 +66,9 @@ class Entry:
     patterns: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
     notes: str = ""
+    # Service tags whose ranges hold the entry's addresses: a name that matches the entry but
+    # came only from a claim is believed when the peer's address is in one of them.
+    service_tags: tuple[str, ...] = ()
 
     def spec_for(self, service: Service) -> PortSpec | None:
         """The port spec that expects ``service``, or None."""
@@ -287,4 +290,5 @@ def _entry(item: Mapping[str, Any], *, by_address: bool) -> Entry:
         patterns=() if by_address else tuple(normalise_name(p) for p in item["patterns"]),
         sources=tuple(item["sources"]),
         notes=item.get("notes", ""),
+        service_tags=tuple(item.get("service_tags", ())),
     )

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from analyzer.base.models import SEVERITY_ORDER, Alert, Peer, Summary, iso_time
 from analyzer.judge.catalog import (
@@ -35,10 +35,15 @@ from analyzer.judge.policy import (
     PLATFORM_ADDRESS_BLOCKED,
     UNEXPECTED_ENDPOINT,
     UNLISTED_ADMIN_SOURCE,
+    UNVERIFIED_NAME,
     Policy,
     PolicyRule,
 )
 from analyzer.judge.servicetags import ServiceTags
+from analyzer.judge.trust import NameTrust, weigh_names
+
+if TYPE_CHECKING:
+    from analyzer.judge.livedns import NameLookup
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,7 @@ _TRUST_RULES = frozenset(
         IMDS_UNEXPECTED_DIRECTION,
         INBOUND_SCAN,
         UNEXPECTED_ENDPOINT,
+        UNVERIFIED_NAME,
     }
 )
 
@@ -72,8 +78,12 @@ def classify(
     service_tags: ServiceTags | None = None,
     catalog: Catalog | None = None,
     max_alerts_per_rule: int | None = None,
+    lookup: NameLookup | None = None,
 ) -> tuple[tuple[Peer, ...], tuple[Alert, ...]]:
     """Classify every peer of ``summary`` (same order) and return them with the alerts raised.
+
+    Names decide an expectation only when verified (see :mod:`analyzer.judge.trust`);
+    ``lookup`` is the live resolver that checks configured names (None: no live DNS).
 
     Alerts are sorted by severity (highest first), then peer address, then rule id. With
     ``max_alerts_per_rule``, a rule raising more alerts keeps that many (highest severity
@@ -85,7 +95,7 @@ def classify(
     peers: list[Peer] = []
     alerts: list[Alert] = []
     for peer in summary.peers:
-        classified, raised = _PeerEvaluation(peer, policy, catalog, service_tags).run()
+        classified, raised = _PeerEvaluation(peer, policy, catalog, service_tags, lookup).run()
         peers.append(classified)
         alerts.extend(raised)
     alerts.sort(key=_alert_order)
@@ -167,6 +177,8 @@ def rule_covers(rule: PolicyRule, service: Service) -> bool:
     """Whether the protocol and port constraints of ``rule`` include ``service``."""
     if rule.protocol == "icmp":
         return False
+    if rule.direction != "any" and (rule.direction == "outbound") != (service.direction == "out"):
+        return False
     if rule.protocol is not None and rule.protocol != service.protocol:
         return False
     return rule.port is None or rule.port[0] <= service.port <= rule.port[1]
@@ -180,8 +192,11 @@ class _PeerEvaluation:
     policy: Policy
     catalog: Catalog
     service_tags: ServiceTags | None
+    lookup: NameLookup | None = None
     address: IPAddress | None = None
     names: tuple[str, ...] = ()
+    trusted_names: tuple[str, ...] = ()
+    trust: NameTrust = field(default_factory=NameTrust)
     tags: tuple[str, ...] = ()
     services: frozenset[Service] = frozenset()
     entry: Entry | None = None
@@ -206,17 +221,32 @@ class _PeerEvaluation:
         if self.service_tags is not None:
             self.tags = self.service_tags.lookup(peer.address)
         self.services = services_of(peer)
+        self.trust = weigh_names(
+            peer,
+            policy=self.policy,
+            catalog=self.catalog,
+            tags=self.tags,
+            tags_loaded=self.service_tags is not None,
+            address_entry=address_entry,
+            lookup=self.lookup,
+        )
+        self.trusted_names = peer_names(self.trust.verified)
         self.entry = address_entry
         if self.entry is None:
-            self.name_match = self.catalog.match_names(peer.names)
+            self.name_match = self.catalog.match_names(self.trust.verified)
+            if self.name_match is None and self.trust.tag_entry is not None:
+                self.name_match = NameMatch(self.trust.tag_entry, self.trust.tag_name)
             if self.name_match is not None:
                 self.entry = self.name_match.entry
-        self.allow_rules = tuple(r for r in self.policy.allow if self._identity_matches(r))
+        self.allow_rules = tuple(
+            r for r in self.policy.allow if self._identity_matches(r, verified_only=True)
+        )
 
         self._check_platform_blocked()
         if not self._check_deny():
             # A deny rule is the policy's own verdict on the peer: it replaces the other rules
             # about whom the VM talks to, so that one cause gives one alert.
+            self._check_unverified()
             self._check_imds()
             self._check_admin()
             self._check_dns()
@@ -241,20 +271,27 @@ class _PeerEvaluation:
             reason=reason,
             service_tags=self.tags,
             roles=tuple(self.roles),
+            name_basis=self.trust.basis,
+            unverified_names=self.trust.unverified,
         )
         return classified, self.alerts
 
     # ------------------------------------------------------------------ matching helpers
 
-    def _identity_matches(self, rule: PolicyRule) -> bool:
-        """Whether the cidr, fqdn and service_tag of ``rule`` (those set) all fit this peer."""
+    def _identity_matches(self, rule: PolicyRule, *, verified_only: bool = False) -> bool:
+        """Whether the cidr, fqdn and service_tag of ``rule`` (those set) all fit this peer.
+
+        ``verified_only``: the fqdn must match a verified name (allow rules); otherwise any name
+        seen, claims included, matches (deny rules).
+        """
         if rule.cidr is not None and (
             self.address is None
             or self.address.version != rule.cidr.version
             or self.address not in rule.cidr
         ):
             return False
-        if rule.fqdn is not None and not any(fnmatchcase(n, rule.fqdn) for n in self.names):
+        names = self.trusted_names if verified_only else self.names
+        if rule.fqdn is not None and not any(fnmatchcase(n, rule.fqdn) for n in names):
             return False
         return rule.service_tag is None or rule.service_tag.lower() in {
             t.lower() for t in self.tags
@@ -313,15 +350,39 @@ class _PeerEvaluation:
             if unconstrained or hits or (rule.protocol == "icmp" and self._has_icmp()):
                 self.claimed.update(self.services)
                 ports = hits or sorted(self.services)
+                fqdn = rule.fqdn
+                matched = [
+                    {"name": n, "verified": n in self.trusted_names}
+                    for n in self.names
+                    if fqdn is not None and fnmatchcase(n, fqdn)
+                ]
                 self._raise(
                     DENY_RULE,
                     f"{self.peer.address} matches deny rule '{rule.name}' ({rule.describe()}).",
                     ports,
                     policy_rule=rule.name,
                     comment=rule.comment,
+                    matched_names=matched,
                 )
                 return True
         return False
+
+    def _check_unverified(self) -> None:
+        """A claimed name that would have made the peer expected could not be verified."""
+        claims = self.trust.unverified
+        entry = self.entry
+        if not claims or (entry is not None and entry.id in (WIRESERVER_ID, IMDS_ID)):
+            return  # the platform is known by its address; a name cannot change that
+        self.claimed.update(self.services)
+        listed = ", ".join(f"'{c.name}' ({c.source})" for c in claims[:4])
+        more = f" and {len(claims) - 4} more" if len(claims) > 4 else ""
+        self._raise(
+            UNVERIFIED_NAME,
+            f"{self.peer.address} claims the name {listed}{more}, which would make it "
+            f"expected, but the claim could not be verified: {claims[0].why}.",
+            sorted(self.services),
+            claimed_names=[c.to_dict() for c in claims],
+        )
 
     def _check_imds(self) -> None:
         if self.entry is None or self.entry.id != IMDS_ID:
@@ -505,7 +566,7 @@ class _PeerEvaluation:
         if not expected:
             return
         foreign = [a for a in accounts if a not in expected and not self._account_allowed(a)]
-        identified = bool(self.catalog.storage_accounts(self.peer.names))
+        identified = bool(self.catalog.storage_accounts(self.trust.verified))
         unidentified = not identified and not all(self._allowed(s) for s in self.services)
         if not foreign and not unidentified:
             return
@@ -532,7 +593,7 @@ class _PeerEvaluation:
 
     def _account_allowed(self, account: str) -> bool:
         """Whether an allow rule's fqdn names one of the endpoints of ``account``."""
-        account_names = [n for n in self.names if self.catalog.account_of(n) == account]
+        account_names = [n for n in self.trusted_names if self.catalog.account_of(n) == account]
         return any(
             rule.fqdn is not None and any(fnmatchcase(n, rule.fqdn) for n in account_names)
             for rule in self.policy.allow
@@ -584,7 +645,7 @@ class _PeerEvaluation:
     def _describe_entry(self, entry: Entry) -> str:
         text = entry.label
         if entry.id == STORAGE_ID:
-            accounts = self.catalog.storage_accounts(self.peer.names)
+            accounts = self.catalog.storage_accounts(self.trust.verified)
             if accounts:
                 text += f", account {', '.join(repr(a) for a in accounts)}"
         if self.name_match is not None:

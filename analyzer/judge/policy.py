@@ -22,6 +22,8 @@ from analyzer.base.models import SEVERITY_ORDER, Severity
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Protocol = Literal["tcp", "udp", "icmp"]
+Direction = Literal["outbound", "inbound", "any"]
+DIRECTIONS: tuple[Direction, ...] = ("outbound", "inbound", "any")
 
 UNEXPECTED_ENDPOINT = "unexpected-endpoint"
 FOREIGN_STORAGE_ACCOUNT = "foreign-storage-account"
@@ -31,11 +33,13 @@ IMDS_UNEXPECTED_DIRECTION = "imds-unexpected-direction"
 PLATFORM_ADDRESS_BLOCKED = "platform-address-blocked"
 INBOUND_SCAN = "inbound-scan"
 DENY_RULE = "deny-rule"
+UNVERIFIED_NAME = "unverified-name"
 
 DEFAULT_SEVERITIES: Mapping[str, Severity] = MappingProxyType(
     {
         DENY_RULE: "high",
         FOREIGN_STORAGE_ACCOUNT: "high",
+        UNVERIFIED_NAME: "high",
         UNLISTED_ADMIN_SOURCE: "high",
         IMDS_UNEXPECTED_DIRECTION: "medium",
         EXTERNAL_DNS_RESOLVER: "medium",
@@ -61,7 +65,7 @@ _TOP_KEYS = (
     "rules",
     "scan_port_threshold",
 )
-_RULE_KEYS = ("name", "comment", "cidr", "fqdn", "service_tag", "protocol", "port")
+_RULE_KEYS = ("name", "comment", "cidr", "fqdn", "service_tag", "protocol", "port", "direction")
 _MATCH_KEYS = ("cidr", "fqdn", "service_tag", "protocol", "port")
 _STORAGE_ACCOUNT = re.compile(r"^[a-z0-9]{3,24}$")
 _FQDN_GLOB = re.compile(r"^[a-z0-9*?_\-]+(\.[a-z0-9*?_\-]+)*\.?$")
@@ -75,6 +79,10 @@ class PolicyRule:
     """One ``allow`` or ``deny`` entry: every field given must match (unset fields match anything).
 
     ``port`` is an inclusive ``(low, high)`` range; a single port has ``low == high``.
+    ``direction`` is who opens the traffic: ``outbound`` the VM, ``inbound`` the peer, ``any``
+    either. An ``allow`` rule with an ``fqdn`` is outbound unless it says otherwise (a name
+    the VM looked up says nothing about who may connect to the VM); every other rule is
+    ``any`` by default.
     """
 
     name: str
@@ -84,6 +92,7 @@ class PolicyRule:
     service_tag: str | None = None
     protocol: Protocol | None = None
     port: tuple[int, int] | None = None
+    direction: Direction = "any"
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical form used for hashing and evidence."""
@@ -95,6 +104,7 @@ class PolicyRule:
             "service_tag": self.service_tag,
             "protocol": self.protocol,
             "port": list(self.port) if self.port is not None else None,
+            "direction": self.direction,
         }
 
     def describe(self) -> str:
@@ -114,6 +124,8 @@ class PolicyRule:
                 parts.append(f"{proto} port {self.port[0]}")
             else:
                 parts.append(f"{proto} ports {self.port[0]}-{self.port[1]}")
+        if self.direction != "any":
+            parts.append(self.direction)
         return ", ".join(parts)
 
 
@@ -344,7 +356,7 @@ def _storage_accounts(data: Mapping[str, Any]) -> tuple[str, ...]:
 
 def _rules(data: Mapping[str, Any], key: str) -> tuple[PolicyRule, ...]:
     return tuple(
-        _rule(f"{key}[{index}]", value, f"{key}[{index}]")
+        _rule(f"{key}[{index}]", value, f"{key}[{index}]", is_allow=key == "allow")
         for index, value in enumerate(_list(data, key))
     )
 
@@ -358,7 +370,7 @@ def _optional_string(where: str, entry: Mapping[str, Any], key: str) -> str | No
     return value.strip()
 
 
-def _rule(where: str, entry: object, fallback_name: str) -> PolicyRule:
+def _rule(where: str, entry: object, fallback_name: str, *, is_allow: bool) -> PolicyRule:
     if not isinstance(entry, Mapping):
         raise PolicyError(f"{where}: expected a mapping, got {_kind(entry)}")
     _reject_unknown_keys(where, entry, _RULE_KEYS)
@@ -383,6 +395,13 @@ def _rule(where: str, entry: object, fallback_name: str) -> PolicyRule:
     port = _port(f"{where}.port", entry.get("port"))
     if port is not None and protocol == "icmp":
         raise PolicyError(f"{where}.port: icmp has no ports")
+    direction = entry.get("direction")
+    if direction is None:
+        direction = "outbound" if is_allow and fqdn is not None else "any"
+    elif direction not in DIRECTIONS:
+        raise PolicyError(
+            f"{where}.direction: expected one of {', '.join(DIRECTIONS)}, got {direction!r}"
+        )
     return PolicyRule(
         name=name,
         comment=comment,
@@ -391,6 +410,7 @@ def _rule(where: str, entry: object, fallback_name: str) -> PolicyRule:
         service_tag=service_tag,
         protocol=cast("Protocol | None", protocol),
         port=port,
+        direction=cast("Direction", direction),
     )
 
 
