@@ -268,7 +268,12 @@ class TestSampleReports:
                 peer["bytes_sent"],
                 peer["bytes_received"],
             ]
-            assert [n.split(" (")[0] for n in row[1]] == [n["name"] for n in peer["names"]]
+            names = [n["name"] for n in peer["names"]]
+            assert [n.split(" (")[0] for n in row[1][: len(names)]] == names
+            basis = report.NAME_BASIS_TEXT.get(peer["name_basis"])
+            assert row[1][len(names) :] == ([basis] if basis else []) + [
+                f"not believed: {c['name']} ({c['source']})" for c in peer["unverified_names"]
+            ]
         shown_alerts = texts(html, "alert-row").found
         assert len(shown_alerts) == len(document["alerts"])
         for alert in document["alerts"]:

@@ -222,17 +222,39 @@ def best_name(peer: Mapping[str, Any]) -> str:
     return str(names[0].get("name", "")) if names and isinstance(names[0], Mapping) else ""
 
 
+NAME_BASIS_TEXT = {
+    "dns-exchange": "names verified: DNS exchange of the VM's",
+    "live-dns": "names verified: live DNS lookup",
+    "service-tag": "names verified: service tag",
+    "claimed": "names only claimed (not verified)",
+}
+
+
 def _names_cell(peer: Mapping[str, Any]) -> list[str]:
+    """Each name with its source (a DNS answer names the resolver of the VM's query it
+    matched, else it is a claim), then how the verdict's names were established and the
+    claims that were not believed."""
     lines = []
     for name in peer.get("names") or []:
         if not isinstance(name, Mapping):
             lines.append(str(name))
             continue
         chain = [str(c) for c in name.get("chain") or []]
-        text = f"{name.get('name', '')} ({name.get('source', '?')}"
+        source = str(name.get("source", "?"))
+        resolver = name.get("resolver")
+        text = f"{name.get('name', '')} ({source}"
+        text += f" via {resolver}" if resolver else (", claim" if source else "")
         if len(chain) > 1:
             text += ": " + " → ".join(chain[1:])
         lines.append(text + ")")
+    basis = NAME_BASIS_TEXT.get(str(peer.get("name_basis") or ""))
+    if basis:
+        lines.append(basis)
+    lines.extend(
+        f"not believed: {claim.get('name', '')} ({claim.get('source', '?')})"
+        for claim in peer.get("unverified_names") or []
+        if isinstance(claim, Mapping)
+    )
     return lines
 
 
