@@ -35,8 +35,11 @@ param captureRetentionDays int = 30
 @description('Name of a policy blob in the results container nwcap-config (e.g. policy.yaml); empty for the built-in policy.')
 param policyBlobName string = ''
 
-@description('Name of a ServiceTags_Public JSON blob in nwcap-config; empty for none.')
+@description('Name of a ServiceTags_Public JSON blob in nwcap-config; empty for none. When set, it wins over the refreshed tags.')
 param serviceTagsBlobName string = ''
+
+@description('Keep service tags current from the Service Tag Discovery API (timer, into nwcap-config/servicetags.json). Creates a custom role with Microsoft.Network/locations/serviceTags/read on the subscription for the app, which needs Owner or User Access Administrator to deploy; false for neither.')
+param serviceTagsRefresh bool = true
 
 @minLength(3)
 @maxLength(63)
@@ -82,6 +85,10 @@ var functionAppName = '${abbrs.webSitesFunctions}${resourceToken}'
 // Flex Consumption pulls the app package from this container of the host storage.
 var deploymentContainerName = 'app-package-${take(functionAppName, 32)}-${take(resourceToken, 7)}'
 var configContainerName = 'nwcap-config'
+// The service tags the timer refreshes, and the record of its checks beside them
+// (analyzer/pipeline/servicetags_refresh.py: DEFAULT_BLOB, state_blob_name).
+var serviceTagsRefreshBlobName = 'servicetags.json'
+var serviceTagsRefreshStateBlobName = 'servicetags.refresh.json'
 // Event Grid writes events it could not deliver here (results account), one blob per event.
 var deadLetterContainerName = 'nwcap-deadletter'
 var resultsTables = [
@@ -296,6 +303,31 @@ module resultsAccess 'app/rbac.bicep' = {
   }
 }
 
+// Service tags kept current: the app may write the refreshed tags (and only them) in nwcap-config,
+// and list service tags on the subscription with a custom role holding that one action (the
+// Discovery API exists at subscription scope only, hence the one module deployed there; it
+// creates no resource group, so azd down still touches the environment's own group only).
+module serviceTagsWriter 'app/servicetags-writer.bicep' = if (serviceTagsRefresh) {
+  name: 'servicetags-writer'
+  scope: rg
+  params: {
+    resultsAccountName: resultsStorage.outputs.name
+    containerName: configContainerName
+    principalId: identity.outputs.principalId
+    tagsBlobName: serviceTagsRefreshBlobName
+    stateBlobName: serviceTagsRefreshStateBlobName
+  }
+}
+
+module serviceTagsReader 'app/servicetags-reader.bicep' = if (serviceTagsRefresh) {
+  // a subscription-level deployment name: one per environment
+  name: 'servicetags-reader-${resourceToken}'
+  scope: subscription()
+  params: {
+    principalId: identity.outputs.principalId
+  }
+}
+
 // The deployer, as operator, with `--auth-mode login` and no key: query summaries, upload the
 // policy, read dead-lettered events, and run `nwcap reconcile` / `nwcap status` from their machine
 // (they write the captures table and send pending alerts, as the timer does). The capture
@@ -342,6 +374,16 @@ var policySettings = empty(policyBlobName) ? {} : {
 var serviceTagsSettings = empty(serviceTagsBlobName) ? {} : {
   NWCAP_SERVICE_TAGS: '${resultsStorage.outputs.blobEndpoint}${configContainerName}/${serviceTagsBlobName}'
 }
+// The refresh (docs/settings.md): where to ask, and where to keep the tags. NWCAP_SERVICE_TAGS,
+// when set above, wins: the refresh then skips and the app reads that file.
+var serviceTagsRefreshSettings = {
+  NWCAP_SERVICE_TAGS_REFRESH: serviceTagsRefresh ? 'on' : 'off'
+  NWCAP_SERVICE_TAGS_SUBSCRIPTION: subscription().subscriptionId
+  NWCAP_SERVICE_TAGS_LOCATION: location
+  NWCAP_SERVICE_TAGS_ENDPOINT: environment().resourceManager
+  NWCAP_SERVICE_TAGS_REFRESH_CONTAINER: configContainerName
+  NWCAP_SERVICE_TAGS_REFRESH_BLOB: serviceTagsRefreshBlobName
+}
 
 module processor 'app/processor.bicep' = {
   name: 'processor'
@@ -357,7 +399,7 @@ module processor 'app/processor.bicep' = {
     deploymentContainerName: deploymentContainerName
     applicationInsightsName: monitoring.outputs.applicationInsightsName
     virtualNetworkSubnetId: vnetEnabled ? vnet.outputs.appSubnetId : ''
-    appSettings: union(connectionSettings, operationSettings, policySettings, serviceTagsSettings)
+    appSettings: union(connectionSettings, operationSettings, policySettings, serviceTagsSettings, serviceTagsRefreshSettings)
     maximumInstanceCount: maximumInstanceCount
   }
   dependsOn: [

@@ -354,10 +354,188 @@ class TestStorageAndRoles:
 
     def test_existing_capture_account_stays_out_of_azd_deployment(self) -> None:
         # azd down deletes every resource group the deployment touched: nothing in main.bicep may
-        # be scoped to another group than the environment's own.
-        modules = _bicep("main.bicep")["modules"].values()
-        scopes = {_module_config(module).get("scope") for module in modules}
-        assert scopes == {"rg"}
+        # be scoped to another group than the environment's own. The one exception is the
+        # service-tag reader role, which lives on the subscription itself and holds no group.
+        modules = _bicep("main.bicep")["modules"]
+        scopes = {
+            name: json.dumps(_module_config(module).get("scope"), sort_keys=True)
+            for name, module in modules.items()
+        }
+        on_subscription = {name for name, scope in scopes.items() if scope != '"rg"'}
+        assert on_subscription == {"serviceTagsReader"}
+        reader = _bicep("app/servicetags-reader.bicep")
+        assert reader["globals"]["scope"]["value"] == "subscription"
+        assert {r["type"] for r in reader["resources"].values()} == {
+            "Microsoft.Authorization/roleDefinitions",
+            "Microsoft.Authorization/roleAssignments",
+        }
+
+
+class TestServiceTagsRefresh:
+    """The refresh's least rights: one custom action on the subscription, one blob pair."""
+
+    def test_custom_role_has_exactly_the_one_action(self) -> None:
+        reader = _bicep("app/servicetags-reader.bicep")
+        assert reader["globals"]["scope"]["value"] == "subscription"
+        definition = reader["resources"]["serviceTagReader"]
+        assert definition["type"] == "Microsoft.Authorization/roleDefinitions"
+        properties = definition["config"]["properties"]
+        assert properties["type"] == "CustomRole"
+        assert properties["permissions"] == [
+            {
+                "actions": ["Microsoft.Network/locations/serviceTags/read"],
+                "notActions": [],
+                "dataActions": [],
+                "notDataActions": [],
+            }
+        ]
+        # assignable on the subscription only; named per subscription (role names are unique
+        # in a tenant)
+        [scope] = properties["assignableScopes"]
+        assert _is_subscription_property(scope, "id")
+        assert "${subscription().subscriptionId}" in properties["roleName"]
+
+    def test_role_is_assigned_to_the_app_identity_at_subscription_scope(self) -> None:
+        reader = _bicep("app/servicetags-reader.bicep")
+        assignment = reader["resources"]["serviceTagReaderAssignment"]
+        assert assignment["type"] == "Microsoft.Authorization/roleAssignments"
+        body = assignment["config"]
+        assert "scope" not in body  # the template's own scope: the subscription
+        assert body["properties"]["roleDefinitionId"] == {
+            "operator": {
+                "type": "property_accessor",
+                "operands": {"operand_1": "serviceTagReader", "operand_2": "id"},
+            }
+        }
+        assert body["properties"]["principalId"] == "principalId"
+        assert body["properties"]["principalType"] == "ServicePrincipal"
+        module = _bicep("main.bicep")["modules"]["serviceTagsReader"]["config"]
+        assert module["condition"] == "serviceTagsRefresh"
+        config = module["config"]
+        assert config["scope"] == _SUBSCRIPTION_CALL
+        assert json.dumps(config["params"]["principalId"]) == json.dumps(
+            _identity_output("principalId")
+        )
+        assert config["name"] == "servicetags-reader-${resourceToken}"
+
+    def test_app_writes_only_the_refreshed_blobs(self) -> None:
+        from analyzer.pipeline.servicetags_refresh import (
+            DEFAULT_BLOB,
+            DEFAULT_CONTAINER,
+            state_blob_name,
+        )
+
+        main = _bicep("main.bicep")
+        variables = main["variables"]
+        assert variables["serviceTagsRefreshBlobName"]["value"] == DEFAULT_BLOB
+        assert variables["serviceTagsRefreshStateBlobName"]["value"] == state_blob_name(
+            DEFAULT_BLOB
+        )
+        assert variables["configContainerName"]["value"] == DEFAULT_CONTAINER
+        module = main["modules"]["serviceTagsWriter"]["config"]
+        assert module["condition"] == "serviceTagsRefresh"
+        params = module["config"]["params"]
+        assert module["config"]["scope"] == "rg"
+        assert params["containerName"] == "configContainerName"
+        assert params["tagsBlobName"] == "serviceTagsRefreshBlobName"
+        assert params["stateBlobName"] == "serviceTagsRefreshStateBlobName"
+        writer = _bicep("app/servicetags-writer.bicep")
+        assert writer["variables"]["storageBlobDataContributorRoleId"]["value"] == (
+            "ba92f5b4-2d11-453d-a403-e96b0029c9fe"
+        )
+        grant = writer["resources"]["tagsWriter"]["config"]
+        assert grant["scope"] == "container"
+        assert grant["properties"]["condition"] == "writeCondition"
+        assert grant["properties"]["conditionVersion"] == "2.0"
+        condition = writer["variables"]["writeCondition"]["value"].replace("\\'", "'")
+        blobs = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs"
+        for action in ("write", "add/action", "move/action", "delete"):
+            assert f"!(ActionMatches{{'{blobs}/{action}'}})" in condition, action
+        assert condition.count(f"@Resource[{blobs}:path] StringEquals") == 2
+        assert "'${tagsBlobName}'" in condition and "'${stateBlobName}'" in condition
+        # the app keeps only read access to the rest of the results account's blobs
+        results = main["modules"]["resultsAccess"]["config"]["params"]["storageRoles"]
+        assert "StorageBlobDataReader" in results
+        assert not {"StorageBlobDataContributor", "StorageBlobDataOwner"} & set(results)
+
+    def test_settings_reach_the_refresh(self) -> None:
+        from analyzer.pipeline.servicetags_refresh import SETTINGS, RefreshSettings
+
+        main = _bicep("main.bicep")
+        settings = main["variables"]["serviceTagsRefreshSettings"]["value"]
+        assert set(settings) == {
+            SETTINGS[name]
+            for name in (
+                "enabled",
+                "subscription_id",
+                "location",
+                "endpoint",
+                "container",
+                "blob",
+            )
+        }
+        assert _is_subscription_property(
+            settings["NWCAP_SERVICE_TAGS_SUBSCRIPTION"], "subscriptionId"
+        )
+        assert settings["NWCAP_SERVICE_TAGS_LOCATION"] == "location"
+        assert settings["NWCAP_SERVICE_TAGS_REFRESH"]["operator"]["operands"] == {
+            "condition": "serviceTagsRefresh",
+            "true_value": "on",
+            "false_value": "off",
+        }
+        endpoint = settings["NWCAP_SERVICE_TAGS_ENDPOINT"]["operator"]["operands"]
+        assert endpoint == {
+            "operand_1": {"function": {"type": "environment"}},
+            "operand_2": "resourceManager",
+        }
+        processor = main["modules"]["processor"]["config"]["params"]["appSettings"]
+        assert "serviceTagsRefreshSettings" in json.dumps(processor)
+        # what those values are in the public cloud, read by the app
+        refresh = RefreshSettings.from_environ(
+            {
+                "NWCAP_SERVICE_TAGS_REFRESH": "on",
+                "NWCAP_SERVICE_TAGS_SUBSCRIPTION": "11111111-2222-3333-4444-555555555555",
+                "NWCAP_SERVICE_TAGS_LOCATION": "westeurope",
+                "NWCAP_SERVICE_TAGS_ENDPOINT": "https://management.azure.com/",
+                "NWCAP_SERVICE_TAGS_REFRESH_CONTAINER": "nwcap-config",
+                "NWCAP_SERVICE_TAGS_REFRESH_BLOB": "servicetags.json",
+            }
+        )
+        assert refresh.enabled
+        assert refresh.tags_location() == "nwcap-config/servicetags.json"
+        assert refresh.scope == "https://management.azure.com/.default"
+        parameter = main["parameters"]["serviceTagsRefresh"]
+        assert (parameter["type"], parameter["default"]) == ("bool", True)
+        assert _parameter_substitutions()["serviceTagsRefresh"] == (
+            "${NWCAP_SERVICE_TAGS_REFRESH=true}"
+        )
+
+
+_SUBSCRIPTION_CALL = {"function": {"type": "subscription", "parameters": {"subscription_id": None}}}
+
+
+def _is_subscription_property(node: Any, name: str) -> bool:
+    """Whether a parsed Bicep value is ``subscription().<name>``."""
+    accessor = {"operand_1": _SUBSCRIPTION_CALL, "operand_2": name}
+    return bool(node == {"operator": {"type": "property_accessor", "operands": accessor}})
+
+
+def _identity_output(name: str) -> dict[str, Any]:
+    """The parsed form of ``identity.outputs.<name>``."""
+    return {
+        "operator": {
+            "type": "property_accessor",
+            "operands": {
+                "operand_1": "identity",
+                "operand_2": {
+                    "operator": {
+                        "type": "property_accessor",
+                        "operands": {"operand_1": "outputs", "operand_2": name},
+                    }
+                },
+            },
+        }
+    }
 
 
 class TestAzureYaml:
