@@ -1,8 +1,9 @@
 """nwcap's Azure Functions app: every capture blob analysed and stored, and a query API.
 
 Only bindings, settings and error translation live here; the work is in :mod:`analyzer`
-(``processing`` for the trigger, ``reconcile`` for the timer, ``api`` and ``status`` for the
-HTTP endpoints). Settings are described in ``docs/settings.md``.
+(:mod:`analyzer.pipeline.run` for the trigger and the timer, the same code ``nwcap process``
+and ``nwcap reconcile`` run; ``api`` and ``status`` for the HTTP endpoints). Settings are
+described in ``docs/settings.md``.
 
 The blob trigger is the fast path; the timer's reconciler is what guarantees that every
 capture is processed (lost events, dead runs, transient failures, the poison queue).
@@ -19,23 +20,25 @@ from azurefunctions.extensions.bindings import blob
 
 from analyzer.judge.policy import Policy
 from analyzer.judge.servicetags import ServiceTags
-from analyzer.pipeline.alert_delivery import AlertDelivery, DeliverySettings, delivery_window
+from analyzer.pipeline.alert_delivery import AlertDelivery, DeliverySettings
 from analyzer.pipeline.processing import (
     ReferenceFile,
     Settings,
     is_transient,
     policy_file,
-    process_blob,
     service_tags_file,
 )
 from analyzer.pipeline.reconcile import (
-    ReconcileSettings,
     RunLog,
     checked_schedule,
     poison_queue,
-    processor,
-    reconcile,
     schedule_seconds,
+)
+from analyzer.pipeline.run import (
+    AppSettings,
+    Pipeline,
+    process_and_deliver,
+    reconcile_and_deliver,
 )
 from analyzer.pipeline.status import status_document
 from analyzer.store.connections import (
@@ -66,6 +69,11 @@ RESULTS_CONNECTIONS = ("RESULTS_CONNECTION", CAPTURES_CONNECTION)
 # that is not six fields is logged and replaced by the default, rather than stopping the app.
 RECONCILE_SCHEDULE = checked_schedule(os.environ.get("RECONCILE_SCHEDULE", ""))
 
+
+def app_settings() -> AppSettings:
+    """The app settings."""
+    return AppSettings.from_environ()
+
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
 
@@ -88,8 +96,30 @@ def _service_tags(location: str, connection: ConnectionSettings) -> ReferenceFil
 
 def results_store() -> TableResultsStore:
     """The results store named by the settings, one per process (and per configuration)."""
-    settings = Settings.from_environ()
-    return _store(resolve_first(RESULTS_CONNECTIONS), settings.table_prefix)
+    return _store(resolve_first(RESULTS_CONNECTIONS), Settings.from_environ().table_prefix)
+
+
+@lru_cache(maxsize=8)
+def _delivery(
+    results: ConnectionSettings, prefix: str, settings: DeliverySettings
+) -> AlertDelivery:
+    return AlertDelivery.from_settings(
+        _store(results, prefix),
+        queue_service_for(results),
+        settings,
+        create_queue=not results.identity_based,
+    )
+
+
+def _pipeline(settings: AppSettings, results: ConnectionSettings) -> Pipeline:
+    """What the trigger and the timer run with: store, delivery, policy, service tags and
+    budget, each made once per process (policy and service tags re-read when they change)."""
+    processing, prefix = settings.processing, settings.processing.table_prefix
+    store = _store(results, prefix)
+    policy = _policy(processing.policy_location, results).get()
+    service_tags = _service_tags(processing.service_tags_location, results).get()
+    delivery = _delivery(results, prefix, settings.delivery)
+    return Pipeline(store, delivery, policy, service_tags, processing.budget)
 
 
 # The dashboard (/api/ui/...): the same pages as `nwcap serve`, over the same API handlers.
@@ -103,24 +133,14 @@ app.register_functions(web_blueprint(results_store))
     source=func.BlobSource.EVENT_GRID,
 )
 def process_capture(capture: blob.BlobClient) -> None:
-    """Analyse a new or changed capture blob and store the results (see
-    analyzer.pipeline.processing).
+    """Analyse a new or changed capture blob, store the results and deliver its alerts (see
+    analyzer.pipeline.run.process_and_deliver, which `nwcap process` runs too).
 
     Errors reaching here are transient (the host retries, then reconciling) or a configuration
     mistake (e.g. an invalid policy: reconciling takes the capture again once it is fixed).
     """
     try:
-        settings = Settings.from_environ()
-        results = resolve_first(RESULTS_CONNECTIONS)
-        store = _store(results, settings.table_prefix)
-        outcome = process_blob(
-            capture,
-            store,
-            policy=_policy(settings.policy_location, results).get(),
-            service_tags=_service_tags(settings.service_tags_location, results).get(),
-            budget=settings.budget,
-        )
-        _delivery(results, settings.table_prefix).after_processing(outcome.record)
+        process_and_deliver(_pipeline(app_settings(), resolve_first(RESULTS_CONNECTIONS)), capture)
     except Exception as error:
         if is_transient(error):
             log.warning(
@@ -141,55 +161,28 @@ def process_capture(capture: blob.BlobClient) -> None:
         capture.close()  # else each invocation's client stays open in the worker
 
 
-@lru_cache(maxsize=8)
-def _delivery(results: ConnectionSettings, prefix: str) -> AlertDelivery:
-    return AlertDelivery.from_settings(
-        _store(results, prefix),
-        queue_service_for(results),
-        DeliverySettings.from_environ(),
-        create_queue=not results.identity_based,
-    )
-
-
 @app.timer_trigger(
     arg_name="timer", schedule=RECONCILE_SCHEDULE, run_on_startup=False, use_monitor=True
 )
 def reconcile_captures(timer: func.TimerRequest) -> None:
     """Process every capture blob of the lookback window that is not final at its ETag, drain
     the poison queue, deliver pending alerts, and record the run (see
-    analyzer.pipeline.reconcile)."""
+    analyzer.pipeline.run.reconcile_and_deliver, which `nwcap reconcile` runs too)."""
     if timer.past_due:
         log.warning("The reconcile timer is running late")
-    settings = Settings.from_environ()
+    settings = app_settings()
     results = resolve_first(RESULTS_CONNECTIONS)
     captures = resolve(CAPTURES_CONNECTION)
-    store = _store(results, settings.table_prefix)
-    process = processor(
-        store,
-        policy=_policy(settings.policy_location, results).get(),
-        service_tags=_service_tags(settings.service_tags_location, results).get(),
-        budget=settings.budget,
-    )
-    reconcile_settings = ReconcileSettings.from_environ()
-    delivery = _delivery(results, settings.table_prefix)
+    pipeline = _pipeline(settings, results)
+    prefix = settings.processing.table_prefix
     with blob_service_for(captures) as blobs, poison_queue(captures) as poison:
-        report = reconcile(
-            blobs.get_container_client(settings.captures_container),
-            store,
-            process,
-            settings=reconcile_settings,
+        reconcile_and_deliver(
+            pipeline,
+            blobs.get_container_client(settings.processing.captures_container),
+            settings=settings.reconcile,
+            runs=RunLog(pipeline.store.service, prefix=prefix),
             poison=poison,
-            after_processing=delivery.after_processing,
         )
-    RunLog(store.service, prefix=settings.table_prefix).record(report)
-    delivery.reconcile(window=delivery_window(reconcile_settings.lookback))
-    fields = {"nwcap_event": "reconcile", **report.counts()}
-    log.log(
-        logging.WARNING if report.failed or report.stuck or report.poison_error else logging.INFO,
-        "nwcap.reconcile %s",
-        json.dumps(fields, separators=(",", ":")),
-        extra={**fields, "custom_dimensions": fields},
-    )
 
 
 @app.route(route="status", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
@@ -203,17 +196,18 @@ def get_status(req: func.HttpRequest) -> func.HttpResponse:
     if live not in ("0", "1"):
         return _json(400, {"error": "live must be 0 or 1"})
     try:
-        settings = Settings.from_environ()
+        settings = app_settings()
+        prefix = settings.processing.table_prefix
         results = resolve_first(RESULTS_CONNECTIONS)
         captures = resolve(CAPTURES_CONNECTION)
-        store = _store(results, settings.table_prefix)
+        store = _store(results, prefix)
         with blob_service_for(captures) as blobs, poison_queue(captures) as poison:
             document = status_document(
                 store,
-                container=blobs.get_container_client(settings.captures_container),
+                container=blobs.get_container_client(settings.processing.captures_container),
                 poison=poison,
-                runs=RunLog(store.service, prefix=settings.table_prefix),
-                settings=ReconcileSettings.from_environ(),
+                runs=RunLog(store.service, prefix=prefix),
+                settings=settings.reconcile,
                 schedule_seconds=schedule_seconds(RECONCILE_SCHEDULE),
                 live=live == "1",
             )

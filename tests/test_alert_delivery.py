@@ -43,6 +43,8 @@ from analyzer.pipeline.alert_delivery import (
     eventgrid_publisher,
     fit_message,
     message_body,
+    produced_alerts,
+    stored_alerts,
 )
 from analyzer.pipeline.processing import process_blob
 from analyzer.pipeline.reconcile import ReconcileSettings, processor, reconcile
@@ -391,6 +393,65 @@ class TestAsTheAppRunsIt:
             delivery.queue.delete_queue()
 
 
+class TestAlertsOfTheRun:
+    """Right after processing, delivery sends the alerts the run stored, made into what the
+    alerts table holds: the same ids and messages as reading them back, without the read."""
+
+    def test_deliver_does_not_read_the_alerts_back(
+        self,
+        upload: Upload,
+        results_store: TableResultsStore,
+        queue_service: QueueServiceClient,
+        alerts: QueueClient,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        process_blob(upload(network_watcher_path(minute=0), udp_capture(FIRST)), results_store,
+                     policy=POLICY)
+        blob = upload(network_watcher_path(minute=5), udp_capture(SECOND))
+        outcome = process_blob(blob, results_store, policy=POLICY)
+        assert outcome.record is not None and outcome.alerts is not None
+        expected = stored_rows(results_store, outcome.record)
+        settings = DeliverySettings.from_environ(
+            {"ALERTS_QUEUE": alerts.queue_name, "ALERTS_MIN_SEVERITY": "info"}
+        )
+        delivery = AlertDelivery.from_settings(results_store, queue_service, settings)
+
+        def unread(capture_id: str) -> Any:
+            raise AssertionError(f"the alerts of {capture_id} were read back")
+
+        monkeypatch.setattr(results_store, "iter_capture_alerts", unread)
+        result = delivery.deliver(outcome)
+        assert result is not None and result.sent == len(expected) == len(outcome.alerts)
+        assert as_rows(drain(alerts)) == expected
+        # a run that found the capture done has no alerts of its own: the table's are read
+        skipped = process_blob(blob, results_store, policy=POLICY)
+        assert (skipped.status, skipped.alerts) == ("skipped", None)
+        with pytest.raises(AssertionError, match="read back"):
+            delivery.deliver(skipped)
+
+    def test_same_keys_and_documents_as_the_table(
+        self, results_store: TableResultsStore, second_capture: CaptureRecord
+    ) -> None:
+        # Alerts sharing rule, severity and peer are numbered; text is cut to what a row holds.
+        later = second_capture.generation + 1
+        record = dataclasses.replace(second_capture, generation=later, results_generation=later)
+        alerts = [
+            Alert("deny-rule", "high", "20.0.0.2", "one", {"n": 1}),
+            Alert("new-peer", "info", "2001:DB8::7", "x"),
+            Alert("deny-rule", "high", "20.0.0.2", "two", {"n": 2}),
+            Alert("unexpected-endpoint", "low", "20.0.0.1", "y" * 40_000, {"big": "z" * 40_000}),
+            Alert("a rule/with é", "medium", "not-an-ip", "w"),
+            Alert("deny-rule", "high", "20.0.0.2", "three"),
+        ]
+        results_store.write_results(record, (), alerts)
+        results_store.put_capture(record)
+        produced = produced_alerts(record, alerts)
+        stored = stored_alerts(results_store, record.capture_id)
+        assert [(a.key, a.document) for a in produced] == [(a.key, a.document) for a in stored]
+        assert [a.document["message"] for a in produced][:3] == ["one", "two", "three"]
+        assert any(a.document["truncated"] for a in produced)
+
+
 class TestLateCaptures:
     """A capture the reconciler processes long after it was taken still gets its alerts out."""
 
@@ -410,7 +471,7 @@ class TestLateCaptures:
         report = reconcile(
             captures_container, results_store, processor(results_store, policy=POLICY),
             settings=ReconcileSettings(lookback=lookback, stale_after=0.0, grace=0.0),
-            after_processing=delivery.after_processing,
+            after_processing=delivery.deliver,
         )
         assert report.processed == 1
         record = results_store.get_capture(report.items[0].capture_id)

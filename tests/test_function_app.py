@@ -10,19 +10,30 @@ import os
 import subprocess
 import sys
 import types
+import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import azure.functions as func
 import pytest
+from azure.data.tables import TableServiceClient
 from azure.functions.timer import TimerRequest
 from azure.storage.blob import ContainerClient
+from azure.storage.queue import QueueClient, QueueServiceClient
 from azurefunctions.extensions.base import Datum
 from azurefunctions.extensions.bindings import blob
 from azurefunctions.extensions.bindings.blob import BlobClientConverter
+from clirunner import nwcap
 from conftest import ROOT, FailingStore, http_error, network_watcher_path, udp_capture
 
 import function_app
+from analyzer.pipeline.alert_delivery import (
+    alert_message,
+    alerts_queue,
+    delivery_table_name,
+    stored_alerts,
+)
 from analyzer.store.blobpath import parse_capture_path
 from analyzer.store.results import TableResultsStore, capture_id_for
 
@@ -286,7 +297,10 @@ class TestReconcileTimer:
         names = [network_watcher_path(f"vm-{n}", minute=n) for n in range(2)]
         for name in names:
             captures_container.upload_blob(name, udp_capture(PEERS))
-        with caplog.at_level(logging.INFO, logger="nwcap"):
+        with (
+            caplog.at_level(logging.INFO, logger="nwcap"),
+            caplog.at_level(logging.INFO, logger="nwcap.outcome"),  # the nwcap.reconcile record
+        ):
             handler("reconcile_captures")(TimerRequest(past_due=True))
         stored = results_store.list_captures().items
         assert sorted((c["status"], c["blob_name"]) for c in stored) == [
@@ -447,3 +461,78 @@ class TestQueryEndpoints:
             monkeypatch.delenv(f"AzureWebJobs{setting}", raising=False)
         status, body = call("list_captures", get("captures"))
         assert (status, body) == (500, {"error": "the results store is not configured"})
+
+
+def received(queue: QueueClient) -> list[dict[str, Any]]:
+    """Every message on an alerts queue, decoded as the Functions queue trigger decodes them,
+    and deleted."""
+    messages = []
+    for item in queue.receive_messages(messages_per_page=32, visibility_timeout=300):
+        messages.append(json.loads(item.content))
+        queue.delete_message(item)
+    return messages
+
+
+class TestOneRunPath:
+    """`nwcap process` runs the trigger's path: the same alerts reach the alerts queue."""
+
+    def test_process_delivers_what_the_trigger_delivers(
+        self,
+        storage_env: Mapping[str, str],
+        captures_container: ContainerClient,
+        results_store: TableResultsStore,
+        table_service: TableServiceClient,
+        connection_string: str,
+        monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path,
+    ) -> None:
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(
+            "vnet_ranges: [10.0.0.0/16]\ndeny: [{name: known-bad, cidr: 20.0.0.2/32}]\n"
+        )
+        monkeypatch.setenv("NWCAP_POLICY", str(policy))
+        monkeypatch.setenv("ALERTS_MIN_SEVERITY", "info")  # every stored alert is sent
+        names = [network_watcher_path("vm-q", minute=1), network_watcher_path("vm-q", minute=2)]
+        for name, peers in zip(names, (FIRST, PEERS), strict=True):
+            captures_container.upload_blob(name, udp_capture(peers))
+        service = QueueServiceClient.from_connection_string(connection_string)
+        by_trigger, by_cli = (alerts_queue(service, f"alerts-{uuid.uuid4().hex[:12]}")
+                              for _ in range(2))
+        cli_prefix = f"t{uuid.uuid4().hex[:12]}"
+        cli_store = TableResultsStore(table_service, prefix=cli_prefix)
+        try:
+            monkeypatch.setenv("ALERTS_QUEUE", by_trigger.queue_name)
+            for name in names:
+                handler("process_capture")(trigger_blob(captures_container.container_name, name))
+            # the same blobs, by `nwcap process`, into a store and a queue of their own
+            monkeypatch.setenv("ALERTS_QUEUE", by_cli.queue_name)
+            monkeypatch.setenv("NWCAP_TABLE_PREFIX", cli_prefix)
+            code, out, err = nwcap("process", "--format", "json")
+            assert code == 0, err
+            assert [o["status"] for o in json.loads(out)["outcomes"]] == ["complete"] * 2
+            sent_by_trigger, sent_by_cli = received(by_trigger), received(by_cli)
+            assert f"nwcap: alerts: {len(sent_by_cli)} sent, 0 pending, 0 failed" in err
+            # one message per stored alert, with the id its row in the alerts table gives it
+            stored = {}
+            for capture in cli_store.list_captures().items:
+                record = cli_store.get_capture(capture["capture_id"])
+                assert record is not None
+                for alert in stored_alerts(cli_store, record.capture_id):
+                    message = alert_message(record, alert.document, links_base=None, key=alert.key)
+                    stored[message["id"]] = message
+            assert stored and len(stored) == sum(
+                sum(c["alerts"].values()) for c in cli_store.list_captures().items
+            )
+            assert {m["id"]: m for m in sent_by_cli} == stored
+            # and those are the trigger's messages, ids and all
+            assert sorted(sent_by_trigger, key=lambda m: m["id"]) == sorted(
+                sent_by_cli, key=lambda m: m["id"]
+            )
+            # processed again: nothing is sent twice
+            assert nwcap("process", "--force").code == 0
+            assert received(by_cli) == []
+        finally:
+            for queue in (by_trigger, by_cli):
+                queue.delete_queue()
+            for table in [*cli_store.names.values(), delivery_table_name(cli_store)]:
+                table_service.delete_table(table)

@@ -105,6 +105,23 @@ class TestProcess:
         assert outcome["status"] == "complete"
         assert results_store.get_capture(outcome["capture_id"]) is not None
 
+    @pytest.mark.parametrize(
+        ("setting", "value", "status"),
+        [("ALERTS_MIN_SEVERITY", "loud", 2), ("NWCAP_MAX_PEERS", "lots", 65)],
+    )
+    def test_bad_setting(
+        self,
+        storage_env: Mapping[str, str],
+        monkeypatch: pytest.MonkeyPatch,
+        setting: str,
+        value: str,
+        status: int,
+    ) -> None:
+        monkeypatch.setenv(setting, value)
+        code, out, err = nwcap("process")
+        assert (code, out) == (status, "")
+        assert err.startswith("nwcap: error: ") and setting in err
+
     def test_policy_file(
         self,
         storage_env: Mapping[str, str],

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from analyzer.capture.budget import Budget
     from analyzer.judge.policy import Policy
     from analyzer.judge.servicetags import ServiceTags
+    from analyzer.pipeline.alert_delivery import DeliveryResult
     from analyzer.store.connections import ConnectionSettings
     from analyzer.store.results import TableResultsStore
     from analyzer.web.api import ApiResponse
@@ -168,6 +169,16 @@ def failed(result: ApiResponse) -> int | None:
         return None
     error(str(result.body.get("error", result.status)))
     return EXIT_USAGE if result.status == 400 else 1
+
+
+def print_delivery(delivered: DeliveryResult) -> None:
+    """What alert delivery did, one line on stderr, when it sent or left anything."""
+    if delivered.sent or delivered.pending or delivered.failed:
+        print(
+            f"nwcap: alerts: {delivered.sent} sent, {delivered.pending} pending, "
+            f"{delivered.failed} failed",
+            file=sys.stderr,
+        )
 
 
 def print_json(document: Any) -> None:

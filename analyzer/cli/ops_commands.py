@@ -1,8 +1,8 @@
 """``nwcap reconcile`` and ``nwcap status``: the operator's commands, the timer's code path.
 
-``reconcile`` runs :func:`analyzer.pipeline.reconcile.reconcile` exactly as the function app's timer
-does (same settings, same processing), records the run and delivers alerts not yet delivered
-(:mod:`analyzer.pipeline.alert_delivery`); ``status`` prints
+``reconcile`` runs :func:`analyzer.pipeline.run.reconcile_and_deliver` exactly as the function
+app's timer does (same settings, same processing): it reconciles, drains the poison queue,
+delivers alerts not yet delivered and records the run; ``status`` prints
 :func:`analyzer.pipeline.status.status_document`. Connections are named as for the storage commands:
 ``--connection`` (default ``RESULTS_CONNECTION``, else ``CAPTURES_CONNECTION``) for results,
 ``--captures-connection`` (default ``CAPTURES_CONNECTION``) for capture blobs and the poison
@@ -26,12 +26,13 @@ from analyzer.cli.common import (
     FORMATS,
     captures_connection_option,
     guarded,
+    print_delivery,
     print_json,
     results_connection,
     results_store_options,
 )
 from analyzer.cli.exits import EXIT_ALERTS
-from analyzer.pipeline.alert_delivery import AlertDelivery, DeliverySettings, delivery_window
+from analyzer.pipeline.alert_delivery import AlertDelivery, DeliverySettings
 from analyzer.pipeline.processing import Settings, policy_file, service_tags_file
 from analyzer.pipeline.reconcile import (
     DurationError,
@@ -40,10 +41,9 @@ from analyzer.pipeline.reconcile import (
     RunLog,
     parse_duration,
     poison_queue,
-    processor,
-    reconcile,
     schedule_seconds,
 )
+from analyzer.pipeline.run import Pipeline, reconcile_and_deliver
 from analyzer.pipeline.status import status_document
 from analyzer.present.textsafe import csv_cell, terminal_text
 from analyzer.store.connections import (
@@ -167,30 +167,23 @@ def run_reconcile(args: argparse.Namespace) -> int:
     )
     policy = policy_file(policy_location, results_blobs).get()
     tags = service_tags_file(tags_location, results_blobs).get()
-    process = processor(site.store, policy=policy, service_tags=tags,
-                        budget=site.settings.budget)
     delivery = AlertDelivery.from_settings(
         site.store,
         queue_service_for(site.results),
         DeliverySettings.from_environ(),
         create_queue=not site.results.identity_based,
     )
-    report = reconcile(
+    pipeline = Pipeline(site.store, delivery, policy, tags, site.settings.budget)
+    ran = reconcile_and_deliver(
+        pipeline,
         site.container,
-        site.store,
-        process,
         settings=site.reconcile,
+        runs=site.runs,
         poison=None if args.no_poison else site.poison(),
-        after_processing=delivery.after_processing,
     )
-    site.runs.record(report)
-    # alerts not yet delivered, as the timer does
-    sent = delivery.reconcile(window=delivery_window(site.reconcile.lookback))
-    _print_report(report, args.format)
-    if sent.sent or sent.pending or sent.failed:
-        print(f"nwcap: alerts: {sent.sent} sent, {sent.pending} pending, {sent.failed} failed",
-              file=sys.stderr)
-    return EXIT_ALERTS if report.failed else 0
+    _print_report(ran.report, args.format)
+    print_delivery(ran.delivered)  # alerts not delivered before, as the timer sends them
+    return EXIT_ALERTS if ran.report.failed else 0
 
 
 def _print_report(report: ReconcileReport, fmt: str) -> None:

@@ -1,7 +1,7 @@
 """The ``nwcap`` subcommands over stored results: process (backfill), captures, show, alerts,
 who-talked-to. They run the function's own code:
-:func:`analyzer.pipeline.processing.process_blob` to process, the HTTP API's handlers
-(:mod:`analyzer.web.api`) to query.
+:func:`analyzer.pipeline.run.process_and_deliver` to process a blob and deliver its alerts, as
+the blob trigger does, and the HTTP API's handlers (:mod:`analyzer.web.api`) to query.
 
 Storage is named by connection, as in the function app: ``--connection`` (default
 ``RESULTS_CONNECTION``, falling back to ``CAPTURES_CONNECTION``) for results and
@@ -35,24 +35,25 @@ from analyzer.cli.common import (
     captures_connection_option,
     failed,
     guarded,
+    print_delivery,
     print_json,
+    results_connection,
     results_store,
     results_store_options,
+    table_prefix,
 )
-from analyzer.pipeline.processing import (
-    Outcome,
-    Settings,
-    policy_file,
-    process_blob,
-    service_tags_file,
-)
+from analyzer.pipeline.alert_delivery import AlertDelivery, DeliveryResult, DeliverySettings
+from analyzer.pipeline.processing import Outcome, Settings, policy_file, service_tags_file
+from analyzer.pipeline.run import Pipeline, process_and_deliver
 from analyzer.present.textsafe import csv_cell, terminal_text
 from analyzer.store.blobpath import is_capture_blob
 from analyzer.store.connections import (
     blob_service_for,
+    queue_service_for,
     require_trusted_blob_url,
     resolve,
     resolve_first,
+    table_service_for,
 )
 from analyzer.store.results import MAX_PAGE, TableResultsStore
 from analyzer.web import api
@@ -67,8 +68,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "process",
         help="analyse capture blobs into Table Storage (backfill), as the function does",
         description="Analyse every .cap blob of a container (optionally under a prefix), or "
-        "one blob URL, and store the results. Captures already complete at the same ETag "
-        "are skipped unless --force. Exit code 1 when any capture failed.",
+        "one blob URL, store the results and send their alerts to the alerts queue, as the "
+        "function does (ALERTS_MIN_SEVERITY=none sends none; an alert already sent is not "
+        "sent again). Captures already complete at the same ETag are skipped unless --force. "
+        "Exit code 1 when any capture failed.",
     )
     process.add_argument(
         "source",
@@ -282,6 +285,7 @@ def _page(store: TableResultsStore, capture_id: str, params: dict[str, str]) -> 
 def run_process(args: argparse.Namespace) -> int:
     """nwcap process"""
     settings = Settings.from_environ()
+    delivery_settings = DeliverySettings.from_environ()
     results_names = (
         (args.connection,) if args.connection else ("RESULTS_CONNECTION", args.captures_connection)
     )
@@ -298,26 +302,33 @@ def run_process(args: argparse.Namespace) -> int:
         if _is_url(location):
             require_trusted_blob_url(location, results)
     captures_service = blob_service_for(captures)
-    store = results_store(args)
+    # The store and the alerts queue are in the results account, as for the function.
+    stored_in = results_connection(args)
+    store = TableResultsStore(table_service_for(stored_in), prefix=table_prefix(args))
     store.create_tables()
     policy = policy_file(policy_location, lambda: blob_service_for(results)).get()
     service_tags = service_tags_file(tags_location, lambda: blob_service_for(results)).get()
+    delivery = AlertDelivery.from_settings(
+        store,
+        queue_service_for(stored_in),
+        delivery_settings,
+        create_queue=not stored_in.identity_based,
+    )
+    pipeline = Pipeline(store, delivery, policy, service_tags, settings.budget)
     blobs = list(_blobs(captures_service, args.source, args.prefix, settings.captures_container))
     progress = ProgressBar(sys.stderr, len(blobs))
     outcomes: list[Outcome] = []
+    delivered = DeliveryResult()
     for index, (blob, size) in enumerate(blobs, start=1):
         progress.start(index, blob.blob_name, size)
         try:
-            outcome = process_blob(
-                blob,
-                store,
-                policy=policy,
-                service_tags=service_tags,
-                force=args.force,
-                progress=progress.update,
-            )
+            run = process_and_deliver(pipeline, blob, force=args.force, progress=progress.update)
         except AzureError as error:
             outcome = Outcome("error", f"{blob.container_name}/{blob.blob_name}", detail=str(error))
+        else:
+            outcome = run.outcome
+            if run.delivered is not None:
+                delivered.add(run.delivered)
         progress.finish(outcome)
         outcomes.append(outcome)
     documents = [
@@ -338,6 +349,7 @@ def run_process(args: argparse.Namespace) -> int:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
     summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
     print(f"{len(outcomes)} blobs: {summary or 'nothing to do'}", file=sys.stderr)
+    print_delivery(delivered)
     return 1 if any(outcome.status in _FAILURES for outcome in outcomes) else 0
 
 

@@ -1,7 +1,9 @@
 """Alerts out: one Storage queue message per stored alert, optionally a CloudEvent per alert.
 
-Delivery runs after a capture's results are stored and its status is final, and reads the
-alerts back from the ``alerts`` table, so a consumer that gets a message can read the tables.
+Delivery runs after a capture's results are stored and its status is final, so a consumer
+that gets a message can read the tables. Right after processing it sends the alerts that run
+stored (:attr:`Outcome.alerts`, made into the documents the ``alerts`` table holds); later
+runs, the reconciler's and retries, read them back from the table.
 
 - Every message carries a stable ``id``: the first 32 hex digits of SHA-256 over the capture
   id, the blob's ETag and the alert's key (:func:`analyzer.store.tablekeys.alert_key`, its row key
@@ -35,7 +37,7 @@ import os
 import re
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, cast
@@ -56,7 +58,8 @@ from azure.storage.queue import (
 )
 
 from analyzer.base.models import SEVERITY_ORDER, Alert, Severity, iso_time
-from analyzer.store.results import CaptureRecord, TableResultsStore
+from analyzer.pipeline.processing import Outcome, is_transient
+from analyzer.store.results import CaptureRecord, TableResultsStore, alert_document, alert_entity
 from analyzer.store.tablekeys import alert_key, ip_key
 
 log = logging.getLogger(__name__)
@@ -162,6 +165,17 @@ def stored_alerts(store: TableResultsStore, capture_id: str) -> list[StoredAlert
     return _keyed(store.iter_capture_alerts(capture_id))
 
 
+def produced_alerts(record: CaptureRecord, alerts: Sequence[Alert]) -> list[StoredAlert]:
+    """The alerts a run stored with ``record``, as :func:`stored_alerts` would read them back:
+    the documents of their ``alerts`` rows, in row-key order, with the same keys (hence the
+    same message ids), without reading the table."""
+    rows = sorted(
+        (alert_entity(record, alert, n, by_day=False) for alert, n in _numbered(alerts)),
+        key=lambda row: str(row["RowKey"]),
+    )
+    return _keyed(alert_document(row) for row in rows)
+
+
 def alert_message(
     record: CaptureRecord,
     alert_doc: Mapping[str, Any],
@@ -206,17 +220,31 @@ def alert_message(
 
 
 def _keyed(documents: Iterable[Mapping[str, Any]]) -> list[StoredAlert]:
-    occurrences: dict[tuple[str, str, str], int] = defaultdict(int)
-    keyed = []
-    for document in documents:
-        rule, severity, peer = (
-            str(document.get(name, "")) for name in ("rule", "severity", "peer")
+    """Documents of a capture's alerts rows, in row-key order, each with its alert key."""
+    listed = list(documents)
+    alerts = (
+        Alert(
+            rule=str(document.get("rule", "")),
+            severity=cast(Severity, str(document.get("severity", ""))),
+            peer=str(document.get("peer", "")),
+            message="",
         )
-        same = (rule, severity, ip_key(peer))
-        alert = Alert(rule=rule, severity=cast(Severity, severity), peer=peer, message="")
-        keyed.append(StoredAlert(alert_key(alert, occurrences[same]), document))
-        occurrences[same] += 1
-    return keyed
+        for document in listed
+    )
+    return [
+        StoredAlert(alert_key(alert, n), document)
+        for (alert, n), document in zip(_numbered(alerts), listed, strict=True)
+    ]
+
+
+def _numbered(alerts: Iterable[Alert]) -> Iterator[tuple[Alert, int]]:
+    """Each alert with its number among the alerts of the same rule, severity and peer: the
+    number the results store puts in an alert's row key (:func:`alert_key`)."""
+    seen: dict[tuple[str, str, str], int] = defaultdict(int)
+    for alert in alerts:
+        same = (alert.rule, alert.severity, ip_key(alert.peer))
+        yield alert, seen[same]
+        seen[same] += 1
 
 
 def capture_links(capture_id: str, links_base: str | None) -> dict[str, str]:
@@ -557,6 +585,7 @@ def deliver_capture_alerts(
     queue_client: QueueClient,
     record: CaptureRecord,
     *,
+    alerts: Sequence[Alert] | None = None,
     min_severity: str = DEFAULT_MIN_SEVERITY,
     links_base: str | None = None,
     publish_events: EventPublisher | None = None,
@@ -566,8 +595,10 @@ def deliver_capture_alerts(
     blob version, one queue message each; see the module's docstring for faults.
 
     Call it once ``record`` is stored ``complete`` or ``partial``: other statuses send nothing.
-    Transient storage errors (queue or delivery table) are returned as ``pending``, never
-    raised.
+    ``alerts`` are those the run that stored ``record`` wrote with it (:attr:`Outcome.alerts`):
+    sent as they are while the capture's results are still that run's, instead of read back
+    from the table. Transient storage errors (queue or delivery table) are returned as
+    ``pending``, never raised.
     """
     result = DeliveryResult(captures=1)
     if record.status not in _DELIVERED_STATUSES:
@@ -575,14 +606,14 @@ def deliver_capture_alerts(
     threshold = SEVERITY_ORDER[min_severity]
     ledger = DeliveryLedger(store)
     try:
-        alerts = _current_alerts(store, record)
-        if alerts is None:
+        current = _current_alerts(store, record, alerts)
+        if current is None:
             return result
         eligible = {}
-        for alert in alerts:
+        for alert in current:
             if alert.severity_rank >= threshold:
                 eligible[alert_id(record.capture_id, record.blob_etag, alert.key)] = alert
-        result.below_threshold = len(alerts) - len(eligible)
+        result.below_threshold = len(current) - len(eligible)
         previous = ledger.rows(record.capture_id)
         obsolete = [
             {**row, "status": "superseded"}
@@ -608,7 +639,7 @@ def deliver_capture_alerts(
     except AzureError as error:
         # Never raised: the capture's results stand whatever happens to its alerts.
         log.log(
-            logging.WARNING if _is_transient(error) else logging.ERROR,
+            logging.WARNING if is_transient(error) else logging.ERROR,
             "Alerts of capture %s not delivered now, storage unavailable: %s",
             record.capture_id,
             _short(error),
@@ -623,10 +654,15 @@ def deliver_capture_alerts(
     return result
 
 
-def _current_alerts(store: TableResultsStore, record: CaptureRecord) -> list[StoredAlert] | None:
+def _current_alerts(
+    store: TableResultsStore, record: CaptureRecord, produced: Sequence[Alert] | None
+) -> list[StoredAlert] | None:
     """The stored alerts of ``record``'s blob version, or ``None`` when the stored capture is
     another version, not final, or changed while they were read (ids would then mix two
-    versions; the run that stores the other results delivers their alerts)."""
+    versions; the run that stores the other results delivers their alerts).
+
+    ``produced``, the alerts the run stored with ``record``, stand for the table's rows while
+    the stored row still names that run's results; otherwise the table is read."""
     before = store.get_capture(record.capture_id)
     if before is None or before.blob_etag != record.blob_etag:
         log.info("Capture %s is stored at another version: alerts not sent", record.capture_id)
@@ -634,6 +670,8 @@ def _current_alerts(store: TableResultsStore, record: CaptureRecord) -> list[Sto
     if before.status not in _DELIVERED_STATUSES:  # a run is redoing it: that run delivers
         log.info("Capture %s is %s: alerts not sent now", record.capture_id, before.status)
         return None
+    if produced is not None and before.results_generation == record.results_generation:
+        return produced_alerts(record, produced)
     alerts = stored_alerts(store, record.capture_id)
     after = store.get_capture(record.capture_id)
     if after is None or after.version != before.version:
@@ -691,7 +729,7 @@ class _Sender:
         self.result.errors.append(text)
         row = _attempted(row, self.clock(), last_error=text)
         capture_id = self.record.capture_id
-        if _is_transient(error):
+        if is_transient(error):
             log.warning("Alerts queue unavailable, alerts of %s stay pending: %s", capture_id, text)
             return row
         self.result.failed += 1
@@ -787,7 +825,7 @@ def deliver_pending(
         abandoned = ledger.pending_before(since)
     except AzureError as error:
         log.log(
-            logging.WARNING if _is_transient(error) else logging.ERROR,
+            logging.WARNING if is_transient(error) else logging.ERROR,
             "Pending alerts not looked for now, storage unavailable: %s",
             _short(error),
         )
@@ -849,10 +887,20 @@ class AlertDelivery:
         endpoint = settings.eventgrid_endpoint
         return cls(store, queue, settings, eventgrid_publisher(endpoint) if endpoint else None)
 
-    def after_processing(self, record: CaptureRecord | None) -> DeliveryResult | None:
-        """Deliver the alerts of a processed capture (``Outcome.record``); ``None`` when there
-        is nothing to do (no record, a status other than complete or partial, delivery off).
-        Also right for a run that found the capture already final: what was sent is skipped."""
+    def deliver(self, outcome: Outcome) -> DeliveryResult | None:
+        """Deliver the alerts of a processed capture: those its run stored
+        (``outcome.alerts``), else (a run that found the capture already final) the table's;
+        what was sent is skipped. ``None`` when there is nothing to do (see
+        :meth:`after_processing`)."""
+        return self.after_processing(outcome.record, outcome.alerts)
+
+    def after_processing(
+        self, record: CaptureRecord | None, alerts: Sequence[Alert] | None = None
+    ) -> DeliveryResult | None:
+        """Deliver the alerts of a processed capture (``Outcome.record``, with the ``alerts``
+        its run stored if any, else read from the table); ``None`` when there is nothing to do
+        (no record, a status other than complete or partial, delivery off). Also right for a
+        run that found the capture already final: what was sent is skipped."""
         severity = self.settings.min_severity
         if record is None or severity is None or record.status not in _DELIVERED_STATUSES:
             return None
@@ -860,6 +908,7 @@ class AlertDelivery:
             self.store,
             self.queue,
             record,
+            alerts=alerts,
             min_severity=severity,
             links_base=self.settings.links_base,
             publish_events=self.publish_events,
@@ -922,13 +971,6 @@ def _undelivered_captures(
         continuation = page.continuation
         if not continuation:
             return found
-
-
-def _is_transient(error: BaseException) -> bool:
-    # Imported here: processing imports this module to deliver after storing results.
-    from analyzer.pipeline.processing import is_transient  # noqa: PLC0415
-
-    return is_transient(error)
 
 
 def _short(error: BaseException) -> str:

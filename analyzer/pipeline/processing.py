@@ -132,6 +132,9 @@ class Outcome:
     (already final at this ETag), ``ignored`` (not a ``.cap`` blob), ``superseded`` (a newer
     version of the blob, or a later run, took over), ``busy`` (another run is under way),
     ``newer-analyzer`` (a newer version of nwcap recorded it) or ``missing`` (the blob is gone).
+
+    ``alerts`` are the alerts this run stored with ``record`` (``None`` when it stored none:
+    skipped, failed...), for delivery to send without reading them back.
     """
 
     status: str
@@ -139,6 +142,7 @@ class Outcome:
     capture_id: str = ""
     detail: str = ""
     record: CaptureRecord | None = None
+    alerts: tuple[Alert, ...] | None = None
 
 
 def is_transient(error: BaseException) -> bool:
@@ -516,7 +520,7 @@ def _store_analysis(
     _drop_older_rows(store, stored)
     for alert in alerts:
         log_alert(stored, alert)
-    return Outcome(stored.status, name, stored.capture_id, stored.error, stored)
+    return Outcome(stored.status, name, stored.capture_id, stored.error, stored, alerts)
 
 
 def _still_claimed(store: ResultsStore, mine: CaptureRecord) -> bool:

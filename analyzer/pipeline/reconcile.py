@@ -89,7 +89,7 @@ _READ_CHUNK = 256
 _YEAR, _MONTH, _DAY = re.compile(r"^\d{4}$"), re.compile(r"^\d{2}$"), re.compile(r"^\d{2}$")
 
 Process = Callable[[BlobClient, float], Outcome]
-AfterProcessing = Callable[[CaptureRecord], object]
+AfterProcessing = Callable[[Outcome], object]
 # What the Functions host writes as a poison message's FunctionId for nwcap's blob trigger
 # (``Host.Functions.`` and the function's name). Two nwcap apps on one account share it.
 TRIGGER_FUNCTION_ID = "Host.Functions.process_capture"
@@ -469,8 +469,9 @@ def reconcile(
 
     ``process(blob, stale_after)`` processes one blob as the trigger does (it is
     :func:`analyzer.pipeline.processing.process_blob` with the app's policy and budget bound);
-    ``after_processing(record)`` follows each processing run, as it follows the trigger's
-    (alert delivery: a capture processed late is delivered whatever its age).
+    ``after_processing(outcome)`` follows each processing run that has a capture row, as it
+    follows the trigger's (alert delivery: a capture processed late is delivered whatever its
+    age).
     """
     settings = settings or ReconcileSettings()
     now = clock()
@@ -557,7 +558,7 @@ def _run_one(
         log.info("Capture %s vanished between listing and reading: nothing to do", name)
     if after_processing is not None and outcome.record is not None:
         try:
-            after_processing(outcome.record)
+            after_processing(outcome)
         except Exception:  # delivery is retried by its own reconciling
             log.exception("After processing %s: delivering its alerts failed", name)
     return Item(name, reason, outcome.status, outcome.capture_id or capture_id,
