@@ -96,17 +96,17 @@ def _raw(entity: Mapping[str, Any], name: str, default: Any = None) -> Any:
     return value.value if isinstance(value, EntityProperty) else value
 
 
-def _int(entity: Mapping[str, Any], name: str) -> int:
+def int_of(entity: Mapping[str, Any], name: str) -> int:
     value = _raw(entity, name, 0)
     return int(value) if value is not None else 0
 
 
-def _str(entity: Mapping[str, Any], name: str) -> str:
+def str_of(entity: Mapping[str, Any], name: str) -> str:
     value = _raw(entity, name, "")
     return str(value) if value is not None else ""
 
 
-def _ts(entity: Mapping[str, Any], name: str) -> float | None:
+def time_of(entity: Mapping[str, Any], name: str) -> float | None:
     value = _raw(entity, name)
     if isinstance(value, datetime):
         moment = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
@@ -259,10 +259,18 @@ class CaptureRecord:
 
 @dataclass(frozen=True, slots=True)
 class BaselineEntry:
-    """The first capture in which a VM was seen talking to a peer."""
+    """The first capture in which a VM was seen talking to a peer, and when the peer was last
+    seen (``last_time``: 0 for rows written before it was kept). ``etag`` is the row's version,
+    for a conditional replace."""
 
     capture_id: str
     capture_time: float
+    last_time: float = 0.0
+    etag: str = ""
+
+    def expired(self, now: float, max_age: float) -> bool:
+        """Not seen for ``max_age`` seconds: the peer counts as unknown again."""
+        return max(self.last_time, self.capture_time) < now - max_age
 
 
 def first_to_show(entry: BaselineEntry | None, capture_id: str, capture_time: float) -> bool:
@@ -335,61 +343,61 @@ def capture_entity(record: CaptureRecord) -> dict[str, Any]:
 
 def capture_from_entity(entity: Mapping[str, Any]) -> CaptureRecord:
     """A capture read back from its ``captures`` row."""
-    layout = _str(entity, "layout") or "custom"
+    layout = str_of(entity, "layout") or "custom"
     location = CaptureLocation(
-        container=_str(entity, "container"),
-        name=_str(entity, "blob_name"),
+        container=str_of(entity, "container"),
+        name=str_of(entity, "blob_name"),
         layout=layout,  # type: ignore[arg-type]  # written from a Layout
-        vm=_str(entity, "vm"),
-        subscription=_str(entity, "subscription"),
-        resource_group=_str(entity, "resource_group"),
-        scale_set=_str(entity, "scale_set"),
-        instance=_str(entity, "instance"),
-        capture_time=_ts(entity, "path_time"),
+        vm=str_of(entity, "vm"),
+        subscription=str_of(entity, "subscription"),
+        resource_group=str_of(entity, "resource_group"),
+        scale_set=str_of(entity, "scale_set"),
+        instance=str_of(entity, "instance"),
+        capture_time=time_of(entity, "path_time"),
     )
     metadata = getattr(entity, "metadata", {}) or {}
     return CaptureRecord(
-        capture_id=_str(entity, "RowKey"),
+        capture_id=str_of(entity, "RowKey"),
         location=location,
-        blob_url=_str(entity, "blob_url"),
-        blob_etag=_str(entity, "blob_etag"),
-        blob_size=_int(entity, "blob_size"),
-        blob_last_modified=_ts(entity, "blob_last_modified") or 0.0,
-        status=_str(entity, "status") or "processing",  # type: ignore[arg-type]
-        capture_time=_ts(entity, "capture_time"),
-        capture_time_source=_str(entity, "capture_time_source"),
-        processing_started=_ts(entity, "processing_started"),
-        processed_at=_ts(entity, "processed_at"),
+        blob_url=str_of(entity, "blob_url"),
+        blob_etag=str_of(entity, "blob_etag"),
+        blob_size=int_of(entity, "blob_size"),
+        blob_last_modified=time_of(entity, "blob_last_modified") or 0.0,
+        status=str_of(entity, "status") or "processing",  # type: ignore[arg-type]
+        capture_time=time_of(entity, "capture_time"),
+        capture_time_source=str_of(entity, "capture_time_source"),
+        processing_started=time_of(entity, "processing_started"),
+        processed_at=time_of(entity, "processed_at"),
         processing_seconds=_raw(entity, "processing_seconds"),
-        error=_str(entity, "error"),
-        error_type=_str(entity, "error_type"),
-        analyzer_version=_str(entity, "analyzer_version"),
-        policy_version=_str(entity, "policy_version"),
-        format=_str(entity, "format"),
-        first_seen=_ts(entity, "first_seen"),
-        last_seen=_ts(entity, "last_seen"),
-        packets=_int(entity, "packets"),
-        bytes=_int(entity, "bytes"),
-        ip_packets=_int(entity, "ip_packets"),
-        peers=_int(entity, "peers"),
-        alerts={severity: _int(entity, f"alerts_{severity}") for severity in SEVERITY_ORDER},
-        new_peers=_int(entity, "new_peers"),
+        error=str_of(entity, "error"),
+        error_type=str_of(entity, "error_type"),
+        analyzer_version=str_of(entity, "analyzer_version"),
+        policy_version=str_of(entity, "policy_version"),
+        format=str_of(entity, "format"),
+        first_seen=time_of(entity, "first_seen"),
+        last_seen=time_of(entity, "last_seen"),
+        packets=int_of(entity, "packets"),
+        bytes=int_of(entity, "bytes"),
+        ip_packets=int_of(entity, "ip_packets"),
+        peers=int_of(entity, "peers"),
+        alerts={severity: int_of(entity, f"alerts_{severity}") for severity in SEVERITY_ORDER},
+        new_peers=int_of(entity, "new_peers"),
         warnings=tuple(_loads(entity, "warnings", [])),
         local_addresses=tuple(_loads(entity, "local_addresses", [])),
         local_addresses_inferred=_bool(entity, "local_addresses_inferred"),
-        truncated=_str(entity, "truncated"),
-        generation=_int(entity, "generation"),
-        results_generation=_int(entity, "results_generation"),
+        truncated=str_of(entity, "truncated"),
+        generation=int_of(entity, "generation"),
+        results_generation=int_of(entity, "results_generation"),
         stale_rows=bool(_bool(entity, "stale_rows")),
         transient=bool(_bool(entity, "transient")),
-        attempts=_int(entity, "attempts"),
-        time_mismatch=_str(entity, "time_mismatch"),
-        budget_exhausted=_str(entity, "budget_exhausted"),
-        folded_peers=_int(entity, "folded_peers"),
-        folded_packets=_int(entity, "folded_packets"),
-        folded_bytes=_int(entity, "folded_bytes"),
+        attempts=int_of(entity, "attempts"),
+        time_mismatch=str_of(entity, "time_mismatch"),
+        budget_exhausted=str_of(entity, "budget_exhausted"),
+        folded_peers=int_of(entity, "folded_peers"),
+        folded_packets=int_of(entity, "folded_packets"),
+        folded_bytes=int_of(entity, "folded_bytes"),
         folded=tuple(group for group in _loads(entity, "folded", []) if isinstance(group, dict)),
-        activity_start=_ts(entity, "activity_start"),
+        activity_start=time_of(entity, "activity_start"),
         activity_bucket_seconds=float(_raw(entity, "activity_bucket_seconds") or 0.0),
         version=str(metadata.get("etag") or ""),
     )
@@ -427,6 +435,8 @@ def peer_entity(
     row.json("service_tags", list(peer.service_tags))
     row.json("roles", list(peer.roles))
     row.json("activity", list(peer.activity))
+    row.text("name_basis", peer.name_basis)
+    row.json("unverified_names", document["unverified_names"])
     row.flag("new_peer", new)
     row.count("alerts", len(alerts))
     severities = [alert.severity for alert in alerts]
@@ -437,37 +447,39 @@ def peer_entity(
 def peer_document(entity: Mapping[str, Any]) -> dict[str, Any]:
     """A ``peers`` row as JSON: the fields of :meth:`Peer.to_dict` plus the capture's context."""
     return {
-        "address": _str(entity, "address"),
+        "address": str_of(entity, "address"),
         "local_addresses": _loads(entity, "local_addresses", []),
-        "packets_sent": _int(entity, "packets_sent"),
-        "packets_received": _int(entity, "packets_received"),
-        "bytes_sent": _int(entity, "bytes_sent"),
-        "bytes_received": _int(entity, "bytes_received"),
-        "packets": _int(entity, "packets"),
-        "bytes": _int(entity, "bytes"),
-        "first_seen": iso_time(_ts(entity, "first_seen")),
-        "last_seen": iso_time(_ts(entity, "last_seen")),
+        "packets_sent": int_of(entity, "packets_sent"),
+        "packets_received": int_of(entity, "packets_received"),
+        "bytes_sent": int_of(entity, "bytes_sent"),
+        "bytes_received": int_of(entity, "bytes_received"),
+        "packets": int_of(entity, "packets"),
+        "bytes": int_of(entity, "bytes"),
+        "first_seen": iso_time(time_of(entity, "first_seen")),
+        "last_seen": iso_time(time_of(entity, "last_seen")),
         "protocols": _loads(entity, "protocols", {}),
         "remote_ports": _loads(entity, "remote_ports", []),
         "local_ports": _loads(entity, "local_ports", []),
-        "other_remote_ports": _int(entity, "other_remote_ports"),
-        "other_local_ports": _int(entity, "other_local_ports"),
+        "other_remote_ports": int_of(entity, "other_remote_ports"),
+        "other_local_ports": int_of(entity, "other_local_ports"),
         "tcp": _loads(entity, "tcp", {}),
         "icmp_types": _loads(entity, "icmp_types", {}),
         "names": _loads(entity, "names", []),
-        "category": _str(entity, "category"),
+        "category": str_of(entity, "category"),
         "expected": _bool(entity, "expected"),
-        "reason": _str(entity, "reason"),
+        "reason": str_of(entity, "reason"),
         "service_tags": _loads(entity, "service_tags", []),
         "roles": _loads(entity, "roles", []),
         "activity": _loads(entity, "activity", []),
+        "name_basis": str_of(entity, "name_basis"),
+        "unverified_names": _loads(entity, "unverified_names", []),
         "new_peer": bool(_bool(entity, "new_peer")),
-        "alerts": _int(entity, "alerts"),
-        "max_severity": _str(entity, "max_severity"),
-        "capture_id": _str(entity, "capture_id"),
-        "vm": _str(entity, "vm"),
-        "capture_time": iso_time(_ts(entity, "capture_time")),
-        "truncated": _split(_str(entity, "truncated")),
+        "alerts": int_of(entity, "alerts"),
+        "max_severity": str_of(entity, "max_severity"),
+        "capture_id": str_of(entity, "capture_id"),
+        "vm": str_of(entity, "vm"),
+        "capture_time": iso_time(time_of(entity, "capture_time")),
+        "truncated": _split(str_of(entity, "truncated")),
     }
 
 
@@ -524,17 +536,17 @@ def alert_entity(
 def alert_document(entity: Mapping[str, Any]) -> dict[str, Any]:
     """An ``alerts`` row as JSON: :meth:`Alert.to_dict` plus the capture's context."""
     return {
-        "rule": _str(entity, "rule"),
-        "severity": _str(entity, "severity"),
-        "peer": _str(entity, "peer"),
-        "message": _str(entity, "message"),
+        "rule": str_of(entity, "rule"),
+        "severity": str_of(entity, "severity"),
+        "peer": str_of(entity, "peer"),
+        "message": str_of(entity, "message"),
         "evidence": _loads(entity, "evidence", {}),
-        "capture_id": _str(entity, "capture_id"),
-        "vm": _str(entity, "vm"),
-        "subscription": _str(entity, "subscription"),
-        "resource_group": _str(entity, "resource_group"),
-        "capture_time": iso_time(_ts(entity, "capture_time")),
-        "truncated": _split(_str(entity, "truncated")),
+        "capture_id": str_of(entity, "capture_id"),
+        "vm": str_of(entity, "vm"),
+        "subscription": str_of(entity, "subscription"),
+        "resource_group": str_of(entity, "resource_group"),
+        "capture_time": iso_time(time_of(entity, "capture_time")),
+        "truncated": _split(str_of(entity, "truncated")),
     }
 
 
@@ -557,17 +569,17 @@ def index_entity(record: CaptureRecord, peer: Peer) -> dict[str, Any]:
 def sighting_document(entity: Mapping[str, Any]) -> dict[str, Any]:
     """A ``peerindex`` row as JSON: which VM talked to the address, in which capture, when."""
     return {
-        "address": _str(entity, "address"),
-        "capture_id": _str(entity, "capture_id"),
-        "vm": _str(entity, "vm"),
-        "subscription": _str(entity, "subscription"),
-        "resource_group": _str(entity, "resource_group"),
-        "capture_time": iso_time(_ts(entity, "capture_time")),
-        "first_seen": iso_time(_ts(entity, "first_seen")),
-        "last_seen": iso_time(_ts(entity, "last_seen")),
-        "packets": _int(entity, "packets"),
-        "bytes": _int(entity, "bytes"),
-        "category": _str(entity, "category"),
+        "address": str_of(entity, "address"),
+        "capture_id": str_of(entity, "capture_id"),
+        "vm": str_of(entity, "vm"),
+        "subscription": str_of(entity, "subscription"),
+        "resource_group": str_of(entity, "resource_group"),
+        "capture_time": iso_time(time_of(entity, "capture_time")),
+        "first_seen": iso_time(time_of(entity, "first_seen")),
+        "last_seen": iso_time(time_of(entity, "last_seen")),
+        "packets": int_of(entity, "packets"),
+        "bytes": int_of(entity, "bytes"),
+        "category": str_of(entity, "category"),
         "expected": _bool(entity, "expected"),
         "names": _loads(entity, "names", []),
         "local_addresses": _loads(entity, "local_addresses", []),
@@ -582,9 +594,36 @@ def baseline_entity(
     row.text("vm", location.vm)
     row.text("first_capture_id", capture_id)
     row.time("first_capture_time", capture_time)
+    row.time("last_capture_time", capture_time)
     row.time("first_seen", peer.first_seen)
     row.text("category", peer.category)
     return row.build()
+
+
+BASELINE_MARKER = "~first-capture"  # a row key no peer key takes (peer keys are IPs)
+
+
+def baseline_marker_entity(
+    location: CaptureLocation, capture_id: str, capture_time: float
+) -> dict[str, Any]:
+    """The VM's marker row: the first capture its baseline learned from."""
+    row = _EntityBuilder(baseline_key(location), BASELINE_MARKER)
+    row.text("vm", location.vm)
+    row.text("first_capture_id", capture_id)
+    row.time("first_capture_time", capture_time)
+    row.time("last_capture_time", capture_time)
+    return row.build()
+
+
+def baseline_entry(entity: Mapping[str, Any]) -> BaselineEntry:
+    """A baseline row as read back."""
+    metadata = getattr(entity, "metadata", None) or {}
+    return BaselineEntry(
+        capture_id=str_of(entity, "first_capture_id"),
+        capture_time=time_of(entity, "first_capture_time") or 0.0,
+        last_time=time_of(entity, "last_capture_time") or 0.0,
+        etag=str(metadata.get("etag", "")),
+    )
 
 
 def _capture_context(row: _EntityBuilder, record: CaptureRecord) -> None:
@@ -613,7 +652,7 @@ def _split(text: str) -> list[str]:
     return text.split(",") if text else []
 
 
-def _alert_occurrences(alerts: Sequence[Alert]) -> Iterator[tuple[Alert, int]]:
+def alert_occurrences(alerts: Sequence[Alert]) -> Iterator[tuple[Alert, int]]:
     """Each alert with its number among alerts of the same rule, severity and peer."""
     seen: dict[tuple[str, str, str], int] = defaultdict(int)
     for alert in alerts:

@@ -44,27 +44,29 @@ from azure.data.tables import (
 from analyzer.base.models import SEVERITY_ORDER, Alert, Peer
 from analyzer.store.blobpath import CaptureLocation
 from analyzer.store.entities import (
+    BASELINE_MARKER,
     FINAL_STATUSES,
     BaselineEntry,
     CaptureRecord,
     Status,
-    _alert_occurrences,
-    _int,
-    _str,
-    _ts,
     alert_document,
     alert_entity,
+    alert_occurrences,
     alert_row_keys,
     baseline_entity,
+    baseline_entry,
+    baseline_marker_entity,
     capture_entity,
     capture_from_entity,
     first_to_show,
     index_entity,
     index_keys_of_peer_row,
     index_row_keys,
+    int_of,
     peer_document,
     peer_entity,
     sighting_document,
+    str_of,
 )
 from analyzer.store.tablekeys import (
     BATCH_BUDGET,
@@ -98,6 +100,7 @@ from analyzer.store.tablekeys import (
 )
 
 __all__ = [
+    "BASELINE_MARKER",
     "FINAL_STATUSES",
     "MAX_BATCH_BYTES",
     "MAX_BATCH_ENTITIES",
@@ -151,6 +154,10 @@ _PARALLEL_WRITES = 4
 _RETRY_UPSERT_TRANSACTIONS = frozenset({"HEAD", "GET", "PUT", "DELETE", "OPTIONS", "TRACE", "POST"})
 # Capture rows looked up at once when filtering index or day rows (small point reads).
 _PARALLEL_READS = 8
+_BASELINE_COLUMNS = ["first_capture_id", "first_capture_time", "last_capture_time"]
+# A baseline row's last sighting is written again at most this often (seconds): ageing out
+# needs days of precision, not a write per peer per capture.
+_REFRESH_LAST_SEEN = 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,9 +219,7 @@ class ResultsStore(Protocol):
         """
         ...
 
-    def known_peers(self, location: CaptureLocation) -> dict[str, BaselineEntry]:
-        """The VM's baseline: peer key → first capture it was seen in."""
-        ...
+    def known_peers(self, location: CaptureLocation) -> dict[str, BaselineEntry]: ...
 
     def add_to_baseline(
         self,
@@ -224,6 +229,30 @@ class ResultsStore(Protocol):
         peers: Sequence[Peer],
         known: Mapping[str, BaselineEntry],
     ) -> None: ...
+
+    def baseline_entries(
+        self, location: CaptureLocation, keys: Iterable[str]
+    ) -> dict[str, BaselineEntry]:
+        """The VM's baseline rows of these peer keys (and of :data:`BASELINE_MARKER`, the VM's
+        first capture), read one by one: never the VM's whole partition."""
+        ...
+
+    def learn_baseline(
+        self,
+        location: CaptureLocation,
+        capture_id: str,
+        capture_time: float,
+        peers: Sequence[Peer],
+        known: Mapping[str, BaselineEntry],
+        *,
+        now: float,
+        max_age: float,
+    ) -> frozenset[str]:
+        """Record this capture as the first to show each of ``peers`` that has no row, a row
+        not seen for ``max_age`` seconds, or a row of a later capture; return the keys this
+        capture is (now) first for. Rows are inserted if absent and replaced only at the
+        version read, so of concurrent captures one wins each peer."""
+        ...
 
     def list_captures(
         self,
@@ -399,7 +428,7 @@ class TableResultsStore:
                 key = ip_key(peer.address)
                 yield peer_entity(record, peer, new=key in new_peers, alerts=by_peer.get(key, []))
 
-        occurrences = list(_alert_occurrences(alerts))
+        occurrences = list(alert_occurrences(alerts))
         self._upsert_batches("peers", peer_rows())
         for by_day in (False, True):
             self._upsert_batches(
@@ -418,7 +447,7 @@ class TableResultsStore:
     ) -> None:
         # By their keys: a later run may already have deleted this run's peers and alerts rows
         # (which say where the index and day rows are) while this one was still writing.
-        occurrences = list(_alert_occurrences(alerts))
+        occurrences = list(alert_occurrences(alerts))
         days = [alert_row_keys(record, alert, n) for alert, n in occurrences]
         index = sorted(index_row_keys(record, peer) for peer in peers)
         self._delete_batches("peerindex", [{"PartitionKey": pk, "RowKey": rk} for pk, rk in index])
@@ -492,19 +521,11 @@ class TableResultsStore:
 
     # -- baseline ---------------------------------------------------------------------
 
+    # TEMPORARY-BASELINE: the whole-partition read, until processing uses baseline_entries
     def known_peers(self, location: CaptureLocation) -> dict[str, BaselineEntry]:
-        rows = self._partition(
-            "baseline",
-            baseline_key(location),
-            select=["RowKey", "first_capture_id", "first_capture_time"],
-        )
-        return {
-            row["RowKey"]: BaselineEntry(
-                capture_id=_str(row, "first_capture_id"),
-                capture_time=_ts(row, "first_capture_time") or 0.0,
-            )
-            for row in rows
-        }
+        rows = self._partition("baseline", baseline_key(location))
+        marker = BASELINE_MARKER
+        return {row["RowKey"]: baseline_entry(row) for row in rows if row["RowKey"] != marker}
 
     def add_to_baseline(
         self,
@@ -520,6 +541,83 @@ class TableResultsStore:
             if first_to_show(known.get(ip_key(peer.address)), capture_id, capture_time)
         )
         self._upsert_batches("baseline", rows)
+
+    def baseline_entries(
+        self, location: CaptureLocation, keys: Iterable[str]
+    ) -> dict[str, BaselineEntry]:
+        client = self.table("baseline")
+        partition = baseline_key(location)
+        found: dict[str, BaselineEntry] = {}
+
+        def read(key: str) -> None:
+            try:
+                entity = client.get_entity(partition, key, select=_BASELINE_COLUMNS)
+            except ResourceNotFoundError:  # no row, or no table yet
+                return
+            found[key] = baseline_entry(entity)
+
+        _run_bounded(read, dict.fromkeys([BASELINE_MARKER, *keys]), _PARALLEL_READS)
+        return found
+
+    def learn_baseline(
+        self,
+        location: CaptureLocation,
+        capture_id: str,
+        capture_time: float,
+        peers: Sequence[Peer],
+        known: Mapping[str, BaselineEntry],
+        *,
+        now: float,
+        max_age: float,
+    ) -> frozenset[str]:
+        client = self.table("baseline")
+        won: set[str] = set()
+        stale = now - _REFRESH_LAST_SEEN
+
+        def claim(entity: dict[str, Any], entry: BaselineEntry | None) -> bool:
+            key = entity["RowKey"]
+            try:
+                if entry is None:
+                    client.create_entity(entity)
+                else:
+                    client.update_entity(
+                        entity,
+                        mode=UpdateMode.REPLACE,
+                        etag=entry.etag,
+                        match_condition=MatchConditions.IfNotModified,
+                    )
+            except (ResourceExistsError, ResourceModifiedError):
+                # another capture got there first: it is first unless the row is ours
+                try:
+                    row = client.get_entity(entity["PartitionKey"], key, select=_BASELINE_COLUMNS)
+                except ResourceNotFoundError:
+                    return False
+                return baseline_entry(row).capture_id == capture_id
+            return True
+
+        def learn(peer: Peer) -> None:
+            key = ip_key(peer.address)
+            entry = known.get(key)
+            if entry is not None and entry.capture_id == capture_id:
+                won.add(key)  # this capture's own row, from an earlier run of it
+            elif entry is None or entry.expired(now, max_age) or entry.capture_time > capture_time:
+                if claim(baseline_entity(location, peer, capture_id, capture_time), entry):
+                    won.add(key)
+            elif max(entry.last_time, entry.capture_time) < min(stale, capture_time):
+                # seen again: keep the row from ageing out (at most once a day per peer)
+                refresh = {
+                    "PartitionKey": baseline_key(location),
+                    "RowKey": key,
+                    "last_capture_time": _as_datetime(capture_time),
+                }
+                with contextlib.suppress(ResourceNotFoundError):
+                    client.update_entity(refresh, mode=UpdateMode.MERGE)
+
+        marker = known.get(BASELINE_MARKER)
+        if marker is None or marker.capture_time > capture_time:
+            claim(baseline_marker_entity(location, capture_id, capture_time), marker)
+        _run_bounded(learn, peers, _PARALLEL_WRITES)
+        return frozenset(won)
 
     # -- queries ----------------------------------------------------------------------
 
@@ -600,7 +698,7 @@ class TableResultsStore:
     def _current(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``rows`` (index or day rows of any captures) less those of runs whose results are
         not their capture's: rows a superseded run wrote after a newer one finished."""
-        capture_ids = sorted({_str(row, "capture_id") for row in rows})
+        capture_ids = sorted({str_of(row, "capture_id") for row in rows})
         current: dict[str, int | None] = {}
 
         def look_up(capture_id: str) -> None:
@@ -612,7 +710,9 @@ class TableResultsStore:
 
         _run_bounded(look_up, capture_ids, _PARALLEL_READS)
         return [
-            row for row in rows if current.get(_str(row, "capture_id")) == _int(row, "generation")
+            row
+            for row in rows
+            if current.get(str_of(row, "capture_id")) == int_of(row, "generation")
         ]
 
     def iter_capture_peers(self, capture_id: str) -> Iterator[dict[str, Any]]:
