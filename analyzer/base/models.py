@@ -169,7 +169,9 @@ class Peer:
     how the names the verdict relied on were established (``dns-exchange``, ``live-dns``,
     ``service-tag``; ``claimed`` when only claims name the peer; empty without names).
     ``activity`` is the bytes both ways per bucket of the capture's activity histogram (see
-    :class:`CaptureInfo`).
+    :class:`CaptureInfo`). ``exchanged``: the VM had an exchange with the peer that one spoofed
+    packet cannot give (TCP ACKs both ways, a UDP answer, or the VM's own connection answered);
+    only such a peer is learned into the VM's baseline.
     """
 
     address: str
@@ -196,6 +198,7 @@ class Peer:
     activity: tuple[int, ...] = ()
     name_basis: NameBasis = ""
     unverified_names: tuple[UnverifiedName, ...] = ()
+    exchanged: bool = False
 
     @property
     def packets(self) -> int:
@@ -231,6 +234,7 @@ class Peer:
             "activity": list(self.activity),
             "name_basis": self.name_basis,
             "unverified_names": [n.to_dict() for n in self.unverified_names],
+            "exchanged": self.exchanged,
         }
 
 

@@ -148,6 +148,7 @@ class _PeerBuilder:
         self.opened: list[dict[int, int]] = [{}, {}]  # by peer (local ports), by local
         self.icmp: dict[str, int] = {}
         self.activity: list[tuple[array[int], int]] = []  # the pairs' histograms and shifts
+        self.exchanged = False
 
     def add(self, pair: Pair, local_side: int, local: bytes) -> None:
         remote_side = 1 - local_side
@@ -182,6 +183,13 @@ class _PeerBuilder:
         merge_counts(self.opened[1], pair.opened_ports[local_side])
         if pair.activity is not None:
             self.activity.append((pair.activity, pair.activity_shift))
+        # TCP with ACKs both ways or a UDP answer (Pair.exchanged), or the VM's own connection
+        # answered: what one spoofed packet cannot give
+        self.exchanged = (
+            self.exchanged
+            or pair.exchanged
+            or local_counts[0] > local_counts[1] + local_counts[2]
+        )
 
     def build(self, names: tuple[PeerName, ...], buckets: int = 0, shift: int = 0) -> Peer:
         """The peer, with an activity histogram of ``buckets`` buckets of 2**shift seconds."""
@@ -220,6 +228,7 @@ class _PeerBuilder:
             icmp_types=dict(sorted(self.icmp.items())),
             activity=tuple(activity[:buckets]),
             names=names,
+            exchanged=self.exchanged,
         )
 
     def _top_ports(self, *, is_remote: bool) -> tuple[tuple[PortCount, ...], int]:
