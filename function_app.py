@@ -3,7 +3,9 @@
 Only bindings, settings and error translation live here; the work is in :mod:`analyzer`
 (:mod:`analyzer.pipeline.run` for the trigger and the timer, the same code ``nwcap process``
 and ``nwcap reconcile`` run; ``api`` and ``status`` for the HTTP endpoints). Settings are
-described in ``docs/settings.md``.
+described in ``docs/settings.md``: they are read once, when the worker indexes the functions,
+and a bad value stops the app there, with a log record naming it. The query API and the
+dashboard read only the results connection and the table prefix.
 
 The blob trigger is the fast path; the timer's reconciler is what guarantees that every
 capture is processed (lost events, dead runs, transient failures, the poison queue).
@@ -18,15 +20,16 @@ import azure.functions as func
 from azure.core.exceptions import AzureError
 from azurefunctions.extensions.bindings import blob
 
+from analyzer.base.errors import NwcapError
 from analyzer.judge.policy import Policy
 from analyzer.judge.servicetags import ServiceTags
 from analyzer.pipeline.alert_delivery import AlertDelivery, DeliverySettings
 from analyzer.pipeline.processing import (
     ReferenceFile,
-    Settings,
     is_transient,
     policy_file,
     service_tags_file,
+    table_prefix_setting,
 )
 from analyzer.pipeline.reconcile import (
     RunLog,
@@ -68,11 +71,34 @@ RESULTS_CONNECTIONS = ("RESULTS_CONNECTION", CAPTURES_CONNECTION)
 # that the setting may be absent: a %SETTING% binding expression would require it. A value
 # that is not six fields is logged and replaced by the default, rather than stopping the app.
 RECONCILE_SCHEDULE = checked_schedule(os.environ.get("RECONCILE_SCHEDULE", ""))
+# Every setting AppSettings.from_environ reads starts with one of these: a change to any of
+# them is a configuration of its own (see app_settings).
+SETTING_PREFIXES = ("NWCAP_", "ALERTS_", "RECONCILE_", "CAPTURES_CONTAINER")
+
+
+class InvalidAppSettingError(Exception):
+    """An app setting the app cannot run with: raised while the worker indexes the functions,
+    so that the app does not start (rather than every invocation failing)."""
 
 
 def app_settings() -> AppSettings:
-    """The app settings."""
-    return AppSettings.from_environ()
+    """The app settings, parsed once per process: at indexing (below), and again only if the
+    environment differs from then (which in Azure restarts the app; tests change it)."""
+    return _parsed_settings(
+        tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(SETTING_PREFIXES)))
+    )
+
+
+@lru_cache(maxsize=4)
+def _parsed_settings(environ: tuple[tuple[str, str], ...]) -> AppSettings:
+    return AppSettings.from_environ(dict(environ))
+
+
+try:
+    app_settings()
+except (NwcapError, ValueError) as _error:
+    log.critical("nwcap cannot start: invalid app setting: %s", _error)
+    raise InvalidAppSettingError(f"nwcap cannot start: invalid app setting: {_error}") from None
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
@@ -95,8 +121,9 @@ def _service_tags(location: str, connection: ConnectionSettings) -> ReferenceFil
 
 
 def results_store() -> TableResultsStore:
-    """The results store named by the settings, one per process (and per configuration)."""
-    return _store(resolve_first(RESULTS_CONNECTIONS), Settings.from_environ().table_prefix)
+    """The results store named by the settings, one per process (and per configuration): the
+    results connection and ``NWCAP_TABLE_PREFIX`` are all the query side reads."""
+    return _store(resolve_first(RESULTS_CONNECTIONS), table_prefix_setting())
 
 
 @lru_cache(maxsize=8)

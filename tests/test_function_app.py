@@ -28,12 +28,15 @@ from clirunner import nwcap
 from conftest import ROOT, FailingStore, http_error, network_watcher_path, udp_capture
 
 import function_app
+from analyzer.capture.budget import Budget
+from analyzer.pipeline import run
 from analyzer.pipeline.alert_delivery import (
     alert_message,
     alerts_queue,
     delivery_table_name,
     stored_alerts,
 )
+from analyzer.pipeline.processing import Settings
 from analyzer.store.blobpath import parse_capture_path
 from analyzer.store.results import TableResultsStore, capture_id_for
 
@@ -461,6 +464,65 @@ class TestQueryEndpoints:
             monkeypatch.delenv(f"AzureWebJobs{setting}", raising=False)
         status, body = call("list_captures", get("captures"))
         assert (status, body) == (500, {"error": "the results store is not configured"})
+
+
+class TestSettingsOnce:
+    """Settings are parsed once per process, when the app is indexed: a bad one stops the app
+    there, and the query API reads only the connection and the table prefix."""
+
+    @pytest.mark.parametrize(
+        ("setting", "value"),
+        [("NWCAP_MAX_PEERS", "lots"), ("ALERTS_MIN_SEVERITY", "loud"), ("RECONCILE_LIMIT", "x")],
+    )
+    def test_bad_setting_fails_indexing(self, setting: str, value: str) -> None:
+        env = {**os.environ, setting: value}
+        result = subprocess.run(
+            [sys.executable, "-c", "import function_app"], env=env, cwd=ROOT,
+            capture_output=True, text=True, check=False, timeout=120,
+        )
+        assert result.returncode != 0
+        assert "InvalidAppSettingError: nwcap cannot start: invalid app setting: " in result.stderr
+        # the log record, then the exception: both name the setting
+        assert result.stderr.count(setting) >= 2, result.stderr
+
+    def test_query_api_reads_no_processing_setting(
+        self, processed: list[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("the query API parsed the app settings")
+
+        monkeypatch.setenv("NWCAP_MAX_PEERS", "lots")  # unusable, and never read for a query
+        monkeypatch.setattr(function_app, "app_settings", refuse)
+        for model in (run.AppSettings, Settings, Budget):
+            monkeypatch.setattr(model, "from_environ", refuse)
+        status, body = call("list_captures", get("captures"))
+        assert status == 200 and len(body["captures"]) == len(processed)
+        status, _ = call("get_capture", get("captures/x", capture_id=processed[0]))
+        assert status == 200
+        response = handler("ui_fleet")(get("ui"))
+        assert response.status_code == 200
+
+    def test_runs_parse_once(
+        self,
+        storage_env: Mapping[str, str],
+        captures_container: ContainerClient,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        parsed: list[object] = []
+        real = run.AppSettings.from_environ
+
+        def counted(environ: Mapping[str, str] | None = None) -> run.AppSettings:
+            parsed.append(environ)
+            return real(environ)
+
+        monkeypatch.setattr(run.AppSettings, "from_environ", counted)
+        for minute in (1, 2):
+            name = network_watcher_path(minute=minute)
+            captures_container.upload_blob(name, udp_capture(PEERS))
+            handler("process_capture")(trigger_blob(captures_container.container_name, name))
+        assert call("get_status", get("status"))[0] == 200
+        assert len(parsed) == 1  # this test's environment, parsed at its first run
+        assert function_app.app_settings() is function_app.app_settings()
 
 
 def received(queue: QueueClient) -> list[dict[str, Any]]:

@@ -245,6 +245,14 @@ class TestQueries:
         assert code == 2
         assert message in err
 
+    def test_queries_read_no_processing_setting(
+        self, backfilled: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("NWCAP_MAX_PEERS", "lots")  # processing's: a query never reads it
+        code, out, _ = nwcap("captures", "--format", "json")
+        assert code == 0
+        assert {c["capture_id"] for c in json.loads(out)["captures"]} == set(backfilled.values())
+
     def test_missing_connection(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
