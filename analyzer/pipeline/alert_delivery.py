@@ -36,8 +36,7 @@ import math
 import os
 import re
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, cast
@@ -59,8 +58,9 @@ from azure.storage.queue import (
 
 from analyzer.base.models import SEVERITY_ORDER, Alert, Severity, iso_time
 from analyzer.pipeline.processing import Outcome, is_transient
+from analyzer.store.entities import alert_occurrences
 from analyzer.store.results import CaptureRecord, TableResultsStore, alert_document, alert_entity
-from analyzer.store.tablekeys import alert_key, ip_key
+from analyzer.store.tablekeys import alert_key
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def produced_alerts(record: CaptureRecord, alerts: Sequence[Alert]) -> list[Stor
     the documents of their ``alerts`` rows, in row-key order, with the same keys (hence the
     same message ids), without reading the table."""
     rows = sorted(
-        (alert_entity(record, alert, n, by_day=False) for alert, n in _numbered(alerts)),
+        (alert_entity(record, alert, n, by_day=False) for alert, n in alert_occurrences(alerts)),
         key=lambda row: str(row["RowKey"]),
     )
     return _keyed(alert_document(row) for row in rows)
@@ -222,7 +222,7 @@ def alert_message(
 def _keyed(documents: Iterable[Mapping[str, Any]]) -> list[StoredAlert]:
     """Documents of a capture's alerts rows, in row-key order, each with its alert key."""
     listed = list(documents)
-    alerts = (
+    alerts = [
         Alert(
             rule=str(document.get("rule", "")),
             severity=cast(Severity, str(document.get("severity", ""))),
@@ -230,21 +230,12 @@ def _keyed(documents: Iterable[Mapping[str, Any]]) -> list[StoredAlert]:
             message="",
         )
         for document in listed
-    )
+    ]
+    # numbered as the store numbers alerts for their row keys
     return [
         StoredAlert(alert_key(alert, n), document)
-        for (alert, n), document in zip(_numbered(alerts), listed, strict=True)
+        for (alert, n), document in zip(alert_occurrences(alerts), listed, strict=True)
     ]
-
-
-def _numbered(alerts: Iterable[Alert]) -> Iterator[tuple[Alert, int]]:
-    """Each alert with its number among the alerts of the same rule, severity and peer: the
-    number the results store puts in an alert's row key (:func:`alert_key`)."""
-    seen: dict[tuple[str, str, str], int] = defaultdict(int)
-    for alert in alerts:
-        same = (alert.rule, alert.severity, ip_key(alert.peer))
-        yield alert, seen[same]
-        seen[same] += 1
 
 
 def capture_links(capture_id: str, links_base: str | None) -> dict[str, str]:
