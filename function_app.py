@@ -21,6 +21,7 @@ from azure.core.exceptions import AzureError
 from azurefunctions.extensions.bindings import blob
 
 from analyzer.base.errors import NwcapError
+from analyzer.judge.livedns import LiveDns, LiveDnsSettings
 from analyzer.judge.policy import Policy
 from analyzer.judge.servicetags import ServiceTags
 from analyzer.pipeline.alert_delivery import AlertDelivery, DeliverySettings
@@ -42,6 +43,11 @@ from analyzer.pipeline.run import (
     Pipeline,
     process_and_deliver,
     reconcile_and_deliver,
+)
+from analyzer.pipeline.servicetags_refresh import (
+    RefreshSettings,
+    management_credential,
+    refresh_service_tags,
 )
 from analyzer.pipeline.status import status_document
 from analyzer.store.connections import (
@@ -116,8 +122,16 @@ def _policy(location: str, connection: ConnectionSettings) -> ReferenceFile[Poli
 
 
 @lru_cache(maxsize=8)
-def _service_tags(location: str, connection: ConnectionSettings) -> ReferenceFile[ServiceTags]:
-    return service_tags_file(location, lambda: blob_service_for(connection))
+def _service_tags(
+    location: str, connection: ConnectionSettings, *, missing_ok: bool
+) -> ReferenceFile[ServiceTags]:
+    return service_tags_file(location, lambda: blob_service_for(connection), missing_ok=missing_ok)
+
+
+@lru_cache(maxsize=4)
+def _live_dns(settings: LiveDnsSettings) -> LiveDns | None:
+    """One resolver (and answer cache) per process."""
+    return settings.lookup()
 
 
 def results_store() -> TableResultsStore:
@@ -144,9 +158,22 @@ def _pipeline(settings: AppSettings, results: ConnectionSettings) -> Pipeline:
     processing, prefix = settings.processing, settings.processing.table_prefix
     store = _store(results, prefix)
     policy = _policy(processing.policy_location, results).get()
-    service_tags = _service_tags(processing.service_tags_location, results).get()
+    # NWCAP_SERVICE_TAGS wins; else the copy the timer refreshes (none until its first run)
+    refresh = settings.tags_refresh
+    tags_location = refresh.tags_location()
+    service_tags = _service_tags(
+        tags_location, results, missing_ok=tags_location != processing.service_tags_location
+    ).get()
     delivery = _delivery(results, prefix, settings.delivery)
-    return Pipeline(store, delivery, policy, service_tags, processing.budget)
+    return Pipeline(
+        store,
+        delivery,
+        policy,
+        service_tags,
+        processing.budget,
+        lookup=_live_dns(processing.live_dns),
+        baseline_max_age=processing.baseline_max_age,
+    )
 
 
 # The dashboard (/api/ui/...): the same pages as `nwcap serve`, over the same API handlers.
@@ -210,6 +237,27 @@ def reconcile_captures(timer: func.TimerRequest) -> None:
             runs=RunLog(pipeline.store.service, prefix=prefix),
             poison=poison,
         )
+    _refresh_service_tags(settings.tags_refresh, results)
+
+
+def _refresh_service_tags(refresh: RefreshSettings, results: ConnectionSettings) -> None:
+    """Keep the service tags current (at most once per interval; the last good copy stays
+    when the Discovery API fails): never lets a failure stop the timer."""
+    if not refresh.enabled:
+        return
+    with blob_service_for(results) as service:
+        result = refresh_service_tags(
+            refresh,
+            service.get_container_client(refresh.container),
+            management_credential(results),
+        )
+    fields = {"nwcap_event": "servicetags", **result.to_dict()}
+    log.log(
+        logging.WARNING if result.status == "failed" else logging.INFO,
+        "nwcap.servicetags %s",
+        json.dumps(fields, separators=(",", ":"), default=str),
+        extra={**fields, "custom_dimensions": fields},
+    )
 
 
 @app.route(route="status", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
@@ -228,7 +276,12 @@ def get_status(req: func.HttpRequest) -> func.HttpResponse:
         results = resolve_first(RESULTS_CONNECTIONS)
         captures = resolve(CAPTURES_CONNECTION)
         store = _store(results, prefix)
-        with blob_service_for(captures) as blobs, poison_queue(captures) as poison:
+        refresh = settings.tags_refresh
+        with (
+            blob_service_for(captures) as blobs,
+            poison_queue(captures) as poison,
+            blob_service_for(results) as result_blobs,
+        ):
             document = status_document(
                 store,
                 container=blobs.get_container_client(settings.processing.captures_container),
@@ -237,6 +290,8 @@ def get_status(req: func.HttpRequest) -> func.HttpResponse:
                 settings=settings.reconcile,
                 schedule_seconds=schedule_seconds(RECONCILE_SCHEDULE),
                 live=live == "1",
+                tags_container=result_blobs.get_container_client(refresh.container),
+                tags_refresh=refresh,
             )
     except ConnectionSettingError as error:
         log.error("The status endpoint is not configured: %s", error)

@@ -121,10 +121,10 @@ def check_outcome(output: Path) -> None:
 STORE_CALLS = (
     "get_capture",
     "put_capture",
-    "known_peers",
+    "baseline_entries",
     "write_results",
     "drop_results",
-    "add_to_baseline",
+    "learn_baseline",
 )
 TABLE_CALLS = (
     "submit_transaction",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import re
 import sys
 import uuid
@@ -38,6 +39,11 @@ UDP_PAYLOAD = 100
 def udp_frame_bytes(peer: str) -> int:
     """Bytes on the wire of one test datagram: Ethernet, IPv4 or IPv6, UDP and the payload."""
     return 14 + (40 if ":" in peer else 20) + 8 + UDP_PAYLOAD
+
+
+# Live DNS (NWCAP_LIVE_DNS, default "system") would make results depend on this machine's
+# resolver and network; tests of it start their own DNS server on loopback and say so.
+os.environ["NWCAP_LIVE_DNS"] = "off"
 
 
 def _load_azurite_script() -> ModuleType:
@@ -268,13 +274,14 @@ def http_error(status: int) -> HttpResponseError:
 
 
 class FailingStore(TableResultsStore):
-    """The real store on Azurite, except that recording the baseline fails with ``error``, as a
-    throttled or broken service would half-way through processing."""
+    """The real store on Azurite, except that learning the baseline fails with ``error``, as a
+    throttled or broken service would half-way through processing (after the capture row was
+    claimed, before its results are written)."""
 
     def __init__(self, base: TableResultsStore, error: Exception) -> None:
         prefix = base.names["captures"][: -len("captures")]
         super().__init__(base.service, prefix=prefix)
         self.error = error
 
-    def add_to_baseline(self, *args: Any, **kwargs: Any) -> None:
+    def learn_baseline(self, *args: Any, **kwargs: Any) -> frozenset[str]:
         raise self.error

@@ -57,6 +57,9 @@ PEERS = {"20.0.0.1": (3, 2), "20.0.0.2": (1, 0), "2001:db8::7": (0, 4)}
 # Earlier captures of the same VM. Two peers each, so that the VM is the one address talking
 # to several others, which is how the engine tells the VM's own addresses.
 FIRST = {"20.0.0.1": (1, 1), "20.0.0.5": (1, 1)}
+# PEERS with every peer answering the VM: an exchange one spoofed packet cannot give, which is
+# what the baseline learns from.
+ANSWERED = {"20.0.0.1": (3, 2), "20.0.0.2": (1, 1), "2001:db8::7": (1, 4)}
 OTHER = {"20.0.0.9": (1, 1), "20.0.0.5": (2, 2)}
 Upload = Callable[[str, bytes], BlobClient]
 
@@ -406,11 +409,6 @@ class TestDelivery:
         assert {row["address"] for row in rows} == set(OTHER)
 
 
-def parse_location(outcome: Outcome) -> CaptureLocation:
-    assert outcome.record is not None
-    return outcome.record.location
-
-
 def new_peer_alerts(store: TableResultsStore, capture_id: str) -> list[dict[str, Any]]:
     return [a for a in store.iter_capture_alerts(capture_id) if a["rule"] == "new-peer"]
 
@@ -472,18 +470,21 @@ class _OvertakenStore(TableResultsStore):
 
 
 class TestSupersededRun:
-    """A run overtaken by a later one before its flip leaves no rows and teaches no baseline."""
+    """A run overtaken by a later one before its flip leaves no result rows; what it taught
+    the baseline is the capture's own (same capture id), which the later run reuses."""
 
-    def test_overtaken_run_teaches_nothing(
+    def test_overtaken_run_leaves_no_result_rows(
         self, upload: Upload, results_store: TableResultsStore
     ) -> None:
-        blob = upload(network_watcher_path("vm-overtaken"), udp_capture(PEERS))
+        blob = upload(network_watcher_path("vm-overtaken"), udp_capture(ANSWERED))
         overtaken = _OvertakenStore(results_store.service,
                                     prefix=results_store.names["captures"][: -len("captures")])
         outcome = process_blob(blob, overtaken)
         assert outcome.status == "superseded"
-        for table in ("baseline", "peers", "peerindex"):
+        for table in ("peers", "peerindex"):
             assert list(results_store.table(table).list_entities()) == [], table
+        learned = {row["first_capture_id"] for row in baseline_rows(results_store)}
+        assert learned == {outcome.capture_id}
 
 
 def synth_frame(peer: str) -> bytes:
@@ -492,6 +493,12 @@ def synth_frame(peer: str) -> bytes:
     return synth.ethernet(
         VM_MAC, GATEWAY_MAC, 0x0800, synth.ip_packet(peer, VM_ADDRESS, 17, datagram)
     )
+
+
+def baseline_rows(store: TableResultsStore) -> list[dict[str, Any]]:
+    """Every baseline row of the store's table (the marker row of each VM included)."""
+    rows = store.table("baseline").list_entities()
+    return sorted((dict(row) for row in rows), key=lambda r: (r["PartitionKey"], r["RowKey"]))
 
 
 class TestBaseline:
@@ -505,7 +512,7 @@ class TestBaseline:
         )
         assert new_peer_alerts(results_store, first.capture_id) == []
         second = process_blob(
-            upload(network_watcher_path(minute=2), udp_capture(PEERS)), results_store
+            upload(network_watcher_path(minute=2), udp_capture(ANSWERED)), results_store
         )
         new = new_peer_alerts(results_store, second.capture_id)
         assert sorted((a["peer"], a["severity"]) for a in new) == [
@@ -515,17 +522,31 @@ class TestBaseline:
         stored = results_store.get_capture(second.capture_id)
         assert stored is not None and stored.new_peers == 2
         third = process_blob(
-            upload(network_watcher_path(minute=3), udp_capture(PEERS)), results_store
+            upload(network_watcher_path(minute=3), udp_capture(ANSWERED)), results_store
         )
         assert new_peer_alerts(results_store, third.capture_id) == []
+
+    def test_one_way_traffic_is_never_learned(
+        self, upload: Upload, results_store: TableResultsStore
+    ) -> None:
+        """Datagrams nobody answered (what a spoofer can send) raise new-peer each time."""
+        process_blob(upload(network_watcher_path(minute=1), udp_capture(FIRST)), results_store)
+        one_way = {"20.0.0.1": (1, 1), "20.0.0.5": (1, 1), "198.51.100.9": (0, 3)}
+        for minute in (2, 3):
+            outcome = process_blob(
+                upload(network_watcher_path(minute=minute), udp_capture(one_way)), results_store
+            )
+            new = [a["peer"] for a in new_peer_alerts(results_store, outcome.capture_id)]
+            assert new == ["198.51.100.9"]
+        assert "198.51.100.9" not in {row["RowKey"] for row in baseline_rows(results_store)}
 
     def test_back_dated_capture_teaches_nothing(
         self, upload: Upload, results_store: TableResultsStore
     ) -> None:
-        first = process_blob(
+        process_blob(
             upload(network_watcher_path(minute=1), udp_capture(FIRST)), results_store
         )
-        learned = results_store.known_peers(parse_location(first))
+        learned = baseline_rows(results_store)
         # planted now, dated 2001 by its path: far before the blob was created
         planted = network_watcher_path(minute=2).replace(
             "/".join(network_watcher_path().split("/")[-4:-1]), "2001/01/02"
@@ -540,7 +561,7 @@ class TestBaseline:
         # its unknown peers are flagged, and still unknown to the baseline afterwards
         new = sorted(a["peer"] for a in new_peer_alerts(results_store, outcome.capture_id))
         assert new == ["20.0.0.2", "2001:db8::7"]
-        assert results_store.known_peers(parse_location(first)) == learned
+        assert baseline_rows(results_store) == learned
 
     def test_each_vm_has_its_own_baseline(
         self, upload: Upload, results_store: TableResultsStore
@@ -563,7 +584,9 @@ class TestBaseline:
             Peer("20.0.0.2", ("10.0.0.4",), 1, 1, 100, 100, 0.0, 1.0, expected=False),
         )
         known = {ip_key("20.0.0.3"): BaselineEntry("vm-a.00000000000000000000", 0.0)}
-        new = new_peer_keys(peers, known, "vm-a.11111111111111111111", 10.0)
+        new = new_peer_keys(
+            peers, known, frozenset(), "vm-a.11111111111111111111", 10.0, 10.0, 86_400.0
+        )
         alerts = baseline_alerts(location, peers, new)
         assert [(a.peer, a.severity, a.rule) for a in alerts] == [
             ("20.0.0.1", "info", "new-peer"),

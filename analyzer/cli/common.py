@@ -27,6 +27,7 @@ from analyzer.cli.exits import EXIT_DATAERR, EXIT_USAGE, InputError, UsageError
 if TYPE_CHECKING:
     from analyzer.base.models import Analysis
     from analyzer.capture.budget import Budget
+    from analyzer.judge.livedns import LiveDns
     from analyzer.judge.policy import Policy
     from analyzer.judge.servicetags import ServiceTags
     from analyzer.pipeline.alert_delivery import DeliveryResult
@@ -197,6 +198,7 @@ def analyse_capture_file(args: argparse.Namespace, *, progress_mode: str = "neve
     from analyzer.judge.analysis import analyze  # noqa: PLC0415 - keeps `nwcap --help` fast
 
     budget = work_budget()
+    lookup = live_dns(getattr(args, "live_dns", None))
     policy = _load_policy(args.policy) if args.policy else None
     tags = _load_service_tags(args.service_tags) if args.service_tags else None
     stream, size = _open_capture(args.capture)
@@ -210,6 +212,7 @@ def analyse_capture_file(args: argparse.Namespace, *, progress_mode: str = "neve
                 service_tags=tags,
                 progress=progress,
                 budget=budget,
+                lookup=lookup,
             )
     finally:
         if progress is not None:
@@ -220,6 +223,25 @@ def log_capture_warnings(capture: str, result: Analysis) -> None:
     """Why reading stopped early, on stderr (escaped like every log line)."""
     for warning in result.capture.warnings:
         log.warning("%s: %s", capture, warning)
+
+
+def live_dns(option: str | None) -> LiveDns | None:
+    """The live resolver for claimed names: ``--live-dns`` if given, else ``NWCAP_LIVE_DNS``
+    (default ``system``), as the function reads it; None when off."""
+    from analyzer.judge.livedns import LiveDnsSettingError, LiveDnsSettings  # noqa: PLC0415
+
+    try:
+        settings = LiveDnsSettings.from_environ(os.environ)
+        if option is not None:
+            settings = LiveDnsSettings.parse(
+                option,
+                timeout=settings.timeout,
+                max_lookups=settings.max_lookups,
+                max_seconds=settings.max_seconds,
+            )
+    except LiveDnsSettingError as exc:
+        raise UsageError(str(exc)) from exc
+    return settings.lookup()
 
 
 def work_budget() -> Budget:

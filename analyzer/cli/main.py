@@ -70,6 +70,12 @@ def build_parser(
         "--service-tags", metavar="FILE", help="Microsoft ServiceTags_Public_*.json file"
     )
     analyze.add_argument(
+        "--live-dns",
+        metavar="RESOLVER",
+        help="check claimed names that would make a peer expected by resolving the configured "
+        "name now: system (default, or NWCAP_LIVE_DNS), off, or IP[:PORT]",
+    )
+    analyze.add_argument(
         "--fail-on",
         choices=("low", "medium", "high"),
         help="exit with status 1 when an alert of this severity or worse is raised",

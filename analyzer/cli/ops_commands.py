@@ -173,7 +173,15 @@ def run_reconcile(args: argparse.Namespace) -> int:
         DeliverySettings.from_environ(),
         create_queue=not site.results.identity_based,
     )
-    pipeline = Pipeline(site.store, delivery, policy, tags, site.settings.budget)
+    pipeline = Pipeline(
+        site.store,
+        delivery,
+        policy,
+        tags,
+        site.settings.budget,
+        lookup=site.settings.live_dns.lookup(),
+        baseline_max_age=site.settings.baseline_max_age,
+    )
     ran = reconcile_and_deliver(
         pipeline,
         site.container,

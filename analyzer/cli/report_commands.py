@@ -48,6 +48,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     report.add_argument("--policy", metavar="FILE", help="policy file (YAML or JSON)")
     report.add_argument("--service-tags", metavar="FILE", help="ServiceTags_Public_*.json file")
+    report.add_argument(
+        "--live-dns", metavar="RESOLVER", help="as for analyze: system, off or IP[:PORT]"
+    )
     results_store_options(report)
     report.set_defaults(func=run_report)
 

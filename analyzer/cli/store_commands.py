@@ -314,7 +314,15 @@ def run_process(args: argparse.Namespace) -> int:
         delivery_settings,
         create_queue=not stored_in.identity_based,
     )
-    pipeline = Pipeline(store, delivery, policy, service_tags, settings.budget)
+    pipeline = Pipeline(
+        store,
+        delivery,
+        policy,
+        service_tags,
+        settings.budget,
+        lookup=settings.live_dns.lookup(),
+        baseline_max_age=settings.baseline_max_age,
+    )
     blobs = list(_blobs(captures_service, args.source, args.prefix, settings.captures_container))
     progress = ProgressBar(sys.stderr, len(blobs))
     outcomes: list[Outcome] = []

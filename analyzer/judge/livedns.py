@@ -21,9 +21,9 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from analyzer.base.errors import NwcapError
+from analyzer.capture.budget import InvalidSettingError
 
 OFF = "off"
 SYSTEM = "system"
@@ -37,7 +37,7 @@ MAX_CACHED_NAMES = 4096
 MAX_CHAIN = 16
 
 
-class LiveDnsSettingError(NwcapError):
+class LiveDnsSettingError(InvalidSettingError):
     """A live-DNS setting that cannot be used."""
 
 
@@ -156,24 +156,28 @@ class LiveDns:
     """A resolver shared by the captures of one process, with its answer cache."""
 
     def __init__(self, settings: LiveDnsSettings, *, attempts: int = DEFAULT_ATTEMPTS) -> None:
-        import dns.resolver  # noqa: PLC0415 - only a capture with claims to verify needs it
-
         self.settings = settings
         self.attempts = attempts
-        if settings.mode == SYSTEM:
-            self._resolver = dns.resolver.Resolver()
-        else:
-            import dns.nameserver  # noqa: PLC0415
-
-            self._resolver = dns.resolver.Resolver(configure=False)
-            self._resolver.nameservers = [
-                dns.nameserver.Do53Nameserver(host, port) for host, port in settings.servers
-            ]
-        self._resolver.lifetime = settings.timeout
-        self._resolver.timeout = settings.timeout
-        self._resolver.cache = None
+        self._resolver: Any = None  # made at the first query: most captures never need one
         self._cache: dict[tuple[str, str], _Cached] = {}
         self._lock = threading.Lock()
+
+    def _make_resolver(self) -> Any:
+        import dns.nameserver  # noqa: PLC0415 - dnspython only once a claim needs checking
+        import dns.resolver  # noqa: PLC0415
+
+        settings = self.settings
+        if settings.mode == SYSTEM:
+            resolver = dns.resolver.Resolver()
+        else:
+            resolver = dns.resolver.Resolver(configure=False)
+            resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(host, port) for host, port in settings.servers
+            ]
+        resolver.lifetime = settings.timeout
+        resolver.timeout = settings.timeout
+        resolver.cache = None
+        return resolver
 
     def session(self) -> LiveDnsSession:
         """A lookup budget for one capture."""
@@ -196,6 +200,9 @@ class LiveDns:
         import dns.rdatatype  # noqa: PLC0415
         import dns.resolver  # noqa: PLC0415
 
+        with self._lock:
+            if self._resolver is None:
+                self._resolver = self._make_resolver()
         now = time.monotonic()
         fresh = _Cached(expires=now + MIN_TTL)
         try:

@@ -49,9 +49,11 @@ from azure.storage.blob import BlobClient, BlobProperties, BlobServiceClient
 from analyzer import __version__
 from analyzer.base.errors import CorruptCaptureError, UnsupportedFormatError
 from analyzer.base.models import SEVERITY_ORDER, Alert, Analysis, Peer, Severity, iso_time
-from analyzer.capture.budget import Budget
+from analyzer.capture.budget import Budget, InvalidSettingError
 from analyzer.capture.engine import compiled_walk
 from analyzer.judge.analysis import analyze
+from analyzer.judge.classify import cap_alerts_per_rule
+from analyzer.judge.livedns import LiveDns, LiveDnsSettings, NameLookup
 from analyzer.judge.policy import Policy, load_policy
 from analyzer.judge.servicetags import ServiceTags
 from analyzer.store.blobpath import (
@@ -64,6 +66,7 @@ from analyzer.store.blobpath import (
 from analyzer.store.blobstream import MIB, open_blob_stream
 from analyzer.store.connections import require_url_on_service
 from analyzer.store.results import (
+    BASELINE_MARKER,
     FINAL_STATUSES,
     BaselineEntry,
     CaptureRecord,
@@ -82,6 +85,7 @@ log = logging.getLogger(__name__)
 outcome_log = logging.getLogger("nwcap.outcome")
 
 DEFAULT_CONTAINER = "network-watcher-logs"
+DEFAULT_BASELINE_MAX_AGE = 90 * 86_400.0  # NWCAP_BASELINE_MAX_AGE_DAYS, in seconds
 NEW_PEER_RULE = "new-peer"
 _TRANSIENT_STATUS = frozenset({408, 429})
 _ATTEMPTS = 5
@@ -102,6 +106,8 @@ class Settings:
     service_tags_location: str = ""
     table_prefix: str = ""
     budget: Budget = field(default_factory=Budget)
+    live_dns: LiveDnsSettings = field(default_factory=LiveDnsSettings)
+    baseline_max_age: float = DEFAULT_BASELINE_MAX_AGE
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -114,7 +120,25 @@ class Settings:
             service_tags_location=env.get("NWCAP_SERVICE_TAGS", "").strip(),
             table_prefix=table_prefix_setting(env),
             budget=Budget.from_environ(env),
+            live_dns=LiveDnsSettings.from_environ(env),
+            baseline_max_age=_baseline_max_age(env),
         )
+
+
+def _baseline_max_age(environ: Mapping[str, str]) -> float:
+    """``NWCAP_BASELINE_MAX_AGE_DAYS`` in seconds (1 to 3,650 days; default 90)."""
+    raw = environ.get("NWCAP_BASELINE_MAX_AGE_DAYS", "").strip()
+    if not raw:
+        return DEFAULT_BASELINE_MAX_AGE
+    try:
+        days = float(raw)
+    except ValueError:
+        days = 0.0
+    if not 1 <= days <= 3650:
+        raise InvalidSettingError(
+            f"NWCAP_BASELINE_MAX_AGE_DAYS: {raw[:40]!r} is not a number of days from 1 to 3650"
+        )
+    return days * 86_400.0
 
 
 def table_prefix_setting(environ: Mapping[str, str] | None = None) -> str:
@@ -182,11 +206,15 @@ def process_blob(
     clock: Callable[[], float] = time.time,
     budget: Budget | None = None,
     busy_unless_older_than: float | None = None,
+    lookup: LiveDns | NameLookup | None = None,
+    baseline_max_age: float = DEFAULT_BASELINE_MAX_AGE,
 ) -> Outcome:
     """Analyze one capture blob and store its results; see the module's docstring.
 
     ``busy_unless_older_than`` (seconds) leaves a row another run set to ``processing`` less
     than that long ago to that run (the reconciler's rule); by default a run always claims.
+    ``lookup`` verifies claimed names live (:mod:`analyzer.judge.livedns`); a baseline row
+    not seen for ``baseline_max_age`` seconds counts as unknown again.
     """
     name = f"{blob.container_name}/{blob.blob_name}"
     if not is_capture_blob(blob.blob_name):
@@ -213,6 +241,7 @@ def process_blob(
         outcome = _run(
             blob, store, claimed, clock=clock, started=started, progress=progress,
             policy=policy, service_tags=service_tags, budget=budget,
+            lookup=lookup, baseline_max_age=baseline_max_age,
         )
     except Exception as error:
         failure = _record_failure(store, claimed, error, clock=clock, started=started)
@@ -348,6 +377,8 @@ def _run(
     policy: Policy | None,
     service_tags: ServiceTags | None,
     budget: Budget | None,
+    lookup: LiveDns | NameLookup | None,
+    baseline_max_age: float,
 ) -> Outcome:
     name = claimed.location.path
     if claimed.attempts > MAX_ATTEMPTS:
@@ -359,7 +390,12 @@ def _run(
             blob, etag=claimed.blob_etag, size=claimed.blob_size, chunk_size=DOWNLOAD_CHUNK
         ) as stream:
             analysis = analyze(
-                stream, policy=policy, service_tags=service_tags, progress=progress, budget=budget
+                stream,
+                policy=policy,
+                service_tags=service_tags,
+                progress=progress,
+                budget=budget,
+                lookup=lookup,
             )
     except (UnsupportedFormatError, CorruptCaptureError) as error:
         log.warning("Capture %s (%s) is not readable: %s", name, claimed.capture_id, error)
@@ -369,7 +405,16 @@ def _run(
         return Outcome("superseded", name, claimed.capture_id, "the blob changed while being read")
     except ResourceNotFoundError:
         raise BlobVanishedError("the blob was deleted while being read") from None
-    return _store_analysis(store, blob, claimed, analysis, clock=clock, started=started)
+    return _store_analysis(
+        store,
+        blob,
+        claimed,
+        analysis,
+        clock=clock,
+        started=started,
+        max_age=baseline_max_age,
+        max_alerts_per_rule=(budget or Budget()).max_alerts_per_rule,
+    )
 
 
 class GaveUpError(Exception):
@@ -444,6 +489,8 @@ def _store_analysis(
     *,
     clock: Callable[[], float],
     started: float,
+    max_age: float,
+    max_alerts_per_rule: int,
 ) -> Outcome:
     info = analysis.capture
     location = claimed.location
@@ -457,15 +504,44 @@ def _store_analysis(
     # A capture whose path names no VM has no baseline. A back-dated one is checked against
     # its VM's baseline but teaches it nothing: whoever can write the container could
     # otherwise plant a capture dated years ago and make any address look familiar.
+    # The baseline learns only peers the VM had an exchange with that one spoofed packet cannot
+    # give (Peer.exchanged), and learns them now, rows inserted only if absent, so that of two
+    # concurrent captures of one VM one raises new-peer for an address.
     has_vm = location.vm != UNKNOWN_VM
     learns = has_vm and not claimed.time_mismatch
-    known = store.known_peers(location) if has_vm else {}
-    new_peers = (
-        new_peer_keys(analysis.peers, known, claimed.capture_id, capture_time)
-        if has_vm
+    peers = analysis.peers
+    known = store.baseline_entries(location, [ip_key(p.address) for p in peers]) if has_vm else {}
+    marker = known.pop(BASELINE_MARKER, None)
+    now = clock()
+    first = (
+        store.learn_baseline(
+            location,
+            claimed.capture_id,
+            capture_time,
+            [p for p in peers if p.exchanged],
+            known,
+            now=now,
+            max_age=max_age,
+        )
+        if learns
         else frozenset()
     )
-    alerts = analysis.alerts + baseline_alerts(location, analysis.peers, new_peers)
+    # The VM's first capture (no earlier capture in its baseline) only seeds it
+    learned_before = (
+        marker is not None
+        and marker.capture_id != claimed.capture_id
+        and marker.capture_time <= capture_time
+    )
+    new_peers = (
+        new_peer_keys(
+            peers, known, first, claimed.capture_id, capture_time, now, max_age, learns=learns
+        )
+        if learned_before
+        else frozenset()
+    )
+    alerts = analysis.alerts + baseline_alerts(
+        location, peers, new_peers, max_alerts=max_alerts_per_rule
+    )
     counts = dict.fromkeys(SEVERITY_ORDER, 0)
     for alert in alerts:
         counts[alert.severity] += 1
@@ -490,6 +566,7 @@ def _store_analysis(
         local_addresses_inferred=info.local_addresses_inferred,
         budget_exhausted=info.budget_exhausted or "",
         folded_peers=info.folded_peers,
+        names_dropped=info.names_dropped,
         folded_packets=info.folded_packets,
         folded_bytes=info.folded_bytes,
         folded=tuple(group.to_dict() for group in analysis.folded),
@@ -511,8 +588,6 @@ def _store_analysis(
         return _abandon(store, final, analysis.peers, alerts, "the blob changed while stored")
     if not _still_claimed(store, final):
         return _abandon(store, final, analysis.peers, alerts, "a later run of the blob took over")
-    if learns:
-        store.add_to_baseline(location, final.capture_id, capture_time, analysis.peers, known)
     stored = _flip(store, replace(final, processed_at=clock(),
                                   processing_seconds=round(clock() - started, 3)))
     if stored is None:
@@ -660,30 +735,44 @@ def _superseded(record: CaptureRecord) -> Outcome:
 def new_peer_keys(
     peers: tuple[Peer, ...],
     known: Mapping[str, BaselineEntry],
+    first: frozenset[str],
     capture_id: str,
     capture_time: float,
+    now: float,
+    max_age: float,
+    *,
+    learns: bool = True,
 ) -> frozenset[str]:
     """Keys of the peers this capture is the first to show the VM talking to.
 
-    The VM's first capture (no baseline from another, earlier capture) only seeds the baseline
-    and flags nothing, or every peer of every new VM would be an alert. A peer first recorded
-    by this very capture stays new when the capture is processed again, so repeated runs raise
-    the same alerts; a capture older than the one that recorded a peer takes its place.
+    ``first`` are the keys this capture just claimed in the baseline (peers it learned). A
+    peer it could not learn (no exchange a spoofer cannot fake, or a back-dated capture) is new
+    when the baseline has no live row for it; it stays unlearned, so a later genuine session
+    is new too. A peer first recorded by this very capture stays new when the capture is
+    processed again, so repeated runs raise the same alerts.
     """
-    learned_before = any(
-        entry.capture_id != capture_id and entry.capture_time <= capture_time
-        for entry in known.values()
-    )
-    if not learned_before:
-        return frozenset()
-    keys = (ip_key(peer.address) for peer in peers)
-    return frozenset(key for key in keys if first_to_show(known.get(key), capture_id, capture_time))
+    new: set[str] = set()
+    for peer in peers:
+        key = ip_key(peer.address)
+        if key in first:
+            new.add(key)
+        elif not (learns and peer.exchanged):  # learned, not first: another capture was
+            entry = known.get(key)
+            absent = entry is None or entry.expired(now, max_age)
+            if absent or first_to_show(entry, capture_id, capture_time):
+                new.add(key)
+    return frozenset(new)
 
 
 def baseline_alerts(
-    location: CaptureLocation, peers: tuple[Peer, ...], new_peers: frozenset[str]
+    location: CaptureLocation,
+    peers: tuple[Peer, ...],
+    new_peers: frozenset[str],
+    *,
+    max_alerts: int | None = None,
 ) -> tuple[Alert, ...]:
-    """One ``new-peer`` alert per new peer: ``info`` when the peer is expected, else ``low``."""
+    """One ``new-peer`` alert per new peer: ``info`` when the peer is expected, else ``low``;
+    beyond ``max_alerts``, one alert summarises the rest (as for every rule)."""
     alerts = []
     for peer in peers:
         if ip_key(peer.address) not in new_peers:
@@ -703,9 +792,13 @@ def baseline_alerts(
                     "names": names,
                     "packets": peer.packets,
                     "bytes": peer.bytes,
+                    "exchanged": peer.exchanged,
                 },
             )
         )
+    if max_alerts is not None and len(alerts) > max_alerts:
+        alerts.sort(key=lambda a: (-SEVERITY_ORDER[a.severity], ip_key(a.peer)))
+        return tuple(cap_alerts_per_rule(alerts, max_alerts))
     return tuple(alerts)
 
 
@@ -736,8 +829,10 @@ class ReferenceFile(Generic[T]):
         blob_service: Callable[[], BlobServiceClient] | None = None,
         refresh_seconds: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        missing_ok: bool = False,
     ) -> None:
         self.location = location
+        self._missing_ok = missing_ok
         self._parse = parse
         self._blob_service = blob_service
         self._refresh = refresh_seconds
@@ -759,7 +854,12 @@ class ReferenceFile(Generic[T]):
                     self._cached = _Cached(marker, self._parse(path.read_bytes()), now)
             else:
                 blob = self._blob()
-                marker = str(blob.get_blob_properties().etag)
+                try:
+                    marker = str(blob.get_blob_properties().etag)
+                except ResourceNotFoundError:
+                    if not self._missing_ok:
+                        raise
+                    return None  # not written yet (the service-tag refresh's own blob)
                 if self._cached is None or self._cached.marker != marker:
                     data = blob.download_blob(
                         etag=marker, match_condition=MatchConditions.IfNotModified
@@ -791,6 +891,13 @@ def policy_file(
 
 
 def service_tags_file(
-    location: str, blob_service: Callable[[], BlobServiceClient] | None = None
+    location: str,
+    blob_service: Callable[[], BlobServiceClient] | None = None,
+    *,
+    missing_ok: bool = False,
 ) -> ReferenceFile[ServiceTags]:
-    return ReferenceFile(location, ServiceTags.from_json, blob_service=blob_service)
+    """``missing_ok``: a blob that does not exist yet is no tags, not an error (the refreshed
+    copy before the first refresh)."""
+    return ReferenceFile(
+        location, ServiceTags.from_json, blob_service=blob_service, missing_ok=missing_ok
+    )

@@ -49,9 +49,11 @@ from azure.storage.queue import QueueClient, QueueMessage
 
 from analyzer.base.models import iso_time
 from analyzer.capture.budget import Budget
+from analyzer.judge.livedns import LiveDns
 from analyzer.judge.policy import Policy
 from analyzer.judge.servicetags import ServiceTags
 from analyzer.pipeline.processing import (
+    DEFAULT_BASELINE_MAX_AGE,
     Outcome,
     is_final,
     is_transient,
@@ -439,6 +441,8 @@ def processor(
     policy: Policy | None = None,
     service_tags: ServiceTags | None = None,
     budget: Budget | None = None,
+    lookup: LiveDns | None = None,
+    baseline_max_age: float = DEFAULT_BASELINE_MAX_AGE,
 ) -> Process:
     """Process a blob as the blob trigger does, leaving captures another run is under way on."""
 
@@ -450,6 +454,8 @@ def processor(
             service_tags=service_tags,
             budget=budget,
             busy_unless_older_than=stale_after,
+            lookup=lookup,
+            baseline_max_age=baseline_max_age,
         )
 
     return run

@@ -26,6 +26,7 @@ from azure.storage.blob import BlobClient, ContainerClient
 from azure.storage.queue import QueueClient
 
 from analyzer.capture.budget import Budget
+from analyzer.judge.livedns import LiveDns
 from analyzer.judge.policy import Policy
 from analyzer.judge.servicetags import ServiceTags
 from analyzer.pipeline.alert_delivery import (
@@ -34,7 +35,12 @@ from analyzer.pipeline.alert_delivery import (
     DeliverySettings,
     delivery_window,
 )
-from analyzer.pipeline.processing import Outcome, Settings, process_blob
+from analyzer.pipeline.processing import (
+    DEFAULT_BASELINE_MAX_AGE,
+    Outcome,
+    Settings,
+    process_blob,
+)
 from analyzer.pipeline.reconcile import (
     ReconcileReport,
     ReconcileSettings,
@@ -42,6 +48,7 @@ from analyzer.pipeline.reconcile import (
     processor,
     reconcile,
 )
+from analyzer.pipeline.servicetags_refresh import RefreshSettings
 from analyzer.store.results import TableResultsStore
 
 # The structured records for Application Insights (see docs/settings.md, "Logs"): the capture
@@ -59,6 +66,7 @@ class AppSettings:
     processing: Settings
     delivery: DeliverySettings
     reconcile: ReconcileSettings
+    tags_refresh: RefreshSettings
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> AppSettings:
@@ -70,6 +78,7 @@ class AppSettings:
             processing=Settings.from_environ(env),
             delivery=DeliverySettings.from_environ(env),
             reconcile=ReconcileSettings.from_environ(env),
+            tags_refresh=RefreshSettings.from_environ(env),
         )
 
 
@@ -83,6 +92,8 @@ class Pipeline:
     policy: Policy | None = None
     service_tags: ServiceTags | None = None
     budget: Budget | None = None
+    lookup: LiveDns | None = None  # live verification of claimed names (None: off)
+    baseline_max_age: float = DEFAULT_BASELINE_MAX_AGE
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,8 @@ def process_and_deliver(
         budget=pipeline.budget,
         force=force,
         progress=progress,
+        lookup=pipeline.lookup,
+        baseline_max_age=pipeline.baseline_max_age,
     )
     return CaptureRun(outcome, pipeline.delivery.deliver(outcome))
 
@@ -147,6 +160,8 @@ def reconcile_and_deliver(
         policy=pipeline.policy,
         service_tags=pipeline.service_tags,
         budget=pipeline.budget,
+        lookup=pipeline.lookup,
+        baseline_max_age=pipeline.baseline_max_age,
     )
     report = reconcile(
         container,

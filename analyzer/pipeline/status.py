@@ -33,6 +33,8 @@ from analyzer.pipeline.reconcile import (
     poison_length,
     with_records,
 )
+from analyzer.pipeline.servicetags_refresh import RefreshSettings, service_tags_state
+from analyzer.pipeline.servicetags_refresh import attention as tags_attention
 from analyzer.store.results import TableResultsStore
 
 # Capture rows counted at most (their status columns only); beyond, the counts say so.
@@ -56,9 +58,13 @@ def status_document(
     schedule_seconds: float = 600.0,
     live: bool = True,
     clock: Callable[[], float] = time.time,
+    tags_container: ContainerClient | None = None,
+    tags_refresh: RefreshSettings | None = None,
 ) -> dict[str, Any]:
     """The status document; see the module's docstring. Without ``live``, counts come from
-    the last run's row when it has them (else they are counted now)."""
+    the last run's row when it has them (else they are counted now). With ``tags_refresh``
+    and the container it writes to, ``service_tags`` gives the refreshed service tags' change
+    number and age (``None``: never refreshed)."""
     settings = settings or ReconcileSettings()
     now = clock()
     since = now - settings.lookback
@@ -74,6 +80,13 @@ def status_document(
         )
         poison_count = poison_length(poison) if poison is not None else None
     attention = _attention(captures, pending, poison_count, last, now, settings, schedule_seconds)
+    tags = None
+    if tags_refresh is not None and tags_container is not None:
+        try:
+            tags = service_tags_state(tags_container, tags_refresh.blob, clock=clock)
+        except ResourceNotFoundError:  # no config container yet
+            tags = None
+        attention.extend(tags_attention(tags, tags_refresh))
     return {
         "generated_at": iso_time(now),
         "window": {"since": iso_time(since), "lookback_seconds": settings.lookback},
@@ -83,6 +96,7 @@ def status_document(
         "pending": pending,
         "poison_queue": {"name": POISON_QUEUE, "length": poison_count},
         "last_reconcile": _jsonable(last),
+        "service_tags": tags,
         "attention": attention,
         "ok": not attention,
     }

@@ -185,6 +185,7 @@ class CaptureRecord:
     time_mismatch: str = ""
     budget_exhausted: str = ""
     folded_peers: int = 0
+    names_dropped: int = 0
     folded_packets: int = 0
     folded_bytes: int = 0
     folded: tuple[Mapping[str, Any], ...] = ()
@@ -247,6 +248,7 @@ class CaptureRecord:
             "time_mismatch": self.time_mismatch,
             "budget_exhausted": self.budget_exhausted or None,
             "folded_peers": self.folded_peers,
+            "names_dropped": self.names_dropped,
             "folded_packets": self.folded_packets,
             "folded_bytes": self.folded_bytes,
             "folded": [dict(group) for group in self.folded],
@@ -333,6 +335,7 @@ def capture_entity(record: CaptureRecord) -> dict[str, Any]:
     row.text("time_mismatch", record.time_mismatch)
     row.text("budget_exhausted", record.budget_exhausted)
     row.count("folded_peers", record.folded_peers)
+    row.count("names_dropped", record.names_dropped)
     row.count("folded_packets", record.folded_packets)
     row.count("folded_bytes", record.folded_bytes)
     row.json("folded", [dict(group) for group in record.folded])
@@ -394,6 +397,7 @@ def capture_from_entity(entity: Mapping[str, Any]) -> CaptureRecord:
         time_mismatch=str_of(entity, "time_mismatch"),
         budget_exhausted=str_of(entity, "budget_exhausted"),
         folded_peers=int_of(entity, "folded_peers"),
+        names_dropped=int_of(entity, "names_dropped"),
         folded_packets=int_of(entity, "folded_packets"),
         folded_bytes=int_of(entity, "folded_bytes"),
         folded=tuple(group for group in _loads(entity, "folded", []) if isinstance(group, dict)),

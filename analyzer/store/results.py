@@ -219,17 +219,6 @@ class ResultsStore(Protocol):
         """
         ...
 
-    def known_peers(self, location: CaptureLocation) -> dict[str, BaselineEntry]: ...
-
-    def add_to_baseline(
-        self,
-        location: CaptureLocation,
-        capture_id: str,
-        capture_time: float,
-        peers: Sequence[Peer],
-        known: Mapping[str, BaselineEntry],
-    ) -> None: ...
-
     def baseline_entries(
         self, location: CaptureLocation, keys: Iterable[str]
     ) -> dict[str, BaselineEntry]:
@@ -520,27 +509,6 @@ class TableResultsStore:
             return []
 
     # -- baseline ---------------------------------------------------------------------
-
-    # TEMPORARY-BASELINE: the whole-partition read, until processing uses baseline_entries
-    def known_peers(self, location: CaptureLocation) -> dict[str, BaselineEntry]:
-        rows = self._partition("baseline", baseline_key(location))
-        marker = BASELINE_MARKER
-        return {row["RowKey"]: baseline_entry(row) for row in rows if row["RowKey"] != marker}
-
-    def add_to_baseline(
-        self,
-        location: CaptureLocation,
-        capture_id: str,
-        capture_time: float,
-        peers: Sequence[Peer],
-        known: Mapping[str, BaselineEntry],
-    ) -> None:
-        rows = (
-            baseline_entity(location, peer, capture_id, capture_time)
-            for peer in peers
-            if first_to_show(known.get(ip_key(peer.address)), capture_id, capture_time)
-        )
-        self._upsert_batches("baseline", rows)
 
     def baseline_entries(
         self, location: CaptureLocation, keys: Iterable[str]
