@@ -12,7 +12,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -39,6 +39,9 @@ from analyzer.pipeline.servicetags_refresh import (
     state_blob_name,
     validated,
 )
+from analyzer.pipeline.status import status_document
+from analyzer.store.results import TableResultsStore
+from tests.clirunner import nwcap
 
 DATA = Path(__file__).resolve().parent / "data" / "servicetags_small.json"
 SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
@@ -691,3 +694,37 @@ class TestSettings:
     def test_invalid(self, environ: dict[str, str], named: str) -> None:
         with pytest.raises(InvalidSettingError, match=named):
             RefreshSettings.from_environ(environ)
+
+
+class TestInStatus:
+    """nwcap status and /api/status show the refreshed tags' change number and age."""
+
+    def test_status_document_shows_the_tags(
+        self,
+        management: Management,
+        config: ContainerClient,
+        refresh: Refresh,
+        results_store: TableResultsStore,
+    ) -> None:
+        settings = settings_for(management, config)
+        before = status_document(
+            results_store, tags_container=config, tags_refresh=settings, live=True
+        )
+        assert before["service_tags"] is None
+        assert any("service tag" in note for note in before["attention"])
+        management.serve(api_document(321))
+        assert refresh(settings).status == "updated"
+        after = status_document(
+            results_store, tags_container=config, tags_refresh=settings, live=True
+        )
+        assert after["service_tags"]["change_number"] == 321
+        assert after["service_tags"]["age_seconds"] >= 0
+        assert not any("service tag" in note for note in after["attention"])
+
+    def test_the_command_says_when_the_refresh_is_off(
+        self, monkeypatch: pytest.MonkeyPatch, storage_env: Mapping[str, str]
+    ) -> None:
+        monkeypatch.delenv("NWCAP_SERVICE_TAGS_SUBSCRIPTION", raising=False)
+        ran = nwcap("servicetags", "update")
+        assert ran.code == 2
+        assert "NWCAP_SERVICE_TAGS_SUBSCRIPTION" in ran.err

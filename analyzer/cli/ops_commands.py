@@ -22,6 +22,7 @@ from typing import Any
 from azure.storage.blob import ContainerClient
 from azure.storage.queue import QueueClient
 
+from analyzer.capture.budget import InvalidSettingError
 from analyzer.cli.common import (
     FORMATS,
     captures_connection_option,
@@ -31,7 +32,7 @@ from analyzer.cli.common import (
     results_connection,
     results_store_options,
 )
-from analyzer.cli.exits import EXIT_ALERTS
+from analyzer.cli.exits import EXIT_ALERTS, UsageError
 from analyzer.pipeline.alert_delivery import AlertDelivery, DeliverySettings
 from analyzer.pipeline.processing import Settings, policy_file, service_tags_file
 from analyzer.pipeline.reconcile import (
@@ -44,6 +45,11 @@ from analyzer.pipeline.reconcile import (
     schedule_seconds,
 )
 from analyzer.pipeline.run import Pipeline, reconcile_and_deliver
+from analyzer.pipeline.servicetags_refresh import (
+    RefreshSettings,
+    management_credential,
+    refresh_service_tags,
+)
 from analyzer.pipeline.status import status_document
 from analyzer.present.textsafe import csv_cell, terminal_text
 from analyzer.store.connections import (
@@ -59,7 +65,7 @@ _ITEM_COLUMNS = ("status", "reason", "age_seconds", "capture_id", "blob", "detai
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``reconcile`` and ``status``."""
+    """Add ``reconcile``, ``status`` and ``servicetags update``."""
     run = subparsers.add_parser(
         "reconcile",
         help="process every capture blob that has no complete result yet (as the timer does)",
@@ -98,6 +104,20 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     _common(status)
     status.set_defaults(func=guarded(run_status, brief=True))
+
+    tags = subparsers.add_parser(
+        "servicetags",
+        help="keep the Azure service tags current (what the timer does daily)",
+        description="Fetch the service tags of NWCAP_SERVICE_TAGS_LOCATION in subscription "
+        "NWCAP_SERVICE_TAGS_SUBSCRIPTION from the Service Tag Discovery API into the config "
+        "container (NWCAP_SERVICE_TAGS_REFRESH_CONTAINER/_BLOB). The last good copy stays "
+        "when the call fails. Exit status 1 when it failed.",
+    )
+    actions = tags.add_subparsers(dest="action", required=True, metavar="ACTION")
+    update = actions.add_parser("update", help="fetch now, whatever the interval")
+    results_store_options(update)
+    update.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    update.set_defaults(func=guarded(run_servicetags_update, brief=True))
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -210,6 +230,7 @@ def _print_report(report: ReconcileReport, fmt: str) -> None:
 
 def run_status(args: argparse.Namespace) -> int:
     site = _Site(args)
+    refresh = _refresh_settings()
     document = status_document(
         site.store,
         container=site.container,
@@ -217,6 +238,8 @@ def run_status(args: argparse.Namespace) -> int:
         runs=site.runs,
         settings=site.reconcile,
         schedule_seconds=schedule_seconds(os.environ.get("RECONCILE_SCHEDULE", "")),
+        tags_container=blob_service_for(site.results).get_container_client(refresh.container),
+        tags_refresh=refresh,
     )
     if args.format == "json":
         print_json(document)
@@ -248,8 +271,43 @@ def _status_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
         {"what": f"last reconcile {key}", "value": last.get(key)}
         for key in ("finished", "scanned", "complete", "processed", "failed", "left")
     )
+    tags = document.get("service_tags") or {}
+    rows.extend(
+        {"what": f"service tags {key}", "value": tags.get(key)}
+        for key in ("change_number", "fetched_at", "age_seconds", "last_status")
+        if tags
+    )
     rows.extend({"what": "ATTENTION", "value": note} for note in document["attention"])
     return rows
+
+
+def _refresh_settings() -> RefreshSettings:
+    try:
+        return RefreshSettings.from_environ()
+    except InvalidSettingError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def run_servicetags_update(args: argparse.Namespace) -> int:
+    """What the timer does, now (``force``): the result as a table or JSON."""
+    refresh = _refresh_settings()
+    if not refresh.enabled:
+        raise UsageError(
+            "the service-tag refresh is off: set NWCAP_SERVICE_TAGS_SUBSCRIPTION and "
+            "NWCAP_SERVICE_TAGS_LOCATION (and not NWCAP_SERVICE_TAGS_REFRESH=off)"
+        )
+    results = results_connection(args)
+    container = blob_service_for(results).get_container_client(refresh.container)
+    result = refresh_service_tags(
+        refresh, container, management_credential(results), force=True
+    )
+    document = result.to_dict()
+    if args.format == "json":
+        print_json(document)
+    else:
+        rows = [{"what": key, "value": value} for key, value in document.items()]
+        (_print_csv if args.format == "csv" else _print_table)(rows, ("what", "value"))
+    return 1 if result.status == "failed" else 0
 
 
 def _text(value: Any) -> str:
