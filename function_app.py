@@ -25,19 +25,14 @@ from analyzer.judge.livedns import LiveDns, LiveDnsSettings
 from analyzer.judge.policy import Policy
 from analyzer.judge.servicetags import ServiceTags
 from analyzer.pipeline.alert_delivery import AlertDelivery, DeliverySettings
-from analyzer.pipeline.processing import (
-    ReferenceFile,
-    is_transient,
-    policy_file,
-    service_tags_file,
-    table_prefix_setting,
-)
+from analyzer.pipeline.processing import is_transient, table_prefix_setting
 from analyzer.pipeline.reconcile import (
     RunLog,
     checked_schedule,
     poison_queue,
     schedule_seconds,
 )
+from analyzer.pipeline.reference_files import ReferenceFile, policy_file, service_tags_file
 from analyzer.pipeline.run import (
     AppSettings,
     Pipeline,

@@ -35,12 +35,8 @@ from storage_helpers import BlobReader, open_blob
 
 from analyzer.base.models import Peer
 from analyzer.judge.policy import load_policy
-from analyzer.pipeline.processing import (
-    Outcome,
-    is_transient,
-    policy_file,
-    process_blob,
-)
+from analyzer.pipeline.processing import Outcome, is_transient, process_blob
+from analyzer.pipeline.reference_files import policy_file
 from analyzer.store.blobpath import CaptureLocation
 from analyzer.store.connections import ConnectionSettingError
 from analyzer.store.results import (
@@ -576,7 +572,7 @@ class TestBaseline:
         assert new_peer_alerts(results_store, other.capture_id) == []
 
     def test_expected_peers_are_info(self) -> None:
-        from analyzer.pipeline.processing import baseline_alerts, new_peer_keys
+        from analyzer.pipeline.baseline import baseline_alerts, new_peer_keys
 
         location = CaptureLocation("c", "x.cap", "custom", "vm-a")
         peers = (

@@ -34,7 +34,7 @@ from analyzer.cli.common import (
 )
 from analyzer.cli.exits import EXIT_ALERTS, UsageError
 from analyzer.pipeline.alert_delivery import AlertDelivery, DeliverySettings
-from analyzer.pipeline.processing import Settings, policy_file, service_tags_file
+from analyzer.pipeline.processing import Settings
 from analyzer.pipeline.reconcile import (
     DurationError,
     ReconcileReport,
@@ -44,6 +44,7 @@ from analyzer.pipeline.reconcile import (
     poison_queue,
     schedule_seconds,
 )
+from analyzer.pipeline.reference_files import policy_file, service_tags_file
 from analyzer.pipeline.run import Pipeline, reconcile_and_deliver
 from analyzer.pipeline.servicetags_refresh import (
     RefreshSettings,

@@ -43,7 +43,8 @@ from analyzer.cli.common import (
     table_prefix,
 )
 from analyzer.pipeline.alert_delivery import AlertDelivery, DeliveryResult, DeliverySettings
-from analyzer.pipeline.processing import Outcome, Settings, policy_file, service_tags_file
+from analyzer.pipeline.processing import Outcome, Settings
+from analyzer.pipeline.reference_files import policy_file, service_tags_file
 from analyzer.pipeline.run import Pipeline, process_and_deliver
 from analyzer.present.textsafe import csv_cell, terminal_text
 from analyzer.store.blobpath import is_capture_blob

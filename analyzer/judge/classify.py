@@ -1,5 +1,9 @@
 """Turn the capture engine's peers into classified peers and alerts.
 
+Longer than 600 lines because every rule is a step of one peer's evaluation and reads the
+state the earlier steps left (services claimed, names trusted, alerts raised); the name trust
+and the catalogue are already their own modules.
+
 Each peer gets a category, whether it is expected, a plain-English reason, its service tags and
 roles. A peer's traffic is reduced to *services* (see :func:`services_of`); the Azure catalogue,
 the policy's allow rules, ``vnet_ranges`` and ``admin_sources`` each cover some of them, specific

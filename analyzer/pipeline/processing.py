@@ -1,6 +1,9 @@
 """Processing one capture blob into stored results, the same way from the function, the
 reconciler and the CLI.
 
+Longer than 600 lines because processing one blob is one state machine (claim, run, store,
+flip, abandon, record a failure) whose steps share invariants a reader must see together.
+
 Each run *claims* the capture row (a conditional write that sets its status to ``processing``
 and raises its ``generation`` by one), writes its peer, alert and index rows under keys that
 carry its generation, and then flips the row to ``complete``, ``partial`` or ``failed`` only if
@@ -29,14 +32,11 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
-from azure.core import MatchConditions
 from azure.core.exceptions import (
     HttpResponseError,
     ResourceModifiedError,
@@ -44,18 +44,18 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.storage.blob import BlobClient, BlobProperties, BlobServiceClient
+from azure.storage.blob import BlobClient, BlobProperties
 
 from analyzer import __version__
 from analyzer.base.errors import CorruptCaptureError, UnsupportedFormatError
-from analyzer.base.models import SEVERITY_ORDER, Alert, Analysis, Peer, Severity, iso_time
+from analyzer.base.models import SEVERITY_ORDER, Alert, Analysis, Peer
 from analyzer.capture.budget import Budget, InvalidSettingError
 from analyzer.capture.engine import compiled_walk
 from analyzer.judge.analysis import analyze
-from analyzer.judge.classify import cap_alerts_per_rule
 from analyzer.judge.livedns import LiveDns, LiveDnsSettings, NameLookup
-from analyzer.judge.policy import Policy, load_policy
+from analyzer.judge.policy import Policy
 from analyzer.judge.servicetags import ServiceTags
+from analyzer.pipeline.baseline import baseline_alerts, new_peer_keys
 from analyzer.store.blobpath import (
     UNKNOWN_VM,
     CaptureLocation,
@@ -64,16 +64,13 @@ from analyzer.store.blobpath import (
     parse_capture_path,
 )
 from analyzer.store.blobstream import MIB, open_blob_stream
-from analyzer.store.connections import require_url_on_service
 from analyzer.store.results import (
     BASELINE_MARKER,
     FINAL_STATUSES,
-    BaselineEntry,
     CaptureRecord,
     ConcurrentUpdateError,
     ResultsStore,
     capture_id_for,
-    first_to_show,
     ip_key,
     storable_time,
 )
@@ -86,7 +83,6 @@ outcome_log = logging.getLogger("nwcap.outcome")
 
 DEFAULT_CONTAINER = "network-watcher-logs"
 DEFAULT_BASELINE_MAX_AGE = 90 * 86_400.0  # NWCAP_BASELINE_MAX_AGE_DAYS, in seconds
-NEW_PEER_RULE = "new-peer"
 _TRANSIENT_STATUS = frozenset({408, 429})
 _ATTEMPTS = 5
 # Runs of one blob version that died (killed worker, timeout) before the capture is given up as
@@ -726,178 +722,4 @@ def _superseded(record: CaptureRecord) -> Outcome:
         record.location.path,
         record.capture_id,
         "a newer version of the blob is recorded",
-    )
-
-
-# --- the per-VM baseline -----------------------------------------------------------------
-
-
-def new_peer_keys(
-    peers: tuple[Peer, ...],
-    known: Mapping[str, BaselineEntry],
-    first: frozenset[str],
-    capture_id: str,
-    capture_time: float,
-    now: float,
-    max_age: float,
-    *,
-    learns: bool = True,
-) -> frozenset[str]:
-    """Keys of the peers this capture is the first to show the VM talking to.
-
-    ``first`` are the keys this capture just claimed in the baseline (peers it learned). A
-    peer it could not learn (no exchange a spoofer cannot fake, or a back-dated capture) is new
-    when the baseline has no live row for it; it stays unlearned, so a later genuine session
-    is new too. A peer first recorded by this very capture stays new when the capture is
-    processed again, so repeated runs raise the same alerts.
-    """
-    new: set[str] = set()
-    for peer in peers:
-        key = ip_key(peer.address)
-        if key in first:
-            new.add(key)
-        elif not (learns and peer.exchanged):  # learned, not first: another capture was
-            entry = known.get(key)
-            absent = entry is None or entry.expired(now, max_age)
-            if absent or first_to_show(entry, capture_id, capture_time):
-                new.add(key)
-    return frozenset(new)
-
-
-def baseline_alerts(
-    location: CaptureLocation,
-    peers: tuple[Peer, ...],
-    new_peers: frozenset[str],
-    *,
-    max_alerts: int | None = None,
-) -> tuple[Alert, ...]:
-    """One ``new-peer`` alert per new peer: ``info`` when the peer is expected, else ``low``;
-    beyond ``max_alerts``, one alert summarises the rest (as for every rule)."""
-    alerts = []
-    for peer in peers:
-        if ip_key(peer.address) not in new_peers:
-            continue
-        severity: Severity = "info" if peer.expected else "low"
-        names = sorted({name.name for name in peer.names})
-        label = f"{peer.address} ({', '.join(names)})" if names else peer.address
-        alerts.append(
-            Alert(
-                rule=NEW_PEER_RULE,
-                severity=severity,
-                peer=peer.address,
-                message=f"{location.vm} talked to {label} for the first time",
-                evidence={
-                    "first_seen": iso_time(peer.first_seen),
-                    "category": peer.category,
-                    "names": names,
-                    "packets": peer.packets,
-                    "bytes": peer.bytes,
-                    "exchanged": peer.exchanged,
-                },
-            )
-        )
-    if max_alerts is not None and len(alerts) > max_alerts:
-        alerts.sort(key=lambda a: (-SEVERITY_ORDER[a.severity], ip_key(a.peer)))
-        return tuple(cap_alerts_per_rule(alerts, max_alerts))
-    return tuple(alerts)
-
-
-# --- policy and service tags named by settings -------------------------------------------
-
-T = TypeVar("T")
-
-
-@dataclass
-class _Cached(Generic[T]):
-    marker: str
-    value: T
-    checked: float
-
-
-class ReferenceFile(Generic[T]):
-    """A policy or service-tag file named by a setting, parsed once and re-read when it changes.
-
-    ``location`` is a local file, a blob URL, or ``container/blob`` in the results account.
-    Its ETag (or a file's modification time) is checked at most every ``refresh_seconds``.
-    """
-
-    def __init__(
-        self,
-        location: str,
-        parse: Callable[[bytes], T],
-        *,
-        blob_service: Callable[[], BlobServiceClient] | None = None,
-        refresh_seconds: float = 300.0,
-        clock: Callable[[], float] = time.monotonic,
-        missing_ok: bool = False,
-    ) -> None:
-        self.location = location
-        self._missing_ok = missing_ok
-        self._parse = parse
-        self._blob_service = blob_service
-        self._refresh = refresh_seconds
-        self._clock = clock
-        self._cached: _Cached[T] | None = None
-        self._lock = threading.Lock()
-
-    def get(self) -> T | None:
-        if not self.location:
-            return None
-        with self._lock:
-            now = self._clock()
-            if self._cached is not None and now - self._cached.checked < self._refresh:
-                return self._cached.value
-            path = Path(self.location)
-            if path.is_file():
-                marker = str(path.stat().st_mtime_ns)
-                if self._cached is None or self._cached.marker != marker:
-                    self._cached = _Cached(marker, self._parse(path.read_bytes()), now)
-            else:
-                blob = self._blob()
-                try:
-                    marker = str(blob.get_blob_properties().etag)
-                except ResourceNotFoundError:
-                    if not self._missing_ok:
-                        raise
-                    return None  # not written yet (the service-tag refresh's own blob)
-                if self._cached is None or self._cached.marker != marker:
-                    data = blob.download_blob(
-                        etag=marker, match_condition=MatchConditions.IfNotModified
-                    ).readall()
-                    self._cached = _Cached(marker, self._parse(data), now)
-                    log.info("Loaded %s (ETag %s)", self.location, marker)
-            self._cached.checked = now
-            return self._cached.value
-
-    def _blob(self) -> BlobClient:
-        service = self._blob_service() if self._blob_service is not None else None
-        if self.location.startswith(("https://", "http://")):
-            if service is None:
-                return BlobClient.from_blob_url(self.location)  # anonymous: nothing to leak
-            require_url_on_service(self.location, service)  # its credential goes nowhere else
-            return BlobClient.from_blob_url(self.location, credential=service.credential)
-        if service is None:
-            raise ValueError(f"{self.location!r} is not a file, and no storage is configured")
-        container, _, name = self.location.partition("/")
-        if not name:
-            raise ValueError(f"{self.location!r} is neither a file, a URL nor container/blob")
-        return service.get_blob_client(container, name)
-
-
-def policy_file(
-    location: str, blob_service: Callable[[], BlobServiceClient] | None = None
-) -> ReferenceFile[Policy]:
-    return ReferenceFile(location, load_policy, blob_service=blob_service)
-
-
-def service_tags_file(
-    location: str,
-    blob_service: Callable[[], BlobServiceClient] | None = None,
-    *,
-    missing_ok: bool = False,
-) -> ReferenceFile[ServiceTags]:
-    """``missing_ok``: a blob that does not exist yet is no tags, not an error (the refreshed
-    copy before the first refresh)."""
-    return ReferenceFile(
-        location, ServiceTags.from_json, blob_service=blob_service, missing_ok=missing_ok
     )

@@ -1,5 +1,9 @@
 """Service tags kept current without a person: the Service Tag Discovery API into a blob.
 
+Longer than 600 lines because the API's answer must be normalised and validated before it may
+replace the last good copy, and the settings, the call, the checks and the stored state are one
+feature an operator debugs as a whole.
+
 ``refresh_service_tags`` reads Azure's service tags for a location
 (``GET {endpoint}/subscriptions/{id}/providers/Microsoft.Network/locations/{location}/
 serviceTags``, the call behind azure-mgmt-network's ``service_tags.list(location)``), checks

@@ -1,5 +1,8 @@
 """Where results live: the Table Storage schema, its mapping, and the results-store interface.
 
+Longer than 600 lines because it is one class, the Table Storage implementation of
+:class:`ResultsStore`, with its protocol beside it; keys and mapping are already elsewhere.
+
 Five tables (names optionally prefixed, see :func:`table_names`), documented in
 ``docs/data-model.md``:
 
