@@ -26,28 +26,31 @@ from analyzer.base.models import Alert, iso_time
 from analyzer.judge.policy import load_policy
 from analyzer.pipeline.alert_delivery import (
     MAX_ATTEMPTS,
-    MAX_MESSAGE_BYTES,
     RECONCILE_WINDOW,
     AlertDelivery,
-    DeliveryLedger,
     DeliverySettings,
-    alert_id,
-    alert_message,
     alerts_queue,
-    cloud_event_for,
     deliver_capture_alerts,
     deliver_pending,
     delivery_window,
-    encoded_size,
     ensure_queue,
     eventgrid_publisher,
+)
+from analyzer.pipeline.alert_ledger import DeliveryLedger
+from analyzer.pipeline.alert_messages import (
+    MAX_MESSAGE_BYTES,
+    alert_id,
+    alert_message,
+    cloud_event_for,
+    encoded_size,
     fit_message,
     message_body,
     produced_alerts,
     stored_alerts,
 )
 from analyzer.pipeline.processing import process_blob
-from analyzer.pipeline.reconcile import ReconcileSettings, processor, reconcile
+from analyzer.pipeline.reconcile import processor, reconcile
+from analyzer.pipeline.reconcile_settings import ReconcileSettings
 from analyzer.store.blobpath import parse_capture_path
 from analyzer.store.results import CaptureRecord, TableResultsStore, capture_id_for
 from analyzer.store.tablekeys import generation_of, generation_prefix

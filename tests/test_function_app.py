@@ -30,12 +30,9 @@ from conftest import ROOT, FailingStore, http_error, network_watcher_path, udp_c
 import function_app
 from analyzer.capture.budget import Budget
 from analyzer.pipeline import run
-from analyzer.pipeline.alert_delivery import (
-    alert_message,
-    alerts_queue,
-    delivery_table_name,
-    stored_alerts,
-)
+from analyzer.pipeline.alert_delivery import alerts_queue
+from analyzer.pipeline.alert_ledger import delivery_table_name
+from analyzer.pipeline.alert_messages import alert_message, stored_alerts
 from analyzer.pipeline.processing import Settings
 from analyzer.store.blobpath import parse_capture_path
 from analyzer.store.results import TableResultsStore, capture_id_for

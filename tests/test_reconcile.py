@@ -40,20 +40,17 @@ from conftest import (
 )
 
 from analyzer.pipeline import processing
+from analyzer.pipeline.capture_listing import list_capture_blobs
+from analyzer.pipeline.poison import POISON_QUEUE, poison_message
 from analyzer.pipeline.processing import Outcome, process_blob
-from analyzer.pipeline.reconcile import (
+from analyzer.pipeline.reconcile import processor, reconcile
+from analyzer.pipeline.reconcile_report import ReconcileReport, RunLog
+from analyzer.pipeline.reconcile_settings import (
     DEFAULT_SCHEDULE,
-    POISON_QUEUE,
     DurationError,
-    ReconcileReport,
     ReconcileSettings,
-    RunLog,
     checked_schedule,
-    list_capture_blobs,
     parse_duration,
-    poison_message,
-    processor,
-    reconcile,
     schedule_seconds,
 )
 from analyzer.store.blobpath import network_watcher_blob_name

@@ -16,7 +16,8 @@ from clirunner import nwcap
 from conftest import FailingStore, http_error, network_watcher_path, udp_capture
 
 from analyzer.pipeline.processing import process_blob
-from analyzer.pipeline.reconcile import ReconcileReport, ReconcileSettings, RunLog
+from analyzer.pipeline.reconcile_report import ReconcileReport, RunLog
+from analyzer.pipeline.reconcile_settings import ReconcileSettings
 from analyzer.pipeline.status import status_document
 from analyzer.store.results import TableResultsStore
 

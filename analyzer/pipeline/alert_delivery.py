@@ -5,50 +5,37 @@ that gets a message can read the tables. Right after processing it sends the ale
 stored (:attr:`Outcome.alerts`, made into the documents the ``alerts`` table holds); later
 runs, the reconciler's and retries, read them back from the table.
 
-- Every message carries a stable ``id``: the first 32 hex digits of SHA-256 over the capture
-  id, the blob's ETag and the alert's key (:func:`analyzer.store.tablekeys.alert_key`, its row key
-  without the run's generation). The same alert of the same blob version always has the same
-  id, whether it is sent again after a fault or the blob is processed again with ``--force``;
-  consumers de-duplicate on it (queue delivery is at-least-once).
-- What was sent is recorded in the ``<prefix>alertdelivery`` table (PartitionKey capture id,
-  RowKey alert id, ``status`` ``pending`` | ``sent`` | ``failed`` | ``superseded``). A row is
-  written ``pending`` before its message goes out and ``sent`` after, so an outage or a crash
-  in between leaves ``pending`` rows that :func:`deliver_pending` sends later, with the same
-  ids.
-- Bodies are UTF-8 JSON, Base64-encoded as the Functions queue trigger expects by default
-  (host.json ``extensions.queues.messageEncoding`` is ``base64``), and at most 64 KiB once
-  encoded: evidence (then the message text) is cut to fit and flagged.
+- Every message carries a stable ``id``, so consumers can de-duplicate (queue delivery is
+  at-least-once); the message, its id and its size limit are
+  :mod:`analyzer.pipeline.alert_messages`.
+- What was sent is recorded in the ``<prefix>alertdelivery`` table
+  (:mod:`analyzer.pipeline.alert_ledger`): a row is written ``pending`` before its message goes
+  out and ``sent`` after, so an outage or a crash in between leaves ``pending`` rows that
+  :func:`deliver_pending` sends later, with the same ids.
+- Bodies are Base64-encoded as the Functions queue trigger expects by default (host.json
+  ``extensions.queues.messageEncoding`` is ``base64``).
 - Queue errors never escape: transient ones leave the alerts ``pending``; others are logged
   and counted ``failed`` and stay ``pending`` too (a missing queue or role gets fixed), except
   a message the queue refused :data:`MAX_ATTEMPTS` times, which is marked ``failed``.
 
+Every log record of delivery comes from this module (logger ``analyzer.pipeline.alert_delivery``).
 ``docs/alerts.md`` documents the message and how a Logic App or Application Insights reads it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import json
 import logging
-import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, cast
-from urllib.parse import quote
+from typing import Any
 
-from azure.core.exceptions import (
-    AzureError,
-    HttpResponseError,
-    ResourceExistsError,
-    ResourceNotFoundError,
-)
-from azure.data.tables import EdmType, EntityProperty, TableClient, UpdateMode
+from azure.core.exceptions import AzureError, ResourceExistsError
 from azure.storage.queue import (
     QueueClient,
     QueueServiceClient,
@@ -56,32 +43,39 @@ from azure.storage.queue import (
     TextBase64EncodePolicy,
 )
 
-from analyzer.base.models import SEVERITY_ORDER, Alert, Severity, iso_time
+from analyzer.base.models import SEVERITY_ORDER, Alert
+from analyzer.pipeline.alert_ledger import (
+    DELIVERED_STATUSES,
+    DeliveryLedger,
+    alerts_to_send,
+    attempted,
+    entity_int,
+    pending_row,
+    undelivered_captures,
+    utc_datetime,
+)
+from analyzer.pipeline.alert_messages import (
+    StoredAlert,
+    alert_id,
+    alert_message,
+    cloud_event_for,
+    message_body,
+    produced_alerts,
+    stored_alerts,
+)
 from analyzer.pipeline.processing import Outcome, is_transient
-from analyzer.store.entities import alert_occurrences
-from analyzer.store.results import CaptureRecord, TableResultsStore, alert_document, alert_entity
-from analyzer.store.tablekeys import alert_key
+from analyzer.store.results import CaptureRecord, TableResultsStore
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 DEFAULT_QUEUE = "nwcap-alerts"
 DEFAULT_MIN_SEVERITY = "low"
-DELIVERY_TABLE = "alertdelivery"
-MAX_MESSAGE_BYTES = 64 * 1024  # a queue message as the service counts it: the Base64 text
 MAX_ATTEMPTS = 10  # sends of one message refused (400, 413) before it is given up
 RECONCILE_WINDOW = 3 * 24 * 3600.0  # how far back the reconciler looks for undelivered alerts
 _MESSAGE_REFUSED = frozenset({400, 413})  # about the message; 401/403/404 are about the queue
-_ID_HEX_DIGITS = 32
 _ERROR_CHARS = 500
-_SETTLED = frozenset({"sent", "failed"})
-_SETTLED_SELECT = ["RowKey", "status", "blob_etag"]
-_DELIVERED_STATUSES = frozenset({"complete", "partial"})
 _QUEUE_NAME = re.compile(r"^(?=.{3,63}$)[a-z0-9](?:[a-z0-9]|-(?!-))*[a-z0-9]$")
-_TRANSACTION_ROWS = 100
-_PAGE = 1000
 _DISABLED = "none"
-_CREATED_TABLES: set[str] = set()  # delivery tables this process made sure of
 
 EventPublisher = Callable[[list[dict[str, Any]]], None]
 
@@ -134,215 +128,6 @@ class DeliverySettings:
         return cls(queue, severity, links, endpoint)
 
 
-# --- the message -------------------------------------------------------------------------
-
-
-def alert_id(capture_id: str, blob_etag: str, key: str) -> str:
-    """The stable id of an alert (``key``: its alert key) of one version of a capture blob."""
-    digest = hashlib.sha256(f"{capture_id}\n{blob_etag}\n{key}".encode()).hexdigest()
-    return digest[:_ID_HEX_DIGITS]
-
-
-@dataclass(frozen=True, slots=True)
-class StoredAlert:
-    """An alert as read back from the ``alerts`` table, with its alert key."""
-
-    key: str
-    document: Mapping[str, Any]
-
-    @property
-    def severity_rank(self) -> int:
-        return SEVERITY_ORDER.get(str(self.document.get("severity", "")), 0)
-
-
-def stored_alerts(store: TableResultsStore, capture_id: str) -> list[StoredAlert]:
-    """The capture's stored alerts, each with its alert key.
-
-    Keys are computed as :func:`analyzer.store.tablekeys.alert_key` made them for the row keys:
-    rows come back in row-key order, so alerts of one rule, severity and peer arrive by
-    occurrence number.
-    """
-    return _keyed(store.iter_capture_alerts(capture_id))
-
-
-def produced_alerts(record: CaptureRecord, alerts: Sequence[Alert]) -> list[StoredAlert]:
-    """The alerts a run stored with ``record``, as :func:`stored_alerts` would read them back:
-    the documents of their ``alerts`` rows, in row-key order, with the same keys (hence the
-    same message ids), without reading the table."""
-    rows = sorted(
-        (alert_entity(record, alert, n, by_day=False) for alert, n in alert_occurrences(alerts)),
-        key=lambda row: str(row["RowKey"]),
-    )
-    return _keyed(alert_document(row) for row in rows)
-
-
-def alert_message(
-    record: CaptureRecord,
-    alert_doc: Mapping[str, Any],
-    *,
-    links_base: str | None,
-    key: str | None = None,
-) -> dict[str, Any]:
-    """The queue message of one stored alert of ``record``, cut to fit :data:`MAX_MESSAGE_BYTES`.
-
-    ``key`` is the alert's key in its capture's partition (computed from the document
-    as the only alert of its rule and peer when not given).
-    """
-    if key is None:
-        (alert,) = _keyed([alert_doc])
-        key = alert.key
-    where = record.location
-    evidence = alert_doc.get("evidence")
-    evidence = dict(evidence) if isinstance(evidence, Mapping) else {}
-    names = evidence.get("names")
-    message: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "id": alert_id(record.capture_id, record.blob_etag, key),
-        "capture_id": record.capture_id,
-        "capture_version": record.blob_etag,
-        "vm": where.vm,
-        "vm_resource_id": where.resource_id,
-        "subscription": where.subscription,
-        "resource_group": where.resource_group,
-        "capture_time": iso_time(record.capture_time),
-        "rule": str(alert_doc.get("rule", "")),
-        "severity": str(alert_doc.get("severity", "")),
-        "peer": str(alert_doc.get("peer", "")),
-        "names": [name for name in names if isinstance(name, str)]
-        if isinstance(names, list)
-        else [],
-        "message": str(alert_doc.get("message", "")),
-        "evidence": evidence,
-        "evidence_truncated": "evidence" in (alert_doc.get("truncated") or ()),
-        "links": capture_links(record.capture_id, links_base),
-    }
-    return fit_message(message)
-
-
-def _keyed(documents: Iterable[Mapping[str, Any]]) -> list[StoredAlert]:
-    """Documents of a capture's alerts rows, in row-key order, each with its alert key."""
-    listed = list(documents)
-    alerts = [
-        Alert(
-            rule=str(document.get("rule", "")),
-            severity=cast(Severity, str(document.get("severity", ""))),
-            peer=str(document.get("peer", "")),
-            message="",
-        )
-        for document in listed
-    ]
-    # numbered as the store numbers alerts for their row keys
-    return [
-        StoredAlert(alert_key(alert, n), document)
-        for (alert, n), document in zip(alert_occurrences(alerts), listed, strict=True)
-    ]
-
-
-def capture_links(capture_id: str, links_base: str | None) -> dict[str, str]:
-    """The capture in the HTTP API and the dashboard (both need a function key, never sent)."""
-    if not links_base:
-        return {}
-    base = links_base.rstrip("/")
-    escaped = quote(capture_id, safe="")
-    return {
-        "api": f"{base}/api/captures/{escaped}",
-        "dashboard": f"{base}/api/ui/capture?id={escaped}",
-    }
-
-
-def message_body(message: Mapping[str, Any]) -> str:
-    """The message as the JSON text sent (before Base64)."""
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
-
-
-def encoded_size(body: str) -> int:
-    """Bytes ``body`` takes on the queue: its UTF-8 bytes in Base64."""
-    return 4 * math.ceil(len(body.encode()) / 3)
-
-
-def fit_message(message: dict[str, Any], limit: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
-    """``message`` cut to ``limit`` encoded bytes.
-
-    Evidence and names are cut first: every string, list and mapping in them to the longest
-    length that fits (``evidence_truncated``); then, if still too big, the message text
-    (``message_truncated``).
-    """
-    if encoded_size(message_body(message)) <= limit:
-        return message
-    evidence, names = message["evidence"], message["names"]
-
-    def with_bound(bound: int) -> dict[str, Any]:
-        return {
-            **message,
-            "evidence": _bounded(evidence, bound),
-            "names": _bounded(names, bound),
-            "evidence_truncated": True,
-        }
-
-    bound = _largest(lambda n: encoded_size(message_body(with_bound(n))) <= limit, _extent(message))
-    if bound is not None:
-        return with_bound(bound)
-    bare = with_bound(0)
-    text = str(message["message"])
-
-    def with_text(keep: int) -> dict[str, Any]:
-        return {**bare, "message": _cut(text, keep), "message_truncated": True}
-
-    keep = _largest(lambda n: encoded_size(message_body(with_text(n))) <= limit, len(text))
-    if keep is None:  # only the fixed fields left, and still too big: a programming error
-        raise ValueError(f"alert {message['id']} does not fit in {limit} bytes")
-    return with_text(keep)
-
-
-def _largest(fits: Callable[[int], bool], high: int) -> int | None:
-    """The largest ``n`` in ``0..high`` for which ``fits(n)`` (assumed monotonic), or None."""
-    if not fits(0):
-        return None
-    low = 0
-    while low < high:
-        middle = (low + high + 1) // 2
-        if fits(middle):
-            low = middle
-        else:
-            high = middle - 1
-    return low
-
-
-def _extent(message: Mapping[str, Any]) -> int:
-    """The longest string, list or mapping in the evidence and names: the bound that keeps all."""
-    longest = 0
-    stack: list[Any] = [message["evidence"], message["names"]]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, (str, list, dict)):
-            longest = max(longest, len(value))
-        if isinstance(value, list):
-            stack.extend(value)
-        elif isinstance(value, dict):
-            stack.extend(value.values())
-    return longest
-
-
-def _cut(text: str, keep: int) -> str:
-    return text if len(text) <= keep else f"{text[:keep]}… [cut {len(text) - keep} characters]"
-
-
-def _bounded(value: Any, bound: int) -> Any:
-    """``value`` with every string, list and mapping in it cut to ``bound`` items, marked."""
-    if isinstance(value, str):
-        return _cut(value, bound)
-    if isinstance(value, list):
-        kept = [_bounded(item, bound) for item in value[:bound]]
-        return kept + ([f"… {len(value) - bound} more"] if len(value) > bound else [])
-    if isinstance(value, dict):
-        items = list(value.items())
-        kept_map = {key: _bounded(item, bound) for key, item in items[:bound]}
-        if len(items) > bound:
-            kept_map["…truncated"] = len(items) - bound
-        return kept_map
-    return value
-
-
 # --- the queue ---------------------------------------------------------------------------
 
 
@@ -362,25 +147,6 @@ def ensure_queue(queue: QueueClient) -> None:
 
 
 # --- Event Grid (optional, untested against the service) ---------------------------------
-
-
-def cloud_event_for(message: Mapping[str, Any]) -> dict[str, Any]:
-    """A CloudEvents 1.0 structured event of an alert message.
-
-    ``source`` is the VM's resource id (the capture's when the path names no VM), ``subject``
-    ``/alerts/{severity}/{rule}`` so that an Event Grid subscription can filter on its start.
-    """
-    capture_id = str(message["capture_id"])
-    return {
-        "specversion": "1.0",
-        "type": f"nwcap.alert.{message['rule']}",
-        "source": message.get("vm_resource_id") or f"/nwcap/captures/{capture_id}",
-        "id": message["id"],
-        "time": message.get("capture_time") or iso_time(time.time()),
-        "subject": f"/alerts/{message['severity']}/{message['rule']}",
-        "datacontenttype": "application/json",
-        "data": dict(message),
-    }
 
 
 def eventgrid_publisher(endpoint: str) -> EventPublisher | None:
@@ -403,131 +169,6 @@ def eventgrid_publisher(endpoint: str) -> EventPublisher | None:
         client.send([CloudEvent.from_dict(event) for event in events])
 
     return publish
-
-
-# --- what was sent -----------------------------------------------------------------------
-
-
-def delivery_table_name(store: TableResultsStore) -> str:
-    """``<prefix>alertdelivery``, with the results store's table prefix."""
-    prefix = store.names["captures"][: -len("captures")]
-    return f"{prefix}{DELIVERY_TABLE}"
-
-
-class DeliveryLedger:
-    """The ``alertdelivery`` table: one row per alert id of a capture, with its status."""
-
-    def __init__(self, store: TableResultsStore) -> None:
-        self.name = delivery_table_name(store)
-        self._service = store.service
-        self.table: TableClient = store.service.get_table_client(self.name)
-
-    def create(self) -> None:
-        with contextlib.suppress(ResourceExistsError):
-            self._service.create_table(self.name)
-
-    def rows(
-        self, capture_id: str, *, select: list[str] | None = None
-    ) -> dict[str, dict[str, Any]]:
-        """The capture's rows by alert id (only the ``select`` properties when given)."""
-        try:
-            found = self.table.query_entities(
-                "PartitionKey eq @pk", parameters={"pk": capture_id}, select=select
-            )
-            return {row["RowKey"]: dict(row) for row in found}
-        except ResourceNotFoundError:
-            return {}
-
-    def pending_captures(self, since: float) -> set[str]:
-        """Captures with alerts pending since ``since`` or later."""
-        query = "status eq @status and pending_since ge @since"
-        parameters = {"status": "pending", "since": _datetime(since)}
-        try:
-            rows = self.table.query_entities(
-                query, parameters=parameters, select=["PartitionKey"], results_per_page=_PAGE
-            )
-            return {row["PartitionKey"] for row in rows}
-        except ResourceNotFoundError:
-            return set()
-
-    def pending_before(self, since: float, *, limit: int = 100) -> list[str]:
-        """Captures with alerts pending since before ``since`` (at most ``limit``): beyond the
-        reconciler's window, so no run delivers them any more."""
-        query = "status eq @status and pending_since lt @since"
-        parameters = {"status": "pending", "since": _datetime(since)}
-        found: set[str] = set()
-        try:
-            rows = self.table.query_entities(
-                query, parameters=parameters, select=["PartitionKey"], results_per_page=limit
-            )
-            for row in rows:
-                found.add(row["PartitionKey"])
-                if len(found) >= limit:
-                    break
-        except ResourceNotFoundError:
-            pass
-        return sorted(found)
-
-    def write(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Upsert rows of one capture, a transaction per hundred (creating the table if needed)."""
-        if self.name not in _CREATED_TABLES:
-            self.create()
-            _CREATED_TABLES.add(self.name)
-        try:
-            self._write(rows)
-        except HttpResponseError as error:
-            if getattr(error, "error_code", None) != "TableNotFound":  # deleted meanwhile
-                raise
-            self.create()
-            self._write(rows)
-
-    def _write(self, rows: Sequence[dict[str, Any]]) -> None:
-        for start in range(0, len(rows), _TRANSACTION_ROWS):
-            batch = rows[start : start + _TRANSACTION_ROWS]
-            self.table.submit_transaction(
-                [("upsert", row, {"mode": UpdateMode.REPLACE}) for row in batch]
-            )
-
-
-def _datetime(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, tz=timezone.utc)
-
-
-def _ledger_row(
-    record: CaptureRecord,
-    alert: StoredAlert,
-    message_id: str,
-    previous: Mapping[str, Any] | None,
-    *,
-    now: float,
-) -> dict[str, Any]:
-    """The ``pending`` row written before an alert's message is sent."""
-    previous = previous or {}
-    attempts = _number(previous.get("attempts"))
-    return {
-        "PartitionKey": record.capture_id,
-        "RowKey": message_id,
-        "status": "pending",
-        "attempts": EntityProperty(attempts, EdmType.INT32),
-        "blob_etag": record.blob_etag,
-        "alert_key": alert.key,
-        "rule": str(alert.document.get("rule", ""))[:200],
-        "severity": str(alert.document.get("severity", ""))[:20],
-        "peer": str(alert.document.get("peer", ""))[:200],
-        "pending_since": previous.get("pending_since") or _datetime(now),
-        "last_error": str(previous.get("last_error", "")),
-    }
-
-
-def _attempted(row: Mapping[str, Any], now: float, **changes: Any) -> dict[str, Any]:
-    """``row`` after one more send of its message."""
-    attempts = EntityProperty(_number(row.get("attempts")) + 1, EdmType.INT32)
-    return {**row, "attempts": attempts, "last_attempt": _datetime(now), **changes}
-
-
-def _number(value: Any) -> int:
-    raw = value.value if isinstance(value, EntityProperty) else value
-    return int(raw) if isinstance(raw, (int, float)) else 0
 
 
 # --- delivering --------------------------------------------------------------------------
@@ -592,7 +233,7 @@ def deliver_capture_alerts(
     ``pending``, never raised.
     """
     result = DeliveryResult(captures=1)
-    if record.status not in _DELIVERED_STATUSES:
+    if record.status not in DELIVERED_STATUSES:
         return result
     threshold = SEVERITY_ORDER[min_severity]
     ledger = DeliveryLedger(store)
@@ -622,7 +263,7 @@ def deliver_capture_alerts(
                 to_send[key] = alert
         now = clock()
         pending_rows = {
-            key: _ledger_row(record, alert, key, previous.get(key), now=now)
+            key: pending_row(record, alert, key, previous.get(key), now=now)
             for key, alert in to_send.items()
         }
         if obsolete or pending_rows:
@@ -635,7 +276,7 @@ def deliver_capture_alerts(
             record.capture_id,
             _short(error),
         )
-        result.pending = _alerts_to_send(record.alerts, threshold)
+        result.pending = alerts_to_send(record.alerts, threshold)
         result.errors.append(_short(error))
         return result
     sender = _Sender(queue_client, record, ledger, result, links_base, clock)
@@ -658,7 +299,7 @@ def _current_alerts(
     if before is None or before.blob_etag != record.blob_etag:
         log.info("Capture %s is stored at another version: alerts not sent", record.capture_id)
         return None
-    if before.status not in _DELIVERED_STATUSES:  # a run is redoing it: that run delivers
+    if before.status not in DELIVERED_STATUSES:  # a run is redoing it: that run delivers
         log.info("Capture %s is %s: alerts not sent now", record.capture_id, before.status)
         return None
     if produced is not None and before.results_generation == record.results_generation:
@@ -699,11 +340,11 @@ class _Sender:
                 break
             now = self.clock()
             done.append(
-                _attempted(
+                attempted(
                     rows[key],
                     now,
                     status="sent",
-                    sent_at=_datetime(now),
+                    sent_at=utc_datetime(now),
                     queue_message_id=str(receipt.id or ""),
                     last_error="",
                 )
@@ -718,13 +359,13 @@ class _Sender:
         very message (not the queue as a whole) :data:`MAX_ATTEMPTS` times."""
         text = _short(error)
         self.result.errors.append(text)
-        row = _attempted(row, self.clock(), last_error=text)
+        row = attempted(row, self.clock(), last_error=text)
         capture_id = self.record.capture_id
         if is_transient(error):
             log.warning("Alerts queue unavailable, alerts of %s stay pending: %s", capture_id, text)
             return row
         self.result.failed += 1
-        attempts = _number(row["attempts"])
+        attempts = entity_int(row["attempts"])
         refused = getattr(error, "status_code", None) in _MESSAGE_REFUSED
         given_up = refused and attempts >= MAX_ATTEMPTS
         log.error(
@@ -810,7 +451,7 @@ def deliver_pending(
     ledger = DeliveryLedger(store)
     threshold = SEVERITY_ORDER[min_severity]
     try:
-        candidates = ledger.pending_captures(since) | _undelivered_captures(
+        candidates = ledger.pending_captures(since) | undelivered_captures(
             store, ledger, since, threshold
         )
         abandoned = ledger.pending_before(since)
@@ -826,7 +467,7 @@ def deliver_pending(
         log.error(
             "Alerts of %d capture(s) pending since before the delivery window (%s) are no "
             "longer retried, e.g. %s",
-            len(abandoned), _datetime(since).isoformat(), ", ".join(abandoned[:5]),
+            len(abandoned), utc_datetime(since).isoformat(), ", ".join(abandoned[:5]),
         )
     for capture_id in sorted(candidates):
         try:
@@ -893,7 +534,7 @@ class AlertDelivery:
         (no record, a status other than complete or partial, delivery off). Also right for a
         run that found the capture already final: what was sent is skipped."""
         severity = self.settings.min_severity
-        if record is None or severity is None or record.status not in _DELIVERED_STATUSES:
+        if record is None or severity is None or record.status not in DELIVERED_STATUSES:
             return None
         return deliver_capture_alerts(
             self.store,
@@ -927,41 +568,6 @@ def delivery_window(lookback: float) -> float:
     """How far back the reconciler delivers: :data:`RECONCILE_WINDOW`, and at least a day
     beyond the capture reconciler's ``lookback`` (a capture it processes late still counts)."""
     return max(RECONCILE_WINDOW, lookback + 86400.0)
-
-
-def _alerts_to_send(counts: Mapping[str, Any], threshold: int) -> int:
-    """How many of a capture's alerts (counts by severity) are at or above ``threshold``."""
-    return sum(
-        int(count)
-        for severity, count in counts.items()
-        if SEVERITY_ORDER.get(severity, 0) >= threshold
-    )
-
-
-def _undelivered_captures(
-    store: TableResultsStore, ledger: DeliveryLedger, since: float, threshold: int
-) -> set[str]:
-    """Final captures of ``since`` onwards with fewer settled delivery rows than alerts to send."""
-    found = set()
-    continuation = None
-    while True:
-        page = store.list_captures(since=since, limit=_PAGE, continuation=continuation)
-        for capture in page.items:
-            if capture.get("status") not in _DELIVERED_STATUSES:
-                continue
-            expected = _alerts_to_send(capture.get("alerts") or {}, threshold)
-            if not expected:
-                continue
-            etag = capture.get("blob_etag")
-            rows = ledger.rows(str(capture["capture_id"]), select=_SETTLED_SELECT).values()
-            settled = sum(
-                1 for row in rows if row.get("status") in _SETTLED and row.get("blob_etag") == etag
-            )
-            if settled < expected:
-                found.add(str(capture["capture_id"]))
-        continuation = page.continuation
-        if not continuation:
-            return found
 
 
 def _short(error: BaseException) -> str:

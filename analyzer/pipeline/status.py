@@ -24,15 +24,11 @@ from azure.storage.blob import ContainerClient
 from azure.storage.queue import QueueClient
 
 from analyzer.base.models import iso_time
-from analyzer.pipeline.reconcile import (
-    POISON_QUEUE,
-    ReconcileSettings,
-    RunLog,
-    list_capture_blobs,
-    needs_run,
-    poison_length,
-    with_records,
-)
+from analyzer.pipeline.capture_listing import list_capture_blobs, with_records
+from analyzer.pipeline.poison import POISON_QUEUE, poison_length
+from analyzer.pipeline.reconcile import needs_run
+from analyzer.pipeline.reconcile_report import RunLog
+from analyzer.pipeline.reconcile_settings import ReconcileSettings
 from analyzer.pipeline.servicetags_refresh import RefreshSettings, service_tags_state
 from analyzer.pipeline.servicetags_refresh import attention as tags_attention
 from analyzer.store.results import TableResultsStore
