@@ -40,7 +40,8 @@ from analyzer.base.models import Summary
 from analyzer.capture.decode import MAX_TUNNEL_DEPTH, Decoded, NonIp, Undecodable, decode
 from analyzer.capture.engine import summarize
 from analyzer.capture.names import NameCollector, client_hello_sni, http_host, parse_dns_answers
-from analyzer.capture.reader import CHUNK_SIZE, open_capture
+from analyzer.capture.reader import open_capture
+from analyzer.capture.readerbase import CHUNK_SIZE
 from analyzer.judge.analysis import analyze
 from nwcap_testing import synth
 

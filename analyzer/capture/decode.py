@@ -4,6 +4,13 @@ This is the general path; :mod:`analyzer.capture.engine` decodes the common case
 IPv4, TCP/UDP) inline and calls :func:`decode` for everything else. Decoding never raises:
 frames that are not IP come back as :class:`NonIp`, IP frames too damaged to read as
 :class:`Undecodable`, each with a short kind used as a counter key.
+
+Longer than 600 lines because the decoders are one recursion: link layers lead to IP, IP to
+the transports, and the tunnels (GRE, VXLAN and the other UDP tunnels, IP-in-IP) lead back to
+the link-layer and IP decoders, so link layers and tunnels in two modules would import each
+other. They are also the hot path of every frame the walk does not decode inline
+(:mod:`analyzer.capture.flows` calls :func:`decode`), where calls among them stay plain
+module-global look-ups.
 """
 
 from __future__ import annotations

@@ -26,8 +26,9 @@ from analyzer.capture.flows import Accumulator, AddressPriority
 from analyzer.capture.folded import MAX_FOLDED_GROUPS
 from analyzer.capture.local_addresses import MAX_LOCAL_ADDRESSES, infer_local_addresses
 from analyzer.capture.pairs import PORTS_TRACKED, SPLIT_BYTES, Pair, PortTable, zero_histogram
+from analyzer.capture.pcap import PcapReader
 from analyzer.capture.peers import build_summary
-from analyzer.capture.reader import PcapReader, open_capture
+from analyzer.capture.reader import open_capture
 from analyzer.capture.walk import (
     SECOND_TIER_TABLE,
     TUNNEL_PORT_TABLE,

@@ -22,7 +22,9 @@ from analyzer.capture.budget import Budget
 from analyzer.capture.compiled import compiled_walk
 from analyzer.capture.decode import ETHERTYPE_IPV6, TUNNEL_UDP_PORTS, VLAN_TAGS
 from analyzer.capture.flows import MAX_FLOWS, NAME_INSPECTED_PACKETS, Accumulator
-from analyzer.capture.reader import CHUNK_SIZE, CaptureFormatReader, PcapReader
+from analyzer.capture.pcap import PcapReader
+from analyzer.capture.reader import CaptureFormatReader
+from analyzer.capture.readerbase import CHUNK_SIZE
 
 # The general path looks at the clock every this many frames.
 CLOCK_EVERY = 1024
