@@ -42,7 +42,7 @@ from analyzer.judge.analysis import analyze
 from analyzer.judge.policy import load_policy
 from analyzer.pipeline.processing import process_blob
 from analyzer.store.results import TableResultsStore
-from analyzer.web import api, pages, report
+from analyzer.web import api, pages, report, report_rows
 from analyzer.web.blueprint import web_blueprint
 from analyzer.web.html import embed_json, short, shown
 from analyzer.web.server import start_in_thread
@@ -261,7 +261,7 @@ class TestSampleReports:
         by_address = {r[0]: r for r in rows}
         for peer in document["peers"]:
             row = by_address[peer["address"]]
-            assert row[2:4] == [peer["category"], report._expected_text(peer["expected"])]
+            assert row[2:4] == [peer["category"], report_rows._expected_text(peer["expected"])]
             assert row[7:11] == [
                 peer["packets_sent"],
                 peer["packets_received"],
@@ -270,7 +270,7 @@ class TestSampleReports:
             ]
             names = [n["name"] for n in peer["names"]]
             assert [n.split(" (")[0] for n in row[1][: len(names)]] == names
-            basis = report.NAME_BASIS_TEXT.get(peer["name_basis"])
+            basis = report_rows.NAME_BASIS_TEXT.get(peer["name_basis"])
             assert row[1][len(names) :] == ([basis] if basis else []) + [
                 f"not believed: {c['name']} ({c['source']})" for c in peer["unverified_names"]
             ]
@@ -523,14 +523,14 @@ class TestReadability:
 
     def test_ports_cell_and_window(self) -> None:
         ports = [{"protocol": "tcp", "port": p, "packets": 1} for p in range(9)]
-        assert report._ports_cell(ports, 3)[-1] == "+7 more"
-        assert len(report._ports_cell(ports, 3)) == report.PORT_LINES + 1
+        assert report_rows._ports_cell(ports, 3)[-1] == "+7 more"
+        assert len(report_rows._ports_cell(ports, 3)) == report_rows.PORT_LINES + 1
         document = analyze(io.BytesIO(active_capture()), local_addresses=[VM]).to_dict()
         rows = {k: v for k, v, _ in report.overview(report.from_analysis(document, source="w"))}
         assert rows["Capture window"].endswith(" s)") and "(59." in rows["Capture window"]
 
     def test_addresses_have_numeric_keys(self) -> None:
-        keys = [report.address_key(a) for a in ("20.0.0.10", "20.0.0.2", "::1", "10.0.0.1")]
+        keys = [report_rows.address_key(a) for a in ("20.0.0.10", "20.0.0.2", "::1", "10.0.0.1")]
         assert sorted(keys) == [keys[3], keys[1], keys[0], keys[2]]
 
 

@@ -1,0 +1,188 @@
+"""The rows of the report's tables: the cells of a peer, a conversation or a folded group.
+
+Each row lists its cells in its table's column order (:data:`PEER_COLUMNS`,
+:data:`CONVERSATION_COLUMNS`, :data:`FOLDED_COLUMNS`); a cell is a text, a number, lines of
+text or nothing. The report (:mod:`analyzer.web.report`) embeds them for ``static/table.js``,
+which renders, sorts and pages them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+PEER_COLUMNS = (
+    "Address",
+    "Names (source)",
+    "Category",
+    "Expected",
+    "Alerts",
+    "Roles",
+    "Service tags",
+    "Packets from peer",
+    "Packets to peer",
+    "Bytes from peer",
+    "Bytes to peer",
+    "Peer ports",
+    "VM ports",
+    "TCP",
+    "ICMP",
+    "First seen",
+    "Last seen",
+    "Why",
+)
+CONVERSATION_COLUMNS = (
+    "A",
+    "B",
+    "Packets A→B",
+    "Packets B→A",
+    "Bytes A→B",
+    "Bytes B→A",
+    "First seen",
+    "Last seen",
+)
+FOLDED_COLUMNS = (
+    "Prefix",
+    "Peers (estimate)",
+    "Packets",
+    "Bytes",
+    "Ports",
+    "First seen",
+    "Last seen",
+)
+Cell = str | int | list[str] | None
+
+
+def best_name(peer: Mapping[str, Any]) -> str:
+    names = peer.get("names") or []
+    return str(names[0].get("name", "")) if names and isinstance(names[0], Mapping) else ""
+
+
+NAME_BASIS_TEXT = {
+    "dns-exchange": "names verified: DNS exchange of the VM's",
+    "live-dns": "names verified: live DNS lookup",
+    "service-tag": "names verified: service tag",
+    "claimed": "names only claimed (not verified)",
+}
+
+
+def _names_cell(peer: Mapping[str, Any]) -> list[str]:
+    """Each name with its source (a DNS answer names the resolver of the VM's query it
+    matched, else it is a claim), then how the verdict's names were established and the
+    claims that were not believed."""
+    lines = []
+    for name in peer.get("names") or []:
+        if not isinstance(name, Mapping):
+            lines.append(str(name))
+            continue
+        chain = [str(c) for c in name.get("chain") or []]
+        source = str(name.get("source", "?"))
+        resolver = name.get("resolver")
+        text = f"{name.get('name', '')} ({source}"
+        text += f" via {resolver}" if resolver else (", claim" if source else "")
+        if len(chain) > 1:
+            text += ": " + " → ".join(chain[1:])
+        lines.append(text + ")")
+    basis = NAME_BASIS_TEXT.get(str(peer.get("name_basis") or ""))
+    if basis:
+        lines.append(basis)
+    lines.extend(
+        f"not believed: {claim.get('name', '')} ({claim.get('source', '?')})"
+        for claim in peer.get("unverified_names") or []
+        if isinstance(claim, Mapping)
+    )
+    return lines
+
+
+PORT_LINES = 5  # ports listed in a table cell; the rest are counted
+
+
+def _ports_cell(ports: Sequence[Mapping[str, Any]], others: int) -> list[str]:
+    lines = [
+        f"{p.get('protocol')}/{p.get('port')} x{int(p.get('packets') or 0):,}"
+        for p in ports[:PORT_LINES]
+    ]
+    more = others + max(len(ports) - PORT_LINES, 0)
+    if more:
+        lines.append(f"+{more:,} more")
+    return lines
+
+
+def address_key(address: str) -> str:
+    """A text that sorts addresses numerically (IPv4 before IPv6); non-addresses last."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return "9" + address
+    return f"{ip.version}{ip.packed.hex()}"
+
+
+def _tcp_cell(tcp: Mapping[str, Any]) -> list[str]:
+    def pair(label: str, key: str) -> str | None:
+        peer, local = int(tcp.get(f"{key}_peer") or 0), int(tcp.get(f"{key}_local") or 0)
+        return f"{label}: by peer {peer:,}, by VM {local:,}" if peer or local else None
+
+    lines = [
+        pair("opened", "opened_by"),
+        pair("unanswered", "unanswered_from"),
+        pair("reset", "reset_from"),
+    ]
+    inbound = tcp.get("ports_opened_by_peer") or {}
+    if inbound:
+        lines.append("peer opened VM ports " + ", ".join(str(p) for p in list(inbound)[:5]))
+    return [line for line in lines if line]
+
+
+def _expected_text(value: object) -> str:
+    return "yes" if value is True else ("NO" if value is False else "undecided")
+
+
+def peer_row(peer: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]]) -> list[Cell]:
+    """One row of the peer table, in :data:`PEER_COLUMNS` order."""
+    return [
+        str(peer.get("address", "")),
+        _names_cell(peer),
+        str(peer.get("category", "")),
+        _expected_text(peer.get("expected")),
+        [f"{a.get('severity')}: {a.get('rule')}" for a in alerts],
+        [str(r) for r in peer.get("roles") or []],
+        [str(t) for t in peer.get("service_tags") or []],
+        int(peer.get("packets_sent") or 0),
+        int(peer.get("packets_received") or 0),
+        int(peer.get("bytes_sent") or 0),
+        int(peer.get("bytes_received") or 0),
+        _ports_cell(peer.get("remote_ports") or [], int(peer.get("other_remote_ports") or 0)),
+        _ports_cell(peer.get("local_ports") or [], int(peer.get("other_local_ports") or 0)),
+        _tcp_cell(peer.get("tcp") or {}),
+        [f"{k}: {v:,}" for k, v in (peer.get("icmp_types") or {}).items()],
+        peer.get("first_seen"),
+        peer.get("last_seen"),
+        str(peer.get("reason", "")),
+    ]
+
+
+def conversation_row(conv: Mapping[str, Any]) -> list[Cell]:
+    return [
+        str(conv.get("a", "")),
+        str(conv.get("b", "")),
+        int(conv.get("packets_a_to_b") or 0),
+        int(conv.get("packets_b_to_a") or 0),
+        int(conv.get("bytes_a_to_b") or 0),
+        int(conv.get("bytes_b_to_a") or 0),
+        conv.get("first_seen"),
+        conv.get("last_seen"),
+    ]
+
+
+def folded_row(group: Mapping[str, Any]) -> list[Cell]:
+    """One row of the folded-groups table, in :data:`FOLDED_COLUMNS` order."""
+    return [
+        str(group.get("prefix", "")),
+        int(group.get("peers_estimate") or 0),
+        int(group.get("packets") or 0),
+        int(group.get("bytes") or 0),
+        _ports_cell(group.get("ports") or [], 0),
+        group.get("first_seen"),
+        group.get("last_seen"),
+    ]
