@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -249,6 +250,23 @@ class TestGenuinePeers:
         assert_forged(analysis, ACCOUNT_NAME)
         why = rules_on(analysis, C2)["unverified-name"]["claimed_names"][0]["why"]  # type: ignore[index]
         assert STORAGE in why and C2 in why
+
+    def test_a_resolver_that_never_answers_leaves_the_claim_unverified_in_bounded_time(
+        self,
+    ) -> None:
+        zone = {ACCOUNT_NAME: "SILENT"}
+        data = capture(lambda t: https_session(t, STORAGE, ACCOUNT_NAME))
+        with dns_server(zone) as (server, _):
+            started = time.monotonic()
+            lookup = LiveDnsSettings.parse(server, timeout=0.2, max_seconds=0.5).lookup()
+            analysis = analyze(
+                io.BytesIO(data), local_addresses=[VM], policy=POLICY, lookup=lookup
+            )
+            elapsed = time.monotonic() - started
+        assert analysis.capture.complete
+        assert elapsed < 3
+        why = rules_on(analysis, STORAGE)["unverified-name"]["claimed_names"][0]["why"]  # type: ignore[index]
+        assert "timeout" in why or "budget" in why
 
     def test_names_from_the_capture_that_nothing_trusts_are_never_looked_up(self) -> None:
         data = capture(lambda t: https_session(t, C2, "attacker-chosen.example"))
