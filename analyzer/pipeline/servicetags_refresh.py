@@ -802,7 +802,8 @@ def _not_due(state: Mapping[str, Any], settings: RefreshSettings, now: float) ->
     else:
         last = _seconds(state.get("checked_at"))
         wait, what = settings.interval_seconds, "checked"
-    if last is None or now - last >= wait or now < last:
+    # stored times are ISO text rounded to the microsecond: allow for that rounding
+    if last is None or now - last >= wait - 0.001 or now < last - 0.001:
         return ""
     return f"{what} {now - last:.0f} s ago; next check in {wait - (now - last):.0f} s"
 
