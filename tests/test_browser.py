@@ -28,7 +28,7 @@ from test_report import (
     hostile_document,
 )
 
-from analyzer.web import api, report
+from analyzer.web import api, report, report_rows
 from analyzer.web.html import shown
 
 # Azurite with processed captures, and `nwcap serve` over them: test_report's fixtures.
@@ -180,8 +180,16 @@ class TestReportInBrowser:
             assert shown_column(page, "peers", 2) == [p["category"] for p in peers]
             names = shown_column(page, "peers", 1)
             for peer, cell in zip(peers, names, strict=True):
-                assert [line.split(" (")[0] for line in cell.splitlines() if line] == [
+                lines = [line for line in cell.splitlines() if line]
+                count = len(peer["names"])
+                assert [line.split(" (")[0] for line in lines[:count]] == [
                     shown(n["name"]) for n in peer["names"]
+                ]
+                # then how the names were established, and any claim not believed
+                basis = report_rows.NAME_BASIS_TEXT.get(peer["name_basis"])
+                assert lines[count:] == ([basis] if basis else []) + [
+                    f"not believed: {shown(c['name'])} ({c['source']})"
+                    for c in peer["unverified_names"]
                 ]
             assert_shows(page, document)
             assert len(shown_column(page, "conversations", 0)) == len(document["conversations"])
