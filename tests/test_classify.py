@@ -115,7 +115,7 @@ def inbound_tcp(address: str, *local_ports: int, refused: int = 0, unanswered: i
         local=[("tcp", p, 2, 120) for p in local_ports],
         tcp=TcpCounts(
             opened_by_peer=len(local_ports),
-            reset_from_local=refused,
+            reset_from_peer=refused,  # the peer's attempts the VM refused
             unanswered_from_peer=unanswered,
             ports_opened_by_peer=dict.fromkeys(local_ports, 1),
         ),
@@ -563,7 +563,7 @@ class TestInboundScan:
             other_local=40,
             tcp=TcpCounts(
                 opened_by_peer=45,
-                reset_from_local=40,
+                reset_from_peer=40,
                 ports_opened_by_peer=base.tcp.ports_opened_by_peer,
             ),
         )

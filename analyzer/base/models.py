@@ -129,8 +129,10 @@ class Conversation:
 class TcpCounts:
     """TCP connection attempts (distinct 4-tuples whose first packet was a SYN), by initiator.
 
-    ``*_unanswered``: the other side sent nothing back on that 4-tuple; ``*_reset``: it answered
-    the SYN with RST (a refused connection). ``ports_opened_by_peer`` maps a local port to the
+    Every ``*_peer`` count is about attempts the peer opened, every ``*_local`` count about the
+    VM's: ``unanswered_from_peer`` is the peer's attempts that got nothing back from the VM,
+    ``reset_from_peer`` the peer's attempts the VM answered with RST (refused), and the same
+    for ``*_local`` with the roles swapped. ``ports_opened_by_peer`` maps a local port to the
     attempts the peer made to it; ``ports_opened_by_local`` maps a port on the peer to the VM's
     attempts (the busiest few of each).
     """

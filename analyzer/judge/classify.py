@@ -458,7 +458,7 @@ class _PeerEvaluation:
             unlisted,
             attempts={str(s.port): tcp.ports_opened_by_peer.get(s.port, 0) for s in unlisted},
             unanswered=tcp.unanswered_from_peer,
-            refused=tcp.reset_from_local,
+            refused=tcp.reset_from_peer,
         )
 
     def _dns_services(self) -> list[Service]:
@@ -525,10 +525,12 @@ class _PeerEvaluation:
         self.claimed.update(inbound)
         details = []
         if tcp.opened_by_peer:
-            answered = max(tcp.opened_by_peer - tcp.unanswered_from_peer - tcp.reset_from_local, 0)
+            # the *_from_peer counters are about attempts the peer opened: reset_from_peer
+            # counts those the VM refused with a reset (TcpCounts in analyzer.base.models)
+            answered = max(tcp.opened_by_peer - tcp.unanswered_from_peer - tcp.reset_from_peer, 0)
             details.append(
                 f"{tcp.opened_by_peer} TCP connection attempts: {answered} answered, "
-                f"{tcp.reset_from_local} refused, {tcp.unanswered_from_peer} unanswered"
+                f"{tcp.reset_from_peer} refused, {tcp.unanswered_from_peer} unanswered"
             )
         if udp_probed:
             details.append(f"{udp_probed} UDP ports answered 'port unreachable'")
@@ -539,7 +541,7 @@ class _PeerEvaluation:
             sample,
             distinct_ports=distinct,
             attempts=tcp.opened_by_peer,
-            refused=tcp.reset_from_local,
+            refused=tcp.reset_from_peer,
             unanswered=tcp.unanswered_from_peer,
         )
 
