@@ -42,6 +42,7 @@ from analyzer.pipeline.servicetags_refresh import (
 from analyzer.pipeline.status import status_document
 from analyzer.store.results import TableResultsStore
 from tests.clirunner import nwcap
+from tests.conftest import network_watcher_path, udp_capture
 
 DATA = Path(__file__).resolve().parent / "data" / "servicetags_small.json"
 SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
@@ -728,3 +729,40 @@ class TestInStatus:
         ran = nwcap("servicetags", "update")
         assert ran.code == 2
         assert "NWCAP_SERVICE_TAGS_SUBSCRIPTION" in ran.err
+
+
+class TestCommandsReadTheRefreshedCopy:
+    """nwcap process reads the service tags where the function does: the refreshed copy."""
+
+    def test_no_copy_yet_then_the_copy(
+        self,
+        management: Management,
+        config: ContainerClient,
+        refresh: Refresh,
+        monkeypatch: pytest.MonkeyPatch,
+        storage_env: Mapping[str, str],
+        captures_container: ContainerClient,
+        results_store: TableResultsStore,
+    ) -> None:
+        monkeypatch.setenv("NWCAP_SERVICE_TAGS_SUBSCRIPTION", SUBSCRIPTION)
+        monkeypatch.setenv("NWCAP_SERVICE_TAGS_LOCATION", LOCATION)
+        monkeypatch.setenv("NWCAP_SERVICE_TAGS_REFRESH_CONTAINER", config.container_name)
+        storage_address = "20.60.41.7"  # in Storage.WestEurope of the small tag file
+        name = network_watcher_path()
+        captures_container.upload_blob(
+            name, udp_capture({storage_address: (2, 2), "20.0.0.9": (1, 1)})
+        )
+
+        def tags_seen() -> list[str]:
+            [capture] = results_store.list_captures().items
+            peers = results_store.iter_capture_peers(capture["capture_id"])
+            return next(p["service_tags"] for p in peers if p["address"] == storage_address)
+
+        first = nwcap("process")  # before the first refresh: no tags, and no error
+        assert first.code == 0, first.err
+        assert tags_seen() == []
+        management.serve(api_document(321))
+        assert refresh(settings_for(management, config)).status == "updated"
+        second = nwcap("process", "--force")
+        assert second.code == 0, second.err
+        assert any(tag.startswith("Storage") for tag in tags_seen())

@@ -244,6 +244,24 @@ def live_dns(option: str | None) -> LiveDns | None:
     return settings.lookup()
 
 
+def service_tags_location(option: str | None) -> tuple[str, bool]:
+    """Where a command reads service tags, as the function does: ``--service-tags`` if given,
+    else ``NWCAP_SERVICE_TAGS``, else the copy the service-tag refresh keeps (when it is on).
+    The second value says whether a missing blob means "no tags yet" (the refreshed copy
+    before its first refresh) rather than an error."""
+    if option is not None:
+        return option, False
+    from analyzer.capture.budget import InvalidSettingError  # noqa: PLC0415
+    from analyzer.pipeline.servicetags_refresh import RefreshSettings  # noqa: PLC0415
+
+    try:
+        refresh = RefreshSettings.from_environ(os.environ)
+    except InvalidSettingError as exc:
+        raise UsageError(str(exc)) from exc
+    location = refresh.tags_location()
+    return location, bool(location) and location == refresh.stored_location
+
+
 def work_budget() -> Budget:
     """The work budget from the ``NWCAP_MAX_*`` settings, as the function reads them."""
     from analyzer.capture.budget import Budget, InvalidSettingError  # noqa: PLC0415

@@ -31,6 +31,7 @@ from analyzer.cli.common import (
     print_json,
     results_connection,
     results_store_options,
+    service_tags_location,
 )
 from analyzer.cli.exits import EXIT_ALERTS, UsageError
 from analyzer.pipeline.alert_delivery import AlertDelivery, DeliverySettings
@@ -183,11 +184,9 @@ def run_reconcile(args: argparse.Namespace) -> int:
     site.store.create_tables()
     results_blobs = lambda: blob_service_for(site.results)  # noqa: E731 - evaluated lazily
     policy_location = args.policy if args.policy is not None else site.settings.policy_location
-    tags_location = (
-        args.service_tags if args.service_tags is not None else site.settings.service_tags_location
-    )
+    tags_location, tags_missing_ok = service_tags_location(args.service_tags)
     policy = policy_file(policy_location, results_blobs).get()
-    tags = service_tags_file(tags_location, results_blobs).get()
+    tags = service_tags_file(tags_location, results_blobs, missing_ok=tags_missing_ok).get()
     delivery = AlertDelivery.from_settings(
         site.store,
         queue_service_for(site.results),

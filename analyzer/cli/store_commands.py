@@ -40,6 +40,7 @@ from analyzer.cli.common import (
     results_connection,
     results_store,
     results_store_options,
+    service_tags_location,
     table_prefix,
 )
 from analyzer.pipeline.alert_delivery import AlertDelivery, DeliveryResult, DeliverySettings
@@ -293,9 +294,7 @@ def run_process(args: argparse.Namespace) -> int:
     results = resolve_first(results_names)
     captures = resolve(args.captures_connection)
     policy_location = args.policy if args.policy is not None else settings.policy_location
-    tags_location = (
-        args.service_tags if args.service_tags is not None else settings.service_tags_location
-    )
+    tags_location, tags_missing_ok = service_tags_location(args.service_tags)
     # Before any request: a URL's host must be the account whose credential goes with it.
     if _is_url(args.source):
         require_trusted_blob_url(args.source, captures)
@@ -308,7 +307,9 @@ def run_process(args: argparse.Namespace) -> int:
     store = TableResultsStore(table_service_for(stored_in), prefix=table_prefix(args))
     store.create_tables()
     policy = policy_file(policy_location, lambda: blob_service_for(results)).get()
-    service_tags = service_tags_file(tags_location, lambda: blob_service_for(results)).get()
+    service_tags = service_tags_file(
+        tags_location, lambda: blob_service_for(results), missing_ok=tags_missing_ok
+    ).get()
     delivery = AlertDelivery.from_settings(
         store,
         queue_service_for(stored_in),
