@@ -21,9 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from functools import lru_cache
 
 from analyzer.base.models import NameBasis, Peer, PeerName, UnverifiedName
-from analyzer.judge.catalog import Catalog, Entry, normalise_name, peer_names
+from analyzer.judge.catalog import Catalog, Entry, normalise_name, parse_address, peer_names
 from analyzer.judge.livedns import NameLookup
 from analyzer.judge.policy import Policy
 
@@ -53,8 +54,6 @@ def resolver_allowed(resolver: str | None, policy: Policy) -> bool:
         return False
     if resolver == AZURE_DNS:
         return True
-    from analyzer.judge.catalog import parse_address  # noqa: PLC0415 - cached parser
-
     address = parse_address(resolver)
     return address is not None and any(
         address.version == n.version and address in n for n in policy.dns_resolvers
@@ -199,9 +198,9 @@ def configured_names(name: PeerName, policy: Policy, catalog: Catalog) -> list[s
     """The names of ``name`` (and its chain) that nwcap may resolve: each equal to a literal
     catalogue name, a literal allow FQDN, or an endpoint of an expected storage account.
     An attacker can only pick among these, never make nwcap look up a name of theirs."""
-    literals = {
-        p for entry in catalog.name_entries for p in entry.patterns if not _is_glob(p)
-    } | {r.fqdn for r in policy.allow if r.fqdn is not None and not _is_glob(r.fqdn)}
+    literals = _catalogue_literals(catalog) | {
+        r.fqdn for r in policy.allow if r.fqdn is not None and not _is_glob(r.fqdn)
+    }
     found: list[str] = []
     for candidate in peer_names((name,)):
         plain = normalise_name(candidate)
@@ -211,6 +210,14 @@ def configured_names(name: PeerName, policy: Policy, catalog: Catalog) -> list[s
         ):
             found.append(plain)
     return found
+
+
+@lru_cache(maxsize=4)
+def _catalogue_literals(catalog: Catalog) -> frozenset[str]:
+    """The catalogue's names that are not globs, once per catalogue (not per claim)."""
+    return frozenset(
+        p for entry in catalog.name_entries for p in entry.patterns if not _is_glob(p)
+    )
 
 
 def _is_glob(pattern: str) -> bool:

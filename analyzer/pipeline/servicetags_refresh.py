@@ -61,6 +61,7 @@ from analyzer.base.errors import NwcapError
 from analyzer.base.models import iso_time
 from analyzer.capture.budget import InvalidSettingError
 from analyzer.judge.servicetags import ServiceTags, ServiceTagsError
+from analyzer.pipeline.reconcile_settings import DurationError, parse_duration
 from analyzer.store.connections import ConnectionSettings
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,6 @@ _GUID = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 _LOCATION = re.compile(r"[a-z0-9]{1,64}")
 _API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}(-preview)?")
 _CONTAINER = re.compile(r"[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]")
-_DURATION = re.compile(r"(\d{1,7})([smhd])")
-_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class RefreshError(NwcapError):
@@ -226,12 +225,13 @@ def _invalid(field: str, value: str, why: str) -> InvalidSettingError:
 
 
 def _duration(field: str, text: str) -> float:
-    match = _DURATION.fullmatch(text.lower())
-    if match is None:
-        raise _invalid(field, text, "not a duration (use e.g. 30m, 12h, 7d)")
-    seconds = float(int(match.group(1)) * _UNIT[match.group(2)])
-    if not 60 <= seconds <= 400 * 86400:
-        raise _invalid(field, text, "not between 1m and 400d")
+    """A duration of 1 minute to 400 days (``30m``, ``12h``, ``7d``), read as RECONCILE_* are."""
+    try:
+        seconds = parse_duration(text)
+    except DurationError as error:
+        raise _invalid(field, text, str(error).split(":", 1)[0]) from None
+    if seconds < 60:
+        raise _invalid(field, text, "shorter than 1m")
     return seconds
 
 
