@@ -714,7 +714,9 @@ class _PeerEvaluation:
         )
 
     def _uncovered(self) -> list[Service]:
-        return sorted(s for s in self.services if s not in self.claimed and not self._covered(s))
+        # Services in sorted order: _covered records roles as it goes, and a set's order
+        # changes with string hash randomisation, so the roles would too.
+        return [s for s in sorted(self.services) if s not in self.claimed and not self._covered(s)]
 
     def _check_unexpected(self, basis: str | None, summary: str, remaining: list[Service]) -> None:
         if DENY_RULE in {a.rule for a in self.alerts} or DENY_RULE in self.silenced:
