@@ -98,9 +98,9 @@ def outbound_tcp(address: str, port: int, *, names: Iterable[PeerName] = (), **k
         remote=[("tcp", port, 6 * connections, 900 * connections)],
         local=[("tcp", 40000 + i, 6, 900) for i in range(connections)],
         tcp=TcpCounts(
-            opened_by_local=connections,
-            unanswered_from_local=unanswered,
-            ports_opened_by_local={port: connections},
+            vm_attempts=connections,
+            vm_attempts_unanswered_by_peer=unanswered,
+            vm_attempts_by_peer_port={port: connections},
         ),
         names=names,
         **kw,
@@ -114,10 +114,10 @@ def inbound_tcp(address: str, *local_ports: int, refused: int = 0, unanswered: i
         remote=[("tcp", 50000, 2 * len(local_ports), 120 * len(local_ports))],
         local=[("tcp", p, 2, 120) for p in local_ports],
         tcp=TcpCounts(
-            opened_by_peer=len(local_ports),
-            reset_from_peer=refused,  # the peer's attempts the VM refused
-            unanswered_from_peer=unanswered,
-            ports_opened_by_peer=dict.fromkeys(local_ports, 1),
+            peer_attempts=len(local_ports),
+            peer_attempts_refused_by_vm=refused,  # the peer's attempts the VM refused
+            peer_attempts_unanswered_by_vm=unanswered,
+            peer_attempts_by_vm_port=dict.fromkeys(local_ports, 1),
         ),
     )
 
@@ -171,7 +171,7 @@ def fresh_vm_peers() -> list[Peer]:
             ("tcp", 45000, 30, 15000),
             ("tcp", 45001, 30, 14000),
         ],
-        tcp=TcpCounts(opened_by_local=6, ports_opened_by_local={80: 4, 32526: 2}),
+        tcp=TcpCounts(vm_attempts=6, vm_attempts_by_peer_port={80: 4, 32526: 2}),
     )
     imds = outbound_tcp("169.254.169.254", 80, connections=3)
     dhcp_broadcast = peer(
@@ -285,7 +285,7 @@ class TestUnexpectedEndpoint:
             "203.0.113.10",
             remote=[("tcp", 443, 6, 900), ("tcp", 4444, 6, 900)],
             local=[("tcp", 40000, 6, 900), ("tcp", 40001, 6, 900)],
-            tcp=TcpCounts(opened_by_local=2, ports_opened_by_local={443: 1, 4444: 1}),
+            tcp=TcpCounts(vm_attempts=2, vm_attempts_by_peer_port={443: 1, 4444: 1}),
         )
         peers, alerts = run(p, policy=policy)
         assert rules_of(alerts) == [("unexpected-endpoint", "203.0.113.10")]
@@ -480,7 +480,7 @@ class TestExternalDnsResolver:
             "203.0.113.53",
             remote=[("udp", 53, 4, 400), ("tcp", 8443, 10, 3000)],
             local=[("udp", 33000, 4, 400), ("tcp", 40000, 10, 3000)],
-            tcp=TcpCounts(opened_by_local=1, ports_opened_by_local={8443: 1}),
+            tcp=TcpCounts(vm_attempts=1, vm_attempts_by_peer_port={8443: 1}),
         )
         _, alerts = run(p)
         assert sorted(rules_of(alerts)) == [
@@ -562,9 +562,9 @@ class TestInboundScan:
             local=[(pc.protocol, pc.port, pc.packets, pc.bytes) for pc in base.local_ports],
             other_local=40,
             tcp=TcpCounts(
-                opened_by_peer=45,
-                reset_from_peer=40,
-                ports_opened_by_peer=base.tcp.ports_opened_by_peer,
+                peer_attempts=45,
+                peer_attempts_refused_by_vm=40,
+                peer_attempts_by_vm_port=base.tcp.peer_attempts_by_vm_port,
             ),
         )
         _, alerts = run(wide)

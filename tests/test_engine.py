@@ -238,10 +238,10 @@ class TestPeers:
         assert peer.bytes_sent == sum(len(f) for f in sent)
         assert peer.packets_received == 6
         assert peer.remote_ports[0].port == 443
-        assert peer.tcp.opened_by_local == 1
-        assert peer.tcp.opened_by_peer == 0
-        assert peer.tcp.ports_opened_by_local == {443: 1}
-        assert peer.tcp.unanswered_from_local == 0
+        assert peer.tcp.vm_attempts == 1
+        assert peer.tcp.peer_attempts == 0
+        assert peer.tcp.vm_attempts_by_peer_port == {443: 1}
+        assert peer.tcp.vm_attempts_unanswered_by_peer == 0
 
     def test_unanswered_and_refused_attempts(self) -> None:
         frames = [
@@ -254,11 +254,11 @@ class TestPeers:
         summary = summary_of(pcap_bytes(frames), local_addresses=[VM])
         by_address = {p.address: p for p in summary.peers}
         wireserver = by_address["168.63.129.16"].tcp
-        assert (wireserver.opened_by_local, wireserver.unanswered_from_local) == (2, 2)
+        assert (wireserver.vm_attempts, wireserver.vm_attempts_unanswered_by_peer) == (2, 2)
         scanner = by_address["198.51.100.7"].tcp
-        assert scanner.opened_by_peer == 10
-        assert scanner.reset_from_peer == 10
-        assert set(scanner.ports_opened_by_peer) == set(range(20, 30))
+        assert scanner.peer_attempts == 10
+        assert scanner.peer_attempts_refused_by_vm == 10
+        assert set(scanner.peer_attempts_by_vm_port) == set(range(20, 30))
 
     def test_icmp_types(self) -> None:
         echo = synth.icmp_echo(1, 1, b"ping")
@@ -495,6 +495,6 @@ class TestSecondTierFastPath:
         six = peers["2001:db8::7"]
         assert (six.packets_received, six.packets_sent) == (4, 1)  # two TCP, fragment, cut; DNS
         assert {(n.source, n.name) for n in six.names} == {("http", "six.example")}
-        assert peers["52.7.7.8"].tcp.opened_by_local == 1
+        assert peers["52.7.7.8"].tcp.vm_attempts == 1
         assert peers["52.7.7.7"].packets_received == 3
         assert summary.capture.packets == 10

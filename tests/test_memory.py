@@ -127,7 +127,7 @@ print(json.dumps({
     "peers": len(summary.peers),
     "kept_addresses": [p.address for p in summary.peers],
     "kept_packets": sum(p.packets for p in summary.peers),
-    "kept_answered": sum(p.tcp.reset_from_local for p in summary.peers),
+    "kept_answered": sum(p.tcp.vm_attempts_refused_by_peer for p in summary.peers),
     "folded_peers": info.folded_peers,
     "folded_packets": info.folded_packets,
     "folded_groups": sum(g.peers_estimate for g in summary.folded),

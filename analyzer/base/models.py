@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-SCHEMA_VERSION = 1
+# 2: TcpCounts named by whose attempt and whose answer (issue #22); conversations per 5-tuple
+SCHEMA_VERSION = 2
+# The busiest ports of each side kept in a peer's TCP attempt counts.
+ATTEMPT_PORTS_KEPT = 32
 # Number of buckets of a peer's activity histogram, whatever the capture's duration.
 ACTIVITY_BUCKETS = 60
 
@@ -126,36 +129,161 @@ class Conversation:
 
 
 @dataclass(frozen=True, slots=True)
-class TcpCounts:
-    """TCP connection attempts (distinct 4-tuples whose first packet was a SYN), by initiator.
+class TransportConversation:
+    """One TCP or UDP conversation (a 5-tuple, both directions), from the VM's point of view:
+    ``*_out`` is what ``local_address`` sent, ``*_in`` what it received. When neither address
+    is the VM's, ``local_address`` is the lower of the two."""
 
-    Every ``*_peer`` count is about attempts the peer opened, every ``*_local`` count about the
-    VM's: ``unanswered_from_peer`` is the peer's attempts that got nothing back from the VM,
-    ``reset_from_peer`` the peer's attempts the VM answered with RST (refused), and the same
-    for ``*_local`` with the roles swapped. ``ports_opened_by_peer`` maps a local port to the
-    attempts the peer made to it; ``ports_opened_by_local`` maps a port on the peer to the VM's
-    attempts (the busiest few of each).
-    """
+    protocol: str
+    local_address: str
+    local_port: int
+    peer_address: str
+    peer_port: int
+    first_seen: float
+    last_seen: float
+    packets_out: int
+    packets_in: int
+    bytes_out: int
+    bytes_in: int
 
-    opened_by_peer: int = 0
-    opened_by_local: int = 0
-    unanswered_from_peer: int = 0
-    unanswered_from_local: int = 0
-    reset_from_peer: int = 0
-    reset_from_local: int = 0
-    ports_opened_by_peer: dict[int, int] = field(default_factory=dict)
-    ports_opened_by_local: dict[int, int] = field(default_factory=dict)
+    # the order of :meth:`to_row`, a compact form that fits 200 of them in one table property
+    ROW_FIELDS: ClassVar[tuple[str, ...]] = (
+        "protocol",
+        "local_address",
+        "local_port",
+        "peer_address",
+        "peer_port",
+        "first_seen",
+        "last_seen",
+        "packets_out",
+        "packets_in",
+        "bytes_out",
+        "bytes_in",
+    )
+
+    @property
+    def duration_seconds(self) -> float:
+        return max(self.last_seen - self.first_seen, 0.0)
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_out + self.bytes_in
+
+    @property
+    def display_filter(self) -> str:
+        """The Wireshark display filter that shows this conversation's packets."""
+        ip = "ipv6" if ":" in self.local_address else "ip"
+        return (
+            f"{ip}.addr == {self.local_address} && {ip}.addr == {self.peer_address} && "
+            f"{self.protocol}.port == {self.local_port} && {self.protocol}.port == {self.peer_port}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "opened_by_peer": self.opened_by_peer,
-            "opened_by_local": self.opened_by_local,
-            "unanswered_from_peer": self.unanswered_from_peer,
-            "unanswered_from_local": self.unanswered_from_local,
-            "reset_from_peer": self.reset_from_peer,
-            "reset_from_local": self.reset_from_local,
-            "ports_opened_by_peer": {str(k): v for k, v in self.ports_opened_by_peer.items()},
-            "ports_opened_by_local": {str(k): v for k, v in self.ports_opened_by_local.items()},
+            "protocol": self.protocol,
+            "local_address": self.local_address,
+            "local_port": self.local_port,
+            "peer_address": self.peer_address,
+            "peer_port": self.peer_port,
+            "first_seen": iso_time(self.first_seen),
+            "last_seen": iso_time(self.last_seen),
+            "duration_seconds": round(self.duration_seconds, 6),
+            "packets_out": self.packets_out,
+            "packets_in": self.packets_in,
+            "bytes_out": self.bytes_out,
+            "bytes_in": self.bytes_in,
+            "display_filter": self.display_filter,
+        }
+
+    def to_row(self) -> list[Any]:
+        """The fields of :data:`ROW_FIELDS` as a list (times as POSIX seconds)."""
+        return [getattr(self, name) for name in self.ROW_FIELDS]
+
+    @classmethod
+    def from_row(cls, row: list[Any]) -> TransportConversation | None:
+        """The conversation :meth:`to_row` gave, or None for a row that is not one."""
+        if not isinstance(row, list) or len(row) != len(cls.ROW_FIELDS):
+            return None
+        try:
+            return cls(
+                protocol=str(row[0]),
+                local_address=str(row[1]),
+                local_port=int(row[2]),
+                peer_address=str(row[3]),
+                peer_port=int(row[4]),
+                first_seen=float(row[5]),
+                last_seen=float(row[6]),
+                packets_out=int(row[7]),
+                packets_in=int(row[8]),
+                bytes_out=int(row[9]),
+                bytes_in=int(row[10]),
+            )
+        except (TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class TcpCounts:
+    """TCP connection attempts (distinct 4-tuples whose first packet was a SYN), by whose
+    attempt it was and what the other side answered.
+
+    ``peer_attempts`` are connections the peer tried to open to the VM; of those, the VM
+    answered ``peer_attempts_refused_by_vm`` with a reset (a closed port) and left
+    ``peer_attempts_unanswered_by_vm`` without any packet back (dropped, or nothing there);
+    the rest it answered (:attr:`peer_attempts_answered_by_vm`: an open port). ``vm_attempts``
+    and ``vm_attempts_*_by_peer`` are the mirror: connections the VM tried to open to the peer.
+
+    ``peer_attempts_by_vm_port`` maps a port on the VM to the peer's attempts to it, and
+    ``vm_attempts_by_peer_port`` a port on the peer to the VM's attempts, each the busiest
+    :data:`ATTEMPT_PORTS_KEPT`; ``*_other_ports`` counts the distinct ports left out and
+    ``*_other_port_attempts`` the attempts to them.
+    """
+
+    peer_attempts: int = 0
+    vm_attempts: int = 0
+    peer_attempts_unanswered_by_vm: int = 0
+    vm_attempts_unanswered_by_peer: int = 0
+    peer_attempts_refused_by_vm: int = 0
+    vm_attempts_refused_by_peer: int = 0
+    peer_attempts_by_vm_port: dict[int, int] = field(default_factory=dict)
+    vm_attempts_by_peer_port: dict[int, int] = field(default_factory=dict)
+    peer_attempts_other_ports: int = 0
+    peer_attempts_other_port_attempts: int = 0
+    vm_attempts_other_ports: int = 0
+    vm_attempts_other_port_attempts: int = 0
+
+    @property
+    def peer_attempts_answered_by_vm(self) -> int:
+        """The peer's attempts the VM answered other than with a reset (an open port)."""
+        refused_or_not = self.peer_attempts_unanswered_by_vm + self.peer_attempts_refused_by_vm
+        return max(self.peer_attempts - refused_or_not, 0)
+
+    @property
+    def vm_attempts_answered_by_peer(self) -> int:
+        """The VM's attempts the peer answered other than with a reset."""
+        refused_or_not = self.vm_attempts_unanswered_by_peer + self.vm_attempts_refused_by_peer
+        return max(self.vm_attempts - refused_or_not, 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "peer_attempts": self.peer_attempts,
+            "peer_attempts_answered_by_vm": self.peer_attempts_answered_by_vm,
+            "peer_attempts_refused_by_vm": self.peer_attempts_refused_by_vm,
+            "peer_attempts_unanswered_by_vm": self.peer_attempts_unanswered_by_vm,
+            "peer_attempts_by_vm_port": {
+                str(k): v for k, v in self.peer_attempts_by_vm_port.items()
+            },
+            "peer_attempts_other_ports": self.peer_attempts_other_ports,
+            "peer_attempts_other_port_attempts": self.peer_attempts_other_port_attempts,
+            "vm_attempts": self.vm_attempts,
+            "vm_attempts_answered_by_peer": self.vm_attempts_answered_by_peer,
+            "vm_attempts_refused_by_peer": self.vm_attempts_refused_by_peer,
+            "vm_attempts_unanswered_by_peer": self.vm_attempts_unanswered_by_peer,
+            "vm_attempts_by_peer_port": {
+                str(k): v for k, v in self.vm_attempts_by_peer_port.items()
+            },
+            "vm_attempts_other_ports": self.vm_attempts_other_ports,
+            "vm_attempts_other_port_attempts": self.vm_attempts_other_port_attempts,
         }
 
 
@@ -165,7 +293,8 @@ class Peer:
 
     ``packets_sent``/``bytes_sent`` are what the peer sent to the VM; ``*_received`` what it got
     from the VM. ``remote_ports`` are ports on the peer's side, ``local_ports`` on the VM's side,
-    each the busiest few; ``other_*_ports`` counts the distinct ports left out.
+    each the busiest few; ``other_*_ports`` counts the distinct ports left out and
+    ``other_*_port_packets``/``_bytes`` their traffic.
     Classification fields (``category`` to ``roles``, ``name_basis`` and
     ``unverified_names``) are filled in by :mod:`analyzer.judge.classify`: ``name_basis`` says
     how the names the verdict relied on were established (``dns-exchange``, ``live-dns``,
@@ -189,6 +318,10 @@ class Peer:
     local_ports: tuple[PortCount, ...] = ()
     other_remote_ports: int = 0
     other_local_ports: int = 0
+    other_remote_port_packets: int = 0
+    other_remote_port_bytes: int = 0
+    other_local_port_packets: int = 0
+    other_local_port_bytes: int = 0
     tcp: TcpCounts = field(default_factory=TcpCounts)
     icmp_types: dict[str, int] = field(default_factory=dict)
     names: tuple[PeerName, ...] = ()
@@ -224,7 +357,11 @@ class Peer:
             "remote_ports": [p.to_dict() for p in self.remote_ports],
             "local_ports": [p.to_dict() for p in self.local_ports],
             "other_remote_ports": self.other_remote_ports,
+            "other_remote_port_packets": self.other_remote_port_packets,
+            "other_remote_port_bytes": self.other_remote_port_bytes,
             "other_local_ports": self.other_local_ports,
+            "other_local_port_packets": self.other_local_port_packets,
+            "other_local_port_bytes": self.other_local_port_bytes,
             "tcp": self.tcp.to_dict(),
             "icmp_types": dict(self.icmp_types),
             "names": [n.to_dict() for n in self.names],
@@ -272,6 +409,8 @@ class CaptureInfo:
     ``budget_exhausted`` names the work-budget limit that ended reading (``decompressed_bytes``,
     ``packets`` or ``seconds``), if one did. ``folded_*`` count the peers (estimated), packets
     and bytes folded into :class:`FoldedGroup` aggregates instead of being kept as peers.
+    ``conversations_exact`` is false when the busiest conversations may miss some early packets
+    (see :mod:`analyzer.capture.conversations`).
     Activity histograms have at most :data:`ACTIVITY_BUCKETS` buckets of
     ``activity_bucket_seconds`` each, bucket ``i`` covering
     ``[activity_start + i * width, activity_start + (i + 1) * width)``.
@@ -299,6 +438,7 @@ class CaptureInfo:
     folded_bytes: int = 0
     activity_start: float | None = None
     activity_bucket_seconds: float = 0.0
+    conversations_exact: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -324,6 +464,7 @@ class CaptureInfo:
             "folded_bytes": self.folded_bytes,
             "activity_start": iso_time(self.activity_start),
             "activity_bucket_seconds": self.activity_bucket_seconds,
+            "conversations_exact": self.conversations_exact,
         }
 
 
@@ -366,6 +507,7 @@ class Summary:
     conversations: tuple[Conversation, ...]
     peers: tuple[Peer, ...]
     folded: tuple[FoldedGroup, ...] = ()
+    busiest_conversations: tuple[TransportConversation, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +521,7 @@ class Analysis:
     analyzer_version: str = ""
     policy_version: str = ""
     folded: tuple[FoldedGroup, ...] = ()
+    busiest_conversations: tuple[TransportConversation, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The stable JSON document (``schema_version`` changes only on breaking changes)."""
@@ -397,10 +540,13 @@ class Analysis:
             **{key: [] for key in self.sections()},
         }
 
-    def sections(self) -> dict[str, tuple[Conversation | Peer | Alert | FoldedGroup, ...]]:
+    def sections(
+        self,
+    ) -> dict[str, tuple[Conversation | TransportConversation | Peer | Alert | FoldedGroup, ...]]:
         """The document's lists by key, in document order."""
         return {
             "conversations": self.conversations,
+            "busiest_conversations": self.busiest_conversations,
             "peers": self.peers,
             "alerts": self.alerts,
             "folded": self.folded,

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from analyzer.base.models import ACTIVITY_BUCKETS
 from analyzer.capture.compiled import compiled_walk
+from analyzer.capture.conversations import ConversationTracker
 from analyzer.capture.decode import (
     ETHERTYPE_IPV4,
     ETHERTYPE_IPV6,
@@ -104,6 +105,7 @@ class Accumulator:
         self.other: dict[bytes, list[int]] = {}
         self.fragments: dict[tuple[bytes, bytes, int, int], bytes] = {}
         self.pairs: dict[tuple[bytes, bytes], Pair] = {}
+        self.conversations = ConversationTracker()  # the busiest 5-tuples, before folding
         self.names = NameCollector()
         self.non_ip: dict[str, int] = {}
         self.undecodable: dict[str, int] = {}
@@ -359,6 +361,7 @@ class Accumulator:
         max_peers = self.max_peers
         compiled = compiled_walk()
         for proto_name, table in (("tcp", self.tcp), ("udp", self.udp)):
+            self.conversations.take(table, proto_name, fps)
             if compiled is not None:  # the same loop in C (native/_nwcap_walk.c)
                 packets, nbytes = compiled.fold_flows(
                     self,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 import operator
 from array import array
 
 from analyzer.base.models import (
+    ATTEMPT_PORTS_KEPT,
     BudgetLimit,
     CaptureInfo,
     Conversation,
@@ -16,12 +16,11 @@ from analyzer.base.models import (
     Summary,
     TcpCounts,
 )
+from analyzer.capture.conversations import address_text
 from analyzer.capture.flows import Accumulator
 from analyzer.capture.local_addresses import infer_local_addresses
 from analyzer.capture.names import MAX_ADDRESSES, MAX_NAMES_PER_ADDRESS
 from analyzer.capture.pairs import PORTS_KEPT, Pair, merge_counts, rescale
-
-OPENED_PORTS_KEPT = 32
 
 
 def build_summary(
@@ -42,8 +41,8 @@ def build_summary(
     local_set = set(local)
     conversations = tuple(
         Conversation(
-            a=_text(a),
-            b=_text(b),
+            a=address_text(a),
+            b=address_text(b),
             packets_a_to_b=pair.packets[0],
             packets_b_to_a=pair.packets[1],
             bytes_a_to_b=pair.bytes[0],
@@ -111,7 +110,7 @@ def build_summary(
         bytes=acc.ip_bytes - acc.inner_bytes + acc.other_bytes,
         first_seen=min(firsts) if firsts else None,
         last_seen=max(lasts) if lasts else None,
-        local_addresses=tuple(_text(a) for a in local),
+        local_addresses=tuple(address_text(a) for a in local),
         local_addresses_inferred=given_local is None,
         complete=complete,
         warnings=tuple(warnings),
@@ -127,8 +126,15 @@ def build_summary(
         folded_bytes=sum(group.bytes for group in folded),
         activity_start=float(acc.activity_start or 0) if buckets else None,
         activity_bucket_seconds=float(1 << shift) if buckets else 0.0,
+        conversations_exact=acc.conversations.exact,
     )
-    return Summary(capture=capture, conversations=conversations, peers=tuple(peers), folded=folded)
+    return Summary(
+        capture=capture,
+        conversations=conversations,
+        peers=tuple(peers),
+        folded=folded,
+        busiest_conversations=acc.conversations.busiest(local),
+    )
 
 
 class _PeerBuilder:
@@ -143,7 +149,8 @@ class _PeerBuilder:
         self.last = float("-inf")
         self.protocols: dict[str, int] = {}
         self.ports: dict[tuple[bool, str], dict[int, list[int]]] = {}
-        self.overflow: dict[tuple[bool, str], int] = {}
+        # (is_remote, protocol): distinct ports, packets, bytes past a pair's PortTable
+        self.overflow: dict[tuple[bool, str], list[int]] = {}
         self.tcp = [0] * 6
         self.opened: list[dict[int, int]] = [{}, {}]  # by peer (local ports), by local
         self.icmp: dict[str, int] = {}
@@ -169,9 +176,10 @@ class _PeerBuilder:
                 entry = target.setdefault(port, [0, 0])
                 entry[0] += packets
                 entry[1] += nbytes
-            self.overflow[(is_remote, proto)] = (
-                self.overflow.get((is_remote, proto), 0) + table.overflow_distinct()
-            )
+            overflow = self.overflow.setdefault((is_remote, proto), [0, 0, 0])
+            overflow[0] += table.overflow_distinct()
+            overflow[1] += table.overflow_packets
+            overflow[2] += table.overflow_bytes
         peer_counts, local_counts = pair.tcp[remote_side], pair.tcp[local_side]
         self.tcp[0] += peer_counts[0]
         self.tcp[1] += local_counts[0]
@@ -186,9 +194,7 @@ class _PeerBuilder:
         # TCP with ACKs both ways or a UDP answer (Pair.exchanged), or the VM's own connection
         # answered: what one spoofed packet cannot give
         self.exchanged = (
-            self.exchanged
-            or pair.exchanged
-            or local_counts[0] > local_counts[1] + local_counts[2]
+            self.exchanged or pair.exchanged or local_counts[0] > local_counts[1] + local_counts[2]
         )
 
     def build(self, names: tuple[PeerName, ...], buckets: int = 0, shift: int = 0) -> Peer:
@@ -201,9 +207,10 @@ class _PeerBuilder:
             activity = list(map(operator.add, activity, widened)) if activity else widened
         remote_ports, other_remote = self._top_ports(is_remote=True)
         local_ports, other_local = self._top_ports(is_remote=False)
+        peer_ports, vm_ports = _top_counts(self.opened[0]), _top_counts(self.opened[1])
         return Peer(
-            address=_text(self.remote),
-            local_addresses=tuple(_text(a) for a in self.locals),
+            address=address_text(self.remote),
+            local_addresses=tuple(address_text(a) for a in self.locals),
             packets_sent=self.sent[0],
             packets_received=self.received[0],
             bytes_sent=self.sent[1],
@@ -213,17 +220,25 @@ class _PeerBuilder:
             protocols=dict(sorted(self.protocols.items(), key=lambda kv: (-kv[1], kv[0]))),
             remote_ports=remote_ports,
             local_ports=local_ports,
-            other_remote_ports=other_remote,
-            other_local_ports=other_local,
+            other_remote_ports=other_remote[0],
+            other_local_ports=other_local[0],
+            other_remote_port_packets=other_remote[1],
+            other_remote_port_bytes=other_remote[2],
+            other_local_port_packets=other_local[1],
+            other_local_port_bytes=other_local[2],
             tcp=TcpCounts(
-                opened_by_peer=self.tcp[0],
-                opened_by_local=self.tcp[1],
-                unanswered_from_peer=self.tcp[2],
-                unanswered_from_local=self.tcp[3],
-                reset_from_peer=self.tcp[4],
-                reset_from_local=self.tcp[5],
-                ports_opened_by_peer=_top_counts(self.opened[0]),
-                ports_opened_by_local=_top_counts(self.opened[1]),
+                peer_attempts=self.tcp[0],
+                vm_attempts=self.tcp[1],
+                peer_attempts_unanswered_by_vm=self.tcp[2],
+                vm_attempts_unanswered_by_peer=self.tcp[3],
+                peer_attempts_refused_by_vm=self.tcp[4],
+                vm_attempts_refused_by_peer=self.tcp[5],
+                peer_attempts_by_vm_port=peer_ports,
+                vm_attempts_by_peer_port=vm_ports,
+                peer_attempts_other_ports=len(self.opened[0]) - len(peer_ports),
+                peer_attempts_other_port_attempts=self.tcp[0] - sum(peer_ports.values()),
+                vm_attempts_other_ports=len(self.opened[1]) - len(vm_ports),
+                vm_attempts_other_port_attempts=self.tcp[1] - sum(vm_ports.values()),
             ),
             icmp_types=dict(sorted(self.icmp.items())),
             activity=tuple(activity[:buckets]),
@@ -231,24 +246,26 @@ class _PeerBuilder:
             exchanged=self.exchanged,
         )
 
-    def _top_ports(self, *, is_remote: bool) -> tuple[tuple[PortCount, ...], int]:
+    def _top_ports(self, *, is_remote: bool) -> tuple[tuple[PortCount, ...], tuple[int, int, int]]:
+        """The busiest :data:`PORTS_KEPT` ports of one side, and the distinct ports, packets
+        and bytes of the others."""
         ranked: list[PortCount] = []
-        overflow = 0
+        overflow = [0, 0, 0]
         for (remote, proto), table in self.ports.items():
             if remote != is_remote:
                 continue
-            overflow += self.overflow.get((remote, proto), 0)
+            for index, value in enumerate(self.overflow.get((remote, proto), (0, 0, 0))):
+                overflow[index] += value
             ranked.extend(PortCount(proto, port, c[0], c[1]) for port, c in table.items())
         ranked.sort(key=lambda p: (-p.packets, -p.bytes, p.protocol, p.port))
-        return tuple(ranked[:PORTS_KEPT]), max(0, len(ranked) - PORTS_KEPT) + overflow
-
-
-def _text(address: bytes) -> str:
-    if len(address) == 4:  # what str(IPv4Address) gives, at a tenth of the cost
-        return "%d.%d.%d.%d" % tuple(address)  # noqa: UP031 - the fastest here
-    return str(ipaddress.ip_address(address))
+        left_out = ranked[PORTS_KEPT:]
+        return tuple(ranked[:PORTS_KEPT]), (
+            len(left_out) + overflow[0],
+            sum(p.packets for p in left_out) + overflow[1],
+            sum(p.bytes for p in left_out) + overflow[2],
+        )
 
 
 def _top_counts(counts: dict[int, int]) -> dict[int, int]:
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:OPENED_PORTS_KEPT]
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:ATTEMPT_PORTS_KEPT]
     return dict(ranked)

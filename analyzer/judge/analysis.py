@@ -52,4 +52,5 @@ def analyze(
         analyzer_version=__version__,
         policy_version=policy.version,
         folded=summary.folded,
+        busiest_conversations=summary.busiest_conversations,
     )

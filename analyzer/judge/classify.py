@@ -154,15 +154,15 @@ def cap_alerts_per_rule(alerts: list[Alert], cap: int) -> list[Alert]:
 def services_of(peer: Peer) -> frozenset[Service]:
     """The services a peer's traffic amounts to.
 
-    TCP uses the connection attempts seen (``tcp.ports_opened_by_local`` are ports on the peer
-    the VM connected to, ``tcp.ports_opened_by_peer`` ports on the VM). When no attempt was seen
+    TCP uses the connection attempts seen (``tcp.vm_attempts_by_peer_port`` are ports on the peer
+    the VM connected to, ``tcp.peer_attempts_by_vm_port`` ports on the VM). When no attempt was seen
     (connections older than the capture) and always for UDP, the side with the lowest port is
     taken to be the server: a DNS query from port 40000 to 53 is ``out udp/53``.
     """
     result: set[Service] = set()
     tcp = peer.tcp
-    result.update(Service("out", "tcp", port) for port in tcp.ports_opened_by_local)
-    result.update(Service("in", "tcp", port) for port in tcp.ports_opened_by_peer)
+    result.update(Service("out", "tcp", port) for port in tcp.vm_attempts_by_peer_port)
+    result.update(Service("in", "tcp", port) for port in tcp.peer_attempts_by_vm_port)
     for protocol in ("tcp", "udp"):
         if protocol == "tcp" and result:
             continue
@@ -412,17 +412,17 @@ class _PeerEvaluation:
         if entry is None or entry.id not in (WIRESERVER_ID, IMDS_ID):
             return
         tcp = self.peer.tcp
-        if tcp.unanswered_from_local <= 0:
+        if tcp.vm_attempts_unanswered_by_peer <= 0:
             return
-        ports = sorted(tcp.ports_opened_by_local)
+        ports = sorted(tcp.vm_attempts_by_peer_port)
         self._raise(
             PLATFORM_ADDRESS_BLOCKED,
-            f"{tcp.unanswered_from_local} of {tcp.opened_by_local} connection attempts from the "
-            f"VM to {self.peer.address} ({entry.label}) got no answer: something may be "
+            f"{tcp.vm_attempts_unanswered_by_peer} of {tcp.vm_attempts} connection attempts "
+            f"from the VM to {self.peer.address} ({entry.label}) got no answer: something may be "
             "blocking the platform address.",
             [f"tcp/{p}" for p in ports],
-            attempts=tcp.opened_by_local,
-            unanswered=tcp.unanswered_from_local,
+            attempts=tcp.vm_attempts,
+            unanswered=tcp.vm_attempts_unanswered_by_peer,
         )
 
     def _check_admin(self) -> None:
@@ -456,9 +456,9 @@ class _PeerEvaluation:
             UNLISTED_ADMIN_SOURCE,
             f"{self.peer.address} opened {kinds} connections to the VM; {where}.",
             unlisted,
-            attempts={str(s.port): tcp.ports_opened_by_peer.get(s.port, 0) for s in unlisted},
-            unanswered=tcp.unanswered_from_peer,
-            refused=tcp.reset_from_peer,
+            attempts={str(s.port): tcp.peer_attempts_by_vm_port.get(s.port, 0) for s in unlisted},
+            unanswered=tcp.peer_attempts_unanswered_by_vm,
+            refused=tcp.peer_attempts_refused_by_vm,
         )
 
     def _dns_services(self) -> list[Service]:
@@ -467,7 +467,7 @@ class _PeerEvaluation:
             for p in self.peer.remote_ports
             if p.port == DNS_PORT and p.protocol in ("udp", "tcp")
         }
-        if DNS_PORT in self.peer.tcp.ports_opened_by_local:
+        if DNS_PORT in self.peer.tcp.vm_attempts_by_peer_port:
             found.add(Service("out", "tcp", DNS_PORT))
         return sorted(found)
 
@@ -498,11 +498,11 @@ class _PeerEvaluation:
         entry = self.entry
         if inbound and all((entry and entry.covers(s)) or self._allowed(s) for s in inbound):
             return
-        tried: set[str] = {f"tcp/{port}" for port in tcp.ports_opened_by_peer}
+        tried: set[str] = {f"tcp/{port}" for port in tcp.peer_attempts_by_vm_port}
         distinct = len(tried)
         tcp_local = [p.port for p in peer.local_ports if p.protocol == "tcp"]
         udp_local = [p.port for p in peer.local_ports if p.protocol == "udp"]
-        if tcp.opened_by_peer > 0 and tcp.opened_by_local == 0:
+        if tcp.peer_attempts > 0 and tcp.vm_attempts == 0:
             # The VM opened nothing to this peer, so every local TCP port is one it probed;
             # the ports left out of the summary count too when they can only be TCP.
             hidden = peer.other_local_ports if not udp_local else 0
@@ -524,13 +524,12 @@ class _PeerEvaluation:
             return
         self.claimed.update(inbound)
         details = []
-        if tcp.opened_by_peer:
-            # the *_from_peer counters are about attempts the peer opened: reset_from_peer
-            # counts those the VM refused with a reset (TcpCounts in analyzer.base.models)
-            answered = max(tcp.opened_by_peer - tcp.unanswered_from_peer - tcp.reset_from_peer, 0)
+        if tcp.peer_attempts:
+            answered = tcp.peer_attempts_answered_by_vm
             details.append(
-                f"{tcp.opened_by_peer} TCP connection attempts: {answered} answered, "
-                f"{tcp.reset_from_peer} refused, {tcp.unanswered_from_peer} unanswered"
+                f"{tcp.peer_attempts} TCP connection attempts: {answered} answered, "
+                f"{tcp.peer_attempts_refused_by_vm} refused, "
+                f"{tcp.peer_attempts_unanswered_by_vm} unanswered"
             )
         if udp_probed:
             details.append(f"{udp_probed} UDP ports answered 'port unreachable'")
@@ -540,9 +539,9 @@ class _PeerEvaluation:
             f"{peer.address} tried {distinct} distinct local ports ({'; '.join(details)}).",
             sample,
             distinct_ports=distinct,
-            attempts=tcp.opened_by_peer,
-            refused=tcp.reset_from_peer,
-            unanswered=tcp.unanswered_from_peer,
+            attempts=tcp.peer_attempts,
+            refused=tcp.peer_attempts_refused_by_vm,
+            unanswered=tcp.peer_attempts_unanswered_by_vm,
         )
 
     def _is_storage(self) -> bool:

@@ -119,18 +119,34 @@ def address_key(address: str) -> str:
 
 
 def _tcp_cell(tcp: Mapping[str, Any]) -> list[str]:
-    def pair(label: str, key: str) -> str | None:
-        peer, local = int(tcp.get(f"{key}_peer") or 0), int(tcp.get(f"{key}_local") or 0)
-        return f"{label}: by peer {peer:,}, by VM {local:,}" if peer or local else None
+    def count(key: str, before_schema_2: str) -> int:  # rows stored before issue #22's names
+        return int(tcp.get(key) or tcp.get(before_schema_2) or 0)
+
+    def attempts(who: str, by: str, old: tuple[str, str, str]) -> str | None:
+        total = count(f"{who}_attempts", old[0])
+        refused = count(f"{who}_attempts_refused_by_{by}", old[1])
+        unanswered = count(f"{who}_attempts_unanswered_by_{by}", old[2])
+        answered = max(total - refused - unanswered, 0)
+        label = "peer's attempts" if who == "peer" else "VM's attempts"
+        return (
+            f"{label}: {total:,} ({answered:,} answered, {refused:,} refused, "
+            f"{unanswered:,} unanswered by the {by.replace('vm', 'VM')})"
+            if total
+            else None
+        )
 
     lines = [
-        pair("opened", "opened_by"),
-        pair("unanswered", "unanswered_from"),
-        pair("reset", "reset_from"),
+        attempts("peer", "vm", ("opened_by_peer", "reset_from_peer", "unanswered_from_peer")),
+        attempts("vm", "peer", ("opened_by_local", "reset_from_local", "unanswered_from_local")),
     ]
-    inbound = tcp.get("ports_opened_by_peer") or {}
+    inbound = tcp.get("peer_attempts_by_vm_port") or tcp.get("ports_opened_by_peer") or {}
     if inbound:
-        lines.append("peer opened VM ports " + ", ".join(str(p) for p in list(inbound)[:5]))
+        more = int(tcp.get("peer_attempts_other_ports") or 0) + max(len(inbound) - 5, 0)
+        lines.append(
+            "peer tried VM ports "
+            + ", ".join(str(p) for p in list(inbound)[:5])
+            + (f" and {more:,} more" if more else "")
+        )
     return [line for line in lines if line]
 
 
