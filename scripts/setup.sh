@@ -11,11 +11,17 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 stamp=.venv/.nwcap-installed
+# setup.py compiles the record walk (analyzer/capture/_walk.c) in place: reinstall when it changes
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements.txt -nt "$stamp" ] \
-    || [ -n "$(find native -newer "$stamp" -name '*.c' -o -newer "$stamp" -name setup.py)" ]; then
+    || [ setup.py -nt "$stamp" ] || [ analyzer/capture/_walk.c -nt "$stamp" ]; then
     .venv/bin/pip install --quiet --upgrade pip
+    # the walk's former separate distribution (native/, a top-level _nwcap_walk module)
+    .venv/bin/pip uninstall --quiet --yes nwcap-walk 2>/dev/null || true
     .venv/bin/pip install --quiet -r requirements.txt -e '.[dev]'
     touch "$stamp"
+fi
+if ! .venv/bin/python -c 'from analyzer.capture import _walk' 2>/dev/null; then
+    echo "setup: no C compiler worked: nwcap's record walk runs in Python (several times slower)" >&2
 fi
 
 if [ ! -x node_modules/.bin/azurite ]; then

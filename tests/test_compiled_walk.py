@@ -1,4 +1,4 @@
-"""The compiled record walk (native/_nwcap_walk.c) gives exactly what the Python loop gives.
+"""The compiled record walk (analyzer/capture/_walk.c) gives exactly what the Python loop gives.
 
 The C loop is a translation of ``engine._scan_records``: the same records taken, the same
 flow entries, the same calls to the accumulator. These tests run both on the same bytes and
@@ -70,7 +70,7 @@ def test_installed() -> None:
     """The project's set-up builds the extension; without it, nwcap is several times slower."""
     if os.environ.get("NWCAP_PURE_PYTHON"):
         pytest.skip("NWCAP_PURE_PYTHON is set")
-    assert engine.compiled_walk() is not None, "pip install ./native (scripts/setup.sh does)"
+    assert engine.compiled_walk() is not None, "pip install -e . (scripts/setup.sh does)"
 
 
 @needs_compiled

@@ -808,7 +808,7 @@ class TestAlertDelivery:
 
 def _requirements() -> dict[str, Requirement]:
     lines = (ROOT / "requirements.txt").read_text().splitlines()
-    pins = [line for line in lines if line.strip() and not line.startswith(("#", "./"))]
+    pins = [line for line in lines if line.strip() and not line.startswith(("#", "-e "))]
     requirements = [Requirement(line) for line in pins]
     return {canonicalize_name(r.name): r for r in requirements}
 
@@ -834,13 +834,15 @@ class TestDeployManifest:
         assert set(_requirements()) == set(_project_dependencies())
 
     def test_compiled_walk_is_deployed(self) -> None:
-        """The remote build compiles native/ from the deployed files; none of them is ignored."""
+        """The remote build compiles the record walk in place from the deployed files; none of
+        them is ignored, and a local build's binary is never shipped."""
         lines = (ROOT / "requirements.txt").read_text().splitlines()
-        assert "./native" in lines
+        assert "-e ." in lines
         ignored = (ROOT / ".funcignore").read_text().splitlines()
-        for name in ("native", "native/", "setup.py", "pyproject.toml", "*.c"):
+        for name in ("setup.py", "/setup.py", "pyproject.toml", "/pyproject.toml", "*.c"):
             assert name not in ignored
-        assert (ROOT / "native" / "setup.py").is_file()
+        assert "*.so" in ignored
+        assert (ROOT / "setup.py").is_file()
 
     def test_pins_satisfy_pyproject(self) -> None:
         project = _project_dependencies()

@@ -3,7 +3,7 @@
 :func:`summarize` is the front door; the pass is split along its seams, each module one step:
 
 - :mod:`analyzer.capture.walk`: the record walk, from capture records to flow entries (the
-  hot loop, with its C twin ``scan()`` in native/_nwcap_walk.c);
+  hot loop, with its C twin ``scan()`` in _walk.c);
 - :mod:`analyzer.capture.flows`: the flow tables (:class:`Accumulator`), folded into address
   pairs (the C twin of the fold is ``fold_flows()``);
 - :mod:`analyzer.capture.folded`: peers past the peer cap, folded into prefix groups;

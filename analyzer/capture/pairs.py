@@ -1,10 +1,10 @@
 """Flow entries, and the address pairs they fold into.
 
 A flow entry is a plain list (for speed) laid out as ``PKTS`` ... ``SPANS`` below; the record
-walk fills them (:mod:`analyzer.capture.walk`, and ``scan()`` in native/_nwcap_walk.c) and
+walk fills them (:mod:`analyzer.capture.walk`, and ``scan()`` in _walk.c) and
 :class:`analyzer.capture.flows.Accumulator` folds them into one :class:`Pair` per address
 pair, with packets and bytes per port (:class:`PortTable`) and an activity histogram.
-``fold_flows()`` in native/_nwcap_walk.c creates and fills these very classes, reading their
+``fold_flows()`` in _walk.c creates and fills these very classes, reading their
 attributes by name, and is built for ``PORTS_TRACKED`` and ``SPLIT_BYTES``.
 """
 

@@ -6,7 +6,7 @@ a single ``struct.unpack_from`` and counts each packet in its directional flow's
 other frame, and every other format, goes through
 :meth:`analyzer.capture.flows.Accumulator.add_frame`.
 
-:func:`_scan_records` is the Python twin of ``scan()`` in native/_nwcap_walk.c, which runs
+:func:`_scan_records` is the Python twin of ``scan()`` in _walk.c, which runs
 instead when it is installed (:func:`analyzer.capture.compiled.compiled_walk`): keep the two
 comparable line for line.
 """
@@ -181,7 +181,7 @@ def _scan_records(
     """Account at most ``left`` of the libpcap records in ``buf[pos:end]``; return where it
     stopped, how many records it took and the length field of a damaged record there (-1
     when none). ``tunnel_table`` and ``tier_table`` are for the C version's sake, which does
-    exactly this (native/_nwcap_walk.c).
+    exactly this (_walk.c).
     """
     order = ">" if big_endian else "<"
     fast = _FAST[order]

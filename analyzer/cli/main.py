@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from analyzer import __version__
 from analyzer.base.errors import NwcapError
 from analyzer.base.models import SEVERITY_ORDER
+from analyzer.capture.compiled import notice_python_fallback, walk_description
 from analyzer.cli.common import analyse_capture_file, ip_address, log_capture_warnings
 from analyzer.cli.exits import (
     EXIT_ALERTS,
@@ -38,6 +39,8 @@ __all__ = [
 # Commands that need no Azure SDK: for them the storage commands are not registered, which
 # keeps ~45 MB of imports and a second of start-up out of every `nwcap analyze`.
 LOCAL_COMMANDS = frozenset({"analyze", "sweep", "report"})
+# Commands that run the record walk: they say once on stderr when it runs in Python.
+WALK_COMMANDS = frozenset({"analyze", "sweep", "report", "process", "reconcile"})
 
 
 def build_parser(
@@ -47,7 +50,11 @@ def build_parser(
         prog="nwcap",
         description="Per-peer summaries and alerts for Azure Network Watcher packet captures.",
     )
-    parser.add_argument("--version", action="version", version=f"nwcap {__version__}")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"nwcap {__version__}, {walk_description()} record walk",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -143,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The per-capture and per-alert records are for Application Insights; the commands
         # print what they did themselves.
         logging.getLogger("nwcap.outcome").setLevel(logging.ERROR)
+    if args.command in WALK_COMMANDS:
+        notice_python_fallback(sys.stderr)
     try:
         return int(args.func(args))
     except UsageError as exc:

@@ -908,12 +908,12 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "_nwcap_walk",
+    PyModuleDef_HEAD_INIT, "analyzer.capture._walk",
     "nwcap's compiled record walk (see analyzer/capture/engine.py).", -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC
-PyInit__nwcap_walk(void)
+PyInit__walk(void)
 {
     struct { PyObject **slot; const char *text; } names[] = {
         {&s_pairs, "pairs"}, {&s_max_peers, "max_peers"}, {&s_compact_at, "compact_at"},
