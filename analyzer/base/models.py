@@ -154,7 +154,7 @@ class TransportConversation:
         "peer_address",
         "peer_port",
         "first_seen",
-        "last_seen",
+        "duration_seconds",
         "packets_out",
         "packets_in",
         "bytes_out",
@@ -196,8 +196,20 @@ class TransportConversation:
         }
 
     def to_row(self) -> list[Any]:
-        """The fields of :data:`ROW_FIELDS` as a list (times as POSIX seconds)."""
-        return [getattr(self, name) for name in self.ROW_FIELDS]
+        """The fields of :data:`ROW_FIELDS` as a list (``first_seen`` in POSIX seconds)."""
+        return [
+            self.protocol,
+            self.local_address,
+            self.local_port,
+            self.peer_address,
+            self.peer_port,
+            round(self.first_seen, 6),
+            round(self.duration_seconds, 6),
+            self.packets_out,
+            self.packets_in,
+            self.bytes_out,
+            self.bytes_in,
+        ]
 
     @classmethod
     def from_row(cls, row: list[Any]) -> TransportConversation | None:
@@ -212,7 +224,7 @@ class TransportConversation:
                 peer_address=str(row[3]),
                 peer_port=int(row[4]),
                 first_seen=float(row[5]),
-                last_seen=float(row[6]),
+                last_seen=float(row[5]) + float(row[6]),
                 packets_out=int(row[7]),
                 packets_in=int(row[8]),
                 bytes_out=int(row[9]),

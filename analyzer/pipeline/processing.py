@@ -566,6 +566,7 @@ def _store_analysis(
         folded_packets=info.folded_packets,
         folded_bytes=info.folded_bytes,
         folded=tuple(group.to_dict() for group in analysis.folded),
+        busiest_conversations=analysis.busiest_conversations,
         activity_start=storable_time(info.activity_start),
         activity_bucket_seconds=info.activity_bucket_seconds,
         results_generation=claimed.generation,
