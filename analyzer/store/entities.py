@@ -23,15 +23,13 @@ from analyzer.store.tablekeys import (
     MAX_ENTITY_BYTES,
     alert_key,
     baseline_key,
-    baseline_partition,
-    day_shard_partition,
+    day_partition,
     entity_size,
     fit_json,
     fit_text,
     generation_prefix,
     index_partition,
     ip_key,
-    legacy_index_partition,
     peer_row_key,
     storable_time,
     time_key,
@@ -198,7 +196,6 @@ class CaptureRecord:
     activity_start: float | None = None
     activity_bucket_seconds: float = 0.0
     busiest_conversations: tuple[TransportConversation, ...] = ()  # top 200 5-tuples by bytes
-    peer_partitions: int = 0  # the results run's peers partitions (0: the capture id's own)
     version: str = ""
 
     @property
@@ -278,7 +275,6 @@ class BaselineEntry:
     capture_time: float
     last_time: float = 0.0
     etag: str = ""
-    shards: int = 0  # the marker row's: how many shards the VM's rows are spread over
 
     def expired(self, now: float, max_age: float) -> bool:
         """Not seen for ``max_age`` seconds: the peer counts as unknown again."""
@@ -351,7 +347,6 @@ def capture_entity(record: CaptureRecord) -> dict[str, Any]:
     row.json("folded", [dict(group) for group in record.folded])
     row.time("activity_start", record.activity_start)
     row.number("activity_bucket_seconds", record.activity_bucket_seconds)
-    row.count("peer_partitions", record.peer_partitions)
     # compact rows (TransportConversation.ROW_FIELDS): 200 fit in one property
     row.json("busiest_conversations", [c.to_row() for c in record.busiest_conversations])
     return row.build()
@@ -423,7 +418,6 @@ def capture_from_entity(entity: Mapping[str, Any]) -> CaptureRecord:
             )
             if c is not None
         ),
-        peer_partitions=int_of(entity, "peer_partitions"),
         version=str(metadata.get("etag") or ""),
     )
 
@@ -434,18 +428,12 @@ def peer_entity(
     *,
     new: bool,
     alerts: Sequence[Alert],
-    partition: str | None = None,
 ) -> dict[str, Any]:
-    """The ``peers`` row of one peer of a capture (``alerts``: those about this peer) in
-    ``partition`` (by default the capture id, the single partition before issue #20)."""
-    row = _EntityBuilder(
-        partition or record.capture_id, peer_row_key(record.generation, peer.address)
-    )
+    """The ``peers`` row of one peer of a capture (``alerts``: those about this peer)."""
+    row = _EntityBuilder(record.capture_id, peer_row_key(record.generation, peer.address))
     _capture_context(row, record)
     row.text("address", peer.address)
-    index_pk, index_rk = index_row_keys(record, peer)
-    row.text("index_pk", index_pk)
-    row.text("index_rk", index_rk)
+    row.text("index_rk", index_row_keys(record, peer)[1])
     row.json("local_addresses", list(peer.local_addresses))
     row.count("packets_sent", peer.packets_sent)
     row.count("packets_received", peer.packets_received)
@@ -527,8 +515,7 @@ def alert_row_keys(record: CaptureRecord, alert: Alert, occurrence: int) -> tupl
     """An alert's row key in its capture's partition, and its day partition and row key."""
     capture_time = _required_time(record)
     key = generation_prefix(record.generation) + alert_key(alert, occurrence)
-    day_pk = day_shard_partition(capture_time, record.capture_id)
-    return key, day_pk, f"{time_key(capture_time)}|{record.capture_id}|{key}"
+    return key, day_partition(capture_time), f"{time_key(capture_time)}|{record.capture_id}|{key}"
 
 
 def index_row_keys(record: CaptureRecord, peer: Peer) -> tuple[str, str]:
@@ -541,18 +528,15 @@ def index_row_keys(record: CaptureRecord, peer: Peer) -> tuple[str, str]:
 def index_keys_of_peer_row(row: Mapping[str, Any]) -> tuple[str, str] | None:
     """Where the ``peerindex`` row of a stored ``peers`` row is (``None`` if it has none).
 
-    Rows since issue #20 name the partition (``index_pk``); rows of the 16-bucket layout before
-    it do not, and rows written before the index was bucketed have the peer key as partition
-    and a row key without it; they are all still found, so that their cleanup works.
+    Rows written before the index was bucketed have the peer key as partition and a row key
+    without it; they are still found, so that their cleanup works.
     """
     row_key = row.get("index_rk")
     if not row_key:
         return None
-    if row.get("index_pk"):
-        return str(row["index_pk"]), row_key
     address_key = str(row["RowKey"]).rpartition("|")[2]
     if row_key.startswith(address_key + "|"):
-        return legacy_index_partition(address_key), row_key
+        return index_partition(address_key), row_key
     return address_key, row_key
 
 
@@ -631,11 +615,9 @@ def sighting_document(entity: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def baseline_entity(
-    location: CaptureLocation, peer: Peer, capture_id: str, capture_time: float, shards: int = 0
+    location: CaptureLocation, peer: Peer, capture_id: str, capture_time: float
 ) -> dict[str, Any]:
-    """A VM's baseline row of ``peer``, in its shard of the VM's ``shards`` (0: unsharded)."""
-    key = ip_key(peer.address)
-    row = _EntityBuilder(baseline_partition(baseline_key(location), key, shards), key)
+    row = _EntityBuilder(baseline_key(location), ip_key(peer.address))
     row.text("address", peer.address)
     row.text("vm", location.vm)
     row.text("first_capture_id", capture_id)
@@ -650,14 +632,11 @@ BASELINE_MARKER = "~first-capture"  # a row key no peer key takes (peer keys are
 
 
 def baseline_marker_entity(
-    location: CaptureLocation, capture_id: str, capture_time: float, shards: int = 0
+    location: CaptureLocation, capture_id: str, capture_time: float
 ) -> dict[str, Any]:
-    """The VM's marker row: the first capture its baseline learned from, and how many shards
-    its rows are spread over (none: one partition, as before issue #20)."""
+    """The VM's marker row: the first capture its baseline learned from."""
     row = _EntityBuilder(baseline_key(location), BASELINE_MARKER)
     row.text("vm", location.vm)
-    if shards:
-        row.small("shards", shards)
     row.text("first_capture_id", capture_id)
     row.time("first_capture_time", capture_time)
     row.time("last_capture_time", capture_time)
@@ -672,7 +651,6 @@ def baseline_entry(entity: Mapping[str, Any]) -> BaselineEntry:
         capture_time=time_of(entity, "first_capture_time") or 0.0,
         last_time=time_of(entity, "last_capture_time") or 0.0,
         etag=str(metadata.get("etag", "")),
-        shards=int_of(entity, "shards"),
     )
 
 
