@@ -66,7 +66,7 @@ param reconcileSchedule string = '0 */10 * * * *'
 @description('How far back the reconciler lists capture blobs, e.g. 48h.')
 param reconcileLookback string = '48h'
 
-@description('ISO 8601 duration without any reconcile run after which the reconciler-silence alert rule fires; keep it at least three RECONCILE_SCHEDULE periods (at most P2D).')
+@description('ISO 8601 duration the reconcile alert rules look back over: no run in it fires the reconciler-silence rule, transient failures in every run of it fire the failed-or-stuck rule; keep it at least three RECONCILE_SCHEDULE periods (at most P2D).')
 param reconcileAlertWindow string = 'PT30M'
 
 @description('Most instances the function app scales out to (Flex Consumption: 40 to 1000).')
@@ -408,7 +408,8 @@ module processor 'app/processor.bicep' = {
   ]
 }
 
-// Scheduled query rules on the app's structured records, and the optional e-mail action group.
+// Scheduled query rules on the app's structured records (one event rule, three stateful ones),
+// and the optional e-mail action group.
 module alerts 'app/alerts.bicep' = {
   name: 'alerts'
   scope: rg
@@ -418,7 +419,7 @@ module alerts 'app/alerts.bicep' = {
     tags: tags
     namePrefix: 'nwcap-${resourceToken}'
     alertEmailAddress: alertEmailAddress
-    reconcileSilenceWindowSize: reconcileAlertWindow
+    reconcileWindowSize: reconcileAlertWindow
   }
 }
 

@@ -721,26 +721,26 @@ class TestAlertDelivery:
 
     def test_query_rules(self) -> None:
         alerts = _bicep("app/alerts.bicep")
+        rules = {rule["name"]: rule for rule in alerts["variables"]["rules"]["value"]}
         queries = {
-            rule["name"]: alerts["variables"][rule["query"]]["value"]
-            for rule in alerts["variables"]["rules"]["value"]
+            name: alerts["variables"][rule["query"]]["value"] for name, rule in rules.items()
         }
         high = queries["${namePrefix}-high-severity-alert"]
-        # The worker drops `extra`, so the rules parse the JSON the app puts in the message.
+        # The worker drops `extra`, so the rules parse the JSON the app puts in the message;
+        # tests/test_kql.py runs every query over the app's own records.
         assert 'message startswith "nwcap.alert {"' in high
         assert 'tostring(d.severity) == "high"' in high
         failed = queries["${namePrefix}-capture-failed-or-stuck"]
-        assert 'event == "nwcap.capture" and tostring(d.status) == "failed"' in failed
-        # Transient failures log no capture record; the reconcile run that retried in vain does.
-        assert (
-            'event == "nwcap.reconcile" and (toint(d.stuck) > 0 or toint(d.failed) > 0)' in failed
-        )
-        rules = alerts["resources"]["queryRules"]
-        assert rules["type"] == "Microsoft.Insights/scheduledQueryRules"
-        assert rules["api_version"] == "2022-06-15"
-        body = rules["config"]["config"]
+        assert 'message startswith "nwcap.reconcile {"' in failed
+        assert "(runs >= 2 and transient == runs)" in failed
+        walk = queries["${namePrefix}-python-record-walk"]
+        assert 'tostring(d.record_walk) == "python"' in walk
+        rules_resource = alerts["resources"]["queryRules"]
+        assert rules_resource["type"] == "Microsoft.Insights/scheduledQueryRules"
+        assert rules_resource["api_version"] == "2022-06-15"
+        body = rules_resource["config"]["config"]
         assert body["kind"] == "LogAlert"
-        # Every rule, the reconciler-silence one included, notifies the same action group.
+        # Every rule notifies the same action group.
         assert body["properties"]["actions"] == {"actionGroups": "actionGroups"}
         [criterion] = body["properties"]["criteria"]["allOf"]
         assert (criterion["operator"], criterion["threshold"]) == ("GreaterThan", 0)
@@ -751,6 +751,21 @@ class TestAlertDelivery:
             assert accessor == {"operand_1": "rule", "operand_2": field}, field
         main = _bicep("main.bicep")["modules"]["alerts"]["config"]["params"]
         assert main["alertEmailAddress"] == "alertEmailAddress"
+
+    def test_events_fire_once_states_resolve(self) -> None:
+        alerts = _bicep("app/alerts.bicep")
+        rules = {rule["name"]: rule for rule in alerts["variables"]["rules"]["value"]}
+        # Stateless (an event): the window is the frequency, so each record fires once.
+        high = rules.pop("${namePrefix}-high-severity-alert")
+        assert high["autoMitigate"] is False
+        assert high["windowSize"] == high["evaluationFrequency"] == "eventEvaluationFrequency"
+        # Stateful (a state): fire once, resolved by Azure Monitor when the state ends.
+        assert set(rules) == {
+            "${namePrefix}-capture-failed-or-stuck",
+            "${namePrefix}-reconciler-silent",
+            "${namePrefix}-python-record-walk",
+        }
+        assert all(rule["autoMitigate"] is True for rule in rules.values())
 
     def test_reconciler_silence_rule(self) -> None:
         alerts = _bicep("app/alerts.bicep")
@@ -770,12 +785,11 @@ class TestAlertDelivery:
             "| summarize n = count()",
             "| where n == 0",
         ]
-        assert rule["evaluationFrequency"] == "reconcileSilenceEvaluationFrequency"
-        assert rule["windowSize"] == "reconcileSilenceWindowSize"
-        assert rule["autoMitigate"] is True  # resolves once runs are logged again
+        assert rule["evaluationFrequency"] == "reconcileEvaluationFrequency"
+        assert rule["windowSize"] == "reconcileWindowSize"
         parameters = alerts["parameters"]
-        assert parameters["reconcileSilenceEvaluationFrequency"]["default"] == "PT10M"
-        window = parameters["reconcileSilenceWindowSize"]["default"]
+        assert parameters["reconcileEvaluationFrequency"]["default"] == "PT10M"
+        window = parameters["reconcileWindowSize"]["default"]
         assert window == "PT30M"
         # Three periods of the default schedule: one late or slow run does not page anyone.
         main = _bicep("main.bicep")
@@ -786,14 +800,10 @@ class TestAlertDelivery:
         assert int(minutes.group(1)) == 3 * int(period.group(1))
         assert main["parameters"]["reconcileAlertWindow"]["default"] == window
         params = main["modules"]["alerts"]["config"]["params"]
-        assert params["reconcileSilenceWindowSize"] == "reconcileAlertWindow"
+        assert params["reconcileWindowSize"] == "reconcileAlertWindow"
         assert _parameter_substitutions()["reconcileAlertWindow"] == (
             "${RECONCILE_ALERT_WINDOW=PT30M}"
         )
-        # The other two rules fire on events, so each firing stays until someone looks.
-        others = [r for r in alerts["variables"]["rules"]["value"] if r is not rule]
-        assert len(others) == 2
-        assert all(r["autoMitigate"] is False for r in others)
 
     def test_action_group_only_with_an_address(self) -> None:
         alerts = _bicep("app/alerts.bicep")

@@ -1,7 +1,10 @@
 // Azure Monitor alerts on the app's structured log records in Application Insights (traces
-// whose message is "nwcap.<event> {json}"): a high-severity nwcap alert, a capture that failed or
-// is stuck, and a reconciler that stopped running. With an e-mail address, an action group mails each firing; without one the rules still
-// fire and show in the portal's Alerts blade, and any action group can be attached later.
+// whose message is "nwcap.<event> {json}"). One rule fires on events (a high-severity nwcap
+// alert); three watch states (captures failed or stuck, a silent reconciler, the Python
+// fallback of the record walk), fire once when the state begins and resolve themselves when it
+// ends. With an e-mail address, an action group mails each firing (and each resolution);
+// without one the rules still fire and show in the portal's Alerts blade, and any action group
+// can be attached later. tests/test_kql.py runs each query over the records the app writes.
 param applicationInsightsName string
 param location string = resourceGroup().location
 param tags object = {}
@@ -12,17 +15,20 @@ param namePrefix string
 @description('E-mail address notified when a rule fires; empty creates no action group.')
 param alertEmailAddress string = ''
 
-@description('How often each rule runs its query (ISO 8601 duration).')
-param evaluationFrequency string = 'PT5M'
+@description('How often the event rule runs; its query looks back exactly this long, so that each record is counted by one evaluation (Azure Monitor retries an evaluation while ingestion lags).')
+param eventEvaluationFrequency string = 'PT5M'
 
-@description('Time span each query looks back over; longer than evaluationFrequency so late-ingested records still count.')
-param windowSize string = 'PT15M'
+@description('How often the reconcile rules run; about one reconcile period (RECONCILE_SCHEDULE).')
+param reconcileEvaluationFrequency string = 'PT10M'
 
-@description('How often the reconciler-silence rule runs; about one reconcile period (RECONCILE_SCHEDULE).')
-param reconcileSilenceEvaluationFrequency string = 'PT10M'
+@description('Time span the reconcile rules look back over: at least three reconcile periods, so that one slow or late run does not page anyone, and transient failures page only when every run of the span still had them.')
+param reconcileWindowSize string = 'PT30M'
 
-@description('Time span without any reconcile run after which the reconciler-silence rule fires: at least three reconcile periods, so one slow or late run does not page anyone.')
-param reconcileSilenceWindowSize string = 'PT30M'
+@description('How often the record-walk rule runs.')
+param walkEvaluationFrequency string = 'PT15M'
+
+@description('Time span the record-walk rule looks back over for a capture processed by the Python fallback.')
+param walkWindowSize string = 'PT1H'
 
 resource applicationInsights 'Microsoft.Insights/components@2020-02-02' existing = {
   name: applicationInsightsName
@@ -61,17 +67,21 @@ traces
 | project timestamp, rule = tostring(d.rule), peer = tostring(d.peer), vm = tostring(d.vm), capture_id = tostring(d.capture_id), message
 '''
 
-// A capture recorded failed for good logs "nwcap.capture" with status failed. A transient failure
-// (storage outage, a 403 while roles propagate) logs no capture record: it raises, and the
-// reconciler retries it; a reconcile run that could not bring a capture to an end counts it in
-// `failed`, and one that found runs dead in `processing` counts them in `stuck`.
+// The state of the captures as the last reconcile runs found it (their status_* counts cover
+// every capture blob of the lookback window): captures failed for good, runs that died
+// (stuck), a poison queue the app could not read, or transient failures that every run of the
+// window still counted. A transient failure the next run clears (a storage blip, a 403 while
+// roles propagate) pages nobody; one that lasts the window does.
 var capturesFailedOrStuckQuery = '''
 traces
-| where message startswith "nwcap.capture {" or message startswith "nwcap.reconcile {"
-| extend event = tostring(split(message, " ")[0]), d = parse_json(substring(message, indexof(message, "{")))
-| where (event == "nwcap.capture" and tostring(d.status) == "failed")
-    or (event == "nwcap.reconcile" and (toint(d.stuck) > 0 or toint(d.failed) > 0))
-| project timestamp, event, status = tostring(d.status), stuck = toint(d.stuck), failed = toint(d.failed), vm = tostring(d.vm), capture_id = tostring(d.capture_id), message
+| where message startswith "nwcap.reconcile {"
+| extend d = parse_json(substring(message, strlen("nwcap.reconcile ")))
+| summarize runs = count(),
+    failed = countif(toint(d.status_failed) > 0),
+    stuck = countif(toint(d.stuck) > 0),
+    poison_unreadable = countif(isnotempty(tostring(d.poison_error))),
+    transient = countif(toint(d.status_failed_transient) > 0)
+| where failed > 0 or stuck > 0 or poison_unreadable > 0 or (runs >= 2 and transient == runs)
 '''
 
 // A row only when no reconcile run logged anything in the window. `summarize count()` without
@@ -86,36 +96,61 @@ traces
 | where n == 0
 '''
 
+// Each capture record says which record walk ran: "compiled" (native/ built by the remote
+// build) or "python" (the fallback, several times slower, same results: the build found no
+// compiler, or NWCAP_PURE_PYTHON is set).
+var pythonWalkQuery = '''
+traces
+| where message startswith "nwcap.capture {"
+| extend d = parse_json(substring(message, strlen("nwcap.capture ")))
+| where tostring(d.record_walk) == "python"
+| project timestamp, capture_id = tostring(d.capture_id), blob = tostring(d.blob)
+'''
+
+// autoMitigate false: stateless, each evaluation that finds records fires, so the query must
+// look back exactly one evaluation period or a record would fire once per overlapping window.
+// autoMitigate true: stateful, fires once when the condition starts to hold and is resolved by
+// Azure Monitor once it has not held for three evaluation periods (frequencies of 5 to 15
+// minutes) or two (over 15 minutes).
 var rules = [
   {
     name: '${namePrefix}-high-severity-alert'
     displayName: 'nwcap: high-severity alert in a packet capture'
-    description: 'A capture produced at least one high-severity alert (e.g. traffic to a storage account outside the policy). The alerts table and the nwcap-alerts queue hold the details.'
+    description: 'A capture produced at least one high-severity alert (e.g. traffic to a storage account outside the policy). One notification per evaluation period that has any; the alerts table and the nwcap-alerts queue hold the details.'
     severity: 1
     query: highSeverityQuery
-    evaluationFrequency: evaluationFrequency
-    windowSize: windowSize
+    evaluationFrequency: eventEvaluationFrequency
+    windowSize: eventEvaluationFrequency
     autoMitigate: false
   }
   {
     name: '${namePrefix}-capture-failed-or-stuck'
-    displayName: 'nwcap: capture failed or stuck'
-    description: 'A capture was recorded failed, or a reconcile run could not process a capture (failed, including transient errors it will retry) or found runs that died in processing (stuck). Run nwcap status, then nwcap reconcile, and read the failure detail in the captures table.'
+    displayName: 'nwcap: captures failed or stuck'
+    description: 'The last reconcile runs found captures failed for good, runs that died in processing (stuck), a poison queue they could not read, or transient failures that lasted the whole window. Fires once; resolved by itself once the runs find none (a capture failed for good counts until it leaves RECONCILE_LOOKBACK or is processed again). Run nwcap status for the captures and their failure detail, then nwcap reconcile.'
     severity: 2
     query: capturesFailedOrStuckQuery
-    evaluationFrequency: evaluationFrequency
-    windowSize: windowSize
-    autoMitigate: false
+    evaluationFrequency: reconcileEvaluationFrequency
+    windowSize: reconcileWindowSize
+    autoMitigate: true
   }
   {
     name: '${namePrefix}-reconciler-silent'
     displayName: 'nwcap: the reconciler stopped running'
-    description: 'No reconcile run logged nwcap.reconcile in the window: captures whose event was lost, failed or stuck are no longer recovered. Check that the function app is running and read the errors of reconcile_captures in Application Insights; run nwcap reconcile from your machine meanwhile.'
+    description: 'No reconcile run logged nwcap.reconcile in the window: captures whose event was lost, failed or stuck are no longer recovered. Check that the function app is running and read the errors of reconcile_captures in Application Insights; run nwcap reconcile from your machine meanwhile. Resolved by itself once runs are logged again.'
     severity: 1
     query: reconcilerSilentQuery
-    evaluationFrequency: reconcileSilenceEvaluationFrequency
-    windowSize: reconcileSilenceWindowSize
-    // A condition, not an event: resolved by itself once runs are logged again.
+    evaluationFrequency: reconcileEvaluationFrequency
+    windowSize: reconcileWindowSize
+    autoMitigate: true
+  }
+  {
+    name: '${namePrefix}-python-record-walk'
+    displayName: 'nwcap: captures processed without the compiled record walk'
+    description: 'Captures were processed by the Python fallback of the record walk: the remote build did not compile native/ (no C compiler in the build image) or NWCAP_PURE_PYTHON is set. Results are the same, several times slower. See "The compiled record walk" in docs/deploy.md. Resolved by itself once captures run the compiled walk again.'
+    severity: 3
+    query: pythonWalkQuery
+    evaluationFrequency: walkEvaluationFrequency
+    windowSize: walkWindowSize
     autoMitigate: true
   }
 ]
@@ -149,7 +184,6 @@ resource queryRules 'Microsoft.Insights/scheduledQueryRules@2022-06-15' = [for r
         }
       ]
     }
-    // An alert or a failed capture is a new event to look at each time: nothing resolves it.
     autoMitigate: rule.autoMitigate
     actions: {
       actionGroups: actionGroups
