@@ -41,6 +41,7 @@ from analyzer.store.results import TableResultsStore
 from analyzer.web.api import BadRequest, parse_limit
 from nwcap_testing import synth
 from tests.conftest import network_watcher_path, udp_capture
+from tests.dying_runs import DyingStore, Killed
 
 ROOT = Path(__file__).resolve().parents[1]
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
@@ -454,20 +455,6 @@ class TestCapsCrossed:
 
         assert names.http_host(request(8 * KIB)) == "edge.example"
         assert names.http_host(request(8 * KIB + 1)) is None
-
-
-class Killed(BaseException):
-    """A run's death after its claim: no ``except Exception`` catches it, as after a SIGKILL."""
-
-
-class DyingStore(TableResultsStore):
-    """The real store on Azurite, except that the run dies once it has claimed the row."""
-
-    def __init__(self, base: TableResultsStore) -> None:
-        super().__init__(base.service, prefix=base.names["captures"][: -len("captures")])
-
-    def learn_baseline(self, *args: Any, **kwargs: Any) -> frozenset[str]:
-        raise Killed
 
 
 class TestAttemptsCrossed:
