@@ -57,6 +57,7 @@ from analyzer.store.connections import (
 from analyzer.store.results import TableResultsStore
 from analyzer.web import api
 from analyzer.web.blueprint import web_blueprint
+from analyzer.web.pages import JSON_CSP, SECURITY_HEADERS
 
 log = logging.getLogger("nwcap")
 
@@ -345,6 +346,7 @@ def _json(status: int, body: object) -> func.HttpResponse:
     return func.HttpResponse(
         json.dumps(body, default=str),
         status_code=status,
+        headers={**SECURITY_HEADERS, "Content-Security-Policy": JSON_CSP},
         mimetype="application/json",
         charset="utf-8",
     )
