@@ -4,7 +4,10 @@
 A policy is a small YAML (or JSON) document; every field is optional and the empty policy is
 :meth:`Policy.default`. Validation is strict: an unknown key, a wrong type or a bad CIDR raises
 :class:`analyzer.base.errors.PolicyError` whose message starts with the path of the offending field,
-e.g. ``allow[2].cidr: '10.0.0.0/33' is not a valid CIDR``. See docs/policy.md.
+e.g. ``allow[2].cidr: '10.0.0.0/33' is not a valid CIDR``; :func:`load_policy` adds the file, line
+and column (``policy.yaml:7:11: allow[2].cidr: ...``). A policy may hold ``scopes``, sections
+for some VMs only (:mod:`analyzer.judge.policy_scope`); :meth:`Policy.for_machine` gives the
+policy of one machine. See docs/policy.md.
 """
 
 from __future__ import annotations
@@ -13,12 +16,20 @@ import ipaddress
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal, cast
 
 from analyzer.base.errors import PolicyError
 from analyzer.base.models import SEVERITY_ORDER, Severity
+from analyzer.judge.policy_scope import (
+    Machine,
+    ScopeSection,
+    applicable,
+    kind_of,
+    merge_documents,
+    parse_sections,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Protocol = Literal["tcp", "udp", "icmp"]
@@ -49,6 +60,17 @@ DEFAULT_SEVERITIES: Mapping[str, Severity] = MappingProxyType(
     }
 )
 RULE_IDS: tuple[str, ...] = tuple(DEFAULT_SEVERITIES)
+# The baseline's rule (analyzer.pipeline.baseline): configured like the others, raised after
+# classification. "low" for a peer nothing expects; an expected peer's is "info".
+NEW_PEER = "new-peer"
+NEW_PEER_SEVERITY: Severity = "low"
+CONFIGURABLE_RULES: tuple[str, ...] = (*RULE_IDS, NEW_PEER)
+# catalogue: the Azure catalogue and the policy expect peers; allow-list: only the policy and
+# the Azure platform itself (analyzer.judge.allowlist) do.
+CATALOGUE_MODE = "catalogue"
+ALLOW_LIST_MODE = "allow-list"
+MODES: tuple[str, ...] = (CATALOGUE_MODE, ALLOW_LIST_MODE)
+MAX_LEARNING_DAYS = 3650
 DEFAULT_SCAN_PORT_THRESHOLD = 10
 # A listed network this small is protected from peer folding outright (see address_priority).
 SMALL_NETWORK = 256
@@ -64,6 +86,9 @@ _TOP_KEYS = (
     "severity",
     "rules",
     "scan_port_threshold",
+    "mode",
+    "new_peer_learning_days",
+    "scopes",
 )
 _RULE_KEYS = ("name", "comment", "cidr", "fqdn", "service_tag", "protocol", "port", "direction")
 _MATCH_KEYS = ("cidr", "fqdn", "service_tag", "protocol", "port")
@@ -146,6 +171,15 @@ class Policy:
     rules: Mapping[str, bool] = field(default_factory=lambda: MappingProxyType({}))
     scan_port_threshold: int = DEFAULT_SCAN_PORT_THRESHOLD
     description: str = ""
+    mode: str = CATALOGUE_MODE
+    new_peer_learning_days: int = 0
+    scopes: tuple[ScopeSection, ...] = ()
+    # the validated document without scopes (what sections merge into), and for a machine's
+    # policy the names of the sections merged in, least specific first
+    document: Mapping[str, Any] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False, repr=False
+    )
+    applied_scopes: tuple[str, ...] = field(default=(), compare=False)
 
     def __hash__(self) -> int:
         return hash(self.version)
@@ -159,7 +193,39 @@ class Policy:
     def from_mapping(cls, data: Mapping[str, Any]) -> Policy:
         """Validate a parsed policy document; raise :class:`PolicyError` naming the bad field."""
         if not isinstance(data, Mapping):
-            raise PolicyError(f"policy: expected a mapping at the top level, got {_kind(data)}")
+            raise PolicyError(f"policy: expected a mapping at the top level, got {kind_of(data)}")
+        _reject_unknown_keys("policy", data, _TOP_KEYS)
+        base = {key: value for key, value in data.items() if key != "scopes"}
+        policy = cls._from_fields(base)
+        scopes = parse_sections(data.get("scopes"), _section_fields)
+        document = MappingProxyType(_named_rules(base, ""))
+        return replace(policy, scopes=scopes, document=document)
+
+    def for_machine(self, machine: Machine | None) -> Policy:
+        """The policy of one machine: the base with the sections matching it merged in (see
+        :mod:`analyzer.judge.policy_scope`); the base alone for ``None`` (no VM identity)."""
+        sections = applicable(self.scopes, machine)
+        if not sections:
+            return replace(self, scopes=())
+        merged = merge_documents(self.document, sections)
+        policy = Policy._from_fields(merged)
+        return replace(
+            policy,
+            document=MappingProxyType(merged),
+            applied_scopes=tuple(section.name for section in sections),
+        )
+
+    def scopes_for(self, machine: Machine | None) -> tuple[ScopeSection, ...]:
+        """The sections that apply to ``machine``, least specific first."""
+        return tuple(applicable(self.scopes, machine))
+
+    @property
+    def allow_list(self) -> bool:
+        """Whether only the policy (and the Azure platform) may make a peer expected."""
+        return self.mode == ALLOW_LIST_MODE
+
+    @classmethod
+    def _from_fields(cls, data: Mapping[str, Any]) -> Policy:
         _reject_unknown_keys("policy", data, _TOP_KEYS)
         severity = _mapping(data, "severity")
         rules = _mapping(data, "rules")
@@ -181,7 +247,20 @@ class Policy:
             )
         description = data.get("description", "")
         if not isinstance(description, str):
-            raise PolicyError(f"description: expected a string, got {_kind(description)}")
+            raise PolicyError(f"description: expected a string, got {kind_of(description)}")
+        mode = data.get("mode", CATALOGUE_MODE)
+        if mode not in MODES:
+            raise PolicyError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+        learning = data.get("new_peer_learning_days", 0)
+        if (
+            isinstance(learning, bool)
+            or not isinstance(learning, int)
+            or not 0 <= learning <= MAX_LEARNING_DAYS
+        ):
+            raise PolicyError(
+                f"new_peer_learning_days: expected a number of days from 0 to "
+                f"{MAX_LEARNING_DAYS}, got {learning!r}"
+            )
         return cls(
             vnet_ranges=_networks(data, "vnet_ranges"),
             admin_sources=_networks(data, "admin_sources"),
@@ -193,6 +272,8 @@ class Policy:
             rules=MappingProxyType(dict(rules)),
             scan_port_threshold=threshold,
             description=description,
+            mode=mode,
+            new_peer_learning_days=learning,
         )
 
     @property
@@ -208,6 +289,8 @@ class Policy:
 
     def severity_of(self, rule: str) -> Severity:
         """The severity of ``rule``: the policy's override, else the default."""
+        if rule == NEW_PEER:
+            return self.severity.get(rule, NEW_PEER_SEVERITY)
         return self.severity.get(rule, DEFAULT_SEVERITIES[rule])
 
     def enabled(self, rule: str) -> bool:
@@ -250,7 +333,24 @@ class Policy:
         return priority
 
     def _canonical(self) -> dict[str, Any]:
-        # The description is documentation, so it does not change the version.
+        # The description is documentation, so it does not change the version; the keys added
+        # since versions were first recorded count only when set, so older versions stand.
+        content = self._base_canonical()
+        if self.mode != CATALOGUE_MODE:
+            content["mode"] = self.mode
+        if self.new_peer_learning_days:
+            content["new_peer_learning_days"] = self.new_peer_learning_days
+        if self.scopes:
+            content["scopes"] = [
+                {
+                    **section.to_dict(),
+                    "fields": Policy._from_fields(section.document)._canonical(),
+                }
+                for section in self.scopes
+            ]
+        return content
+
+    def _base_canonical(self) -> dict[str, Any]:
         return {
             "vnet_ranges": [str(n) for n in self.vnet_ranges],
             "admin_sources": [str(n) for n in self.admin_sources],
@@ -264,25 +364,55 @@ class Policy:
         }
 
 
-def load_policy(text: str | bytes) -> Policy:
-    """Parse and validate a YAML (or JSON) policy; an empty document is the default policy."""
-    import yaml  # noqa: PLC0415 - only a policy file needs it; `nwcap analyze` starts faster
+def load_policy(text: str | bytes, *, source: str | None = None) -> Policy:
+    """Parse and validate a YAML (or JSON) policy; an empty document is the default policy.
 
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise PolicyError(f"policy: not valid YAML: {error}") from None
+    A :class:`PolicyError` says where the problem is: ``{source}:{line}:{column}: {message}``
+    with a ``source`` (the file or blob; a URL's query is left out), else the message followed
+    by ``(line L, column C)``.
+    """
+    from analyzer.judge.policy_lines import parse_located  # noqa: PLC0415 - imports yaml
+
+    data, locate = parse_located(text, source)
     if data is None:
         return Policy.default()
-    return Policy.from_mapping(data)
+    try:
+        return Policy.from_mapping(data)
+    except PolicyError as error:
+        raise PolicyError(locate(str(error))) from None
 
 
-def _kind(value: object) -> str:
-    if value is None:
-        return "nothing"
-    return {"dict": "a mapping", "list": "a list", "str": "a string"}.get(
-        type(value).__name__, type(value).__name__
-    )
+def _section_fields(fields: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """A scope section's policy fields, validated like a policy's (the error's path starting
+    with ``where``), with its rules named after their place (``scopes[0].allow[1]``)."""
+    for key in ("scopes", "description"):
+        if key in fields:
+            raise PolicyError(f"{where}: {key!r} is only allowed at the top level")
+    try:
+        Policy._from_fields(fields)
+    except PolicyError as error:
+        message = str(error)
+        head, _, rest = message.partition(": ")
+        raise PolicyError(
+            f"{where}: {rest}" if head == "policy" else f"{where}.{message}"
+        ) from None
+    return MappingProxyType(_named_rules(fields, f"{where}."))
+
+
+def _named_rules(fields: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``fields`` with each allow and deny rule given its default name (``allow[2]``), so that
+    a rule keeps the name of its place in the file once sections are merged."""
+    named = dict(fields)
+    for key in ("allow", "deny"):
+        entries = named.get(key)
+        if isinstance(entries, list):
+            named[key] = [
+                {**entry, "name": f"{prefix}{key}[{index}]"}
+                if isinstance(entry, Mapping) and entry.get("name") is None
+                else entry
+                for index, entry in enumerate(entries)
+            ]
+    return named
 
 
 def _reject_unknown_keys(where: str, data: Mapping[Any, Any], known: tuple[str, ...]) -> None:
@@ -294,9 +424,9 @@ def _reject_unknown_keys(where: str, data: Mapping[Any, Any], known: tuple[str, 
 
 
 def _known_rule_id(where: str, key: object) -> None:
-    if key not in RULE_IDS:
+    if key not in CONFIGURABLE_RULES:
         raise PolicyError(
-            f"{where}.{key}: unknown rule id (expected one of: {', '.join(RULE_IDS)})"
+            f"{where}.{key}: unknown rule id (expected one of: {', '.join(CONFIGURABLE_RULES)})"
         )
 
 
@@ -305,7 +435,7 @@ def _mapping(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise PolicyError(f"{key}: expected a mapping, got {_kind(value)}")
+        raise PolicyError(f"{key}: expected a mapping, got {kind_of(value)}")
     return value
 
 
@@ -314,14 +444,14 @@ def _list(data: Mapping[str, Any], key: str) -> list[Any]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise PolicyError(f"{key}: expected a list, got {_kind(value)}")
+        raise PolicyError(f"{key}: expected a list, got {kind_of(value)}")
     return value
 
 
 def parse_network(where: str, value: object) -> IPNetwork:
     """Parse a CIDR or a bare address (a /32 or /128); a :class:`PolicyError` names ``where``."""
     if not isinstance(value, str):
-        raise PolicyError(f"{where}: expected a CIDR string, got {_kind(value)}")
+        raise PolicyError(f"{where}: expected a CIDR string, got {kind_of(value)}")
     try:
         return ipaddress.ip_network(value.strip(), strict=True)
     except ValueError:
@@ -343,7 +473,7 @@ def _storage_accounts(data: Mapping[str, Any]) -> tuple[str, ...]:
     for index, value in enumerate(_list(data, "expected_storage_accounts")):
         where = f"expected_storage_accounts[{index}]"
         if not isinstance(value, str):
-            raise PolicyError(f"{where}: expected an account name, got {_kind(value)}")
+            raise PolicyError(f"{where}: expected an account name, got {kind_of(value)}")
         name = value.strip().lower()
         if not _STORAGE_ACCOUNT.match(name):
             raise PolicyError(
@@ -372,7 +502,7 @@ def _optional_string(where: str, entry: Mapping[str, Any], key: str) -> str | No
 
 def _rule(where: str, entry: object, fallback_name: str, *, is_allow: bool) -> PolicyRule:
     if not isinstance(entry, Mapping):
-        raise PolicyError(f"{where}: expected a mapping, got {_kind(entry)}")
+        raise PolicyError(f"{where}: expected a mapping, got {kind_of(entry)}")
     _reject_unknown_keys(where, entry, _RULE_KEYS)
     if not any(entry.get(key) is not None for key in _MATCH_KEYS):
         raise PolicyError(f"{where}: a rule needs at least one of: {', '.join(_MATCH_KEYS)}")

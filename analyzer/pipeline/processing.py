@@ -55,7 +55,8 @@ from analyzer.judge.analysis import analyze
 from analyzer.judge.livedns import LiveDns, LiveDnsSettings, NameLookup
 from analyzer.judge.policy import Policy
 from analyzer.judge.servicetags import ServiceTags
-from analyzer.pipeline.baseline import baseline_alerts, new_peer_keys
+from analyzer.pipeline.baseline import capture_alerts, new_peer_keys
+from analyzer.pipeline.capture_policy import capture_policy
 from analyzer.store.blobpath import (
     UNKNOWN_VM,
     CaptureLocation,
@@ -377,6 +378,7 @@ def _run(
     baseline_max_age: float,
 ) -> Outcome:
     name = claimed.location.path
+    policy = capture_policy(policy, claimed.location)  # the base with the VM's scopes
     if claimed.attempts > MAX_ATTEMPTS:
         raise GaveUpError(
             f"gave up after {claimed.attempts - 1} runs at this ETag that died before finishing"
@@ -410,6 +412,7 @@ def _run(
         started=started,
         max_age=baseline_max_age,
         max_alerts_per_rule=(budget or Budget()).max_alerts_per_rule,
+        policy=policy,
     )
 
 
@@ -487,6 +490,7 @@ def _store_analysis(
     started: float,
     max_age: float,
     max_alerts_per_rule: int,
+    policy: Policy,
 ) -> Outcome:
     info = analysis.capture
     location = claimed.location
@@ -535,8 +539,10 @@ def _store_analysis(
         if learned_before
         else frozenset()
     )
-    alerts = analysis.alerts + baseline_alerts(
-        location, peers, new_peers, max_alerts=max_alerts_per_rule
+    alerts = capture_alerts(
+        analysis.alerts, location, peers, new_peers, policy=policy,
+        first_capture_time=marker.capture_time if marker is not None else None,
+        capture_time=capture_time, max_alerts=max_alerts_per_rule,
     )
     counts = dict.fromkeys(SEVERITY_ORDER, 0)
     for alert in alerts:

@@ -107,7 +107,10 @@ class ReferenceFile(Generic[T]):
 def policy_file(
     location: str, blob_service: Callable[[], BlobServiceClient] | None = None
 ) -> ReferenceFile[Policy]:
-    return ReferenceFile(location, load_policy, blob_service=blob_service)
+    """The policy at ``location``; its errors name the location, line and column."""
+    return ReferenceFile(
+        location, lambda data: load_policy(data, source=location), blob_service=blob_service
+    )
 
 
 def service_tags_file(
