@@ -9,16 +9,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_classify import claimed_dns_name, dns_name, fresh_vm_peers, outbound_tcp, run
 
 from analyzer.base.errors import NwcapError, PolicyError
+from analyzer.base.models import Peer
 from analyzer.judge.policy import (
+    CONFIGURABLE_RULES,
     DEFAULT_SCAN_PORT_THRESHOLD,
     DEFAULT_SEVERITIES,
+    NEW_PEER,
     RULE_IDS,
     Policy,
     PolicyRule,
     load_policy,
 )
+from analyzer.pipeline.baseline import baseline_alerts
+from analyzer.store.blobpath import CaptureLocation
+from analyzer.store.results import ip_key
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "policy.yaml"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "policy.md"
@@ -229,3 +236,105 @@ class TestPolicyRule:
             "name *.example, tcp/udp ports 8000-8100",
             "service tag AppService, icmp",
         ]
+
+
+class TestNewPeerRule:
+    """new-peer is configured like every rule: severity, off, and a quiet learning period."""
+
+    PEERS = (
+        Peer("20.0.0.1", ("10.0.0.4",), 1, 1, 100, 100, 0.0, 1.0, expected=True),
+        Peer("20.0.0.2", ("10.0.0.4",), 1, 1, 100, 100, 0.0, 1.0, expected=False),
+    )
+    LOCATION = CaptureLocation("c", "x.cap", "custom", "vm-a")
+    NEW = frozenset(ip_key(p.address) for p in PEERS)
+
+    def alerts(self, document: str, **kw: Any) -> list[tuple[str, str]]:
+        policy = load_policy(document)
+        found = baseline_alerts(self.LOCATION, self.PEERS, self.NEW, policy=policy, **kw)
+        return [(a.peer, a.severity) for a in found]
+
+    def test_rule_id_is_known(self) -> None:
+        assert NEW_PEER in CONFIGURABLE_RULES and NEW_PEER not in RULE_IDS
+        assert Policy.default().severity_of(NEW_PEER) == "low"
+
+    def test_severity_of_unexpected_peers(self) -> None:
+        assert self.alerts("severity: {new-peer: high}") == [
+            ("20.0.0.1", "info"),  # an expected peer's first appearance stays information
+            ("20.0.0.2", "high"),
+        ]
+
+    def test_off(self) -> None:
+        assert self.alerts("rules: {new-peer: false}") == []
+
+    def test_learning_period(self) -> None:
+        day = 86_400.0
+        quiet = {"first_capture_time": 0.0, "capture_time": 6.9 * day}
+        assert self.alerts("new_peer_learning_days: 7", **quiet) == []
+        after = {"first_capture_time": 0.0, "capture_time": 7 * day}
+        assert len(self.alerts("new_peer_learning_days: 7", **after)) == 2
+        assert len(self.alerts("new_peer_learning_days: 0", **quiet)) == 2
+
+    @pytest.mark.parametrize("value", [-1, 3651, "7", True, 1.5])
+    def test_learning_days_are_checked(self, value: object) -> None:
+        with pytest.raises(PolicyError, match=r"^new_peer_learning_days: expected a number"):
+            Policy.from_mapping({"new_peer_learning_days": value})
+
+
+UBUNTU = "91.189.91.83"
+STORAGE = "20.60.1.1"
+
+
+def _verdicts(policy: Policy, *peers: Peer) -> dict[str, tuple[bool, list[str]]]:
+    classified, alerts = run(*peers, policy=policy)
+    return {
+        p.address: (p.expected, sorted(a.rule for a in alerts if a.peer == p.address))
+        for p in classified
+    }
+
+
+class TestAllowListMode:
+    """mode: allow-list expects only what the policy allows, and the Azure platform."""
+
+    def mirror(self) -> Peer:
+        return outbound_tcp(UBUNTU, 80, names=[dns_name("archive.ubuntu.com")])
+
+    def storage(self, account: str, *, verified: bool = True) -> Peer:
+        name = f"{account}.blob.core.windows.net"
+        return outbound_tcp(
+            STORAGE, 443, names=[dns_name(name) if verified else claimed_dns_name(name)]
+        )
+
+    def test_platform_stays_expected(self) -> None:
+        policy = load_policy("mode: allow-list")
+        assert policy.allow_list
+        peers, alerts = run(*fresh_vm_peers(), policy=policy)
+        assert alerts == ()
+        assert all(p.expected for p in peers)
+
+    def test_catalogue_entries_need_an_allow_rule(self) -> None:
+        catalogue = _verdicts(Policy.default(), self.mirror())
+        assert catalogue[UBUNTU] == (True, [])
+        allow_list = _verdicts(load_policy("mode: allow-list"), self.mirror())
+        assert allow_list[UBUNTU] == (False, ["unexpected-endpoint"])
+        allowed = load_policy(
+            "mode: allow-list\nallow: [{fqdn: '*.ubuntu.com', protocol: tcp, port: 80}]"
+        )
+        assert _verdicts(allowed, self.mirror())[UBUNTU] == (True, [])
+
+    def test_own_storage_by_a_verified_name(self) -> None:
+        policy = load_policy("mode: allow-list\nexpected_storage_accounts: [webassets]")
+        assert _verdicts(policy, self.storage("webassets"))[STORAGE] == (True, [])
+        assert _verdicts(policy, self.storage("exfil"))[STORAGE] == (
+            False,
+            ["foreign-storage-account"],
+        )
+        claimed = _verdicts(policy, self.storage("webassets", verified=False))
+        assert claimed[STORAGE] == (False, ["unverified-name"])
+
+    def test_storage_without_accounts_is_not_allowed(self) -> None:
+        verdicts = _verdicts(load_policy("mode: allow-list"), self.storage("webassets"))
+        assert verdicts[STORAGE] == (False, ["unexpected-endpoint"])
+
+    def test_mode_is_checked(self) -> None:
+        with pytest.raises(PolicyError, match=r"^mode: expected one of catalogue, allow-list"):
+            Policy.from_mapping({"mode": "strict"})

@@ -236,3 +236,35 @@ class TestThroughTheTrigger:
         }
         assert all(p["expected"] for p in peers.values())
         assert "allowed by policy rule 'scopes[0].allow[0]'" in peers["20.0.0.1"]["reason"]
+
+
+class TestLearningPeriodThroughTheTrigger:
+    """In a VM's quiet learning period its new peers are recorded, but raise no alert."""
+
+    def test_new_peers_without_alerts(
+        self,
+        storage_env: Mapping[str, str],
+        captures_container: ContainerClient,
+        results_store: TableResultsStore,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        container = captures_container.container_name
+        captures_container.upload_blob(
+            "config/policy.yaml",
+            b"scopes:\n  - match: {vm: vm-new}\n    new_peer_learning_days: 7\n",
+        )
+        monkeypatch.setenv("NWCAP_POLICY", f"{container}/config/policy.yaml")
+        seen: dict[str, list[str]] = {}
+        for vm in ("vm-new", "vm-old"):
+            first = network_watcher_path(vm, minute=1)
+            second = network_watcher_path(vm, minute=2)  # a new peer, a minute later
+            captures_container.upload_blob(first, udp_capture({"20.0.0.1": (1, 1)}))
+            captures_container.upload_blob(second, udp_capture({"20.0.0.1": (1, 1), **PEERS}))
+            for name in (first, second):
+                handler("process_capture")(trigger_blob(container, name))
+            capture_id = capture_id_for(parse_capture_path(container, second))
+            rows = results_store.iter_capture_peers(capture_id)
+            assert sorted(p["address"] for p in rows if p["new_peer"]) == ["20.0.0.2"]
+            alerts = results_store.iter_capture_alerts(capture_id)
+            seen[vm] = [a["peer"] for a in alerts if a["rule"] == "new-peer"]
+        assert seen == {"vm-new": [], "vm-old": ["20.0.0.2"]}

@@ -21,6 +21,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 from analyzer.base.models import SEVERITY_ORDER, Alert, Peer, Summary, iso_time
+from analyzer.judge.allowlist import catalogue_for
 from analyzer.judge.catalog import (
     Catalog,
     Entry,
@@ -93,7 +94,7 @@ def classify(
     ``max_alerts_per_rule``, a rule raising more alerts keeps that many (highest severity
     first) and one more, for peer ``*``, that counts the others and samples their addresses.
     """
-    catalog = catalog or Catalog.load_default()
+    catalog = catalogue_for(policy, catalog)  # allow-list mode: the Azure platform only
     if service_tags is None and any(rule.service_tag for rule in (*policy.allow, *policy.deny)):
         logger.warning("policy rules name service tags but no service-tag file was given")
     peers: list[Peer] = []
