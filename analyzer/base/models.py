@@ -132,7 +132,8 @@ class Conversation:
 class TransportConversation:
     """One TCP or UDP conversation (a 5-tuple, both directions), from the VM's point of view:
     ``*_out`` is what ``local_address`` sent, ``*_in`` what it received. When neither address
-    is the VM's, ``local_address`` is the lower of the two."""
+    is the VM's, ``local_address`` is the lower of the two. ``established``: for TCP, whether
+    ACKs went both ways (a session was open, not just attempted); None for UDP."""
 
     protocol: str
     local_address: str
@@ -145,6 +146,7 @@ class TransportConversation:
     packets_in: int
     bytes_out: int
     bytes_in: int
+    established: bool | None = None
 
     # the order of :meth:`to_row`, a compact form that fits 200 of them in one table property
     ROW_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -159,6 +161,7 @@ class TransportConversation:
         "packets_in",
         "bytes_out",
         "bytes_in",
+        "established",
     )
 
     @property
@@ -192,6 +195,7 @@ class TransportConversation:
             "packets_in": self.packets_in,
             "bytes_out": self.bytes_out,
             "bytes_in": self.bytes_in,
+            "established": self.established,
             "display_filter": self.display_filter,
         }
 
@@ -209,6 +213,7 @@ class TransportConversation:
             self.packets_in,
             self.bytes_out,
             self.bytes_in,
+            self.established,
         ]
 
     @classmethod
@@ -229,6 +234,7 @@ class TransportConversation:
                 packets_in=int(row[8]),
                 bytes_out=int(row[9]),
                 bytes_in=int(row[10]),
+                established=None if row[11] is None else bool(row[11]),
             )
         except (TypeError, ValueError):
             return None
@@ -311,6 +317,8 @@ class Peer:
     ``unverified_names``) are filled in by :mod:`analyzer.judge.classify`: ``name_basis`` says
     how the names the verdict relied on were established (``dns-exchange``, ``live-dns``,
     ``service-tag``; ``claimed`` when only claims name the peer; empty without names).
+    ``queried_names`` are the names DNS queries to the peer asked (the first 32; queries for
+    other names are counted in ``queries_for_other_names``): what a resolver was asked.
     ``activity`` is the bytes both ways per bucket of the capture's activity histogram (see
     :class:`CaptureInfo`). ``exchanged``: the VM had an exchange with the peer that one spoofed
     packet cannot give (TCP ACKs both ways, a UDP answer, or the VM's own connection answered);
@@ -337,6 +345,8 @@ class Peer:
     tcp: TcpCounts = field(default_factory=TcpCounts)
     icmp_types: dict[str, int] = field(default_factory=dict)
     names: tuple[PeerName, ...] = ()
+    queried_names: tuple[str, ...] = ()
+    queries_for_other_names: int = 0
     category: str = "unclassified"
     expected: bool | None = None
     reason: str = ""
@@ -377,6 +387,8 @@ class Peer:
             "tcp": self.tcp.to_dict(),
             "icmp_types": dict(self.icmp_types),
             "names": [n.to_dict() for n in self.names],
+            "queried_names": list(self.queried_names),
+            "queries_for_other_names": self.queries_for_other_names,
             "category": self.category,
             "expected": self.expected,
             "reason": self.reason,
@@ -520,6 +532,8 @@ class Summary:
     peers: tuple[Peer, ...]
     folded: tuple[FoldedGroup, ...] = ()
     busiest_conversations: tuple[TransportConversation, ...] = ()
+    # conversations on remote administration ports (SSH, RDP, WinRM), whatever their bytes
+    watched_conversations: tuple[TransportConversation, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

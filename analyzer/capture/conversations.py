@@ -21,14 +21,20 @@ from collections.abc import Iterable
 from operator import itemgetter
 
 from analyzer.base.models import TransportConversation
-from analyzer.capture.pairs import BYTES, FFRAC, FSEC, LFRAC, LSEC, PKTS
+from analyzer.capture.pairs import ACK, BYTES, FFRAC, FLAGS, FSEC, LFRAC, LSEC, PKTS
 
 CONVERSATIONS_KEPT = 200
 CONVERSATIONS_TRACKED = 2_000
+# TCP ports whose conversations are kept whatever their bytes, at most WATCHED_KEPT of them:
+# remote administration (SSH, RDP, WinRM), whose sessions an alert describes.
+WATCHED_TCP_PORTS = frozenset({22, 3389, 5985, 5986})
+WATCHED_KEPT = 256
+_WATCHED_PORT_BYTES = frozenset(port.to_bytes(2, "big") for port in WATCHED_TCP_PORTS)
 
 # A tracked conversation: packets a->b, packets b->a, bytes a->b, bytes b->a, first, last
-# (seconds); side a is the source of the lower of the two directional flow keys.
+# (seconds), TCP flags seen a->b, b->a; side a is the source of the lower directional flow key.
 _Tracked = list[float]
+_Table = dict[tuple[str, bytes], _Tracked]
 
 
 def _reverse(key: bytes) -> bytes:
@@ -38,11 +44,13 @@ def _reverse(key: bytes) -> bytes:
 
 
 class ConversationTracker:
-    """The candidates for the busiest conversations, carried from one fold to the next."""
+    """The candidates for the busiest conversations, carried from one fold to the next, and
+    the conversations on :data:`WATCHED_TCP_PORTS`."""
 
     def __init__(self) -> None:
         # key: the protocol name and the lower of the two directional flow keys
-        self.tracked: dict[tuple[str, bytes], _Tracked] = {}
+        self.tracked: _Table = {}
+        self.watched: _Table = {}
         self.batches: dict[str, int] = {}
 
     @property
@@ -54,34 +62,27 @@ class ConversationTracker:
         if not table:
             return
         self.batches[protocol] = self.batches.get(protocol, 0) + 1
-        tracked = self.tracked
         seen: set[bytes] = set()
-        for (proto, key), conversation in tracked.items():
-            if proto != protocol:
-                continue
-            for side, flow_key in ((0, key), (1, _reverse(key))):
-                entry = table.get(flow_key)
-                if entry is not None:
-                    _add(conversation, side, entry, frac_per_second)
-                    seen.add(flow_key)
+        for tracked in (self.tracked, self.watched):
+            for (proto, key), conversation in tracked.items():
+                if proto == protocol:
+                    for side, flow_key in ((0, key), (1, _reverse(key))):
+                        entry = table.get(flow_key)
+                        if entry is not None:
+                            _add(conversation, side, entry, frac_per_second)
+                            seen.add(flow_key)
         top = heapq.nlargest(2 * CONVERSATIONS_KEPT, table.values(), key=itemgetter(BYTES))
         cut = top[-1][BYTES] if len(top) == 2 * CONVERSATIONS_KEPT else 0
         candidates = [k for k, e in table.items() if 2 * e[BYTES] >= cut and k not in seen]
-        for flow_key in candidates:
-            if flow_key in seen:
-                continue
-            reverse = _reverse(flow_key)
-            lower, higher = (flow_key, reverse) if flow_key <= reverse else (reverse, flow_key)
-            conversation = tracked.setdefault(
-                (protocol, lower), [0, 0, 0, 0, float("inf"), float("-inf")]
-            )
-            for side, key in ((0, lower), (1, higher)):
-                entry = table.get(key)
-                if entry is not None and key not in seen:
-                    _add(conversation, side, entry, frac_per_second)
-                    seen.add(key)
-        if len(tracked) > CONVERSATIONS_TRACKED:
-            kept = heapq.nsmallest(CONVERSATIONS_TRACKED, tracked.items(), key=_rank)
+        _track(self.tracked, candidates, table, protocol, frac_per_second, seen)
+        if protocol == "tcp" and len(self.watched) < WATCHED_KEPT:
+            on_watched = [k for k in table if _on_watched_port(k) and k not in seen]
+            room = WATCHED_KEPT - len(self.watched)
+            _track(self.watched, on_watched[: 2 * room], table, protocol, frac_per_second, seen)
+            if len(self.watched) > WATCHED_KEPT:
+                self.watched = dict(heapq.nsmallest(WATCHED_KEPT, self.watched.items(), key=_rank))
+        if len(self.tracked) > CONVERSATIONS_TRACKED:
+            kept = heapq.nsmallest(CONVERSATIONS_TRACKED, self.tracked.items(), key=_rank)
             self.tracked = dict(kept)
 
     def busiest(self, local: Iterable[bytes]) -> tuple[TransportConversation, ...]:
@@ -89,6 +90,47 @@ class ConversationTracker:
         local_set = frozenset(local)
         ranked = heapq.nsmallest(CONVERSATIONS_KEPT, self.tracked.items(), key=_rank)
         return tuple(_conversation(p, k, c, local_set) for (p, k), c in ranked)
+
+    def on_watched_ports(self, local: Iterable[bytes]) -> tuple[TransportConversation, ...]:
+        """The conversations on :data:`WATCHED_TCP_PORTS` (busiest first), seen from the VM;
+        the busiest of them may be among :meth:`busiest` instead."""
+        local_set = frozenset(local)
+        watched = {
+            item: conversation
+            for item, conversation in self.tracked.items()
+            if item[0] == "tcp" and _on_watched_port(item[1])
+        }
+        watched.update(self.watched)
+        ranked = sorted(watched.items(), key=_rank)
+        return tuple(_conversation(p, k, c, local_set) for (p, k), c in ranked)
+
+
+def _track(
+    tracked: _Table,
+    flow_keys: list[bytes],
+    table: dict[bytes, list[int]],
+    protocol: str,
+    frac_per_second: int,
+    seen: set[bytes],
+) -> None:
+    """Track the conversations of ``flow_keys`` (both directions) from ``table``."""
+    for flow_key in flow_keys:
+        if flow_key in seen:
+            continue
+        reverse = _reverse(flow_key)
+        lower, higher = (flow_key, reverse) if flow_key <= reverse else (reverse, flow_key)
+        conversation = tracked.setdefault(
+            (protocol, lower), [0, 0, 0, 0, float("inf"), float("-inf"), 0, 0]
+        )
+        for side, key in ((0, lower), (1, higher)):
+            entry = table.get(key)
+            if entry is not None and key not in seen:
+                _add(conversation, side, entry, frac_per_second)
+                seen.add(key)
+
+
+def _on_watched_port(key: bytes) -> bool:
+    return key[-2:] in _WATCHED_PORT_BYTES or key[-4:-2] in _WATCHED_PORT_BYTES
 
 
 def address_text(address: bytes) -> str:
@@ -103,6 +145,7 @@ def _add(conversation: _Tracked, side: int, entry: list[int], frac_per_second: i
     conversation[2 + side] += entry[BYTES]
     conversation[4] = min(conversation[4], entry[FSEC] + entry[FFRAC] / frac_per_second)
     conversation[5] = max(conversation[5], entry[LSEC] + entry[LFRAC] / frac_per_second)
+    conversation[6 + side] = int(conversation[6 + side]) | entry[FLAGS]
 
 
 def _rank(item: tuple[tuple[str, bytes], _Tracked]) -> tuple[float, str, bytes]:
@@ -132,4 +175,12 @@ def _conversation(
         packets_in=int(c[there]),
         bytes_out=int(c[2 + here]),
         bytes_in=int(c[2 + there]),
+        established=_established(int(c[6 + here]), int(c[6 + there]))
+        if protocol == "tcp"
+        else None,
     )
+
+
+def _established(flags_out: int, flags_in: int) -> bool:
+    """ACKs both ways: a TCP session was open (a refused SYN gets an ACK one way only)."""
+    return bool(flags_out & ACK and flags_in & ACK)

@@ -60,6 +60,9 @@ DNS_ANSWER_WINDOW = 10
 # Exchanges remembered per name, so that one answered to another client cannot hide the VM's.
 MAX_EXCHANGES_PER_NAME = 4
 DNS_PORT_BYTES = b"\x00\x35"
+# Names queried of each DNS server (what an external resolver was asked), and servers kept.
+MAX_QUERIED_NAMES = 32
+MAX_QUERIED_SERVERS = 1024
 # An HTTP request head is parsed up to this many bytes (servers' own limits are 8-16 KiB).
 MAX_HTTP_HEAD = 8 * 1024
 
@@ -329,6 +332,9 @@ class NameCollector:
         self._pending: dict[tuple[bytes, bytes, bytes, str, int], int] = {}
         self._dns_tcp: dict[bytes, bytes] = {}
         self._partials: dict[bytes, _Partial] = {}
+        # server address -> the first MAX_QUERIED_NAMES names queried of it, and how many
+        # distinct others (at most MAX_QUERIED_SERVERS servers; later ones are not kept)
+        self.queried: dict[bytes, tuple[dict[str, None], list[int]]] = {}
 
     def _add(
         self, address: bytes, source: NameSource, chain: Chain, exchange: Exchange | None = None
@@ -414,12 +420,27 @@ class NameCollector:
         if question is None:
             return
         alen = (len(key) - 4) // 2
+        self._note_query(key[alen:-4], question[0])
         # (client + client port, server + server port, transaction id, question)
         pending = (key[:alen] + key[-4:-2], key[alen:-4] + key[-2:], payload[:2], *question)
         self._pending.pop(pending, None)  # a retransmission: the latest time counts
         if len(self._pending) >= MAX_PENDING_QUERIES:
             del self._pending[next(iter(self._pending))]
         self._pending[pending] = sec
+
+    def _note_query(self, server: bytes, name: str) -> None:
+        entry = self.queried.get(server)
+        if entry is None:
+            if len(self.queried) >= MAX_QUERIED_SERVERS:
+                return
+            entry = self.queried[server] = ({}, [0])
+        names, others = entry
+        if name in names:
+            return
+        if len(names) < MAX_QUERIED_NAMES:
+            names[name] = None
+        else:
+            others[0] += 1  # counted per query past the cap: an upper bound of distinct names
 
     def _match(
         self, key: bytes, payload: bytes, question: Question | None, sec: int

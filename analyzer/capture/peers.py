@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 from array import array
+from dataclasses import replace
 
 from analyzer.base.models import (
     ATTEMPT_PORTS_KEPT,
@@ -85,7 +86,11 @@ def build_summary(
         builder = _PeerBuilder(remote)
         for pair_key, local_side in members:
             builder.add(pairs.pop(pair_key), local_side, pair_key[local_side])
-        return builder.build(names.get(remote, ()), buckets, shift)
+        peer = builder.build(names.get(remote, ()), buckets, shift)
+        queried = acc.names.queried.get(remote)
+        if queried is None:
+            return peer
+        return replace(peer, queried_names=tuple(queried[0]), queries_for_other_names=queried[1][0])
 
     peers = sorted(
         (build_peer(remote, members) for remote, members in by_remote.items()),
@@ -134,6 +139,7 @@ def build_summary(
         peers=tuple(peers),
         folded=folded,
         busiest_conversations=acc.conversations.busiest(local),
+        watched_conversations=acc.conversations.on_watched_ports(local),
     )
 
 

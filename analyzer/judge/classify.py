@@ -20,7 +20,14 @@ from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
-from analyzer.base.models import SEVERITY_ORDER, Alert, Peer, Summary, iso_time
+from analyzer.base.models import (
+    SEVERITY_ORDER,
+    Alert,
+    Peer,
+    Summary,
+    TransportConversation,
+    iso_time,
+)
 from analyzer.judge.allowlist import catalogue_for
 from analyzer.judge.catalog import (
     Catalog,
@@ -31,6 +38,7 @@ from analyzer.judge.catalog import (
     parse_address,
     peer_names,
 )
+from analyzer.judge.next_steps import NEXT_STEPS
 from analyzer.judge.policy import (
     DENY_RULE,
     EXTERNAL_DNS_RESOLVER,
@@ -61,6 +69,10 @@ STORAGE_ID = "storage"
 _PORT_UNREACHABLE = {4: "3:3", 6: "1:4"}
 _ICMP_PROTOCOLS = frozenset({"icmp", "icmpv6", "ipv6-icmp"})
 _EVIDENCE_PORT_SAMPLE = 20
+# Names in an alert's evidence and in its message, at most (each name is at most 253 bytes).
+_EVIDENCE_NAMES = 16
+_MESSAGE_NAMES = 3
+_EVIDENCE_SESSIONS = 10
 # Rules about whom the VM talks to; platform-address-blocked is about health instead.
 _TRUST_RULES = frozenset(
     {
@@ -99,8 +111,13 @@ def classify(
         logger.warning("policy rules name service tags but no service-tag file was given")
     peers: list[Peer] = []
     alerts: list[Alert] = []
+    sessions: dict[str, list[TransportConversation]] = {}
+    for conversation in summary.watched_conversations:
+        sessions.setdefault(conversation.peer_address, []).append(conversation)
     for peer in summary.peers:
-        classified, raised = _PeerEvaluation(peer, policy, catalog, service_tags, lookup).run()
+        classified, raised = _PeerEvaluation(
+            peer, policy, catalog, service_tags, lookup, tuple(sessions.get(peer.address, ()))
+        ).run()
         peers.append(classified)
         alerts.extend(raised)
     alerts.sort(key=_alert_order)
@@ -198,6 +215,8 @@ class _PeerEvaluation:
     catalog: Catalog
     service_tags: ServiceTags | None
     lookup: NameLookup | None = None
+    # the peer's conversations on remote administration ports
+    sessions: tuple[TransportConversation, ...] = ()
     address: IPAddress | None = None
     names: tuple[str, ...] = ()
     trusted_names: tuple[str, ...] = ()
@@ -327,12 +346,22 @@ class _PeerEvaluation:
             self.silenced.add(rule_id)
             return
         peer = self.peer
+        ip = "ipv6" if ":" in peer.address else "ip"
         evidence: dict[str, Any] = {
             "ports": [str(p) for p in ports],
             "bytes": peer.bytes,
             "packets": peer.packets,
-            "names": list(self.names),
+            # from the VM's point of view: out = sent by the VM (uploaded), in = received
+            "bytes_out": peer.bytes_received,
+            "bytes_in": peer.bytes_sent,
+            "packets_out": peer.packets_received,
+            "packets_in": peer.packets_sent,
+            "names": list(self.names[:_EVIDENCE_NAMES]),
+            "dns_lookup_seen": self._dns_lookup_seen(),
             "first_seen": iso_time(peer.first_seen),
+            "last_seen": iso_time(peer.last_seen),
+            "display_filter": f"{ip}.addr == {peer.address}",
+            "next_step": NEXT_STEPS[rule_id],
         }
         evidence.update(extra)
         self.alerts.append(
@@ -340,9 +369,21 @@ class _PeerEvaluation:
                 rule=rule_id,
                 severity=self.policy.severity_of(rule_id),
                 peer=peer.address,
-                message=message,
+                message=f"{message} Next step: {NEXT_STEPS[rule_id]}",
                 evidence=evidence,
             )
+        )
+
+    def _dns_lookup_seen(self) -> bool:
+        """Whether a DNS answer to a query the VM sent named this address."""
+        return any(n.source == "dns" and n.resolver is not None for n in self.peer.names)
+
+    def _volume(self) -> str:
+        """The bytes each way, from the VM's point of view."""
+        peer = self.peer
+        return (
+            f"{peer.bytes_received:,} bytes out (sent by the VM), "
+            f"{peer.bytes_sent:,} bytes in (received)"
         )
 
     def _check_deny(self) -> bool:
@@ -401,10 +442,13 @@ class _PeerEvaluation:
             return
         self.claimed.update(wrong)
         described = [str(s) for s in wrong] + others
+        in_words = [_service_in_words(s, "169.254.169.254") for s in wrong] + [
+            f"{p.upper()} packets" for p in others
+        ]
         self._raise(
             IMDS_UNEXPECTED_DIRECTION,
-            "Traffic with the Instance Metadata Service other than the VM calling it on TCP 80: "
-            f"{', '.join(described)}.",
+            "The Instance Metadata Service (169.254.169.254) only ever answers the VM's own "
+            f"calls to it on TCP port 80, but the capture shows {'; '.join(in_words)}.",
             described,
         )
 
@@ -453,13 +497,33 @@ class _PeerEvaluation:
             if self.policy.admin_sources
             else "the policy names no admin_sources and this source is not a private address"
         )
+        ports = {s.port for s in unlisted}
+        sessions = [c for c in self.sessions if c.local_port in ports]
+        established = [c for c in sessions if c.established]
+        if established:
+            longest = max(c.duration_seconds for c in established)
+            state = (
+                f"{len(established)} of {len(sessions)} sessions established, the longest "
+                f"{longest:,.1f} s"
+            )
+        elif sessions:
+            state = f"none of {len(sessions)} sessions established"
+        else:
+            state = "no session seen"
         self._raise(
             UNLISTED_ADMIN_SOURCE,
-            f"{self.peer.address} opened {kinds} connections to the VM; {where}.",
+            f"{self.peer.address} opened {kinds} connections to the VM ({state}); {where}.",
             unlisted,
             attempts={str(s.port): tcp.peer_attempts_by_vm_port.get(s.port, 0) for s in unlisted},
+            answered=tcp.peer_attempts_answered_by_vm,
             unanswered=tcp.peer_attempts_unanswered_by_vm,
             refused=tcp.peer_attempts_refused_by_vm,
+            sessions_seen=len(sessions),
+            sessions_established=len(established),
+            longest_established_seconds=(
+                round(max(c.duration_seconds for c in established), 6) if established else None
+            ),
+            sessions=[_session(c) for c in sessions[:_EVIDENCE_SESSIONS]],
         )
 
     def _dns_services(self) -> list[Service]:
@@ -485,11 +549,22 @@ class _PeerEvaluation:
         if not external:
             return
         self.claimed.update(external)
+        queried = self.peer.queried_names
+        more = len(queried) - _MESSAGE_NAMES + self.peer.queries_for_other_names
+        if queried:
+            listed = ", ".join(queried[:_MESSAGE_NAMES]) + (
+                f" and {more:,} more" if more > 0 else ""
+            )
+            asked = f" It was asked for {listed}."
+        else:
+            asked = " No query name could be read."
         self._raise(
             EXTERNAL_DNS_RESOLVER,
             f"The VM sent DNS queries to {self.peer.address}, which is neither Azure DNS "
-            "(168.63.129.16) nor a resolver named in the policy's dns_resolvers.",
+            f"(168.63.129.16) nor a resolver named in the policy's dns_resolvers.{asked}",
             external,
+            queried_names=list(queried),
+            queries_for_other_names=self.peer.queries_for_other_names,
         )
 
     def _check_scan(self) -> None:
@@ -540,7 +615,9 @@ class _PeerEvaluation:
             f"{peer.address} tried {distinct} distinct local ports ({'; '.join(details)}).",
             sample,
             distinct_ports=distinct,
+            ports_not_listed=max(distinct - len(sample), 0),
             attempts=tcp.peer_attempts,
+            answered=tcp.peer_attempts_answered_by_vm,
             refused=tcp.peer_attempts_refused_by_vm,
             unanswered=tcp.peer_attempts_unanswered_by_vm,
         )
@@ -581,13 +658,13 @@ class _PeerEvaluation:
             listed = ", ".join(f"'{a}'" for a in foreign)
             message = (
                 f"Storage traffic to account {listed} at {self.peer.address}, which is not in "
-                "the policy's expected_storage_accounts."
+                f"the policy's expected_storage_accounts: {self._volume()}."
             )
         else:
             message = (
                 f"Storage traffic to {self.peer.address} whose account could not be identified "
                 "(no DNS, TLS or HTTP name names it) while the policy lists "
-                "expected_storage_accounts."
+                f"expected_storage_accounts: {self._volume()}."
             )
         self._raise(
             FOREIGN_STORAGE_ACCOUNT,
@@ -737,6 +814,12 @@ class _PeerEvaluation:
                 f"{self.peer.address} ({summary}) carried traffic nothing expects: "
                 f"{', '.join(str(s) for s in remaining)}."
             )
+        message += f" {self._volume()[:1].upper()}{self._volume()[1:]}."
+        if not self._dns_lookup_seen() and any(s.direction == "out" for s in self.services):
+            message += (
+                " No DNS lookup for this address was seen (an address configured by hand, or "
+                "one resolved before the capture started)."
+            )
         ports = remaining or sorted(self.services)
         self._raise(UNEXPECTED_ENDPOINT, message, ports)
 
@@ -758,6 +841,29 @@ class _PeerEvaluation:
         if raised:
             parts.append("alerts: " + ", ".join(raised))
         return "; ".join(parts) + "."
+
+
+def _session(conversation: TransportConversation) -> dict[str, Any]:
+    """A remote administration session in an alert's evidence."""
+    return {
+        "vm_port": conversation.local_port,
+        "peer_port": conversation.peer_port,
+        "first_seen": iso_time(conversation.first_seen),
+        "duration_seconds": round(conversation.duration_seconds, 6),
+        "established": conversation.established,
+        "packets_out": conversation.packets_out,
+        "packets_in": conversation.packets_in,
+        "bytes_out": conversation.bytes_out,
+        "bytes_in": conversation.bytes_in,
+    }
+
+
+def _service_in_words(service: Service, peer: str) -> str:
+    """``in tcp/80`` as "connections from 169.254.169.254 to the VM's TCP port 80"."""
+    protocol = service.protocol.upper()
+    if service.direction == "out":
+        return f"the VM sending to {protocol} port {service.port} of {peer}"
+    return f"{peer} connecting to the VM's {protocol} port {service.port}"
 
 
 def _address_key(address: str) -> tuple[int, int, str]:
