@@ -288,6 +288,7 @@ def get_status(req: func.HttpRequest) -> func.HttpResponse:
                 live=live == "1",
                 tags_container=result_blobs.get_container_client(refresh.container),
                 tags_refresh=refresh,
+                policy=_policy(settings.processing.policy_location, results),
             )
     except ConnectionSettingError as error:
         log.error("The status endpoint is not configured: %s", error)

@@ -14,10 +14,13 @@ from azure.storage.blob import BlobClient, ContainerClient
 from azure.storage.queue import QueueClient
 from clirunner import nwcap
 from conftest import FailingStore, http_error, network_watcher_path, udp_capture
+from test_function_app import get, handler
 
+from analyzer.judge.policy import load_policy
 from analyzer.pipeline.processing import process_blob
 from analyzer.pipeline.reconcile_report import ReconcileReport, RunLog
 from analyzer.pipeline.reconcile_settings import ReconcileSettings
+from analyzer.pipeline.reference_files import policy_file
 from analyzer.pipeline.status import status_document
 from analyzer.store.results import TableResultsStore
 
@@ -44,8 +47,12 @@ class TestDocument:
     """Each part of the document counts what the tables, container and queue hold."""
 
     def test_counts(
-        self, upload: Upload, captures_container: ContainerClient,
-        results_store: TableResultsStore, runs: RunLog, queue: QueueClient,
+        self,
+        upload: Upload,
+        captures_container: ContainerClient,
+        results_store: TableResultsStore,
+        runs: RunLog,
+        queue: QueueClient,
     ) -> None:
         complete = upload(network_watcher_path("vm-a", minute=1), udp_capture(PEERS))
         failed = upload(network_watcher_path("vm-b", minute=2), b"garbage" * 30)
@@ -61,11 +68,18 @@ class TestDocument:
         report.finished = time.time()
         runs.record(report)
         document = status_document(
-            results_store, container=captures_container, poison=queue, runs=runs,
+            results_store,
+            container=captures_container,
+            poison=queue,
+            runs=runs,
             settings=ReconcileSettings(),
         )
         assert document["captures"]["by_status"] == {
-            "processing": 0, "complete": 1, "partial": 0, "failed": 1, "failed-transient": 1,
+            "processing": 0,
+            "complete": 1,
+            "partial": 0,
+            "failed": 1,
+            "failed-transient": 1,
         }
         pending = document["pending"]
         assert (pending["scanned"], pending["count"]) == (4, 2)
@@ -74,7 +88,8 @@ class TestDocument:
         assert 0 <= pending["oldest_age_seconds"] < 120
         assert document["poison_queue"]["length"] == 2
         assert (document["last_reconcile"]["scanned"], document["last_reconcile"]["complete"]) == (
-            4, 1,
+            4,
+            1,
         )
         assert document["ok"] is False
         assert any("2 message(s)" in note for note in document["attention"])
@@ -82,8 +97,12 @@ class TestDocument:
         json.dumps(document)  # all of it is JSON
 
     def test_quiet_fleet_is_ok(
-        self, upload: Upload, captures_container: ContainerClient,
-        results_store: TableResultsStore, runs: RunLog, queue: QueueClient,
+        self,
+        upload: Upload,
+        captures_container: ContainerClient,
+        results_store: TableResultsStore,
+        runs: RunLog,
+        queue: QueueClient,
     ) -> None:
         process_blob(upload(network_watcher_path(), udp_capture(PEERS)), results_store)
         report = ReconcileReport(started=time.time(), container="c")
@@ -96,8 +115,11 @@ class TestDocument:
         assert document["pending"]["oldest_blob"] is None
 
     def test_late_reconciler_and_old_waiting_blob(
-        self, upload: Upload, captures_container: ContainerClient,
-        results_store: TableResultsStore, runs: RunLog,
+        self,
+        upload: Upload,
+        captures_container: ContainerClient,
+        results_store: TableResultsStore,
+        runs: RunLog,
     ) -> None:
         upload(network_watcher_path(), udp_capture(PEERS))
         report = ReconcileReport(started=time.time(), container="c")
@@ -105,8 +127,11 @@ class TestDocument:
         runs.record(report)
         later = time.time() + 3 * 3600  # as if read three hours from now
         document = status_document(
-            results_store, container=captures_container, runs=runs,
-            settings=ReconcileSettings(lookback=6 * 3600), clock=lambda: later,
+            results_store,
+            container=captures_container,
+            runs=runs,
+            settings=ReconcileSettings(lookback=6 * 3600),
+            clock=lambda: later,
         )
         notes = " | ".join(document["attention"])
         assert "not processed; the oldest has waited 18" in notes  # 180 min
@@ -117,7 +142,10 @@ class TestCommand:
     """``nwcap status`` prints the document and exits 1 when something needs attention."""
 
     def test_table_and_json(
-        self, storage_env: Any, upload: Upload, results_store: TableResultsStore,
+        self,
+        storage_env: Any,
+        upload: Upload,
+        results_store: TableResultsStore,
     ) -> None:
         upload(network_watcher_path("vm-\u202eevil"), udp_capture(PEERS))
         code, out, _ = nwcap("status")
@@ -151,12 +179,17 @@ class TestRunRecords:
             runs.record(ReconcileReport(started=started, finished=started + 1, container="c"))
         kept = list(runs.table.list_entities())
         assert len(kept) == 1  # the 45- and 35-day-old runs went when the newest was recorded
-        report = ReconcileReport(started=now, finished=now + 1, container="c", pending=3,
-                                 oldest_pending=now - 600, oldest_pending_blob="a/b.cap",
-                                 by_status={"complete": 4, "failed-transient": 1})
+        report = ReconcileReport(
+            started=now,
+            finished=now + 1,
+            container="c",
+            pending=3,
+            oldest_pending=now - 600,
+            oldest_pending_blob="a/b.cap",
+            by_status={"complete": 4, "failed-transient": 1},
+        )
         runs.record(report)
-        document = status_document(results_store, runs=runs, live=False,
-                                   clock=lambda: now + 61)
+        document = status_document(results_store, runs=runs, live=False, clock=lambda: now + 61)
         assert document["source"] == "last reconcile run"
         assert document["captures"]["by_status"]["complete"] == 4
         assert document["captures"]["by_status"]["failed-transient"] == 1
@@ -164,3 +197,63 @@ class TestRunRecords:
         assert document["pending"]["oldest_age_seconds"] == 601 + 60  # at the run, and since
         assert runs.prune(before=now + 10) == 2 and list(runs.table.list_entities()) == []
 
+
+BROKEN_POLICY = b"vnet_ranges: [10.0.0.0/16]\nallow:\n  - {cidr: 192.0.2.0/24\n"
+
+
+class TestStoredPolicy:
+    """A stored policy that cannot be loaded stops processing: the status says so, with the
+    blob, line and column, in the document, ``nwcap status`` and ``GET /api/status``."""
+
+    def test_document(
+        self,
+        upload: Upload,
+        results_store: TableResultsStore,
+        blob_service: Any,
+        captures_container: ContainerClient,
+    ) -> None:
+        location = f"{captures_container.container_name}/config/policy.yaml"
+        policy = policy_file(location, lambda: blob_service)
+        upload("config/policy.yaml", b"vnet_ranges: [10.0.0.0/16]\n")
+        good = status_document(results_store, policy=policy)
+        assert good["policy"] == {
+            "location": location,
+            "version": load_policy(b"vnet_ranges: [10.0.0.0/16]\n").version,
+            "error": "",
+        }
+        assert not any("policy" in note for note in good["attention"])
+        upload("config/policy.yaml", BROKEN_POLICY)
+        broken = status_document(results_store, policy=policy_file(location, lambda: blob_service))
+        assert broken["policy"]["version"] is None
+        assert broken["policy"]["error"].startswith(f"{location}:4:1: policy: not valid YAML")
+        assert broken["ok"] is False
+        assert any(
+            note.startswith("the policy cannot be loaded") and f"{location}:4:1" in note
+            for note in broken["attention"]
+        )
+        missing = policy_file(
+            f"{captures_container.container_name}/none.yaml", lambda: blob_service
+        )
+        assert status_document(results_store, policy=missing)["policy"]["error"].endswith(
+            "none.yaml: not found"
+        )
+        assert status_document(results_store)["policy"] is None
+
+    def test_command_and_endpoint(
+        self,
+        storage_env: Any,
+        upload: Upload,
+        monkeypatch: pytest.MonkeyPatch,
+        captures_container: ContainerClient,
+    ) -> None:
+        location = f"{captures_container.container_name}/config/policy.yaml"
+        upload("config/policy.yaml", BROKEN_POLICY)
+        monkeypatch.setenv("NWCAP_POLICY", location)
+        code, out, _ = nwcap("status")
+        assert code == 1
+        assert "the policy cannot be loaded" in out and f"{location}:4:1" in out
+        response = handler("get_status")(get("status"))
+        document = json.loads(response.get_body())
+        assert response.status_code == 200
+        assert document["policy"]["error"].startswith(f"{location}:4:1: policy: not valid YAML")
+        assert any("the policy cannot be loaded" in note for note in document["attention"])

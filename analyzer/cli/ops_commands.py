@@ -240,6 +240,7 @@ def run_status(args: argparse.Namespace) -> int:
         schedule_seconds=schedule_seconds(os.environ.get("RECONCILE_SCHEDULE", "")),
         tags_container=blob_service_for(site.results).get_container_client(refresh.container),
         tags_refresh=refresh,
+        policy=policy_file(site.settings.policy_location, lambda: blob_service_for(site.results)),
     )
     if args.format == "json":
         print_json(document)

@@ -9,6 +9,10 @@ row (its window's blobs by status, those still waiting, the poison queue's lengt
 one read, whatever the fleet's size. ``live`` (``nwcap status``, ``?live=1``) counts now:
 it reads the window's capture rows (status columns only, at most :data:`MAX_ROWS`) and lists
 the window's blobs as the reconciler does (at most :data:`MAX_LISTED`). Nothing is written.
+
+With the policy file (``NWCAP_POLICY``), ``policy`` says whether it loads: a stored policy that
+does not stops processing (see docs/settings.md), so its error, with file and line, is also in
+``attention``.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import ContainerClient
 from azure.storage.queue import QueueClient
 
+from analyzer.base.errors import PolicyError
 from analyzer.base.models import iso_time
+from analyzer.judge.policy import Policy
 from analyzer.pipeline.capture_listing import list_capture_blobs, with_records
 from analyzer.pipeline.poison import POISON_QUEUE, poison_length
 from analyzer.pipeline.reconcile import needs_run
 from analyzer.pipeline.reconcile_report import RunLog
 from analyzer.pipeline.reconcile_settings import ReconcileSettings
+from analyzer.pipeline.reference_files import ReferenceFile
 from analyzer.pipeline.servicetags_refresh import RefreshSettings, service_tags_state
 from analyzer.pipeline.servicetags_refresh import attention as tags_attention
 from analyzer.store.results import TableResultsStore
@@ -56,6 +63,7 @@ def status_document(
     clock: Callable[[], float] = time.time,
     tags_container: ContainerClient | None = None,
     tags_refresh: RefreshSettings | None = None,
+    policy: ReferenceFile[Policy] | None = None,
 ) -> dict[str, Any]:
     """The status document; see the module's docstring. Without ``live``, counts come from
     the last run's row when it has them (else they are counted now). With ``tags_refresh``
@@ -83,6 +91,12 @@ def status_document(
         except ResourceNotFoundError:  # no config container yet
             tags = None
         attention.extend(tags_attention(tags, tags_refresh))
+    policy_state = _policy_state(policy)
+    if policy_state is not None and policy_state["error"]:
+        attention.append(
+            "the policy cannot be loaded, so captures are not processed until it is fixed: "
+            + policy_state["error"]
+        )
     return {
         "generated_at": iso_time(now),
         "window": {"since": iso_time(since), "lookback_seconds": settings.lookback},
@@ -93,9 +107,27 @@ def status_document(
         "poison_queue": {"name": POISON_QUEUE, "length": poison_count},
         "last_reconcile": _jsonable(last),
         "service_tags": tags,
+        "policy": policy_state,
         "attention": attention,
         "ok": not attention,
     }
+
+
+def _policy_state(policy: ReferenceFile[Policy] | None) -> dict[str, Any] | None:
+    """Where the policy is, its version, and why it cannot be loaded (``None``: no policy set)."""
+    if policy is None or not policy.location:
+        return None
+    location = policy.location.split("?", 1)[0]  # never a SAS token
+    try:
+        loaded = policy.get()
+    except PolicyError as error:
+        return {"location": location, "version": None, "error": str(error)}
+    except ResourceNotFoundError:
+        return {"location": location, "version": None, "error": f"{location}: not found"}
+    except (OSError, ValueError) as error:
+        return {"location": location, "version": None, "error": f"{location}: {error}"}
+    version = loaded.version if loaded is not None else None
+    return {"location": location, "version": version, "error": ""}
 
 
 def _from_run(
@@ -107,7 +139,8 @@ def _from_run(
         return None
     captures = {
         key.removeprefix("status_").replace("_", "-"): int(value)
-        for key, value in last.items() if key.startswith("status_")
+        for key, value in last.items()
+        if key.startswith("status_")
     }
     for status in _COUNTED:
         captures.setdefault(status, 0)
@@ -225,5 +258,3 @@ def _jsonable(row: dict[str, Any] | None) -> dict[str, Any] | None:
         key: (value.isoformat() if isinstance(value, datetime) else getattr(value, "value", value))
         for key, value in row.items()
     }
-
-
