@@ -18,7 +18,8 @@ from clirunner import nwcap
 from conftest import ROOT, network_watcher_path, udp_capture
 
 from analyzer.cli import store_commands
-from analyzer.cli.store_commands import ProgressBar
+from analyzer.cli.output import csv_value
+from analyzer.cli.process_command import ProgressBar
 from analyzer.pipeline.processing import Outcome
 from analyzer.store.blobpath import parse_capture_path
 from analyzer.store.connections import (
@@ -65,9 +66,7 @@ def backfilled(
 class TestProcess:
     """Backfill processes every capture once, skips what is done, and re-runs on --force."""
 
-    def test_second_run_skips(
-        self, backfilled: dict[str, str]
-    ) -> None:
+    def test_second_run_skips(self, backfilled: dict[str, str]) -> None:
         code, out, err = nwcap("process", "--format", "csv")
         rows = list(csv.DictReader(io.StringIO(out)))
         assert code == 0
@@ -144,9 +143,7 @@ class TestProcess:
 class TestQueries:
     """captures, show, alerts and who-talked-to print what is stored, in three formats."""
 
-    def test_captures_table(
-        self, backfilled: dict[str, str]
-    ) -> None:
+    def test_captures_table(self, backfilled: dict[str, str]) -> None:
         code, out, _ = nwcap("captures", "--vm", "vm-a")
         lines = out.splitlines()
         assert code == 0
@@ -164,15 +161,11 @@ class TestQueries:
             [backfilled["first"], backfilled["second"]]
         )
 
-    def test_captures_json_and_paging(
-        self, backfilled: dict[str, str]
-    ) -> None:
+    def test_captures_json_and_paging(self, backfilled: dict[str, str]) -> None:
         code, out, _ = nwcap("captures", "--limit", "2", "--format", "json")
         page = json.loads(out)
         assert code == 0 and len(page["captures"]) == 2 and page["continuation"]
-        code, out, _ = nwcap(
-            "captures", "--format", "json", "--continuation", page["continuation"]
-        )
+        code, out, _ = nwcap("captures", "--format", "json", "--continuation", page["continuation"])
         rest = json.loads(out)
         ids = {c["capture_id"] for c in page["captures"] + rest["captures"]}
         assert ids == set(backfilled.values())
@@ -195,9 +188,7 @@ class TestQueries:
         assert {row["address"] for row in rows} == set(PEERS)
         assert {json.loads(row["local_addresses"])[0] for row in rows} == {"10.0.0.4", "fd00::4"}
 
-    def test_show_failed_capture(
-        self, backfilled: dict[str, str]
-    ) -> None:
+    def test_show_failed_capture(self, backfilled: dict[str, str]) -> None:
         code, out, _ = nwcap("show", backfilled["broken"], "--format", "json")
         capture = json.loads(out)["capture"]
         assert code == 0
@@ -215,9 +206,7 @@ class TestQueries:
         code, out, _ = nwcap("alerts", "--severity", "high", "--format", "json")
         assert all(a["severity"] == "high" for a in json.loads(out)["alerts"])
 
-    def test_who_talked_to(
-        self, backfilled: dict[str, str]
-    ) -> None:
+    def test_who_talked_to(self, backfilled: dict[str, str]) -> None:
         code, out, _ = nwcap("who-talked-to", "20.0.0.1", "--format", "json")
         sightings = json.loads(out)["sightings"]
         assert code == 0
@@ -230,7 +219,7 @@ class TestQueries:
         [
             (("captures", "--since", "last week"), "since"),
             (("alerts", "--severity", "urgent"), "severity"),
-            (("who-talked-to", "not-an-ip"), "ip"),
+            (("who-talked-to", "10.0.0.0/8"), "neither an IP address nor a DNS name"),
             (("show", "nope"), "capture_id"),
             (("captures", "--continuation", "garbage!"), "continuation"),
         ],
@@ -253,9 +242,7 @@ class TestQueries:
         assert code == 0
         assert {c["capture_id"] for c in json.loads(out)["captures"]} == set(backfilled.values())
 
-    def test_missing_connection(
-        self, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
+    def test_missing_connection(self, monkeypatch: pytest.MonkeyPatch) -> None:
         for name in ("RESULTS_CONNECTION", "CAPTURES_CONNECTION"):
             monkeypatch.delenv(name, raising=False)
         code, _, err = nwcap("captures")
@@ -399,7 +386,7 @@ class TestShowReadsPages:
         monkeypatch.setattr(store_commands, "MAX_PAGE", 4)
         monkeypatch.setattr(api, "get_capture", vanishing)
         code, _, err = nwcap("show", many_peers, "--format", "csv")
-        assert code == 1
+        assert code == 3  # not found
         assert err == f"nwcap: error: no capture {many_peers}\n"
 
 
@@ -443,9 +430,9 @@ class TestHostileText:
         "text", ['=HYPERLINK("http://x")', "+1", "-1+1", "@SUM(A1)", "\tx", "\rx"]
     )
     def test_every_formula_start(self, text: str) -> None:
-        assert store_commands._csv(text) == "'" + text
-        assert store_commands._csv(["=x"]) == '["=x"]'
-        assert store_commands._csv(-1) == "-1"
+        assert csv_value(text) == "'" + text
+        assert csv_value(["=x"]) == '["=x"]'
+        assert csv_value(-1) == "-1"
 
 
 class TestTimeParameters:

@@ -1,6 +1,7 @@
 """What the ``nwcap`` commands share: reading a capture file as ``analyze`` and ``report`` do,
-the options naming the results store and the store they name, errors as one line and an exit
-status, and JSON output.
+the options naming the results store and the store they name (an app-setting connection, or a
+storage account as ``az storage`` names it: ``--account-name`` with ``--auth-mode login|key``),
+errors as one line and an exit status, and help with examples.
 
 The command modules import this one and :mod:`analyzer.cli.exits`, never each other. It
 imports nothing but the standard library when loaded (``nwcap analyze`` is timed against
@@ -12,17 +13,26 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import logging
 import os
+import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from analyzer.base.errors import NwcapError
-from analyzer.cli.exits import EXIT_DATAERR, EXIT_USAGE, InputError, UsageError
+from analyzer.cli.exits import (
+    EXIT_DATAERR,
+    EXIT_NOPERM,
+    EXIT_NOT_FOUND,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    InputError,
+    NotFoundError,
+    UsageError,
+)
 
 if TYPE_CHECKING:
     from analyzer.base.models import Analysis
@@ -35,9 +45,13 @@ if TYPE_CHECKING:
     from analyzer.store.results import TableResultsStore
     from analyzer.web.api import ApiResponse
 
-FORMATS = ("table", "json", "csv")
 # Where results are stored unless --connection names another connection: as the function app.
 RESULTS_CONNECTIONS = ("RESULTS_CONNECTION", "CAPTURES_CONNECTION")
+CAPTURES_CONNECTION = "CAPTURES_CONNECTION"
+# Storage account names: 3-24 lower-case letters and digits.
+_ACCOUNT_NAME = re.compile(r"[a-z0-9]{3,24}")
+_ACCOUNT_KEY = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+_ENDPOINT = re.compile(r"https?://[^\s;@]+")
 PROGRESS_MIN_BYTES = 16 << 20
 
 Command = Callable[[argparse.Namespace], int]
@@ -48,15 +62,67 @@ log = logging.getLogger("nwcap")
 # --- options -----------------------------------------------------------------------------
 
 
+def command(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    *,
+    help: str,
+    examples: Sequence[tuple[str, str]],
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    """A subcommand whose help ends with examples, each a command line and what it does."""
+    lines = ["examples:"]
+    for line, what in examples:
+        lines.extend((f"  # {what}", f"  {line}", ""))
+    return subparsers.add_parser(
+        name,
+        help=help,
+        description=description or help[:1].upper() + help[1:] + ".",
+        epilog="\n".join(lines).rstrip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def results_store_options(parser: argparse.ArgumentParser) -> None:
-    """``--connection`` and ``--table-prefix``: which results store a command reads."""
-    parser.add_argument(
+    """Which results store a command reads: ``--connection`` (an app setting, as the function
+    app names it) or ``--account-name`` with ``--auth-mode`` (as ``az storage``), and
+    ``--table-prefix``."""
+    group = parser.add_argument_group(
+        "storage (default: the app settings RESULTS_CONNECTION, else CAPTURES_CONNECTION)"
+    )
+    group.add_argument(
         "--connection",
         metavar="NAME",
-        help="connection (app setting name) of the results account "
-        "(default: RESULTS_CONNECTION, else CAPTURES_CONNECTION)",
+        help="connection (app setting name) of the results account",
     )
-    parser.add_argument(
+    group.add_argument(
+        "--account-name",
+        metavar="ACCOUNT",
+        help="the storage account, as in az storage (its endpoints in the public cloud unless "
+        "the --*-endpoint options say otherwise)",
+    )
+    group.add_argument(
+        "--auth-mode",
+        choices=("login", "key"),
+        help="with --account-name: login = your Microsoft Entra sign-in (az login, a managed "
+        "identity...: DefaultAzureCredential; needs a Storage Table/Blob Data role); key = the "
+        "account key from AZURE_STORAGE_KEY or --account-key (default: key when one is set, "
+        "else login)",
+    )
+    group.add_argument(
+        "--account-key",
+        metavar="KEY",
+        help="the account key for --auth-mode key (prefer AZURE_STORAGE_KEY: a command line "
+        "is visible to other local users)",
+    )
+    for service in ("blob", "table", "queue"):
+        group.add_argument(
+            f"--{service}-endpoint",
+            metavar="URL",
+            help=f"the account's {service} endpoint, for another cloud or an emulator "
+            f"(default: https://ACCOUNT.{service}.core.windows.net)",
+        )
+    group.add_argument(
         "--table-prefix",
         default=None,
         help="prefix of the table names (default: NWCAP_TABLE_PREFIX, usually empty)",
@@ -67,9 +133,10 @@ def captures_connection_option(parser: argparse.ArgumentParser) -> None:
     """``--captures-connection``: the account of the capture blobs (and the poison queue)."""
     parser.add_argument(
         "--captures-connection",
-        default="CAPTURES_CONNECTION",
+        default=None,
         metavar="NAME",
-        help="connection (app setting name) of the captures account (default: %(default)s)",
+        help="connection (app setting name) of the captures account (default: the "
+        "--account-name account if given, else CAPTURES_CONNECTION)",
     )
 
 
@@ -85,10 +152,93 @@ def ip_address(text: str) -> str:
 
 
 def results_connection(args: argparse.Namespace) -> ConnectionSettings:
-    """The connection ``--connection`` names, else the function app's results connection."""
+    """The account ``--account-name`` names, else the connection ``--connection`` names, else
+    the function app's results connection (falling back to the captures connection)."""
     from analyzer.store.connections import resolve_first  # noqa: PLC0415 - see the docstring
 
-    return resolve_first((args.connection,) if args.connection else RESULTS_CONNECTIONS)
+    account = account_settings(args)
+    if account is not None:
+        return account
+    if args.connection:
+        return resolve_first((args.connection,))
+    captures = getattr(args, "captures_connection", None) or CAPTURES_CONNECTION
+    return resolve_first((RESULTS_CONNECTIONS[0], captures))
+
+
+def captures_connection(args: argparse.Namespace) -> ConnectionSettings:
+    """The captures account: ``--captures-connection``, else the ``--account-name`` account,
+    else the app setting ``CAPTURES_CONNECTION``."""
+    from analyzer.store.connections import resolve  # noqa: PLC0415 - see the docstring
+
+    if args.captures_connection:
+        return resolve(args.captures_connection)
+    return account_settings(args) or resolve(CAPTURES_CONNECTION)
+
+
+def account_settings(args: argparse.Namespace) -> ConnectionSettings | None:
+    """The connection ``--account-name`` and ``--auth-mode`` describe, as ``az storage``
+    reads them; None without ``--account-name``.
+
+    ``login`` gives an identity-based connection (``DefaultAzureCredential``) on the account's
+    endpoints; ``key`` a connection string with the key of ``--account-key`` or
+    ``AZURE_STORAGE_KEY``. The key is never shown in a message.
+    """
+    from analyzer.store.connections import ConnectionSettings  # noqa: PLC0415
+
+    name = getattr(args, "account_name", None)
+    endpoints = {
+        service: getattr(args, f"{service}_endpoint", None)
+        for service in ("blob", "table", "queue")
+    }
+    if not name:
+        given = [f"--{service}-endpoint" for service, url in endpoints.items() if url]
+        given.extend(
+            "--" + option.replace("_", "-")
+            for option in ("auth_mode", "account_key")
+            if getattr(args, option, None)
+        )
+        if given:
+            raise UsageError(f"{', '.join(given)} need --account-name")
+        return None
+    if not _ACCOUNT_NAME.fullmatch(name):
+        raise UsageError(
+            f"--account-name: {name[:40]!r} is not a storage account name "
+            "(3-24 lower-case letters and digits)"
+        )
+    if args.connection:
+        raise UsageError("give --connection or --account-name, not both")
+    for service, url in endpoints.items():
+        if url is None:
+            endpoints[service] = f"https://{name}.{service}.core.windows.net"
+        elif not _ENDPOINT.fullmatch(url):
+            raise UsageError(f"--{service}-endpoint: {url[:80]!r} is not an http(s) URL")
+    key = args.account_key or os.environ.get("AZURE_STORAGE_KEY", "")
+    mode = args.auth_mode or ("key" if key else "login")
+    setting = f"--account-name {name}"
+    if mode == "login":
+        if args.account_key:
+            raise UsageError("--account-key is for --auth-mode key")
+        return ConnectionSettings(
+            name=f"account {name}",
+            setting=setting,
+            blob_service_uri=endpoints["blob"] or "",
+            table_service_uri=endpoints["table"] or "",
+            queue_service_uri=endpoints["queue"] or "",
+        )
+    if not key:
+        raise UsageError("--auth-mode key needs the account key: set AZURE_STORAGE_KEY")
+    if not _ACCOUNT_KEY.fullmatch(key):
+        raise UsageError("the account key is not base64 (AZURE_STORAGE_KEY or --account-key)")
+    scheme = "http" if str(endpoints["blob"]).startswith("http:") else "https"
+    return ConnectionSettings(
+        name=f"account {name}",
+        setting=setting,
+        connection_string=(
+            f"DefaultEndpointsProtocol={scheme};AccountName={name};AccountKey={key};"
+            f"BlobEndpoint={endpoints['blob']};TableEndpoint={endpoints['table']};"
+            f"QueueEndpoint={endpoints['queue']}"
+        ),
+    )
 
 
 def table_prefix(args: argparse.Namespace) -> str:
@@ -132,9 +282,12 @@ def guarded(run: Command, *, brief: bool = False) -> Command:
         except ConnectionSettingError as problem:
             error(f"error: {problem}")
             return EXIT_USAGE
+        except NotFoundError as problem:
+            error(f"error: {problem}")
+            return EXIT_NOT_FOUND
         except CaptureReadError as problem:
             error(f"error: {problem}")
-            return 1
+            return EXIT_UNAVAILABLE
         except NwcapError as problem:  # e.g. an invalid policy file
             error(f"error: {problem}")
             return EXIT_DATAERR
@@ -142,19 +295,39 @@ def guarded(run: Command, *, brief: bool = False) -> Command:
             error(f"error: {problem}")
             return EXIT_USAGE
         except AzureError as problem:
+            if _permission_denied(problem):
+                error(f"permission denied: {_first_line(problem)}{_PERMISSION_HINT}")
+                return EXIT_NOPERM
             error(_storage_error(problem) if brief else f"storage error: {problem}")
-            return 1
+            return EXIT_UNAVAILABLE
 
     guarded_run.__doc__ = run.__doc__
     return guarded_run
+
+
+_PERMISSION_HINT = (
+    " (with --auth-mode login: sign in with az login and hold a Storage Table Data and Blob "
+    "Data role on the account; with a key: check it)"
+)
+
+
+def _permission_denied(problem: Exception) -> bool:
+    from azure.core.exceptions import ClientAuthenticationError  # noqa: PLC0415
+
+    status = getattr(problem, "status_code", None)
+    return isinstance(problem, ClientAuthenticationError) or status in (401, 403)
+
+
+def _first_line(problem: Exception) -> str:
+    text = str(problem)
+    return text.splitlines()[0] if text else type(problem).__name__
 
 
 def _storage_error(problem: Exception) -> str:
     from analyzer.pipeline.processing import is_transient  # noqa: PLC0415
 
     kind = "storage unavailable (try again)" if is_transient(problem) else "storage error"
-    text = str(problem)
-    return f"{kind}: {text.splitlines()[0] if text else type(problem).__name__}"
+    return f"{kind}: {_first_line(problem)}"
 
 
 def error(message: str) -> None:
@@ -169,7 +342,7 @@ def failed(result: ApiResponse) -> int | None:
     if result.status == 200:
         return None
     error(str(result.body.get("error", result.status)))
-    return EXIT_USAGE if result.status == 400 else 1
+    return {400: EXIT_USAGE, 404: EXIT_NOT_FOUND}.get(result.status, EXIT_UNAVAILABLE)
 
 
 def print_delivery(delivered: DeliveryResult) -> None:
@@ -180,12 +353,6 @@ def print_delivery(delivered: DeliveryResult) -> None:
             f"{delivered.failed} failed",
             file=sys.stderr,
         )
-
-
-def print_json(document: Any) -> None:
-    """``document`` as indented JSON on stdout, ASCII only (every other character escaped)."""
-    json.dump(document, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
 
 
 # --- a capture file, as analyze and report read it ---------------------------------------

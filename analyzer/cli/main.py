@@ -1,30 +1,40 @@
 """The ``nwcap`` command line: validates options, reads files, hands off to the core.
 
-Exit status: 0 success; 1 alerts at or above ``--fail-on``; 2 bad usage; 65 the capture,
-policy or service-tag file is unusable (unsupported format, corrupt header, invalid
-policy); 66 an input file cannot be opened; 73 the report cannot be written.
+Built on ``argparse`` with what ``az`` users expect added by hand (:mod:`analyzer.cli.output`
+for ``-o`` and ``--query``, examples in every command's help, "did you mean" for a mistyped
+command or choice). The exit statuses are in :mod:`analyzer.cli.exits`: 0 success, 1 an alert at
+or above ``--fail-on`` (or a failed capture), 2 bad usage, 3 not found, 64 a refused ``--host``,
+65 unusable data, 66 an input file that cannot be opened, 69 storage unavailable, 73 an output
+file that cannot be written, 77 permission denied by storage.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
+import re
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from analyzer import __version__
 from analyzer.base.errors import NwcapError
 from analyzer.base.models import SEVERITY_ORDER
 from analyzer.capture.compiled import notice_python_fallback, walk_description
-from analyzer.cli.common import analyse_capture_file, ip_address, log_capture_warnings
+from analyzer.cli.common import analyse_capture_file, command, ip_address, log_capture_warnings
 from analyzer.cli.exits import (
     EXIT_ALERTS,
     EXIT_DATAERR,
+    EXIT_INTERRUPTED,
     EXIT_NOINPUT,
+    EXIT_NOT_FOUND,
     EXIT_USAGE,
     InputError,
+    NotFoundError,
     UsageError,
 )
+from analyzer.cli.output import emit, needs_document, output_options, terminal_width
 
 __all__ = [
     "EXIT_ALERTS",
@@ -41,14 +51,42 @@ __all__ = [
 LOCAL_COMMANDS = frozenset({"analyze", "sweep", "report"})
 # Commands that run the record walk: they say once on stderr when it runs in Python.
 WALK_COMMANDS = frozenset({"analyze", "sweep", "report", "process", "reconcile"})
+# What people type for a command of another name: "did you mean" suggests the real one.
+ALIASES = {
+    "alert": "alerts",
+    "capture": "captures",
+    "who": "who-talked-to",
+    "peer": "who-talked-to",
+}
+_INVALID_CHOICE = re.compile(r"invalid choice: '(?P<word>[^']*)' \(choose from (?P<choices>.*)\)")
+
+
+class NwcapParser(argparse.ArgumentParser):
+    """argparse's parser, whose "invalid choice" errors suggest the closest choices."""
+
+    def error(self, message: str) -> NoReturn:
+        match = _INVALID_CHOICE.search(message)
+        if match:
+            choices = [c.strip(" '") for c in match.group("choices").split(",")]
+            word = match.group("word")
+            close = [ALIASES[word]] if ALIASES.get(word) in choices else []
+            close += [c for c in difflib.get_close_matches(word, choices, n=3) if c not in close]
+            if close:
+                message += "\ndid you mean: " + " or ".join(close) + "?"
+        super().error(message)
 
 
 def build_parser(
     *, with_storage: bool = True, analyze_only: bool = False
 ) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    # Typed as a plain parser, so that the command modules need not know the subclass
+    # (subparsers are of the parser's own class: their errors suggest too).
+    parser: argparse.ArgumentParser = NwcapParser(
         prog="nwcap",
         description="Per-peer summaries and alerts for Azure Network Watcher packet captures.",
+        epilog="'nwcap COMMAND --help' shows a command's options and examples; exit statuses: "
+        "0 ok, 1 alerts or failures, 2 usage, 3 not found, 64 refused host, 65 unusable data, "
+        "66 unreadable input, 69 storage unavailable, 73 cannot write, 77 permission denied",
     )
     parser.add_argument(
         "--version",
@@ -58,10 +96,23 @@ def build_parser(
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    analyze = sub.add_parser(
+    analyze = command(
+        sub,
         "analyze",
         help="summarise one capture file per peer, with names, categories and alerts",
-        description="Summarise a capture (pcap, pcapng, Network Monitor; gzip too) per peer.",
+        description="Summarise a capture (pcap, pcapng, Network Monitor; gzip too) per peer. "
+        "Direction is the VM's: in = from the peer to the VM, out = from the VM to the peer.",
+        examples=[
+            (
+                "nwcap analyze samples/foreign-storage-account.cap --policy samples/policy.yaml",
+                "one capture with a policy: peers, why each is expected or not, alerts",
+            ),
+            (
+                'nwcap analyze capture.cap --query "peers[?expected==`false`].address" -o tsv',
+                "the addresses of the unexpected peers, one a line",
+            ),
+            ("nwcap analyze capture.cap --fail-on high -o json > out.json", "for a pipeline"),
+        ],
     )
     analyze.add_argument("capture", help="capture file, or - for standard input")
     analyze.add_argument(
@@ -71,7 +122,7 @@ def build_parser(
         metavar="IP",
         help="the VM's own address (repeatable); inferred from the capture when omitted",
     )
-    analyze.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    output_options(analyze)
     analyze.add_argument("--policy", metavar="FILE", help="policy file (YAML or JSON)")
     analyze.add_argument(
         "--service-tags", metavar="FILE", help="Microsoft ServiceTags_Public_*.json file"
@@ -103,22 +154,29 @@ def build_parser(
     sweep.add_commands(sub)
     report_commands.add_commands(sub)
     if with_storage:
-        from analyzer.cli import ops_commands, store_commands  # noqa: PLC0415 - see LOCAL_COMMANDS
+        from analyzer.cli import ops_commands, process_command, store_commands  # noqa: PLC0415 - see LOCAL_COMMANDS
 
+        process_command.add_commands(sub)
         store_commands.add_commands(sub)
         ops_commands.add_commands(sub)
     return parser
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from analyzer.present.render import iter_json, to_csv, to_table  # noqa: PLC0415 - keeps `nwcap --help` fast
+    from analyzer.present import render  # noqa: PLC0415 - keeps `nwcap --help` fast
 
     result = analyse_capture_file(args, progress_mode=args.progress)
-    if args.format == "json":
+    if needs_document(args):
+        emit(args, result.to_dict())
+    elif args.output == "json":
         # Piece by piece: 20,000 peers as one string would cost hundreds of MB.
-        sys.stdout.writelines(iter_json(result))
+        sys.stdout.writelines(render.iter_json(result))
+    elif args.output == "table":
+        # On a terminal, the first 200 peers wrapped to its width; piped, every peer and cell.
+        width = terminal_width()
+        sys.stdout.write(render.to_table(result, max_peers=200 if width else None, width=width))
     else:
-        sys.stdout.write({"table": to_table, "csv": to_csv}[args.format](result))
+        sys.stdout.write((render.to_tsv if args.output == "tsv" else render.to_csv)(result))
     log_capture_warnings(args.capture, result)
     if args.fail_on:
         threshold = SEVERITY_ORDER[args.fail_on]
@@ -157,6 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"nwcap: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except NotFoundError as exc:
+        print(f"nwcap: error: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
     except InputError as exc:
         print(f"nwcap: error: {exc}", file=sys.stderr)
         return EXIT_NOINPUT
@@ -164,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nwcap: error: {exc}", file=sys.stderr)
         return EXIT_DATAERR
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # the reader of our output went away (e.g. `| head`): not an error of ours
         sys.stderr.close()

@@ -13,10 +13,8 @@ cell.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 from azure.storage.blob import ContainerClient
@@ -24,16 +22,17 @@ from azure.storage.queue import QueueClient
 
 from analyzer.capture.budget import InvalidSettingError
 from analyzer.cli.common import (
-    FORMATS,
+    captures_connection,
     captures_connection_option,
+    command,
     guarded,
     print_delivery,
-    print_json,
     results_connection,
     results_store_options,
     service_tags_location,
 )
 from analyzer.cli.exits import EXIT_ALERTS, UsageError
+from analyzer.cli.output import emit, output_options, print_rows
 from analyzer.pipeline.alert_delivery import AlertDelivery, DeliverySettings
 from analyzer.pipeline.processing import Settings
 from analyzer.pipeline.reconcile import (
@@ -53,12 +52,10 @@ from analyzer.pipeline.servicetags_refresh import (
     refresh_service_tags,
 )
 from analyzer.pipeline.status import status_document
-from analyzer.present.textsafe import csv_cell, terminal_text
 from analyzer.store.connections import (
     ConnectionSettings,
     blob_service_for,
     queue_service_for,
-    resolve,
     table_service_for,
 )
 from analyzer.store.results import TableResultsStore
@@ -68,9 +65,15 @@ _ITEM_COLUMNS = ("status", "reason", "age_seconds", "capture_id", "blob", "detai
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``reconcile``, ``status`` and ``servicetags update``."""
-    run = subparsers.add_parser(
+    run = command(
+        subparsers,
         "reconcile",
         help="process every capture blob that has no complete result yet (as the timer does)",
+        examples=[
+            ("nwcap reconcile", "catch up now: every capture of the last 48 hours"),
+            ("nwcap reconcile --since 7d --limit 200", "a week back, 200 captures at most"),
+            ("nwcap reconcile --no-poison -o json", "leave the poison queue, report as JSON"),
+        ],
         description="List the capture blobs of the lookback window, compare them with the "
         "captures table and process, oldest first, those never processed, rewritten, left "
         "'processing' by a run that died, or failed transiently; then drain the blob "
@@ -78,28 +81,52 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "Exit status 1 when a capture failed.",
     )
     _common(run)
-    run.add_argument("--stale-after", type=_duration, metavar="DURATION",
-                     help="a 'processing' row older than this is retried (default: "
-                     "RECONCILE_STALE_AFTER or 70m, longer than the function timeout)")
-    run.add_argument("--grace", type=_duration, metavar="DURATION", default=0.0,
-                     help="leave blobs with no row modified less than this long ago to their "
-                     "event (default: 0s, process everything now; the timer uses "
-                     "RECONCILE_GRACE or 5m)")
-    run.add_argument("--limit", type=_count, metavar="N",
-                     help="captures processed at most in this run (default: RECONCILE_LIMIT "
-                     "or 20); the rest are left for the next run")
-    run.add_argument("--no-poison", action="store_true",
-                     help="leave the poison queue alone")
-    run.add_argument("--policy", help="policy file, blob URL or container/blob "
-                     "(default: NWCAP_POLICY)")
-    run.add_argument("--service-tags", help="service tags file, located like --policy "
-                     "(default: NWCAP_SERVICE_TAGS)")
+    run.add_argument(
+        "--stale-after",
+        type=_duration,
+        metavar="DURATION",
+        help="a 'processing' row older than this is retried (default: "
+        "RECONCILE_STALE_AFTER or 70m, longer than the function timeout)",
+    )
+    run.add_argument(
+        "--grace",
+        type=_duration,
+        metavar="DURATION",
+        default=0.0,
+        help="leave blobs with no row modified less than this long ago to their "
+        "event (default: 0s, process everything now; the timer uses "
+        "RECONCILE_GRACE or 5m)",
+    )
+    run.add_argument(
+        "--limit",
+        type=_count,
+        metavar="N",
+        help="captures processed at most in this run (default: RECONCILE_LIMIT "
+        "or 20); the rest are left for the next run",
+    )
+    run.add_argument("--no-poison", action="store_true", help="leave the poison queue alone")
+    run.add_argument(
+        "--policy", help="policy file, blob URL or container/blob (default: NWCAP_POLICY)"
+    )
+    run.add_argument(
+        "--service-tags",
+        help="service tags file, located like --policy (default: NWCAP_SERVICE_TAGS)",
+    )
     run.set_defaults(func=guarded(run_reconcile, brief=True))
 
-    status = subparsers.add_parser(
+    status = command(
+        subparsers,
         "status",
         help="is every capture getting processed? captures by status, waiting blobs, "
         "poison queue, last reconcile run",
+        examples=[
+            ("nwcap status", "the health of the last 48 hours"),
+            ("nwcap status --query attention -o tsv", "only what needs attention"),
+            (
+                "nwcap status --account-name mystorage --auth-mode login",
+                "a deployed app's storage, with your own sign-in",
+            ),
+        ],
         description="Captures of the lookback window by status, capture blobs not yet "
         "processed at their ETag (and the oldest one's age), the poison queue's length and "
         "the last reconcile run. Exit status 1 when something needs attention.",
@@ -107,32 +134,43 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     _common(status)
     status.set_defaults(func=guarded(run_status, brief=True))
 
-    tags = subparsers.add_parser(
+    tags = command(
+        subparsers,
         "servicetags",
         help="keep the Azure service tags current (what the timer does daily)",
+        examples=[("nwcap servicetags update", "fetch the service tags now")],
         description="Fetch the service tags of NWCAP_SERVICE_TAGS_LOCATION in subscription "
         "NWCAP_SERVICE_TAGS_SUBSCRIPTION from the Service Tag Discovery API into the config "
         "container (NWCAP_SERVICE_TAGS_REFRESH_CONTAINER/_BLOB). The last good copy stays "
         "when the call fails. Exit status 1 when it failed.",
     )
     actions = tags.add_subparsers(dest="action", required=True, metavar="ACTION")
-    update = actions.add_parser("update", help="fetch now, whatever the interval")
+    update = command(
+        actions,
+        "update",
+        help="fetch now, whatever the interval",
+        examples=[("nwcap servicetags update -o json", "fetch now, the result as JSON")],
+    )
     results_store_options(update)
-    update.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    output_options(update)
     update.set_defaults(func=guarded(run_servicetags_update, brief=True))
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "container", nargs="?",
+        "container",
+        nargs="?",
         help="capture container (default: CAPTURES_CONTAINER or network-watcher-logs)",
     )
-    parser.add_argument("--since", type=_duration, metavar="DURATION",
-                        help="lookback window, e.g. 15m, 48h, 7d (default: RECONCILE_LOOKBACK "
-                        "or 48h)")
+    parser.add_argument(
+        "--since",
+        type=_duration,
+        metavar="DURATION",
+        help="lookback window, e.g. 15m, 48h, 7d (default: RECONCILE_LOOKBACK or 48h)",
+    )
     results_store_options(parser)
     captures_connection_option(parser)
-    parser.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    output_options(parser)
 
 
 def _duration(text: str) -> float:
@@ -154,15 +192,13 @@ class _Site:
     def __init__(self, args: argparse.Namespace) -> None:
         self.settings = Settings.from_environ()
         self.results: ConnectionSettings = results_connection(args)
-        self.captures: ConnectionSettings = resolve(args.captures_connection)
+        self.captures: ConnectionSettings = captures_connection(args)
         prefix = args.table_prefix if args.table_prefix is not None else self.settings.table_prefix
         tables = table_service_for(self.results)
         self.store = TableResultsStore(tables, prefix=prefix)
         self.runs = RunLog(tables, prefix=prefix)
         name = args.container or self.settings.captures_container
-        self.container: ContainerClient = blob_service_for(self.captures).get_container_client(
-            name
-        )
+        self.container: ContainerClient = blob_service_for(self.captures).get_container_client(name)
         base = ReconcileSettings.from_environ()
         overrides = {"lookback": args.since} if args.since is not None else {}
         if getattr(args, "stale_after", None) is not None:
@@ -171,9 +207,9 @@ class _Site:
             overrides["grace"] = args.grace
         if getattr(args, "limit", None) is not None:
             overrides["limit"] = args.limit
-        self.reconcile = ReconcileSettings(**{
-            name: overrides.get(name, getattr(base, name)) for name in base.__dataclass_fields__
-        })
+        self.reconcile = ReconcileSettings(
+            **{name: overrides.get(name, getattr(base, name)) for name in base.__dataclass_fields__}
+        )
 
     def poison(self) -> QueueClient:
         return poison_queue(self.captures)
@@ -209,22 +245,22 @@ def run_reconcile(args: argparse.Namespace) -> int:
         runs=site.runs,
         poison=None if args.no_poison else site.poison(),
     )
-    _print_report(ran.report, args.format)
+    _print_report(ran.report, args)
     print_delivery(ran.delivered)  # alerts not delivered before, as the timer sends them
     return EXIT_ALERTS if ran.report.failed else 0
 
 
-def _print_report(report: ReconcileReport, fmt: str) -> None:
+def _print_report(report: ReconcileReport, args: argparse.Namespace) -> None:
     rows = [item.to_dict() for item in report.items]
-    if fmt == "json":
-        print_json(report.to_dict())
+    if args.query is not None or args.output in ("json", "jsonc"):
+        emit(args, report.to_dict())
         return
-    if fmt == "csv":
-        _print_csv(rows, _ITEM_COLUMNS)
+    if args.output != "table":
+        print_rows(rows, _ITEM_COLUMNS, args.output, every_field=False)
         print(f"nwcap: {report.line()}", file=sys.stderr)
         return
     if rows:
-        _print_table(rows, _ITEM_COLUMNS)
+        print_rows(rows, _ITEM_COLUMNS, "table")
     print(report.line())
 
 
@@ -242,14 +278,10 @@ def run_status(args: argparse.Namespace) -> int:
         tags_refresh=refresh,
         policy=policy_file(site.settings.policy_location, lambda: blob_service_for(site.results)),
     )
-    if args.format == "json":
-        print_json(document)
+    if args.query is not None or args.output in ("json", "jsonc"):
+        emit(args, document)
     else:
-        rows = _status_rows(document)
-        if args.format == "csv":
-            _print_csv(rows, ("what", "value"))
-        else:
-            _print_table(rows, ("what", "value"))
+        print_rows(_status_rows(document), ("what", "value"), args.output, every_field=False)
     return 0 if document["ok"] else EXIT_ALERTS
 
 
@@ -299,35 +331,11 @@ def run_servicetags_update(args: argparse.Namespace) -> int:
         )
     results = results_connection(args)
     container = blob_service_for(results).get_container_client(refresh.container)
-    result = refresh_service_tags(
-        refresh, container, management_credential(results), force=True
-    )
+    result = refresh_service_tags(refresh, container, management_credential(results), force=True)
     document = result.to_dict()
-    if args.format == "json":
-        print_json(document)
+    if args.query is not None or args.output in ("json", "jsonc"):
+        emit(args, document)
     else:
         rows = [{"what": key, "value": value} for key, value in document.items()]
-        (_print_csv if args.format == "csv" else _print_table)(rows, ("what", "value"))
+        print_rows(rows, ("what", "value"), args.output, every_field=False)
     return 1 if result.status == "failed" else 0
-
-
-def _text(value: Any) -> str:
-    return "" if value is None else str(value)
-
-
-def _print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-    cells = [[terminal_text(_text(row.get(column))) for column in columns] for row in rows]
-    widths = [
-        max([len(column), *(len(line[index]) for line in cells)])
-        for index, column in enumerate(columns)
-    ]
-    for line in [[column.upper() for column in columns], *cells]:
-        padded = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
-        print("  ".join(padded).rstrip())
-
-
-def _print_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-    writer = csv.writer(sys.stdout)
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([csv_cell(_text(row.get(column))) for column in columns])

@@ -10,113 +10,137 @@ silent fallback to Azurite: set ``RESULTS_CONNECTION=UseDevelopmentStorage=true`
 A blob URL given to ``process`` must be on the captures connection's endpoint (see
 :func:`analyzer.store.connections.require_trusted_blob_url`): its credential goes nowhere else.
 
-Everything shown comes from captures and blob paths, which others choose: text in tables and
-messages is escaped (:func:`analyzer.present.textsafe.terminal_text`), CSV cells cannot start a
-formula (:func:`analyzer.present.textsafe.csv_cell`), and JSON escapes every non-ASCII character.
-``show`` reads a capture's peers and alerts a page at a time and prints each page as it comes.
+Everything shown comes from captures and blob paths, which others choose: output goes through
+:mod:`analyzer.cli.output` (escaped table and TSV cells, CSV cells that cannot start a formula,
+ASCII JSON). ``show`` reads a capture's peers and alerts a page at a time. Direction is the
+VM's: *in* is what the peer sent to the VM, *out* what the VM sent.
+
+``who-talked-to`` takes an address (one indexed read) or a name: a name, with ``*`` wildcards,
+is looked for among the names stored with each sighting (what the capture said the peer was
+called, verified or not), scanning at most :data:`MAX_NAME_SCAN` sightings of the window, then
+each matching address is read through its index.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import ipaddress
 import json
+import re
 import sys
-import time
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, TextIO, TypeGuard
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from fnmatch import fnmatchcase
+from typing import Any
 
-from azure.core.exceptions import AzureError, ResourceNotFoundError
-from azure.storage.blob import BlobClient, BlobServiceClient
+from azure.core.exceptions import ResourceNotFoundError
 
 from analyzer.cli.common import (
-    FORMATS,
     CaptureReadError,
-    captures_connection_option,
+    command,
     failed,
     guarded,
-    print_delivery,
-    print_json,
-    results_connection,
     results_store,
     results_store_options,
-    service_tags_location,
-    table_prefix,
 )
-from analyzer.pipeline.alert_delivery import AlertDelivery, DeliveryResult, DeliverySettings
-from analyzer.pipeline.processing import Outcome, Settings
-from analyzer.pipeline.reference_files import policy_file, service_tags_file
-from analyzer.pipeline.run import Pipeline, process_and_deliver
-from analyzer.present.textsafe import csv_cell, terminal_text
-from analyzer.store.blobpath import is_capture_blob
-from analyzer.store.connections import (
-    blob_service_for,
-    queue_service_for,
-    require_trusted_blob_url,
-    resolve,
-    resolve_first,
-    table_service_for,
+from analyzer.cli.exits import NotFoundError, UsageError
+from analyzer.cli.output import (
+    cell_text,
+    emit,
+    needs_document,
+    output_options,
+    print_rows,
+    write_table,
 )
+from analyzer.present.render import human_bytes
+from analyzer.present.textsafe import terminal_text
 from analyzer.store.results import MAX_PAGE, TableResultsStore
 from analyzer.web import api
 
 _FAILURES = frozenset({"failed", "error"})
-_PATH_COLUMNS = frozenset({"blob"})
+# who-talked-to NAME: sightings scanned at most, and matching addresses read at most.
+MAX_NAME_SCAN = 200_000
+MAX_NAME_ADDRESSES = 200
+_NAME = re.compile(r"[A-Za-z0-9*?_.-]{1,253}")
+ID = "<capture-id>"
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``process``, ``captures``, ``show``, ``alerts`` and ``who-talked-to``."""
-    process = subparsers.add_parser(
-        "process",
-        help="analyse capture blobs into Table Storage (backfill), as the function does",
-        description="Analyse every .cap blob of a container (optionally under a prefix), or "
-        "one blob URL, store the results and send their alerts to the alerts queue, as the "
-        "function does (ALERTS_MIN_SEVERITY=none sends none; an alert already sent is not "
-        "sent again). Captures already complete at the same ETag are skipped unless --force. "
-        "Exit code 1 when any capture failed.",
+    """Add ``captures``, ``show``, ``alerts`` and ``who-talked-to``."""
+    captures = command(
+        subparsers,
+        "captures",
+        help="list stored captures",
+        examples=[
+            ("nwcap captures --since 24h", "the captures of the last day"),
+            ("nwcap captures --vm vm-web-01 -o json", "one VM's captures as JSON"),
+            (
+                "nwcap captures --query \"captures[?status=='failed'].capture_id\" -o tsv",
+                "the ids of the failed ones, one a line",
+            ),
+        ],
     )
-    process.add_argument(
-        "source",
-        nargs="?",
-        help="a blob URL, or a container (default: CAPTURES_CONTAINER or network-watcher-logs)",
-    )
-    process.add_argument("--prefix", default="", help="only blobs whose name starts with this")
-    process.add_argument(
-        "--force", action="store_true", help="process again even when complete at this ETag"
-    )
-    process.add_argument(
-        "--policy", help="policy file, blob URL or container/blob (default: NWCAP_POLICY)"
-    )
-    process.add_argument(
-        "--service-tags",
-        help="service-tags JSON file, blob URL or container/blob (default: NWCAP_SERVICE_TAGS)",
-    )
-    captures_connection_option(process)
-    _common(process)
-    process.set_defaults(func=run_process)
-
-    captures = subparsers.add_parser("captures", help="list stored captures")
     captures.add_argument("--vm", help="only this VM (scale-set instances: {scaleset}_{n})")
     _time_range(captures)
     _paging(captures)
     _common(captures)
     captures.set_defaults(func=run_captures)
 
-    show = subparsers.add_parser("show", help="one capture with its peers and alerts")
+    show = command(
+        subparsers,
+        "show",
+        help="one capture with its peers and alerts",
+        examples=[
+            (f"nwcap show {ID}", "the capture, its peers (in/out from the VM) and alerts"),
+            (
+                f'nwcap show {ID} --query "peers[?expected==`false`].address" -o tsv',
+                "the addresses of its unexpected peers",
+            ),
+            (f"nwcap show {ID} -o csv > peers.csv", "its peers for a spreadsheet"),
+        ],
+    )
     show.add_argument("capture_id", help="a capture id as listed by 'nwcap captures'")
     _common(show)
     show.set_defaults(func=run_show)
 
-    alerts = subparsers.add_parser("alerts", help="alerts across all VMs")
+    alerts = command(
+        subparsers,
+        "alerts",
+        help="alerts across all VMs",
+        examples=[
+            ("nwcap alerts --since 24h --severity high", "the last day's high alerts"),
+            ("nwcap alerts --rule inbound-scan --vm vm-web-01", "one rule's alerts on one VM"),
+            (
+                'nwcap alerts --query "alerts[].{vm: vm, peer: peer, rule: rule}" -o table',
+                "chosen columns",
+            ),
+        ],
+    )
     _time_range(alerts)
     alerts.add_argument("--severity", help="minimum severity: info, low, medium or high")
+    alerts.add_argument(
+        "--rule", help="only this rule, e.g. inbound-scan (nwcap alerts lists them)"
+    )
     alerts.add_argument("--vm", help="only this VM")
     _paging(alerts)
     _common(alerts)
     alerts.set_defaults(func=run_alerts)
 
-    who = subparsers.add_parser("who-talked-to", help="which VMs talked to an IP address, when")
-    who.add_argument("ip", help="an IPv4 or IPv6 address")
+    who = command(
+        subparsers,
+        "who-talked-to",
+        help="which VMs talked to an address or a name, when",
+        description="Which VMs talked to an address, or to a peer stored under a name (a DNS "
+        "answer, TLS SNI or HTTP Host the capture gave it, verified or not; * matches any "
+        "characters). An address is one indexed read; a name scans the stored sightings of "
+        "the window (--since), at most 200,000.",
+        examples=[
+            ("nwcap who-talked-to 20.150.90.4 --since 7d", "an address, last week"),
+            ("nwcap who-talked-to exfil0123.blob.core.windows.net", "a name the capture gave"),
+            ("nwcap who-talked-to '*.blob.core.windows.net' --since 24h", "any storage account"),
+        ],
+    )
+    who.add_argument("peer", metavar="ADDRESS|NAME", help="an IPv4 or IPv6 address, or a name")
     who.add_argument("--since", help="ISO 8601 time or a duration back from now (24h, 7d)")
     _paging(who)
     _common(who)
@@ -125,7 +149,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def _common(parser: argparse.ArgumentParser) -> None:
     results_store_options(parser)
-    parser.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    output_options(parser)
 
 
 def _time_range(parser: argparse.ArgumentParser) -> None:
@@ -141,20 +165,27 @@ def _paging(parser: argparse.ArgumentParser) -> None:
 # --- running -----------------------------------------------------------------------------
 
 
+def _print_list(
+    args: argparse.Namespace, body: dict[str, Any], key: str, columns: Sequence[str]
+) -> None:
+    """A list answer: the whole body for JSON and --query; else its rows, oldest first."""
+    if args.query is not None or args.output in ("json", "jsonc"):
+        emit(args, body)
+    else:
+        # Pages come in table order; within one, the oldest first reads best.
+        rows = sorted(body[key], key=lambda row: str(row.get("capture_time") or ""))
+        print_rows(rows, columns, args.output)
+    token = body.get("continuation")
+    if token and args.output not in ("json", "jsonc"):
+        print(f"(more: --continuation {token})", file=sys.stderr)
+
+
 def _query(args: argparse.Namespace, call: api.Handler, key: str, columns: Sequence[str]) -> int:
     result = call(results_store(args))
     status = failed(result)
     if status is not None:
         return status
-    if args.format == "json":
-        print_json(result.body)
-    else:
-        # Pages come in table order; within one, the oldest first reads best.
-        rows = sorted(result.body[key], key=lambda row: str(row.get("capture_time") or ""))
-        _print_rows(rows, columns, args.format)
-    token = result.body.get("continuation")
-    if token and args.format != "json":
-        print(f"(more: --continuation {token})", file=sys.stderr)
+    _print_list(args, result.body, key, columns)
     return 0
 
 
@@ -178,43 +209,170 @@ def run_captures(args: argparse.Namespace) -> int:
 @guarded
 def run_alerts(args: argparse.Namespace) -> int:
     """nwcap alerts"""
-    params = _params(args, "since", "until", "severity", "vm", "limit", "continuation")
+    params = _params(args, "since", "until", "severity", "rule", "vm", "limit", "continuation")
     columns = ("capture_time", "vm", "severity", "rule", "peer", "message", "capture_id")
     return _query(args, lambda store: api.list_alerts(store, params), "alerts", columns)
+
+
+_SIGHTING_COLUMNS = (
+    "capture_time",
+    "vm",
+    "resource_group",
+    "address",
+    "names",
+    "packets",
+    "bytes",
+    "first_seen",
+    "last_seen",
+    "capture_id",
+)
 
 
 @guarded
 def run_who_talked_to(args: argparse.Namespace) -> int:
     """nwcap who-talked-to"""
+    try:
+        ipaddress.ip_address(args.peer.strip())
+    except ValueError:
+        return _who_talked_to_name(args)
     params = _params(args, "since", "limit", "continuation")
-    columns = (
-        "capture_time",
-        "vm",
-        "resource_group",
-        "packets",
-        "bytes",
-        "first_seen",
-        "last_seen",
-        "names",
-        "capture_id",
-    )
     return _query(
-        args, lambda store: api.who_talked_to(store, args.ip, params), "sightings", columns
+        args,
+        lambda store: api.who_talked_to(store, args.peer, params),
+        "sightings",
+        _SIGHTING_COLUMNS,
     )
 
 
-_PEER_COLUMNS = (
+def _who_talked_to_name(args: argparse.Namespace) -> int:
+    """Sightings of peers stored under a name matching ``args.peer`` (``*`` wildcards)."""
+    pattern = args.peer.strip().lower()
+    if not _NAME.fullmatch(pattern) or args.continuation:
+        raise UsageError(
+            f"{terminal_text(args.peer[:80])!r} is neither an IP address nor a DNS name "
+            "(letters, digits, '.', '-', '_' and * wildcards)"
+            + ("; --continuation is for addresses only" if args.continuation else "")
+        )
+    since = api.parse_time("since", args.since)
+    store = results_store(args)
+    addresses, scanned = _addresses_named(store, pattern, since)
+    params = _params(args, "since", "limit")
+    sightings = [
+        row
+        for address in addresses
+        for row in _all_sightings(store, address, params)
+        if any(fnmatchcase(str(name).lower(), pattern) for name in row.get("names", []))
+    ]
+    sightings.sort(key=lambda row: (str(row.get("capture_time") or ""), row["address"]))
+    body = {"name": args.peer.strip(), "sightings": sightings[: args.limit], "continuation": None}
+    if scanned >= MAX_NAME_SCAN:
+        print(
+            f"nwcap: scanned the first {scanned:,} sightings only: narrow with --since",
+            file=sys.stderr,
+        )
+    if len(sightings) > args.limit:
+        print(
+            f"nwcap: {len(sightings) - args.limit} more sightings: raise --limit", file=sys.stderr
+        )
+    _print_list(args, body, "sightings", _SIGHTING_COLUMNS)
+    return 0
+
+
+def _addresses_named(
+    store: TableResultsStore, pattern: str, since: float | None
+) -> tuple[list[str], int]:
+    """The addresses of stored sightings with a name matching ``pattern`` (sorted), and how
+    many sightings were read."""
+    client = store.table("peerindex")
+    select = ["address", "names"]
+    if since is None:
+        rows = client.list_entities(select=select)
+    else:
+        moment = datetime.fromtimestamp(since, tz=timezone.utc)
+        rows = client.query_entities(
+            "capture_time ge @since", parameters={"since": moment}, select=select
+        )
+    found: set[str] = set()
+    scanned = 0
+    try:
+        for row in rows:
+            scanned += 1
+            names = json.loads(row.get("names") or "[]")
+            if any(fnmatchcase(str(name).lower(), pattern) for name in names):
+                found.add(str(row["address"]))
+            if scanned >= MAX_NAME_SCAN or len(found) >= MAX_NAME_ADDRESSES:
+                break
+    except ResourceNotFoundError:  # no table yet: nothing stored
+        pass
+    return sorted(found), scanned
+
+
+def _all_sightings(
+    store: TableResultsStore, address: str, params: dict[str, str]
+) -> Iterator[dict[str, Any]]:
+    token: str | None = None
+    while True:
+        page = api.who_talked_to(
+            store, address, {**params, **({"continuation": token} if token else {})}
+        )
+        if page.status != 200:
+            raise CaptureReadError(str(page.body.get("error", page.status)))
+        yield from page.body["sightings"]
+        token = page.body.get("continuation")
+        if not token:
+            return
+
+
+_ALERT_COLUMNS = ("severity", "rule", "peer", "message")
+_PEER_HEADER = (
     "address",
+    "names",
     "category",
     "expected",
-    "new_peer",
-    "packets_sent",
-    "packets_received",
-    "bytes",
-    "names",
+    "why",
+    "new",
+    "pkts in/out",
+    "bytes in/out",
+    "ports",
     "alerts",
 )
-_ALERT_COLUMNS = ("severity", "rule", "peer", "message")
+
+
+def _peer_cells(peer: dict[str, Any]) -> list[Any]:
+    """A stored peer as a row of ``show``'s table (:data:`_PEER_HEADER`)."""
+    names = list(dict.fromkeys(str(n.get("name", "")) for n in peer.get("names", [])))
+    return [
+        peer.get("address"),
+        names,
+        peer.get("category"),
+        peer.get("expected"),
+        peer.get("reason"),
+        peer.get("new_peer"),
+        f"{peer.get('packets_sent', 0)}/{peer.get('packets_received', 0)}",
+        f"{human_bytes(int(peer.get('bytes_sent') or 0))}/"
+        f"{human_bytes(int(peer.get('bytes_received') or 0))}",
+        _stored_ports(peer),
+        peer.get("alerts"),
+    ]
+
+
+def _stored_ports(peer: dict[str, Any]) -> str:
+    """Every stored port of a peer and how many more there were (see
+    :func:`analyzer.present.render.ports_text`)."""
+    parts = [f"{p.get('protocol')}/{p.get('port')}" for p in peer.get("remote_ports", [])]
+    if peer.get("other_remote_ports"):
+        parts.append(f"+{peer['other_remote_ports']} more")
+    tcp = peer.get("tcp") or {}
+    # schema 1 rows named the VM's ports the peer connected to ports_opened_by_peer
+    inbound = [
+        f"tcp/{port}"
+        for port in tcp.get("peer_attempts_by_vm_port") or tcp.get("ports_opened_by_peer") or {}
+    ]
+    if tcp.get("peer_attempts_other_ports"):
+        inbound.append(f"+{tcp['peer_attempts_other_ports']} more")
+    if inbound:
+        parts.append(f"(VM: {' '.join(inbound)})")
+    return " ".join(parts)
 
 
 @guarded
@@ -227,11 +385,19 @@ def run_show(args: argparse.Namespace) -> int:
         return status
     capture = first.body["capture"]
     peers = _pages(store, args.capture_id, "peers", first.body)
-    if args.format == "csv":
-        _print_csv(peers, _PEER_COLUMNS)
+    if args.output in ("csv", "tsv") and args.query is None:
+        print_rows((row for page in peers for row in page), _PEER_HEADER, args.output)
         return 0
     alerts = _pages(store, args.capture_id, "alerts", None)
-    if args.format == "json":
+    if needs_document(args):
+        document = {
+            "capture": capture,
+            "peers": [row for page in peers for row in page],
+            "alerts": [row for page in alerts for row in page],
+        }
+        emit(args, document)
+        return 0
+    if args.output == "json":
         # One document, written a page at a time.
         sys.stdout.write('{\n  "capture": ' + _json(capture, 1) + ',\n  "peers": [')
         for part, items in (("peers", peers), ("alerts", alerts)):
@@ -246,11 +412,11 @@ def run_show(args: argparse.Namespace) -> int:
         return 0
     width = max(len(key) for key in capture)
     for key, value in capture.items():
-        print(f"{key:<{width}}  {_cell(value)}")
-    print(f"\npeers ({capture.get('peers', '?')})")
-    _print_table(peers, _PEER_COLUMNS)
+        print(f"{key:<{width}}  {cell_text(value)}")
+    print(f"\npeers ({capture.get('peers', '?')})  in = from the peer to the VM, out = from the VM")
+    write_table(_PEER_HEADER, (_peer_cells(peer) for page in peers for peer in page))
     print(f"\nalerts ({sum(capture.get('alerts', {}).values())})")
-    _print_table(alerts, _ALERT_COLUMNS)
+    print_rows([row for page in alerts for row in page], _ALERT_COLUMNS, "table")
     return 0
 
 
@@ -275,156 +441,11 @@ def _pages(
 
 def _page(store: TableResultsStore, capture_id: str, params: dict[str, str]) -> dict[str, Any]:
     result = api.get_capture(store, capture_id, params)
-    if result.status != 200:  # the capture went away, or storage did, between two pages
+    if result.status == 404:
+        raise NotFoundError(str(result.body.get("error", "the capture went away")))
+    if result.status != 200:  # storage went away between two pages
         raise CaptureReadError(str(result.body.get("error", result.status)))
     return result.body
-
-
-# --- process -----------------------------------------------------------------------------
-
-
-@guarded
-def run_process(args: argparse.Namespace) -> int:
-    """nwcap process"""
-    settings = Settings.from_environ()
-    delivery_settings = DeliverySettings.from_environ()
-    results_names = (
-        (args.connection,) if args.connection else ("RESULTS_CONNECTION", args.captures_connection)
-    )
-    results = resolve_first(results_names)
-    captures = resolve(args.captures_connection)
-    policy_location = args.policy if args.policy is not None else settings.policy_location
-    tags_location, tags_missing_ok = service_tags_location(args.service_tags)
-    # Before any request: a URL's host must be the account whose credential goes with it.
-    if _is_url(args.source):
-        require_trusted_blob_url(args.source, captures)
-    for location in (policy_location, tags_location):
-        if _is_url(location):
-            require_trusted_blob_url(location, results)
-    captures_service = blob_service_for(captures)
-    # The store and the alerts queue are in the results account, as for the function.
-    stored_in = results_connection(args)
-    store = TableResultsStore(table_service_for(stored_in), prefix=table_prefix(args))
-    store.create_tables()
-    policy = policy_file(policy_location, lambda: blob_service_for(results)).get()
-    service_tags = service_tags_file(
-        tags_location, lambda: blob_service_for(results), missing_ok=tags_missing_ok
-    ).get()
-    delivery = AlertDelivery.from_settings(
-        store,
-        queue_service_for(stored_in),
-        delivery_settings,
-        create_queue=not stored_in.identity_based,
-    )
-    pipeline = Pipeline(
-        store,
-        delivery,
-        policy,
-        service_tags,
-        settings.budget,
-        lookup=settings.live_dns.lookup(),
-        baseline_max_age=settings.baseline_max_age,
-    )
-    blobs = list(_blobs(captures_service, args.source, args.prefix, settings.captures_container))
-    progress = ProgressBar(sys.stderr, len(blobs))
-    outcomes: list[Outcome] = []
-    delivered = DeliveryResult()
-    for index, (blob, size) in enumerate(blobs, start=1):
-        progress.start(index, blob.blob_name, size)
-        try:
-            run = process_and_deliver(pipeline, blob, force=args.force, progress=progress.update)
-        except AzureError as error:
-            outcome = Outcome("error", f"{blob.container_name}/{blob.blob_name}", detail=str(error))
-        else:
-            outcome = run.outcome
-            if run.delivered is not None:
-                delivered.add(run.delivered)
-        progress.finish(outcome)
-        outcomes.append(outcome)
-    documents = [
-        {
-            "status": outcome.status,
-            "capture_id": outcome.capture_id,
-            "blob": outcome.blob,
-            "detail": outcome.detail,
-        }
-        for outcome in outcomes
-    ]
-    if args.format == "json":
-        print_json({"outcomes": documents})
-    else:
-        _print_rows(documents, ("status", "capture_id", "blob", "detail"), args.format)
-    counts: dict[str, int] = {}
-    for outcome in outcomes:
-        counts[outcome.status] = counts.get(outcome.status, 0) + 1
-    summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
-    print(f"{len(outcomes)} blobs: {summary or 'nothing to do'}", file=sys.stderr)
-    print_delivery(delivered)
-    return 1 if any(outcome.status in _FAILURES for outcome in outcomes) else 0
-
-
-def _blobs(
-    service: BlobServiceClient, source: str | None, prefix: str, default_container: str
-) -> Iterable[tuple[BlobClient, int]]:
-    """The capture blobs to process, with their sizes: one URL (already checked to be on the
-    captures account), or a container's .cap blobs."""
-    if _is_url(source):
-        blob = BlobClient.from_blob_url(source, credential=service.credential)
-        try:
-            size = int(blob.get_blob_properties().size)
-        except ResourceNotFoundError:
-            raise ValueError(f"no blob at {source[:200]}") from None
-        yield blob, size
-        return
-    container = service.get_container_client(source or default_container)
-    for item in container.list_blobs(name_starts_with=prefix or None):
-        if is_capture_blob(item.name):
-            yield container.get_blob_client(item.name), int(item.size or 0)
-
-
-def _is_url(location: str | None) -> TypeGuard[str]:
-    return bool(location) and str(location).lower().startswith(("https://", "http://"))
-
-
-class ProgressBar:
-    """Progress of a backfill on stderr: a live bar on a terminal, one line per blob elsewhere."""
-
-    def __init__(self, stream: TextIO, total: int, *, interval: float = 0.2) -> None:
-        self.stream = stream
-        self.total = total
-        self.live = stream.isatty()
-        self.interval = interval
-        self._index = 0
-        self._name = ""
-        self._size = 0
-        self._shown = 0.0
-
-    def start(self, index: int, name: str, size: int) -> None:
-        self._index, self._size = index, size
-        self._name = terminal_text(name.rsplit("/", 1)[-1])
-        self._shown = 0.0
-        self.update(0)
-
-    def update(self, done: int) -> None:
-        if not self.live:
-            return
-        now = time.monotonic()
-        if done and now - self._shown < self.interval:
-            return
-        self._shown = now
-        fraction = min(1.0, done / self._size) if self._size else 0.0
-        filled = int(fraction * 24)
-        bar = "#" * filled + "-" * (24 - filled)
-        self.stream.write(
-            f"\r[{self._index}/{self.total}] [{bar}] {fraction:4.0%} {self._name[:48]:<48}"
-        )
-        self.stream.flush()
-
-    def finish(self, outcome: Outcome) -> None:
-        line = f"[{self._index}/{self.total}] {outcome.status:<10} {self._name}"
-        # On a terminal, pad the line to wipe out the bar it replaces.
-        self.stream.write(f"\r{line:<90}\n" if self.live else f"{line}\n")
-        self.stream.flush()
 
 
 # --- output ------------------------------------------------------------------------------
@@ -433,81 +454,3 @@ class ProgressBar:
 def _json(value: Any, level: int) -> str:
     """``value`` as indented JSON (ASCII only), to sit ``level`` levels deep in a document."""
     return json.dumps(value, indent=2).replace("\n", "\n" + "  " * level)
-
-
-def _cell(value: Any) -> str:
-    """``value`` for a terminal table: capture-derived text escaped (control, format and bidi
-    characters shown as ``\\uXXXX``)."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, dict):
-        shown = {key: count for key, count in value.items() if count}
-        if not shown:
-            return "-"
-        return " ".join(f"{terminal_text(str(key))}={_cell(count)}" for key, count in shown.items())
-    if isinstance(value, list):
-        return ", ".join(_cell(item) for item in value)
-    return terminal_text(str(value))
-
-
-def _print_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str) -> None:
-    if fmt == "csv":
-        _print_csv([rows], columns)
-    else:
-        _print_table([rows], columns)
-
-
-def _print_csv(pages: Iterable[Sequence[dict[str, Any]]], columns: Sequence[str]) -> None:
-    """Every field (those of the first row), nested ones as JSON, so that nothing is lost."""
-    writer = csv.writer(sys.stdout)
-    fields: list[str] | None = None
-    for rows in pages:
-        for row in rows:
-            if fields is None:
-                fields = list(row)
-                writer.writerow(fields)
-            writer.writerow([_csv(row.get(key)) for key in fields])
-    if fields is None:
-        writer.writerow(columns)
-
-
-def _print_table(pages: Iterable[Sequence[dict[str, Any]]], columns: Sequence[str]) -> None:
-    """A table, the column widths fitted to the first page (at most 60 characters)."""
-    widths: list[int] | None = None
-    for rows in pages:
-        cells = [[_cell(row.get(column)) for column in columns] for row in rows]
-        if widths is None:
-            widths = [
-                min(60, max([len(column), *(len(line[i]) for line in cells)]))
-                for i, column in enumerate(columns)
-            ]
-            header = zip(columns, widths, strict=True)
-            print("  ".join(column.upper().ljust(width) for column, width in header).rstrip())
-        for line in cells:
-            shown = (
-                _fit(text, width, from_left=column in _PATH_COLUMNS)
-                for text, width, column in zip(line, widths, columns, strict=True)
-            )
-            print("  ".join(shown).rstrip())
-
-
-def _fit(text: str, width: int, *, from_left: bool) -> str:
-    """``text`` in ``width`` characters; paths lose their start, other text its end."""
-    if len(text) > width:
-        text = "…" + text[-(width - 1) :] if from_left else text[: width - 1] + "…"
-    return text.ljust(width)
-
-
-def _csv(value: Any) -> str:
-    """``value`` as a CSV cell; text that a spreadsheet would take for a formula is quoted."""
-    if isinstance(value, (dict, list)):
-        return json.dumps(value)
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return csv_cell(value)
-    return str(value)

@@ -253,8 +253,13 @@ def sweep(
                 run.process.join()
                 run.conn.close()
                 results.append(
-                    FileResult(_relative(run.path, root), "hung", now - run.started,
-                               f"timeout {timeout:g}s", f"killed after {timeout:g}s")
+                    FileResult(
+                        _relative(run.path, root),
+                        "hung",
+                        now - run.started,
+                        f"timeout {timeout:g}s",
+                        f"killed after {timeout:g}s",
+                    )
                 )
             else:
                 still.append(run)
@@ -275,8 +280,13 @@ def _collect(run: _Running, root: Path, now: float) -> FileResult:
         run.process.join()
         code = run.process.exitcode
         how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
-        return FileResult(name, "crashed", now - run.started, f"worker died ({how})",
-                          f"the worker process ended with {how} before reporting")
+        return FileResult(
+            name,
+            "crashed",
+            now - run.started,
+            f"worker died ({how})",
+            f"the worker process ended with {how} before reporting",
+        )
     finally:
         run.conn.close()
     run.process.join()

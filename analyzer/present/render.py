@@ -1,11 +1,18 @@
-"""Human- and machine-readable renderings of an :class:`Analysis`: table, JSON, CSV."""
+"""Human- and machine-readable renderings of an :class:`Analysis`: table, JSON, CSV, TSV.
+
+Tables never cut a cell: given no width (the output is not a terminal) every column is as wide
+as its widest cell; given a terminal's width, the widest columns are narrowed and their cells
+wrap onto more lines. Direction is the VM's: *in* is what the peer sent to the VM, *out* what
+the VM sent to the peer.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from collections.abc import Iterator, Sequence
+import textwrap
+from collections.abc import Iterable, Iterator, Sequence
 
 from analyzer.base.models import Analysis, Peer, iso_time
 from analyzer.present.textsafe import csv_cell, terminal_text
@@ -24,13 +31,19 @@ PEER_CSV_COLUMNS = (
     "last_seen",
     "protocols",
     "remote_ports",
+    "other_remote_ports",
     "local_ports",
-    "tcp_opened_by_peer",
-    "tcp_opened_by_local",
-    "tcp_unanswered_from_local",
-    "tcp_reset_from_local",
+    "other_local_ports",
+    "tcp_peer_attempts",
+    "tcp_peer_attempts_refused_by_vm",
+    "tcp_peer_attempts_unanswered_by_vm",
+    "tcp_vm_attempts",
+    "tcp_vm_attempts_refused_by_peer",
+    "tcp_vm_attempts_unanswered_by_peer",
     "alerts",
 )
+# A column narrowed to fit a terminal keeps at least this many characters (or its header's).
+MIN_COLUMN = 10
 
 
 def to_json(analysis: Analysis) -> str:
@@ -73,43 +86,62 @@ def to_csv(analysis: Analysis) -> str:
 
     Text cells are neutralised against formula injection (names come from the capture).
     """
-    alerts_by_peer: dict[str, list[str]] = {}
-    for alert in analysis.alerts:
-        alerts_by_peer.setdefault(alert.peer, []).append(alert.rule)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(PEER_CSV_COLUMNS)
-    for peer in analysis.peers:
-        writer.writerow(
-            (
-                csv_cell(peer.address),
-                csv_cell(" ".join(_unique_names(peer))),
-                csv_cell(peer.category),
-                "" if peer.expected is None else str(peer.expected).lower(),
-                csv_cell(peer.reason),
-                peer.packets_sent,
-                peer.packets_received,
-                peer.bytes_sent,
-                peer.bytes_received,
-                iso_time(peer.first_seen),
-                iso_time(peer.last_seen),
-                " ".join(f"{k}:{v}" for k, v in peer.protocols.items()),
-                " ".join(f"{p.protocol}/{p.port}:{p.packets}" for p in peer.remote_ports),
-                " ".join(f"{p.protocol}/{p.port}:{p.packets}" for p in peer.local_ports),
-                peer.tcp.opened_by_peer,
-                peer.tcp.opened_by_local,
-                peer.tcp.unanswered_from_local,
-                peer.tcp.reset_from_local,
-                " ".join(alerts_by_peer.get(peer.address, [])),
-            )
-        )
+    for row in peer_rows(analysis):
+        writer.writerow(csv_cell(cell) if isinstance(cell, str) else cell for cell in row)
     return out.getvalue()
 
 
-def to_table(analysis: Analysis, *, max_peers: int = 200) -> str:
+def to_tsv(analysis: Analysis) -> str:
+    """The rows of :func:`to_csv` tab-separated, without a header (as ``az -o tsv``), every
+    cell escaped so that a tab or newline in a name cannot shift a field."""
+    return "".join(
+        "\t".join(terminal_text(str(cell)) for cell in row) + "\n" for row in peer_rows(analysis)
+    )
+
+
+def peer_rows(analysis: Analysis) -> Iterator[tuple[str | int, ...]]:
+    """One tuple per peer, in :data:`PEER_CSV_COLUMNS` order (text unescaped)."""
+    alerts_by_peer: dict[str, list[str]] = {}
+    for alert in analysis.alerts:
+        alerts_by_peer.setdefault(alert.peer, []).append(alert.rule)
+    for peer in analysis.peers:
+        tcp = peer.tcp
+        yield (
+            peer.address,
+            " ".join(_unique_names(peer)),
+            peer.category,
+            "" if peer.expected is None else str(peer.expected).lower(),
+            peer.reason,
+            peer.packets_sent,
+            peer.packets_received,
+            peer.bytes_sent,
+            peer.bytes_received,
+            iso_time(peer.first_seen) or "",
+            iso_time(peer.last_seen) or "",
+            " ".join(f"{k}:{v}" for k, v in peer.protocols.items()),
+            " ".join(f"{p.protocol}/{p.port}:{p.packets}" for p in peer.remote_ports),
+            peer.other_remote_ports,
+            " ".join(f"{p.protocol}/{p.port}:{p.packets}" for p in peer.local_ports),
+            peer.other_local_ports,
+            tcp.peer_attempts,
+            tcp.peer_attempts_refused_by_vm,
+            tcp.peer_attempts_unanswered_by_vm,
+            tcp.vm_attempts,
+            tcp.vm_attempts_refused_by_peer,
+            tcp.vm_attempts_unanswered_by_peer,
+            " ".join(alerts_by_peer.get(peer.address, [])),
+        )
+
+
+def to_table(analysis: Analysis, *, max_peers: int | None = None, width: int | None = None) -> str:
     """An overview, a per-peer table and the alerts, for a person at a terminal.
 
-    Every capture-derived text is escaped (:func:`analyzer.present.textsafe.terminal_text`).
+    ``max_peers``: peers shown at most (None: all, said when some are left out); ``width``: the
+    terminal's width to wrap the table to (None: never narrowed). Every capture-derived text is
+    escaped (:func:`analyzer.present.textsafe.terminal_text`).
     """
     cap = analysis.capture
     lines = [
@@ -136,41 +168,44 @@ def to_table(analysis: Analysis, *, max_peers: int = 200) -> str:
             f"{cap.folded_packets:,} packets, {human_bytes(cap.folded_bytes)}, "
             f"in {len(analysis.folded)} prefix groups"
         )
+    lines.append("Direction in = from the peer to the VM, out = from the VM to the peer")
     lines.append("")
-    header = ("PEER", "NAME", "CATEGORY", "OK", "PKTS IN/OUT", "BYTES IN/OUT", "PORTS", "TCP")
-    rows = [_peer_row(peer) for peer in analysis.peers[:max_peers]]
-    lines.extend(_columns(header, rows))
-    if len(analysis.peers) > max_peers:
-        lines.append(f"... {len(analysis.peers) - max_peers} more peers (use --format json)")
+    shown = analysis.peers if max_peers is None else analysis.peers[:max_peers]
+    lines.extend(layout_table(PEER_TABLE_HEADER, [peer_table_row(p) for p in shown], width))
+    if len(analysis.peers) > len(shown):
+        more = len(analysis.peers) - len(shown)
+        lines.append(f"... {more} more peers (-o json, or pipe the table: it then lists all)")
     if analysis.folded:
         lines.append("")
-        lines.extend(_folded_lines(analysis))
+        lines.extend(_folded_lines(analysis, width))
     lines.append("")
     if analysis.alerts:
         lines.append(f"Alerts ({len(analysis.alerts)})")
-        lines.extend(
-            f"  {a.severity.upper():<6} {a.rule:<26} {a.peer:<16} {terminal_text(a.message)}"
-            for a in analysis.alerts
-        )
+        rows = [
+            (a.severity.upper(), a.rule, a.peer, terminal_text(a.message)) for a in analysis.alerts
+        ]
+        lines.extend(layout_table(("SEVERITY", "RULE", "PEER", "MESSAGE"), rows, width))
     else:
         lines.append("Alerts    none")
     return "\n".join(lines) + "\n"
 
 
-def _peer_row(peer: Peer) -> tuple[str, ...]:
+PEER_TABLE_HEADER = (
+    "PEER",
+    "NAME",
+    "CATEGORY",
+    "OK",
+    "WHY",
+    "PKTS IN/OUT",
+    "BYTES IN/OUT",
+    "PORTS",
+    "TCP",
+)
+
+
+def peer_table_row(peer: Peer) -> tuple[str, ...]:
+    """A peer as a row of the ``analyze`` table (:data:`PEER_TABLE_HEADER`), escaped."""
     names = _unique_names(peer)
-    ports = [f"{p.protocol}/{p.port}" for p in peer.remote_ports[:3]]
-    # the VM's own ports only where the peer connected in: ephemeral ports say nothing
-    inbound = [f"tcp/{port}" for port in list(peer.tcp.ports_opened_by_peer)[:3]]
-    port_text = " ".join(ports) + (f" (in: {' '.join(inbound)})" if inbound else "")
-    tcp = peer.tcp
-    tcp_text = f"in {tcp.opened_by_peer} out {tcp.opened_by_local}"
-    failed = tcp.unanswered_from_local + tcp.unanswered_from_peer
-    if failed:
-        tcp_text += f" unans {failed}"
-    resets = tcp.reset_from_local + tcp.reset_from_peer
-    if resets:
-        tcp_text += f" rst {resets}"
     expected = "-" if peer.expected is None else ("yes" if peer.expected else "NO")
     return (
         peer.address,
@@ -179,14 +214,65 @@ def _peer_row(peer: Peer) -> tuple[str, ...]:
         else "",
         peer.category,
         expected,
+        terminal_text(peer.reason),
         f"{peer.packets_sent}/{peer.packets_received}",
         f"{human_bytes(peer.bytes_sent)}/{human_bytes(peer.bytes_received)}",
-        port_text,
-        tcp_text,
+        ports_text(peer),
+        tcp_text(peer),
     )
 
 
-def _folded_lines(analysis: Analysis, shown: int = 10) -> list[str]:
+def ports_text(peer: Peer) -> str:
+    """Every port kept for the peer, and how many more there were: the peer's ports, then the
+    VM's ports the peer connected to (the VM's other ports are ephemeral and say nothing)."""
+    parts = [f"{p.protocol}/{p.port}" for p in peer.remote_ports]
+    if peer.other_remote_ports:
+        parts.append(f"+{peer.other_remote_ports} more")
+    inbound = [f"tcp/{port}" for port in peer.tcp.peer_attempts_by_vm_port]
+    if peer.tcp.peer_attempts_other_ports:
+        inbound.append(f"+{peer.tcp.peer_attempts_other_ports} more")
+    if inbound:
+        parts.append(f"(VM: {' '.join(inbound)})")
+    return " ".join(parts)
+
+
+def tcp_text(peer: Peer) -> str:
+    """TCP connection attempts each way and how each was answered, e.g.
+    ``in 60 (1 answered, 59 refused) out 1 (1 answered)``."""
+    tcp = peer.tcp
+    return (
+        _attempts(
+            "in",
+            tcp.peer_attempts,
+            tcp.peer_attempts_answered_by_vm,
+            tcp.peer_attempts_refused_by_vm,
+            tcp.peer_attempts_unanswered_by_vm,
+        )
+        + " "
+        + _attempts(
+            "out",
+            tcp.vm_attempts,
+            tcp.vm_attempts_answered_by_peer,
+            tcp.vm_attempts_refused_by_peer,
+            tcp.vm_attempts_unanswered_by_peer,
+        )
+    )
+
+
+def _attempts(direction: str, total: int, answered: int, refused: int, unanswered: int) -> str:
+    parts = [
+        f"{count} {what}"
+        for count, what in (
+            (answered, "answered"),
+            (refused, "refused"),
+            (unanswered, "unanswered"),
+        )
+        if count
+    ]
+    return f"{direction} {total}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _folded_lines(analysis: Analysis, width: int | None) -> list[str]:
     groups = sorted(analysis.folded, key=lambda g: (-g.packets, g.prefix))
     header = ("FOLDED PREFIX", "PEERS~", "PKTS", "BYTES", "PORTS")
     rows = [
@@ -195,14 +281,11 @@ def _folded_lines(analysis: Analysis, shown: int = 10) -> list[str]:
             f"{group.peers_estimate:,}",
             f"{group.packets:,}",
             human_bytes(group.bytes),
-            " ".join(f"{p.protocol}/{p.port}" for p in group.ports[:3]),
+            " ".join(f"{p.protocol}/{p.port}" for p in group.ports),
         )
-        for group in groups[:shown]
+        for group in groups
     ]
-    lines = _columns(header, rows)
-    if len(groups) > shown:
-        lines.append(f"... {len(groups) - shown} more folded groups (use --format json)")
-    return lines
+    return layout_table(header, rows, width)
 
 
 def _unique_names(peer: Peer) -> list[str]:
@@ -213,18 +296,48 @@ def _unique_names(peer: Peer) -> list[str]:
     return seen
 
 
-def _columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [len(h) for h in header]
-    for row in rows:
-        widths = [max(w, min(len(cell), 48)) for w, cell in zip(widths, row, strict=True)]
+def layout_table(
+    header: Sequence[str], rows: Iterable[Sequence[str]], width: int | None = None
+) -> list[str]:
+    """``rows`` under ``header`` in aligned columns, no cell ever cut.
+
+    With ``width`` (a terminal's), the widest columns are narrowed, down to :data:`MIN_COLUMN`,
+    until a line fits, and their cells wrap onto more lines; without, columns are as wide as
+    their widest cell. The cells must be escaped already.
+    """
+    table = [tuple(header), *(tuple(row) for row in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    if width is not None:
+        widths = fit_widths(widths, [len(h) for h in header], width)
     out = []
-    for row in (header, *rows):
-        cells = [
-            (cell if len(cell) <= 48 else cell[:47] + "…").ljust(width)
-            for cell, width in zip(row, widths, strict=True)
-        ]
-        out.append("  ".join(cells).rstrip())
+    for row in table:
+        cells = [_wrapped(cell, w) for cell, w in zip(row, widths, strict=True)]
+        for index in range(max(len(lines) for lines in cells)):
+            line = (
+                (lines[index] if index < len(lines) else "").ljust(w)
+                for lines, w in zip(cells, widths, strict=True)
+            )
+            out.append("  ".join(line).rstrip())
     return out
+
+
+def fit_widths(widths: Sequence[int], minimums: Sequence[int], width: int) -> list[int]:
+    """Column widths narrowed, widest first, until the columns and their gaps fit ``width``."""
+    fitted = list(widths)
+    floors = [min(w, max(m, MIN_COLUMN)) for w, m in zip(widths, minimums, strict=True)]
+    room = width - 2 * (len(fitted) - 1)
+    while sum(fitted) > room:
+        widest = max(range(len(fitted)), key=lambda i: fitted[i] - floors[i])
+        if fitted[widest] <= floors[widest]:
+            break  # cannot fit: the terminal wraps the rest
+        fitted[widest] -= 1
+    return fitted
+
+
+def _wrapped(cell: str, width: int) -> list[str]:
+    if len(cell) <= width:
+        return [cell]
+    return textwrap.wrap(cell, width, break_on_hyphens=False) or [""]
 
 
 def human_bytes(size: int) -> str:
