@@ -298,14 +298,14 @@ class TestDashboardInBrowser:
         watched.allowed_origin = origin
         store = stored["store"]
         page = watched.page
-        page.goto(server + "?code=k3y")
+        page.goto(server)
         captures = api.list_captures(store, {}).body["captures"]
         assert page.locator("tr.capture-row").count() == len(captures) == 3
         assert page.locator("tr.vm-row").count() == 1
 
         page.locator(f'a.capture-link[href*="{stored["scan"]}"]').click()
         page.wait_for_load_state()
-        assert "/api/ui/capture" in page.url and "code=k3y" in page.url
+        assert "/api/ui/capture" in page.url
         body = api.get_capture(store, stored["scan"], {}).body
         assert sorted(shown_column(page, "peers", 0)) == sorted(p["address"] for p in body["peers"])
         assert page.locator("tr.alert-row").count() == len(body["alerts"]) > 0
@@ -326,7 +326,7 @@ class TestDashboardInBrowser:
         page.locator("select[name=severity]").select_option("medium")
         page.locator("form.filters button[type=submit]").click()
         page.wait_for_load_state()
-        assert "severity=medium" in page.url and "code=k3y" in page.url
+        assert "severity=medium" in page.url
         medium = api.list_alerts(store, {"severity": "medium"}).body["alerts"]
         assert page.locator("tr.alert-row").count() == len(medium) > 0
 
@@ -349,7 +349,7 @@ class TestDashboardInBrowser:
             "rows => rows.map(r => [r.children[2].innerText, r.children[4].innerText])",
         )
         assert sorted(rows) == sorted([a["rule"], a["peer"]] for a in new_peers) and rows
-        page.goto(f"{server}alerts?severity=medium&code=k3y")
+        page.goto(f"{server}alerts?severity=medium")
         assert_nothing_stored(page)
 
         with page.expect_navigation():
@@ -359,13 +359,13 @@ class TestDashboardInBrowser:
             == api.list_alerts(store, {"severity": "medium", "limit": "500"}).body
         )
 
-        page.goto(f"{server}capture?id={stored['hostile']}&code=k3y")
+        page.goto(f"{server}capture?id={stored['hostile']}")
         cells = "\n".join(shown_column(page, "peers", 1))
         assert HOSTILE_HOSTS[0] in cells and page.locator("img").count() == 0
 
         watched.assert_clean()
         app_requests = [u for u in watched.requested if u.startswith(origin)]
-        assert app_requests and all("code=k3y" in u for u in app_requests)
+        assert app_requests and not any("code=" in u for u in app_requests)
 
     def test_capture_table_sorts_and_filters(
         self, watched: Watched, server: str, stored: dict[str, Any]
@@ -373,7 +373,7 @@ class TestDashboardInBrowser:
         watched.allowed_origin = server.split("/api/ui/", maxsplit=1)[0]
         body = api.get_capture(stored["store"], stored["hostile"], {}).body
         page = watched.page
-        page.goto(f"{server}capture?id={stored['hostile']}&code=k3y")
+        page.goto(f"{server}capture?id={stored['hostile']}")
         table = page.locator('[data-table="peers"]')
         table.locator("th").nth(0).locator("button").click()
         addresses = sorted((p["address"] for p in body["peers"]), key=ipaddress.ip_address)
@@ -390,7 +390,7 @@ class TestDashboardInBrowser:
         table.locator("input.filter-nonempty").check()
         alerting = {a["peer"] for a in body["alerts"]}
         assert set(shown_column(page, "peers", 0)) == alerting and alerting
-        page.goto(f"{server}capture?id={stored['hostile']}&code=k3y#peer-%zz")
+        page.goto(f"{server}capture?id={stored['hostile']}#peer-%zz")
         assert len(shown_column(page, "peers", 0)) == len(body["peers"])  # a bad fragment: ignored
         assert_nothing_stored(page)
         watched.assert_clean()

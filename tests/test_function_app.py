@@ -20,7 +20,7 @@ import pytest
 from azure.data.tables import TableServiceClient
 from azure.functions.timer import TimerRequest
 from azure.storage.blob import ContainerClient
-from azure.storage.queue import QueueClient, QueueServiceClient
+from azure.storage.queue import QueueClient, QueueServiceClient, TextBase64DecodePolicy
 from azurefunctions.extensions.base import Datum
 from azurefunctions.extensions.bindings import blob
 from azurefunctions.extensions.bindings.blob import BlobClientConverter
@@ -33,6 +33,7 @@ from analyzer.pipeline import run
 from analyzer.pipeline.alert_delivery import alerts_queue
 from analyzer.pipeline.alert_ledger import delivery_table_name
 from analyzer.pipeline.alert_messages import alert_message, stored_alerts
+from analyzer.pipeline.fanout import FANOUT_QUEUE, fanout_queue
 from analyzer.pipeline.processing import Settings
 from analyzer.store.blobpath import parse_capture_path
 from analyzer.store.results import TableResultsStore, capture_id_for
@@ -101,7 +102,21 @@ class TestBindings:
             "get_status",
             "ui_fleet",
             "ui_page",
+            "keyed_fleet",
+            "keyed_page",
+            "process_queued_capture",
         }
+
+    def test_fanout_queue_trigger(self) -> None:
+        assert bindings("process_queued_capture") == [
+            {
+                "direction": "IN",
+                "type": "queueTrigger",
+                "name": "message",
+                "queueName": FANOUT_QUEUE,
+                "connection": "RESULTS_CONNECTION",
+            }
+        ]
 
     def test_reconcile_timer(self) -> None:
         [timer] = bindings("reconcile_captures")
@@ -281,8 +296,29 @@ class TestBlobTrigger:
         assert capture["policy_version"] not in ("", "default")
 
 
+def fanout_messages(connection_string: str) -> list[func.QueueMessage]:
+    """The fan-out queue's messages, taken off it, as the queue trigger hands them over."""
+    queue = QueueClient.from_connection_string(
+        connection_string, FANOUT_QUEUE, message_decode_policy=TextBase64DecodePolicy()
+    )
+    taken = []
+    while batch := list(queue.receive_messages(max_messages=32)):
+        for message in batch:
+            taken.append(func.QueueMessage(id=message.id, body=message.content.encode()))
+            queue.delete_message(message)
+    return taken
+
+
+@pytest.fixture
+def empty_fanout_queue(connection_string: str) -> None:
+    """The fan-out queue (one name for the whole app) with no message of an earlier test."""
+    service = QueueServiceClient.from_connection_string(connection_string)
+    fanout_queue(service, create=True).clear_messages()
+
+
 class TestReconcileTimer:
-    """The timer runs the reconciler on the app's settings and records the run."""
+    """The timer runs the reconciler on the app's settings and records the run; the captures
+    it finds due go through the fan-out queue to the queue-triggered function."""
 
     def test_direct_call(
         self,
@@ -291,6 +327,8 @@ class TestReconcileTimer:
         results_store: TableResultsStore,
         monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture,
+        connection_string: str,
+        empty_fanout_queue: None,
     ) -> None:
         monkeypatch.setenv("RECONCILE_STALE_AFTER", "0s")
         monkeypatch.setenv("RECONCILE_GRACE", "0s")
@@ -302,19 +340,27 @@ class TestReconcileTimer:
             caplog.at_level(logging.INFO, logger="nwcap.outcome"),  # the nwcap.reconcile record
         ):
             handler("reconcile_captures")(TimerRequest(past_due=True))
+        assert results_store.list_captures().items == []  # sent to the queue, not processed
+        assert "running late" in caplog.text
+        [line] = [r for r in caplog.records if r.getMessage().startswith("nwcap.reconcile ")]
+        counts = json.loads(line.getMessage().split(" ", 1)[1])
+        assert (counts["scanned"], counts["queued"], counts["processed"], counts["left"]) == (
+            2, 2, 0, 0)
+        assert (counts["nwcap_event"], counts["stuck"], counts["poison_error"]) == (
+            "reconcile", 0, "")
+        messages = fanout_messages(connection_string)
+        assert len(messages) == 2
+        for message in messages:
+            handler("process_queued_capture")(message)
         stored = results_store.list_captures().items
         assert sorted((c["status"], c["blob_name"]) for c in stored) == [
             ("complete", name) for name in sorted(names)
         ]
-        assert "running late" in caplog.text
-        [line] = [r for r in caplog.records if r.getMessage().startswith("nwcap.reconcile ")]
-        counts = json.loads(line.getMessage().split(" ", 1)[1])
-        assert (counts["scanned"], counts["processed"], counts["left"]) == (2, 2, 0)
-        assert (counts["nwcap_event"], counts["stuck"], counts["poison_error"]) == (
-            "reconcile", 0, "")
+        handler("reconcile_captures")(TimerRequest(past_due=False))  # nothing due any more
+        assert fanout_messages(connection_string) == []
         status, body = call("get_status", get("status"))
         assert status == 200
-        assert body["last_reconcile"]["processed"] == 2
+        assert (body["last_reconcile"]["queued"], body["last_reconcile"]["complete"]) == (0, 2)
         assert body["source"] == "last reconcile run"  # one read, no listing
         assert body["captures"]["by_status"]["complete"] == 2
         assert body["pending"]["count"] == 0

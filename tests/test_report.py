@@ -566,8 +566,13 @@ class TestReportCommand:
     ) -> None:
         out = tmp_path / "r.html"
         ran = nwcap(
-            "report", "--capture-id", stored["scan"], "-o", str(out),
-            "--table-prefix", stored["prefix"],
+            "report",
+            "--capture-id",
+            stored["scan"],
+            "-o",
+            str(out),
+            "--table-prefix",
+            stored["prefix"],
         )
         assert ran.code == 0, ran.err
         body = api.get_capture(stored["store"], stored["scan"], {}).body
@@ -606,8 +611,7 @@ def stored(
 def server(stored: dict[str, Any]) -> Iterator[str]:
     running, url = start_in_thread(stored["store"])
     yield url
-    running.shutdown()
-    running.server_close()
+    running.close()
 
 
 def fetch(url: str) -> tuple[int, dict[str, str], str]:
@@ -728,40 +732,58 @@ class TestWholeCapture:
 
 
 class TestBlueprint:
-    """The function app's /api/ui routes, at function auth level, render the same pages."""
+    """The function app's routes: pages for a key at function level, /api/ui for people."""
 
-    def test_routes(self, stored: dict[str, Any]) -> None:
+    def test_routes(self, stored: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
         app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
         app.register_functions(web_blueprint(lambda: stored["store"]))
         functions = {f.get_function_name(): f for f in app.get_functions()}
-        assert set(functions) == {"ui_fleet", "ui_page"}
         routes = {name: f.get_trigger().route for name, f in functions.items()}  # type: ignore[union-attr]
-        assert routes == {"ui_fleet": "ui", "ui_page": "ui/{page}"}
+        assert routes == {
+            "ui_fleet": "ui",
+            "ui_page": "ui/{page}",
+            "keyed_fleet": "pages",
+            "keyed_page": "pages/{page}",
+        }
+        levels = {name: str(f.get_trigger().auth_level) for name, f in functions.items()}  # type: ignore[union-attr]
+        # the pages' data needs a key; /api/ui is open at the host and checks the signed-in user
+        assert {n for n, level in levels.items() if "FUNCTION" in level.upper()} == {
+            "keyed_fleet",
+            "keyed_page",
+        }
+        assert {n for n, level in levels.items() if "ANONYMOUS" in level.upper()} == {
+            "ui_fleet",
+            "ui_page",
+        }
         # the fleet's links are the route "ui" itself, the other pages "ui/{page}"
         assert pages.link("") == "/" + "api/" + routes["ui_fleet"]
         assert pages.link("", vm="v").split("?")[0] == "/api/ui"
         assert pages.link("alerts").startswith("/api/ui/alerts")
-        for function in functions.values():
-            trigger = function.get_trigger()
-            assert trigger is not None
-            assert str(trigger.auth_level) in ("FUNCTION", "AuthLevel.FUNCTION", "function")
-        request = func.HttpRequest(
-            method="GET",
-            url="https://nwcap.example/api/ui/capture",
-            params={"id": stored["scan"], "code": "k3y"},
-            route_params={"page": "capture"},
-            body=b"",
-        )
-        response = functions["ui_page"].get_user_function()(request)
-        assert response.status_code == 200
-        assert response.headers["X-Content-Type-Options"] == "nosniff"
-        assert "default-src 'none'" in response.headers["Content-Security-Policy"]
-        html = response.get_body().decode()
-        assert "k3y" not in html  # the key stays in the URL; the page's script carries it
-        assert stored["scan"] in html
-        fleet = functions["ui_fleet"].get_user_function()(
-            func.HttpRequest(method="GET", url="https://nwcap.example/api/ui", body=b"")
-        )
-        assert fleet.status_code == 200 and pages.link("capture", id=stored["baseline"]) in (
-            fleet.get_body().decode()
-        )
+        assert routes["keyed_fleet"] == pages.KEYED_ROOT.removeprefix("/api/")
+
+        def get(name: str, page: str, headers: dict[str, str]) -> tuple[int, str]:
+            request = func.HttpRequest(
+                method="GET",
+                url=f"https://nwcap.example/api/{routes[name].split('/')[0]}/{page}",
+                params={"id": stored["scan"], "code": "k3y"},
+                route_params={"page": page},
+                headers=headers,
+                body=b"",
+            )
+            response = functions[name].get_user_function()(request)
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+            assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+            return response.status_code, response.get_body().decode()
+
+        signed = {"X-MS-CLIENT-PRINCIPAL-ID": "00000000-0000-0000-0000-000000000001"}
+        for name in ("keyed_page", "ui_page"):
+            status, html = get(name, "capture", signed if name == "ui_page" else {})
+            if name == "ui_page":  # App Service Authentication is off: the header proves nothing
+                assert status == 200 and stored["scan"] not in html and 'id="key-shell"' in html
+                monkeypatch.setenv("WEBSITE_AUTH_ENABLED", "True")
+                status, html = get(name, "capture", signed)
+            assert status == 200 and stored["scan"] in html and "k3y" not in html
+        status, html = get("ui_page", "capture", {})  # auth on, nobody signed in: the shell
+        assert 'id="key-shell"' in html and stored["scan"] not in html and "k3y" not in html
+        status, fleet = get("keyed_fleet", "", {})
+        assert status == 200 and pages.link("capture", id=stored["baseline"]) in fleet

@@ -109,7 +109,7 @@ def main(argv: list[str]) -> int:
                 )
                 print(f"{out / name}.png {(out / f'{name}.png').stat().st_size:,} bytes")
             browser.close()
-        server.shutdown()
+        server.close()
     report_file.unlink()
     return 0
 

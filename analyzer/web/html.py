@@ -112,12 +112,19 @@ def content_security_policy(scripts: Sequence[str], styles: Sequence[str], *, ap
 
 
 def render(
-    template: str, context: Mapping[str, Any], *, scripts: Sequence[str], api: bool
+    template: str,
+    context: Mapping[str, Any],
+    *,
+    scripts: Sequence[str],
+    api: bool,
+    allow: Sequence[str] = (),
 ) -> Rendered:
-    """Render ``template`` with ``style.css`` and the named ``static/`` scripts inlined."""
+    """Render ``template`` with ``style.css`` and the named ``static/`` scripts inlined; the CSP
+    also allows the scripts named in ``allow`` (those of pages written into this document)."""
     style = asset("style.css")
     code = [asset(name) for name in scripts]
-    csp = content_security_policy(code, [style], api=api)
+    allowed = code + [asset(name) for name in allow if name not in scripts]
+    csp = content_security_policy(allowed, [style], api=api)
     html = (
         environment()
         .get_template(template)

@@ -6,9 +6,11 @@ renders the body it returns, so a page shows exactly what its JSON link (``/api/
 ``http.server``: :mod:`analyzer.web.server` and :mod:`analyzer.web.blueprint` adapt it.
 
 URLs are bookmarkable: ``/api/ui`` (fleet), ``/api/ui/capture?id=``, ``/api/ui/peer?ip=``,
-``/api/ui/alerts?severity=&rule=&vm=&since=&until=``. The function key (``code``) a page was
-opened with is added to its links by ``static/dashboard.js``; the server never writes it into a
-page. Two filters have no API parameter and are applied to the API's rows on the page: the
+``/api/ui/alerts?severity=&rule=&vm=&since=&until=``. No page, link or form ever holds a function
+key: the same pages under ``/api/pages/...`` (:data:`KEYED_ROOT`) are for callers with a key, sent
+as the ``x-functions-key`` header, and :func:`shell` is the key-free page that
+``static/dashboard.js`` fills by fetching them (see docs/dashboard.md, "Signing in and keys").
+Two filters have no API parameter and are applied to the API's rows on the page: the
 fleet's ``severity`` (captures whose highest alert is at least that) and the alerts' ``rule``;
 with one of them, further API pages are fetched (at most :data:`MAX_FILTER_PAGES`) until the
 page is full or the data ends. List pages look at the last :data:`DEFAULT_SINCE` unless
@@ -33,6 +35,8 @@ from analyzer.web.report import SUMMARY_PEER, context, from_stored, timestamp
 
 UI_ROOT = "/api/ui/"
 FLEET_URL = "/api/ui"  # the fleet page: the function app's route "ui" has no trailing slash
+KEYED_ROOT = "/api/pages"  # the same pages for callers that send a function key
+DASHBOARD_SCRIPTS = ("table.js", "dashboard.js")  # every page's CSP allows both (see shell)
 LIST_LIMIT = 500  # rows a list page asks the API for; the next page is a link
 MAX_FILTER_PAGES = 10  # API pages fetched to fill one filtered list page
 DEFAULT_SINCE = "7d"  # a list page's time window when the URL names none
@@ -387,6 +391,23 @@ def respond(page: str, params: Mapping[str, str], store: Callable[[], ResultsSto
     return html_response(status, rendered)
 
 
+def page_name(path: str) -> str | None:
+    """The dashboard page a path names (``""``: the fleet), under ``/api/ui`` or
+    :data:`KEYED_ROOT`; ``None`` for any other path."""
+    for root in (FLEET_URL, KEYED_ROOT):
+        if path == root or path.startswith(root + "/"):
+            return path[len(root) :].strip("/")
+    return None
+
+
+def shell() -> WebResponse:
+    """The key-free page served at ``/api/ui/...`` to a caller who is not signed in: no data,
+    only the script that fetches the page from :data:`KEYED_ROOT` with the tab's function key
+    (given once as ``#code=``) and writes it into this document, or says how to get in."""
+    _, rendered = _page("shell.html", 200, "", title="sign in")
+    return html_response(200, rendered)
+
+
 def unavailable(message: str, status: int = 503) -> WebResponse:
     status, rendered = _page("error.html", status, "", error=message)
     return html_response(status, rendered)
@@ -408,7 +429,8 @@ def _page(template: str, status: int, current: str, **values: Any) -> tuple[int,
             "severities": list(SEVERITY_ORDER),
             "max_filter_pages": MAX_FILTER_PAGES,
         },
-        scripts=("table.js", "dashboard.js") if template == "capture.html" else ("dashboard.js",),
+        scripts=DASHBOARD_SCRIPTS if template == "capture.html" else ("dashboard.js",),
         api=True,
+        allow=DASHBOARD_SCRIPTS,  # a page fetched with a key is written into the shell's document
     )
     return status, rendered
