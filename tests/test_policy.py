@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clirunner import nwcap
 from test_classify import claimed_dns_name, dns_name, fresh_vm_peers, outbound_tcp, run
 
 from analyzer.base.errors import NwcapError, PolicyError
@@ -19,6 +20,8 @@ from analyzer.judge.policy import (
     DEFAULT_SEVERITIES,
     NEW_PEER,
     RULE_IDS,
+    RULE_KEYS,
+    TOP_KEYS,
     Policy,
     PolicyRule,
     load_policy,
@@ -338,3 +341,178 @@ class TestAllowListMode:
     def test_mode_is_checked(self) -> None:
         with pytest.raises(PolicyError, match=r"^mode: expected one of catalogue, allow-list"):
             Policy.from_mapping({"mode": "strict"})
+
+
+SCHEMA = Path(__file__).resolve().parents[1] / "analyzer" / "judge" / "data" / "policy.schema.json"
+
+
+def _resolve(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        target: Any = schema
+        for step in node["$ref"].removeprefix("#/").split("/"):
+            target = target[step]
+        node = target
+    return node
+
+
+def _schema_errors(schema: dict[str, Any], node: dict[str, Any], value: Any, at: str) -> list[str]:
+    """The subset of JSON Schema the policy schema uses, enough to check documents with it."""
+    node = _resolve(schema, node)
+    kinds = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+    errors: list[str] = []
+    expected = node.get("type")
+    if expected is not None:
+        names = expected if isinstance(expected, list) else [expected]
+        ok = any(
+            (isinstance(value, int) and not isinstance(value, bool))
+            if name == "integer"
+            else isinstance(value, kinds[name])
+            for name in names
+        )
+        if not ok:
+            return [f"{at}: not {expected}"]
+    if "enum" in node and value not in node["enum"]:
+        errors.append(f"{at}: {value!r} not in enum")
+    if "pattern" in node and isinstance(value, str) and not re.search(node["pattern"], value):
+        errors.append(f"{at}: {value!r} does not match")
+    if "oneOf" in node and not any(
+        not _schema_errors(schema, option, value, at) for option in node["oneOf"]
+    ):
+        errors.append(f"{at}: matches no option")
+    if isinstance(value, int) and not (
+        node.get("minimum", value) <= value <= node.get("maximum", value)
+    ):
+        errors.append(f"{at}: {value} out of range")
+    if isinstance(value, dict):
+        properties = node.get("properties", {})
+        for key, item in value.items():
+            if "propertyNames" in node:
+                errors += _schema_errors(schema, node["propertyNames"], key, f"{at}.{key}")
+            if key in properties:
+                errors += _schema_errors(schema, properties[key], item, f"{at}.{key}")
+            elif node.get("additionalProperties") is False:
+                errors.append(f"{at}: unknown key {key!r}")
+            elif isinstance(node.get("additionalProperties"), dict):
+                errors += _schema_errors(schema, node["additionalProperties"], item, f"{at}.{key}")
+        errors += [f"{at}: needs {key}" for key in node.get("required", []) if key not in value]
+    if isinstance(value, list) and "items" in node:
+        for index, item in enumerate(value):
+            errors += _schema_errors(schema, node["items"], item, f"{at}[{index}]")
+    return errors
+
+
+class TestSchema:
+    """The JSON Schema editors use knows every key the loader accepts, and passes the example."""
+
+    def schema(self) -> dict[str, Any]:
+        document: dict[str, Any] = json.loads(SCHEMA.read_text())
+        return document
+
+    def test_every_accepted_key_is_in_the_schema(self) -> None:
+        from analyzer.judge.policy_scope import LIST_FIELDS, MATCH_LEVELS, SECTION_KEYS
+
+        schema = self.schema()
+        top = set(schema["properties"])
+        accepted = set(TOP_KEYS)
+        assert top == accepted
+        rule = schema["$defs"]["rule"]["properties"]
+        assert set(rule) == set(RULE_KEYS)
+        assert schema["$defs"]["rule_id"]["enum"] == list(CONFIGURABLE_RULES)
+        section = schema["$defs"]["section"]["properties"]
+        assert set(section) == (accepted - {"scopes", "description"}) | set(SECTION_KEYS)
+        assert set(section["match"]["properties"]) == set(MATCH_LEVELS)
+        assert section["replace"]["items"]["enum"] == list(LIST_FIELDS)
+
+    def test_examples_validate(self) -> None:
+        import yaml
+
+        schema = self.schema()
+        assert EXAMPLE.read_text().startswith(
+            "# yaml-language-server: $schema=../analyzer/judge/data/policy.schema.json"
+        )
+        documents: list[Any] = [yaml.safe_load(EXAMPLE.read_text()), yaml.safe_load(SCOPED)]
+        for document in documents:
+            load_policy(yaml.safe_dump(document))
+            assert _schema_errors(schema, schema, document, "policy") == []
+
+    def test_schema_rejects_what_the_loader_rejects(self) -> None:
+        schema = self.schema()
+        rejected: list[dict[str, Any]] = [
+            {"vnet_rangs": []},
+            {"severity": {"port-scan": "low"}},
+            {"mode": "strict"},
+            {"scopes": [{"match": {"host": "a"}}]},
+            {"allow": [{"cidr": "10.0.0.0/8", "port": 0}]},
+        ]
+        for document in rejected:
+            assert _schema_errors(schema, schema, document, "policy"), document
+            with pytest.raises(PolicyError):
+                Policy.from_mapping(document)
+
+
+SCOPED = """
+mode: catalogue
+vnet_ranges: [10.0.0.0/16]
+scopes:
+  - name: web
+    match: {resource_group: rg-web, vm: "vm-web-*"}
+    mode: allow-list
+    replace: [allow]
+    expected_storage_accounts: [webassets]
+    allow: [{name: partner, cidr: 203.0.113.0/24, protocol: tcp, port: 443}]
+    new_peer_learning_days: 7
+    severity: {new-peer: medium}
+"""
+
+
+class TestCommands:
+    """nwcap policy validate names file, line and column; explain says what decides."""
+
+    def test_validate(self, tmp_path: Path) -> None:
+        good = tmp_path / "good.yaml"
+        good.write_text(SCOPED)
+        code, out, err = nwcap("policy", "validate", str(good), str(EXAMPLE))
+        assert (code, err) == (0, "")
+        assert f"{good}: valid (version {load_policy(SCOPED).version}, mode catalogue, " in out
+        bad = tmp_path / "bad.json"
+        bad.write_text('{\n  "allow": [\n    {"cidr": "10.0.0.0/33"}\n  ]\n}\n')
+        code, out, err = nwcap("policy", "validate", str(good), str(bad))
+        assert code == 65
+        assert f"nwcap: error: {bad}:3:14: allow[0].cidr: '10.0.0.0/33' is not a valid" in err
+        broken = tmp_path / "broken.yaml"
+        broken.write_text("scopes:\n  - match: {vm: a\n")
+        code, _, err = nwcap("policy", "validate", str(broken))
+        assert code == 65 and f"{broken}:3:1: policy: not valid YAML" in err
+        assert nwcap("policy", "validate", str(tmp_path / "none.yaml")).code == 66
+
+    def test_explain(self, tmp_path: Path) -> None:
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(SCOPED)
+        common = ("policy", "explain", "--policy", str(policy), "-o", "json")
+        web = ("--vm", "vm-web-01", "--resource-group", "RG-WEB")
+        code, out, _ = nwcap(*common, *web, "203.0.113.7")
+        document = json.loads(out)
+        assert code == 0
+        assert (document["expected"], document["scopes"], document["mode"]) == (
+            True,
+            ["web"],
+            "allow-list",
+        )
+        assert "allowed by policy rule 'partner'" in document["why"]
+        assert (
+            document["decided_by"][0] == "allow rule 'partner' (cidr 203.0.113.0/24, tcp port 443)"
+        )
+        mirror = ("--name", "archive.ubuntu.com", "--port", "80", "91.189.91.83")
+        web_mirror = json.loads(nwcap(*common, *web, *mirror).out)
+        assert not web_mirror["expected"]
+        assert [a["rule"] for a in web_mirror["alerts"]] == ["unexpected-endpoint"]
+        db_mirror = json.loads(nwcap(*common, "--vm", "vm-db-01", *mirror).out)
+        assert (db_mirror["expected"], db_mirror["category"], db_mirror["scopes"]) == (
+            True,
+            "os-service",
+            [],
+        )
+        code, out, _ = nwcap("policy", "explain", "--vm", "x", "--port", "80", "168.63.129.16")
+        assert code == 0
+        assert "decided:   catalogue entry 'wireserver'" in out
+        assert nwcap("policy", "explain", "--vm", "x", "not-an-ip").code == 2

@@ -75,7 +75,7 @@ DEFAULT_SCAN_PORT_THRESHOLD = 10
 # A listed network this small is protected from peer folding outright (see address_priority).
 SMALL_NETWORK = 256
 
-_TOP_KEYS = (
+TOP_KEYS = (
     "description",
     "vnet_ranges",
     "admin_sources",
@@ -90,7 +90,7 @@ _TOP_KEYS = (
     "new_peer_learning_days",
     "scopes",
 )
-_RULE_KEYS = ("name", "comment", "cidr", "fqdn", "service_tag", "protocol", "port", "direction")
+RULE_KEYS = ("name", "comment", "cidr", "fqdn", "service_tag", "protocol", "port", "direction")
 _MATCH_KEYS = ("cidr", "fqdn", "service_tag", "protocol", "port")
 _STORAGE_ACCOUNT = re.compile(r"^[a-z0-9]{3,24}$")
 _FQDN_GLOB = re.compile(r"^[a-z0-9*?_\-]+(\.[a-z0-9*?_\-]+)*\.?$")
@@ -194,7 +194,7 @@ class Policy:
         """Validate a parsed policy document; raise :class:`PolicyError` naming the bad field."""
         if not isinstance(data, Mapping):
             raise PolicyError(f"policy: expected a mapping at the top level, got {kind_of(data)}")
-        _reject_unknown_keys("policy", data, _TOP_KEYS)
+        _reject_unknown_keys("policy", data, TOP_KEYS)
         base = {key: value for key, value in data.items() if key != "scopes"}
         policy = cls._from_fields(base)
         scopes = parse_sections(data.get("scopes"), _section_fields)
@@ -226,7 +226,7 @@ class Policy:
 
     @classmethod
     def _from_fields(cls, data: Mapping[str, Any]) -> Policy:
-        _reject_unknown_keys("policy", data, _TOP_KEYS)
+        _reject_unknown_keys("policy", data, TOP_KEYS)
         severity = _mapping(data, "severity")
         rules = _mapping(data, "rules")
         for key, value in severity.items():
@@ -503,7 +503,7 @@ def _optional_string(where: str, entry: Mapping[str, Any], key: str) -> str | No
 def _rule(where: str, entry: object, fallback_name: str, *, is_allow: bool) -> PolicyRule:
     if not isinstance(entry, Mapping):
         raise PolicyError(f"{where}: expected a mapping, got {kind_of(entry)}")
-    _reject_unknown_keys(where, entry, _RULE_KEYS)
+    _reject_unknown_keys(where, entry, RULE_KEYS)
     if not any(entry.get(key) is not None for key in _MATCH_KEYS):
         raise PolicyError(f"{where}: a rule needs at least one of: {', '.join(_MATCH_KEYS)}")
     name = _optional_string(where, entry, "name") or fallback_name
