@@ -54,7 +54,7 @@ from analyzer.cli.output import (
 )
 from analyzer.present.render import human_bytes
 from analyzer.present.textsafe import terminal_text
-from analyzer.store.results import MAX_PAGE, TableResultsStore
+from analyzer.store.results import MAX_PAGE, ResultsStore, TableResultsStore
 from analyzer.web import api
 
 _FAILURES = frozenset({"failed", "error"})
@@ -119,7 +119,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     _time_range(alerts)
     alerts.add_argument("--severity", help="minimum severity: info, low, medium or high")
     alerts.add_argument(
-        "--rule", help="only this rule, e.g. inbound-scan (nwcap alerts lists them)"
+        "--rule",
+        help="only this rule, e.g. inbound-scan (pages are read until --limit of its alerts "
+        "came; every match of the pages read is shown)",
     )
     alerts.add_argument("--vm", help="only this VM")
     _paging(alerts)
@@ -209,9 +211,28 @@ def run_captures(args: argparse.Namespace) -> int:
 @guarded
 def run_alerts(args: argparse.Namespace) -> int:
     """nwcap alerts"""
-    params = _params(args, "since", "until", "severity", "rule", "vm", "limit", "continuation")
+    params = _params(args, "since", "until", "severity", "vm", "limit", "continuation")
     columns = ("capture_time", "vm", "severity", "rule", "peer", "message", "capture_id")
-    return _query(args, lambda store: api.list_alerts(store, params), "alerts", columns)
+    if args.rule is None:
+        return _query(args, lambda store: api.list_alerts(store, params), "alerts", columns)
+    return _query(args, lambda store: _alerts_of_rule(store, args.rule, params), "alerts", columns)
+
+
+def _alerts_of_rule(store: ResultsStore, rule: str, params: dict[str, str]) -> api.ApiResponse:
+    """The alerts of one rule, read page after page (the other filters applied by the store)
+    until ``limit`` of them came or none are left; every match of the pages read is kept, so
+    the continuation loses none."""
+    wanted = int(params.get("limit", api.DEFAULT_LIMIT))
+    matches: list[dict[str, Any]] = []
+    while True:
+        page = api.list_alerts(store, params)
+        if page.status != 200:
+            return page
+        matches.extend(alert for alert in page.body["alerts"] if alert.get("rule") == rule)
+        token = page.body.get("continuation")
+        if not token or len(matches) >= wanted:
+            return api.ApiResponse(200, {"alerts": matches, "continuation": token})
+        params = {**params, "continuation": token}
 
 
 _SIGHTING_COLUMNS = (
