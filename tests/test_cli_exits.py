@@ -70,7 +70,7 @@ class TestLocalExits:
         assert said in ran.stderr and "Traceback" not in ran.stderr
 
     def test_64_refused_host(self) -> None:
-        ran = run("serve", "--host", "0.0.0.0", env={"RESULTS_CONNECTION": "unused"})
+        ran = run("serve", "--host", "0.0.0.0", env={"RESULTS_CONNECTION": "unused"})  # noqa: S104 - refused
         assert ran.returncode == 64
         assert "not a loopback address" in ran.stderr
 
@@ -130,9 +130,7 @@ class TestStorageExits:
         assert ran.returncode == 3
         assert MISSING_ID in ran.stderr
 
-    def test_3_no_blob_at_url(
-        self, storage_env: Mapping[str, str], connection_string: str
-    ) -> None:
+    def test_3_no_blob_at_url(self, storage_env: Mapping[str, str], connection_string: str) -> None:
         endpoint = next(
             part.split("=", 1)[1]
             for part in connection_string.split(";")
