@@ -19,6 +19,9 @@ param location string
 @description('Object id of the deployer (azd sets AZURE_PRINCIPAL_ID): gets the rights nwcap reconcile and nwcap status need from an operator machine (results: tables, nwcap-config, alert messages; capture account: read blobs, drain the poison queue). Empty for none.')
 param principalId string = ''
 
+@description('Give the deployer the app\'s rights on the capture account too (read the capture container, drain the poison queue), for nwcap reconcile and nwcap status from their machine; predown removes them with the last environment on that account.')
+param capturesDeployerAccess bool = true
+
 @description('Integrate the function app with a new VNet and reach the host and results storage through private endpoints.')
 param vnetEnabled bool = false
 
@@ -249,8 +252,9 @@ module capturesWiring 'app/captures.bicep' = if (!useExistingCaptures) {
   scope: rg
   params: {
     storageAccountName: capturesAccountName
+    containerName: capturesContainerName
     principalId: identity.outputs.principalId
-    operatorPrincipalId: principalId
+    operatorPrincipalId: capturesDeployerAccess ? principalId : ''
     systemTopicName: capturesSystemTopicName
     tags: tags
   }
@@ -331,8 +335,9 @@ module serviceTagsReader 'app/servicetags-reader.bicep' = if (serviceTagsRefresh
 // The deployer, as operator, with `--auth-mode login` and no key: query summaries, upload the
 // policy, read dead-lettered events, and run `nwcap reconcile` / `nwcap status` from their machine
 // (they write the captures table and send pending alerts, as the timer does). The capture
-// account's side is granted by app/captures.bicep (operatorPrincipalId), or by the postdeploy
-// hook for an existing account.
+// account's side (the capture container and the poison queue only) is granted by
+// app/captures.bicep (operatorPrincipalId) unless capturesDeployerAccess is false, or by the
+// postdeploy hook for an existing account.
 module deployerAccess 'app/rbac.bicep' = if (!empty(principalId)) {
   name: 'deployer-access'
   scope: rg
@@ -431,6 +436,7 @@ output AZURE_FUNCTION_APP_HOSTNAME string = processor.outputs.defaultHostName
 output PROCESSOR_PRINCIPAL_ID string = identity.outputs.principalId
 // Not AZURE_PRINCIPAL_ID: an output of that name would be fed back as the next deployment's input.
 output DEPLOYER_PRINCIPAL_ID string = principalId
+output CAPTURES_DEPLOYER_ACCESS bool = capturesDeployerAccess && !empty(principalId)
 output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.applicationInsightsName
 output CAPTURES_STORAGE_ACCOUNT_NAME string = capturesAccountName
 output CAPTURES_IS_EXISTING bool = useExistingCaptures

@@ -41,6 +41,14 @@ SHARED_ACCOUNT_ID = (
 )
 
 
+def container_scope(account: str, container: str = "network-watcher-logs") -> str:
+    return f"{account}/blobServices/default/containers/{container}"
+
+
+def queue_scope(account: str) -> str:
+    return f"{account}/queueServices/default/queues/webjobs-blobtrigger-poison"
+
+
 def account_id(group: str, name: str) -> str:
     return (
         f"{SUBSCRIPTION}/resourceGroups/{group}/providers/Microsoft.Storage/storageAccounts/{name}"
@@ -137,8 +145,8 @@ def created_account_state(name: str) -> dict[str, Any]:
             }
         ],
         "roles": [
-            role(capture_id, env["PROCESSOR_PRINCIPAL_ID"], BLOB_DATA_READER, 1),
-            role(capture_id, env["PROCESSOR_PRINCIPAL_ID"], QUEUE_DATA_CONTRIBUTOR, 2),
+            role(container_scope(capture_id), env["PROCESSOR_PRINCIPAL_ID"], BLOB_DATA_READER, 1),
+            role(queue_scope(capture_id), env["PROCESSOR_PRINCIPAL_ID"], QUEUE_DATA_CONTRIBUTOR, 2),
             role(deadletter_scope(env), topic_principal, BLOB_DATA_CONTRIBUTOR, 3),
         ],
         "keys": {f"func-{name}": ["", "", BLOBS_KEY]},
@@ -270,10 +278,11 @@ class TestPostdeployCreatedAccount:
         assert option(create, "--resource-group") == "rg-dev"
         assert option(create, "--system-topic-name") == "egst-stcapdev"
         assert option(create, "--name") == env["CAPTURES_EVENT_SUBSCRIPTION_NAME"]
-        assert option(create, "--endpoint") == (
-            "https://func-dev.azurewebsites.net/runtime/webhooks/blobs"
-            f"?functionName=Host.Functions.process_capture&code={BLOBS_KEY}"
-        )
+        # The URL with the key reaches az in a file, never on its command line.
+        endpoint_file = option(create, "--endpoint")
+        assert endpoint_file.startswith("@")
+        assert not Path(endpoint_file[1:]).exists()  # removed when the hook ends
+        assert all(BLOBS_KEY not in arg for call in run.calls for arg in call)
         assert option(create, "--included-event-types") == "Microsoft.Storage.BlobCreated"
         assert (
             option(create, "--subject-begins-with")
@@ -285,15 +294,31 @@ class TestPostdeployCreatedAccount:
         assert option(create, "--deadletter-identity-endpoint") == deadletter_scope(env)
         assert option(create, "--max-delivery-attempts") == "30"
         assert option(create, "--event-ttl") == "1440"
+        # Only calls that create a blob complete: not CreateFile on a hierarchical namespace.
+        filter_at = create.index("--advanced-filter")
+        assert create[filter_at + 1 : filter_at + 7] == [
+            "data.api",
+            "StringIn",
+            "CopyBlob",
+            "PutBlob",
+            "PutBlockList",
+            "FlushWithClose",
+        ]
         assert BLOBS_KEY not in run.output
         topic = azure.topic("egst-stcapdev")
         assert topic is not None
-        assert [s["name"] for s in topic["subscriptions"]] == [
-            env["CAPTURES_EVENT_SUBSCRIPTION_NAME"]
-        ]
+        [subscription] = topic["subscriptions"]
+        assert subscription["name"] == env["CAPTURES_EVENT_SUBSCRIPTION_NAME"]
+        assert subscription["destination"]["endpointUrl"] == (
+            "https://func-dev.azurewebsites.net/runtime/webhooks/blobs"
+            f"?functionName=Host.Functions.process_capture&code={BLOBS_KEY}"
+        )
 
     def test_container_parameter_reaches_the_filter(self, azure: FakeAzure) -> None:
-        azure.load(created_account_state("dev"))
+        state = created_account_state("dev")
+        reader = state["roles"][0]
+        reader["scope"] = reader["scope"].replace("network-watcher-logs", "vm-captures")
+        azure.load(state)
         env = environment("dev", existing=False)
         run = azure.run("postdeploy.sh", env, CAPTURES_CONTAINER_NAME="vm-captures")
         assert run.returncode == 0, run.output
@@ -423,13 +448,14 @@ class TestPostdeployWaitsForRoles:
 
     def test_waits_then_subscribes(self, azure: FakeAzure) -> None:
         state = shared_account_state("a")
-        state["hidden_role_lists"] = 3
+        state["hidden_role_lists"] = 4
         azure.load(state)
         run = azure.run("postdeploy.sh", environment("a"))
         assert run.returncode == 0, run.output
         lists = run.index_of("role", "assignment", "list")
-        # Three answers without the roles, one with the app's, one with the topic's.
-        assert len(lists) == 5
+        # The account-wide roles looked for (none), three answers without the app's role on the
+        # container, then one with it, one with its role on the poison queue, one with the topic's.
+        assert len(lists) == 7
         # The back-off, then the settle pause once the roles are listed.
         assert run.sleeps == ["5", "10", "20", "120"]
         assert "giving the role assignments 120s to take effect" in run.output
@@ -443,7 +469,7 @@ class TestPostdeployWaitsForRoles:
         azure.load(created_account_state("dev"))
         run = azure.run("postdeploy.sh", environment("dev", existing=False))
         assert run.returncode == 0, run.output
-        assert len(run.calls_to("role", "assignment", "list")) == 2
+        assert len(run.calls_to("role", "assignment", "list")) == 4
         assert run.sleeps == ["120", "0", "0"]
 
     @pytest.mark.parametrize(("value", "sleeps"), [("0", ["0", "0"]), ("45", ["45", "0", "0"])])
@@ -477,7 +503,7 @@ class TestPostdeployWaitsForRoles:
         azure.load(state)
         run = azure.run("postdeploy.sh", environment("dev", existing=False))
         assert run.returncode != 0
-        assert len(run.calls_to("role", "assignment", "list")) == 8
+        assert len(run.calls_to("role", "assignment", "list")) == 1 + 8
         assert run.sleeps == ["5", "10", "20", "40", "60", "60", "60"]
         assert "still not visible after 8 attempts" in run.output
         assert BLOB_DATA_READER in run.output
@@ -547,7 +573,9 @@ class TestTwoEnvironmentsOnOneAccount:
         state = azure.state
         [topic] = state["topics"]
         assert [s["name"] for s in topic["subscriptions"]] == [names[1]]
-        principals = {r["principalId"] for r in state["roles"] if r["scope"] == SHARED_ACCOUNT_ID}
+        principals = {
+            r["principalId"] for r in state["roles"] if r["scope"].startswith(SHARED_ACCOUNT_ID)
+        }
         assert principals == {"app-principal-b"}
 
         down_b = azure.run("predown.sh", env_b)
@@ -557,7 +585,9 @@ class TestTwoEnvironmentsOnOneAccount:
         assert option(delete_topic, "--resource-group") == "Capture-RG"
         state = azure.state
         assert state["topics"] == []
-        assert [r for r in state["roles"] if r["scope"] == SHARED_ACCOUNT_ID] == []
+        assert [r for r in state["roles"] if r["scope"].startswith(SHARED_ACCOUNT_ID)] == []
+        # The container and the poison queue stay: they hold captures and unprocessed blobs.
+        assert container_scope(SHARED_ACCOUNT_ID) in state["resources"]
 
     def test_long_environment_names_keep_deployment_names_short(self, azure: FakeAzure) -> None:
         long_name = "n" * 64
@@ -569,11 +599,65 @@ class TestTwoEnvironmentsOnOneAccount:
         assert all(len(name) <= 64 for name in names)
 
 
+class TestLeastPrivilege:
+    """The app reads the capture container and drains the poison queue, nothing else of the
+    account: rights scoped to those two, and the account-wide ones of earlier versions dropped."""
+
+    def test_roles_scoped_to_the_container_and_the_queue(self, azure: FakeAzure) -> None:
+        azure.load(shared_account_state("a"))
+        run = azure.run("postdeploy.sh", environment("a"), CAPTURES_CONTAINER_NAME="vm-caps")
+        assert run.returncode == 0, run.output
+        [wiring, _] = run.calls_to("deployment", "group", "create")
+        assert "containerName=vm-caps" in wiring
+        held = {
+            (r["scope"], r["roleDefinitionId"].rsplit("/", 1)[1])
+            for r in azure.state["roles"]
+            if r["principalId"] == "app-principal-a"
+        }
+        assert held == {
+            (container_scope(SHARED_ACCOUNT_ID, "vm-caps"), BLOB_DATA_READER),
+            (queue_scope(SHARED_ACCOUNT_ID), QUEUE_DATA_CONTRIBUTOR),
+        }
+        waited = {option(c, "--scope") for c in run.calls_to("role", "assignment", "list")}
+        assert container_scope(SHARED_ACCOUNT_ID, "vm-caps") in waited
+        assert queue_scope(SHARED_ACCOUNT_ID) in waited
+
+    @pytest.mark.parametrize("existing", [True, False])
+    def test_account_wide_roles_of_earlier_versions_go(
+        self, azure: FakeAzure, existing: bool
+    ) -> None:
+        env = environment("a", existing=existing)
+        state = shared_account_state("a") if existing else created_account_state("a")
+        capture_id = state["accounts"][0]["id"]
+        state["roles"] += [
+            role(capture_id, "app-principal-a", BLOB_DATA_READER, 7),
+            role(capture_id, "app-principal-a", QUEUE_DATA_CONTRIBUTOR, 8),
+            role(capture_id, "someone-else", BLOB_DATA_READER, 9),
+        ]
+        azure.load(state)
+        run = azure.run("postdeploy.sh", env)
+        assert run.returncode == 0, run.output
+        assert "removing the app's account-wide roles on" in run.output
+        at_account = {r["principalId"] for r in azure.state["roles"] if r["scope"] == capture_id}
+        assert at_account == {"someone-else"}
+        # Once gone, a second run finds nothing to remove.
+        again = azure.run("postdeploy.sh", env)
+        assert again.returncode == 0, again.output
+        assert again.calls_to("role", "assignment", "delete") == []
+
+
 class TestOperatorAccess:
     """The deployer gets the app's rights on an existing capture account, for nwcap reconcile
-    and nwcap status, and keeps them when one of their environments comes down."""
+    and nwcap status, unless told not to; the last of their environments there removes them."""
 
-    def test_granted_on_an_existing_account_and_kept_by_predown(self, azure: FakeAzure) -> None:
+    def held(self, azure: FakeAzure, deployer: str) -> set[tuple[str, str]]:
+        return {
+            (r["scope"], r["roleDefinitionId"].rsplit("/", 1)[1])
+            for r in azure.state["roles"]
+            if r["principalId"] == deployer
+        }
+
+    def test_granted_shared_then_removed_by_the_last_environment(self, azure: FakeAzure) -> None:
         azure.load(shared_account_state("a", "b"))
         deployer = "deployer-object-id"
         up_a = azure.run("postdeploy.sh", environment("a"), DEPLOYER_PRINCIPAL_ID=deployer)
@@ -588,34 +672,28 @@ class TestOperatorAccess:
         [wiring, _] = up_b.calls_to("deployment", "group", "create")
         assert "operatorPrincipalId=" in wiring
         assert "the deployer already holds the rights" in up_b.output
-
-        def held() -> set[str]:
-            return {
-                r["roleDefinitionId"].rsplit("/", 1)[1]
-                for r in azure.state["roles"]
-                if r["scope"] == SHARED_ACCOUNT_ID and r["principalId"] == deployer
-            }
-
-        # One assignment per role, shared by both environments.
-        assert held() == {BLOB_DATA_READER, QUEUE_DATA_CONTRIBUTOR}
-        assert len([r for r in azure.state["roles"] if r["principalId"] == deployer]) == 2
-
-        down = azure.run("predown.sh", environment("a"), DEPLOYER_PRINCIPAL_ID=deployer)
-        assert down.returncode == 0, down.output
-        assert held() == {BLOB_DATA_READER, QUEUE_DATA_CONTRIBUTOR}
-        assert "keeping the deployer's roles on mycaps" in down.output
-        assert (
-            f"az role assignment delete --assignee {deployer} --scope {SHARED_ACCOUNT_ID}"
-            f" --role {BLOB_DATA_READER}"
-        ) in down.output
-        principals = {
-            r["principalId"] for r in azure.state["roles"] if r["scope"] == SHARED_ACCOUNT_ID
+        scoped = {
+            (container_scope(SHARED_ACCOUNT_ID), BLOB_DATA_READER),
+            (queue_scope(SHARED_ACCOUNT_ID), QUEUE_DATA_CONTRIBUTOR),
         }
-        assert principals == {"app-principal-b", deployer}
+        assert self.held(azure, deployer) == scoped
+
+        down_a = azure.run("predown.sh", environment("a"), DEPLOYER_PRINCIPAL_ID=deployer)
+        assert down_a.returncode == 0, down_a.output
+        assert self.held(azure, deployer) == scoped
+        assert "keeping the deployer's roles on mycaps, still used by" in down_a.output
+        assert environment("b")["CAPTURES_EVENT_SUBSCRIPTION_NAME"] in down_a.output
+
+        down_b = azure.run("predown.sh", environment("b"), DEPLOYER_PRINCIPAL_ID=deployer)
+        assert down_b.returncode == 0, down_b.output
+        assert "removing the deployer's roles on mycaps" in down_b.output
+        assert self.held(azure, deployer) == set()
+        assert [r for r in azure.state["roles"] if r["scope"].startswith(SHARED_ACCOUNT_ID)] == []
 
     def test_part_held_is_not_assigned_again(self, azure: FakeAzure) -> None:
         state = shared_account_state("a")
-        state["roles"] = [role(SHARED_ACCOUNT_ID, "deployer-object-id", BLOB_DATA_READER, 1)]
+        scope = container_scope(SHARED_ACCOUNT_ID)
+        state["roles"] = [role(scope, "deployer-object-id", BLOB_DATA_READER, 1)]
         azure.load(state)
         up = azure.run(
             "postdeploy.sh", environment("a"), DEPLOYER_PRINCIPAL_ID="deployer-object-id"
@@ -624,14 +702,19 @@ class TestOperatorAccess:
         [wiring, _] = up.calls_to("deployment", "group", "create")
         assert "operatorPrincipalId=" in wiring
         assert "holds only part of the rights" in up.output
-        assert (
-            "az role assignment create --assignee-object-id deployer-object-id"
-            f" --scope {SHARED_ACCOUNT_ID} --role <id>, for each id of: {QUEUE_DATA_CONTRIBUTOR}"
-        ) in " ".join(up.output.split())
+        text = " ".join(up.output.split())
+        assert f"for each id of: {QUEUE_DATA_CONTRIBUTOR}" in text
+        assert queue_scope(SHARED_ACCOUNT_ID) in text
 
-    def test_no_deployer_no_grant(self, azure: FakeAzure) -> None:
+    @pytest.mark.parametrize("setting", ["false", "<unset deployer>"])
+    def test_no_deployer_access_no_grant(self, azure: FakeAzure, setting: str) -> None:
         azure.load(shared_account_state("a"))
-        up = azure.run("postdeploy.sh", environment("a"))
+        overrides = (
+            {"CAPTURES_DEPLOYER_ACCESS": "false", "DEPLOYER_PRINCIPAL_ID": "deployer-object-id"}
+            if setting == "false"
+            else {}
+        )
+        up = azure.run("postdeploy.sh", environment("a"), **overrides)
         assert up.returncode == 0, up.output
         [wiring, _] = up.calls_to("deployment", "group", "create")
         assert "operatorPrincipalId=" in wiring
@@ -640,8 +723,6 @@ class TestOperatorAccess:
             "principal-of-egst-mycaps",
         }
         assert "granting the deployer" not in up.output
-        down = azure.run("predown.sh", environment("a"))
-        assert "keeping the deployer" not in down.output
 
 
 class TestPredown:

@@ -319,10 +319,55 @@ class TestStorageAndRoles:
             "StorageTableDataContributor"
             in main["resultsAccess"]["config"]["params"]["storageRoles"]
         )
-        assert captures["access"]["config"]["params"]["storageRoles"] == [
-            "StorageBlobDataReader",
-            "StorageQueueDataContributor",
-        ]
+        access = captures["access"]["config"]["params"]
+        assert access["principalId"] == "principalId"
+
+    def test_capture_account_rights_are_scoped(self) -> None:
+        # Read the capture container, drain the poison queue: each role on that one resource,
+        # never on the account (which may be a customer's, with other containers and queues).
+        from analyzer.pipeline.poison import POISON_QUEUE
+
+        template = _bicep("app/captures-access.bicep")
+        assignments = {
+            name: resource["config"]
+            for name, resource in template["resources"].items()
+            if resource["type"] == "Microsoft.Authorization/roleAssignments"
+        }
+        variables = template["variables"]
+        scoped = {
+            config["scope"]: variables[
+                config["properties"]["roleDefinitionId"]["function"]["parameters"][
+                    "resource_name_1"
+                ]
+            ]["value"]
+            for config in assignments.values()
+        }
+        assert scoped == {
+            "container": "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1",  # Storage Blob Data Reader
+            "poisonQueue": "974c5e8b-45b9-4653-ba55-5f855dd0fb88",  # Queue Data Contributor
+        }
+        resources = template["resources"]
+        assert resources["container"]["type"].endswith("/blobServices/containers")
+        assert resources["poisonQueue"]["type"].endswith("/queueServices/queues")
+        assert resources["container"]["existing"] and resources["poisonQueue"]["existing"]
+        # captures.bicep creates both (the host then never needs to create the queue), and
+        # references the services without redeploying an existing account's settings.
+        captures = _bicep("app/captures.bicep")
+        created = captures["resources"]
+        assert created["poisonQueue"]["existing"] is False
+        assert created["capturesContainer"]["existing"] is False
+        assert created["blobService"]["existing"] and created["queueService"]["existing"]
+        assert captures["parameters"]["poisonQueueName"]["default"] == POISON_QUEUE
+        for name in ("access", "operatorAccess"):
+            module = _module_config(captures["modules"][name])
+            assert module["params"]["poisonQueueName"] == {
+                "operator": {
+                    "type": "property_accessor",
+                    "operands": {"operand_1": "poisonQueue", "operand_2": "name"},
+                }
+            }
+        wiring = _module_config(_bicep("main.bicep")["modules"]["capturesWiring"])
+        assert wiring["params"]["containerName"] == "capturesContainerName"
 
     def test_deployer_can_run_reconcile_and_status(self) -> None:
         # `nwcap reconcile` from the operator's machine does what the timer does: list and read
@@ -338,7 +383,16 @@ class TestStorageAndRoles:
             "StorageQueueDataMessageSender",
         ]
         wiring = _module_config(main["modules"]["capturesWiring"])["params"]
-        assert wiring["operatorPrincipalId"] == "principalId"
+        # optional (CAPTURES_DEPLOYER_ACCESS_ENABLED), and said to the hooks
+        assert wiring["operatorPrincipalId"]["operator"]["operands"] == {
+            "condition": "capturesDeployerAccess",
+            "true_value": "principalId",
+            "false_value": "",
+        }
+        assert _parameter_substitutions()["capturesDeployerAccess"] == (
+            "${CAPTURES_DEPLOYER_ACCESS_ENABLED=true}"
+        )
+        assert "CAPTURES_DEPLOYER_ACCESS" in main["outputs"]
         captures = _bicep("app/captures.bicep")
         assert captures["parameters"]["operatorPrincipalId"]["default"] == ""
         operator = captures["modules"]["operatorAccess"]["config"]
@@ -346,8 +400,10 @@ class TestStorageAndRoles:
         body = operator["config"]
         assert body["name"] == "captures-operator-${uniqueString(operatorPrincipalId)}"
         assert body["params"]["principalType"] == ""
-        app = captures["modules"]["access"]["config"]["params"]["storageRoles"]
-        assert body["params"]["storageRoles"] == app
+        app = captures["modules"]["access"]["config"]["params"]
+        assert {
+            k: v for k, v in body["params"].items() if k not in ("principalId", "principalType")
+        } == {k: v for k, v in app.items() if k != "principalId"}
         # The hook wires an existing account: it needs the deployer's id, under a name that is
         # not azd's input variable (an output named AZURE_PRINCIPAL_ID would feed back).
         assert main["outputs"]["DEPLOYER_PRINCIPAL_ID"]["value"] == "principalId"

@@ -6,7 +6,7 @@ param name string
 param location string = resourceGroup().location
 param tags object = {}
 
-@description('Container Network Watcher writes to when no --storage-path is given.')
+@description('Container Network Watcher writes to (when no --storage-path is given, network-watcher-logs); captures.bicep creates it, beside the poison queue, for new and existing accounts alike.')
 param containerName string = 'network-watcher-logs'
 
 @description('Days after which captures are deleted; 0 keeps them forever.')
@@ -53,14 +53,6 @@ resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01'
       enabled: true
       days: 7
     }
-  }
-}
-
-resource capturesContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
-  parent: blobService
-  name: containerName
-  properties: {
-    publicAccess: 'None'
   }
 }
 

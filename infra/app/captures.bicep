@@ -1,4 +1,5 @@
-// Wires a capture storage account to the function app: read access for the app's identity, and
+// Wires a capture storage account to the function app: the capture container and poison queue,
+// the app identity's rights on those two only (captures-access.bicep), and
 // the Event Grid system topic that publishes the account's BlobCreated events (the subscription
 // itself is created by infra/hooks/postdeploy, which needs the function's blobs_extension key).
 //
@@ -14,6 +15,12 @@ param principalId string
 @description('Object id of an operator (the deployer) who runs nwcap reconcile and nwcap status from their machine; empty for none.')
 param operatorPrincipalId string = ''
 
+@description('Container Network Watcher writes the captures to (CAPTURES_CONTAINER).')
+param containerName string
+
+@description('Queue the Functions blob trigger moves a blob\'s message to after its last retry, in the account it watches (analyzer/pipeline/poison.py: POISON_QUEUE).')
+param poisonQueueName string = 'webjobs-blobtrigger-poison'
+
 @description('Name of the Event Grid system topic on the account.')
 param systemTopicName string
 
@@ -26,36 +33,62 @@ resource capturesAccount 'Microsoft.Storage/storageAccounts@2023-05-01' existing
   name: storageAccountName
 }
 
-// Read the .cap blobs; the blob trigger's poison queue (written by the host after its last retry,
-// drained by the reconciler). Named per principal: environments sharing this account's resource
-// group must not overwrite each other's deployment, and names stay within 64 characters.
-module access 'rbac.bicep' = {
+// What nwcap needs on the account, declared here so that both exist before any capture (and
+// before the roles scoped to them): the container Network Watcher writes to (it would create it
+// at its first upload otherwise), and the poison queue the blob trigger writes to after its last
+// retry. The host sends there first and creates the queue only when told it does not exist
+// (StorageQueueExtensions.AddMessageAndCreateIfNotExistsAsync in the Storage extension), so with
+// the queue in place its queue-scoped role is all it needs. The services are referenced, never
+// redeployed: an existing account keeps its own service settings.
+resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01' existing = {
+  parent: capturesAccount
+  name: 'default'
+}
+
+resource capturesContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: blobService
+  name: containerName
+  properties: {
+    publicAccess: 'None'
+  }
+}
+
+resource queueService 'Microsoft.Storage/storageAccounts/queueServices@2023-05-01' existing = {
+  parent: capturesAccount
+  name: 'default'
+}
+
+resource poisonQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = {
+  parent: queueService
+  name: poisonQueueName
+}
+
+// The app reads the captures and drains the poison queue, nothing else of the account. Named per
+// principal: environments sharing this account's resource group must not overwrite each other's
+// deployment, and names stay within 64 characters.
+module access 'captures-access.bicep' = {
   name: 'captures-access-${uniqueString(principalId)}'
   params: {
     storageAccountName: capturesAccount.name
+    containerName: capturesContainer.name
+    poisonQueueName: poisonQueue.name
     principalId: principalId
-    storageRoles: [
-      'StorageBlobDataReader'
-      'StorageQueueDataContributor'
-    ]
   }
 }
 
 // The operator's copy of the app's rights here, for `nwcap reconcile` (list and read the captures,
 // drain the poison queue) and `nwcap status` (the poison queue's length). A user or a service
 // principal, so the type is left to Azure. One assignment per principal and role whatever the
-// environment (rbac.bicep names it from the account, principal and role), so environments that
-// one person deploys on this account share it, and predown leaves it in place.
-module operatorAccess 'rbac.bicep' = if (!empty(operatorPrincipalId)) {
+// environment (named from the scope, principal and role), so environments that one person
+// deploys on this account share it; predown removes it with the last of them.
+module operatorAccess 'captures-access.bicep' = if (!empty(operatorPrincipalId)) {
   name: 'captures-operator-${uniqueString(operatorPrincipalId)}'
   params: {
     storageAccountName: capturesAccount.name
+    containerName: capturesContainer.name
+    poisonQueueName: poisonQueue.name
     principalId: operatorPrincipalId
     principalType: ''
-    storageRoles: [
-      'StorageBlobDataReader'
-      'StorageQueueDataContributor'
-    ]
   }
 }
 
@@ -75,5 +108,7 @@ resource systemTopic 'Microsoft.EventGrid/systemTopics@2022-06-15' = if (createS
 }
 
 output systemTopicName string = systemTopicName
+output containerId string = access.outputs.containerId
+output poisonQueueId string = access.outputs.poisonQueueId
 @description('Object id of the created topic\'s identity; empty when an existing topic is reused.')
 output systemTopicPrincipalId string = createSystemTopic ? systemTopic.identity.principalId : ''

@@ -36,13 +36,12 @@ var roleIds = {
   // Read and write blobs: the deployer uploading the policy and service-tags files to nwcap-config,
   // and reading dead-lettered events.
   StorageBlobDataContributor: 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
-  // Read blobs: the captures (Event Grid only notifies; the app downloads the .cap; the operator's
-  // nwcap reconcile lists and reads them too) and the policy and service-tags files.
+  // Read blobs: the policy and service-tags files of the results account. (The captures are read
+  // under the same role scoped to the capture container: captures-access.bicep.)
   StorageBlobDataReader: '2a2b9908-6ea1-4ae2-8e65-a410df84e7d1'
-  // Create queues and add, read and delete their messages: the host's blob-trigger queue, and the
-  // webjobs-blobtrigger-poison queue the trigger creates and writes on the capture account after
-  // its last retry, which the reconciler then reads and deletes (Message Processor would cover the
-  // reading, but not the host creating that queue).
+  // Create queues and add, read and delete their messages: the host's own blob-trigger queues in
+  // its storage. (On the capture account the same role is scoped to the poison queue alone:
+  // captures-access.bicep.)
   StorageQueueDataContributor: '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
   // Add messages only (no peek, read, delete or queue management): the app (and the operator's
   // nwcap reconcile) putting one message per alert on the alerts queue, which Bicep creates, so

@@ -6,10 +6,12 @@
 # account this hook first wires the account (roles, system topic) with app/captures.bicep, so that
 # azd's own deployment never touches that account's resource group (see docs/deploy.md).
 #
-# In order: check the capture account (kind, endpoints), wire it if it is an existing one, wait
-# until the role assignments are visible, wait for the blobs_extension key, then create or update
-# this environment's own subscription, with a dead-letter container in the results account.
-# Safe to re-run: `azd hooks run postdeploy`. Never prints the key.
+# In order: check the capture account (kind, endpoints), wire it if it is an existing one, drop
+# the account-wide roles earlier versions gave the app, wait until the role assignments are
+# visible, wait for the blobs_extension key, then create or update this environment's own
+# subscription, with a dead-letter container in the results account. Safe to re-run:
+# `azd hooks run postdeploy`. The key never appears in output nor on a command line: az reads the
+# webhook URL from a file only this user can read (az loads any `@file` argument).
 $ErrorActionPreference = 'Stop'
 Set-StrictMode -Version Latest
 
@@ -33,6 +35,8 @@ foreach ($name in $required) {
 $storageBlobDataReader = '2a2b9908-6ea1-4ae2-8e65-a410df84e7d1'
 $storageQueueDataContributor = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
 $storageBlobDataContributor = 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
+# The blob trigger's poison queue, in the account it watches (app/captures.bicep creates it).
+$poisonQueue = 'webjobs-blobtrigger-poison'
 
 # Every call targets azd's subscription, whatever the Azure CLI's default is; a failing call stops the hook.
 function Invoke-Az {
@@ -81,6 +85,11 @@ if (-not (Test-SameUrl $blobEndpoint $env:CAPTURES_BLOB_ENDPOINT) -or -not (Test
         "'azd env set CAPTURES_EXISTING_QUEUE_ENDPOINT $queueEndpoint', then 'azd up'.")
 }
 
+# The two resources the app's (and the deployer's) roles are scoped to (app/captures-access.bicep).
+$containerId = "$accountId/blobServices/default/containers/$($env:CAPTURES_CONTAINER_NAME)"
+$poisonQueueId = "$accountId/queueServices/default/queues/$poisonQueue"
+$deployerAccess = -not $env:CAPTURES_DEPLOYER_ACCESS -or $env:CAPTURES_DEPLOYER_ACCESS -ieq 'true'
+
 # Azure allows one system topic per source: find the account's (created by main.bicep for a new
 # account; for an existing one, possibly owned by something else, and then reused).
 $topicName = ''
@@ -103,15 +112,20 @@ if ($env:CAPTURES_IS_EXISTING -ieq 'true') {
         $topicName = $env:CAPTURES_SYSTEM_TOPIC_NAME
         $topicGroup = $capturesGroup
     }
-    Write-Host "postdeploy: granting the app read access to $accountName (resource group $capturesGroup)"
-    # The deployer gets the same two roles, for nwcap reconcile and nwcap status. Azure refuses a
-    # second assignment of a role a principal already holds on the same scope under another
-    # name, so roles the deployer holds already are not assigned again.
+    Write-Host "postdeploy: granting the app read access to $($env:CAPTURES_CONTAINER_NAME) and its poison queue in $accountName (resource group $capturesGroup)"
+    # The deployer gets the same two roles on the same two resources, for nwcap reconcile and
+    # nwcap status (unless CAPTURES_DEPLOYER_ACCESS is false). Azure refuses a second assignment
+    # of a role a principal already holds on the same scope under another name, so roles the
+    # deployer holds there already (assigned by hand) are not assigned again.
     $operator = ''
-    if ($env:DEPLOYER_PRINCIPAL_ID) {
-        $held = @(Invoke-Az role assignment list --scope $accountId `
-                --query "[?principalId=='$($env:DEPLOYER_PRINCIPAL_ID)'].roleDefinitionId" --output tsv) -join "`n"
-        $lacking = @(@($storageBlobDataReader, $storageQueueDataContributor) | Where-Object { $held -notmatch [regex]::Escape($_) })
+    if ($env:DEPLOYER_PRINCIPAL_ID -and $deployerAccess) {
+        $lacking = @()
+        foreach ($pair in @(@($containerId, $storageBlobDataReader), @($poisonQueueId, $storageQueueDataContributor))) {
+            # Before the first wiring the container or queue may not exist yet: nothing is held.
+            $held = @(& az role assignment list --scope $pair[0] --subscription $env:AZURE_SUBSCRIPTION_ID `
+                    --query "[?principalId=='$($env:DEPLOYER_PRINCIPAL_ID)'].roleDefinitionId" --output tsv 2>$null) -join "`n"
+            if ($held -notmatch [regex]::Escape($pair[1])) { $lacking += $pair[1] }
+        }
         if ($lacking.Count -eq 2) {
             $operator = $env:DEPLOYER_PRINCIPAL_ID
             Write-Host 'postdeploy: granting the deployer the same rights there, for nwcap reconcile and nwcap status'
@@ -122,7 +136,8 @@ if ($env:CAPTURES_IS_EXISTING -ieq 'true') {
         else {
             Write-Warning ("postdeploy: the deployer holds only part of the rights nwcap reconcile needs on $accountName; " +
                 "grant the rest with: az role assignment create --assignee-object-id $($env:DEPLOYER_PRINCIPAL_ID) " +
-                "--scope $accountId --role <id>, for each id of: $($lacking -join ' ')")
+                "--role <id> --scope <the container's or the queue's id>, for each id of: $($lacking -join ' ') " +
+                "(scopes: $containerId, $poisonQueueId)")
         }
     }
     $parametersFile = New-TemporaryFile
@@ -133,6 +148,7 @@ if ($env:CAPTURES_IS_EXISTING -ieq 'true') {
             contentVersion = '1.0.0.0'
             parameters     = @{
                 storageAccountName  = @{ value = $accountName }
+                containerName       = @{ value = $env:CAPTURES_CONTAINER_NAME }
                 principalId         = @{ value = $env:PROCESSOR_PRINCIPAL_ID }
                 operatorPrincipalId = @{ value = $operator }
                 systemTopicName     = @{ value = $topicName }
@@ -168,6 +184,16 @@ elseif (-not $topicName) {
     throw "postdeploy: no Event Grid system topic on '$accountName'; run 'azd provision' again"
 }
 
+# Before 0.4 the app held Storage Blob Data Reader and Storage Queue Data Contributor on the whole
+# account; they are now scoped to the capture container and the poison queue, so the account-wide
+# ones (and any other role the app identity holds on the account itself) go.
+$wide = @(Invoke-Az role assignment list --scope $accountId `
+        --query "[?principalId=='$($env:PROCESSOR_PRINCIPAL_ID)'].id" --output tsv | Where-Object { $_ })
+if ($wide.Count -gt 0) {
+    Write-Host "postdeploy: removing the app's account-wide roles on $accountName (now scoped to the container and the poison queue)"
+    Invoke-Az role assignment delete --ids @wide --output none | Out-Null
+}
+
 # Role assignments take a while to show up after a deployment; events sent before the app may
 # read the account would fail. Bounded wait with back-off: base, 2x, 4x... capped at 60 s.
 $roleAttempts = if ($env:NWCAP_ROLE_WAIT_ATTEMPTS) { [int]$env:NWCAP_ROLE_WAIT_ATTEMPTS } else { 8 }
@@ -188,7 +214,8 @@ function Wait-ForRoles([string]$what, [string]$scope, [string]$principal, [strin
         $delay = [Math]::Min(60, $delay * 2)
     }
 }
-Wait-ForRoles "the app on $accountName" $accountId $env:PROCESSOR_PRINCIPAL_ID @($storageBlobDataReader, $storageQueueDataContributor)
+Wait-ForRoles "the app on $($env:CAPTURES_CONTAINER_NAME)" $containerId $env:PROCESSOR_PRINCIPAL_ID @($storageBlobDataReader)
+Wait-ForRoles "the app on $poisonQueue" $poisonQueueId $env:PROCESSOR_PRINCIPAL_ID @($storageQueueDataContributor)
 $deadLetterContainerId = "$($env:RESULTS_STORAGE_ACCOUNT_ID)/blobServices/default/containers/$($env:RESULTS_DEADLETTER_CONTAINER_NAME)"
 if ($topicPrincipal) {
     Wait-ForRoles "system topic $topicName on $($env:RESULTS_DEADLETTER_CONTAINER_NAME)" $deadLetterContainerId $topicPrincipal @($storageBlobDataContributor)
@@ -236,21 +263,24 @@ if ($legacy -and $legacy -ne $env:CAPTURES_EVENT_SUBSCRIPTION_NAME) {
         --resource-group $topicGroup --system-topic-name $topicName --yes --output none | Out-Null
 }
 
-$endpoint = "https://$($env:AZURE_FUNCTION_APP_HOSTNAME)/runtime/webhooks/blobs?functionName=Host.Functions.process_capture&code=$key"
-if ($PSVersionTable.PSEdition -eq 'Desktop' -or $IsWindows) {
-    # az is a .cmd script on Windows: without quotes cmd.exe would cut the URL at '&'.
-    $endpoint = '"' + $endpoint + '"'
-}
+# The webhook URL carries the key: written to a file of this user's only and handed to az as
+# `@file`, so that it never shows in the process list or in EDR telemetry (and cmd.exe, which
+# runs az.cmd on Windows, never sees the URL's '&').
+$endpointFile = New-TemporaryFile
 $subscriptionArgs = @(
     '--name', $env:CAPTURES_EVENT_SUBSCRIPTION_NAME,
     '--resource-group', $topicGroup,
     '--system-topic-name', $topicName,
     '--endpoint-type', 'webhook',
-    '--endpoint', $endpoint,
+    '--endpoint', "@$endpointFile",
     '--included-event-types', 'Microsoft.Storage.BlobCreated',
     '--subject-begins-with', "/blobServices/default/containers/$($env:CAPTURES_CONTAINER_NAME)/",
     '--subject-ends-with', '.cap',
     '--subject-case-sensitive', 'false',
+    # data.api: a blob is complete when one of these calls created it. On an account with a
+    # hierarchical namespace, CreateFile raises BlobCreated for the empty file before its
+    # content is flushed (FlushWithClose raises it again, complete).
+    '--advanced-filter', 'data.api', 'StringIn', 'CopyBlob', 'PutBlob', 'PutBlockList', 'FlushWithClose',
     '--max-delivery-attempts', '30',
     '--event-ttl', '1440'
 )
@@ -258,5 +288,15 @@ if ($topicPrincipal) {
     $subscriptionArgs += @('--deadletter-identity', 'systemassigned', '--deadletter-identity-endpoint', $deadLetterContainerId)
 }
 Write-Host "postdeploy: subscribing process_capture to *.cap blobs in $($env:CAPTURES_CONTAINER_NAME) (topic $topicName, subscription $($env:CAPTURES_EVENT_SUBSCRIPTION_NAME))"
-Invoke-Az eventgrid system-topic event-subscription create @subscriptionArgs --output none | Out-Null
+try {
+    if ($PSVersionTable.PSEdition -ne 'Desktop' -and -not $IsWindows) { & chmod 600 $endpointFile }
+    $url = "https://$($env:AZURE_FUNCTION_APP_HOSTNAME)/runtime/webhooks/blobs?functionName=Host.Functions.process_capture&code=$key"
+    [System.IO.File]::WriteAllText($endpointFile, $url)
+    $key = $null
+    $url = $null
+    Invoke-Az eventgrid system-topic event-subscription create @subscriptionArgs --output none | Out-Null
+}
+finally {
+    Remove-Item $endpointFile -ErrorAction SilentlyContinue
+}
 Write-Host "postdeploy: done; new captures in $accountName/$($env:CAPTURES_CONTAINER_NAME) are now processed"

@@ -6,10 +6,12 @@
 # account this hook first wires the account (roles, system topic) with app/captures.bicep, so that
 # azd's own deployment never touches that account's resource group (see docs/deploy.md).
 #
-# In order: check the capture account (kind, endpoints), wire it if it is an existing one, wait
-# until the role assignments are visible, wait for the blobs_extension key, then create or update
-# this environment's own subscription, with a dead-letter container in the results account.
-# Safe to re-run: `azd hooks run postdeploy`. Never prints the key.
+# In order: check the capture account (kind, endpoints), wire it if it is an existing one, drop
+# the account-wide roles earlier versions gave the app, wait until the role assignments are
+# visible, wait for the blobs_extension key, then create or update this environment's own
+# subscription, with a dead-letter container in the results account. Safe to re-run:
+# `azd hooks run postdeploy`. The key never appears in output nor on a command line: az reads the
+# webhook URL from a file only this user can read (az loads any `@file` argument).
 set -eu
 
 if ! command -v az >/dev/null 2>&1; then
@@ -37,6 +39,8 @@ missing="set by azd from the provisioning outputs: run 'azd up' or 'azd hooks ru
 storage_blob_data_reader=2a2b9908-6ea1-4ae2-8e65-a410df84e7d1
 storage_queue_data_contributor=974c5e8b-45b9-4653-ba55-5f855dd0fb88
 storage_blob_data_contributor=ba92f5b4-2d11-453d-a403-e96b0029c9fe
+# The blob trigger's poison queue, in the account it watches (app/captures.bicep creates it).
+poison_queue=webjobs-blobtrigger-poison
 
 # Every call targets azd's subscription, whatever the Azure CLI's default is, and never reads the
 # hook's standard input (the loops below read theirs from a here-document).
@@ -94,6 +98,11 @@ if ! same_url "$blob_endpoint" "$CAPTURES_BLOB_ENDPOINT" \
         "'azd env set CAPTURES_EXISTING_QUEUE_ENDPOINT $queue_endpoint', then 'azd up'."
 fi
 
+# The two resources the app's (and the deployer's) roles are scoped to (app/captures-access.bicep).
+container_id="$account_id/blobServices/default/containers/$CAPTURES_CONTAINER_NAME"
+poison_queue_id="$account_id/queueServices/default/queues/$poison_queue"
+deployer_access=$(lower "${CAPTURES_DEPLOYER_ACCESS:-true}")
+
 # Azure allows one system topic per source: find the account's (created by main.bicep for a new
 # account; for an existing one, possibly owned by something else, and then reused).
 topic_name=""
@@ -120,16 +129,20 @@ if [ "$(lower "$CAPTURES_IS_EXISTING")" = "true" ]; then
         topic_name=$CAPTURES_SYSTEM_TOPIC_NAME
         topic_group=$captures_group
     fi
-    echo "postdeploy: granting the app read access to $CAPTURES_STORAGE_ACCOUNT_NAME (resource group $captures_group)"
-    # The deployer gets the same two roles, for nwcap reconcile and nwcap status. Azure refuses a
-    # second assignment of a role a principal already holds on the same scope under another
-    # name, so roles the deployer holds already are not assigned again.
+    echo "postdeploy: granting the app read access to $CAPTURES_CONTAINER_NAME and its poison queue in $CAPTURES_STORAGE_ACCOUNT_NAME (resource group $captures_group)"
+    # The deployer gets the same two roles on the same two resources, for nwcap reconcile and
+    # nwcap status (unless CAPTURES_DEPLOYER_ACCESS is false). Azure refuses a second assignment
+    # of a role a principal already holds on the same scope under another name, so roles the
+    # deployer holds there already (assigned by hand) are not assigned again.
     operator=""
-    if [ -n "${DEPLOYER_PRINCIPAL_ID:-}" ]; then
-        held=$(azs role assignment list --scope "$account_id" \
-            --query "[?principalId=='$DEPLOYER_PRINCIPAL_ID'].roleDefinitionId" --output tsv)
+    if [ -n "${DEPLOYER_PRINCIPAL_ID:-}" ] && [ "$deployer_access" = "true" ]; then
         lacking=""
-        for role in "$storage_blob_data_reader" "$storage_queue_data_contributor"; do
+        for pair in "$container_id $storage_blob_data_reader" "$poison_queue_id $storage_queue_data_contributor"; do
+            scope=${pair% *}
+            role=${pair##* }
+            # Before the first wiring the container or queue may not exist yet: nothing is held.
+            held=$(azs role assignment list --scope "$scope" \
+                --query "[?principalId=='$DEPLOYER_PRINCIPAL_ID'].roleDefinitionId" --output tsv 2>/dev/null || true)
             if ! printf '%s\n' "$held" | grep -qi "$role"; then
                 lacking="$lacking $role"
             fi
@@ -142,7 +155,8 @@ if [ "$(lower "$CAPTURES_IS_EXISTING")" = "true" ]; then
         else
             echo "postdeploy: warning: the deployer holds only part of the rights nwcap reconcile needs on" \
                 "$CAPTURES_STORAGE_ACCOUNT_NAME; grant the rest with: az role assignment create" \
-                "--assignee-object-id $DEPLOYER_PRINCIPAL_ID --scope $account_id --role <id>, for each id of:$lacking" >&2
+                "--assignee-object-id $DEPLOYER_PRINCIPAL_ID --role <id> --scope <the container's or the queue's id>," \
+                "for each id of:$lacking (scopes: $container_id, $poison_queue_id)" >&2
         fi
     fi
     created_principal=$(azs deployment group create \
@@ -151,6 +165,7 @@ if [ "$(lower "$CAPTURES_IS_EXISTING")" = "true" ]; then
         --template-file "$hooks_dir/../app/captures.bicep" \
         --parameters \
             storageAccountName="$CAPTURES_STORAGE_ACCOUNT_NAME" \
+            containerName="$CAPTURES_CONTAINER_NAME" \
             principalId="$PROCESSOR_PRINCIPAL_ID" \
             operatorPrincipalId="$operator" \
             systemTopicName="$topic_name" \
@@ -174,6 +189,18 @@ if [ "$(lower "$CAPTURES_IS_EXISTING")" = "true" ]; then
     fi
 elif [ -z "$topic_name" ]; then
     fail "no Event Grid system topic on '$CAPTURES_STORAGE_ACCOUNT_NAME'; run 'azd provision' again"
+fi
+
+# Before 0.4 the app held Storage Blob Data Reader and Storage Queue Data Contributor on the whole
+# account; they are now scoped to the capture container and the poison queue, so the account-wide
+# ones (and any other role the app identity holds on the account itself) go.
+wide=$(azs role assignment list --scope "$account_id" \
+    --query "[?principalId=='$PROCESSOR_PRINCIPAL_ID'].id" --output tsv)
+if [ -n "$wide" ]; then
+    echo "postdeploy: removing the app's account-wide roles on $CAPTURES_STORAGE_ACCOUNT_NAME (now scoped to the container and the poison queue)"
+    # Word splitting is intended: one assignment id per word.
+    # shellcheck disable=SC2086
+    azs role assignment delete --ids $wide --output none
 fi
 
 # Role assignments take a while to show up after a deployment; events sent before the app may
@@ -214,8 +241,10 @@ wait_for_roles() {
         fi
     done
 }
-wait_for_roles "the app on $CAPTURES_STORAGE_ACCOUNT_NAME" "$account_id" "$PROCESSOR_PRINCIPAL_ID" \
-    "$storage_blob_data_reader" "$storage_queue_data_contributor"
+wait_for_roles "the app on $CAPTURES_CONTAINER_NAME" "$container_id" "$PROCESSOR_PRINCIPAL_ID" \
+    "$storage_blob_data_reader"
+wait_for_roles "the app on $poison_queue" "$poison_queue_id" "$PROCESSOR_PRINCIPAL_ID" \
+    "$storage_queue_data_contributor"
 deadletter_container_id="$RESULTS_STORAGE_ACCOUNT_ID/blobServices/default/containers/$RESULTS_DEADLETTER_CONTAINER_NAME"
 if [ -n "$topic_principal" ]; then
     wait_for_roles "system topic $topic_name on $RESULTS_DEADLETTER_CONTAINER_NAME" \
@@ -269,17 +298,27 @@ if [ -n "$legacy" ] && [ "$legacy" != "$CAPTURES_EVENT_SUBSCRIPTION_NAME" ]; the
         --resource-group "$topic_group" --system-topic-name "$topic_name" --yes --output none
 fi
 
-endpoint="https://$AZURE_FUNCTION_APP_HOSTNAME/runtime/webhooks/blobs?functionName=Host.Functions.process_capture&code=$key"
+# The webhook URL carries the key: written to a file of this user's only (mktemp: mode 0600) and
+# handed to az as `@file`, so that it never shows in the process list or in EDR telemetry.
+endpoint_file=$(mktemp)
+trap 'rm -f "$endpoint_file"' EXIT
+printf '%s' "https://$AZURE_FUNCTION_APP_HOSTNAME/runtime/webhooks/blobs?functionName=Host.Functions.process_capture&code=$key" \
+    >"$endpoint_file"
+key=""
 echo "postdeploy: subscribing process_capture to *.cap blobs in $CAPTURES_CONTAINER_NAME (topic $topic_name, subscription $CAPTURES_EVENT_SUBSCRIPTION_NAME)"
+# data.api: a blob is complete when one of these calls created it. On an account with a
+# hierarchical namespace, CreateFile raises BlobCreated for the empty file before its content
+# is flushed (FlushWithClose raises it again, complete).
 set -- --name "$CAPTURES_EVENT_SUBSCRIPTION_NAME" \
     --resource-group "$topic_group" \
     --system-topic-name "$topic_name" \
     --endpoint-type webhook \
-    --endpoint "$endpoint" \
+    --endpoint "@$endpoint_file" \
     --included-event-types Microsoft.Storage.BlobCreated \
     --subject-begins-with "/blobServices/default/containers/$CAPTURES_CONTAINER_NAME/" \
     --subject-ends-with .cap \
     --subject-case-sensitive false \
+    --advanced-filter data.api StringIn CopyBlob PutBlob PutBlockList FlushWithClose \
     --max-delivery-attempts 30 \
     --event-ttl 1440
 if [ -n "$topic_principal" ]; then

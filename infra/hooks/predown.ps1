@@ -1,10 +1,11 @@
 # azd predown hook (Windows twin of predown.sh): `azd down` deletes this environment's resource
 # group, but never an existing capture account's resource group (postdeploy wires that account
 # outside azd's deployment). Before the app's identity is deleted, remove what postdeploy added
-# there for this environment: its own event subscription, the identity's roles, and the system
-# topic only if nwcap created it and no other subscription (another environment's, or anyone
-# else's) still uses it. A capture account created by `azd up` lives in the environment's group
-# and goes with it.
+# there for this environment: its own event subscription, the identity's roles, the system topic
+# only if nwcap created it and no other subscription (another environment's, or anyone else's)
+# still uses it, and the deployer's roles when no other nwcap environment is subscribed to the
+# account any more. The capture container and the poison queue stay. A capture account created
+# by `azd up` lives in the environment's group and goes with it.
 $ErrorActionPreference = 'Stop'
 Set-StrictMode -Version Latest
 
@@ -14,7 +15,7 @@ if (-not (Get-Command az -ErrorAction SilentlyContinue)) {
 }
 $required = @(
     'AZURE_ENV_NAME', 'AZURE_SUBSCRIPTION_ID', 'PROCESSOR_PRINCIPAL_ID',
-    'CAPTURES_STORAGE_ACCOUNT_NAME', 'CAPTURES_EVENT_SUBSCRIPTION_NAME'
+    'CAPTURES_STORAGE_ACCOUNT_NAME', 'CAPTURES_EVENT_SUBSCRIPTION_NAME', 'CAPTURES_CONTAINER_NAME'
 )
 foreach ($name in $required) {
     if (-not [Environment]::GetEnvironmentVariable($name)) {
@@ -36,6 +37,13 @@ if (-not $accountId) {
     exit 0
 }
 
+# The scopes of the roles postdeploy granted (app/captures-access.bicep), and before 0.4 the
+# account itself.
+$containerId = "$accountId/blobServices/default/containers/$($env:CAPTURES_CONTAINER_NAME)"
+$poisonQueueId = "$accountId/queueServices/default/queues/webjobs-blobtrigger-poison"
+# Other nwcap environments still subscribed to the account (their subscriptions' names).
+$others = @()
+
 $topics = @((Invoke-Az eventgrid system-topic list --output json) -join "`n" | ConvertFrom-Json)
 foreach ($topic in $topics) {
     if ($topic.source -ine $accountId) { continue }
@@ -47,11 +55,12 @@ foreach ($topic in $topics) {
         Write-Warning ("predown: could not remove $($env:CAPTURES_EVENT_SUBSCRIPTION_NAME) from $($topic.name); " +
             "remove it with 'az eventgrid system-topic event-subscription delete'")
     }
+    $remaining = @(Invoke-Az eventgrid system-topic event-subscription list --resource-group $topic.resourceGroup `
+            --system-topic-name $topic.name --query '[].name' --output tsv | Where-Object { $_ })
+    $others += @($remaining | Where-Object { $_ -like 'evgs-nwcap-*' -or $_ -eq 'evgs-process-capture' })
     # The tag marks a topic nwcap created (its value is the environment that created it).
     $creator = if ($topic.tags -and $topic.tags.PSObject.Properties['nwcap-env-name']) { $topic.tags.'nwcap-env-name' } else { $null }
     if (-not $creator) { continue }
-    $remaining = @(Invoke-Az eventgrid system-topic event-subscription list --resource-group $topic.resourceGroup `
-            --system-topic-name $topic.name --query '[].name' --output tsv | Where-Object { $_ })
     if ($remaining.Count -gt 0) {
         Write-Host "predown: keeping system topic $($topic.name), still used by: $($remaining -join ' ')"
     }
@@ -61,17 +70,31 @@ foreach ($topic in $topics) {
     }
 }
 
-$assignments = @(Invoke-Az role assignment list --scope $accountId `
-        --query "[?principalId=='$($env:PROCESSOR_PRINCIPAL_ID)'].id" --output tsv)
-if ($assignments.Count -gt 0 -and $assignments[0]) {
+# One principal's role assignments at each of the scopes.
+function Get-AssignmentsOf([string]$principal, [string[]]$scopes) {
+    foreach ($scope in $scopes) {
+        Invoke-Az role assignment list --scope $scope --query "[?principalId=='$principal'].id" --output tsv |
+            Where-Object { $_ }
+    }
+}
+
+$assignments = @(Get-AssignmentsOf $env:PROCESSOR_PRINCIPAL_ID @($containerId, $poisonQueueId, $accountId))
+if ($assignments.Count -gt 0) {
     Write-Host "predown: removing the app identity's roles on $($env:CAPTURES_STORAGE_ACCOUNT_NAME)"
     Invoke-Az role assignment delete --ids @assignments --output none | Out-Null
 }
 
-# The deployer's own roles on the account (granted by postdeploy for nwcap reconcile and nwcap
-# status) are shared by every environment this person deployed on it: they stay.
+# The deployer's roles there (granted by postdeploy for nwcap reconcile and nwcap status) are
+# shared by every environment this person deployed on the account: the last one removes them.
 if ($env:DEPLOYER_PRINCIPAL_ID) {
-    Write-Host ("predown: keeping the deployer's roles on $($env:CAPTURES_STORAGE_ACCOUNT_NAME) (other environments may use them); " +
-        "remove them with: az role assignment delete --assignee $($env:DEPLOYER_PRINCIPAL_ID) --scope $accountId " +
-        '--role 2a2b9908-6ea1-4ae2-8e65-a410df84e7d1, then again with --role 974c5e8b-45b9-4653-ba55-5f855dd0fb88')
+    if ($others.Count -gt 0) {
+        Write-Host "predown: keeping the deployer's roles on $($env:CAPTURES_STORAGE_ACCOUNT_NAME), still used by the nwcap environments of: $($others -join ' ')"
+    }
+    else {
+        $deployer = @(Get-AssignmentsOf $env:DEPLOYER_PRINCIPAL_ID @($containerId, $poisonQueueId))
+        if ($deployer.Count -gt 0) {
+            Write-Host "predown: removing the deployer's roles on $($env:CAPTURES_STORAGE_ACCOUNT_NAME), no other nwcap environment uses it"
+            Invoke-Az role assignment delete --ids @deployer --output none | Out-Null
+        }
+    }
 }

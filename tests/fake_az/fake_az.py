@@ -7,10 +7,13 @@ would, so that one environment's postdeploy is seen by another's predown. ``--qu
 with a small JMESPath subset (the expressions the hooks use); an expression or command outside
 it exits 2, so a hook drifting from what the double understands fails its tests.
 ``--output tsv`` prints like the real CLI: one row per item, tab-separated, null as ``None``.
+An argument ``@path`` is replaced by the file's content, as azure-cli does for every argument
+(``_expand_file_prefixed_files``); the log keeps the arguments as they were passed.
 
 State keys: ``accounts`` (id, name, kind, dnsEndpointType, primaryEndpoints), ``topics`` (name,
 resourceGroup, source, tags, identity, subscriptions), ``roles`` (id, scope, principalId,
-roleDefinitionId), ``keys`` (app name -> list of blobs_extension answers, the last one repeats),
+roleDefinitionId), ``resources`` (ids of the containers and queues deployments created),
+``keys`` (app name -> list of blobs_extension answers, the last one repeats),
 ``hidden_role_lists`` (how many ``role assignment list`` calls still answer nothing, as while
 assignments propagate), ``deployments`` (names, for the record).
 """
@@ -253,10 +256,14 @@ def _deploy(state: dict[str, Any], options: dict[str, list[str]]) -> Any:
     outputs: dict[str, Any] = {}
     if template.name == "captures.bicep":
         account = _account(state, parameters["storageAccountName"])
+        container = f"{account['id']}/blobServices/default/containers/{parameters['containerName']}"
+        queue = f"{account['id']}/queueServices/default/queues/webjobs-blobtrigger-poison"
+        resources = state.setdefault("resources", [])
+        resources += [r for r in (container, queue) if r not in resources]
         principals = [parameters["principalId"], parameters.get("operatorPrincipalId", "")]
         for principal in filter(None, principals):
-            for role in (BLOB_DATA_READER, QUEUE_DATA_CONTRIBUTOR):
-                _grant(state, account["id"], principal, role)
+            _grant(state, container, principal, BLOB_DATA_READER)
+            _grant(state, queue, principal, QUEUE_DATA_CONTRIBUTOR)
         principal = ""
         if parameters["createSystemTopic"] == "true":
             principal = f"principal-of-{parameters['systemTopicName']}"
@@ -291,9 +298,11 @@ def _create_subscription(state: dict[str, Any], options: dict[str, list[str]]) -
     topic = _topic(state, _one(options, "--resource-group"), _one(options, "--system-topic-name"))
     if "--deadletter-identity" in options and not topic.get("identity"):
         raise AzError("the system topic has no identity to dead-letter with")
+    endpoint = _one(options, "--endpoint")
     subscription = {
         "name": name,
-        "destination": {"endpointBaseUrl": _one(options, "--endpoint").split("?")[0]},
+        # Azure keeps the full URL (it never returns the query string); kept here for the tests.
+        "destination": {"endpointBaseUrl": endpoint.split("?")[0], "endpointUrl": endpoint},
         "options": {flag: values for flag, values in options.items() if flag != "--endpoint"},
     }
     topic["subscriptions"] = [s for s in topic["subscriptions"] if s["name"] != name]
@@ -345,14 +354,26 @@ def run(state: dict[str, Any], args: list[str]) -> Any:
     raise AzError(f"fake az: unsupported command {command!r}", 2)
 
 
+def _expanded(arg: str) -> str:
+    """``@path`` as azure-cli reads it: the file's content, less one final newline."""
+    if not arg.startswith("@") or len(arg) == 1:
+        return arg
+    try:
+        content = Path(arg[1:]).read_text()
+    except OSError as error:
+        raise AzError(f"Failed to open file {arg[1:]}: {error}") from error
+    return content[:-1] if content.endswith("\n") else content
+
+
 def main() -> int:
     args = sys.argv[1:]
     with open(os.environ["FAKE_AZ_LOG"], "a", encoding="utf-8") as log:
         log.write(json.dumps(args) + "\n")
     state_file = Path(os.environ["FAKE_AZ_STATE"])
     state = json.loads(state_file.read_text())
-    _, options = _options(args)
     try:
+        args = [_expanded(arg) for arg in args]
+        _, options = _options(args)
         result = run(state, args)
         if "--query" in options:
             result = query(_one(options, "--query"), result)
