@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from analyzer.cli.common import (
     analyse_capture_file,
+    command,
     failed,
     guarded,
     ip_address,
@@ -30,11 +31,20 @@ if TYPE_CHECKING:
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``report`` and ``serve``."""
-    report = subparsers.add_parser(
+    report = command(
+        subparsers,
         "report",
         help="write a self-contained HTML report of one capture (file or stored)",
         description="One HTML file, readable offline and printable: overview, alerts, peer "
-        "map, timeline, the sortable peer table and the conversations.",
+        "map, timeline, the sortable peer table and the conversations. -o names the file "
+        "here (the report's format is HTML); exit status 73 when it cannot be written.",
+        examples=[
+            (
+                "nwcap report samples/inbound-scan.cap --policy samples/policy.yaml -o scan.html",
+                "a capture file",
+            ),
+            ("nwcap report --capture-id <capture-id> -o capture.html", "a stored capture"),
+        ],
     )
     report.add_argument("capture", nargs="?", help="capture file (omit with --capture-id)")
     report.add_argument("--capture-id", help="a stored capture, as listed by 'nwcap captures'")
@@ -54,9 +64,17 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     results_store_options(report)
     report.set_defaults(func=run_report)
 
-    serve = subparsers.add_parser(
+    serve = command(
+        subparsers,
         "serve",
         help="run the dashboard and the JSON API locally against RESULTS_CONNECTION",
+        examples=[
+            ("nwcap serve", "then open http://127.0.0.1:8080/api/ui"),
+            (
+                "nwcap serve --account-name mystorage --auth-mode login --port 8081",
+                "a deployed app's results, with your own sign-in",
+            ),
+        ],
         description="Serve /api/ui (fleet, capture, peer, alerts pages) and /api/... (the "
         "HTTP API) from the results store, until interrupted. There is no key: anyone who can "
         "reach the port reads every result, so only loopback is allowed by default.",

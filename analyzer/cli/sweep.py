@@ -23,7 +23,6 @@ The exit status is 1 when anything crashed or hung, so CI can require zero of bo
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing
 import os
@@ -41,7 +40,9 @@ from typing import Any, Literal
 
 from analyzer.base.errors import NwcapError
 from analyzer.capture.engine import summarize
+from analyzer.cli.common import command
 from analyzer.cli.exits import InputError
+from analyzer.cli.output import emit, output_options, print_rows
 
 Status = Literal["ok", "partial", "rejected", "crashed", "hung"]
 STATUSES: tuple[Status, ...] = ("ok", "partial", "rejected", "crashed", "hung")
@@ -316,9 +317,17 @@ def _default_jobs() -> int:
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``sweep``."""
-    parser = subparsers.add_parser(
+    parser = command(
+        subparsers,
         "sweep",
         help="run the capture engine over every file under a directory and count the outcomes",
+        examples=[
+            ("nwcap sweep ../shared/corpus --jobs 2", "every corpus file, two at a time"),
+            (
+                "nwcap sweep captures/ --query \"results[?status=='crashed'].path\" -o tsv",
+                "the files that crashed the engine, one a line",
+            ),
+        ],
         description="Summarise every file under DIR, each in a worker process with a time and "
         "memory limit, and print one line: files ok / partial (with a warning) / rejected "
         "(not a usable capture) / crashed / hung, and the slowest file. Exit status 1 when "
@@ -346,7 +355,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         metavar="MIB",
         help="address-space limit per worker in MiB, 0 for none (default: %(default)s)",
     )
-    parser.add_argument("--format", choices=("table", "json"), default="table")
+    output_options(parser)
     parser.set_defaults(func=run_sweep)
 
 
@@ -356,9 +365,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     if not root.exists():
         raise InputError(f"cannot sweep {root}: no such file or directory")
     report = sweep(root, timeout=args.timeout, jobs=args.jobs, memory_mb=args.memory_mb)
-    if args.format == "json":
-        json.dump(report.to_dict(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+    if args.query is not None or args.output in ("json", "jsonc"):
+        emit(args, report.to_dict())
+    elif args.output in ("csv", "tsv"):
+        print_rows([r.to_dict() for r in report.results], (), args.output)
     else:
         sys.stdout.write(report.line() + "\n")
         for result in report.results:
