@@ -142,14 +142,20 @@ class TestRowsFromBeforeGenerations:
         outcome = process_blob(upload(name, udp_capture(PEERS)), results_store)
         capture_id = outcome.capture_id
         partitions = (("peers", capture_id), ("alerts", CAPTURE_ALERTS_PREFIX + capture_id))
-        # as an nwcap without generations wrote them: keys with no generation prefix
+        # as an nwcap without generations wrote them: keys with no generation prefix, and
+        # all of a capture's peers in one partition, the capture id
         legacy = 0
         for table, partition in partitions:
             client = results_store.table(table)
-            for row in list(client.query_entities("PartitionKey eq @pk",
-                                                  parameters={"pk": partition})):
-                client.create_entity({**row, "RowKey": row["RowKey"].partition("|")[2]})
-                client.delete_entity(partition, row["RowKey"])
+            rows = client.query_entities(
+                "PartitionKey ge @pk and PartitionKey lt @after",
+                parameters={"pk": partition, "after": partition + "}"},
+            )
+            for row in list(rows):
+                client.create_entity(
+                    {**row, "PartitionKey": partition, "RowKey": row["RowKey"].partition("|")[2]}
+                )
+                client.delete_entity(row["PartitionKey"], row["RowKey"])
                 legacy += 1
         record = results_store.get_capture(capture_id)
         assert record is not None and legacy > len(PEERS)
@@ -161,7 +167,8 @@ class TestRowsFromBeforeGenerations:
         assert record is not None and (record.generation, record.stale_rows) == (1, False)
         for table, partition in partitions:
             keys = [row["RowKey"] for row in results_store.table(table).query_entities(
-                "PartitionKey eq @pk", parameters={"pk": partition}, select=["RowKey"])]
+                "PartitionKey ge @pk and PartitionKey lt @after",
+                parameters={"pk": partition, "after": partition + "}"}, select=["RowKey"])]
             assert keys and all(generation_of(key) == 1 for key in keys), keys
         assert {row["address"] for row in results_store.iter_capture_peers(capture_id)} == set(
             OTHER)

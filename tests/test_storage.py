@@ -8,6 +8,7 @@ import json
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -60,7 +61,7 @@ from analyzer.store.results import (
     time_key,
     utf16_size,
 )
-from analyzer.store.tablekeys import INDEX_BUCKETS, index_partition
+from analyzer.store.tablekeys import INDEX_BUCKETS, index_partition, legacy_index_partition
 
 FORBIDDEN_IN_KEYS = re.compile(r"[/\\#?\x00-\x1f\x7f-\x9f%]")
 T0 = datetime(2026, 11, 25, 10, 15, tzinfo=timezone.utc).timestamp()
@@ -601,6 +602,7 @@ class TestResults:
         row = peer_entity(old, old_peer, new=False, alerts=[])
         legacy_rk = row["index_rk"].partition("|")[2]
         row["index_rk"] = legacy_rk
+        del row["index_pk"]  # peers rows name their index partition since issue #20
         results_store.table("peers").create_entity(row)
         legacy_index = index_entity(old, old_peer)
         legacy_index.update(PartitionKey=ip_key("20.0.0.7"), RowKey=legacy_rk)
@@ -844,3 +846,117 @@ class TestLostConnections:
             server.close()
         # the first attempt and both retries; the SDK alone would send a POST once
         assert len(accepted) == 3
+
+
+class TestPartitionLayout:
+    """Rows spread over partitions (issue #20/#21): peers 100 to a partition, the index over
+    256 buckets, a day's alerts over 16 shards, a VM's baseline over its shards; rows of the
+    layout before stay readable and are cleaned up."""
+
+    def test_a_wide_capture_spreads_its_peers_and_pages_in_key_order(
+        self, results_store: TableResultsStore
+    ) -> None:
+        capture = record(location())
+        peers = tuple(peer(f"20.0.{n // 200}.{n % 200}") for n in range(250))
+        mine = store_results(results_store, capture, peers, ())
+        rows = list(results_store.table("peers").list_entities())
+        sizes = Counter(row["PartitionKey"] for row in rows)
+        assert sorted(sizes.values()) == [50, 100, 100]
+        assert all(pk.startswith(f"{capture.capture_id}|{mine.generation:08d}|") for pk in sizes)
+        seen: list[str] = []
+        token = None
+        while True:  # pages that end inside a partition and at its end
+            page = results_store.capture_peers(capture.capture_id, limit=37, continuation=token)
+            seen.extend(row["address"] for row in page.items)
+            token = page.continuation
+            if token is None:
+                break
+        assert seen == sorted((p.address for p in peers), key=ip_key)
+        # a second run replaces them all, and the first run's partitions are emptied
+        store_results(results_store, capture, peers[:120], ())
+        assert _row_count(results_store, "peers") == 120
+        assert _row_count(results_store, "peerindex") == 120
+
+    def test_index_buckets_and_sightings_of_the_16_bucket_layout(
+        self, results_store: TableResultsStore
+    ) -> None:
+        addresses = [f"20.0.0.{n}" for n in range(1, 200)]
+        assert len({index_partition(ip_key(a)) for a in addresses}) > 16
+        old = record(location(day=24), generation=1, results_generation=1)
+        results_store.put_capture(old)
+        legacy = index_entity(old, peer("20.0.0.5"))
+        legacy["PartitionKey"] = legacy_index_partition(ip_key("20.0.0.5"))
+        results_store.table("peerindex").create_entity(legacy)
+        new = store_results(results_store, record(location(day=25)), (peer("20.0.0.5"),), ())
+        first = results_store.peer_sightings("20.0.0.5", limit=1)
+        assert first.continuation is not None
+        rest = results_store.peer_sightings("20.0.0.5", limit=1, continuation=first.continuation)
+        found = [s["capture_id"] for s in first.items + rest.items]
+        assert sorted(found) == sorted([old.capture_id, new.capture_id])
+        with pytest.raises(InvalidContinuationError):
+            results_store.peer_sightings("20.0.0.6", continuation=first.continuation)
+
+    def test_a_days_alerts_are_sharded_and_all_listed(
+        self, results_store: TableResultsStore
+    ) -> None:
+        stored = [
+            store_results(
+                results_store,
+                record(location(vm=f"vm-{n}")),
+                (peer("20.0.0.1"),),
+                (alert("unexpected-endpoint", "low", "20.0.0.1"),),
+            )
+            for n in range(12)
+        ]
+        day_rows = [
+            r for r in results_store.table("alerts").list_entities()
+            if r["PartitionKey"].startswith("day-")
+        ]
+        assert len({r["PartitionKey"] for r in day_rows}) > 1
+        assert all(r["PartitionKey"].startswith(day_partition(T0) + "|") for r in day_rows)
+        listed = results_store.list_alerts(since=T0 - DAY, until=T0 + DAY, limit=1000).items
+        assert sorted(a["capture_id"] for a in listed) == sorted(s.capture_id for s in stored)
+        assert results_store.list_alerts(since=T0 + DAY).items == []
+
+    def test_a_vms_baseline_is_sharded_at_its_first_capture(
+        self, results_store: TableResultsStore
+    ) -> None:
+        where = location()
+        peers = [peer(f"20.0.{n // 200}.{n % 200}") for n in range(300)]
+        keys = [ip_key(p.address) for p in peers]
+        assert results_store.baseline_entries(where, keys) == {}  # no marker: one read
+        first = results_store.learn_baseline(
+            where, "vm-web-01.a", T0, peers, {}, now=T0, max_age=90 * DAY
+        )
+        assert first == frozenset(keys)
+        rows = results_store.table("baseline").list_entities()
+        partitions = Counter(r["PartitionKey"] for r in rows)
+        assert len(partitions) == 1 + 4  # the marker's, and 4 shards for 300 peers
+        # more than 200 keys: the VM's shards read whole; a few: one point read each
+        known = results_store.baseline_entries(where, keys)
+        assert known.keys() == {*keys, "~first-capture"}
+        assert known["~first-capture"].shards == 4
+        few = results_store.baseline_entries(where, [*keys[:3], ip_key("20.9.9.9")])
+        assert few.keys() == {*keys[:3], "~first-capture"}
+        # a later capture learns only the new peer; one already known stays the first's
+        later = results_store.learn_baseline(
+            where, "vm-web-01.b", T0 + 60, [peers[0], peer("20.9.9.9")], few,
+            now=T0 + 60, max_age=90 * DAY,
+        )
+        assert later == frozenset({ip_key("20.9.9.9")})
+
+    def test_concurrent_first_captures_agree_on_the_shards(
+        self, results_store: TableResultsStore
+    ) -> None:
+        where = location(vm="vm-race")
+        wide = [peer(f"20.1.{n // 200}.{n % 200}") for n in range(400)]
+        narrow = [wide[0], peer("20.2.0.1")]
+        results_store.learn_baseline(where, "vm-race.a", T0, narrow, {}, now=T0, max_age=DAY)
+        # the second knew nothing when it read: it finds the marker written meanwhile
+        won = results_store.learn_baseline(
+            where, "vm-race.b", T0 + 1, wide, {}, now=T0 + 1, max_age=DAY
+        )
+        assert ip_key(wide[0].address) not in won and len(won) == 399
+        known = results_store.baseline_entries(where, [ip_key(p.address) for p in wide])
+        assert known["~first-capture"].shards == 1
+        assert len(known) == 1 + 400

@@ -511,7 +511,7 @@ def _store_analysis(
     learns = has_vm and not claimed.time_mismatch
     peers = analysis.peers
     known = store.baseline_entries(location, [ip_key(p.address) for p in peers]) if has_vm else {}
-    marker = known.pop(BASELINE_MARKER, None)
+    marker = known.get(BASELINE_MARKER)  # learn_baseline reads it too (the VM's shards)
     now = clock()
     first = (
         store.learn_baseline(

@@ -23,13 +23,15 @@ from analyzer.store.tablekeys import (
     MAX_ENTITY_BYTES,
     alert_key,
     baseline_key,
-    day_partition,
+    baseline_partition,
+    day_shard_partition,
     entity_size,
     fit_json,
     fit_text,
     generation_prefix,
     index_partition,
     ip_key,
+    legacy_index_partition,
     peer_row_key,
     storable_time,
     time_key,
@@ -275,6 +277,7 @@ class BaselineEntry:
     capture_time: float
     last_time: float = 0.0
     etag: str = ""
+    shards: int = 0  # the marker row's: how many shards the VM's rows are spread over
 
     def expired(self, now: float, max_age: float) -> bool:
         """Not seen for ``max_age`` seconds: the peer counts as unknown again."""
@@ -428,12 +431,18 @@ def peer_entity(
     *,
     new: bool,
     alerts: Sequence[Alert],
+    partition: str | None = None,
 ) -> dict[str, Any]:
-    """The ``peers`` row of one peer of a capture (``alerts``: those about this peer)."""
-    row = _EntityBuilder(record.capture_id, peer_row_key(record.generation, peer.address))
+    """The ``peers`` row of one peer of a capture (``alerts``: those about this peer) in
+    ``partition`` (by default the capture id, the single partition before issue #20)."""
+    row = _EntityBuilder(
+        partition or record.capture_id, peer_row_key(record.generation, peer.address)
+    )
     _capture_context(row, record)
     row.text("address", peer.address)
-    row.text("index_rk", index_row_keys(record, peer)[1])
+    index_pk, index_rk = index_row_keys(record, peer)
+    row.text("index_pk", index_pk)
+    row.text("index_rk", index_rk)
     row.json("local_addresses", list(peer.local_addresses))
     row.count("packets_sent", peer.packets_sent)
     row.count("packets_received", peer.packets_received)
@@ -515,7 +524,8 @@ def alert_row_keys(record: CaptureRecord, alert: Alert, occurrence: int) -> tupl
     """An alert's row key in its capture's partition, and its day partition and row key."""
     capture_time = _required_time(record)
     key = generation_prefix(record.generation) + alert_key(alert, occurrence)
-    return key, day_partition(capture_time), f"{time_key(capture_time)}|{record.capture_id}|{key}"
+    day_pk = day_shard_partition(capture_time, record.capture_id)
+    return key, day_pk, f"{time_key(capture_time)}|{record.capture_id}|{key}"
 
 
 def index_row_keys(record: CaptureRecord, peer: Peer) -> tuple[str, str]:
@@ -528,15 +538,18 @@ def index_row_keys(record: CaptureRecord, peer: Peer) -> tuple[str, str]:
 def index_keys_of_peer_row(row: Mapping[str, Any]) -> tuple[str, str] | None:
     """Where the ``peerindex`` row of a stored ``peers`` row is (``None`` if it has none).
 
-    Rows written before the index was bucketed have the peer key as partition and a row key
-    without it; they are still found, so that their cleanup works.
+    Rows since issue #20 name the partition (``index_pk``); rows of the 16-bucket layout before
+    it do not, and rows written before the index was bucketed have the peer key as partition
+    and a row key without it; they are all still found, so that their cleanup works.
     """
     row_key = row.get("index_rk")
     if not row_key:
         return None
+    if row.get("index_pk"):
+        return str(row["index_pk"]), row_key
     address_key = str(row["RowKey"]).rpartition("|")[2]
     if row_key.startswith(address_key + "|"):
-        return index_partition(address_key), row_key
+        return legacy_index_partition(address_key), row_key
     return address_key, row_key
 
 
@@ -615,9 +628,11 @@ def sighting_document(entity: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def baseline_entity(
-    location: CaptureLocation, peer: Peer, capture_id: str, capture_time: float
+    location: CaptureLocation, peer: Peer, capture_id: str, capture_time: float, shards: int = 0
 ) -> dict[str, Any]:
-    row = _EntityBuilder(baseline_key(location), ip_key(peer.address))
+    """A VM's baseline row of ``peer``, in its shard of the VM's ``shards`` (0: unsharded)."""
+    key = ip_key(peer.address)
+    row = _EntityBuilder(baseline_partition(baseline_key(location), key, shards), key)
     row.text("address", peer.address)
     row.text("vm", location.vm)
     row.text("first_capture_id", capture_id)
@@ -632,11 +647,14 @@ BASELINE_MARKER = "~first-capture"  # a row key no peer key takes (peer keys are
 
 
 def baseline_marker_entity(
-    location: CaptureLocation, capture_id: str, capture_time: float
+    location: CaptureLocation, capture_id: str, capture_time: float, shards: int = 0
 ) -> dict[str, Any]:
-    """The VM's marker row: the first capture its baseline learned from."""
+    """The VM's marker row: the first capture its baseline learned from, and how many shards
+    its rows are spread over (none: one partition, as before issue #20)."""
     row = _EntityBuilder(baseline_key(location), BASELINE_MARKER)
     row.text("vm", location.vm)
+    if shards:
+        row.small("shards", shards)
     row.text("first_capture_id", capture_id)
     row.time("first_capture_time", capture_time)
     row.time("last_capture_time", capture_time)
@@ -651,6 +669,7 @@ def baseline_entry(entity: Mapping[str, Any]) -> BaselineEntry:
         capture_time=time_of(entity, "first_capture_time") or 0.0,
         last_time=time_of(entity, "last_capture_time") or 0.0,
         etag=str(metadata.get("etag", "")),
+        shards=int_of(entity, "shards"),
     )
 
 

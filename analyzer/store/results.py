@@ -10,12 +10,15 @@ Five tables (names optionally prefixed, see :func:`table_names`), documented in
 table      PartitionKey                 RowKey                                one row per
 ========== ============================ ===================================== ================
 captures   VM key (lower-case VM name)  capture id                            capture blob
-peers      capture id                   peer key (canonical IP)               peer of a capture
-alerts     ``capture-{capture id}``     ``{4-rank}|{rule}|{peer key}|{n}``    alert (by capture)
-alerts     ``day-{yyyy-mm-dd}``         ``{time}|{capture id}|{alert key}``   alert (by day)
-peerindex  ``bucket-{nn}`` (peer key hash)  ``{peer key}|{time}|{capture id}|...`` peer of a capture
-baseline   ``{sub}|{rg}|{vm}``          peer key                              peer ever seen by a VM
+peers      ``{capture id}|{run}|{nnnnn}``  ``{run}|{peer key}``               peer of a capture
+alerts     ``capture-{capture id}``     ``{run}|{4-rank}|{rule}|{peer}|{n}``  alert (by capture)
+alerts     ``day-{yyyy-mm-dd}|{nn}``    ``{time}|{capture id}|{alert key}``   alert (by day)
+peerindex  ``bucket-{nnn}`` (key hash)  ``{peer key}|{time}|{capture id}|...`` peer of a capture
+baseline   ``{sub}|{rg}|{vm}|{nnn}``    peer key                              peer ever seen by a VM
 ========== ============================ ===================================== ================
+
+Peers go 100 to a partition in key order, the day's alerts over 16 shards, the index over 256
+buckets and a VM's baseline over the shards its marker row names (see ``docs/data-model.md``).
 
 The store is here; keys and limits are in :mod:`analyzer.store.tablekeys`, the entity mapping in
 :mod:`analyzer.store.entities`. Their names are re-exported so that
@@ -33,10 +36,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from azure.core import MatchConditions
-from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.core.exceptions import (
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
 from azure.data.tables import (
     TableClient,
     TableServiceClient,
@@ -80,9 +87,12 @@ from analyzer.store.tablekeys import (
     MAX_ENTITY_BYTES,
     MAX_PAGE,
     MAX_PROPERTY_BYTES,
+    PEERS_PER_PARTITION,
     TABLES,
     alert_key,
     baseline_key,
+    baseline_partition,
+    baseline_shards_for,
     bounded_key,
     capture_id_for,
     day_partition,
@@ -94,13 +104,18 @@ from analyzer.store.tablekeys import (
     generation_prefix,
     index_partition,
     ip_key,
+    legacy_index_partition,
     parse_capture_id,
+    peer_partition,
+    peer_partitions_below,
+    peer_partitions_of_run,
     storable_time,
     table_names,
     time_key,
     utf16_size,
     vm_key,
 )
+from analyzer.store.throttling import Backoff, BusyAwareTable
 
 __all__ = [
     "BASELINE_MARKER",
@@ -110,6 +125,7 @@ __all__ = [
     "MAX_ENTITY_BYTES",
     "MAX_PAGE",
     "MAX_PROPERTY_BYTES",
+    "PEERS_PER_PARTITION",
     "TABLES",
     "BaselineEntry",
     "CaptureRecord",
@@ -157,7 +173,10 @@ _PARALLEL_WRITES = 4
 _RETRY_UPSERT_TRANSACTIONS = frozenset({"HEAD", "GET", "PUT", "DELETE", "OPTIONS", "TRACE", "POST"})
 # Capture rows looked up at once when filtering index or day rows (small point reads).
 _PARALLEL_READS = 8
-_BASELINE_COLUMNS = ["first_capture_id", "first_capture_time", "last_capture_time"]
+_BASELINE_COLUMNS = ["first_capture_id", "first_capture_time", "last_capture_time", "shards"]
+# Up to this many peers, a capture reads its VM's baseline rows one point read each; beyond,
+# it reads the VM's partitions whole (1,000 rows a request) and keeps the rows of its peers.
+_BASELINE_POINT_READS = 200
 # A baseline row's last sighting is written again at most this often (seconds): ageing out
 # needs days of precision, not a write per peer per capture.
 _REFRESH_LAST_SEEN = 86_400.0
@@ -226,7 +245,8 @@ class ResultsStore(Protocol):
         self, location: CaptureLocation, keys: Iterable[str]
     ) -> dict[str, BaselineEntry]:
         """The VM's baseline rows of these peer keys (and of :data:`BASELINE_MARKER`, the VM's
-        first capture), read one by one: never the VM's whole partition."""
+        first capture and its shards). None when the VM has no marker (nothing learned yet);
+        a point read each for a few keys, else the VM's partitions read whole."""
         ...
 
     def learn_baseline(
@@ -242,8 +262,10 @@ class ResultsStore(Protocol):
     ) -> frozenset[str]:
         """Record this capture as the first to show each of ``peers`` that has no row, a row
         not seen for ``max_age`` seconds, or a row of a later capture; return the keys this
-        capture is (now) first for. Rows are inserted if absent and replaced only at the
-        version read, so of concurrent captures one wins each peer."""
+        capture is (now) first for. Rows are inserted if absent (in transactions, each row on
+        its own when one of them exists) and replaced only at the version read, so of
+        concurrent captures one wins each peer. ``known`` includes the VM's marker row, if
+        any; a row seen again moves its last sighting at most once a day."""
         ...
 
     def list_captures(
@@ -351,11 +373,16 @@ def _as_datetime(ts: float) -> datetime:
 class TableResultsStore:
     """The results store on Azure Table Storage (or Azurite)."""
 
-    def __init__(self, service: TableServiceClient, *, prefix: str = "") -> None:
+    def __init__(
+        self, service: TableServiceClient, *, prefix: str = "", backoff: Backoff | None = None
+    ) -> None:
         self.service = service
         self.names = table_names(prefix)
-        self._clients = {
-            name: service.get_table_client(actual) for name, actual in self.names.items()
+        # Every request backs off while the account is busy (analyzer.store.throttling).
+        self.backoff = backoff or Backoff()
+        self._clients: dict[str, TableClient] = {
+            name: cast(TableClient, BusyAwareTable(service.get_table_client(actual), self.backoff))
+            for name, actual in self.names.items()
         }
 
     def create_tables(self) -> None:
@@ -415,10 +442,20 @@ class TableResultsStore:
         for alert in alerts:
             by_peer[ip_key(alert.peer)].append(alert)
 
+        # 100 peers to a partition in key order: one full transaction each, and the capture's
+        # pages come back in key order across its partitions.
+        ordered = sorted(peers, key=lambda peer: ip_key(peer.address))
+
         def peer_rows() -> Iterator[dict[str, Any]]:
-            for peer in peers:
+            for position, peer in enumerate(ordered):
                 key = ip_key(peer.address)
-                yield peer_entity(record, peer, new=key in new_peers, alerts=by_peer.get(key, []))
+                partition = peer_partition(
+                    record.capture_id, record.generation, position // PEERS_PER_PARTITION
+                )
+                yield peer_entity(
+                    record, peer, new=key in new_peers, alerts=by_peer.get(key, []),
+                    partition=partition,
+                )
 
         occurrences = list(alert_occurrences(alerts))
         self._upsert_batches("peers", peer_rows())
@@ -465,9 +502,15 @@ class TableResultsStore:
             low, high = generation_prefix(generation), f"{generation:08d}}}"
         else:
             raise ValueError("give exactly one of below and generation")
-        peer_rows = self._key_range(
-            "peers", capture_id, low, high, ["PartitionKey", "RowKey", "index_rk"]
+        peer_columns = ["PartitionKey", "RowKey", "index_pk", "index_rk"]
+        # The capture's own partition (the layout before issue #20), then its runs' partitions.
+        peer_rows = self._key_range("peers", capture_id, low, high, peer_columns)
+        first, last = (
+            peer_partitions_below(capture_id, below)
+            if below is not None
+            else peer_partitions_of_run(capture_id, generation or 0)
         )
+        peer_rows += self._partition_range("peers", first, last, peer_columns)
         alert_rows = self._key_range(
             "alerts", CAPTURE_ALERTS_PREFIX + capture_id, low, high,
             ["PartitionKey", "RowKey", "day_pk", "day_rk"],
@@ -496,16 +539,35 @@ class TableResultsStore:
         self._delete_batches("alerts", alert_rows)
         return len(peer_rows) + len(alert_rows)
 
+    def _partition_range(
+        self, table: str, low: str, high: str, select: list[str]
+    ) -> list[dict[str, Any]]:
+        """The rows of the partitions whose keys are in ``[low, high)`` (keys only)."""
+        try:
+            return self.backoff.call(
+                lambda: list(
+                    self.table(table).query_entities(
+                        "PartitionKey ge @low and PartitionKey lt @high",
+                        parameters={"low": low, "high": high},
+                        select=select,
+                    )
+                )
+            )
+        except ResourceNotFoundError:
+            return []
+
     def _key_range(
         self, table: str, partition: str, low: str, high: str, select: list[str]
     ) -> list[dict[str, Any]]:
         """The rows of ``partition`` whose row keys are in ``[low, high)`` (keys only)."""
         try:
-            return list(
-                self.table(table).query_entities(
-                    "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high",
-                    parameters={"pk": partition, "low": low, "high": high},
-                    select=select,
+            return self.backoff.call(
+                lambda: list(
+                    self.table(table).query_entities(
+                        "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high",
+                        parameters={"pk": partition, "low": low, "high": high},
+                        select=select,
+                    )
                 )
             )
         except ResourceNotFoundError:
@@ -517,17 +579,44 @@ class TableResultsStore:
         self, location: CaptureLocation, keys: Iterable[str]
     ) -> dict[str, BaselineEntry]:
         client = self.table("baseline")
-        partition = baseline_key(location)
-        found: dict[str, BaselineEntry] = {}
+        vm_partition = baseline_key(location)
+        try:
+            marker_row = client.get_entity(vm_partition, BASELINE_MARKER, select=_BASELINE_COLUMNS)
+        except ResourceNotFoundError:  # no capture of the VM learned yet: no rows to read
+            return {}
+        marker = baseline_entry(marker_row)
+        found: dict[str, BaselineEntry] = {BASELINE_MARKER: marker}
+        wanted = [key for key in dict.fromkeys(keys) if key != BASELINE_MARKER]
+        if len(wanted) > _BASELINE_POINT_READS:
+            # Many peers: the VM's partitions read whole are fewer requests than a read each.
+            wanted_set = set(wanted)
+            if marker.shards:
+                clauses = ["PartitionKey ge @low", "PartitionKey lt @high"]
+                parameters = {"low": f"{vm_partition}|", "high": f"{vm_partition}}}"}
+            else:
+                clauses, parameters = ["PartitionKey eq @low"], {"low": vm_partition}
+
+            def scan() -> dict[str, BaselineEntry]:
+                rows = client.query_entities(
+                    " and ".join(clauses),
+                    parameters=parameters,
+                    select=["RowKey", *_BASELINE_COLUMNS],
+                    results_per_page=MAX_PAGE,
+                )  # only the rows of this capture's peers are kept: memory as for point reads
+                return {r["RowKey"]: baseline_entry(r) for r in rows if r["RowKey"] in wanted_set}
+
+            found.update(self.backoff.call(scan))
+            return found
 
         def read(key: str) -> None:
+            partition = baseline_partition(vm_partition, key, marker.shards)
             try:
                 entity = client.get_entity(partition, key, select=_BASELINE_COLUMNS)
-            except ResourceNotFoundError:  # no row, or no table yet
+            except ResourceNotFoundError:  # no row
                 return
             found[key] = baseline_entry(entity)
 
-        _run_bounded(read, dict.fromkeys([BASELINE_MARKER, *keys]), _PARALLEL_READS)
+        _run_bounded(read, wanted, _PARALLEL_READS)
         return found
 
     def learn_baseline(
@@ -544,19 +633,12 @@ class TableResultsStore:
         client = self.table("baseline")
         won: set[str] = set()
         stale = now - _REFRESH_LAST_SEEN
+        shards = self._baseline_marker(location, capture_id, capture_time, len(peers), known)
 
         def claim(entity: dict[str, Any], entry: BaselineEntry | None) -> bool:
             key = entity["RowKey"]
             try:
-                if entry is None:
-                    client.create_entity(entity)
-                else:
-                    client.update_entity(
-                        entity,
-                        mode=UpdateMode.REPLACE,
-                        etag=entry.etag,
-                        match_condition=MatchConditions.IfNotModified,
-                    )
+                _write_at_version(client, entity, entry)
             except (ResourceExistsError, ResourceModifiedError):
                 # another capture got there first: it is first unless the row is ours
                 try:
@@ -566,29 +648,85 @@ class TableResultsStore:
                 return baseline_entry(row).capture_id == capture_id
             return True
 
-        def learn(peer: Peer) -> None:
+        new_rows: list[dict[str, Any]] = []  # no row yet: inserted in transactions
+        replaced: list[tuple[dict[str, Any], BaselineEntry]] = []  # at the version read
+        refreshed: list[dict[str, Any]] = []  # seen again: last sighting moved on
+        for peer in peers:
             key = ip_key(peer.address)
             entry = known.get(key)
             if entry is not None and entry.capture_id == capture_id:
                 won.add(key)  # this capture's own row, from an earlier run of it
-            elif entry is None or entry.expired(now, max_age) or entry.capture_time > capture_time:
-                if claim(baseline_entity(location, peer, capture_id, capture_time), entry):
-                    won.add(key)
+            elif entry is None:
+                new_rows.append(
+                    baseline_entity(location, peer, capture_id, capture_time, shards)
+                )
+            elif entry.expired(now, max_age) or entry.capture_time > capture_time:
+                row = baseline_entity(location, peer, capture_id, capture_time, shards)
+                replaced.append((row, entry))
             elif max(entry.last_time, entry.capture_time) < min(stale, capture_time):
                 # seen again: keep the row from ageing out (at most once a day per peer)
-                refresh = {
-                    "PartitionKey": baseline_key(location),
-                    "RowKey": key,
-                    "last_capture_time": _as_datetime(capture_time),
-                }
-                with contextlib.suppress(ResourceNotFoundError):
-                    client.update_entity(refresh, mode=UpdateMode.MERGE)
+                refreshed.append(
+                    {
+                        "PartitionKey": baseline_partition(baseline_key(location), key, shards),
+                        "RowKey": key,
+                        "last_capture_time": _as_datetime(capture_time),
+                    }
+                )
 
-        marker = known.get(BASELINE_MARKER)
-        if marker is None or marker.capture_time > capture_time:
-            claim(baseline_marker_entity(location, capture_id, capture_time), marker)
-        _run_bounded(learn, peers, _PARALLEL_WRITES)
+        def insert(batch: list[tuple[Any, ...]]) -> None:
+            entities = [operation[1] for operation in batch]
+            try:
+                client.submit_transaction(batch)
+            except TableTransactionError as error:
+                if error.status_code != 409:
+                    raise
+                # one of them has a row now (a concurrent capture): claim each on its own
+                won.update(e["RowKey"] for e in entities if claim(e, None))
+                return
+            won.update(entity["RowKey"] for entity in entities)
+
+        def refresh(batch: list[tuple[Any, ...]]) -> None:
+            try:
+                client.submit_transaction(batch)
+            except TableTransactionError as error:
+                if error.status_code != 404:
+                    raise
+                for _, entity, _ in batch:  # a row went meanwhile: the others still move on
+                    with contextlib.suppress(ResourceNotFoundError):
+                        client.update_entity(entity, mode=UpdateMode.MERGE)
+
+        _run_bounded(insert, _batches([("create", row) for row in new_rows]))
+        _run_bounded(
+            lambda pair: won.add(pair[0]["RowKey"]) if claim(*pair) else None, replaced
+        )
+        merge = {"mode": UpdateMode.MERGE}
+        _run_bounded(refresh, _batches([("update", row, merge) for row in refreshed]))
         return frozenset(won)
+
+    def _baseline_marker(
+        self,
+        location: CaptureLocation,
+        capture_id: str,
+        capture_time: float,
+        peers: int,
+        known: Mapping[str, BaselineEntry],
+    ) -> int:
+        """Record this capture in the VM's marker row when it is the VM's first (or an earlier
+        one than the marker's), and return how many shards the VM's rows are spread over: the
+        marker's, or, for a VM's first capture, enough for its ``peers``."""
+        client = self.table("baseline")
+        marker = known.get(BASELINE_MARKER)
+        shards = marker.shards if marker is not None else baseline_shards_for(peers)
+        if marker is not None and marker.capture_time <= capture_time:
+            return shards
+        entity = baseline_marker_entity(location, capture_id, capture_time, shards)
+        try:
+            _write_at_version(client, entity, marker)
+        except (ResourceExistsError, ResourceModifiedError):
+            # another capture of the VM wrote it first: its shards are the VM's
+            row = client.get_entity(baseline_key(location), BASELINE_MARKER, select=["shards"])
+            return int_of(row, "shards")
+        return shards
 
     # -- queries ----------------------------------------------------------------------
 
@@ -657,6 +795,10 @@ class TableResultsStore:
             record = self.get_capture(capture_id)
         if record is None:
             return [], None
+        if table == "peers" and record.generation:
+            found = self._run_peers(capture_id, record.results_generation, limit, continuation)
+            if found is not None:
+                return found
         if not record.generation:
             # Written before runs had generations: the whole partition is the results.
             clauses, parameters = ["PartitionKey eq @pk"], {"pk": partition}
@@ -665,6 +807,25 @@ class TableResultsStore:
             clauses = ["PartitionKey eq @pk", "RowKey ge @low", "RowKey lt @high"]
             parameters = {"pk": partition, "low": prefix, "high": prefix[:-1] + "}"}
         return self._query(table, clauses, parameters, limit or MAX_PAGE, continuation)
+
+    def _run_peers(
+        self, capture_id: str, generation: int, limit: int | None, continuation: str | None
+    ) -> tuple[list[dict[str, Any]], str | None] | None:
+        """A page of a run's peers from its partitions (100 peers each, in key order: one
+        range of partition keys), or ``None`` when the run has none there: its peers, if any,
+        are in the capture's own partition, where runs before issue #20 wrote them."""
+        token = decode_continuation(continuation)
+        if token is not None and token["PartitionKey"] == capture_id:
+            return None  # a page of the capture's own partition
+        low, high = peer_partitions_of_run(capture_id, generation)
+        rows, more = self._query(
+            "peers",
+            ["PartitionKey ge @low", "PartitionKey lt @high"],
+            {"low": low, "high": high},
+            limit or MAX_PAGE,
+            continuation,
+        )
+        return (rows, more) if rows or more or continuation else None
 
     def _current(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``rows`` (index or day rows of any captures) less those of runs whose results are
@@ -704,10 +865,13 @@ class TableResultsStore:
     ) -> Page:
         # Only the day partitions in range are read: their keys sort by date, and row keys
         # start with the capture time.
-        clauses = ["PartitionKey ge @first_day", "PartitionKey le @last_day"]
+        # A day's shards ("day-YYYY-MM-DD|nn") sort after the day's own partition (the layout
+        # before issue #20) and before "day-YYYY-MM-DD}": a day's alerts come shard by shard.
+        clauses = ["PartitionKey ge @first_day", "PartitionKey lt @after_last_day"]
         parameters: dict[str, Any] = {
             "first_day": day_partition(since) if since is not None else DAY_PREFIX,
-            "last_day": day_partition(until) if until is not None else DAY_PREFIX + "9999",
+            "after_last_day": (day_partition(until) if until is not None else DAY_PREFIX + "9999")
+            + "}",
         }
         if since is not None:
             clauses.append("RowKey ge @since")
@@ -734,14 +898,17 @@ class TableResultsStore:
     ) -> Page:
         # One partition, one key range: "{key}|" up to "{key}}" ("}" sorts right after "|",
         # and neither appears in a peer key).
+        # Its bucket, then its bucket of the 16-bucket layout before issue #20.
         key = ip_key(address)
-        clauses = ["PartitionKey eq @bucket", "RowKey ge @low", "RowKey lt @high"]
+        clauses = ["RowKey ge @low", "RowKey lt @high"]
         parameters: dict[str, Any] = {
-            "bucket": index_partition(key),
             "low": f"{key}|{time_key(since) if since is not None else ''}",
             "high": f"{key}}}",
         }
-        rows, token = self._query("peerindex", clauses, parameters, limit, continuation)
+        buckets = [index_partition(key), legacy_index_partition(key)]
+        rows, token = self._query_partitions(
+            "peerindex", buckets, clauses, parameters, limit, continuation
+        )
         return Page([sighting_document(row) for row in self._current(rows)], token)
 
     # -- table plumbing ---------------------------------------------------------------
@@ -768,22 +935,65 @@ class TableResultsStore:
         query_filter = " and ".join(clauses)
         while True:
             wanted = limit - len(rows)
-            if query_filter:
-                pager = client.query_entities(
-                    query_filter, parameters=dict(parameters), results_per_page=wanted
-                ).by_page(continuation_token=token)  # type: ignore[arg-type]  # a dict for tables
-            else:
-                pager = client.list_entities(results_per_page=wanted).by_page(
-                    continuation_token=token  # type: ignore[arg-type]
-                )
-            try:
+
+            def fetch(wanted: int = wanted, token: Any = token) -> tuple[list[Any], Any]:
+                if query_filter:
+                    pager = client.query_entities(
+                        query_filter, parameters=dict(parameters), results_per_page=wanted
+                    ).by_page(continuation_token=token)
+                else:
+                    pager = client.list_entities(results_per_page=wanted).by_page(
+                        continuation_token=token
+                    )
                 page = next(pager, None)
-                rows.extend(page or [])
+                return list(page or []), pager.continuation_token  # type: ignore[attr-defined]
+
+            try:
+                page, token = self.backoff.call(fetch)  # a busy page is asked for again
+                rows.extend(page)
             except ResourceNotFoundError:  # the table does not exist yet: nothing stored
                 return rows, None
-            token = pager.continuation_token  # type: ignore[attr-defined]
             if not token or len(rows) >= limit:
                 return rows, encode_continuation(token)
+
+    def _query_partitions(
+        self,
+        table: str,
+        partitions: Sequence[str],
+        clauses: Sequence[str],
+        parameters: Mapping[str, Any],
+        limit: int,
+        continuation: str | None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """:meth:`_query` over ``partitions`` one after the other, each with ``clauses``; the
+        continuation names the partition to go on in (a row key of none: from its start)."""
+        token = decode_continuation(continuation)
+        start = 0
+        if token is not None:
+            if token["PartitionKey"] not in partitions:
+                raise InvalidContinuationError("the continuation token is not for this query")
+            start = partitions.index(token["PartitionKey"])
+        rows: list[dict[str, Any]] = []
+        for position in range(start, len(partitions)):
+            resume = continuation if position == start and token and token["RowKey"] else None
+            found, more = self._query(
+                table,
+                ["PartitionKey eq @partition", *clauses],
+                {**parameters, "partition": partitions[position]},
+                limit - len(rows),
+                resume,
+            )
+            rows.extend(found)
+            if more:
+                return rows, more
+            if len(rows) >= limit:
+                following = partitions[position + 1 :]
+                return rows, (
+                    encode_continuation({"PartitionKey": following[0], "RowKey": ""})
+                    if following
+                    else None
+                )
+        return rows, None
 
     def _partition(
         self, table: str, partition: str, *, select: list[str] | None = None
@@ -836,6 +1046,22 @@ class TableResultsStore:
 
         # delete_entity treats an entity that is gone already as deleted.
         _run_bounded(lambda row: client.delete_entity(row["PartitionKey"], row["RowKey"]), rows)
+
+
+def _write_at_version(
+    client: TableClient, entity: dict[str, Any], read: BaselineEntry | None
+) -> None:
+    """Insert ``entity`` when no row was ``read``, else replace the row at the version read
+    (``ResourceExistsError`` / ``ResourceModifiedError`` when another writer came first)."""
+    if read is None:
+        client.create_entity(entity)
+    else:
+        client.update_entity(
+            entity,
+            mode=UpdateMode.REPLACE,
+            etag=read.etag,
+            match_condition=MatchConditions.IfNotModified,
+        )
 
 
 def _all_pages(fetch: Callable[[str | None], Page]) -> Iterator[dict[str, Any]]:

@@ -40,12 +40,32 @@ _LATEST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
 _KEY_SAFE = re.compile(r"[A-Za-z0-9._-]")
 _CAPTURE_ID = re.compile(r"^(?P<vm>[A-Za-z0-9._~-]{1,120})\.(?P<digest>[0-9a-f]{20})$")
 DAY_PREFIX = "day-"
-# The peerindex spreads addresses over a fixed number of partitions so that one capture's index
-# rows go in transactions (one request per 100 rows, not one per row) while fleet-wide writes
-# still spread over several partitions.
-INDEX_BUCKETS = 16
+# One partitioning scheme for every table a capture writes to (docs/data-model.md, "Keys"):
+# a partition holds what is read together, and no partition takes more than a capture's share
+# of a burst. Azure Table Storage serves about 2,000 entities/s per partition and 20,000 per
+# account, so the fleet-wide tables need at least 10 partitions each to reach the account's
+# limit; they get more, so that one hot address or one busy capture stays far from a
+# partition's limit.
+#
+# peerindex: one of 256 buckets by a hash of the address (rows of one address stay together,
+# "who talked to X" is one partition's key range); a capture's index rows for a bucket go in
+# one transaction.
+INDEX_BUCKETS = 256
 INDEX_PREFIX = "bucket-"
+# The 16 buckets of the layout before issue #20 ("bucket-00".."bucket-15"): still read, so
+# that sightings stored then keep being found and cleaned up.
+LEGACY_INDEX_BUCKETS = 16
 CAPTURE_ALERTS_PREFIX = "capture-"
+# alerts by day: a day's rows over 16 shards by a hash of the capture id, so that a fleet's
+# burst spreads over 16 partitions while one capture's day rows still share a transaction.
+DAY_SHARDS = 16
+# peers: a capture's peers, sorted by key, 100 to a partition (one full transaction each);
+# a wide capture spreads over as many partitions as it needs, and its pages stay in key order.
+PEERS_PER_PARTITION = 100
+# baseline: a VM's rows over a number of shards fixed at its first capture (a power of two,
+# about 100 peers per shard then, at most 256), recorded in its marker row.
+BASELINE_ROWS_PER_SHARD = 100
+MAX_BASELINE_SHARDS = 256
 
 
 # --- keys --------------------------------------------------------------------------------
@@ -130,10 +150,55 @@ def time_key(ts: float) -> str:
 
 
 def day_partition(ts: float) -> str:
+    """The day of ``ts`` as the start of its ``alerts`` partitions: ``day-YYYY-MM-DD``."""
     moment = storable_time(ts)
     if moment is None:
         raise ValueError(f"no date holds the time {ts!r}")
     return DAY_PREFIX + datetime.fromtimestamp(moment, tz=timezone.utc).strftime("%Y-%m-%d")
+
+
+def day_shard_partition(ts: float, capture_id: str) -> str:
+    """The by-day ``alerts`` partition of a capture's alerts: ``day-YYYY-MM-DD|nn``, one of
+    :data:`DAY_SHARDS` by a hash of the capture id."""
+    return f"{day_partition(ts)}|{shard_of(capture_id, DAY_SHARDS):02d}"
+
+
+def shard_of(key: str, count: int) -> int:
+    """A stable shard number of ``key`` in ``range(count)`` (not Python's salted ``hash``)."""
+    digest = hashlib.blake2b(key.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") % count
+
+
+def peer_partition(capture_id: str, generation: int, chunk: int) -> str:
+    """The ``peers`` partition of the ``chunk``-th 100 peers (by key) of a capture's run."""
+    return f"{capture_id}|{generation:08d}|{chunk:05d}"
+
+
+def peer_partitions_of_run(capture_id: str, generation: int) -> tuple[str, str]:
+    """The ``[low, high)`` partition key range of a run's ``peers`` partitions."""
+    return f"{capture_id}|{generation:08d}|", f"{capture_id}|{generation:08d}}}"
+
+
+def peer_partitions_below(capture_id: str, below: int) -> tuple[str, str]:
+    """The ``[low, high)`` partition key range of the ``peers`` partitions of runs before
+    ``below`` (the capture's own partition, from before issue #20, is not in it)."""
+    return f"{capture_id}|", f"{capture_id}|{below:08d}|"
+
+
+def baseline_shards_for(peers: int) -> int:
+    """How many shards a VM's baseline gets when its first capture shows ``peers`` peers."""
+    shards = 1
+    while shards * BASELINE_ROWS_PER_SHARD < peers and shards < MAX_BASELINE_SHARDS:
+        shards *= 2
+    return shards
+
+
+def baseline_partition(vm_partition: str, peer_key: str, shards: int) -> str:
+    """The baseline partition of a peer of a VM whose baseline has ``shards`` shards (0: one
+    partition, the VM's key, as before issue #20)."""
+    if shards <= 0:
+        return vm_partition
+    return f"{vm_partition}|{shard_of(peer_key, shards):03d}"
 
 
 def alert_key(alert: Alert, occurrence: int) -> str:
@@ -157,7 +222,13 @@ def generation_of(row_key: str) -> int | None:
 def index_partition(address_key: str) -> str:
     """The ``peerindex`` partition of an address key: one of :data:`INDEX_BUCKETS`, by hash."""
     digest = hashlib.blake2b(address_key.encode(), digest_size=2).digest()
-    return f"{INDEX_PREFIX}{int.from_bytes(digest, 'big') % INDEX_BUCKETS:02d}"
+    return f"{INDEX_PREFIX}{int.from_bytes(digest, 'big') % INDEX_BUCKETS:03d}"
+
+
+def legacy_index_partition(address_key: str) -> str:
+    """Where the layout before issue #20 put an address's index rows (16 buckets)."""
+    digest = hashlib.blake2b(address_key.encode(), digest_size=2).digest()
+    return f"{INDEX_PREFIX}{int.from_bytes(digest, 'big') % LEGACY_INDEX_BUCKETS:02d}"
 
 
 def peer_row_key(generation: int, address: str) -> str:
