@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -212,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in WALK_COMMANDS:
         notice_python_fallback(sys.stderr)
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()  # a reader gone away (`| head`) shows here, not at the exit
+        return status
     except UsageError as exc:
         print(f"nwcap: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -228,8 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # the reader of our output went away (e.g. `| head`): not an error of ours
-        sys.stderr.close()
+        # The reader of our output went away (e.g. `| head`): not an error of ours. Standard
+        # output now goes to /dev/null, so that the interpreter's last flush fails no more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
 
