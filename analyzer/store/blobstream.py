@@ -9,7 +9,8 @@ being read, so memory stays near ``concurrency * chunk_size`` whatever the blob'
 Every range is read at the ETag the caller saw: if the blob is overwritten meanwhile, reading
 fails with the SDK's :class:`~azure.core.exceptions.ResourceModifiedError` (HTTP 412), as
 ``download_blob(etag=..., match_condition=IfNotModified)`` does for a whole blob. Transient
-failures are retried by the client's own retry policy; what is left of them propagates.
+failures are retried by the client's own retry policy, then while the account is busy with
+jittered backoff (:mod:`analyzer.store.throttling`); what is left of them propagates.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 from azure.core import MatchConditions
 from azure.core.exceptions import ServiceResponseError
 from azure.storage.blob import BlobClient
+
+from analyzer.store.throttling import Backoff
 
 MIB = 1024 * 1024
 DEFAULT_CHUNK_SIZE = 4 * MIB
@@ -40,11 +43,13 @@ class ReadAheadBlob(io.RawIOBase):
         size: int,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         concurrency: int = DEFAULT_CONCURRENCY,
+        backoff: Backoff | None = None,
     ) -> None:
         if chunk_size < 1 or concurrency < 1 or size < 0:
             raise ValueError("chunk_size and concurrency must be positive, size not negative")
         super().__init__()
         self._blob = blob
+        self._backoff = backoff or Backoff()
         self._etag = etag
         self._size = size
         self._chunk_size = chunk_size
@@ -109,6 +114,9 @@ class ReadAheadBlob(io.RawIOBase):
             held += 1
 
     def _download(self, offset: int, length: int) -> bytes:
+        return self._backoff.call(lambda: self._download_once(offset, length))
+
+    def _download_once(self, offset: int, length: int) -> bytes:
         downloader = self._blob.download_blob(
             offset=offset,
             length=length,
