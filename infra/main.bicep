@@ -77,6 +77,12 @@ param reconcileAlertWindow string = 'PT30M'
 @maxValue(1000)
 param maximumInstanceCount int = 100
 
+@description('Application (client) id of a Microsoft Entra app registration: people sign in with it in front of /api/ui and the query API (App Service Authentication); empty keeps function keys only. docs/deploy.md, "Signing in".')
+param authClientId string = ''
+
+@description('Comma-separated CIDR ranges allowed to reach the function app besides Event Grid (AzureEventGrid service tag), e.g. your offices\' egress; empty for no inbound restriction.')
+param inboundAllowedAddressRanges string = ''
+
 var abbrs = loadJsonContent('abbreviations.json')
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = {
@@ -406,6 +412,8 @@ module processor 'app/processor.bicep' = {
     virtualNetworkSubnetId: vnetEnabled ? vnet.outputs.appSubnetId : ''
     appSettings: union(connectionSettings, operationSettings, policySettings, serviceTagsSettings, serviceTagsRefreshSettings)
     maximumInstanceCount: maximumInstanceCount
+    authClientId: authClientId
+    inboundAllowedRanges: empty(inboundAllowedAddressRanges) ? [] : split(replace(inboundAllowedAddressRanges, ' ', ''), ',')
   }
   dependsOn: [
     hostAccess
@@ -433,6 +441,7 @@ output AZURE_TENANT_ID string = tenant().tenantId
 output AZURE_RESOURCE_GROUP string = rg.name
 output AZURE_FUNCTION_APP_NAME string = processor.outputs.name
 output AZURE_FUNCTION_APP_HOSTNAME string = processor.outputs.defaultHostName
+output AZURE_FUNCTION_APP_SIGN_IN bool = !empty(authClientId)
 output PROCESSOR_PRINCIPAL_ID string = identity.outputs.principalId
 // Not AZURE_PRINCIPAL_ID: an output of that name would be fed back as the next deployment's input.
 output DEPLOYER_PRINCIPAL_ID string = principalId

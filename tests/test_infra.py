@@ -264,6 +264,62 @@ class TestAppSettings:
         assert authentication["authentication"]["type"] == "UserAssignedIdentity"
 
 
+class TestSignInAndInboundAccess:
+    """People sign in with Entra ID in front of every route but the blob webhook; inbound
+    traffic can be limited to Event Grid and given ranges."""
+
+    def test_app_service_authentication(self) -> None:
+        processor = _bicep("app/processor.bicep")
+        auth = processor["resources"]["authSettings"]["config"]
+        assert "authClientId" in json.dumps(auth["condition"])  # none without a registration
+        body = auth["config"]
+        assert body["name"] == "authsettingsV2"
+        assert processor["resources"]["authSettings"]["type"] == "Microsoft.Web/sites/config"
+        properties = body["properties"]
+        validation = properties["globalValidation"]
+        assert validation["requireAuthentication"] is True
+        assert validation["unauthenticatedClientAction"] == "RedirectToLoginPage"
+        # The one path Event Grid calls (postdeploy's webhook URL), and nothing else.
+        assert validation["excludedPaths"] == ["/runtime/webhooks/blobs"]
+        hook = (HOOKS / "postdeploy.sh").read_text()
+        assert "/runtime/webhooks/blobs?functionName=Host.Functions.process_capture" in hook
+        entra = properties["identityProviders"]["azureActiveDirectory"]
+        assert entra["enabled"] is True
+        assert entra["registration"]["clientId"] == "authClientId"
+        # No client secret: nothing to store, rotate or leak (implicit flow, ID token).
+        assert "clientSecretSettingName" not in entra["registration"]
+        assert entra["validation"]["allowedAudiences"] == ["api://${authClientId}"]
+        main = _bicep("main.bicep")
+        params = main["modules"]["processor"]["config"]["params"]
+        assert params["authClientId"] == "authClientId"
+        assert main["parameters"]["authClientId"]["default"] == ""
+        assert _parameter_substitutions()["authClientId"] == "${AUTH_CLIENT_ID}"
+
+    def test_inbound_access_restrictions(self) -> None:
+        processor = _bicep("app/processor.bicep")
+        variables = processor["variables"]
+        [event_grid] = variables["eventGridRule"]["value"]
+        assert (event_grid["tag"], event_grid["ipAddress"], event_grid["action"]) == (
+            "ServiceTag",
+            "AzureEventGrid",
+            "Allow",
+        )
+        ranges = variables["allowedRangeRules"]["value"]
+        assert ranges["loop_type"]["detail"]["array_name"] == "inboundAllowedRanges"
+        assert ranges["config"]["action"] == "Allow"
+        site = processor["resources"]["functionApp"]["config"]["properties"]["siteConfig"]
+        assert site["ipSecurityRestrictionsDefaultAction"]["operator"]["operands"] == {
+            "condition": "restrictInbound",
+            "true_value": "Deny",
+            "false_value": "Allow",
+        }
+        assert site["scmIpSecurityRestrictionsUseMain"] is False
+        assert processor["parameters"]["inboundAllowedRanges"]["default"] == []
+        assert _parameter_substitutions()["inboundAllowedAddressRanges"] == (
+            "${INBOUND_ALLOWED_RANGES}"
+        )
+
+
 class TestStorageAndRoles:
     """Keys are off except where Network Watcher needs them; access is granted by named roles."""
 
