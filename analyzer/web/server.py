@@ -32,6 +32,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import waitress  # type: ignore[import-untyped]  # no stubs shipped; typeshed's are not a dependency
 from waitress import wasyncore
+from waitress.channel import HTTPChannel  # type: ignore[import-untyped]
 
 from analyzer.store.results import ResultsStore
 from analyzer.web import api, pages
@@ -177,7 +178,8 @@ class Server:
             host=host,
             port=port,
             threads=limits.threads,
-            connection_limit=limits.connections,
+            # waitress counts its socket map, which also holds the listener and a wake-up pipe
+            connection_limit=limits.connections + 2,
             channel_timeout=limits.idle_timeout,
             cleanup_interval=limits.cleanup_interval,
             max_request_header_size=limits.header_bytes,
@@ -191,7 +193,8 @@ class Server:
 
     def open_connections(self) -> int:
         """Client connections open now (the listening socket not counted)."""
-        return sum(1 for channel in list(self._map.values()) if channel is not self._waitress)
+        channels = list(self._map.values())
+        return sum(isinstance(channel, HTTPChannel) for channel in channels)
 
     def run(self) -> None:
         try:
