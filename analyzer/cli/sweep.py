@@ -43,6 +43,7 @@ from analyzer.capture.engine import summarize
 from analyzer.cli.common import command
 from analyzer.cli.exits import InputError
 from analyzer.cli.output import emit, output_options, print_rows
+from analyzer.present.textsafe import terminal_text
 
 Status = Literal["ok", "partial", "rejected", "crashed", "hung"]
 STATUSES: tuple[Status, ...] = ("ok", "partial", "rejected", "crashed", "hung")
@@ -370,12 +371,12 @@ def run_sweep(args: argparse.Namespace) -> int:
     elif args.output in ("csv", "tsv"):
         print_rows([r.to_dict() for r in report.results], (), args.output)
     else:
-        sys.stdout.write(report.line() + "\n")
+        # File names and exception text are anyone's: escaped for the terminal.
+        sys.stdout.write(terminal_text(report.line()) + "\n")
         for result in report.results:
             if result.status in ("crashed", "hung"):
-                sys.stdout.write(
-                    f"{result.status}: {result.path}: {result.reason}: {result.detail}\n"
-                )
+                line = f"{result.status}: {result.path}: {result.reason}: {result.detail}"
+                sys.stdout.write(terminal_text(line) + "\n")
     return EXIT_FAILED if report.failed else 0
 
 
