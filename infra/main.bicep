@@ -72,10 +72,10 @@ param reconcileLookback string = '48h'
 @description('ISO 8601 duration the reconcile alert rules look back over: no run in it fires the reconciler-silence rule, transient failures in every run of it fire the failed-or-stuck rule; keep it at least three RECONCILE_SCHEDULE periods (at most P2D).')
 param reconcileAlertWindow string = 'PT30M'
 
-@description('Most instances the function app scales out to (Flex Consumption: 40 to 1000).')
-@minValue(40)
+@description('Most instances each of the app\'s scale groups (blob trigger, fan-out queue trigger, HTTP) scales out to (Flex Consumption: 1 to 1000). With host.json\'s two captures per instance and group, 25 keeps a burst within the results account\'s 20,000 requests/s: docs/reliability.md, "Scale-out and the storage targets".')
+@minValue(1)
 @maxValue(1000)
-param maximumInstanceCount int = 100
+param maximumInstanceCount int = 25
 
 @description('Application (client) id of a Microsoft Entra app registration: people sign in with it in front of /api/ui and the query API (App Service Authentication); empty keeps function keys only. docs/deploy.md, "Signing in".')
 param authClientId string = ''
@@ -100,6 +100,14 @@ var serviceTagsRefreshBlobName = 'servicetags.json'
 var serviceTagsRefreshStateBlobName = 'servicetags.refresh.json'
 // Event Grid writes events it could not deliver here (results account), one blob per event.
 var deadLetterContainerName = 'nwcap-deadletter'
+// The reconcile timer sends each capture due to this queue, and process_queued_capture takes
+// them from it on as many instances as the app scales to (analyzer/pipeline/fanout.py:
+// FANOUT_QUEUE); the queue trigger parks a message that keeps failing in its -poison twin.
+var fanoutQueueName = 'nwcap-captures'
+var fanoutQueues = [
+  fanoutQueueName
+  '${fanoutQueueName}-poison'
+]
 var resultsTables = [
   'captures'
   'peers'
@@ -192,9 +200,9 @@ module resultsStorage 'app/storage.bicep' = {
       deadLetterContainerName
     ]
     tables: resultsTables
-    queues: [
+    queues: concat([
       alertsQueueName
-    ]
+    ], fanoutQueues)
     vnetEnabled: vnetEnabled
     allowedIpAddresses: empty(clientIpAddress) ? [] : [
       clientIpAddress
@@ -310,6 +318,17 @@ module resultsAccess 'app/rbac.bicep' = {
       'StorageBlobDataReader'
       'StorageQueueDataMessageSender'
     ]
+  }
+}
+
+// The fan-out queue and its poison queue: the app sends, receives, deletes and reads their length.
+module fanoutAccess 'app/queue-access.bicep' = {
+  name: 'fanout-access'
+  scope: rg
+  params: {
+    storageAccountName: resultsStorage.outputs.name
+    queueNames: fanoutQueues
+    principalId: identity.outputs.principalId
   }
 }
 

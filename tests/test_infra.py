@@ -763,12 +763,13 @@ class TestEventGridWiring:
         assert access["name"] == "captures-access-${uniqueString(principalId)}"
         assert len("captures-access-") + 13 <= 64
 
-    def test_flex_consumption_minimum_instance_count(self) -> None:
+    def test_flex_consumption_instance_count_range(self) -> None:
+        # Microsoft's "Event-driven scaling": the lowest maximum instance count is 1 (it was 40).
         for template in ("main.bicep", "app/processor.bicep"):
             spec = _bicep(template)["parameters"]["maximumInstanceCount"]
-            assert _decorator(spec, "min_value") == 40, template
+            assert _decorator(spec, "min_value") == 1, template
             assert _decorator(spec, "max_value") == 1000, template
-            assert spec["default"] >= 40
+            assert spec["default"] == 25
         processor = _bicep("main.bicep")["modules"]["processor"]["config"]["params"]
         assert processor["maximumInstanceCount"] == "maximumInstanceCount"
 
@@ -784,6 +785,64 @@ class TestEventGridWiring:
         )
 
 
+class TestScaleOut:
+    """A burst at full scale-out stays within the results account's targets (the arithmetic of
+    docs/reliability.md, "Scale-out and the storage targets"), and the fan-out queue exists."""
+
+    ACCOUNT_REQUESTS_PER_SECOND = 20_000  # Table storage, per account (1 KiB entities)
+    FASTEST_REQUEST_SECONDS = 0.020  # an assumption, stated in docs/reliability.md
+
+    def test_worst_case_requests_within_the_account_target(self) -> None:
+        from analyzer.store import results
+
+        host = json.loads((ROOT / "host.json").read_text())
+        blobs = host["extensions"]["blobs"]["maxDegreeOfParallelism"]
+        queues = host["extensions"]["queues"]
+        queued = queues["batchSize"] + queues["newBatchThreshold"]
+        instances = _parameter_substitutions()["maximumInstanceCount"]
+        match = re.fullmatch(r"\$\{MAXIMUM_INSTANCE_COUNT=(\d+)\}", instances)
+        assert match
+        per_group = int(match.group(1))
+        assert per_group == _bicep("main.bicep")["parameters"]["maximumInstanceCount"]["default"]
+        captures = per_group * blobs + per_group * queued  # each scale group up to the maximum
+        in_flight = captures * results._PARALLEL_WRITES
+        assert (blobs, queued, per_group, captures, in_flight) == (2, 2, 25, 100, 400)
+        assert in_flight / self.FASTEST_REQUEST_SECONDS <= self.ACCOUNT_REQUESTS_PER_SECOND
+        text = (ROOT / "docs" / "reliability.md").read_text()
+        times = "\N{MULTIPLICATION SIGN}"
+        assert f"25 {times} 2 + 25 {times} 2 = **100**" in text
+        assert f"100 {times} 4 = **400**" in text
+        assert queues["maxDequeueCount"] == 5
+        assert queues["visibilityTimeout"] == "00:01:00"  # retries spread, not at once
+
+    def test_fanout_queues_and_scoped_rights(self) -> None:
+        from analyzer.pipeline.fanout import FANOUT_QUEUE
+
+        main = _bicep("main.bicep")
+        variables = main["variables"]
+        assert variables["fanoutQueueName"]["value"] == FANOUT_QUEUE
+        assert variables["fanoutQueues"]["value"] == [
+            "fanoutQueueName",
+            "${fanoutQueueName}-poison",
+        ]
+        results = main["modules"]["resultsStorage"]["config"]["params"]
+        assert "fanoutQueues" in json.dumps(results["queues"])
+        access = main["modules"]["fanoutAccess"]["config"]
+        assert access["params"]["queueNames"] == "fanoutQueues"
+        template = _bicep("app/queue-access.bicep")
+        grant = template["resources"]["contributors"]["config"]["config"]
+        # each assignment scoped to its queue, not to the account
+        assert grant["scope"] == {
+            "operator": {
+                "type": "index_accessor",
+                "operands": {"operand_1": "queues", "operand_2": "i"},
+            }
+        }
+        assert template["variables"]["storageQueueDataContributorRoleId"]["value"] == (
+            "974c5e8b-45b9-4653-ba55-5f855dd0fb88"
+        )
+
+
 class TestAlertDelivery:
     """The alerts queue, the app's right to send to it, and the Azure Monitor rules."""
 
@@ -791,7 +850,7 @@ class TestAlertDelivery:
         main = _bicep("main.bicep")
         assert main["parameters"]["alertsQueueName"]["default"] == "nwcap-alerts"
         results = main["modules"]["resultsStorage"]["config"]["params"]
-        assert results["queues"] == ["alertsQueueName"]
+        assert "alertsQueueName" in json.dumps(results["queues"])
         settings = main["variables"]["operationSettings"]["value"]
         assert settings == {
             "ALERTS_QUEUE": "alertsQueueName",

@@ -42,10 +42,10 @@ param pythonVersion string = '3.11'
 ])
 param instanceMemoryMB int = 2048
 
-@description('Most instances the app scales out to; Flex Consumption accepts 40 to 1000.')
-@minValue(40)
+@description('Most instances each per-function scale group scales out to; Flex Consumption accepts 1 to 1000.')
+@minValue(1)
 @maxValue(1000)
-param maximumInstanceCount int = 100
+param maximumInstanceCount int = 25
 
 @description('Application (client) id of the Microsoft Entra app registration people sign in with (App Service Authentication in front of every route but the blob webhook); empty for none, function keys only.')
 param authClientId string = ''
