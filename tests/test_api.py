@@ -10,6 +10,7 @@ import pytest
 from azure.data.tables import TableServiceClient
 from conftest import network_watcher_path, udp_capture
 
+from analyzer.pipeline.baseline import NEW_PEER_RULE, alert_rules
 from analyzer.pipeline.processing import process_blob
 from analyzer.store.results import TableResultsStore
 from analyzer.web import api
@@ -200,7 +201,7 @@ class TestCapturePages:
         assert sorted(p["address"] for p in peers) == sorted(MANY)
         assert len(alerts) == expected_alerts
         assert len({(a["rule"], a["peer"]) for a in alerts}) == expected_alerts
-        assert {a["peer"] for a in alerts if a["rule"] == "new-peer"} == set(MANY)
+        assert {a["peer"] for a in alerts if NEW_PEER_RULE in alert_rules(a)} == set(MANY)
 
     def test_default_page_holds_a_small_capture(self, capture_with_many: Store) -> None:
         store, capture_id = capture_with_many

@@ -33,6 +33,7 @@ from analyzer.pipeline import run
 from analyzer.pipeline.alert_delivery import alerts_queue
 from analyzer.pipeline.alert_ledger import delivery_table_name
 from analyzer.pipeline.alert_messages import alert_message, stored_alerts
+from analyzer.pipeline.baseline import NEW_PEER_RULE, alert_rules
 from analyzer.pipeline.fanout import FANOUT_QUEUE, fanout_queue
 from analyzer.pipeline.processing import Settings
 from analyzer.store.blobpath import parse_capture_path
@@ -442,7 +443,7 @@ class TestQueryEndpoints:
         assert status == 200
         assert body["capture"]["capture_id"] == processed[1]
         assert {p["address"] for p in body["peers"]} == set(PEERS)
-        new = sorted(a["peer"] for a in body["alerts"] if a["rule"] == "new-peer")
+        new = sorted(a["peer"] for a in body["alerts"] if NEW_PEER_RULE in alert_rules(a))
         assert new == ["20.0.0.2", "2001:db8::7"]
         assert body["capture"]["new_peers"] == 2
 
@@ -450,7 +451,7 @@ class TestQueryEndpoints:
         status, body = call("list_alerts", get("alerts", {"vm": "vm-a", "since": "2026-11-25"}))
         assert status == 200
         assert {a["capture_id"] for a in body["alerts"]} <= set(processed[:2])
-        assert any(a["rule"] == "new-peer" for a in body["alerts"])
+        assert any(NEW_PEER_RULE in alert_rules(a) for a in body["alerts"])
         status, high = call("list_alerts", get("alerts", {"severity": "high"}))
         assert status == 200
         assert all(a["severity"] == "high" for a in high["alerts"])

@@ -516,3 +516,62 @@ class TestCommands:
         assert code == 0
         assert "decided:   catalogue entry 'wireserver'" in out
         assert nwcap("policy", "explain", "--vm", "x", "not-an-ip").code == 2
+
+
+class TestOneFindingPerPeer:
+    """A new-peer alert about a peer another rule alerts about is folded into that finding,
+    and still found by its rule."""
+
+    def test_fold(self) -> None:
+        from analyzer.base.models import Alert
+        from analyzer.pipeline.baseline import alert_rules, capture_alerts
+
+        location = CaptureLocation("c", "x.cap", "custom", "vm-a")
+        peers = (
+            Peer("20.0.0.1", ("10.0.0.4",), 1, 1, 100, 100, 0.0, 1.0, expected=False),
+            Peer("20.0.0.2", ("10.0.0.4",), 1, 1, 100, 100, 0.0, 1.0, expected=True),
+        )
+        classified = (
+            Alert("deny-rule", "high", "20.0.0.1", "20.0.0.1 matches deny rule 'x'.", {"a": 1}),
+            Alert("unexpected-endpoint", "low", "20.0.0.1", "20.0.0.1 carried traffic..."),
+            Alert("unexpected-endpoint", "low", "*", "3 more unexpected-endpoint alerts"),
+        )
+        new = frozenset(ip_key(p.address) for p in peers)
+        alerts = capture_alerts(
+            classified,
+            location,
+            peers,
+            new,
+            policy=load_policy("severity: {new-peer: medium}"),
+            first_capture_time=0.0,
+            capture_time=1.0,
+        )
+        assert [(a.rule, a.severity, a.peer) for a in alerts] == [
+            ("deny-rule", "high", "20.0.0.1"),  # the most severe finding of the peer took it
+            ("unexpected-endpoint", "low", "20.0.0.1"),
+            ("unexpected-endpoint", "low", "*"),
+            ("new-peer", "info", "20.0.0.2"),  # nothing else about it: it stands alone
+        ]
+        folded = alerts[0]
+        assert folded.evidence["a"] == 1
+        assert folded.evidence["folded_rules"] == ["new-peer"]
+        assert folded.evidence["new_peer"]["severity"] == "medium"
+        assert folded.message.endswith("New peer: vm-a talked to 20.0.0.1 for the first time.")
+        documents = [a.to_dict() for a in alerts]
+        assert [alert_rules(d) for d in documents] == [
+            ("deny-rule", "new-peer"),
+            ("unexpected-endpoint",),
+            ("unexpected-endpoint",),
+            ("new-peer",),
+        ]
+        # a folded new-peer raises a finding to its own severity when that is higher
+        low = capture_alerts(
+            classified[1:],
+            location,
+            peers,
+            new,
+            policy=load_policy("severity: {new-peer: high}"),
+            first_capture_time=0.0,
+            capture_time=1.0,
+        )
+        assert (low[0].rule, low[0].severity) == ("unexpected-endpoint", "high")

@@ -35,6 +35,7 @@ from storage_helpers import BlobReader, open_blob
 
 from analyzer.base.models import Peer
 from analyzer.judge.policy import load_policy
+from analyzer.pipeline.baseline import NEW_PEER_RULE, alert_rules
 from analyzer.pipeline.processing import Outcome, is_transient, process_blob
 from analyzer.pipeline.reference_files import policy_file
 from analyzer.store.blobpath import CaptureLocation
@@ -293,7 +294,7 @@ class TestDelivery:
         before = snapshot(results_store)
         assert process_blob(blob, results_store, force=True).status == "complete"
         assert snapshot(results_store) == before
-        fleet = [a for a in results_store.list_alerts().items if a["rule"] == "new-peer"]
+        fleet = [a for a in results_store.list_alerts().items if NEW_PEER_RULE in alert_rules(a)]
         assert sorted(a["peer"] for a in fleet) == ["20.0.0.2", "2001:db8::7"]
 
     def test_two_runs_at_once(
@@ -353,7 +354,7 @@ class TestDelivery:
             new.capture_id
         ]
         alerts = list(results_store.iter_capture_alerts(new.capture_id))
-        assert {a["peer"] for a in alerts if a["rule"] == "new-peer"} == {"20.0.0.9"}
+        assert {a["peer"] for a in alerts if NEW_PEER_RULE in alert_rules(a)} == {"20.0.0.9"}
         fleet = [a for a in results_store.list_alerts().items if a["capture_id"] == new.capture_id]
         assert sorted((a["rule"], a["peer"]) for a in fleet) == sorted(
             (a["rule"], a["peer"]) for a in alerts
@@ -413,7 +414,7 @@ class TestDelivery:
 
 
 def new_peer_alerts(store: TableResultsStore, capture_id: str) -> list[dict[str, Any]]:
-    return [a for a in store.iter_capture_alerts(capture_id) if a["rule"] == "new-peer"]
+    return [a for a in store.iter_capture_alerts(capture_id) if NEW_PEER_RULE in alert_rules(a)]
 
 
 class TestHostileValues:

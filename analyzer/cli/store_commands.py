@@ -52,6 +52,7 @@ from analyzer.cli.output import (
     print_rows,
     write_table,
 )
+from analyzer.pipeline.baseline import alert_rules
 from analyzer.present.render import human_bytes
 from analyzer.present.textsafe import terminal_text
 from analyzer.store.results import MAX_PAGE, ResultsStore, TableResultsStore
@@ -228,7 +229,8 @@ def _alerts_of_rule(store: ResultsStore, rule: str, params: dict[str, str]) -> a
         page = api.list_alerts(store, params)
         if page.status != 200:
             return page
-        matches.extend(alert for alert in page.body["alerts"] if alert.get("rule") == rule)
+        # a rule folded into another finding (new-peer) counts too
+        matches.extend(alert for alert in page.body["alerts"] if rule in alert_rules(alert))
         token = page.body.get("continuation")
         if not token or len(matches) >= wanted:
             return api.ApiResponse(200, {"alerts": matches, "continuation": token})

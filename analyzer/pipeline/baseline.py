@@ -184,7 +184,7 @@ def capture_alerts(
         first_capture_time=first_capture_time,
         capture_time=capture_time,
     )
-    folded, alone = classified, new
+    folded, alone = fold_new_peers(classified, new)
     if max_alerts is not None and len(alone) > max_alerts:
         ordered = sorted(alone, key=lambda a: (-SEVERITY_ORDER[a.severity], ip_key(a.peer)))
         alone = tuple(cap_alerts_per_rule(ordered, max_alerts))

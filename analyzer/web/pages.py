@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from analyzer.base.models import SEVERITY_ORDER
+from analyzer.pipeline.baseline import alert_rules
 from analyzer.store.results import ResultsStore
 from analyzer.web import api
 from analyzer.web.html import Rendered, render
@@ -344,7 +345,7 @@ def alerts(store: ResultsStore, params: Mapping[str, str]) -> tuple[int, Rendere
     """Alerts across the fleet, filtered by rule, severity, VM and time."""
     query = {**_pick(params, "until", "severity", "vm", "continuation"), "since": _since(params)}
     rule = params.get("rule", "").strip()
-    keep = (lambda a: a.get("rule") == rule) if rule else None
+    keep = (lambda a: rule in alert_rules(a)) if rule else None  # folded rules count too
     fetched = _fetch(lambda q: api.list_alerts(store, q), "alerts", query, keep)
     rows = fetched.rows
     rules = sorted({str(a.get("rule")) for a in fetched.seen})
