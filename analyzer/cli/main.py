@@ -49,7 +49,7 @@ __all__ = [
 
 # Commands that need no Azure SDK: for them the storage commands are not registered, which
 # keeps ~45 MB of imports and a second of start-up out of every `nwcap analyze`.
-LOCAL_COMMANDS = frozenset({"analyze", "sweep", "report", "policy"})
+LOCAL_COMMANDS = frozenset({"analyze", "sweep", "report", "policy", "extract"})
 # Commands that run the record walk: they say once on stderr when it runs in Python.
 WALK_COMMANDS = frozenset({"analyze", "sweep", "report", "process", "reconcile"})
 # What people type for a command of another name: "did you mean" suggests the real one.
@@ -150,9 +150,15 @@ def build_parser(
     if analyze_only:
         # `nwcap analyze` is timed against tshark: it imports no other command's modules
         return parser
-    from analyzer.cli import policy_commands, report_commands, sweep  # noqa: PLC0415 - see analyze_only
+    from analyzer.cli import (  # noqa: PLC0415 - see analyze_only
+        extract_commands,
+        policy_commands,
+        report_commands,
+        sweep,
+    )
 
     sweep.add_commands(sub)
+    extract_commands.add_commands(sub)
     report_commands.add_commands(sub)
     policy_commands.add_commands(sub)
     if with_storage:
