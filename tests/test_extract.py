@@ -51,6 +51,17 @@ CASES = [
 ]
 
 
+def vm_trace(seed: int) -> synth.Trace:
+    """An empty trace of the VM 10.0.0.4."""
+    return synth.Trace(
+        seed=seed,
+        start=1_795_600_000,
+        local_addresses=["10.0.0.4"],
+        local_mac="00:0d:3a:00:00:04",
+        gateway_mac="12:34:56:78:9a:bc",
+    )
+
+
 def case_id(path: Path, peer: str, port: int | None) -> str:
     return f"{path.name}-{peer or 'busiest'}-{port}"
 
@@ -125,13 +136,7 @@ class TestSameAsTshark:
 
     def test_icmp_errors_quoting_the_port_are_in(self, tmp_path: Path) -> None:
         """tshark's udp.port also matches the datagram an ICMP error quotes."""
-        trace = synth.Trace(
-            seed=5,
-            start=1_795_600_000,
-            local_addresses=["10.0.0.4"],
-            local_mac="00:0d:3a:00:00:04",
-            gateway_mac="12:34:56:78:9a:bc",
-        )
+        trace = vm_trace(5)
         for port in (7000, 7001):
             probe = synth.udp("198.51.100.66", "10.0.0.4", 40000, port, b"probe")
             packet = synth.ip_packet("198.51.100.66", "10.0.0.4", synth.PROTO_UDP, probe)
@@ -186,13 +191,7 @@ class _Counting(io.RawIOBase):
 
 def test_memory_is_bounded_whatever_the_capture() -> None:
     """40 MB of capture go through in a few MB: frames are streamed, not held."""
-    trace = synth.Trace(
-        seed=9,
-        start=1_795_600_000,
-        local_addresses=["10.0.0.4"],
-        local_mac="00:0d:3a:00:00:04",
-        gateway_mac="12:34:56:78:9a:bc",
-    )
+    trace = vm_trace(9)
     for index in range(50):
         peer = "203.0.113.7" if index % 2 else "198.51.100.8"
         trace.udp(peer, 9000, "10.0.0.4", 40000, bytes(8000))  # jumbo frames: fewer to read
