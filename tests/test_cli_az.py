@@ -4,9 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
+import os
 import re
+import ssl
+import threading
 from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import jmespath
@@ -185,6 +191,40 @@ class TestAccount:
         assert code == 2
         assert said in err
 
+    def test_login_sends_the_az_login_token_to_the_account(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The whole login path, with no network: DefaultAzureCredential asks the Azure CLI
+        (a stand-in that logs how it was called) for a token, and the query goes with it to
+        the account's table endpoint (a local HTTPS server that records what it received)."""
+        seen: list[dict[str, str]] = []
+        server, url, certificate = _tls_table_endpoint(tmp_path, seen)
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        az = bin_dir / "az"
+        az.write_text(
+            '#!/bin/sh\necho "$@" >> "$AZ_LOG"\n'
+            'printf \'{"accessToken": "token-of-az-login", "expires_on": 4102444800}\'\n'
+        )
+        az.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+        monkeypatch.setenv("AZ_LOG", str(tmp_path / "az.log"))
+        monkeypatch.setenv("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential")  # no IMDS probe
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate))
+        monkeypatch.delenv("AZURE_STORAGE_KEY", raising=False)
+        try:
+            code, out, err = nwcap(
+                "captures", "--account-name", "nwcapacct", "--auth-mode", "login",
+                "--table-endpoint", url, "--table-prefix", "t1", "-o", "json",
+            )  # fmt: skip
+        finally:
+            server.shutdown()
+            server.server_close()
+        assert (code, json.loads(out)["captures"]) == (0, []), err
+        assert seen and seen[0]["path"].startswith("/nwcapacct/t1captures()")
+        assert {request["authorization"] for request in seen} == {"Bearer token-of-az-login"}
+        assert "https://storage.azure.com" in (tmp_path / "az.log").read_text()
+
     def test_key_against_azurite(
         self,
         storage_env: Mapping[str, str],
@@ -242,3 +282,62 @@ class TestStoredQueries:
         assert code == 0
         assert "in = from the peer to the VM" in shown
         assert "PKTS IN/OUT" in shown and "WHY" in shown
+
+
+def _tls_table_endpoint(
+    tmp_path: Path, seen: list[dict[str, str]]
+) -> tuple[ThreadingHTTPServer, str, Path]:
+    """A local HTTPS server (running) answering every request with an empty table page and
+    recording its path and Authorization header; its URL and self-signed certificate."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+    class Recorder(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append({"path": self.path, "authorization": self.headers.get("Authorization", "")})
+            body = b'{"value": []}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json;odata=minimalmetadata")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"https://127.0.0.1:{server.server_address[1]}/nwcapacct", cert_file
