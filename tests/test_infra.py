@@ -658,6 +658,11 @@ class TestAzureYaml:
         assert project["infra"]["path"] == "infra"
         processor = project["services"]["processor"]
         assert (processor["language"], processor["host"]) == ("python", "function")
+        assert processor["remoteBuild"] is True
+        # The first azd release that honours .funcignore (Azure/azure-dev#5383, 1.18.0).
+        assert project["requiredVersions"] == {"azd": ">= 1.18.0"}
+        ignored = (ROOT / ".funcignore").read_text().splitlines()
+        assert {"node_modules/", "tests/", "samples/"} <= set(ignored)
         assert (ROOT / processor["project"] / "requirements.txt").is_file()
         assert set(project["hooks"]) == {"postdeploy", "predown"}
         for hook in project["hooks"].values():
@@ -905,7 +910,7 @@ class TestAlertDelivery:
         assert 'message startswith "nwcap.reconcile {"' in failed
         assert "(runs >= 2 and transient == runs)" in failed
         walk = queries["${namePrefix}-python-record-walk"]
-        assert 'tostring(d.record_walk) == "python"' in walk
+        assert 'tostring(d.record_walk) startswith "python"' in walk
         rules_resource = alerts["resources"]["queryRules"]
         assert rules_resource["type"] == "Microsoft.Insights/scheduledQueryRules"
         assert rules_resource["api_version"] == "2022-06-15"

@@ -96,14 +96,14 @@ traces
 | where n == 0
 '''
 
-// Each capture record says which record walk ran: "compiled" (native/ built by the remote
-// build) or "python" (the fallback, several times slower, same results: the build found no
-// compiler, or NWCAP_PURE_PYTHON is set).
+// Each capture record says which record walk ran: "compiled" (analyzer/capture/_walk.c, built by
+// the remote build) or "python", possibly followed by why (the fallback, several times slower,
+// same results: the build found no compiler, or NWCAP_PURE_PYTHON is set).
 var pythonWalkQuery = '''
 traces
 | where message startswith "nwcap.capture {"
 | extend d = parse_json(substring(message, strlen("nwcap.capture ")))
-| where tostring(d.record_walk) == "python"
+| where tostring(d.record_walk) startswith "python"
 | project timestamp, capture_id = tostring(d.capture_id), blob = tostring(d.blob)
 '''
 
