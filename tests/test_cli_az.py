@@ -148,6 +148,7 @@ class TestTables:
         reason = "Public address; neither the Azure catalogue nor the policy expects it " * 3
         lines = layout_table(header, [("175.16.199.77", reason.strip())], width=50)
         assert all(len(line) <= 50 for line in lines)
+        assert lines[1].startswith("175.16.199.77  ")  # words are never cut: wrapped between
         why = " ".join(line[15:].strip() for line in lines[1:])
         assert why == reason.strip()
         assert layout_table(header, [("1.2.3.4", reason)])[1].endswith(reason.strip())

@@ -42,8 +42,9 @@ PEER_CSV_COLUMNS = (
     "tcp_vm_attempts_unanswered_by_peer",
     "alerts",
 )
-# A column narrowed to fit a terminal keeps at least this many characters (or its header's).
-MIN_COLUMN = 10
+# A column narrowed to fit a terminal keeps its header and its longest word whole, up to this
+# many characters (an address, a port list entry: wrapped between words, never inside one).
+MAX_WORD_KEPT = 24
 
 
 def to_json(analysis: Analysis) -> str:
@@ -301,14 +302,28 @@ def layout_table(
 ) -> list[str]:
     """``rows`` under ``header`` in aligned columns, no cell ever cut.
 
-    With ``width`` (a terminal's), the widest columns are narrowed, down to :data:`MIN_COLUMN`,
-    until a line fits, and their cells wrap onto more lines; without, columns are as wide as
-    their widest cell. The cells must be escaped already.
+    With ``width`` (a terminal's), the columns with the most room to give are narrowed, never
+    below their header or longest word (up to :data:`MAX_WORD_KEPT`), until a line fits, and
+    their cells wrap between words; without, columns are as wide as their widest cell. The
+    cells must be escaped already.
     """
     table = [tuple(header), *(tuple(row) for row in rows)]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     if width is not None:
-        widths = fit_widths(widths, [len(h) for h in header], width)
+        words = [
+            max(
+                [
+                    len(header[i]),
+                    *(
+                        min(len(word), MAX_WORD_KEPT)
+                        for row in table[1:]
+                        for word in row[i].split()
+                    ),
+                ]
+            )
+            for i in range(len(header))
+        ]
+        widths = fit_widths(widths, words, width)
     out = []
     for row in table:
         cells = [_wrapped(cell, w) for cell, w in zip(row, widths, strict=True)]
@@ -322,9 +337,10 @@ def layout_table(
 
 
 def fit_widths(widths: Sequence[int], minimums: Sequence[int], width: int) -> list[int]:
-    """Column widths narrowed, widest first, until the columns and their gaps fit ``width``."""
+    """Column widths narrowed, the one with the most to give first, down to ``minimums``,
+    until the columns and their gaps fit ``width``."""
     fitted = list(widths)
-    floors = [min(w, max(m, MIN_COLUMN)) for w, m in zip(widths, minimums, strict=True)]
+    floors = [min(w, m) for w, m in zip(widths, minimums, strict=True)]
     room = width - 2 * (len(fitted) - 1)
     while sum(fitted) > room:
         widest = max(range(len(fitted)), key=lambda i: fitted[i] - floors[i])
