@@ -576,8 +576,8 @@ class TestResults:
         store_results(results_store, capture, tuple(peer(a) for a in addresses), ())
         results_store.table = original  # type: ignore[method-assign]
         assert sum(calls) == len(addresses)
-        buckets = {index_partition(ip_key(a)) for a in addresses}
-        assert len(calls) == len(buckets) <= INDEX_BUCKETS  # one transaction per bucket here
+        buckets = {index_partition(ip_key(a), capture.capture_id) for a in addresses}
+        assert len(calls) == len(buckets) <= INDEX_BUCKETS // 16  # one capture: 16 at most
         for address in ("20.0.0.1", "20.0.0.12", "20.0.0.123", "2001:db8::1", "2001:DB8::10"):
             sightings = results_store.peer_sightings(address).items
             assert [s["address"] for s in sightings] == [str(ipaddress.ip_address(address))]
@@ -586,8 +586,9 @@ class TestResults:
         first = store_results(results_store, record(location(day=24)), (peer("20.0.0.9"),), ())
         second = store_results(results_store, record(location(day=25)), (peer("20.0.0.9"),), ())
         assert first.capture_time is not None and second.capture_time is not None
-        every = results_store.peer_sightings("20.0.0.9").items
-        assert [s["capture_id"] for s in every] == [first.capture_id, second.capture_id]
+        every = results_store.peer_sightings("20.0.0.9").items  # in time order per partition
+        in_time = sorted(every, key=lambda s: s["capture_time"])
+        assert [s["capture_id"] for s in in_time] == [first.capture_id, second.capture_id]
         later = results_store.peer_sightings("20.0.0.9", since=first.capture_time + 1).items
         assert [s["capture_id"] for s in later] == [second.capture_id]
 
@@ -613,7 +614,7 @@ class TestResults:
             for r in results_store.table("peerindex").list_entities()
         }
         assert len(keys) == 1
-        assert next(iter(keys))[0] == index_partition(ip_key("20.0.0.8"))
+        assert next(iter(keys))[0] == index_partition(ip_key("20.0.0.8"), old.capture_id)
 
     def test_peers_and_alerts_are_paged(self, results_store: TableResultsStore) -> None:
         capture = record(location())
@@ -880,8 +881,11 @@ class TestPartitionLayout:
     def test_index_buckets_and_sightings_of_the_16_bucket_layout(
         self, results_store: TableResultsStore
     ) -> None:
-        addresses = [f"20.0.0.{n}" for n in range(1, 200)]
-        assert len({index_partition(ip_key(a)) for a in addresses}) > 16
+        addresses = [ip_key(f"20.0.0.{n}") for n in range(1, 200)]
+        captures = [f"vm-{n}.{n:020d}" for n in range(200)]
+        fleet = {index_partition(a, c) for a in addresses for c in captures}
+        assert len(fleet) == INDEX_BUCKETS == 256  # a fleet's rows spread over 256
+        assert len({index_partition(a, captures[0]) for a in addresses}) == 16  # one capture's
         old = record(location(day=24), generation=1, results_generation=1)
         results_store.put_capture(old)
         legacy = index_entity(old, peer("20.0.0.5"))
@@ -893,8 +897,10 @@ class TestPartitionLayout:
         rest = results_store.peer_sightings("20.0.0.5", limit=1, continuation=first.continuation)
         found = [s["capture_id"] for s in first.items + rest.items]
         assert sorted(found) == sorted([old.capture_id, new.capture_id])
+        bucket = legacy["PartitionKey"]
+        elsewhere = next(a for a in addresses if legacy_index_partition(a) != bucket)
         with pytest.raises(InvalidContinuationError):
-            results_store.peer_sightings("20.0.0.6", continuation=first.continuation)
+            results_store.peer_sightings(elsewhere, continuation=first.continuation)
 
     def test_a_days_alerts_are_sharded_and_all_listed(
         self, results_store: TableResultsStore

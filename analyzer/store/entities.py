@@ -532,7 +532,7 @@ def index_row_keys(record: CaptureRecord, peer: Peer) -> tuple[str, str]:
     """The partition and row key of the ``peerindex`` row of ``peer`` in this run: the
     address's bucket, and ``{peer key}|{time}|{capture id}|{generation}``."""
     key = ip_key(peer.address)
-    return index_partition(key), f"{key}|{_index_row_key(record)}"
+    return index_partition(key, record.capture_id), f"{key}|{_index_row_key(record)}"
 
 
 def index_keys_of_peer_row(row: Mapping[str, Any]) -> tuple[str, str] | None:

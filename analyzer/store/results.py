@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import json
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -103,8 +104,8 @@ from analyzer.store.tablekeys import (
     generation_of,
     generation_prefix,
     index_partition,
+    index_partitions_of,
     ip_key,
-    legacy_index_partition,
     parse_capture_id,
     peer_partition,
     peer_partitions_below,
@@ -388,7 +389,7 @@ class TableResultsStore:
     def create_tables(self) -> None:
         """Create the tables that do not exist yet (safe to call concurrently)."""
         for actual in self.names.values():
-            self._create_table(actual)
+            self.backoff.call(functools.partial(self._create_table, actual))
 
     def _create_table(self, name: str) -> None:
         with contextlib.suppress(ResourceExistsError):
@@ -466,7 +467,10 @@ class TableResultsStore:
         # Grouped by partition so that they go in transactions; the index's order within a
         # bucket is that of its row keys, so the rows' order here does not matter.
         indexed = sorted(
-            ((index_partition(ip_key(peer.address)), n) for n, peer in enumerate(peers)),
+            (
+                (index_partition(ip_key(peer.address), record.capture_id), n)
+                for n, peer in enumerate(peers)
+            ),
             key=lambda bucket_and_position: bucket_and_position[0],
         )
         self._upsert_batches("peerindex", (index_entity(record, peers[n]) for _, n in indexed))
@@ -898,16 +902,16 @@ class TableResultsStore:
     ) -> Page:
         # One partition, one key range: "{key}|" up to "{key}}" ("}" sorts right after "|",
         # and neither appears in a peer key).
-        # Its bucket, then its bucket of the 16-bucket layout before issue #20.
+        # Its bucket's 16 partitions, then its bucket's partition before issue #20, one after
+        # another: sightings come in time order within each partition.
         key = ip_key(address)
         clauses = ["RowKey ge @low", "RowKey lt @high"]
         parameters: dict[str, Any] = {
             "low": f"{key}|{time_key(since) if since is not None else ''}",
             "high": f"{key}}}",
         }
-        buckets = [index_partition(key), legacy_index_partition(key)]
         rows, token = self._query_partitions(
-            "peerindex", buckets, clauses, parameters, limit, continuation
+            "peerindex", index_partitions_of(key), clauses, parameters, limit, continuation
         )
         return Page([sighting_document(row) for row in self._current(rows)], token)
 

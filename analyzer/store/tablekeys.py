@@ -47,14 +47,15 @@ DAY_PREFIX = "day-"
 # limit; they get more, so that one hot address or one busy capture stays far from a
 # partition's limit.
 #
-# peerindex: one of 256 buckets by a hash of the address (rows of one address stay together,
-# "who talked to X" is one partition's key range); a capture's index rows for a bucket go in
-# one transaction.
-INDEX_BUCKETS = 256
+# peerindex: 256 partitions, "bucket-{aa}-{cc}": one of 16 buckets by a hash of the address,
+# times one of 16 shards by a hash of the capture id. A capture's index rows then go to at most
+# 16 partitions (a transaction per 100 rows in each), a burst of captures spreads over all 256,
+# and "who talked to X" reads one key range in each of its bucket's 16 partitions (and in the
+# bucket's partition of the layout before issue #20, "bucket-{aa}").
+INDEX_ADDRESS_BUCKETS = 16
+INDEX_CAPTURE_SHARDS = 16
+INDEX_BUCKETS = INDEX_ADDRESS_BUCKETS * INDEX_CAPTURE_SHARDS
 INDEX_PREFIX = "bucket-"
-# The 16 buckets of the layout before issue #20 ("bucket-00".."bucket-15"): still read, so
-# that sightings stored then keep being found and cleaned up.
-LEGACY_INDEX_BUCKETS = 16
 CAPTURE_ALERTS_PREFIX = "capture-"
 # alerts by day: a day's rows over 16 shards by a hash of the capture id, so that a fleet's
 # burst spreads over 16 partitions while one capture's day rows still share a transaction.
@@ -219,16 +220,25 @@ def generation_of(row_key: str) -> int | None:
     return int(head) if sep and len(head) == 8 and head.isdigit() else None
 
 
-def index_partition(address_key: str) -> str:
-    """The ``peerindex`` partition of an address key: one of :data:`INDEX_BUCKETS`, by hash."""
-    digest = hashlib.blake2b(address_key.encode(), digest_size=2).digest()
-    return f"{INDEX_PREFIX}{int.from_bytes(digest, 'big') % INDEX_BUCKETS:03d}"
-
-
 def legacy_index_partition(address_key: str) -> str:
-    """Where the layout before issue #20 put an address's index rows (16 buckets)."""
+    """The address's bucket, ``bucket-{aa}``: where the layout before issue #20 put all its
+    index rows, and the start of its partitions since."""
     digest = hashlib.blake2b(address_key.encode(), digest_size=2).digest()
-    return f"{INDEX_PREFIX}{int.from_bytes(digest, 'big') % LEGACY_INDEX_BUCKETS:02d}"
+    return f"{INDEX_PREFIX}{int.from_bytes(digest, 'big') % INDEX_ADDRESS_BUCKETS:02d}"
+
+
+def index_partition(address_key: str, capture_id: str) -> str:
+    """The ``peerindex`` partition of an address's row of a capture: its bucket and the
+    capture's shard, one of :data:`INDEX_BUCKETS`."""
+    shard = shard_of(capture_id, INDEX_CAPTURE_SHARDS)
+    return f"{legacy_index_partition(address_key)}-{shard:02d}"
+
+
+def index_partitions_of(address_key: str) -> list[str]:
+    """Every ``peerindex`` partition that may hold rows of an address: its bucket's 16
+    shards, then its bucket's partition of the layout before issue #20."""
+    bucket = legacy_index_partition(address_key)
+    return [f"{bucket}-{shard:02d}" for shard in range(INDEX_CAPTURE_SHARDS)] + [bucket]
 
 
 def peer_row_key(generation: int, address: str) -> str:

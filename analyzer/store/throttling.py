@@ -36,7 +36,13 @@ def is_throttled(error: BaseException) -> bool:
     status = error.status_code or 0
     if status in _BUSY_STATUS:
         return True
-    return status == 500 and str(getattr(error, "error_code", "") or "") in _BUSY_CODES
+    if status != 500:
+        return False
+    code = getattr(error, "error_code", None)  # a str, or the Tables SDK's TableErrorCode
+    response = getattr(error, "response", None)
+    if not code and response is not None:  # not decoded: the service's header says
+        code = response.headers.get("x-ms-error-code")
+    return str(getattr(code, "value", code) or "") in _BUSY_CODES
 
 
 @dataclass
