@@ -10,49 +10,65 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from analyzer.base.models import CaptureInfo, Peer, PeerName, PortCount, Summary
+from analyzer.cli.common import command
 from analyzer.cli.exits import EXIT_DATAERR, InputError, UsageError
+from analyzer.cli.output import emit, output_options
 from analyzer.judge.policy import Policy, load_policy
 from analyzer.judge.policy_scope import Machine
 
 AZURE_DNS = "168.63.129.16"
-_EXAMPLES = """examples:
-  nwcap policy validate policy.yaml
-  nwcap policy explain --policy policy.yaml --vm vm-web-01 --resource-group rg-web 203.0.113.7
-  nwcap policy explain --vm vm-web-01 --name archive.ubuntu.com --port 80 91.189.91.83
-"""
 
 
 def add_commands(sub: Any) -> None:
     """Register ``nwcap policy validate|explain``."""
-    policy = sub.add_parser(
+    policy = command(
+        sub,
         "policy",
-        help="validate a policy file, or explain what decides about an address",
-        description="Validate a policy file, or explain which rule or catalogue entry decides "
-        "about one address for one VM.",
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="validate a policy file, or explain what decides about an address for a VM",
+        examples=[
+            ("nwcap policy validate policy.yaml", "check a file before uploading it"),
+            (
+                "nwcap policy explain --policy policy.yaml --vm vm-web-01 --resource-group "
+                "rg-web 203.0.113.7",
+                "what decides about an address for one VM",
+            ),
+        ],
     )
     actions = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
-    validate = actions.add_parser(
+    validate = command(
+        actions,
         "validate",
-        help="check policy files; errors name the file, line and column",
-        epilog="example:\n  nwcap policy validate policy.yaml",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="check policy files as processing loads them; errors name file, line and column",
+        examples=[("nwcap policy validate policy.yaml staging.yaml", "exit 0, or 65 with errors")],
     )
     validate.add_argument("files", nargs="+", metavar="FILE", help="policy file (YAML or JSON)")
     validate.set_defaults(func=run_validate)
-    explain = actions.add_parser(
+    explain = command(
+        actions,
         "explain",
         help="which rule or catalogue entry decides about IP for a VM, and why",
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=[
+            (
+                "nwcap policy explain --policy policy.yaml --vm vm-web-01 203.0.113.7",
+                "the VM connecting to 203.0.113.7 on TCP 443",
+            ),
+            (
+                "nwcap policy explain --vm vm-web-01 --name archive.ubuntu.com --port 80 "
+                "91.189.91.83",
+                "with a name the VM resolved, on port 80",
+            ),
+            (
+                "nwcap policy explain --vm web-vmss_3 --scale-set web-vmss --direction in "
+                "--port 22 -o json 198.51.100.7",
+                "SSH into a scale-set instance, as JSON",
+            ),
+        ],
     )
     explain.add_argument("ip", help="the peer's address")
     explain.add_argument("--vm", required=True, help="the VM's name (scale-set instance: SET_N)")
@@ -77,7 +93,7 @@ def add_commands(sub: Any) -> None:
         default="out",
         help="out: the VM connects to the peer (default); in: the peer connects to the VM",
     )
-    explain.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    output_options(explain)
     explain.set_defaults(func=run_explain)
 
 
@@ -136,10 +152,10 @@ def run_explain(args: argparse.Namespace) -> int:
         "decided_by": _deciders(policy, address),
         "alerts": [{"rule": a.rule, "severity": a.severity, "message": a.message} for a in alerts],
     }
-    if args.output == "json":
-        print(json.dumps(document, indent=2))
-    else:
+    if args.output == "table" and args.query is None:
         _print_explanation(document)
+    else:
+        emit(args, document)
     return 0
 
 
