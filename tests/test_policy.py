@@ -484,6 +484,9 @@ class TestCommands:
         code, _, err = nwcap("policy", "validate", str(broken))
         assert code == 65 and f"{broken}:3:1: policy: not valid YAML" in err
         assert nwcap("policy", "validate", str(tmp_path / "none.yaml")).code == 66
+        capture = str(Path(__file__).resolve().parents[1] / "samples" / "inbound-scan.cap")
+        code, _, err = nwcap("analyze", capture, "--policy", str(bad))
+        assert code == 65 and f"{bad}:3:14: allow[0].cidr" in err
 
     def test_explain(self, tmp_path: Path) -> None:
         policy = tmp_path / "policy.yaml"

@@ -459,7 +459,7 @@ def _read_file(name: str, what: str) -> bytes:
 def _load_policy(name: str) -> Policy:
     from analyzer.judge.policy import load_policy  # noqa: PLC0415
 
-    return load_policy(_read_file(name, "policy"))
+    return load_policy(_read_file(name, "policy"), source=name)  # errors say file:line:col
 
 
 def _load_service_tags(name: str) -> ServiceTags:
