@@ -74,9 +74,14 @@ class ConversationTracker:
         top = heapq.nlargest(2 * CONVERSATIONS_KEPT, table.values(), key=itemgetter(BYTES))
         cut = top[-1][BYTES] if len(top) == 2 * CONVERSATIONS_KEPT else 0
         candidates = [k for k, e in table.items() if 2 * e[BYTES] >= cut and k not in seen]
+        if len(candidates) > CONVERSATIONS_TRACKED:  # many alike (a scan): rank them first
+            candidates = _busiest_keys(candidates, table, seen)
         _track(self.tracked, candidates, table, protocol, frac_per_second, seen)
         if protocol == "tcp" and len(self.watched) < WATCHED_KEPT:
-            on_watched = [k for k in table if _on_watched_port(k) and k not in seen]
+            watched = _WATCHED_PORT_BYTES
+            on_watched = [
+                k for k in table if (k[-2:] in watched or k[-4:-2] in watched) and k not in seen
+            ]
             room = WATCHED_KEPT - len(self.watched)
             _track(self.watched, on_watched[: 2 * room], table, protocol, frac_per_second, seen)
             if len(self.watched) > WATCHED_KEPT:
@@ -103,6 +108,30 @@ class ConversationTracker:
         watched.update(self.watched)
         ranked = sorted(watched.items(), key=_rank)
         return tuple(_conversation(p, k, c, local_set) for (p, k), c in ranked)
+
+
+def _busiest_keys(
+    candidates: list[bytes], table: dict[bytes, list[int]], seen: set[bytes]
+) -> list[bytes]:
+    """The lower flow keys of the :data:`CONVERSATIONS_TRACKED` conversations of
+    ``candidates`` with the most bytes (ties: the lower key, as :func:`_rank` orders them):
+    the others could not be kept, so they are not tracked at all."""
+    ranked: list[tuple[int, bytes]] = []
+    done: set[bytes] = set()
+    get = table.get
+    for key in candidates:
+        if len(key) == 12:  # _reverse, inline: this runs for every flow of a scan
+            reverse = key[4:8] + key[:4] + key[10:] + key[8:10]
+        else:
+            reverse = key[16:32] + key[:16] + key[34:] + key[32:34]
+        lower = key if key <= reverse else reverse
+        if lower in done:
+            continue
+        done.add(lower)
+        other = get(reverse)
+        back = other[BYTES] if other is not None and reverse not in seen else 0
+        ranked.append((-(table[key][BYTES] + back), lower))
+    return [key for _total, key in heapq.nsmallest(CONVERSATIONS_TRACKED, ranked)]
 
 
 def _track(
