@@ -15,6 +15,7 @@ from test_function_app import handler, trigger_blob
 from analyzer.base.errors import PolicyError
 from analyzer.judge.policy import Policy, load_policy
 from analyzer.judge.policy_scope import Machine
+from analyzer.pipeline.baseline import NEW_PEER_RULE, alert_rules
 from analyzer.pipeline.capture_policy import capture_policy, machine_of
 from analyzer.store.blobpath import network_watcher_blob_name, parse_capture_path
 from analyzer.store.results import TableResultsStore, capture_id_for
@@ -266,5 +267,5 @@ class TestLearningPeriodThroughTheTrigger:
             rows = results_store.iter_capture_peers(capture_id)
             assert sorted(p["address"] for p in rows if p["new_peer"]) == ["20.0.0.2"]
             alerts = results_store.iter_capture_alerts(capture_id)
-            seen[vm] = [a["peer"] for a in alerts if a["rule"] == "new-peer"]
+            seen[vm] = [a["peer"] for a in alerts if NEW_PEER_RULE in alert_rules(a)]
         assert seen == {"vm-new": [], "vm-old": ["20.0.0.2"]}
