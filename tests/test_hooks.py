@@ -282,6 +282,9 @@ class TestPostdeployCreatedAccount:
         endpoint_file = option(create, "--endpoint")
         assert endpoint_file.startswith("@")
         assert not Path(endpoint_file[1:]).exists()  # removed when the hook ends
+        [read] = azure.state["read_files"]
+        assert read["path"] == endpoint_file[1:]
+        assert read["mode"] & 0o077 == 0  # readable by the deploying user only
         assert all(BLOBS_KEY not in arg for call in run.calls for arg in call)
         assert option(create, "--included-event-types") == "Microsoft.Storage.BlobCreated"
         assert (

@@ -354,14 +354,18 @@ def run(state: dict[str, Any], args: list[str]) -> Any:
     raise AzError(f"fake az: unsupported command {command!r}", 2)
 
 
-def _expanded(arg: str) -> str:
-    """``@path`` as azure-cli reads it: the file's content, less one final newline."""
+def _expanded(arg: str, state: dict[str, Any]) -> str:
+    """``@path`` as azure-cli reads it: the file's content, less one final newline. The file's
+    permission bits are kept in ``state["read_files"]``, for the tests."""
     if not arg.startswith("@") or len(arg) == 1:
         return arg
+    path = Path(arg[1:])
     try:
-        content = Path(arg[1:]).read_text()
+        content = path.read_text()
+        mode = path.stat().st_mode & 0o777
     except OSError as error:
         raise AzError(f"Failed to open file {arg[1:]}: {error}") from error
+    state.setdefault("read_files", []).append({"path": str(path), "mode": mode})
     return content[:-1] if content.endswith("\n") else content
 
 
@@ -372,7 +376,7 @@ def main() -> int:
     state_file = Path(os.environ["FAKE_AZ_STATE"])
     state = json.loads(state_file.read_text())
     try:
-        args = [_expanded(arg) for arg in args]
+        args = [_expanded(arg, state) for arg in args]
         _, options = _options(args)
         result = run(state, args)
         if "--query" in options:
