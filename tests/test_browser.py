@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shlex
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from test_report import (
 from analyzer.pipeline.baseline import alert_rules
 from analyzer.web import api, report, report_rows
 from analyzer.web.html import shown
+from analyzer.web.packets import ACCOUNT_ID_SETTING
 
 # Azurite with processed captures, and `nwcap serve` over them: test_report's fixtures.
 stored = test_report.stored
@@ -147,7 +149,7 @@ def assert_shows(page: Page, document: dict[str, Any]) -> None:
         '[data-table="peers"] tbody tr',
         "rows => rows.map(r => Array.from(r.children, c => c.innerText))",
     )
-    assert len(shown_rows) == min(len(by_address), report.TABLE_PAGE)
+    assert len(shown_rows) == min(len(by_address), report_rows.TABLE_PAGE)
     for cells in shown_rows:
         peer = by_address[cells[0]]
         assert cells[2] == peer["category"]
@@ -193,7 +195,9 @@ class TestReportInBrowser:
                     for c in peer["unverified_names"]
                 ]
             assert_shows(page, document)
-            assert len(shown_column(page, "conversations", 0)) == len(document["conversations"])
+            busiest = document["busiest_conversations"]
+            assert len(shown_column(page, "conversations", 0)) == len(busiest) > 0
+            assert shown_column(page, "peers", 18) == [f"ip.addr == {p['address']}" for p in peers]
             assert page.locator("svg.peer-map circle").count() == len(document["peers"]) + 1
         watched.assert_clean()
         assert {u.split(":")[0] for u in watched.requested} == {"file"}
@@ -204,7 +208,7 @@ class TestReportInBrowser:
         page = watched.page
         page.goto(write_report(document, tmp_path / "big.html"))
         table = page.locator('[data-table="peers"]')
-        assert table.locator("tbody tr").count() == report.TABLE_PAGE
+        assert table.locator("tbody tr").count() == report_rows.TABLE_PAGE
         # sort by bytes from the peer: descending first for numbers, then ascending
         header = table.locator("th").nth(9)
         header.locator("button").click()
@@ -242,7 +246,7 @@ class TestReportInBrowser:
         assert table.locator("tbody tr").count() == 250  # every row prints (up to 2,000)
         assert table.locator("tbody tr").last.is_visible()
         page.evaluate("window.dispatchEvent(new Event('afterprint'))")
-        assert table.locator("tbody tr").count() == report.TABLE_PAGE
+        assert table.locator("tbody tr").count() == report_rows.TABLE_PAGE
         watched.assert_clean()
 
     def test_20000_peers_stay_usable(self, watched: Watched, tmp_path: Path) -> None:
@@ -400,3 +404,52 @@ class TestDashboardInBrowser:
         with urllib.request.urlopen(server, timeout=30) as response:  # noqa: S310 - local
             assert response.headers["X-Content-Type-Options"] == "nosniff"
             assert "script-src 'sha256-" in response.headers["Content-Security-Policy"]
+
+    def test_capture_page_back_to_the_packets(
+        self,
+        watched: Watched,
+        server: str,
+        stored: dict[str, Any],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        account_id = (
+            "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg"
+            "/providers/Microsoft.Storage/storageAccounts/devstoreaccount1"
+        )
+        monkeypatch.setenv(ACCOUNT_ID_SETTING, account_id)
+        watched.allowed_origin = server.split("/api/ui/", maxsplit=1)[0]
+        body = api.get_capture(stored["store"], stored["baseline"], {}).body
+        capture = body["capture"]
+        page = watched.page
+        page.goto(f"{server}capture?id={stored['baseline']}")
+        # the blob: its URL, the portal link, the az command that downloads it
+        assert page.locator("#packets code.copyable").first.inner_text() == capture["blob_url"]
+        portal = page.locator("a.portal-link").get_attribute("href")
+        assert portal == f"https://portal.azure.com/#resource{account_id}/containersList"
+        command = shlex.split(page.locator("code.download-command").inner_text())
+        assert command[:4] == ["az", "storage", "blob", "download"]
+        options = dict(zip(command[4::2], command[5::2], strict=True))
+        assert options["--auth-mode"] == "login"
+        assert options["--account-name"] == "devstoreaccount1"
+        assert options["--container-name"] == capture["container"]
+        assert options["--name"] == capture["blob_name"]
+        # the busiest conversations, stored by the processing path, each with its filter
+        busiest = sorted(
+            capture["busiest_conversations"], key=lambda c: -(c["bytes_in"] + c["bytes_out"])
+        )
+        assert busiest
+        rows = page.eval_on_selector_all(
+            '[data-table="conversations"] tbody tr',
+            "rows => rows.map(r => Array.from(r.children, c => c.innerText))",
+        )
+        assert [r[-1] for r in rows] == [c["display_filter"] for c in busiest]
+        assert [(r[0], r[7], r[8]) for r in rows] == [
+            (c["peer_address"], number(c["bytes_in"]), number(c["bytes_out"])) for c in busiest
+        ]
+        # every peer row carries its filter; one click selects the whole of it
+        filters = shown_column(page, "peers", 18)
+        assert sorted(filters) == sorted(f"ip.addr == {p['address']}" for p in body["peers"])
+        cell = page.locator('[data-table="peers"] tbody tr td.copy').first
+        cell.click()
+        assert page.evaluate("String(getSelection())").strip() == cell.inner_text().strip()
+        watched.assert_clean()

@@ -13,6 +13,8 @@ import json
 import math
 import random
 import re
+import shlex
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +23,7 @@ from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import azure.functions as func
 import pytest
@@ -37,12 +40,14 @@ from analyzer.base.models import (
     PeerName,
     PortCount,
     TcpCounts,
+    TransportConversation,
 )
 from analyzer.judge.analysis import analyze
 from analyzer.judge.policy import load_policy
 from analyzer.pipeline.processing import process_blob
+from analyzer.present import wireshark
 from analyzer.store.results import TableResultsStore
-from analyzer.web import api, pages, report, report_rows
+from analyzer.web import api, packets, pages, report, report_rows
 from analyzer.web.blueprint import web_blueprint
 from analyzer.web.html import embed_json, short, shown
 from analyzer.web.server import start_in_thread
@@ -174,7 +179,26 @@ def big_analysis(peers: int, *, alerts: int = 0) -> Analysis:
         )
         for p in made
     )
-    return Analysis(capture, conversations, tuple(made), raised, "0.1.0", "test")
+    busiest = tuple(
+        TransportConversation(
+            "tcp",
+            VM,
+            40000 + i,
+            p.address,
+            443,
+            p.first_seen,
+            p.last_seen,
+            p.packets_received,
+            p.packets_sent,
+            p.bytes_received,
+            p.bytes_sent,
+            True,
+        )
+        for i, p in enumerate(made[:200])
+    )
+    return Analysis(
+        capture, conversations, tuple(made), raised, "0.1.0", "test", busiest_conversations=busiest
+    )
 
 
 def table_rows(html: str, name: str) -> list[list[Any]]:
@@ -262,12 +286,17 @@ class TestSampleReports:
         for peer in document["peers"]:
             row = by_address[peer["address"]]
             assert row[2:4] == [peer["category"], report_rows._expected_text(peer["expected"])]
+            # in/out from the VM's point of view: in is what the peer sent
             assert row[7:11] == [
                 peer["packets_sent"],
                 peer["packets_received"],
                 peer["bytes_sent"],
                 peer["bytes_received"],
             ]
+            assert (
+                row[-1]
+                == f"{'ipv6' if ':' in peer['address'] else 'ip'}.addr == " + (peer["address"])
+            )
             names = [n["name"] for n in peer["names"]]
             assert [n.split(" (")[0] for n in row[1][: len(names)]] == names
             basis = report_rows.NAME_BASIS_TEXT.get(peer["name_basis"])
@@ -282,7 +311,18 @@ class TestSampleReports:
                 for text in shown_alerts
             ), alert
         conversations = table_rows(html, "conversations")
-        assert len(conversations) == len(document["conversations"])
+        busiest = document["busiest_conversations"]
+        assert len(conversations) == len(busiest) > 0
+        for row in conversations:  # busiest first; the filter is the analyzer's own
+            [conv] = [c for c in busiest if c["display_filter"] == row[-1]]
+            assert row[:9] == [
+                conv["peer_address"], conv["peer_port"], conv["protocol"],
+                conv["local_address"], conv["local_port"], conv["packets_in"],
+                conv["packets_out"], conv["bytes_in"], conv["bytes_out"],
+            ]  # fmt: skip
+        assert [r[7] + r[8] for r in conversations] == sorted(
+            (c["bytes_in"] + c["bytes_out"] for c in busiest), reverse=True
+        )
         capture = document["capture"]
         assert f"{capture['packets']:,}" in html and f"{capture['bytes']:,}" in html
 
@@ -306,7 +346,7 @@ class TestSampleReports:
             report.from_analysis(big_analysis(250).to_dict(), source="b")
         ).html
         body = html.split('data-table="peers"')[1].split("</tbody>")[0]
-        assert body.count("<tr id=") == report.TABLE_PAGE
+        assert body.count("<tr id=") == report_rows.TABLE_PAGE
 
 
 class TestHostileNames:
@@ -787,3 +827,68 @@ class TestBlueprint:
         assert 'id="key-shell"' in html and stored["scan"] not in html and "k3y" not in html
         status, fleet = get("keyed_fleet", "", {})
         assert status == 200 and pages.link("capture", id=stored["baseline"]) in fleet
+
+
+class TestBackToThePackets:
+    """Blob links, the az command and Wireshark filters: exact, quoted and escaped."""
+
+    HOSTILE_BLOB = "x'; rm -rf ~ $(id) `id` <script>alert(1)</script>\"&.cap"
+
+    def test_filters(self) -> None:
+        assert wireshark.address_filter("10.0.0.4") == "ip.addr == 10.0.0.4"
+        assert wireshark.address_filter("2001:DB8:0::1") == "ipv6.addr == 2001:db8::1"
+        for bad in ("1.2.3.4 || 1", "fe80::1%eth0 || 1", "", None, "example.com"):
+            assert wireshark.address_filter(bad) is None
+        assert wireshark.conversation_filter("udp", "10.0.0.4", "53", "168.63.129.16", 53) == (
+            "ip.addr == 10.0.0.4 && ip.addr == 168.63.129.16 && udp.port == 53 && udp.port == 53"
+        )
+        for args in (
+            ("icmp", "10.0.0.4", 0, "1.1.1.1", 0),
+            ("tcp", "10.0.0.4", 70000, "1.1.1.1", 443),
+            ("tcp", "10.0.0.4", True, "1.1.1.1", 443),
+            ("tcp", "10.0.0.4", 1, "2001:db8::1", 443),
+            ("tcp || 1", "10.0.0.4", 1, "1.1.1.1", 443),
+        ):
+            assert wireshark.conversation_filter(*args) is None
+
+    def test_filters_select_the_peers_packets(self) -> None:
+        """tshark with each peer's filter counts exactly the peer's packets."""
+        sample = ROOT / "samples" / "baseline.cap"
+        for peer in analysis_of(sample)["peers"]:
+            display = wireshark.address_filter(peer["address"])
+            assert display
+            command = ["tshark", "-n", "-r", str(sample), "-Y", display, "-T", "fields"]
+            listed = subprocess.run(
+                [*command, "-e", "frame.number"], capture_output=True, text=True, check=True
+            ).stdout.split()
+            assert len(listed) == peer["packets_sent"] + peer["packets_received"], display
+
+    def test_blob_reference_quotes_and_escapes(self) -> None:
+        name = f"resourceId=/SUBSCRIPTIONS/X/{self.HOSTILE_BLOB}"
+        capture = {
+            "blob_url": "https://capacct01.blob.core.windows.net/captures/" + quote(name),
+            "container": "captures",
+            "blob_name": name,
+        }
+        blob = packets.blob_reference(capture)
+        assert blob and blob.account == "capacct01" and blob.portal_url == ""
+        words = shlex.split(blob.download_command)
+        assert words == [
+            "az", "storage", "blob", "download", "--account-name", "capacct01",
+            "--container-name", "captures", "--name", name, "--file", blob.file,
+            "--auth-mode", "login",
+        ]  # fmt: skip
+        assert re.fullmatch(r"[A-Za-z0-9._-]+", blob.file)
+        dash = packets.blob_reference({**capture, "blob_name": "-rf"})
+        assert dash and "--name=-rf" in shlex.split(dash.download_command)
+        other = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg/providers/Microsoft.Storage/storageAccounts/"  # noqa: E501
+        assert packets.blob_reference(capture, other + "someoneelse").portal_url == ""  # type: ignore[union-attr]
+        assert packets.blob_reference(capture, other + "capacct01").portal_url.endswith(  # type: ignore[union-attr]
+            "/storageAccounts/capacct01/containersList"
+        )
+        assert packets.blob_reference({**capture, "blob_url": "https://evil/x"}) is None
+        html = report.render_report(
+            report.from_stored({"capture": capture, "peers": [], "alerts": []})
+        ).html
+        assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)" in html
+        assert "rm -rf ~ $(id) `id`" in unescape(html)

@@ -240,9 +240,7 @@ def _get_capture(store: ResultsStore, capture_id: str, params: Mapping[str, str]
     for part in parts:
         read = store.capture_peers if part == "peers" else store.capture_alerts
         try:
-            page = read(
-                capture_id, limit=limit, continuation=continuations[part], record=record
-            )
+            page = read(capture_id, limit=limit, continuation=continuations[part], record=record)
         except InvalidContinuationError as error:
             raise BadRequest(f"{tokens[part]}: {error}") from None
         body[part] = page.items

@@ -79,9 +79,17 @@ def environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["shown"] = shown
-    env.filters["num"] = lambda n: f"{int(n or 0):,}"
+    env.filters["num"] = number
     env.filters["size"] = human_size
     return env
+
+
+def number(value: object) -> str:
+    """``1,234``, or ``82.053`` for a fraction: as ``table.js`` writes numbers (en-US, at most
+    three decimals)."""
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:,.3f}".rstrip("0").rstrip(".")
+    return f"{int(value or 0):,}"  # type: ignore[call-overload]
 
 
 def human_size(size: object) -> str:

@@ -21,6 +21,7 @@ not newest first.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from analyzer.pipeline.baseline import alert_rules
 from analyzer.store.results import ResultsStore
 from analyzer.web import api
 from analyzer.web.html import Rendered, render
+from analyzer.web.packets import ACCOUNT_ID_SETTING
 from analyzer.web.report import SUMMARY_PEER, context, from_stored, timestamp
 
 UI_ROOT = "/api/ui/"
@@ -276,7 +278,7 @@ def capture(store: ResultsStore, params: Mapping[str, str]) -> tuple[int, Render
             capture=None,
             json_link=api_link(f"captures/{quote(capture_id, safe='')}", {}),
         )
-    data = from_stored(result.body)
+    data = from_stored(result.body, account_id=os.environ.get(ACCOUNT_ID_SETTING, ""))
     cap = result.body["capture"]
     return _page(
         "capture.html",

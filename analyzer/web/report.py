@@ -20,21 +20,21 @@ from typing import Any
 
 from analyzer.base.models import SEVERITY_ORDER
 from analyzer.web.html import Rendered, embed_json, human_size, render, short, shown
+from analyzer.web.packets import BlobReference, blob_reference
 from analyzer.web.report_rows import (
     CONVERSATION_COLUMNS,
+    CONVERSATION_NUMERIC,
     FOLDED_COLUMNS,
     PEER_COLUMNS,
-    Cell,
-    address_key,
     best_name,
     conversation_row,
     folded_row,
     peer_row,
+    table_data,
 )
 
 MAP_PEERS = 40  # peers drawn one by one on the map; the rest are summed per category
 TIMELINE_PEERS = 10  # peers with a timeline row of their own; the rest are summed
-TABLE_PAGE = 100  # rows per page of the peer table (and rows in the HTML without JavaScript)
 # The peer map's sectors: families of the classifier's categories (analyzer/judge/classify.py
 # and the catalog's entries), in drawing order; a category not listed here is "other".
 FAMILIES = ("platform", "Azure service", "storage account", "admin", "internet", "other")
@@ -60,9 +60,10 @@ class ReportData:
     capture: Mapping[str, Any]
     peers: Sequence[Mapping[str, Any]]
     alerts: Sequence[Mapping[str, Any]]
-    conversations: Sequence[Mapping[str, Any]] | None  # None: not stored with the capture
+    conversations: Sequence[Mapping[str, Any]] | None  # busiest 5-tuples; None: not stored
     folded: Sequence[Mapping[str, Any]] = ()
     versions: Mapping[str, str] = field(default_factory=dict)
+    blob: BlobReference | None = None  # a stored capture's blob
 
 
 def from_analysis(document: Mapping[str, Any], *, source: str) -> ReportData:
@@ -72,7 +73,7 @@ def from_analysis(document: Mapping[str, Any], *, source: str) -> ReportData:
         capture=document.get("capture", {}),
         peers=document.get("peers", []),
         alerts=document.get("alerts", []),
-        conversations=document.get("conversations", []),
+        conversations=document.get("busiest_conversations", []),
         folded=document.get("folded") or (),
         versions={
             "analyzer": str(document.get("analyzer_version", "")),
@@ -81,20 +82,22 @@ def from_analysis(document: Mapping[str, Any], *, source: str) -> ReportData:
     )
 
 
-def from_stored(body: Mapping[str, Any]) -> ReportData:
-    """A report of the API's ``GET /api/captures/{id}`` body (every page of it, joined)."""
+def from_stored(body: Mapping[str, Any], *, account_id: str = "") -> ReportData:
+    """A report of the API's ``GET /api/captures/{id}`` body (every page of it, joined);
+    ``account_id``, the capture account's resource id, adds a portal link to the blob."""
     capture = body.get("capture", {})
     return ReportData(
         title=f"{capture.get('vm', '')} {capture.get('capture_time') or ''}".strip(),
         capture=capture,
         peers=body.get("peers", []),
         alerts=body.get("alerts", []),
-        conversations=None,
+        conversations=capture.get("busiest_conversations"),
         folded=body.get("folded") or capture.get("folded") or (),
         versions={
             "analyzer": str(capture.get("analyzer_version", "")),
             "policy": str(capture.get("policy_version", "")),
         },
+        blob=blob_reference(capture, account_id),
     )
 
 
@@ -509,22 +512,6 @@ def timeline(data: ReportData, *, rows: int = TIMELINE_PEERS) -> Timeline:
 # --- the page --------------------------------------------------------------------------------
 
 
-def table_data(
-    columns: Sequence[str],
-    rows: list[list[Cell]],
-    *,
-    numeric: Sequence[int],
-    page: int = TABLE_PAGE,
-    address_column: bool = False,
-) -> dict[str, Any]:
-    """What ``table.js`` renders: columns, rows of cells, which columns sort as numbers, and,
-    when the first column holds addresses, a key per row that sorts them numerically."""
-    table = {"columns": list(columns), "rows": rows, "numeric": list(numeric), "page_size": page}
-    if address_column:
-        table["keys"] = [address_key(str(row[0])) for row in rows]
-    return table
-
-
 def context(data: ReportData) -> dict[str, Any]:
     """Everything the report template needs, shared by the file report and the capture page."""
     alerted = _alerts_by_peer(data.alerts)
@@ -537,11 +524,11 @@ def context(data: ReportData) -> dict[str, Any]:
             conversation_row(c)
             for c in sorted(
                 data.conversations,
-                key=lambda c: -(int(c.get("bytes_a_to_b") or 0) + int(c.get("bytes_b_to_a") or 0)),
+                key=lambda c: -(int(c.get("bytes_in") or 0) + int(c.get("bytes_out") or 0)),
             )
         ]
         conversations = table_data(
-            CONVERSATION_COLUMNS, conv_rows, numeric=(2, 3, 4, 5), address_column=True
+            CONVERSATION_COLUMNS, conv_rows, numeric=CONVERSATION_NUMERIC, address_column=True
         )
     folded = None
     if data.folded:
@@ -560,6 +547,9 @@ def context(data: ReportData) -> dict[str, Any]:
         "peer_table": peer_table,
         "peer_table_json": embed_json(peer_table),
         "conversation_table": conversations,
+        "conversations_stored": data.conversations is not None,
+        "blob": data.blob,
+        "blob_url": str(data.capture.get("blob_url") or ""),
         "conversation_table_json": embed_json(conversations) if conversations else None,
         "categories": sorted(categories, key=_category_rank),
         "folded_table": folded,

@@ -2,8 +2,10 @@
 
 Each row lists its cells in its table's column order (:data:`PEER_COLUMNS`,
 :data:`CONVERSATION_COLUMNS`, :data:`FOLDED_COLUMNS`); a cell is a text, a number, lines of
-text or nothing. The report (:mod:`analyzer.web.report`) embeds them for ``static/table.js``,
-which renders, sorts and pages them.
+text or nothing. Directions are the VM's: "in" is what the VM received, "out" what it sent.
+The report (:mod:`analyzer.web.report`) embeds them for ``static/table.js``, which renders,
+sorts and pages them. The last column of peers and conversations is a Wireshark display filter
+(:mod:`analyzer.present.wireshark`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from analyzer.present.wireshark import address_filter, conversation_filter
+
+TABLE_PAGE = 100  # rows per page of the peer table (and rows in the HTML without JavaScript)
+FILTER_COLUMN = "Wireshark filter"  # last in a table: one click selects it
 PEER_COLUMNS = (
     "Address",
     "Names (source)",
@@ -20,10 +26,10 @@ PEER_COLUMNS = (
     "Alerts",
     "Roles",
     "Service tags",
-    "Packets from peer",
-    "Packets to peer",
-    "Bytes from peer",
-    "Bytes to peer",
+    "Packets in",
+    "Packets out",
+    "Bytes in",
+    "Bytes out",
     "Peer ports",
     "VM ports",
     "TCP",
@@ -31,17 +37,25 @@ PEER_COLUMNS = (
     "First seen",
     "Last seen",
     "Why",
+    FILTER_COLUMN,
 )
 CONVERSATION_COLUMNS = (
-    "A",
-    "B",
-    "Packets A→B",
-    "Packets B→A",
-    "Bytes A→B",
-    "Bytes B→A",
+    "Peer",
+    "Peer port",
+    "Protocol",
+    "VM address",
+    "VM port",
+    "Packets in",
+    "Packets out",
+    "Bytes in",
+    "Bytes out",
+    "Duration (s)",
     "First seen",
     "Last seen",
+    "Established",
+    FILTER_COLUMN,
 )
+CONVERSATION_NUMERIC = (1, 4, 5, 6, 7, 8, 9)
 FOLDED_COLUMNS = (
     "Prefix",
     "Peers (estimate)",
@@ -51,7 +65,7 @@ FOLDED_COLUMNS = (
     "First seen",
     "Last seen",
 )
-Cell = str | int | list[str] | None
+Cell = str | int | float | list[str] | None
 
 
 def best_name(peer: Mapping[str, Any]) -> str:
@@ -175,19 +189,36 @@ def peer_row(peer: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]]) -> li
         peer.get("first_seen"),
         peer.get("last_seen"),
         str(peer.get("reason", "")),
+        address_filter(peer.get("address")) or "",
     ]
 
 
 def conversation_row(conv: Mapping[str, Any]) -> list[Cell]:
+    """One TCP or UDP conversation (a stored capture's busiest), in
+    :data:`CONVERSATION_COLUMNS` order."""
+    established = conv.get("established")
     return [
-        str(conv.get("a", "")),
-        str(conv.get("b", "")),
-        int(conv.get("packets_a_to_b") or 0),
-        int(conv.get("packets_b_to_a") or 0),
-        int(conv.get("bytes_a_to_b") or 0),
-        int(conv.get("bytes_b_to_a") or 0),
+        str(conv.get("peer_address", "")),
+        int(conv.get("peer_port") or 0),
+        str(conv.get("protocol", "")),
+        str(conv.get("local_address", "")),
+        int(conv.get("local_port") or 0),
+        int(conv.get("packets_in") or 0),
+        int(conv.get("packets_out") or 0),
+        int(conv.get("bytes_in") or 0),
+        int(conv.get("bytes_out") or 0),
+        round(float(conv.get("duration_seconds") or 0.0), 3),
         conv.get("first_seen"),
         conv.get("last_seen"),
+        None if established is None else ("yes" if established else "no"),
+        conversation_filter(
+            conv.get("protocol"),
+            conv.get("local_address"),
+            conv.get("local_port"),
+            conv.get("peer_address"),
+            conv.get("peer_port"),
+        )
+        or "",
     ]
 
 
@@ -202,3 +233,20 @@ def folded_row(group: Mapping[str, Any]) -> list[Cell]:
         group.get("first_seen"),
         group.get("last_seen"),
     ]
+
+
+def table_data(
+    columns: Sequence[str],
+    rows: list[list[Cell]],
+    *,
+    numeric: Sequence[int],
+    page: int = TABLE_PAGE,
+    address_column: bool = False,
+) -> dict[str, Any]:
+    """What ``table.js`` renders: columns, rows of cells, which columns sort as numbers, and,
+    when the first column holds addresses, a key per row that sorts them numerically."""
+    table = {"columns": list(columns), "rows": rows, "numeric": list(numeric), "page_size": page}
+    table["copy"] = [len(columns) - 1] if columns[-1] == FILTER_COLUMN else []
+    if address_column:
+        table["keys"] = [address_key(str(row[0])) for row in rows]
+    return table

@@ -36,6 +36,7 @@
   function setUp(root) {
     const data = JSON.parse(root.querySelector("script.table-data").textContent);
     const numeric = new Set(data.numeric);
+    const copy = new Set(data.copy || []); // one click selects the whole cell (display filters)
     const keys = data.keys || null; // column 0 holds addresses: numeric sort keys, one per row
     const rows = data.rows.map((cells, index) => ({ cells, index, search: null }));
     const tbody = root.querySelector("tbody");
@@ -104,6 +105,7 @@
         row.cells.forEach((value, col) => {
           const td = document.createElement("td");
           if (numeric.has(col)) td.className = "numeric";
+          else if (copy.has(col)) td.className = "copy";
           fill(td, value);
           tr.append(td);
         });
