@@ -519,6 +519,21 @@ class TestCommands:
         assert code == 0
         assert "decided:   catalogue entry 'wireserver'" in out
         assert nwcap("policy", "explain", "--vm", "x", "not-an-ip").code == 2
+        by_name = json.loads(nwcap("policy", "explain", "--vm", "x", "-o", "json", *mirror).out)
+        assert by_name["decided_by"] == [
+            "catalogue entry 'ubuntu' (Ubuntu package archive and services) by name "
+            "archive.ubuntu.com"
+        ]
+
+    def test_explain_with_service_tags(self, tmp_path: Path) -> None:
+        policy = tmp_path / "policy.yaml"
+        policy.write_text("allow: [{name: app-service, service_tag: AppService, port: 443}]\n")
+        tags = str(Path(__file__).parent / "data" / "servicetags_small.json")
+        common = ("policy", "explain", "--policy", str(policy), "--vm", "x", "-o", "json")
+        with_tags = json.loads(nwcap(*common, "--service-tags", tags, "20.50.2.7").out)
+        assert with_tags["expected"] and "allowed by policy rule 'app-service'" in with_tags["why"]
+        without = json.loads(nwcap(*common, "20.50.2.7").out)
+        assert not without["expected"]
 
 
 class TestOneFindingPerPeer:

@@ -79,6 +79,11 @@ def add_commands(sub: Any) -> None:
         "--policy", metavar="FILE", help="policy file (default: NWCAP_POLICY, a local file)"
     )
     explain.add_argument(
+        "--service-tags",
+        metavar="FILE",
+        help="a ServiceTags_Public_*.json file, for rules and names that need service tags",
+    )
+    explain.add_argument(
         "--name",
         action="append",
         default=[],
@@ -136,7 +141,15 @@ def run_explain(args: argparse.Namespace) -> int:
         raise UsageError(f"--port {args.port} is not a port 1-65535")
     machine = Machine(args.subscription, args.resource_group, args.vm, args.scale_set)
     policy = base.for_machine(machine)
-    peers, alerts = classify(_summary(address, args), policy=policy)
+    tags = None
+    if args.service_tags:
+        from analyzer.judge.servicetags import ServiceTags  # noqa: PLC0415
+
+        try:
+            tags = ServiceTags.from_json(Path(args.service_tags).read_bytes())
+        except OSError as error:
+            raise InputError(f"cannot read service tags {args.service_tags}: {error}") from None
+    peers, alerts = classify(_summary(address, args), policy=policy, service_tags=tags)
     [peer] = peers
     document = {
         "vm": machine.vm,
@@ -149,7 +162,7 @@ def run_explain(args: argparse.Namespace) -> int:
         "category": peer.category,
         "expected": peer.expected,
         "why": peer.reason,
-        "decided_by": _deciders(policy, address),
+        "decided_by": _deciders(policy, address, peer.names),
         "alerts": [{"rule": a.rule, "severity": a.severity, "message": a.message} for a in alerts],
     }
     if args.output == "table" and args.query is None:
@@ -197,20 +210,31 @@ def _summary(address: str, args: argparse.Namespace) -> Summary:
     return Summary(capture=capture, conversations=(), peers=(peer,))
 
 
-def _deciders(policy: Policy, address: str) -> list[str]:
-    """What in the policy and the catalogue names this address, in the order they are weighed."""
+def _deciders(policy: Policy, address: str, names: tuple[PeerName, ...]) -> list[str]:
+    """What in the policy and the catalogue names this address or its (verified) names, in the
+    order they are weighed."""
+    from fnmatch import fnmatchcase  # noqa: PLC0415
+
     from analyzer.judge.allowlist import catalogue_for  # noqa: PLC0415
 
     ip = ipaddress.ip_address(address)
     found = []
-    entry = catalogue_for(policy, None).match_address(ip)
+    catalogue = catalogue_for(policy, None)
+    entry = catalogue.match_address(ip)
     if entry is not None:
         found.append(f"catalogue entry '{entry.id}' ({entry.label}) by address")
+    elif (by_name := catalogue.match_names(names)) is not None:
+        found.append(
+            f"catalogue entry '{by_name.entry.id}' ({by_name.entry.label}) by name {by_name.name}"
+        )
+    plain = [name.name for name in names]
     for kind, rules in (("deny", policy.deny), ("allow", policy.allow)):
         found.extend(
             f"{kind} rule '{rule.name}' ({rule.describe()})"
             for rule in rules
-            if rule.cidr is not None and ip.version == rule.cidr.version and ip in rule.cidr
+            if (rule.cidr is None or (ip.version == rule.cidr.version and ip in rule.cidr))
+            and (rule.fqdn is None or any(fnmatchcase(n, rule.fqdn) for n in plain))
+            and (rule.cidr is not None or rule.fqdn is not None)
         )
     for field_name in ("vnet_ranges", "admin_sources", "dns_resolvers"):
         found.extend(
