@@ -688,6 +688,7 @@ class TestDashboardServer:
         peer = alerts[0]["peer"]
         status, _, html = fetch(f"{server}peer?ip={peer}")
         assert status == 200 and len(texts(html, "sighting-row").found) == 1
+        assert texts(html, "display-filter").found == [f"ip.addr == {peer}"]
         status, headers, data = fetch(f"{base}/api/peers/{peer}")
         assert headers["Content-Type"].startswith("application/json")
         assert json.loads(data) == api.who_talked_to(stored["store"], peer, {}).body

@@ -30,6 +30,7 @@ from urllib.parse import quote, urlencode
 
 from analyzer.base.models import SEVERITY_ORDER
 from analyzer.pipeline.baseline import alert_rules
+from analyzer.present.wireshark import address_filter
 from analyzer.store.results import ResultsStore
 from analyzer.web import api
 from analyzer.web.html import Rendered, render
@@ -327,6 +328,7 @@ def peer(store: ResultsStore, params: Mapping[str, str]) -> tuple[int, Rendered]
             (str(s.get("first_seen")) for s in sightings if s.get("first_seen")), default=""
         ),
         "last": max((str(s.get("last_seen")) for s in sightings if s.get("last_seen")), default=""),
+        "display_filter": address_filter(result.body.get("address") or ip) if not error else None,
     }
     more = None if error else result.body.get("continuation")
     return _page(
