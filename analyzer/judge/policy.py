@@ -215,10 +215,6 @@ class Policy:
             applied_scopes=tuple(section.name for section in sections),
         )
 
-    def scopes_for(self, machine: Machine | None) -> tuple[ScopeSection, ...]:
-        """The sections that apply to ``machine``, least specific first."""
-        return tuple(applicable(self.scopes, machine))
-
     @property
     def allow_list(self) -> bool:
         """Whether only the policy (and the Azure platform) may make a peer expected."""

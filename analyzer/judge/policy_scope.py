@@ -58,13 +58,6 @@ class Machine:
     vm: str
     scale_set: str = ""
 
-    def describe(self) -> str:
-        where = f"resource group {self.resource_group}" if self.resource_group else ""
-        if self.subscription:
-            where += f" of subscription {self.subscription}"
-        machine = f"scale set {self.scale_set}, VM {self.vm}" if self.scale_set else f"VM {self.vm}"
-        return f"{machine} ({where.strip()})" if where.strip() else machine
-
 
 @dataclass(frozen=True, slots=True)
 class ScopeSection:
