@@ -8,7 +8,10 @@ and a bad value stops the app there, with a log record naming it. The query API 
 dashboard read only the results connection and the table prefix.
 
 The blob trigger is the fast path; the timer's reconciler is what guarantees that every
-capture is processed (lost events, dead runs, transient failures, the poison queue).
+capture is processed (lost events, dead runs, transient failures, the poison queue). The timer
+only decides what is due and sends it to the fan-out queue, whose queue-triggered function
+processes the captures on as many instances as the host scales to (a backlog drains in
+minutes, see analyzer.pipeline.fanout).
 """
 
 import json
@@ -25,6 +28,7 @@ from analyzer.judge.livedns import LiveDns, LiveDnsSettings
 from analyzer.judge.policy import Policy
 from analyzer.judge.servicetags import ServiceTags
 from analyzer.pipeline.alert_delivery import AlertDelivery, DeliverySettings
+from analyzer.pipeline.fanout import FANOUT_QUEUE, QueueFanout, fanout_queue
 from analyzer.pipeline.processing import is_transient, table_prefix_setting
 from analyzer.pipeline.reconcile import (
     RunLog,
@@ -37,6 +41,7 @@ from analyzer.pipeline.run import (
     AppSettings,
     Pipeline,
     process_and_deliver,
+    process_queued_and_deliver,
     reconcile_and_deliver,
 )
 from analyzer.pipeline.servicetags_refresh import (
@@ -225,15 +230,55 @@ def reconcile_captures(timer: func.TimerRequest) -> None:
     captures = resolve(CAPTURES_CONNECTION)
     pipeline = _pipeline(settings, results)
     prefix = settings.processing.table_prefix
-    with blob_service_for(captures) as blobs, poison_queue(captures) as poison:
+    with (
+        blob_service_for(captures) as blobs,
+        poison_queue(captures) as poison,
+        queue_service_for(results) as queues,
+    ):
+        fanout = QueueFanout(
+            fanout_queue(queues, create=not results.identity_based),
+            limit=settings.reconcile.fanout_limit,
+        )
         reconcile_and_deliver(
             pipeline,
             blobs.get_container_client(settings.processing.captures_container),
             settings=settings.reconcile,
             runs=RunLog(pipeline.store.service, prefix=prefix),
             poison=poison,
+            fanout=fanout,
         )
     _refresh_service_tags(settings.tags_refresh, results)
+
+
+@app.queue_trigger(arg_name="message", queue_name=FANOUT_QUEUE, connection=RESULTS_CONNECTIONS[0])
+def process_queued_capture(message: func.QueueMessage) -> None:
+    """Process a capture the reconciler found due and sent to the fan-out queue (see
+    analyzer.pipeline.run.process_queued_and_deliver): as the reconciler would, leaving a
+    capture whose run is under way to that run. Transient errors are raised, so that the
+    queue hands the message out again later; a message that keeps failing ends in the queue's
+    poison queue, and its capture stays due for the next reconcile run."""
+    settings = app_settings()
+    captures = resolve(CAPTURES_CONNECTION)
+    text = message.get_body().decode("utf-8", errors="replace")
+    with blob_service_for(captures) as blobs:
+        container = blobs.get_container_client(settings.processing.captures_container)
+        try:
+            process_queued_and_deliver(
+                _pipeline(settings, resolve_first(RESULTS_CONNECTIONS)),
+                container,
+                text,
+                stale_after=settings.reconcile.stale_after,
+            )
+        except Exception as error:
+            if not is_transient(error):
+                log.exception("A queued capture stopped; reconciling takes it again: %s", error)
+                raise
+            log.warning(
+                "Transient storage error on a queued capture (dequeued %s times); retried: %s",
+                message.dequeue_count,
+                error,
+            )
+            raise
 
 
 def _refresh_service_tags(refresh: RefreshSettings, results: ConnectionSettings) -> None:

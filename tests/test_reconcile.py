@@ -24,7 +24,7 @@ import pytest
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.data.tables import TableClient, TableServiceClient
 from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient
-from azure.storage.queue import QueueClient
+from azure.storage.queue import QueueClient, QueueServiceClient, TextBase64DecodePolicy
 from clirunner import nwcap
 from conftest import (
     SUBSCRIPTION,
@@ -40,19 +40,23 @@ from conftest import (
 )
 
 from analyzer.pipeline import processing
+from analyzer.pipeline.alert_delivery import AlertDelivery, DeliverySettings
 from analyzer.pipeline.capture_listing import list_capture_blobs
+from analyzer.pipeline.fanout import QueuedCapture, QueueFanout, fanout_queue
 from analyzer.pipeline.poison import POISON_QUEUE, poison_message
 from analyzer.pipeline.processing import Outcome, process_blob
 from analyzer.pipeline.reconcile import processor, reconcile
 from analyzer.pipeline.reconcile_report import ReconcileReport, RunLog
 from analyzer.pipeline.reconcile_settings import (
     DEFAULT_SCHEDULE,
+    DEFAULT_STALE_AFTER,
     DurationError,
     ReconcileSettings,
     checked_schedule,
     parse_duration,
     schedule_seconds,
 )
+from analyzer.pipeline.run import Pipeline, process_queued_and_deliver
 from analyzer.store.blobpath import network_watcher_blob_name
 from analyzer.store.results import CaptureRecord, TableResultsStore, capture_id_for
 
@@ -802,3 +806,101 @@ def test_missing_run_table_reads_as_no_run(table_service: TableServiceClient) ->
     assert RunLog(table_service, prefix="neverCreated").last() is None
     with pytest.raises(ResourceNotFoundError):
         table_service.get_table_client("neverCreatedreconcileruns").get_table_access_policy()
+
+
+@pytest.fixture
+def fanout(connection_string: str) -> Iterator[QueueClient]:
+    """The fan-out queue, empty (one name for the app: earlier tests' messages removed)."""
+    service = QueueServiceClient.from_connection_string(connection_string)
+    queue = fanout_queue(service, create=True)
+    queue.clear_messages()
+    yield queue
+    queue.clear_messages()
+
+
+def taken(queue: QueueClient) -> list[str]:
+    """The queue's messages as the queue trigger hands them over (decoded), deleted."""
+    reader = QueueClient.from_queue_url(
+        queue.url, credential=queue.credential, message_decode_policy=TextBase64DecodePolicy()
+    )
+    texts = []
+    while batch := list(reader.receive_messages(max_messages=32)):
+        for message in batch:
+            texts.append(str(message.content))
+            reader.delete_message(message)
+    return texts
+
+
+def no_delivery(store: TableResultsStore, queue: QueueClient | None) -> Pipeline:
+    """A pipeline with alert delivery off (``ALERTS_MIN_SEVERITY=none``)."""
+    off = DeliverySettings(min_severity=None)
+    return Pipeline(store, AlertDelivery(store, cast(QueueClient, queue), off))
+
+
+class TestFanOut:
+    """With a fan-out queue the reconciler sends what is due instead of processing it; the
+    queue's runs claim captures as the reconciler does, so none is processed twice at once."""
+
+    def test_due_captures_are_sent_within_the_queues_room(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore, fanout: QueueClient,
+    ) -> None:
+        names = [network_watcher_path(f"vm-{n}", minute=n) for n in range(5)]
+        for name in names:
+            upload(name, udp_capture(PEERS))
+        report = run(captures_container, results_store, fanout=QueueFanout(fanout, limit=3))
+        assert (report.scanned, report.queued, report.processed, report.left) == (5, 3, 0, 2)
+        assert report.pending == 5  # queued is not done: still pending until stored
+        # the queue still holds 3: a second run has no room, and sends no copies
+        again = run(captures_container, results_store, fanout=QueueFanout(fanout, limit=3))
+        assert (again.queued, again.left) == (0, 5)
+        messages = [QueuedCapture.from_message(text) for text in taken(fanout)]
+        assert sorted((m.container, m.blob, m.reason) for m in messages if m) == [
+            (captures_container.container_name, name, "new") for name in names[:3]  # oldest
+        ]
+
+    def test_a_queued_capture_is_processed_once_and_a_run_under_way_is_left_alone(
+        self, upload: Upload, captures_container: ContainerClient,
+        results_store: TableResultsStore, fanout: QueueClient,
+    ) -> None:
+        name = network_watcher_path("vm-queued")
+        blob = upload(name, udp_capture(PEERS))
+        run(captures_container, results_store, fanout=QueueFanout(fanout, limit=10))
+        [text] = taken(fanout)
+        pipeline = no_delivery(results_store, fanout)
+        first = process_queued_and_deliver(
+            pipeline, captures_container, text, stale_after=DEFAULT_STALE_AFTER
+        )
+        assert first is not None and first.outcome.status == "complete"
+        # the same message again (a duplicate): final at its ETag, one read, no run
+        again = process_queued_and_deliver(
+            pipeline, captures_container, text, stale_after=DEFAULT_STALE_AFTER
+        )
+        assert again is not None and again.outcome.status == "skipped"
+        # a run claimed the capture a moment ago (the blob changed): the message leaves it
+        upload(name, udp_capture(OTHER))
+        record = capture_of(blob, results_store)
+        assert record is not None
+        etag = str(blob.get_blob_properties().etag)
+        claimed = dataclasses.replace(
+            record, status="processing", blob_etag=etag, processing_started=time.time(),
+            generation=record.generation + 1,
+        )
+        results_store.put_capture(claimed)
+        busy = process_queued_and_deliver(
+            pipeline, captures_container, text, stale_after=DEFAULT_STALE_AFTER
+        )
+        assert busy is not None and busy.outcome.status == "busy"
+        after = capture_of(blob, results_store)
+        assert after is not None and (after.status, after.generation) == (
+            "processing", claimed.generation)
+
+    def test_messages_of_another_container_or_garbage_are_dropped(
+        self, captures_container: ContainerClient, results_store: TableResultsStore,
+    ) -> None:
+        pipeline = no_delivery(results_store, None)
+        other = QueuedCapture("elsewhere", network_watcher_path(), "new").to_message()
+        for text in (other, "not json", json.dumps(["a"]), "{" * 5000):
+            assert process_queued_and_deliver(
+                pipeline, captures_container, text, stale_after=0.0
+            ) is None

@@ -42,6 +42,7 @@ from analyzer.judge.livedns import LiveDns
 from analyzer.judge.policy import Policy
 from analyzer.judge.servicetags import ServiceTags
 from analyzer.pipeline.capture_listing import Listed, list_capture_blobs, with_records
+from analyzer.pipeline.fanout import QueuedCapture, QueueFanout
 from analyzer.pipeline.poison import POISON_QUEUE, poison_length, poison_message, poison_queue
 from analyzer.pipeline.processing import (
     DEFAULT_BASELINE_MAX_AGE,
@@ -161,8 +162,13 @@ def reconcile(
     poison: QueueClient | None = None,
     after_processing: AfterProcessing | None = None,
     clock: Callable[[], float] = time.time,
+    fanout: QueueFanout | None = None,
 ) -> ReconcileReport:
     """One reconciliation run over ``container`` (see the module's docstring).
+
+    With ``fanout``, the captures due are sent to its queue (at most its room; the rest wait
+    for the next run) for the queue-triggered function to process, instead of being processed
+    here one after another (:mod:`analyzer.pipeline.fanout`).
 
     ``process(blob, stale_after)`` processes one blob as the trigger does (it is
     :func:`analyzer.pipeline.processing.process_blob` with the app's policy and budget bound);
@@ -202,6 +208,9 @@ def reconcile(
                      container.container_name, listed.name)
             report.other += 1
     due.sort(key=lambda entry: (entry[0], entry[1].name))
+    if fanout is not None:
+        _fan_out(fanout, container.container_name, due, report, waiting)
+        due = []
     for index, (modified, listed, capture_id, reason) in enumerate(due):
         if index >= settings.limit or clock() >= deadline:
             report.left += len(due) - index
@@ -229,6 +238,27 @@ def reconcile(
     report.finished = clock()
     log.info("Reconciled %s: %s", container.container_name, report.line())
     return report
+
+
+def _fan_out(
+    fanout: QueueFanout,
+    container: str,
+    due: list[tuple[float, Listed, str, str]],
+    report: ReconcileReport,
+    waiting: list[tuple[float, str]],
+) -> None:
+    """Send the due captures to the fan-out queue, oldest first, as many as it has room for;
+    all of them stay pending until their runs are stored."""
+    try:
+        room = fanout.room()
+    except AzureError as error:
+        log.warning("The fan-out queue cannot be read: %s; the due captures wait", error)
+        room = 0
+    chosen = due[:room]
+    sent = fanout.send([QueuedCapture(container, entry[1].name, entry[3]) for entry in chosen])
+    report.queued += sent
+    report.left += len(due) - sent
+    waiting.extend((entry[0], entry[1].name) for entry in due)
 
 
 def _run_one(

@@ -55,6 +55,7 @@ class ReconcileReport:
     were brought to complete or partial; ``failed`` ended failed (or hit a transient error);
     ``left`` still need a run and wait for the next one (over the limit or the time budget, or
     new blobs younger than ``grace``, left to their event);
+    ``queued`` were sent to the fan-out queue for the queue-triggered function to process;
     ``busy`` are being processed by another run; ``other`` ended otherwise (superseded,
     missing, left to a newer analyzer). ``stuck`` rows were found ``processing`` for longer
     than ``stale_after`` (a run died; they are among those processed again). ``poison_*`` count
@@ -70,6 +71,7 @@ class ReconcileReport:
     processed: int = 0
     failed: int = 0
     left: int = 0
+    queued: int = 0
     busy: int = 0
     other: int = 0
     stuck: int = 0
@@ -98,6 +100,7 @@ class ReconcileReport:
             "processed": self.processed,
             "failed": self.failed,
             "left": self.left,
+            "queued": self.queued,
             "busy": self.busy,
             "other": self.other,
             "stuck": self.stuck,
@@ -128,6 +131,7 @@ class ReconcileReport:
             f"{self.poison_seen} seen, {self.poison_deleted} done, {self.poison_kept} kept, "
             f"{self.poison_foreign} not ours"
             + (f", error: {self.poison_error}" if self.poison_error else "")
+            + (f"; {self.queued} sent to the fan-out queue" if self.queued else "")
         )
 
     def add(self, item: Item) -> None:

@@ -28,6 +28,9 @@ DEFAULT_GRACE = 300.0
 DEFAULT_MAX_SECONDS = 40 * 60.0
 # Poison messages looked at per run (each costs a processing run at most).
 DEFAULT_POISON_LIMIT = 32
+# Captures the function app's timer sends to the fan-out queue per run, less those still
+# waiting there (analyzer.pipeline.fanout): a backlog of thousands goes out in one run.
+DEFAULT_FANOUT_LIMIT = 5000
 _DURATION = re.compile(r"^(\d{1,7})([smhd])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _MAX_DURATION = 400 * 86400
@@ -84,6 +87,7 @@ class ReconcileSettings:
     max_seconds: float = DEFAULT_MAX_SECONDS
     poison_limit: int = DEFAULT_POISON_LIMIT
     grace: float = DEFAULT_GRACE
+    fanout_limit: int = DEFAULT_FANOUT_LIMIT
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> ReconcileSettings:
@@ -102,7 +106,11 @@ class ReconcileSettings:
                     values[name] = parse_duration(raw)
                 except DurationError as error:
                     raise ValueError(f"{setting}: {error}") from None
-        for name, setting in (("limit", "RECONCILE_LIMIT"), ("poison_limit", "RECONCILE_POISON")):
+        for name, setting in (
+            ("limit", "RECONCILE_LIMIT"),
+            ("poison_limit", "RECONCILE_POISON"),
+            ("fanout_limit", "RECONCILE_FANOUT_LIMIT"),
+        ):
             raw = env.get(setting, "").strip()
             if raw:
                 if not raw.isdigit() or len(raw) > 6:

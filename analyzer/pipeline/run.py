@@ -2,9 +2,12 @@
 
 - :func:`process_and_deliver`: process this blob, deliver its alerts, log the outcome. The
   blob trigger and ``nwcap process`` call it.
-- :func:`reconcile_and_deliver`: reconcile the container (processing what needs a run, and the
-  blobs the poison queue names), deliver what is pending, record the run and log it. The timer
-  and ``nwcap reconcile`` call it.
+- :func:`reconcile_and_deliver`: reconcile the container (processing what needs a run, or
+  sending it to the fan-out queue, and the blobs the poison queue names), deliver what is
+  pending, record the run and log it. The timer and ``nwcap reconcile`` call it.
+- :func:`process_queued_and_deliver`: process the capture a fan-out message names, as the
+  reconciler would (a run under way is left to finish), and deliver its alerts. The
+  queue-triggered function calls it.
 
 They differ only in their inputs: which blob or container, ``--force``, a progress bar, the
 settings (:class:`AppSettings`, read once), and the :class:`Pipeline` of store, delivery,
@@ -35,6 +38,7 @@ from analyzer.pipeline.alert_delivery import (
     DeliverySettings,
     delivery_window,
 )
+from analyzer.pipeline.fanout import QueuedCapture, QueueFanout
 from analyzer.pipeline.processing import (
     DEFAULT_BASELINE_MAX_AGE,
     Outcome,
@@ -111,6 +115,7 @@ def process_and_deliver(
     *,
     force: bool = False,
     progress: Callable[[int], None] | None = None,
+    busy_unless_older_than: float | None = None,
 ) -> CaptureRun:
     """Process ``blob`` into the store, deliver the alerts that run stored, log the outcome.
 
@@ -130,8 +135,31 @@ def process_and_deliver(
         progress=progress,
         lookup=pipeline.lookup,
         baseline_max_age=pipeline.baseline_max_age,
+        busy_unless_older_than=busy_unless_older_than,
     )
     return CaptureRun(outcome, pipeline.delivery.deliver(outcome))
+
+
+def process_queued_and_deliver(
+    pipeline: Pipeline,
+    container: ContainerClient,
+    message: str,
+    *,
+    stale_after: float,
+) -> CaptureRun | None:
+    """Process the capture a fan-out message names (``None``: the message names none in
+    ``container``, and is dropped), leaving it to a run claimed less than ``stale_after``
+    seconds ago, as the reconciler does."""
+    queued = QueuedCapture.from_message(message)
+    if queued is None or queued.container != container.container_name:
+        outcome_log.warning(
+            "Fan-out message dropped: not a capture of container %s (%d characters)",
+            container.container_name,
+            len(message),
+        )
+        return None
+    blob = container.get_blob_client(queued.blob)
+    return process_and_deliver(pipeline, blob, busy_unless_older_than=stale_after)
 
 
 @dataclass(frozen=True)
@@ -151,10 +179,12 @@ def reconcile_and_deliver(
     runs: RunLog,
     poison: QueueClient | None = None,
     clock: Callable[[], float] = time.time,
+    fanout: QueueFanout | None = None,
 ) -> ReconcileRun:
-    """Reconcile ``container`` (each capture processed is delivered as the trigger's is), drain
-    the ``poison`` queue (``None``: leave it), deliver the alerts still pending, record the run
-    in ``runs`` and log its counts (one ``nwcap.reconcile`` record)."""
+    """Reconcile ``container`` (each capture processed is delivered as the trigger's is; with
+    ``fanout``, the captures due are sent to its queue instead), drain the ``poison`` queue
+    (``None``: leave it), deliver the alerts still pending, record the run in ``runs`` and log
+    its counts (one ``nwcap.reconcile`` record)."""
     process = processor(
         pipeline.store,
         policy=pipeline.policy,
@@ -171,6 +201,7 @@ def reconcile_and_deliver(
         poison=poison,
         after_processing=pipeline.delivery.deliver,
         clock=clock,
+        fanout=fanout,
     )
     runs.record(report)
     delivered = pipeline.delivery.reconcile(window=delivery_window(settings.lookback), clock=clock)
