@@ -23,7 +23,7 @@ from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import azure.functions as func
 import pytest
@@ -828,6 +828,24 @@ class TestBlueprint:
         assert 'id="key-shell"' in html and stored["scan"] not in html and "k3y" not in html
         status, fleet = get("keyed_fleet", "", {})
         assert status == 200 and pages.link("capture", id=stored["baseline"]) in fleet
+        # a page's JSON link is served beside it: a signed-in user needs no key for it either
+        [json_link] = re.findall(r'class="json" href="([^"]+)"', fleet)
+        link_query = dict(parse_qsl(urlsplit(unescape(json_link)).query))
+        data = functions["ui_page"].get_user_function()(
+            func.HttpRequest(
+                method="GET",
+                url="https://nwcap.example" + unescape(json_link),
+                params=link_query,
+                route_params={"page": "json"},
+                headers=signed,
+                body=b"",
+            )
+        )
+        assert data.mimetype == "application/json"
+        assert (
+            json.loads(data.get_body())
+            == api.list_captures(stored["store"], {"since": "7d", "limit": "500"}).body
+        )
 
 
 class TestBackToThePackets:

@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from analyzer.base.models import SEVERITY_ORDER
 from analyzer.pipeline.baseline import alert_rules
@@ -386,8 +386,35 @@ PAGES: dict[str, Callable[[ResultsStore, Mapping[str, str]], tuple[int, Rendered
 }
 
 
+def api_call(path: str, params: Mapping[str, str], store: ResultsStore) -> api.ApiResponse:
+    """The HTTP API's answer for ``/api/{path}`` (the four read routes; no key is checked here:
+    the caller's route was)."""
+    api_path = path.removeprefix("/api/")
+    if api_path == "captures":
+        return api.list_captures(store, params)
+    if api_path.startswith("captures/") and api_path.count("/") == 1:
+        return api.get_capture(store, unquote(api_path[9:]), params)
+    if api_path == "alerts":
+        return api.list_alerts(store, params)
+    if api_path.startswith("peers/") and api_path.count("/") == 1:
+        return api.who_talked_to(store, unquote(api_path[6:]), params)
+    return api.ApiResponse(404, {"error": f"no such path: {path[:80]}"})
+
+
+def page_json(params: Mapping[str, str], store: ResultsStore) -> WebResponse:
+    """``/api/ui/json?api=/api/...``: a page's data, the API's answer, for whoever may see the
+    page (a signed-in user needs no key for it)."""
+    target = urlsplit(params.get("api", ""))
+    query: dict[str, str] = {}
+    for name, value in parse_qsl(target.query, keep_blank_values=True):
+        query.setdefault(name, value)
+    return json_response(api_call(target.path, query, store))
+
+
 def respond(page: str, params: Mapping[str, str], store: Callable[[], ResultsStore]) -> WebResponse:
     """The response for dashboard page ``page`` (``""`` is the fleet)."""
+    if page.strip("/") == "json":
+        return page_json(params, store())
     handler = PAGES.get(page.strip("/"))
     if handler is None:
         status, rendered = _page("error.html", 404, "", error=f"no page {page[:80]!r}")
@@ -425,6 +452,9 @@ def _error(result: api.ApiResponse) -> str:
 def _page(template: str, status: int, current: str, **values: Any) -> tuple[int, Rendered]:
     values.setdefault("title", current or "error")
     values.setdefault("json_link", "")
+    values["api_call"] = values["json_link"]
+    if values["json_link"]:  # the API's answer, served beside the page (no key when signed in)
+        values["json_link"] = link("json", api=values["json_link"])
     rendered = render(
         template,
         {

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import waitress  # type: ignore[import-untyped]  # no stubs shipped; typeshed's are not a dependency
 from waitress import wasyncore
@@ -68,16 +68,7 @@ def route(
         if shell and not path.startswith(pages.KEYED_ROOT):
             return pages.shell()
         return pages.respond(page, params, lambda: store)
-    api_path = path.removeprefix("/api/")
-    if api_path == "captures":
-        return pages.json_response(api.list_captures(store, params))
-    if api_path.startswith("captures/") and api_path.count("/") == 1:
-        return pages.json_response(api.get_capture(store, unquote(api_path[9:]), params))
-    if api_path == "alerts":
-        return pages.json_response(api.list_alerts(store, params))
-    if api_path.startswith("peers/") and api_path.count("/") == 1:
-        return pages.json_response(api.who_talked_to(store, unquote(api_path[6:]), params))
-    return pages.json_response(api.ApiResponse(404, {"error": f"no such path: {path[:80]}"}))
+    return pages.json_response(pages.api_call(path, params, store))
 
 
 def is_loopback(host: str) -> bool:
