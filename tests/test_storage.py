@@ -842,7 +842,7 @@ class TestLostConnections:
             )
             store = TableResultsStore(service, prefix="t")
             with pytest.raises(ServiceResponseError):
-                store._upsert_batches("peers", [{"PartitionKey": "p", "RowKey": "r"}])
+                store._upsert_stage(("peers", [{"PartitionKey": "p", "RowKey": "r"}]))
         finally:
             server.close()
         # the first attempt and both retries; the SDK alone would send a POST once

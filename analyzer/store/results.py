@@ -459,11 +459,12 @@ class TableResultsStore:
                 )
 
         occurrences = list(alert_occurrences(alerts))
-        self._upsert_batches("peers", peer_rows())
-        for by_day in (False, True):
-            self._upsert_batches(
-                "alerts", (alert_entity(record, a, n, by_day=by_day) for a, n in occurrences)
-            )
+        # Two stages, each one pool of transactions: the capture's own partitions, then the
+        # index and day partitions they point to.
+        self._upsert_stage(
+            ("peers", peer_rows()),
+            ("alerts", (alert_entity(record, a, n, by_day=False) for a, n in occurrences)),
+        )
         # Grouped by partition so that they go in transactions; the index's order within a
         # bucket is that of its row keys, so the rows' order here does not matter.
         indexed = sorted(
@@ -473,7 +474,10 @@ class TableResultsStore:
             ),
             key=lambda bucket_and_position: bucket_and_position[0],
         )
-        self._upsert_batches("peerindex", (index_entity(record, peers[n]) for _, n in indexed))
+        self._upsert_stage(
+            ("alerts", (alert_entity(record, a, n, by_day=True) for a, n in occurrences)),
+            ("peerindex", (index_entity(record, peers[n]) for _, n in indexed)),
+        )
 
     def drop_run(
         self, record: CaptureRecord, peers: Iterable[Peer], alerts: Sequence[Alert]
@@ -1011,24 +1015,32 @@ class TableResultsStore:
         except ResourceNotFoundError:
             return []
 
-    def _upsert_batches(self, table: str, rows: Iterable[dict[str, Any]]) -> None:
-        """Rows in transactions, built as they are sent (consecutive rows of one partition
-        share a transaction), a few transactions in flight at once.
+    def _upsert_stage(self, *streams: tuple[str, Iterable[dict[str, Any]]]) -> None:
+        """Rows of each ``(table, rows)`` stream in transactions, built as they are sent
+        (consecutive rows of one partition share a transaction), a few transactions of the
+        streams in flight at once.
 
         Each transaction is atomic on its own and none depends on another, so their order
         within a call does not matter; the call returns only once all succeeded (or raises
         the first failure after the others in flight ended), so calls keep their order.
         """
-        operations = (("upsert", row, {"mode": UpdateMode.REPLACE}) for row in rows)
-        client = self.table(table)
 
-        def submit(batch: list[tuple[Any, ...]]) -> object:
+        def batches() -> Iterator[tuple[str, list[tuple[Any, ...]]]]:
+            for table, rows in streams:
+                operations = (("upsert", row, {"mode": UpdateMode.REPLACE}) for row in rows)
+                for batch in _consecutive_batches(operations):
+                    yield table, batch
+
+        def submit(item: tuple[str, list[tuple[Any, ...]]]) -> object:
             # An upsert transaction is idempotent, so a connection lost mid-request (a pooled
             # socket closed while a long analysis ran, a reset under load) is safe to send again;
             # the SDK retries a POST only on a 500/503/504 answer.
-            return client.submit_transaction(batch, retry_on_methods=_RETRY_UPSERT_TRANSACTIONS)
+            table, batch = item
+            return self.table(table).submit_transaction(
+                batch, retry_on_methods=_RETRY_UPSERT_TRANSACTIONS
+            )
 
-        _run_bounded(submit, _consecutive_batches(operations))
+        _run_bounded(submit, batches())
 
     def _delete_batches(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
         operations = [
