@@ -76,14 +76,14 @@ class TestKeyOutOfTheDom:
 
         page.on("request", on_request)
         page.goto(f"{keyed}#code={KEY}")
-        page.wait_for_selector("tr.capture-row")
+        page.wait_for_selector("html[data-keyed=ready] tr.capture-row")
         captures = api.list_captures(store, {}).body["captures"]
         assert page.locator("tr.capture-row").count() == len(captures) == 3
         assert page.url == keyed  # the key left the address bar, nothing else changed
         assert_no_key(page)
 
         page.locator(f'a.capture-link[href*="{stored["scan"]}"]').click()
-        page.wait_for_selector('[data-table="peers"] tbody tr')
+        page.wait_for_selector('html[data-keyed=ready] [data-table="peers"] tbody tr')
         assert page.url == f"{keyed}/capture?id={stored['scan']}"
         body = api.get_capture(store, stored["scan"], {}).body
         addresses = test_browser.shown_column(page, "peers", 0)
@@ -93,11 +93,11 @@ class TestKeyOutOfTheDom:
 
         page.locator("nav.top a", has_text="Alerts").click()
         page.wait_for_url(f"{keyed}/alerts")
-        page.wait_for_selector("select[name=severity]")
+        page.wait_for_selector("html[data-keyed=ready] select[name=severity]")
         page.locator("select[name=severity]").select_option("medium")
         page.locator("form.filters button[type=submit]").click()
         page.wait_for_url("**/api/ui/alerts?*severity=medium*")
-        page.wait_for_selector("tr.alert-row")
+        page.wait_for_selector("html[data-keyed=ready] tr.alert-row")
         medium = api.list_alerts(store, {"severity": "medium"}).body["alerts"]
         assert page.locator("tr.alert-row").count() == len(medium) > 0
         assert_no_key(page)

@@ -111,4 +111,5 @@
     open(url, true);
   });
   window.addEventListener("popstate", () => open(new URL(location.href), false));
+  document.documentElement.dataset.keyed = "ready"; // links and forms now go through open()
 })();
