@@ -677,6 +677,56 @@ def ipv6_zero_payload_length_without_jumbo_option(a: Addresses) -> list[Frame]:
     ]
 
 
+# Malformed IPv6 fragment headers of the kind evasion test suites send. A fragment header that
+# fragments nothing (offset 0, M clear) is an atomic fragment whatever else it says (RFC 6946):
+# tshark dissects the payload as a whole datagram, and so does nwcap.
+
+
+def fragment_header(next_header: int, offset: int, more: bool, ident: int) -> bytes:
+    """An IPv6 Fragment header; ``offset`` in bytes (a multiple of 8 for a valid one)."""
+    return struct.pack("!BBHI", next_header, 0, (offset & 0xFFF8) | more, ident)
+
+
+@case
+def ipv6_atomic_fragment_with_reserved_bits(a: Addresses) -> list[Frame]:
+    udp = synth.udp(*a.v6, 1000, 2000, b"reserved")
+    reserved = struct.pack("!BBHI", 17, 0xFF, 0x0006, 98)  # both reserved fields set
+    return [Frame(eth(0x86DD, synth.ipv6(*a.v6, 44, reserved + udp)), (a.v6,))]
+
+
+@case
+def ipv6_atomic_fragment_nested(a: Addresses) -> list[Frame]:
+    udp = synth.udp(*a.v6, 1000, 2000, b"nested")
+    headers = fragment_header(44, 0, False, 97) + fragment_header(17, 0, False, 96)
+    return [Frame(eth(0x86DD, synth.ipv6(*a.v6, 44, headers + udp)), (a.v6,))]
+
+
+@case
+def ipv6_atomic_fragment_after_destination_options(a: Addresses) -> list[Frame]:
+    udp = synth.udp(*a.v6, 1000, 2000, b"late")
+    dest = bytes([44, 0, 1, 4]) + bytes(4)
+    headers = dest + fragment_header(17, 0, False, 95)
+    return [Frame(eth(0x86DD, synth.ipv6(*a.v6, 60, headers + udp)), (a.v6,))]
+
+
+@case
+def ipv6_first_fragment_of_nothing(a: Addresses) -> list[Frame]:
+    """M set over an empty fragmentable part whose next header is "no next header"."""
+    return [Frame(eth(0x86DD, synth.ipv6(*a.v6, 44, fragment_header(59, 0, True, 94))), (a.v6,))]
+
+
+@case
+def ipv6_fragment_header_cut_by_payload_length(a: Addresses) -> list[Frame]:
+    """The payload length ends inside the fragment header, the frame does not: neither tool
+    counts the packet."""
+    udp = synth.udp(*a.v6, 1000, 2000, b"x" * 24)
+    packet = synth.ipv6(*a.v6, 44, fragment_header(17, 0, True, 93) + udp)
+    return [
+        Frame(eth(0x86DD, with_payload_length(packet, 4)), ()),
+        Frame(eth(0x86DD, packet[: 40 + 6]), ()),
+    ]
+
+
 # Deliberate differences (listed in known_differences.tsv).
 
 
@@ -689,6 +739,46 @@ def ipv6_fragments_counted_per_fragment(a: Addresses) -> list[Frame]:
         Frame(eth(0x86DD, synth.ipv6(*a.v6, 44, first)), (a.v6,)),
         Frame(eth(0x86DD, synth.ipv6(*a.v6, 44, last)), (a.v6,)),
     ]
+
+
+def fragmented(a: Addresses, pieces: list[tuple[int, bool, bytes]], ident: int) -> list[Frame]:
+    """One frame per (offset, more, bytes) fragment of a UDP datagram, each counted."""
+    return [
+        Frame(
+            eth(0x86DD, synth.ipv6(*a.v6, 44, fragment_header(17, at, more, ident) + data)), (a.v6,)
+        )
+        for at, more, data in pieces
+    ]
+
+
+@case
+def ipv6_fragments_overlapping(a: Addresses) -> list[Frame]:
+    udp = synth.udp(*a.v6, 1000, 2000, b"o" * 100)
+    return fragmented(a, [(0, True, udp[:56]), (48, False, udp[48:])], 11)
+
+
+@case
+def ipv6_fragments_inconsistent_next_header(a: Addresses) -> list[Frame]:
+    """The first fragment sent twice, saying UDP and then TCP."""
+    udp = synth.udp(*a.v6, 1000, 2000, b"i" * 100)
+    frames = fragmented(a, [(0, True, udp[:56]), (0, True, udp[:56]), (56, False, udp[56:])], 12)
+    tcp_first = fragment_header(6, 0, True, 12) + udp[:56]
+    frames[1] = Frame(eth(0x86DD, synth.ipv6(*a.v6, 44, tcp_first)), (a.v6,))
+    return frames
+
+
+@case
+def ipv6_fragment_not_a_multiple_of_8(a: Addresses) -> list[Frame]:
+    """A first fragment of 50 bytes (RFC 8200: discard) and the rest of the datagram."""
+    udp = synth.udp(*a.v6, 1000, 2000, b"m" * 100)
+    return fragmented(a, [(0, True, udp[:50]), (56, False, udp[56:])], 13)
+
+
+@case
+def ipv6_fragment_past_65535(a: Addresses) -> list[Frame]:
+    """A lone last fragment whose offset plus length passes the largest datagram."""
+    udp = synth.udp(*a.v6, 1000, 2000, b"p" * 100)
+    return fragmented(a, [(0xFFF8, False, udp[56:])], 14)
 
 
 @case
