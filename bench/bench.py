@@ -620,9 +620,9 @@ def prepare_nwcap(nwcap: Path) -> str:
     """
     python = nwcap.parent / "python"
     probe = (
-        "import analyzer, analyzer.capture.engine as e, pathlib; "
+        "import analyzer, analyzer.capture.compiled as c, pathlib; "
         "print(pathlib.Path(analyzer.__file__).parent); "
-        "print('compiled (native/_nwcap_walk.c)' if e.compiled_walk() else 'pure Python')"
+        "print(c.walk_description())"
     )
     done = subprocess.run(
         [str(python), "-c", probe], check=True, capture_output=True, text=True, timeout=60
@@ -764,7 +764,8 @@ def main(argv: list[str] | None = None) -> int:
         check_nwcap(args.nwcap)
         walk = prepare_nwcap(args.nwcap)
         print("\n".join(machine()))
-        print(f"nwcap    {_first_line([str(args.nwcap), '--version'])}, {walk} record walk")
+        version = _first_line([str(args.nwcap), "--version"])  # says the walk since 0.1.0
+        print(f"nwcap    {version}" if "walk" in version else f"nwcap    {version}, {walk} walk")
         print(f"scale    {args.packets_scale:g} of the full captures, best of {args.repeat}")
     warnings: list[str] = []
     summary: list[str] = []
