@@ -684,7 +684,9 @@ class TableResultsStore:
         def insert(batch: list[tuple[Any, ...]]) -> None:
             entities = [operation[1] for operation in batch]
             try:
-                client.submit_transaction(batch)
+                # resent on a dropped connection: a row it did insert then reads as this
+                # capture's own in the row-by-row claims below
+                client.submit_transaction(batch, retry_on_methods=_RETRY_UPSERT_TRANSACTIONS)
             except TableTransactionError as error:
                 if error.status_code != 409:
                     raise
@@ -695,7 +697,7 @@ class TableResultsStore:
 
         def refresh(batch: list[tuple[Any, ...]]) -> None:
             try:
-                client.submit_transaction(batch)
+                client.submit_transaction(batch, retry_on_methods=_RETRY_UPSERT_TRANSACTIONS)
             except TableTransactionError as error:
                 if error.status_code != 404:
                     raise
