@@ -433,6 +433,8 @@ class TestDashboardInBrowser:
         assert options["--account-name"] == "devstoreaccount1"
         assert options["--container-name"] == capture["container"]
         assert options["--name"] == capture["blob_name"]
+        extract = shlex.split(page.locator("code.extract-command").inner_text())
+        assert extract[:4] == ["nwcap", "extract", "--capture-id", stored["baseline"]]
         # the busiest conversations, stored by the processing path, each with its filter
         busiest = sorted(
             capture["busiest_conversations"], key=lambda c: -(c["bytes_in"] + c["bytes_out"])

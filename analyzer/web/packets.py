@@ -113,3 +113,9 @@ def blob_reference(capture: Mapping[str, Any], account_id: str = "") -> BlobRefe
         download_command=download_command(account, container, name, file, endpoint),
         portal_url=portal_url(account_id, account),
     )
+
+
+def extract_command(capture_id: str) -> str:
+    """``nwcap extract``: one peer's packets of the stored capture as a pcap (the peer and file
+    left for the reader to fill in)."""
+    return f"nwcap extract {_option('--capture-id', capture_id)} --peer PEER_IP -o peer.pcap"

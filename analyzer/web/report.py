@@ -20,7 +20,7 @@ from typing import Any
 
 from analyzer.base.models import SEVERITY_ORDER
 from analyzer.web.html import Rendered, embed_json, human_size, render, short, shown
-from analyzer.web.packets import BlobReference, blob_reference
+from analyzer.web.packets import BlobReference, blob_reference, extract_command
 from analyzer.web.report_rows import (
     CONVERSATION_COLUMNS,
     CONVERSATION_NUMERIC,
@@ -550,6 +550,7 @@ def context(data: ReportData) -> dict[str, Any]:
         "conversations_stored": data.conversations is not None,
         "blob": data.blob,
         "blob_url": str(data.capture.get("blob_url") or ""),
+        "extract_command": extract_command(str(data.capture.get("capture_id") or "")),
         "conversation_table_json": embed_json(conversations) if conversations else None,
         "categories": sorted(categories, key=_category_rank),
         "folded_table": folded,
