@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -136,6 +137,25 @@ class TestDocument:
         notes = " | ".join(document["attention"])
         assert "not processed; the oldest has waited 18" in notes  # 180 min
         assert "the last reconcile run finished 180 min ago" in notes
+
+    def test_record_walk(
+        self, results_store: TableResultsStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Which walk runs is in the document; a fallback nobody asked for needs attention."""
+
+        def walk_notes() -> tuple[str, list[str]]:
+            document = status_document(results_store)
+            notes = [note for note in document["attention"] if "record walk" in note]
+            return document["record_walk"], notes
+
+        monkeypatch.delenv("NWCAP_PURE_PYTHON", raising=False)
+        assert walk_notes() == ("compiled", [])
+        monkeypatch.setitem(sys.modules, "analyzer.capture._walk", None)  # as if never built
+        walk, notes = walk_notes()
+        assert walk.startswith("python (the compiled walk was not built")
+        assert notes == ["the record walk runs in Python, several times slower: " + walk]
+        monkeypatch.setenv("NWCAP_PURE_PYTHON", "1")  # the emergency switch: asked for
+        assert walk_notes() == ("python (NWCAP_PURE_PYTHON is set)", [])
 
 
 class TestCommand:

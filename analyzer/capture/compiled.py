@@ -25,13 +25,14 @@ _NOTICE_SHOWN: list[bool] = []
 _MODULE = "analyzer.capture._walk"
 
 
-def _pure_python_asked() -> bool:
+def pure_python_asked() -> bool:
+    """Whether ``NWCAP_PURE_PYTHON`` asks for the Python walk (to compare, or as a switch)."""
     return os.environ.get("NWCAP_PURE_PYTHON", "") not in ("", "0")
 
 
 def _load() -> tuple[ModuleType | None, str]:
     """The compiled walk if it can run here, else None and why not."""
-    if _pure_python_asked():
+    if pure_python_asked():
         return None, "NWCAP_PURE_PYTHON is set"
     try:
         walk = importlib.import_module(_MODULE)
@@ -62,7 +63,7 @@ def walk_description() -> str:
 def notice_python_fallback(stream: TextIO) -> None:
     """Say once per process, on ``stream``, that the Python walk runs because the compiled one
     cannot (not when ``NWCAP_PURE_PYTHON`` asked for it)."""
-    if _NOTICE_SHOWN or _pure_python_asked():
+    if _NOTICE_SHOWN or pure_python_asked():
         return
     _NOTICE_SHOWN.append(True)
     walk, why = _load()

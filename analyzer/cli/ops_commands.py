@@ -310,6 +310,7 @@ def _status_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
         for key in ("change_number", "fetched_at", "age_seconds", "last_status")
         if tags
     )
+    rows.append({"what": "record walk", "value": document.get("record_walk")})
     rows.extend({"what": "ATTENTION", "value": note} for note in document["attention"])
     return rows
 

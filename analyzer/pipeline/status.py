@@ -13,6 +13,10 @@ the window's blobs as the reconciler does (at most :data:`MAX_LISTED`). Nothing 
 With the policy file (``NWCAP_POLICY``), ``policy`` says whether it loads: a stored policy that
 does not stops processing (see docs/settings.md), so its error, with file and line, is also in
 ``attention``.
+
+``record_walk`` says which record walk this process runs (``compiled``, or ``python (why)``);
+the Python fallback is several times slower, so it is in ``attention`` unless
+``NWCAP_PURE_PYTHON`` asked for it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from azure.storage.queue import QueueClient
 
 from analyzer.base.errors import PolicyError
 from analyzer.base.models import iso_time
+from analyzer.capture.compiled import pure_python_asked, walk_description
 from analyzer.judge.policy import Policy
 from analyzer.pipeline.capture_listing import list_capture_blobs, with_records
 from analyzer.pipeline.poison import POISON_QUEUE, poison_length
@@ -97,6 +102,9 @@ def status_document(
             "the policy cannot be loaded, so captures are not processed until it is fixed: "
             + policy_state["error"]
         )
+    record_walk = walk_description()
+    if record_walk != "compiled" and not pure_python_asked():
+        attention.append(f"the record walk runs in Python, several times slower: {record_walk}")
     return {
         "generated_at": iso_time(now),
         "window": {"since": iso_time(since), "lookback_seconds": settings.lookback},
@@ -108,6 +116,7 @@ def status_document(
         "last_reconcile": _jsonable(last),
         "service_tags": tags,
         "policy": policy_state,
+        "record_walk": record_walk,
         "attention": attention,
         "ok": not attention,
     }
