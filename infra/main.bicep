@@ -384,6 +384,8 @@ var connectionSettings = {
   CAPTURES_CONNECTION__credential: 'managedidentity'
   CAPTURES_CONNECTION__clientId: identity.outputs.clientId
   CAPTURES_CONTAINER: capturesContainerName
+  // the dashboard's link to the account in the portal; an existing account's group is not known here
+  CAPTURES_ACCOUNT_ID: useExistingCaptures ? '' : '${rg.id}/providers/Microsoft.Storage/storageAccounts/${capturesAccountName}'
   RESULTS_CONNECTION__tableServiceUri: resultsStorage.outputs.tableEndpoint
   RESULTS_CONNECTION__blobServiceUri: resultsStorage.outputs.blobEndpoint
   RESULTS_CONNECTION__queueServiceUri: resultsStorage.outputs.queueEndpoint

@@ -197,6 +197,11 @@ class TestAppSettings:
             "RESULTS_CONNECTION__blobServiceUri",
         } <= set(connections)
         assert connections["CAPTURES_CONTAINER"] == "capturesContainerName"
+        # the dashboard's portal link: the new account's resource id (analyzer/web/packets.py)
+        account_id = connections["CAPTURES_ACCOUNT_ID"]["operator"]["operands"]
+        assert account_id["false_value"] == (
+            "${rg.id}/providers/Microsoft.Storage/storageAccounts/${capturesAccountName}"
+        )
         container = _bicep("main.bicep")["parameters"]["capturesContainerName"]
         assert container["default"] == "network-watcher-logs"
 
