@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shlex
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -180,8 +181,24 @@ class TestQueries:
         assert code == 0
         assert document["capture"]["status"] == "complete"
         assert {p["address"] for p in document["peers"]} == set(PEERS)
+        # the way back to the packets: the blob, its download command, one peer's extract
+        packets = document["packets"]
+        assert packets["blob_url"] == document["capture"]["blob_url"]
+        command = shlex.split(packets["download_command"])
+        assert command[:4] == ["az", "storage", "blob", "download"]
+        assert command[command.index("--name") + 1] == document["capture"]["blob_name"]
+        assert shlex.split(packets["extract_command"])[:4] == [
+            "nwcap",
+            "extract",
+            "--capture-id",
+            backfilled["second"],
+        ]
+        for peer in document["peers"]:
+            field = "ipv6.addr" if ":" in peer["address"] else "ip.addr"
+            assert peer["display_filter"] == f"{field} == {peer['address']}"
         code, out, _ = nwcap("show", backfilled["second"])
         assert code == 0
+        assert "download_command" in out and "ip.addr == " in out
         assert ["capture_id", backfilled["second"]] in [line.split() for line in out.splitlines()]
         assert "peers (3)" in out
         code, out, _ = nwcap("show", backfilled["second"], "--format", "csv")
@@ -357,7 +374,7 @@ class TestShowReadsPages:
     ) -> None:
         code, out, _ = nwcap("show", many_peers, "--format", "json")
         document = json.loads(out)
-        assert code == 0 and set(document) == {"capture", "peers", "alerts"}
+        assert code == 0 and set(document) == {"capture", "packets", "peers", "alerts"}
         assert sorted(p["address"] for p in document["peers"]) == sorted(MANY)
         assert len(document["alerts"]) == sum(document["capture"]["alerts"].values())
         assert len(page_calls) >= 2 * 6  # 23 peers and 23 alerts, 4 a page

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -55,8 +56,10 @@ from analyzer.cli.output import (
 from analyzer.pipeline.baseline import alert_rules
 from analyzer.present.render import human_bytes
 from analyzer.present.textsafe import terminal_text
+from analyzer.present.wireshark import address_filter
 from analyzer.store.results import MAX_PAGE, ResultsStore, TableResultsStore
 from analyzer.web import api
+from analyzer.web.packets import ACCOUNT_ID_SETTING, blob_reference, extract_command
 
 _FAILURES = frozenset({"failed", "error"})
 # who-talked-to NAME: sightings scanned at most, and matching addresses read at most.
@@ -358,6 +361,7 @@ _PEER_HEADER = (
     "bytes in/out",
     "ports",
     "alerts",
+    "display_filter",
 )
 
 
@@ -376,6 +380,7 @@ def _peer_cells(peer: dict[str, Any]) -> list[Any]:
         f"{human_bytes(int(peer.get('bytes_received') or 0))}",
         _stored_ports(peer),
         peer.get("alerts"),
+        peer.get("display_filter"),
     ]
 
 
@@ -407,7 +412,11 @@ def run_show(args: argparse.Namespace) -> int:
     if status is not None:
         return status
     capture = first.body["capture"]
-    peers = _pages(store, args.capture_id, "peers", first.body)
+    packets = _packets(capture)
+    peers = (
+        [_with_filter(peer) for peer in page]
+        for page in _pages(store, args.capture_id, "peers", first.body)
+    )
     if args.output in ("csv", "tsv") and args.query is None:
         print_rows((row for page in peers for row in page), _PEER_HEADER, args.output)
         return 0
@@ -415,6 +424,7 @@ def run_show(args: argparse.Namespace) -> int:
     if needs_document(args):
         document = {
             "capture": capture,
+            "packets": packets,
             "peers": [row for page in peers for row in page],
             "alerts": [row for page in alerts for row in page],
         }
@@ -422,7 +432,8 @@ def run_show(args: argparse.Namespace) -> int:
         return 0
     if args.output == "json":
         # One document, written a page at a time.
-        sys.stdout.write('{\n  "capture": ' + _json(capture, 1) + ',\n  "peers": [')
+        sys.stdout.write('{\n  "capture": ' + _json(capture, 1))
+        sys.stdout.write(',\n  "packets": ' + _json(packets, 1) + ',\n  "peers": [')
         for part, items in (("peers", peers), ("alerts", alerts)):
             if part == "alerts":
                 sys.stdout.write('],\n  "alerts": [')
@@ -433,14 +444,36 @@ def run_show(args: argparse.Namespace) -> int:
                     written += 1
         sys.stdout.write("]\n}\n")
         return 0
-    width = max(len(key) for key in capture)
+    width = max(len(key) for key in (*capture, *packets))
     for key, value in capture.items():
+        print(f"{key:<{width}}  {cell_text(value)}")
+    print("\nthe packets")
+    for key, value in packets.items():
         print(f"{key:<{width}}  {cell_text(value)}")
     print(f"\npeers ({capture.get('peers', '?')})  in = from the peer to the VM, out = from the VM")
     write_table(_PEER_HEADER, (_peer_cells(peer) for page in peers for peer in page))
     print(f"\nalerts ({sum(capture.get('alerts', {}).values())})")
     print_rows([row for page in alerts for row in page], _ALERT_COLUMNS, "table")
     return 0
+
+
+def _packets(capture: dict[str, Any]) -> dict[str, str]:
+    """How to get a stored capture's packets: its blob (download command, portal link when
+    ``CAPTURES_ACCOUNT_ID`` names its account) and ``nwcap extract`` for one peer's."""
+    packets: dict[str, str] = {}
+    reference = blob_reference(capture, os.environ.get(ACCOUNT_ID_SETTING, ""))
+    if reference is not None:
+        packets["blob_url"] = reference.url
+        packets["download_command"] = reference.download_command
+        if reference.portal_url:
+            packets["portal_url"] = reference.portal_url
+    packets["extract_command"] = extract_command(str(capture.get("capture_id", "")))
+    return packets
+
+
+def _with_filter(peer: dict[str, Any]) -> dict[str, Any]:
+    """The stored peer with its Wireshark display filter (every packet to or from it)."""
+    return {**peer, "display_filter": address_filter(peer.get("address")) or ""}
 
 
 def _pages(
