@@ -112,15 +112,18 @@ def _port_in_use(port: int) -> bool:
 
 
 def _answers(port: int) -> bool:
-    """True once the service on ``port`` answers HTTP at all (any status code will do)."""
+    """True once Azurite answers on ``port``: any status code will do, but the answer must
+    come from Azurite (its ``Server`` header, ``Azurite-Blob/3.35.0`` and the like), not from
+    whatever else took the port meanwhile."""
     url = f"http://127.0.0.1:{port}/{ACCOUNT}?comp=list"
     try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except urllib.error.HTTPError:
-        return True
+        with urllib.request.urlopen(url, timeout=2) as response:
+            server = response.headers.get("Server", "")
+    except urllib.error.HTTPError as error:
+        server = error.headers.get("Server", "")
     except OSError:
         return False
+    return str(server).startswith("Azurite-")
 
 
 def _launch(ports: tuple[int, int, int], data_dir: Path) -> subprocess.Popen[bytes]:

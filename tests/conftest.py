@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import hypothesis
 import pytest
 from azure.core.exceptions import HttpResponseError
 from azure.data.tables import TableServiceClient
@@ -26,6 +27,7 @@ from azure.storage.blob import BlobServiceClient, ContainerClient
 from analyzer.store.blobpath import network_watcher_blob_name
 from analyzer.store.results import TableResultsStore
 from nwcap_testing import synth
+from tests import corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"  # of every test capture's path
@@ -40,6 +42,13 @@ def udp_frame_bytes(peer: str) -> int:
     """Bytes on the wire of one test datagram: Ethernet, IPv4 or IPv6, UDP and the payload."""
     return 14 + (40 if ":" in peer else 20) + 8 + UDP_PAYLOAD
 
+
+# Hypothesis explicitly, for every test that does not say otherwise: no wall-clock deadline
+# (a busy machine is not a bug), the same examples on every run, no example database.
+hypothesis.settings.register_profile(
+    "nwcap", deadline=None, derandomize=True, database=None, print_blob=True
+)
+hypothesis.settings.load_profile("nwcap")
 
 # Live DNS (NWCAP_LIVE_DNS, default "system") would make results depend on this machine's
 # resolver and network; tests of it start their own DNS server on loopback and say so.
@@ -62,6 +71,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "azurite" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.azurite)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With ``NWCAP_REQUIRE_CORPUS=1`` (CI) a missing corpus ends the session at once: its
+    tests would otherwise be skipped, and a green run would hide that they never ran."""
+    if corpus.REQUIRED and not corpus.CORPUS.is_dir():
+        raise pytest.UsageError(
+            f"NWCAP_REQUIRE_CORPUS=1 but the capture corpus is not at {corpus.CORPUS} "
+            "(clone it beside this checkout as ../shared/corpus, or set NWCAP_CORPUS)"
+        )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With ``NWCAP_NO_SKIPS=1`` (CI) a skipped test fails the run: in CI every test the
+    suite promises (the corpus, the browser, the compiled walk) has what it needs."""
+    if os.environ.get("NWCAP_NO_SKIPS", "") != "1" or exitstatus != pytest.ExitCode.OK:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped:
+        reporter.write_line(
+            f"NWCAP_NO_SKIPS=1: {len(skipped)} tests skipped, which CI does not allow:", red=True
+        )
+        for report in skipped[:20]:
+            reporter.write_line(f"  {report.nodeid}: {report.longrepr}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

@@ -324,7 +324,7 @@ class TestParseDnsAnswers:
         )
         assert parse_dns_answers(message) == [(ip("192.0.2.9"), tuple(chain))]
 
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None)
     @given(st.binary(max_size=600))
     def test_arbitrary_bytes_only_raise_value_error(self, data: bytes) -> None:
         try:
@@ -335,7 +335,7 @@ class TestParseDnsAnswers:
             assert len(address) in (4, 16)
             assert chain
 
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None)
     @given(st.integers(0, 10_000), st.integers(0, 255))
     def test_mutated_messages_only_raise_value_error(self, where: int, value: int) -> None:
         target_at = 12 + len(encode_name("www.example.org")) + 4 + 12
@@ -360,12 +360,13 @@ class TestCollectorDns:
 
     def test_udp_message_gives_peer_names(self) -> None:
         collector = NameCollector()
-        collector.dns_message(ANSWER_KEY,
+        collector.dns_message(
+            ANSWER_KEY,
             response(
                 "login.microsoftonline.com",
                 cname_rr(QNAME_AT, encode_name("ak.privatelink.msidentity.com")),
                 a_rr(encode_name("ak.privatelink.msidentity.com"), "40.126.1.1"),
-            )
+            ),
         )
         chain = ("login.microsoftonline.com", "ak.privatelink.msidentity.com")
         assert collector.names_by_address() == {
@@ -486,13 +487,13 @@ class TestClientHelloSni:
         assert client_hello_sni(server_hello) is None
         assert client_hello_sni(b"\x17\x03\x03\x00\x10" + bytes(16)) is None
 
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None)
     @given(st.binary(max_size=400))
     def test_arbitrary_bytes_never_raise(self, data: bytes) -> None:
         result = client_hello_sni(b"\x16\x03\x01" + data)
         assert result is None or isinstance(result, str)
 
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None)
     @given(st.integers(0, 10_000), st.integers(0, 255))
     def test_mutated_hellos_never_raise(self, where: int, value: int) -> None:
         hello = bytearray(client_hello("example.com", padding=20))
@@ -616,9 +617,9 @@ class TestHttpHost:
         # issue 13: a backtracking pattern took 5.9 s on one 1,460-byte segment of tabs
         for tail in (b"", b"x", b"\r\n", b"\r\n\r\n"):
             request = b"GET / HTTP/1.1\r\nhost:" + b"\t" * (MAX_HTTP_HEAD * 8) + tail
-            started = time.perf_counter()
+            started = time.process_time()  # CPU, not wall time: a busy machine adds none
             http_host(request)
-            assert time.perf_counter() - started < 0.05
+            assert time.process_time() - started < 0.05
 
     def test_head_is_read_up_to_its_cap(self) -> None:
         filler = b"X-Pad: " + b"p" * 100 + b"\r\n"
@@ -628,7 +629,7 @@ class TestHttpHost:
         assert http_host(beyond + b"Host: far.example\r\n\r\n") is None
         assert names._http_status(beyond)[0] == names._COMPLETE  # no more segments awaited
 
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None)
     @given(st.binary(max_size=300))
     def test_arbitrary_bytes_never_raise(self, data: bytes) -> None:
         result = http_host(b"GET / HTTP/1.1\r\n" + data)
@@ -656,7 +657,7 @@ class TestCollectorHttp:
             PeerName("a.example", "dns", ("a.example",)),
         )
 
-    @settings(max_examples=200, deadline=None)
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None)
     @given(
         st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2**32 - 1), st.binary(max_size=80)))
     )
