@@ -215,7 +215,7 @@ class TestOutage:
             ("peers", "submit_transaction", 1),  # 100 of the 150 peer rows written
             ("alerts", "submit_transaction", 2),  # alerts by capture written, not by day
             ("peerindex", "submit_transaction", 2),  # some of the index buckets written
-            ("baseline", "create_entity", 40),  # the baseline part learned, nothing written
+            ("baseline", "submit_transaction", 1),  # 100 of the 150 baseline rows learned
         ],
     )
     def test_outage_fails_the_run_and_the_retry_converges(
