@@ -50,7 +50,7 @@ from analyzer import __version__
 from analyzer.base.errors import CorruptCaptureError, UnsupportedFormatError
 from analyzer.base.models import SEVERITY_ORDER, Alert, Analysis, Peer
 from analyzer.capture.budget import Budget, InvalidSettingError
-from analyzer.capture.engine import compiled_walk
+from analyzer.capture.compiled import walk_description
 from analyzer.judge.analysis import analyze
 from analyzer.judge.livedns import LiveDns, LiveDnsSettings, NameLookup
 from analyzer.judge.policy import Policy
@@ -666,7 +666,7 @@ def log_outcome(outcome: Outcome) -> None:
         "detail": outcome.detail,
         # "python" in Azure means the remote build could not compile native/: several times
         # slower, same results
-        "record_walk": "compiled" if compiled_walk() is not None else "python",
+        "record_walk": walk_description(),  # "compiled", or "python (why)"
     }
     if record is not None:
         fields.update(
