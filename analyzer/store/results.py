@@ -656,18 +656,19 @@ class TableResultsStore:
                 return baseline_entry(row).capture_id == capture_id
             return True
 
-        new_rows: list[dict[str, Any]] = []  # no row yet: inserted in transactions
+        # no row yet: inserted in transactions, shard by shard; the rows are built as they are
+        # sent (a VM's first capture may have tens of thousands)
+        new_rows: list[tuple[str, int]] = []  # (shard, position in peers)
+        vm_partition = baseline_key(location)
         replaced: list[tuple[dict[str, Any], BaselineEntry]] = []  # at the version read
         refreshed: list[dict[str, Any]] = []  # seen again: last sighting moved on
-        for peer in peers:
+        for position, peer in enumerate(peers):
             key = ip_key(peer.address)
             entry = known.get(key)
             if entry is not None and entry.capture_id == capture_id:
                 won.add(key)  # this capture's own row, from an earlier run of it
             elif entry is None:
-                new_rows.append(
-                    baseline_entity(location, peer, capture_id, capture_time, shards)
-                )
+                new_rows.append((baseline_partition(vm_partition, key, shards), position))
             elif entry.expired(now, max_age) or entry.capture_time > capture_time:
                 row = baseline_entity(location, peer, capture_id, capture_time, shards)
                 replaced.append((row, entry))
@@ -675,7 +676,7 @@ class TableResultsStore:
                 # seen again: keep the row from ageing out (at most once a day per peer)
                 refreshed.append(
                     {
-                        "PartitionKey": baseline_partition(baseline_key(location), key, shards),
+                        "PartitionKey": baseline_partition(vm_partition, key, shards),
                         "RowKey": key,
                         "last_capture_time": _as_datetime(capture_time),
                     }
@@ -705,7 +706,12 @@ class TableResultsStore:
                     with contextlib.suppress(ResourceNotFoundError):
                         client.update_entity(entity, mode=UpdateMode.MERGE)
 
-        _run_bounded(insert, _batches([("create", row) for row in new_rows]))
+        new_rows.sort()
+        creates = (
+            ("create", baseline_entity(location, peers[n], capture_id, capture_time, shards))
+            for _, n in new_rows
+        )
+        _run_bounded(insert, _consecutive_batches(creates))
         _run_bounded(
             lambda pair: won.add(pair[0]["RowKey"]) if claim(*pair) else None, replaced
         )
