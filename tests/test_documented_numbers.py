@@ -318,6 +318,31 @@ PROMISES = [
         SEVERITY_ORDER,
         {"info": 0, "low": 1, "medium": 2, "high": 3},
     ),
+    # docs/data-model.md, the partitions (issues #20, #21)
+    Promise(
+        "docs/data-model.md",
+        "its peers in key order, 100 a partition",
+        tablekeys.PEERS_PER_PARTITION,
+        100,
+    ),
+    Promise(
+        "docs/data-model.md",
+        "`day-{yyyy-mm-dd}\\|{nn}` (16 shards)",
+        tablekeys.DAY_SHARDS,
+        16,
+    ),
+    Promise(
+        "docs/data-model.md",
+        "(16 address buckets \u00d7 16 capture shards)",
+        (tablekeys.INDEX_ADDRESS_BUCKETS, tablekeys.INDEX_CAPTURE_SHARDS),
+        (16, 16),
+    ),
+    Promise(
+        "docs/data-model.md",
+        "as many as its first capture needed at ~100 peers each (a power of two, 1 to 256)",
+        (tablekeys.BASELINE_ROWS_PER_SHARD, tablekeys.MAX_BASELINE_SHARDS),
+        (100, 256),
+    ),
     # docs/alerts.md
     Promise(
         "docs/alerts.md",
