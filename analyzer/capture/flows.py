@@ -7,7 +7,7 @@ per-address-pair aggregates at the end, or earlier whenever they grow past ``MAX
 memory is bounded by the number of address pairs, not by the capture; past ``max_peers``
 pairs, the least important are folded into prefix groups (:mod:`analyzer.capture.folded`).
 
-``Accumulator._fold_table`` is the Python twin of ``fold_flows()`` in native/_nwcap_walk.c:
+``Accumulator._fold_table`` is the Python twin of ``fold_flows()`` in _walk.c:
 keep the two comparable line for line. The C code reads the accumulator's attributes by name
 (``tcp``, ``udp``, ``other``, ``names``, ``roll``, ``add_frame``, ``_fold_flow``, ...).
 
@@ -362,7 +362,7 @@ class Accumulator:
         compiled = compiled_walk()
         for proto_name, table in (("tcp", self.tcp), ("udp", self.udp)):
             self.conversations.take(table, proto_name, fps)
-            if compiled is not None:  # the same loop in C (native/_nwcap_walk.c)
+            if compiled is not None:  # the same loop in C (_walk.c)
                 packets, nbytes = compiled.fold_flows(
                     self,
                     table,
