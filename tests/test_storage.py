@@ -394,14 +394,19 @@ class _FailingTransactions:
         self._fail_at = fail_at
         self._lock = threading.Lock()
         self.sent = 0
+        self.ended = 0  # transactions that returned or raised
 
     def submit_transaction(self, batch: Any, **options: Any) -> Any:
         with self._lock:
             self.sent += 1
             mine = self.sent
-        if mine == self._fail_at:
-            raise RuntimeError("transaction lost")
-        return self._client.submit_transaction(batch, **options)
+        try:
+            if mine == self._fail_at:
+                raise RuntimeError("transaction lost")
+            return self._client.submit_transaction(batch, **options)
+        finally:
+            with self._lock:
+                self.ended += 1
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
@@ -509,8 +514,9 @@ class TestResults:
         assert written < 650 and written % MAX_BATCH_ENTITIES == 0  # whole transactions only
         # later calls of the write (alert and index rows) never started
         assert _row_count(results_store, "peerindex") == 0
-        time.sleep(0.2)
-        assert _row_count(results_store, "peers") == written  # nothing was still on its way
+        # nothing was still on its way: every transaction started had ended
+        assert failing.ended == failing.sent
+        assert _row_count(results_store, "peers") == written
 
     def test_rows_of_other_runs_are_not_read(self, results_store: TableResultsStore) -> None:
         capture = store_results(
