@@ -11,7 +11,6 @@ import ipaddress
 import json
 import os
 import shlex
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -252,16 +251,16 @@ class TestReportInBrowser:
     def test_20000_peers_stay_usable(self, watched: Watched, tmp_path: Path) -> None:
         document = big_analysis(20_000, alerts=20).to_dict()
         page = watched.page
-        started = time.monotonic()
         page.goto(write_report(document, tmp_path / "large.html"))
         table = page.locator('[data-table="peers"]')
         assert table.locator(".page").inner_text() == "1\u2013100 (page 1 of 200)"
+        # usable because the DOM holds one page of rows, not 20,000 (no wall-clock bound)
+        assert table.locator("tbody tr").count() == report_rows.TABLE_PAGE
         table.locator("th").nth(10).locator("button").click()
         most = max(p["bytes_received"] for p in document["peers"])
         assert shown_column(page, "peers", 10)[0] == number(most)
         table.locator("input.filter-text").fill("host19999.")
         assert shown_column(page, "peers", 0) == [document["peers"][19_999]["address"]]
-        assert time.monotonic() - started < 20
         watched.assert_clean()
 
     def test_alert_link_reveals_the_peer(self, watched: Watched, tmp_path: Path) -> None:

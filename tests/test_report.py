@@ -579,12 +579,12 @@ class TestLargeReport:
 
     def test_size_and_time(self, tmp_path: Path) -> None:
         document = big_analysis(20_000, alerts=200).to_dict()
-        started = time.monotonic()
+        started = time.process_time()  # CPU time: a busy machine does not inflate it
         html = report.render_report(report.from_analysis(document, source="big")).html
-        elapsed = time.monotonic() - started
+        cpu = time.process_time() - started
         size = len(html.encode())
         assert size < 12 << 20, size
-        assert elapsed < 15, elapsed
+        assert cpu < 15, cpu
         assert len(table_rows(html, "peers")) == 20_000
 
 
