@@ -201,7 +201,9 @@ class TestPolicyFiles:
         policy.write_text(text)
         status, _, err = nwcap("analyze", str(capture), "--policy", str(policy))
         assert status == EXIT_DATAERR
-        assert err.startswith(f"nwcap: error: {field}"), err
+        # the file, the line and column, then the field
+        where = re.escape(f"nwcap: error: {policy}:")
+        assert re.match(rf"{where}\d+:\d+: {re.escape(field)}", err), err
 
     def test_binary_policy(
         self, tmp_path: Path, capture: Path
@@ -210,7 +212,7 @@ class TestPolicyFiles:
         policy.write_bytes(b"\xff\xfe\x00\x01garbage\x00")
         status, _, err = nwcap("analyze", str(capture), "--policy", str(policy))
         assert status == EXIT_DATAERR
-        assert err.startswith("nwcap: error: policy: ")
+        assert re.match(re.escape(f"nwcap: error: {policy}:") + r"(\d+:\d+: )?policy: ", err), err
 
     def test_missing_policy(
         self, tmp_path: Path, capture: Path
