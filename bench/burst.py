@@ -22,7 +22,6 @@ requests made (every response counted, retries included). See docs/reliability.m
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import logging
 import os
@@ -34,15 +33,16 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from azure.data.tables import TableServiceClient  # noqa: E402
 from azure.storage.blob import BlobServiceClient  # noqa: E402
 from azure.storage.queue import QueueServiceClient, TextBase64DecodePolicy  # noqa: E402
+from e2e import load_azurite  # noqa: E402
 
 from analyzer.pipeline.alert_delivery import AlertDelivery, DeliverySettings  # noqa: E402
 from analyzer.pipeline.fanout import FANOUT_QUEUE, QueueFanout, fanout_queue  # noqa: E402
@@ -60,16 +60,6 @@ from nwcap_testing import synth  # noqa: E402
 
 CONTAINER = "network-watcher-logs"
 VM_ADDRESS = "10.0.0.4"
-
-
-def _load_azurite() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("nwcap_azurite", ROOT / "scripts" / "azurite.py")
-    if spec is None or spec.loader is None:
-        raise SystemExit("scripts/azurite.py is missing")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def small_capture(seed: int, peers: int) -> bytes:
@@ -201,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
           + " ".join(f"{v:.2f}" for v in os.getloadavg()))
     print(f"burst    {args.captures} captures of {args.peers} peers, {args.processes} processes"
           f" x {args.threads} threads")
-    azurite = _load_azurite()
+    azurite = load_azurite()
     lines: list[str] = []
     with azurite.running() as running:
         connection = running.connection_string

@@ -91,7 +91,8 @@ def capture_blob_name(vm: str, when: datetime) -> str:
     )
 
 
-def _load_azurite() -> ModuleType:
+def load_azurite() -> ModuleType:
+    """The project's scripts/azurite.py (not a package), loaded by path."""
     spec = importlib.util.spec_from_file_location("nwcap_azurite", ROOT / "scripts" / "azurite.py")
     if spec is None or spec.loader is None:
         raise SystemExit("scripts/azurite.py is missing")
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(bench.machine()))
     print(f"nwcap    {bench._first_line([str(args.nwcap), '--version'])}, {walk} record walk")
     print(f"repeat   best of {args.repeat}")
-    azurite_script = _load_azurite()
+    azurite_script = load_azurite()
     summary: list[str] = []
     with azurite_script.running() as azurite:
         connection = azurite.connection_string

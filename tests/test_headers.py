@@ -19,13 +19,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
-import azure.functions as func
 import pytest
 from azure.storage.blob import ContainerClient
 from clirunner import nwcap
-from test_function_app import handler
+from test_function_app import get, handler
 
 from analyzer.store.results import TableResultsStore
 from analyzer.web.server import start_in_thread
@@ -99,16 +97,6 @@ class TestServe:
         assert_secure(headers, f"serve {path} ({status})")
 
 
-def request(route: str, params: Mapping[str, str] | None = None, **route_params: str) -> Any:
-    return func.HttpRequest(
-        method="GET",
-        url=f"https://nwcap.example/api/{route}",
-        params=dict(params or {}),
-        route_params=route_params,
-        body=b"",
-    )
-
-
 class TestFunctionApp:
     """The function app's API handlers and dashboard routes carry the headers."""
 
@@ -134,7 +122,7 @@ class TestFunctionApp:
         params: dict[str, str],
         route_params: dict[str, str],
     ) -> None:
-        response = handler(function)(request(route, params, **route_params))
+        response = handler(function)(get(route, params, **route_params))
         assert response.status_code < 500
         assert response.mimetype in ("application/json", "text/html")
         assert_secure(dict(response.headers), f"{function} ({response.status_code})")
