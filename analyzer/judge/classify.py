@@ -267,26 +267,26 @@ class _PeerEvaluation:
         )
 
         self._check_platform_blocked()
-        if not self._check_deny():
-            # A deny rule is the policy's own verdict on the peer: it replaces the other rules
-            # about whom the VM talks to, so that one cause gives one alert.
-            self._check_unverified()
+        # A deny rule is the policy's own verdict on the peer: it replaces the other rules
+        # about whom the VM talks to, so that one cause gives one alert.
+        denied = self._check_deny()
+        if not denied:
             self._check_imds()
             self._check_admin()
             self._check_dns()
             self._check_scan()
             self._check_storage()
         category, basis, summary = self._category()
+        weigh_claims = not denied and self._has_weighty_claims()
+        roles = dict(self.roles) if weigh_claims else self.roles
         remaining = self._uncovered()
+        if weigh_claims and not self._expected(basis, remaining):
+            self.roles = roles  # as if the claimed services had never been weighed
+            self._raise_unverified()
+            remaining = []  # the alert claims every service
         self._check_unexpected(basis, summary, remaining)
 
-        trust_alerts = [a for a in self.alerts if a.rule in _TRUST_RULES]
-        expected = (
-            basis is not None
-            and not remaining
-            and not trust_alerts
-            and not (self.silenced & _TRUST_RULES)
-        )
+        expected = self._expected(basis, remaining)
         reason = self._reason(summary, basis, remaining, expected)
         classified = replace(
             peer,
@@ -413,12 +413,34 @@ class _PeerEvaluation:
                 return True
         return False
 
-    def _check_unverified(self) -> None:
-        """A claimed name that would have made the peer expected could not be verified."""
-        claims = self.trust.unverified
+    def _has_weighty_claims(self) -> bool:
+        """Whether the peer claims names that would make it expected, none verified.
+
+        The platform addresses are known by address; a name cannot change that.
+        """
         entry = self.entry
-        if not claims or (entry is not None and entry.id in (WIRESERVER_ID, IMDS_ID)):
-            return  # the platform is known by its address; a name cannot change that
+        return bool(self.trust.unverified) and not (
+            entry is not None and entry.id in (WIRESERVER_ID, IMDS_ID)
+        )
+
+    def _expected(self, basis: str | None, remaining: list[Service]) -> bool:
+        """Whether the verdict so far expects the peer: something vouches for it, every
+        service is covered, and no rule about whom the VM talks to fired or was silenced."""
+        return (
+            basis is not None
+            and not remaining
+            and not any(a.rule in _TRUST_RULES for a in self.alerts)
+            and not (self.silenced & _TRUST_RULES)
+        )
+
+    def _raise_unverified(self) -> None:
+        """Claimed names would have made the peer expected and could not be verified.
+
+        Only raised when verified evidence alone leaves the peer unexpected: a claim about a
+        peer already expected changes nothing (it stays in ``unverified_names``), and a forged
+        packet must not turn a genuine peer into a high alert.
+        """
+        claims = self.trust.unverified
         self.claimed.update(self.services)
         listed = ", ".join(f"'{c.name}' ({c.source})" for c in claims[:4])
         more = f" and {len(claims) - 4} more" if len(claims) > 4 else ""
