@@ -1,7 +1,11 @@
 """Microsoft Network Monitor 2.x (``GMBU``): a header, frames, then a frame table at the end.
 
 Frames are read in file order up to the frame table; per-frame media types (2.1+) map to
-link types.
+link types. Frame times follow Wireshark's wiretap/netmon.c, so they equal tshark's
+``frame.time_epoch``: a 2.3 frame carries its own UTC time (a FILETIME in its trailer); before
+2.3 a frame's time is an offset from the header's start time, a SYSTEMTIME in the capturing
+machine's local time zone, which the file does not record, so it is read as UTC (tshark reads
+it in its own time zone).
 """
 
 from __future__ import annotations
@@ -24,8 +28,17 @@ from analyzer.capture.readerbase import (
 NETMON_MEDIA = {1: 1, 2: 6, 3: 10, 6: 105, 7: 105}
 NETMON_HEADER = struct.Struct("<4sBBH8H12I")
 NETMON_RECORD = struct.Struct("<QII")
-NETMON_TRAILER_BY_MINOR = {0: 0, 1: 2, 2: 14}
+# Trailer after each frame: 2.1 the media type; 2.2 also a process-table index; 2.3 also
+# the frame's UTC time and a time-zone index.
+NETMON_TRAILER_BY_MINOR = {0: 0, 1: 2, 2: 6}
 NETMON_TRAILER_LATEST = 15
+NETMON_UTC_MINOR = 3
+NETMON_UTC_TIME = struct.Struct("<Q")
+NETMON_UTC_TIME_AT = 6
+# FILETIME counts 100 ns ticks from 1601-01-01 UTC; this many seconds before the POSIX epoch.
+FILETIME_TICKS_PER_SECOND = 10_000_000
+FILETIME_EPOCH_OFFSET = 11_644_473_600
+_U64 = 1 << 64
 
 
 @dataclass(slots=True)
@@ -56,6 +69,7 @@ class NetmonReader:
     def packets(self) -> Iterator[RawPacket]:
         src = self.source
         trailer_len = NETMON_TRAILER_BY_MINOR.get(self.version_minor, NETMON_TRAILER_LATEST)
+        utc_times = self.version_minor >= NETMON_UTC_MINOR
         if src.offset < self.first_frame_offset:
             src.skip(self.first_frame_offset - src.offset)
         end = self.frame_table_offset
@@ -80,11 +94,24 @@ class NetmonReader:
             media = struct.unpack_from("<H", trailer)[0] if trailer_len else self.media_type
             link_type = NETMON_MEDIA.get(media, 0x10000 | media)
             note_link_type(self._seen_link_types, link_type)
-            total_ns = self.start_frac + delta_us * 1000
+            if utc_times:
+                ticks = NETMON_UTC_TIME.unpack_from(trailer, NETMON_UTC_TIME_AT)[0]
+                sec, tick = divmod(ticks, FILETIME_TICKS_PER_SECOND)
+                yield RawPacket(link_type, sec - FILETIME_EPOCH_OFFSET, tick * 100, orig, data)
+                continue
+            total_ns = self.start_frac + _signed_delta_ns(delta_us)
             sec = self.start_sec + total_ns // 1_000_000_000
             yield RawPacket(link_type, sec, total_ns % 1_000_000_000, orig, data)
         if src.error:
             self.warnings.append(f"{src.error} at byte {src.offset}")
+
+
+def _signed_delta_ns(delta_us: int) -> int:
+    """A frame's offset from the start time, in ns, read as Network Monitor means it: the
+    unsigned microseconds times ten, taken as a signed 64-bit count of 100 ns (a frame may
+    come before the nominal start)."""
+    ticks = delta_us * 10 % _U64
+    return (ticks - _U64 if ticks >= _U64 >> 1 else ticks) * 100
 
 
 def open_netmon(source: ByteSource, stream: BinaryIO | None) -> NetmonReader:
