@@ -405,3 +405,35 @@ def test_fold_checks_the_reverse_flow() -> None:
             engine._zero_histogram,
             60,
         )
+
+
+@needs_compiled
+@pytest.mark.parametrize("flows", [40, 1500, 5000])
+def test_flows_the_walk_remembers(flows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled walk keeps the flows it met lately in C (1,024 slots) and writes them back
+    to their entries later: round-robin over more flows than slots (every slot taken over and
+    written back), the seconds passing (each flow's span rolled), a frame of the general path
+    every 97 (the remembered flows written back and forgotten; every other one a segment of a
+    remembered flow with IPv4 options, which the general path counts in the same entry), and
+    chunks cut mid-record."""
+    monkeypatch.setattr("analyzer.capture.walk.CHUNK_SIZE", 70_000)
+    frames: list[synth.Packet] = []
+    ts = T0
+    for index in range(15_000):
+        flow = index % flows
+        peer = f"52.{flow >> 8 & 255}.{flow & 255}.9"
+        ts += 150_000_000  # a second every six or seven packets
+        outbound = index // flows % 2 == 0
+        src, dst = (VM, peer) if outbound else (peer, VM)
+        sport, dport = (40000 + flow % 20000, 443) if outbound else (443, 40000 + flow % 20000)
+        segment = synth.tcp(src, dst, sport, dport, seq=index, flags=ACK, payload=b"z" * 40)
+        if index % 194 == 0:
+            frame = eth(synth.arp(1, VM_MAC, VM, "00:00:00:00:00:00", peer), ethertype=0x0806)
+        elif index % 97 == 0:
+            frame = eth(synth.ipv4(src, dst, 6, segment, options=b"\x01" * 4))
+        else:
+            frame = eth(synth.ipv4(src, dst, 6, segment))
+        frames.append(synth.Packet(ts, frame))
+    compiled, python = both(capture(frames))
+    assert '"packets": 15000' in compiled
+    assert compiled == python

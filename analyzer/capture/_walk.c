@@ -100,6 +100,25 @@ new_entry(uint32_t sec, uint32_t frac, uint32_t orig, long flags)
     return entry;
 }
 
+/* The flows one scan() call has touched lately, kept in C: a packet of a flow found here
+ * changes C numbers only, not Python ints, and no key bytes object is made for it. A slot's
+ * numbers are written back to its entry (the Python list) before anything reads the entry:
+ * before roll() is called on it, before add_frame() (whose general path counts packets in
+ * the same tables, and may fold them), when the slot is taken by another flow, and when
+ * scan() returns. The entry a slot holds is the one the dict holds for its key, as
+ * inspect_tcp() and dns_message() never touch the flow tables. */
+#define CACHE_SLOTS 1024 /* a power of two */
+
+typedef struct {
+    PyObject *entry;      /* the flow's entry (a strong reference); NULL when the slot is free */
+    int is_tcp;
+    int dirty;            /* numbers changed since the entry was read or written */
+    Py_ssize_t keylen;
+    long long packets, bytes, flags, span_last;
+    uint32_t last_sec, last_frac;
+    unsigned char key[36];
+} Slot;
+
 /* What one scan() call works with: the accumulator's tables and methods, and the settings. */
 typedef struct {
     PyObject *tcp, *udp;                   /* the flow tables (dicts), refreshed after add_frame */
@@ -107,60 +126,171 @@ typedef struct {
     const unsigned char *tunnel_ports;     /* 65,536 flags: UDP ports left to decode() */
     const unsigned char *tier_types;       /* 65,536 flags: IPv6 and the VLAN tag types */
     Py_ssize_t inspected;                  /* NAME_INSPECTED_PACKETS */
+    Slot *cache;                           /* CACHE_SLOTS slots */
+    int used[CACHE_SLOTS];                 /* the slots holding a flow, in no order */
+    int nused;
 } Walk;
 
-/* One packet of the flow ``key`` in ``table`` (engine._Accumulator.count_packet): a new entry,
- * or the existing one's span rolled (in Python) if ``sec`` is past it, then packets, bytes,
- * last time and the OR of TCP flags. Returns the flow's packets so far, -1 on error. */
-static long long
-count_flow(Walk *w, PyObject *table, PyObject *key, uint32_t sec, uint32_t frac, uint32_t orig,
-           long flags)
+/* Write a slot's numbers back to its entry: packets, bytes, last time, the OR of flags. */
+static int
+slot_flush(Slot *s)
 {
-    PyObject *entry = PyDict_GetItemWithError(table, key);
-    if (entry == NULL) {
-        if (PyErr_Occurred() || !(entry = new_entry(sec, frac, orig, flags)))
-            return -1;
-        int failed = PyDict_SetItem(table, key, entry);
-        Py_DECREF(entry);
-        return failed ? -1 : 1;
-    }
-    if (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) < 9) {
-        PyErr_SetString(PyExc_TypeError, "scan: a flow entry is not a list");
+    if (!s->dirty)
+        return 0;
+    PyObject *e = s->entry;
+    if (PyList_GET_SIZE(e) < 9) {
+        PyErr_SetString(PyExc_TypeError, "scan: a flow entry shrank");
         return -1;
     }
-    Py_INCREF(entry); /* the roll callback runs Python code */
-    long long packets = -1;
-    long long span_last = entry_ll(entry, 8);
-    if (span_last == -1 && PyErr_Occurred())
-        goto done;
-    if ((long long)sec > span_last) {
-        PyObject *result = PyObject_CallFunction(w->roll, "Ok", entry, (unsigned long)sec);
-        if (result == NULL)
-            goto done;
-        Py_DECREF(result);
-        if (PyList_GET_SIZE(entry) < 9) { /* roll only ever grows an entry */
-            PyErr_SetString(PyExc_TypeError, "scan: roll shrank a flow entry");
-            goto done;
-        }
+    if (entry_set(e, 0, PyLong_FromLongLong(s->packets)) < 0 ||
+        entry_set(e, 1, PyLong_FromLongLong(s->bytes)) < 0 ||
+        entry_set(e, 4, PyLong_FromUnsignedLong(s->last_sec)) < 0 ||
+        entry_set(e, 5, PyLong_FromUnsignedLong(s->last_frac)) < 0 ||
+        entry_set(e, 6, PyLong_FromLongLong(s->flags)) < 0)
+        return -1;
+    s->dirty = 0;
+    return 0;
+}
+
+/* Read an entry's numbers into a slot. */
+static int
+slot_load(Slot *s, PyObject *e)
+{
+    long long v[6];
+    static const Py_ssize_t at[6] = {0, 1, 4, 5, 6, 8};
+    for (int i = 0; i < 6; i++) {
+        if ((v[i] = entry_ll(e, at[i])) == -1 && PyErr_Occurred())
+            return -1;
     }
-    if (entry_add(entry, 0, 1) < 0 || entry_add(entry, 1, orig) < 0)
-        goto done;
-    long long last_sec = entry_ll(entry, 4);
-    if (last_sec == -1 && PyErr_Occurred())
-        goto done;
-    if (last_sec != (long long)sec && entry_set(entry, 4, PyLong_FromUnsignedLong(sec)) < 0)
-        goto done;
-    if (entry_set(entry, 5, PyLong_FromUnsignedLong(frac)) < 0)
-        goto done;
-    long long old = entry_ll(entry, 6);
-    if (old == -1 && PyErr_Occurred())
-        goto done;
-    if ((old | flags) != old && entry_set(entry, 6, PyLong_FromLongLong(old | flags)) < 0)
-        goto done;
-    packets = entry_ll(entry, 0);
-done:
-    Py_DECREF(entry);
-    return packets;
+    s->packets = v[0];
+    s->bytes = v[1];
+    s->last_sec = (uint32_t)v[2];
+    s->last_frac = (uint32_t)v[3];
+    s->flags = v[4];
+    s->span_last = v[5];
+    s->dirty = 0;
+    return 0;
+}
+
+/* Write every slot back to its entry and, if ``forget``, empty the cache (even when a write
+ * fails). */
+static int
+cache_flush(Walk *w, int forget)
+{
+    int status = 0;
+    for (int i = 0; i < w->nused; i++) {
+        Slot *s = &w->cache[w->used[i]];
+        if (status == 0 && slot_flush(s) < 0)
+            status = -1;
+        if (forget)
+            Py_CLEAR(s->entry);
+    }
+    if (forget)
+        w->nused = 0;
+    return status;
+}
+
+static inline Py_ssize_t
+slot_of(const unsigned char *key, Py_ssize_t keylen, int is_tcp)
+{
+    uint64_t h = (uint64_t)is_tcp;
+    for (Py_ssize_t i = 0; i + 4 <= keylen; i += 4) {
+        uint32_t word;
+        memcpy(&word, key + i, 4);
+        h = (h ^ word) * 0x9E3779B97F4A7C15ULL;
+    }
+    return (Py_ssize_t)(h >> 54) & (CACHE_SLOTS - 1);
+}
+/* One packet of the flow ``k`` (``keylen`` bytes: src, dst, sport, dport) in the TCP or UDP
+ * table (engine._Accumulator.count_packet): a new entry, or the existing one's span rolled
+ * (in Python) if ``sec`` is past it, then packets, bytes, last time and the OR of TCP flags.
+ * ``*key`` is the flow's key as a bytes object when one was made (NULL otherwise; the caller
+ * owns it). Returns the flow's packets so far, -1 on error. */
+static long long
+count_flow(Walk *w, int is_tcp, const unsigned char *k, Py_ssize_t keylen, uint32_t sec,
+           uint32_t frac, uint32_t orig, long flags, PyObject **key)
+{
+    Slot *s = &w->cache[slot_of(k, keylen, is_tcp)];
+    if (!(s->entry != NULL && s->is_tcp == is_tcp && s->keylen == keylen &&
+          memcmp(s->key, k, keylen) == 0)) {
+        PyObject *table = is_tcp ? w->tcp : w->udp;
+        if (!(*key = PyBytes_FromStringAndSize((const char *)k, keylen)))
+            return -1;
+        PyObject *entry = PyDict_GetItemWithError(table, *key);
+        if (entry == NULL && PyErr_Occurred())
+            return -1;
+        int fresh = entry == NULL;
+        if (fresh) {
+            if (!(entry = new_entry(sec, frac, orig, flags)))
+                return -1;
+            int failed = PyDict_SetItem(table, *key, entry);
+            if (failed) {
+                Py_DECREF(entry);
+                return -1;
+            }
+        } else {
+            if (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) < 9) {
+                PyErr_SetString(PyExc_TypeError, "scan: a flow entry is not a list");
+                return -1;
+            }
+            Py_INCREF(entry);
+        }
+        /* the slot's flow goes back to its entry before the slot takes this one */
+        if (s->entry != NULL) {
+            int failed = slot_flush(s);
+            Py_CLEAR(s->entry);
+            if (failed) {
+                Py_DECREF(entry);
+                return -1;
+            }
+        } else {
+            w->used[w->nused++] = (int)(s - w->cache);
+        }
+        s->entry = entry;
+        s->is_tcp = is_tcp;
+        s->keylen = keylen;
+        memcpy(s->key, k, keylen);
+        if (fresh) {
+            s->packets = 1;
+            s->bytes = orig;
+            s->last_sec = sec;
+            s->last_frac = frac;
+            s->flags = flags;
+            s->span_last = sec;
+            s->dirty = 0;
+            return 1;
+        }
+        if (slot_load(s, entry) < 0)
+            return -1;
+    }
+    if ((long long)sec > s->span_last) {
+        if (slot_flush(s) < 0)
+            return -1;
+        PyObject *entry = Py_NewRef(s->entry); /* the roll callback runs Python code */
+        PyObject *result = PyObject_CallFunction(w->roll, "Ok", entry, (unsigned long)sec);
+        long long span_last = -1;
+        if (result != NULL) {
+            Py_DECREF(result);
+            if (PyList_GET_SIZE(entry) < 9) /* roll only ever grows an entry */
+                PyErr_SetString(PyExc_TypeError, "scan: roll shrank a flow entry");
+            else
+                span_last = entry_ll(entry, 8);
+        }
+        Py_DECREF(entry);
+        if (PyErr_Occurred())
+            return -1;
+        s->span_last = span_last;
+    }
+    if (__builtin_add_overflow(s->packets, 1, &s->packets) ||
+        __builtin_add_overflow(s->bytes, (long long)orig, &s->bytes)) { /* past any budget */
+        PyErr_SetString(PyExc_OverflowError, "scan: a flow count passed 2**63");
+        return -1;
+    }
+    s->last_sec = sec;
+    s->last_frac = frac;
+    s->flags |= flags;
+    s->dirty = 1;
+    return s->packets;
 }
 
 /* acc.inspect_tcp(key, dst, seq, buf[start:end], sport, sec) */
@@ -208,11 +338,9 @@ ipv4_fast(Walk *w, const unsigned char *buf, Py_ssize_t data, Py_ssize_t nxt, ui
     int is_tcp = proto == 6;
     if (!is_tcp && !(proto == 17 && !w->tunnel_ports[dport] && !w->tunnel_ports[sport]))
         return 0;
-    PyObject *key = PyBytes_FromStringAndSize((const char *)k, 12);
-    if (key == NULL)
-        return -1;
-    long long packets = count_flow(w, is_tcp ? w->tcp : w->udp, key, sec, frac, orig,
-                                   is_tcp ? buf[data + 47] : 0);
+    PyObject *key = NULL; /* made only for a look-up in the table or a callback */
+    long long packets = count_flow(w, is_tcp, k, 12, sec, frac, orig,
+                                   is_tcp ? buf[data + 47] : 0, &key);
     int status = packets < 0 ? -1 : 1;
     if (status > 0 && (is_tcp ? packets <= w->inspected : sport == 53 || dport == 53)) {
         /* the transport payload, clipped to the IP total length (engine._ipv4_payload) */
@@ -220,14 +348,16 @@ ipv4_fast(Walk *w, const unsigned char *buf, Py_ssize_t data, Py_ssize_t nxt, ui
         Py_ssize_t end = total && data + 14 + total < nxt ? data + 14 + total : nxt;
         Py_ssize_t start = data + (is_tcp ? 34 + (buf[data + 46] >> 4) * 4 : 42);
         if (start < end) {
-            if (is_tcp && inspect(w, key, k + 4, 4, read_u32(buf + data + 38, 1), buf, start,
-                                  end, sport, sec) < 0)
+            if (!key && !(key = PyBytes_FromStringAndSize((const char *)k, 12)))
+                status = -1;
+            else if (is_tcp && inspect(w, key, k + 4, 4, read_u32(buf + data + 38, 1), buf,
+                                       start, end, sport, sec) < 0)
                 status = -1;
             else if (!is_tcp && dns_message(w, key, buf, start, end, sec) < 0)
                 status = -1;
         }
     }
-    Py_DECREF(key);
+    Py_XDECREF(key);
     return status;
 }
 
@@ -299,24 +429,25 @@ second_tier(Walk *w, const unsigned char *buf, Py_ssize_t data, Py_ssize_t nxt, 
     unsigned char keybuf[36];
     memcpy(keybuf, src, 2 * alen);
     memcpy(keybuf + 2 * alen, buf + transport, 4);
-    PyObject *key = PyBytes_FromStringAndSize((const char *)keybuf, 2 * alen + 4);
-    if (key == NULL)
-        return -1;
-    long long packets = count_flow(w, is_tcp ? w->tcp : w->udp, key, sec, frac, orig, flags);
+    Py_ssize_t keylen = 2 * alen + 4;
+    PyObject *key = NULL; /* made only for a look-up in the table or a callback */
+    long long packets = count_flow(w, is_tcp, keybuf, keylen, sec, frac, orig, flags, &key);
     int status = packets < 0 ? -1 : 1;
     unsigned sport = buf[transport] << 8 | buf[transport + 1];
     unsigned dport = buf[transport + 2] << 8 | buf[transport + 3];
     if (status > 0 && is_tcp && packets <= w->inspected) {
         Py_ssize_t offset = (buf[transport + 12] >> 4) * 4;
         if (offset >= 20 && transport + offset < end &&
-            inspect(w, key, src + alen, alen, read_u32(buf + transport + 4, 1), buf,
-                    transport + offset, end, sport, sec) < 0)
+            ((!key && !(key = PyBytes_FromStringAndSize((const char *)keybuf, keylen))) ||
+             inspect(w, key, src + alen, alen, read_u32(buf + transport + 4, 1), buf,
+                     transport + offset, end, sport, sec) < 0))
             status = -1;
     } else if (status > 0 && !is_tcp && (sport == 53 || dport == 53) && transport + 8 < end) {
-        if (dns_message(w, key, buf, transport + 8, end, sec) < 0)
+        if ((!key && !(key = PyBytes_FromStringAndSize((const char *)keybuf, keylen))) ||
+            dns_message(w, key, buf, transport + 8, end, sec) < 0)
             status = -1;
     }
-    Py_DECREF(key);
+    Py_XDECREF(key);
     return status;
 }
 
@@ -338,7 +469,7 @@ scan(PyObject *module, PyObject *args)
                           &max_record, &big_endian, &acc, &tunnel, &tier, &inspected))
         return NULL;
     PyObject *result = NULL, *names = NULL, *add_frame = NULL, *link = NULL;
-    Walk w = {NULL, NULL, NULL, NULL, NULL, tunnel.buf, tier.buf, inspected};
+    Walk w = {NULL, NULL, NULL, NULL, NULL, tunnel.buf, tier.buf, inspected, NULL, {0}, 0};
     /* An export of the buffer for the whole call: Python code run from here (roll, add_frame)
      * cannot resize it under the pointers taken into it. */
     Py_buffer pinned = {0};
@@ -365,6 +496,10 @@ scan(PyObject *module, PyObject *args)
         goto done;
     if (!PyDict_CheckExact(w.tcp) || !PyDict_CheckExact(w.udp)) {
         PyErr_SetString(PyExc_TypeError, "scan: flow tables must be dicts");
+        goto done;
+    }
+    if (!(w.cache = PyMem_Calloc(CACHE_SLOTS, sizeof(Slot)))) {
+        PyErr_NoMemory();
         goto done;
     }
     Py_ssize_t taken = 0;
@@ -402,6 +537,9 @@ scan(PyObject *module, PyObject *args)
         if (taken_here < 0)
             goto done;
         if (!taken_here) {
+            /* the general path counts packets in the same tables, and may fold them */
+            if (cache_flush(&w, 1) < 0)
+                goto done;
             PyObject *frame = PyBytes_FromStringAndSize((const char *)buf + data, nxt - data);
             if (frame == NULL)
                 goto done;
@@ -427,8 +565,16 @@ scan(PyObject *module, PyObject *args)
         }
         pos = nxt;
     }
+    if (cache_flush(&w, 1) < 0)
+        goto done;
     result = Py_BuildValue("nnL", pos, taken, damaged);
 done:
+    if (w.cache != NULL) {
+        /* after an error the slots' entries are let go unwritten: the scan failed */
+        for (int i = 0; i < w.nused; i++)
+            Py_CLEAR(w.cache[w.used[i]].entry);
+        PyMem_Free(w.cache);
+    }
     Py_XDECREF(w.tcp);
     Py_XDECREF(w.udp);
     Py_XDECREF(w.roll);
