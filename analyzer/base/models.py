@@ -7,6 +7,7 @@ the wire (the record's original length), as Wireshark counts them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, ClassVar, Literal
@@ -22,22 +23,41 @@ Severity = Literal["info", "low", "medium", "high"]
 SEVERITY_ORDER: dict[str, int] = {"info": 0, "low": 1, "medium": 2, "high": 3}
 NameSource = Literal["dns", "sni", "http"]
 BudgetLimit = Literal["decompressed_bytes", "packets", "seconds"]
+# The text of this many seconds is kept by iso_time().
+SECOND_TEXTS_KEPT = 4096
+_SECOND_TEXT: dict[int, str] = {}
 
 
 def iso_time(ts: float | None) -> str | None:
     """Render POSIX seconds as ISO 8601 UTC with microseconds: ``2026-11-25T10:00:00.123456Z``.
 
-    ``None`` when there is no time, or one outside the years 1 to 9999.
+    ``None`` when there is no time, or one outside the years 1 to 9999. Rounded to the
+    microsecond half to even, as ``datetime.fromtimestamp`` rounds.
     """
     if ts is None:
         return None
+    # A capture's times share few seconds: the text of each second is made once (datetime's
+    # replace and isoformat were 5 % of `nwcap analyze`), the microseconds added to it.
     try:
-        moment = datetime.fromtimestamp(ts, tz=timezone.utc)
-    except (OverflowError, ValueError, OSError):
-        # a damaged or hostile capture can declare a time no date holds (past year 9999)
+        fraction, whole = math.modf(ts)
+        micro = round(fraction * 1_000_000)
+        second = int(whole)
+    except (OverflowError, ValueError):  # infinite or not a number
         return None
-    # isoformat, not strftime: a quarter of the cost, for every time of every peer
-    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    if not 0 <= micro < 1_000_000:  # rounded up to the next second, or below this one
+        carry = 1 if micro > 0 else -1
+        second, micro = second + carry, micro - carry * 1_000_000
+    text = _SECOND_TEXT.get(second)
+    if text is None:
+        try:
+            moment = datetime.fromtimestamp(second, tz=timezone.utc)
+        except (OverflowError, ValueError, OSError):
+            # a damaged or hostile capture can declare a time no date holds (past year 9999)
+            return None
+        if len(_SECOND_TEXT) >= SECOND_TEXTS_KEPT:
+            _SECOND_TEXT.clear()  # a hostile capture chooses its times
+        text = _SECOND_TEXT[second] = moment.replace(tzinfo=None).isoformat()
+    return f"{text}.{micro:06d}Z"
 
 
 @dataclass(frozen=True, slots=True)
