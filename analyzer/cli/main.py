@@ -11,7 +11,7 @@ file that cannot be written, 77 permission denied by storage.
 from __future__ import annotations
 
 import argparse
-import difflib
+import gc
 import logging
 import os
 import re
@@ -68,10 +68,12 @@ class NwcapParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         match = _INVALID_CHOICE.search(message)
         if match:
+            from difflib import get_close_matches  # noqa: PLC0415 - only an error needs it
+
             choices = [c.strip(" '") for c in match.group("choices").split(",")]
             word = match.group("word")
             close = [ALIASES[word]] if ALIASES.get(word) in choices else []
-            close += [c for c in difflib.get_close_matches(word, choices, n=3) if c not in close]
+            close += [c for c in get_close_matches(word, choices, n=3) if c not in close]
             if close:
                 message += "\ndid you mean: " + " or ".join(close) + "?"
         super().error(message)
@@ -202,6 +204,15 @@ class _TerminalFormatter(logging.Formatter):
         return terminal_text(super().formatMessage(record))
 
 
+def _collect_less() -> None:
+    """Spare a capture's walk most of the cyclic collector's passes: what start-up made lives
+    as long as the process (frozen: never scanned again), and the walk makes millions of
+    objects, few of them in cycles, so a young collection every 10,000 allocations instead of
+    every 700 finds as much (2 % of `nwcap analyze`'s time on a 300,000-packet capture)."""
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in arguments if not a.startswith("-")), None)
@@ -218,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("nwcap.outcome").setLevel(logging.ERROR)
     if args.command in WALK_COMMANDS:
         notice_python_fallback(sys.stderr)
+        _collect_less()
     try:
         status = int(args.func(args))
         sys.stdout.flush()  # a reader gone away (`| head`) shows here, not at the exit
