@@ -31,14 +31,13 @@ from tests.test_trust import (
 
 OTHER_ACCOUNT_NAME = "nwcapother.blob.core.windows.net"
 MIRROR = "azure.archive.ubuntu.com"
-POLICY = load_policy(
-    f"""
+POLICY_TEXT = f"""
 expected_storage_accounts: [nwcapdemo, nwcapother]
 allow:
   - {{name: ubuntu-mirror, fqdn: {MIRROR}, protocol: tcp, port: 443}}
   - {{name: partner-api, fqdn: api.partner.example, protocol: tcp, port: 8443}}
 """
-)
+POLICY = load_policy(POLICY_TEXT)
 
 
 def genuine_storage(trace: synth.Trace) -> None:
@@ -83,6 +82,14 @@ class TestForgedClaimsAboutAVerifiedPeer:
         assert rules_on(analysis, STORAGE) == {}
         assert (MIRROR, "sni") in unverified(analysis, STORAGE)
 
+    def test_a_peer_expected_by_its_address(self) -> None:
+        policy = load_policy(f"vnet_ranges: [10.0.0.0/16]\n{POLICY_TEXT}")
+        neighbour = "10.0.1.5"
+        analysis = run(capture(lambda t: https_session(t, neighbour, ACCOUNT_NAME)), policy)
+        assert peer(analysis, neighbour).expected is True
+        assert rules_on(analysis, neighbour) == {}
+        assert (ACCOUNT_NAME, "sni") in unverified(analysis, neighbour)
+
 
 class TestClaimsThatWouldMakeAPeerExpected:
     """A verified name that expects nothing, or not everything, does not excuse a claim."""
@@ -93,12 +100,7 @@ class TestClaimsThatWouldMakeAPeerExpected:
             unsolicited_answer(trace, AZURE_DNS, ACCOUNT_NAME, C2)
             https_session(trace, C2, ACCOUNT_NAME)
 
-        analysis = run(capture(build), POLICY)
-        attacker = peer(analysis, C2)
-        assert attacker.expected is False
-        assert attacker.name_basis == "dns-exchange"
-        claimed = rules_on(analysis, C2)["unverified-name"]["claimed_names"]
-        assert ACCOUNT_NAME in {c["name"] for c in claimed}  # type: ignore[attr-defined]
+        assert_alerted(run(capture(build), POLICY), C2, ACCOUNT_NAME, "dns-exchange")
 
     def test_a_claim_that_would_cover_a_port_the_verified_name_does_not(self) -> None:
         def build(trace: synth.Trace) -> None:
@@ -107,17 +109,19 @@ class TestClaimsThatWouldMakeAPeerExpected:
             https_session(trace, STORAGE, "api.partner.example", port=8443)
 
         analysis = run(capture(build), POLICY)
-        assert peer(analysis, STORAGE).expected is False
-        claimed = rules_on(analysis, STORAGE)["unverified-name"]["claimed_names"]
-        assert "api.partner.example" in {c["name"] for c in claimed}  # type: ignore[attr-defined]
+        assert_alerted(analysis, STORAGE, "api.partner.example", "dns-exchange")
 
     def test_only_forged_claims(self) -> None:
         def build(trace: synth.Trace) -> None:
             unsolicited_answer(trace, AZURE_DNS, OTHER_ACCOUNT_NAME, C2)
             https_session(trace, C2, ACCOUNT_NAME)
 
-        analysis = run(capture(build), POLICY)
-        attacker = peer(analysis, C2)
-        assert attacker.expected is False
-        assert attacker.name_basis == "claimed"
-        assert "unverified-name" in rules_on(analysis, C2)
+        assert_alerted(run(capture(build), POLICY), C2, OTHER_ACCOUNT_NAME, "claimed")
+
+
+def assert_alerted(analysis: Analysis, address: str, name: str, basis: str) -> None:
+    suspect = peer(analysis, address)
+    assert suspect.expected is False
+    assert suspect.name_basis == basis
+    claimed = rules_on(analysis, address)["unverified-name"]["claimed_names"]
+    assert name in {c["name"] for c in claimed}  # type: ignore[attr-defined]
