@@ -288,8 +288,7 @@ class _PeerEvaluation:
 
         expected = self._expected(basis, remaining)
         reason = self._reason(summary, basis, remaining, expected)
-        classified = replace(
-            peer,
+        classified = peer.with_verdict(
             category=category,
             expected=expected,
             reason=reason,
