@@ -43,6 +43,7 @@ from analyzer.store.results import (
     _batches,
     _run_bounded,
     baseline_key,
+    bounded_key,
     capture_entity,
     capture_from_entity,
     capture_id_for,
@@ -166,6 +167,40 @@ class TestKeys:
     def test_ipv4_is_kept_and_scoped_ipv6_is_escaped(self) -> None:
         assert ip_key("10.0.0.4") == "10.0.0.4"
         assert not FORBIDDEN_IN_KEYS.search(ip_key("fe80::1%eth0"))
+
+    @given(
+        st.lists(
+            st.one_of(
+                st.integers(0, 300).map(str), st.sampled_from(["00", "01", "٣", " 1", "1\n"])
+            ),
+            min_size=3,
+            max_size=5,
+        ).map(".".join)
+    )
+    def test_ipv4_shortcut_agrees_with_ipaddress(self, text: str) -> None:
+        """Dotted text taken as its own key only where ipaddress writes it back unchanged."""
+        try:
+            parsed = ipaddress.ip_address(text.strip())
+        except ValueError:
+            assert ip_key(text) == bounded_key(escape_key(text))
+        else:
+            assert ip_key(text) == str(parsed)
+
+    @given(st.text(max_size=40))
+    def test_sizes_count_utf16_bytes(self, text: str) -> None:
+        assert utf16_size(text) == len(text.encode("utf-16-le"))
+        entity = {
+            "PartitionKey": "p",
+            "RowKey": text,
+            text or "x": EntityProperty(7, EdmType.INT64),
+        }
+        expected = 4 + sum(
+            8
+            + len(name.encode("utf-16-le"))
+            + (4 + len(value.encode("utf-16-le")) if isinstance(value, str) else 8)
+            for name, value in entity.items()
+        )
+        assert entity_size(entity) == expected
 
     def test_capture_id_is_stable_readable_and_names_its_partition(self) -> None:
         where = CaptureLocation("c", "manual/Web #1?/2026/11/25/trace.cap", "custom", "Web #1?")
