@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from typing import TypeVar
 
 from analyzer.base.models import NameSource, PeerName
 from analyzer.capture.dnswire import (
@@ -65,6 +66,13 @@ MAX_QUERIED_NAMES = 32
 MAX_QUERIED_SERVERS = 1024
 # An HTTP request head is parsed up to this many bytes (servers' own limits are 8-16 KiB).
 MAX_HTTP_HEAD = 8 * 1024
+_Parsed = TypeVar("_Parsed")
+_Answer = tuple[bytes, Chain]  # an address and the chain of names that led to it
+# DNS messages parsed, kept by their bytes after the transaction id: a VM asks the same few
+# names again and again, and each answer is the same but for the id. Only messages up to
+# PARSED_DNS_MAX_BYTES are kept; the cache is emptied when full.
+MAX_PARSED_DNS = 512
+PARSED_DNS_MAX_BYTES = 512
 
 
 _PLAIN_HOST_BYTES = bytes(range(0x21, 0x7F))
@@ -335,6 +343,8 @@ class NameCollector:
         # server address -> the first MAX_QUERIED_NAMES names queried of it, and how many
         # distinct others (at most MAX_QUERIED_SERVERS servers; later ones are not kept)
         self.queried: dict[bytes, tuple[dict[str, None], list[int]]] = {}
+        self._parsed_queries: dict[bytes, Question | None] = {}
+        self._parsed_responses: dict[bytes, tuple[Question | None, list[_Answer]]] = {}
 
     def _add(
         self, address: bytes, source: NameSource, chain: Chain, exchange: Exchange | None = None
@@ -401,11 +411,15 @@ class NameCollector:
             return
         if payload[6:8] == b"\x00\x00":
             return
-        try:
-            question, answers = parse_dns_response(payload)
-        except (ValueError, IndexError):
-            self.malformed_dns += 1
-            return
+        parsed = self._parsed_responses.get(payload[2:])
+        if parsed is None:
+            try:
+                parsed = parse_dns_response(payload)
+            except (ValueError, IndexError):
+                self.malformed_dns += 1
+                return
+            _remember(self._parsed_responses, payload, parsed)
+        question, answers = parsed
         if not answers:
             return
         exchange = self._match(key, payload, question, sec)
@@ -416,7 +430,12 @@ class NameCollector:
                 self._add(address, "dns", chain, exchange)
 
     def _query(self, key: bytes, payload: bytes, sec: int) -> None:
-        question = parse_dns_query(payload)
+        rest = payload[2:]
+        if rest in self._parsed_queries:
+            question = self._parsed_queries[rest]
+        else:
+            question = parse_dns_query(payload)
+            _remember(self._parsed_queries, payload, question)
         if question is None:
             return
         alen = (len(key) - 4) // 2
@@ -541,3 +560,12 @@ def _resolver(exchanges: list[Exchange], local: frozenset[bytes] | None) -> str 
         if local is None or client in local:
             return address_text(server)
     return None
+
+
+def _remember(parsed: dict[bytes, _Parsed], payload: bytes, result: _Parsed) -> None:
+    """Keep what a DNS message parsed to, by its bytes after the transaction id (which the
+    parsers do not read), if it is small; a full cache is emptied first."""
+    if len(payload) <= PARSED_DNS_MAX_BYTES:
+        if len(parsed) >= MAX_PARSED_DNS:
+            parsed.clear()
+        parsed[payload[2:]] = result
