@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from azure.core.exceptions import ServiceRequestError
 from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobClient, ContainerClient
 from azure.storage.queue import QueueClient, QueueServiceClient, TextBase64EncodePolicy
@@ -527,6 +528,39 @@ class TestFaults:
         assert set(ledger) == {row[0] for row in expected}
         assert deliver_pending(results_store, alerts, since=since).sent == 0
         assert drain(alerts) == []
+
+    def test_failure_part_way_stops_the_sends(
+        self, results_store: TableResultsStore, alerts: QueueClient, second_capture: CaptureRecord
+    ) -> None:
+        """Messages go a few at a time after the first; once one fails none starts, and every
+        message is accounted for: sent (on the queue), or pending with its attempt recorded."""
+        record = second_capture
+        calls: list[int] = []
+
+        class FailsThird:
+            def send_message(self, content: Any) -> Any:
+                calls.append(1)
+                if len(calls) == 3:
+                    raise ServiceRequestError("connection reset")
+                return alerts.send_message(content)
+
+        failing: Any = FailsThird()
+        result = deliver_capture_alerts(results_store, failing, record)
+        on_queue = drain(alerts)
+        assert result.failed == 0 and len(result.errors) == 1
+        assert result.sent == len(on_queue) == len(calls) - 1
+        assert result.sent + result.pending == SENT and result.pending >= 1
+        ledger = DeliveryLedger(results_store).rows(record.capture_id)
+        sent = {key for key, row in ledger.items() if row["status"] == "sent"}
+        assert sent == {message["id"] for message in on_queue}
+        assert sorted(row["attempts"] for row in ledger.values() if row["status"] == "pending") == (
+            [0] * (result.pending - 1) + [1]
+        )
+        retried = deliver_pending(results_store, alerts, since=just_before(record))
+        assert (retried.sent, retried.pending) == (result.pending, 0)
+        assert as_rows(on_queue + drain(alerts)) == {
+            row for row in stored_rows(results_store, record) if row[2] != "info"
+        }
 
     def test_pending_beyond_the_window_is_an_error(
         self,

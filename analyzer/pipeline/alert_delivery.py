@@ -30,8 +30,10 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +76,7 @@ MAX_ATTEMPTS = 10  # sends of one message refused (400, 413) before it is given 
 RECONCILE_WINDOW = 3 * 24 * 3600.0  # how far back the reconciler looks for undelivered alerts
 _MESSAGE_REFUSED = frozenset({400, 413})  # about the message; 401/403/404 are about the queue
 _ERROR_CHARS = 500
+_PARALLEL_SENDS = 4  # queue messages in flight at once
 _QUEUE_NAME = re.compile(r"^(?=.{3,63}$)[a-z0-9](?:[a-z0-9]|-(?!-))*[a-z0-9]$")
 _DISABLED = "none"
 
@@ -312,9 +315,25 @@ def _current_alerts(
     return alerts
 
 
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """One message sent (``receipt``: the queue's message id) or not (``error``)."""
+
+    key: str
+    message: dict[str, Any]
+    receipt: str | None
+    error: AzureError | None
+    at: float  # when it ended
+
+
 @dataclass(slots=True)
 class _Sender:
-    """Sends one capture's messages in order, stopping at the first failure."""
+    """Sends one capture's messages, a few at a time, stopping at the first failure.
+
+    The first message goes alone, so that a queue that is down costs one attempt; the others
+    go :data:`_PARALLEL_SENDS` at a time (one request each, the queue has no batch send), and
+    once one fails no further one starts. Results are recorded in the messages' order.
+    """
 
     queue: QueueClient
     record: CaptureRecord
@@ -325,33 +344,53 @@ class _Sender:
     messages: list[dict[str, Any]] = field(default_factory=list)
 
     def send(self, to_send: Mapping[str, StoredAlert], rows: Mapping[str, dict[str, Any]]) -> None:
-        done: list[dict[str, Any]] = []
-        remaining = list(to_send.items())
-        for index, (key, alert) in enumerate(remaining):
+        items = list(to_send.items())
+        stop = threading.Event()
+
+        def attempt(item: tuple[str, StoredAlert]) -> _Attempt | None:
+            """The message and what sending it came to; ``None``: not tried (a send failed)."""
+            if stop.is_set():
+                return None
+            key, alert = item
             message = alert_message(
                 self.record, alert.document, links_base=self.links_base, key=alert.key
             )
             try:
                 receipt = self.queue.send_message(message_body(message))
             except AzureError as error:
-                row = self._failed(rows[key], error)
+                stop.set()
+                return _Attempt(key, message, None, error, self.clock())
+            return _Attempt(key, message, str(receipt.id or ""), None, self.clock())
+
+        attempts = [attempt(item) for item in items[:1]]
+        rest = items[1:]
+        if stop.is_set():
+            attempts += [None] * len(rest)
+        elif rest:
+            with ThreadPoolExecutor(_PARALLEL_SENDS, thread_name_prefix="nwcap-alert-send") as pool:
+                attempts += pool.map(attempt, rest)  # in order; each waits for a free worker
+        done: list[dict[str, Any]] = []
+        for tried in attempts:
+            if tried is None:
+                self.result.pending += 1
+            elif tried.error is not None:
+                row = self._failed(rows[tried.key], tried.error)
                 done.append(row)
-                self.result.pending += len(remaining) - index - (row["status"] == "failed")
-                break
-            now = self.clock()
-            done.append(
-                attempted(
-                    rows[key],
-                    now,
-                    status="sent",
-                    sent_at=utc_datetime(now),
-                    queue_message_id=str(receipt.id or ""),
-                    last_error="",
+                self.result.pending += row["status"] != "failed"
+            else:
+                done.append(
+                    attempted(
+                        rows[tried.key],
+                        tried.at,
+                        status="sent",
+                        sent_at=utc_datetime(tried.at),
+                        queue_message_id=tried.receipt or "",
+                        last_error="",
+                    )
                 )
-            )
-            self.messages.append(message)
-            self.result.sent += 1
-            _log_sent(message)
+                self.messages.append(tried.message)
+                self.result.sent += 1
+                _log_sent(tried.message)
         self._record(done)
 
     def _failed(self, row: dict[str, Any], error: AzureError) -> dict[str, Any]:
