@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import re
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -81,9 +80,7 @@ class Checker:
         self.frames = peer_frames(path, alert.peer, self.local)
         self.tcp = flows(self.frames, "tcp")
         self.message = alert.message
-        self.netmon = analysis.capture.format.startswith("netmon")
         # the first IP frame's time, as nwcap read it
-        self.capture_first_seen = min((c.first_seen for c in analysis.conversations), default=None)
         self.accounted = [alert.peer]  # texts of the message already checked or not numbers
 
     def peer_attempts(self) -> Attempts:
@@ -112,18 +109,9 @@ class Checker:
         assert (ev["packets"], ev["bytes"]) == (len(mine), sum(f.length for f in mine))
         assert (ev["packets_out"], ev["bytes_out"]) == (len(out), sum(f.length for f in out))
         assert (ev["packets_in"], ev["bytes_in"]) == (len(back), sum(f.length for f in back))
-        shift, slack = Decimal(0), 1e-6
-        if self.netmon:
-            # Network Monitor 2.3: nwcap times frames from the header's start (a local time,
-            # to the millisecond) plus each frame's offset, tshark from each frame's UTC
-            # FILETIME; times are compared from the capture's first frame (known difference,
-            # reported for analyzer/capture/netmon.py)
-            capture_first = self.capture_first_seen
-            assert capture_first is not None
-            shift = Decimal(str(capture_first)) - min(f.time for f in frames(self.path))
-            slack = 1e-3
-        assert same_time(ev["first_seen"], min(f.time for f in mine) + shift, slack)
-        assert same_time(ev["last_seen"], max(f.time for f in mine) + shift, slack)
+        # Network Monitor frames too: their own UTC times, as tshark reads them
+        assert same_time(ev["first_seen"], min(f.time for f in mine), 1e-6)
+        assert same_time(ev["last_seen"], max(f.time for f in mine), 1e-6)
         looked_up = addresses_looked_up(self.path, self.local)
         assert ev["dns_lookup_seen"] == (self.alert.peer in looked_up)
         step = f" Next step: {NEXT_STEPS[self.alert.rule]}"
