@@ -9,7 +9,6 @@ units, so the hot loop never builds floats.
 from __future__ import annotations
 
 import io
-import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -88,15 +87,9 @@ class ByteSource:
         self.offset += len(data)
         return data
 
-    @property
-    def plain_file(self) -> bool:
-        """Whether :meth:`read_into` copies straight from a file (the GIL released meanwhile)."""
-        return not self._pending and isinstance(self._stream, (io.BufferedReader, io.FileIO))
-
     def read_into(self, target: memoryview) -> int:
         """Fill ``target`` with up to its length in bytes; 0 only at the end of the stream."""
-        stream = self._stream
-        if self._pending or not isinstance(stream, (io.BufferedReader, io.FileIO)):  # plain_file
+        if self._pending or not isinstance(self._stream, (io.BufferedReader, io.FileIO)):
             data = self.read_some(len(target))
             target[: len(data)] = data
             return len(data)
@@ -105,7 +98,7 @@ class ByteSource:
         if self.limit is not None:
             target = target[: self.limit - self._taken]
         try:
-            got = stream.readinto(target) or 0
+            got = self._stream.readinto(target) or 0
         except OSError as exc:
             self.error = f"read error ({exc})"
             return 0
@@ -150,62 +143,6 @@ class ByteSource:
             return b""
         self._taken += len(data or b"")
         return data or b""
-
-
-class ReadAhead:
-    """A thread that fills the next buffer from a plain file while the walk scans this one.
-
-    ``readinto`` copies from the page cache with the GIL released, so on a second core that
-    copy (a tenth of the walk of a 300,000-packet capture) leaves the walk's path. One read at
-    a time: :meth:`start` it, :meth:`result` waits for it; :meth:`close` when done.
-    """
-
-    def __init__(self, source: ByteSource) -> None:
-        self._source = source
-        self._go = threading.Lock()
-        self._go.acquire()
-        self._done = threading.Lock()
-        self._done.acquire()
-        self._target: memoryview | None = None
-        self._got = 0
-        self._error: BaseException | None = None
-        self._in_flight = False
-        self._thread = threading.Thread(target=self._run, name="nwcap-read-ahead", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            self._go.acquire()
-            if self._target is None:
-                return
-            try:
-                self._got = self._source.read_into(self._target)
-            except BaseException as exc:  # raised again by result(), in the walk's thread
-                self._error, self._got = exc, 0
-            self._done.release()
-
-    def start(self, target: memoryview) -> None:
-        """Begin reading into ``target``."""
-        self._target = target
-        self._in_flight = True
-        self._go.release()
-
-    def result(self) -> int:
-        """The bytes the read begun by :meth:`start` put in its target; 0 at the end."""
-        self._done.acquire()
-        self._in_flight = False
-        self._target = None
-        if self._error is not None:
-            raise self._error
-        return self._got
-
-    def close(self) -> None:
-        """Wait for a read still going, then end the thread."""
-        if self._in_flight:
-            self._done.acquire()
-        self._target = None
-        self._go.release()
-        self._thread.join()
 
 
 class CaptureReader(Protocol):

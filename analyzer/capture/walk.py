@@ -24,7 +24,7 @@ from analyzer.capture.decode import ETHERTYPE_IPV6, TUNNEL_UDP_PORTS, VLAN_TAGS
 from analyzer.capture.flows import MAX_FLOWS, NAME_INSPECTED_PACKETS, Accumulator
 from analyzer.capture.pcap import PcapReader
 from analyzer.capture.reader import CaptureFormatReader
-from analyzer.capture.readerbase import CHUNK_SIZE, ReadAhead
+from analyzer.capture.readerbase import CHUNK_SIZE
 
 # The general path looks at the clock every this many frames.
 CLOCK_EVERY = 1024
@@ -115,73 +115,55 @@ def walk_ethernet_pcap(
     scan = compiled.scan if compiled is not None else _scan_records
     limit = reader.max_record
     src = reader.source
-    # Two buffers: one is scanned while the next chunk is read into the other (by a thread,
-    # from a plain file). Each chunk lands behind ``room`` bytes, where the unconsumed tail of
-    # the chunk before (at most one record) is copied; no chunk is allocated or page-faulted
-    # anew.
-    room = limit + 16
-    buffers = (bytearray(room + CHUNK_SIZE), bytearray(room + CHUNK_SIZE))
-    targets = [memoryview(buffer)[room:] for buffer in buffers]
-    ahead = ReadAhead(src) if src.plain_file else None
-    current = 0
+    # One buffer for the whole file: each chunk is read into it behind the unconsumed tail of
+    # the previous one, so no chunk is allocated, copied or page-faulted anew.
+    buf = bytearray(CHUNK_SIZE + limit + 16)
+    view = memoryview(buf)
     filled = 0
-    offset = src.offset  # of the next byte read
     damaged = False
     left = limits.max_packets  # packets left in the budget
     deadline = limits.deadline
-    try:
-        if ahead is not None:
-            ahead.start(targets[current])
-        got = ahead.result() if ahead is not None else src.read_into(targets[current])
-        while got:
-            buf = buffers[current]
-            start, end = room - filled, room + got
-            base = offset - filled - start  # the offset of buf[0] in the stream
-            offset += got
-            if ahead is not None:
-                ahead.start(targets[1 - current])
-            if acc.activity_start is None and end - start >= 4:
-                acc.activity_start = _RECORD[order].unpack_from(buf, start)[0]
-            pos, taken, damaged_incl = scan(
-                buf,
-                start,
-                end,
-                left,
-                limit,
-                order == ">",
-                acc,
-                TUNNEL_PORT_TABLE,
-                SECOND_TIER_TABLE,
-                NAME_INSPECTED_PACKETS,
-            )
-            if damaged_incl >= 0:
-                reader.warnings.append(reader.damaged_record(base + pos, damaged_incl))
-                damaged = True
-                break
-            left -= taken
-            if not left and pos < end:
-                limits.stop("packets", base + pos, reader.warnings)
-                damaged = True
-                break
-            if time.monotonic() > deadline:
-                limits.stop("seconds", base + pos, reader.warnings)
-                damaged = True
-                break
-            filled = end - pos
-            current = 1 - current
-            buffers[current][room - filled : room] = buf[pos:end]
-            if len(acc.tcp) + len(acc.udp) > MAX_FLOWS:
-                acc.fold()
-            if progress is not None:
-                progress(offset)
-            got = ahead.result() if ahead is not None else src.read_into(targets[current])
-    finally:
-        if ahead is not None:
-            ahead.close()
-        for target in targets:
-            target.release()
+    while not damaged:
+        got = src.read_into(view[filled : filled + CHUNK_SIZE])
+        if not got:
+            break
+        end = filled + got
+        base = src.offset - end
+        if acc.activity_start is None and end >= 4:
+            acc.activity_start = _RECORD[order].unpack_from(buf, 0)[0]
+        pos, taken, damaged_incl = scan(
+            buf,
+            0,
+            end,
+            left,
+            limit,
+            order == ">",
+            acc,
+            TUNNEL_PORT_TABLE,
+            SECOND_TIER_TABLE,
+            NAME_INSPECTED_PACKETS,
+        )
+        if damaged_incl >= 0:
+            reader.warnings.append(reader.damaged_record(base + pos, damaged_incl))
+            damaged = True
+        left -= taken
+        if not left and pos < end:
+            limits.stop("packets", base + pos, reader.warnings)
+            damaged = True
+            break
+        if time.monotonic() > deadline:
+            limits.stop("seconds", base + pos, reader.warnings)
+            damaged = True
+            break
+        filled = end - pos
+        buf[:filled] = buf[pos:end]
+        if len(acc.tcp) + len(acc.udp) > MAX_FLOWS:
+            acc.fold()
+        if progress is not None:
+            progress(src.offset)
+    view.release()
     if not damaged:
-        reader.finish(bytes(buffers[current][room - filled : room]), offset - filled)
+        reader.finish(bytes(buf[:filled]), src.offset - filled)
 
 
 def _scan_records(
