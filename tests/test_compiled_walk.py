@@ -26,6 +26,7 @@ from test_fuzz import captures
 
 from analyzer.base.errors import NwcapError
 from analyzer.capture import engine
+from analyzer.capture import walk as walk_python
 from analyzer.capture.budget import Budget
 from analyzer.judge.analysis import analyze
 from analyzer.present.render import iter_json
@@ -437,3 +438,50 @@ def test_flows_the_walk_remembers(flows: int, monkeypatch: pytest.MonkeyPatch) -
     compiled, python = both(capture(frames))
     assert '"packets": 15000' in compiled
     assert compiled == python
+
+
+@needs_compiled
+def test_a_failing_callback_leaves_what_was_counted() -> None:
+    """When a callback raises, the scan stops with the error, and the flows it remembered in
+    C are written back first: the tables hold what the Python loop's hold at that point."""
+    walk = engine.compiled_walk()
+    assert walk is not None
+    frames = []
+    for index in range(40):
+        peer = f"52.1.2.{index % 5}"
+        payload = b"z" * 20
+        segment = synth.tcp(peer, VM, 443, 40000 + index % 5, seq=index, flags=ACK, payload=payload)
+        frames.append(eth(synth.ipv4(peer, VM, 6, segment)))
+    record = b"".join(
+        struct.pack("<IIII", 100, index, len(frame), len(frame)) + frame
+        for index, frame in enumerate(frames)
+    )
+
+    class Failing(engine._Accumulator):
+        def inspect_tcp(self, *args: object) -> None:
+            # the 5 flows' first 4 segments each are inspected; the 20th call fails
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 20:
+                raise RuntimeError("a parser bug")
+
+    def tables(scan: object) -> dict[bytes, list[int]]:
+        acc = Failing(10**6)
+        acc.activity_start = 100
+        with pytest.raises(RuntimeError, match="a parser bug"):
+            scan(  # type: ignore[operator]
+                bytearray(record),
+                0,
+                len(record),
+                100,
+                65535,
+                False,
+                acc,
+                engine._TUNNEL_PORT_TABLE,
+                engine._SECOND_TIER_TABLE,
+                4,
+            )
+        return dict(acc.tcp)
+
+    compiled = tables(walk.scan)
+    assert compiled == tables(walk_python._scan_records)
+    assert sum(entry[0] for entry in compiled.values()) == 20  # the 20th packet counted too

@@ -201,6 +201,7 @@ slot_of(const unsigned char *key, Py_ssize_t keylen, int is_tcp)
     }
     return (Py_ssize_t)(h >> 54) & (CACHE_SLOTS - 1);
 }
+
 /* One packet of the flow ``k`` (``keylen`` bytes: src, dst, sport, dport) in the TCP or UDP
  * table (engine._Accumulator.count_packet): a new entry, or the existing one's span rolled
  * (in Python) if ``sec`` is past it, then packets, bytes, last time and the OR of TCP flags.
@@ -551,7 +552,7 @@ scan(PyObject *module, PyObject *args)
             Py_DECREF(r);
             /* the general path may have folded the flow tables into new ones */
             PyObject *now_tcp = PyObject_GetAttr(acc, s_tcp);
-            PyObject *now_udp = PyObject_GetAttr(acc, s_udp);
+            PyObject *now_udp = now_tcp == NULL ? NULL : PyObject_GetAttr(acc, s_udp);
             if (now_tcp == NULL || now_udp == NULL || !PyDict_CheckExact(now_tcp) ||
                 !PyDict_CheckExact(now_udp)) {
                 if (!PyErr_Occurred())
@@ -570,9 +571,14 @@ scan(PyObject *module, PyObject *args)
     result = Py_BuildValue("nnL", pos, taken, damaged);
 done:
     if (w.cache != NULL) {
-        /* after an error the slots' entries are let go unwritten: the scan failed */
-        for (int i = 0; i < w.nused; i++)
-            Py_CLEAR(w.cache[w.used[i]].entry);
+        /* after an error too, the entries get what was counted, as the Python loop's have */
+        if (w.nused) {
+            PyObject *type, *value, *traceback;
+            PyErr_Fetch(&type, &value, &traceback);
+            if (cache_flush(&w, 1) < 0)
+                PyErr_Clear(); /* the first error is the one to report */
+            PyErr_Restore(type, value, traceback);
+        }
         PyMem_Free(w.cache);
     }
     Py_XDECREF(w.tcp);
