@@ -315,24 +315,13 @@ def _current_alerts(
     return alerts
 
 
-@dataclass(frozen=True, slots=True)
-class _Attempt:
-    """One message sent (``receipt``: the queue's message id) or not (``error``)."""
-
-    key: str
-    message: dict[str, Any]
-    receipt: str | None
-    error: AzureError | None
-    at: float  # when it ended
-
-
 @dataclass(slots=True)
 class _Sender:
     """Sends one capture's messages, a few at a time, stopping at the first failure.
 
     The first message goes alone, so that a queue that is down costs one attempt; the others
-    go :data:`_PARALLEL_SENDS` at a time (one request each, the queue has no batch send), and
-    once one fails no further one starts. Results are recorded in the messages' order.
+    go :data:`_PARALLEL_SENDS` at a time (the queue has no batch send), and once one fails no
+    further one starts. Results are recorded in the messages' order.
     """
 
     queue: QueueClient
@@ -344,53 +333,41 @@ class _Sender:
     messages: list[dict[str, Any]] = field(default_factory=list)
 
     def send(self, to_send: Mapping[str, StoredAlert], rows: Mapping[str, dict[str, Any]]) -> None:
-        items = list(to_send.items())
         stop = threading.Event()
 
-        def attempt(item: tuple[str, StoredAlert]) -> _Attempt | None:
-            """The message and what sending it came to; ``None``: not tried (a send failed)."""
-            if stop.is_set():
-                return None
+        def attempt(item: tuple[str, StoredAlert]) -> tuple[str, dict[str, Any], Any, float]:
+            """The key, the message, its queue id or the error (``None``: not tried, a send
+            failed first), and when."""
             key, alert = item
+            if stop.is_set():
+                return key, {}, None, 0.0
             message = alert_message(
                 self.record, alert.document, links_base=self.links_base, key=alert.key
             )
             try:
-                receipt = self.queue.send_message(message_body(message))
+                sent: Any = str(self.queue.send_message(message_body(message)).id or "")
             except AzureError as error:
                 stop.set()
-                return _Attempt(key, message, None, error, self.clock())
-            return _Attempt(key, message, str(receipt.id or ""), None, self.clock())
+                sent = error
+            return key, message, sent, self.clock()
 
+        items = list(to_send.items())
         attempts = [attempt(item) for item in items[:1]]
-        rest = items[1:]
-        if stop.is_set():
-            attempts += [None] * len(rest)
-        elif rest:
-            with ThreadPoolExecutor(_PARALLEL_SENDS, thread_name_prefix="nwcap-alert-send") as pool:
-                attempts += pool.map(attempt, rest)  # in order; each waits for a free worker
+        with ThreadPoolExecutor(_PARALLEL_SENDS, thread_name_prefix="nwcap-alert-send") as pool:
+            attempts += pool.map(attempt, items[1:])  # in order; each waits for a free worker
         done: list[dict[str, Any]] = []
-        for tried in attempts:
-            if tried is None:
+        for key, message, sent, at in attempts:
+            if sent is None:
                 self.result.pending += 1
-            elif tried.error is not None:
-                row = self._failed(rows[tried.key], tried.error)
-                done.append(row)
-                self.result.pending += row["status"] != "failed"
+            elif isinstance(sent, AzureError):
+                done.append(self._failed(rows[key], sent))
+                self.result.pending += done[-1]["status"] != "failed"
             else:
-                done.append(
-                    attempted(
-                        rows[tried.key],
-                        tried.at,
-                        status="sent",
-                        sent_at=utc_datetime(tried.at),
-                        queue_message_id=tried.receipt or "",
-                        last_error="",
-                    )
-                )
-                self.messages.append(tried.message)
+                changes = {"sent_at": utc_datetime(at), "queue_message_id": sent, "last_error": ""}
+                done.append(attempted(rows[key], at, status="sent", **changes))
+                self.messages.append(message)
                 self.result.sent += 1
-                _log_sent(tried.message)
+                _log_sent(message)
         self._record(done)
 
     def _failed(self, row: dict[str, Any], error: AzureError) -> dict[str, Any]:
