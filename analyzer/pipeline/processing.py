@@ -34,6 +34,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -515,8 +516,9 @@ def _store_analysis(
     known = store.baseline_entries(location, [ip_key(p.address) for p in peers]) if has_vm else {}
     marker = known.get(BASELINE_MARKER)  # learn_baseline reads it too (the VM's shards)
     now = clock()
-    first = (
-        store.learn_baseline(
+
+    def learn() -> frozenset[str]:
+        return store.learn_baseline(
             location,
             claimed.capture_id,
             capture_time,
@@ -525,82 +527,95 @@ def _store_analysis(
             now=now,
             max_age=max_age,
         )
-        if learns
-        else frozenset()
-    )
-    # The VM's first capture (no earlier capture in its baseline) only seeds it
-    learned_before = (
-        marker is not None
-        and marker.capture_id != claimed.capture_id
-        and marker.capture_time <= capture_time
-    )
-    new_peers = (
-        new_peer_keys(
-            peers, known, first, claimed.capture_id, capture_time, now, max_age, learns=learns
+
+    # A VM's first capture only seeds its baseline: nothing below waits for what it learns (it
+    # raises no new-peer alert), so its baseline rows go beside its result rows, not before
+    # them, and are waited for before the run's row says it is done.
+    learning = _Beside(learn) if learns and marker is None else None
+    try:
+        first = learn() if learns and learning is None else frozenset()
+        # The VM's first capture (no earlier capture in its baseline) only seeds it
+        learned_before = (
+            marker is not None
+            and marker.capture_id != claimed.capture_id
+            and marker.capture_time <= capture_time
         )
-        if learned_before
-        else frozenset()
-    )
-    alerts = capture_alerts(
-        analysis.alerts, location, peers, new_peers, policy=policy,
-        first_capture_time=marker.capture_time if marker is not None else None,
-        capture_time=capture_time, max_alerts=max_alerts_per_rule,
-    )
-    counts = dict.fromkeys(SEVERITY_ORDER, 0)
-    for alert in alerts:
-        counts[alert.severity] += 1
-    final = replace(
-        claimed,
-        status="complete" if info.complete else "partial",
-        capture_time=capture_time,
-        capture_time_source=source,
-        analyzer_version=analysis.analyzer_version or __version__,
-        policy_version=analysis.policy_version,
-        format=info.format,
-        first_seen=first_seen,
-        last_seen=storable_time(info.last_seen),
-        packets=info.packets,
-        bytes=info.bytes,
-        ip_packets=info.ip_packets,
-        peers=len(analysis.peers),
-        alerts=counts,
-        new_peers=len(new_peers),
-        warnings=info.warnings,
-        local_addresses=info.local_addresses,
-        local_addresses_inferred=info.local_addresses_inferred,
-        budget_exhausted=info.budget_exhausted or "",
-        folded_peers=info.folded_peers,
-        names_dropped=info.names_dropped,
-        folded_packets=info.folded_packets,
-        folded_bytes=info.folded_bytes,
-        folded=tuple(group.to_dict() for group in analysis.folded),
-        busiest_conversations=analysis.busiest_conversations,
-        activity_start=storable_time(info.activity_start),
-        activity_bucket_seconds=info.activity_bucket_seconds,
-        results_generation=claimed.generation,
-        stale_rows=_has_older_rows(claimed),
-        transient=False,
-        error="",
-        error_type="",
-    )
-    name = final.location.path
-    if _blob_changed(blob, final):
-        return _superseded(final)
-    store.write_results(final, analysis.peers, alerts, new_peers)
-    # Checked before the baseline learns from this run: a superseded run teaches it nothing.
-    # (Learning after the flip instead would lose the lesson for good if the run died between.)
-    if _blob_changed(blob, final):
-        return _abandon(store, final, analysis.peers, alerts, "the blob changed while stored")
-    if not _still_claimed(store, final):
-        return _abandon(store, final, analysis.peers, alerts, "a later run of the blob took over")
-    stored = _flip(store, replace(final, processed_at=clock(),
-                                  processing_seconds=round(clock() - started, 3)))
-    if stored is None:
-        return _abandon(store, final, analysis.peers, alerts, "a later run of the blob took over")
-    _drop_older_rows(store, stored)
-    for alert in alerts:
-        log_alert(stored, alert)
-    return Outcome(stored.status, name, stored.capture_id, stored.error, stored, alerts)
+        new_peers = (
+            new_peer_keys(
+                peers, known, first, claimed.capture_id, capture_time, now, max_age, learns=learns
+            )
+            if learned_before
+            else frozenset()
+        )
+        alerts = capture_alerts(
+            analysis.alerts, location, peers, new_peers, policy=policy,
+            first_capture_time=marker.capture_time if marker is not None else None,
+            capture_time=capture_time, max_alerts=max_alerts_per_rule,
+        )
+        counts = dict.fromkeys(SEVERITY_ORDER, 0)
+        for alert in alerts:
+            counts[alert.severity] += 1
+        final = replace(
+            claimed,
+            status="complete" if info.complete else "partial",
+            capture_time=capture_time,
+            capture_time_source=source,
+            analyzer_version=analysis.analyzer_version or __version__,
+            policy_version=analysis.policy_version,
+            format=info.format,
+            first_seen=first_seen,
+            last_seen=storable_time(info.last_seen),
+            packets=info.packets,
+            bytes=info.bytes,
+            ip_packets=info.ip_packets,
+            peers=len(analysis.peers),
+            alerts=counts,
+            new_peers=len(new_peers),
+            warnings=info.warnings,
+            local_addresses=info.local_addresses,
+            local_addresses_inferred=info.local_addresses_inferred,
+            budget_exhausted=info.budget_exhausted or "",
+            folded_peers=info.folded_peers,
+            names_dropped=info.names_dropped,
+            folded_packets=info.folded_packets,
+            folded_bytes=info.folded_bytes,
+            folded=tuple(group.to_dict() for group in analysis.folded),
+            busiest_conversations=analysis.busiest_conversations,
+            activity_start=storable_time(info.activity_start),
+            activity_bucket_seconds=info.activity_bucket_seconds,
+            results_generation=claimed.generation,
+            stale_rows=_has_older_rows(claimed),
+            transient=False,
+            error="",
+            error_type="",
+        )
+        name = final.location.path
+        if _blob_changed(blob, final):
+            return _superseded(final)
+        store.write_results(final, analysis.peers, alerts, new_peers)
+        if learning is not None:
+            learning.result()  # learned before the run's row says it is done, as when in turn
+        # Checked before the baseline learns from this run: a superseded run teaches it nothing.
+        # (Learning after the flip instead would lose the lesson for good if the run died between.)
+        if _blob_changed(blob, final):
+            return _abandon(store, final, analysis.peers, alerts, "the blob changed while stored")
+        if not _still_claimed(store, final):
+            return _abandon(
+                store, final, analysis.peers, alerts, "a later run of the blob took over"
+            )
+        stored = _flip(store, replace(final, processed_at=clock(),
+                                      processing_seconds=round(clock() - started, 3)))
+        if stored is None:
+            return _abandon(
+                store, final, analysis.peers, alerts, "a later run of the blob took over"
+            )
+        _drop_older_rows(store, stored)
+        for alert in alerts:
+            log_alert(stored, alert)
+        return Outcome(stored.status, name, stored.capture_id, stored.error, stored, alerts)
+    finally:
+        if learning is not None:
+            learning.close()
 
 
 def _still_claimed(store: ResultsStore, mine: CaptureRecord) -> bool:
@@ -732,3 +747,20 @@ def _superseded(record: CaptureRecord) -> Outcome:
         record.capture_id,
         "a newer version of the blob is recorded",
     )
+
+
+class _Beside:
+    """``work`` run in a thread of its own, beside the caller's."""
+
+    def __init__(self, work: Callable[[], frozenset[str]]) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._future = self._pool.submit(work)
+
+    def result(self) -> frozenset[str]:
+        """Wait for the work; its result, or its error raised here."""
+        return self._future.result()
+
+    def close(self) -> None:
+        """Wait for the work whatever happened (no thread is left writing); its error is
+        dropped here, as the caller's own error, or :meth:`result`'s, is what counts."""
+        self._pool.shutdown(wait=True)
