@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from azure.storage.blob import ContainerClient
 
-from analyzer.base.models import ACTIVITY_BUCKETS, SEVERITY_ORDER
+from analyzer.base.models import ACTIVITY_BUCKETS, SECOND_TEXTS_KEPT, SEVERITY_ORDER
 from analyzer.capture import dnswire, flows, folded, local_addresses, names, pcapng, readerbase
 from analyzer.capture.budget import Budget, InvalidSettingError
 from analyzer.capture.engine import summarize
@@ -200,6 +200,15 @@ class TestSettingDefaults:
         assert documented["ALERTS_MIN_SEVERITY"] == alert_delivery.DEFAULT_MIN_SEVERITY == "low"
 
 
+# The compiled walk's slots, as _walk.c defines them
+WALK_CACHE_SLOTS = int(
+    re.search(
+        r"#define CACHE_SLOTS (\d+)",
+        (Path(__file__).parents[1] / "analyzer/capture/_walk.c").read_text(encoding="utf-8"),
+    ).group(1)  # type: ignore[union-attr]
+)
+
+
 @dataclass(frozen=True)
 class Promise:
     """A number stated in the prose of a document: the words, the code's value, the literal."""
@@ -230,6 +239,15 @@ PROMISES = [
     ),
     Promise("SECURITY.md", "at most 256 answers are read", dnswire.MAX_DNS_ANSWERS, 256),
     Promise("SECURITY.md", "at most 32 hops", dnswire.MAX_CNAME_HOPS, 32),
+    Promise("SECURITY.md", "at most 512 messages of at most 512 bytes", names.MAX_PARSED_DNS, 512),
+    Promise(
+        "SECURITY.md",
+        "at most 512 messages of at most 512 bytes",
+        names.PARSED_DNS_MAX_BYTES,
+        512,
+    ),
+    Promise("SECURITY.md", "at most 1,024 flows' counts in C", WALK_CACHE_SLOTS, 1024),
+    Promise("SECURITY.md", "the text of at most 4,096 seconds", SECOND_TEXTS_KEPT, 4096),
     Promise(
         "SECURITY.md",
         "At most 100,000 named addresses with 16 names each",
