@@ -50,20 +50,6 @@ entry_set(PyObject *entry, Py_ssize_t index, PyObject *value)
     return 0;
 }
 
-/* entry[index] += delta */
-static inline int
-entry_add(PyObject *entry, Py_ssize_t index, long long delta)
-{
-    long long value = entry_ll(entry, index), sum;
-    if (value == -1 && PyErr_Occurred())
-        return -1;
-    if (__builtin_add_overflow(value, delta, &sum)) { /* past any packet budget */
-        PyErr_SetString(PyExc_OverflowError, "scan: a flow count passed 2**63");
-        return -1;
-    }
-    return entry_set(entry, index, PyLong_FromLongLong(sum));
-}
-
 /* A new flow entry: [1, orig, sec, frac, sec, frac, flags, flags, sec] (one sec object, as
  * the Python loop's list display shares it). */
 static PyObject *
@@ -172,21 +158,18 @@ slot_load(Slot *s, PyObject *e)
     return 0;
 }
 
-/* Write every slot back to its entry and, if ``forget``, empty the cache (even when a write
- * fails). */
+/* Write every slot back to its entry and empty the cache (even when a write fails). */
 static int
-cache_flush(Walk *w, int forget)
+cache_flush(Walk *w)
 {
     int status = 0;
     for (int i = 0; i < w->nused; i++) {
         Slot *s = &w->cache[w->used[i]];
         if (status == 0 && slot_flush(s) < 0)
             status = -1;
-        if (forget)
-            Py_CLEAR(s->entry);
+        Py_CLEAR(s->entry);
     }
-    if (forget)
-        w->nused = 0;
+    w->nused = 0;
     return status;
 }
 
@@ -539,7 +522,7 @@ scan(PyObject *module, PyObject *args)
             goto done;
         if (!taken_here) {
             /* the general path counts packets in the same tables, and may fold them */
-            if (cache_flush(&w, 1) < 0)
+            if (cache_flush(&w) < 0)
                 goto done;
             PyObject *frame = PyBytes_FromStringAndSize((const char *)buf + data, nxt - data);
             if (frame == NULL)
@@ -566,7 +549,7 @@ scan(PyObject *module, PyObject *args)
         }
         pos = nxt;
     }
-    if (cache_flush(&w, 1) < 0)
+    if (cache_flush(&w) < 0)
         goto done;
     result = Py_BuildValue("nnL", pos, taken, damaged);
 done:
@@ -575,7 +558,7 @@ done:
         if (w.nused) {
             PyObject *type, *value, *traceback;
             PyErr_Fetch(&type, &value, &traceback);
-            if (cache_flush(&w, 1) < 0)
+            if (cache_flush(&w) < 0)
                 PyErr_Clear(); /* the first error is the one to report */
             PyErr_Restore(type, value, traceback);
         }
