@@ -531,8 +531,8 @@ def _store_analysis(
     # A VM's first capture only seeds its baseline: nothing below waits for what it learns (it
     # raises no new-peer alert), so its baseline rows go beside its result rows, not before
     # them, and are waited for before the run's row says it is done.
-    learning = _Beside(learn) if learns and marker is None else None
-    try:
+    with ThreadPoolExecutor(max_workers=1) as beside:  # its exit waits: no thread left writing
+        learning = beside.submit(learn) if learns and marker is None else None
         first = learn() if learns and learning is None else frozenset()
         # The VM's first capture (no earlier capture in its baseline) only seeds it
         learned_before = (
@@ -613,9 +613,6 @@ def _store_analysis(
         for alert in alerts:
             log_alert(stored, alert)
         return Outcome(stored.status, name, stored.capture_id, stored.error, stored, alerts)
-    finally:
-        if learning is not None:
-            learning.close()
 
 
 def _still_claimed(store: ResultsStore, mine: CaptureRecord) -> bool:
@@ -747,20 +744,3 @@ def _superseded(record: CaptureRecord) -> Outcome:
         record.capture_id,
         "a newer version of the blob is recorded",
     )
-
-
-class _Beside:
-    """``work`` run in a thread of its own, beside the caller's."""
-
-    def __init__(self, work: Callable[[], frozenset[str]]) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._future = self._pool.submit(work)
-
-    def result(self) -> frozenset[str]:
-        """Wait for the work; its result, or its error raised here."""
-        return self._future.result()
-
-    def close(self) -> None:
-        """Wait for the work whatever happened (no thread is left writing); its error is
-        dropped here, as the caller's own error, or :meth:`result`'s, is what counts."""
-        self._pool.shutdown(wait=True)
