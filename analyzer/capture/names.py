@@ -411,14 +411,15 @@ class NameCollector:
             return
         if payload[6:8] == b"\x00\x00":
             return
-        parsed = self._parsed_responses.get(payload[2:])
+        rest = payload[2:]  # after the transaction id, which the parsers do not read
+        parsed = self._parsed_responses.get(rest)
         if parsed is None:
             try:
                 parsed = parse_dns_response(payload)
             except (ValueError, IndexError):
                 self.malformed_dns += 1
                 return
-            _remember(self._parsed_responses, payload, parsed)
+            _remember(self._parsed_responses, rest, parsed)
         question, answers = parsed
         if not answers:
             return
@@ -430,12 +431,12 @@ class NameCollector:
                 self._add(address, "dns", chain, exchange)
 
     def _query(self, key: bytes, payload: bytes, sec: int) -> None:
-        rest = payload[2:]
+        rest = payload[2:]  # after the transaction id, which the parsers do not read
         if rest in self._parsed_queries:
             question = self._parsed_queries[rest]
         else:
             question = parse_dns_query(payload)
-            _remember(self._parsed_queries, payload, question)
+            _remember(self._parsed_queries, rest, question)
         if question is None:
             return
         alen = (len(key) - 4) // 2
@@ -562,10 +563,10 @@ def _resolver(exchanges: list[Exchange], local: frozenset[bytes] | None) -> str 
     return None
 
 
-def _remember(parsed: dict[bytes, _Parsed], payload: bytes, result: _Parsed) -> None:
-    """Keep what a DNS message parsed to, by its bytes after the transaction id (which the
-    parsers do not read), if it is small; a full cache is emptied first."""
-    if len(payload) <= PARSED_DNS_MAX_BYTES:
+def _remember(parsed: dict[bytes, _Parsed], rest: bytes, result: _Parsed) -> None:
+    """Keep what a DNS message parsed to, by ``rest``, its bytes after the transaction id, if
+    the message is small; a full cache is emptied first."""
+    if len(rest) + 2 <= PARSED_DNS_MAX_BYTES:
         if len(parsed) >= MAX_PARSED_DNS:
             parsed.clear()
-        parsed[payload[2:]] = result
+        parsed[rest] = result
