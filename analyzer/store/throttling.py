@@ -13,6 +13,7 @@ capture again later).
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections import deque
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from azure.core.exceptions import HttpResponseError
+
+from analyzer.store.transactions import submit_transaction
 
 T = TypeVar("T")
 
@@ -100,14 +103,18 @@ _SINGLE_REQUESTS = frozenset(
 
 class BusyAwareTable:
     """A ``TableClient`` whose single requests and transactions back off while the service is
-    busy (:class:`Backoff`); everything else is the client's own."""
+    busy (:class:`Backoff`); everything else is the client's own. Transactions of upserts and
+    inserts are written by :mod:`analyzer.store.transactions`."""
 
     def __init__(self, client: Any, backoff: Backoff) -> None:
         self._client = client
         self._backoff = backoff
 
     def __getattr__(self, name: str) -> Any:
-        value = getattr(self._client, name)
+        if name == "submit_transaction":
+            value: Any = functools.partial(submit_transaction, self._client)
+        else:
+            value = getattr(self._client, name)
         if name not in _SINGLE_REQUESTS:
             return value
 
