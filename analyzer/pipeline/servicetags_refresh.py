@@ -54,7 +54,6 @@ from azure.core.exceptions import (
 )
 from azure.core.pipeline.policies import BearerTokenCredentialPolicy, UserAgentPolicy
 from azure.core.rest import HttpRequest, HttpResponse
-from azure.identity import DefaultAzureCredential
 from azure.storage.blob import BlobProperties, ContainerClient, ContentSettings
 
 from analyzer.base.errors import NwcapError
@@ -274,6 +273,8 @@ def management_credential(connection: ConnectionSettings) -> TokenCredential:
     developer's own sign-in."""
     if connection.identity_based:
         return connection.credential()
+    from azure.identity import DefaultAzureCredential  # noqa: PLC0415 - 0.1 s, seldom needed
+
     return DefaultAzureCredential()
 
 
