@@ -20,6 +20,7 @@ from azure.data.tables import EdmType, EntityProperty, TableClient, UpdateMode
 from analyzer.base.models import SEVERITY_ORDER
 from analyzer.pipeline.alert_messages import StoredAlert
 from analyzer.store.results import CaptureRecord, TableResultsStore
+from analyzer.store.transactions import submit_transaction
 
 DELIVERY_TABLE = "alertdelivery"
 DELIVERED_STATUSES = frozenset({"complete", "partial"})  # capture statuses whose alerts go out
@@ -106,8 +107,8 @@ class DeliveryLedger:
     def _write(self, rows: Sequence[dict[str, Any]]) -> None:
         for start in range(0, len(rows), _TRANSACTION_ROWS):
             batch = rows[start : start + _TRANSACTION_ROWS]
-            self.table.submit_transaction(
-                [("upsert", row, {"mode": UpdateMode.REPLACE}) for row in batch]
+            submit_transaction(  # nwcap's writer: a fraction of the SDK's CPU per row
+                self.table, [("upsert", row, {"mode": UpdateMode.REPLACE}) for row in batch]
             )
 
 
