@@ -3,13 +3,18 @@ own ``submit_transaction`` stores, fail as it fails, and are what the store send
 
 from __future__ import annotations
 
+import json
 import math
+import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.exceptions import HttpResponseError
 from azure.data.tables import (
     EdmType,
@@ -23,7 +28,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from analyzer.store import transactions
-from analyzer.store.throttling import Backoff, BusyAwareTable
+from analyzer.store.throttling import Backoff, BusyAwareTable, is_throttled
+
+# Azurite's well-known development key (any key does for a server that checks none).
+DEV_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
 
 # Key characters the service allows: no / \ # ? and no control characters.
 KEY_TEXT = st.text(
@@ -127,7 +137,7 @@ class TestSameRowsAsTheSdk:
                 for row, values in rows
             ]
             by_sdk.submit_transaction(operations)
-            assert transactions.submit_transaction(NoSdkTransactions(by_bytes), operations) is None
+            transactions.submit_transaction(NoSdkTransactions(by_bytes), operations)
             assert stored(by_bytes) == stored(by_sdk)
         finally:
             for table in (by_sdk, by_bytes):
@@ -258,3 +268,101 @@ class TestTheStoreSendsBytes:
         )
         assert sent == [f"{table.url}/$batch"]
         assert sorted(int(row["n"]) for row in table.list_entities()) == list(range(100))
+
+
+@dataclass
+class Answering:
+    """A table endpoint that answers every request with ``status`` and an OData error ``code``,
+    counting requests and the client connections they came on."""
+
+    status: int = 503
+    code: str = "ServerBusy"
+    requests: int = 0
+    connections: set[tuple[str, int]] = field(default_factory=set)
+
+
+@pytest.fixture
+def answering() -> Iterator[tuple[Answering, TableClient]]:
+    state = Answering()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            state.requests += 1
+            state.connections.add(self.client_address)
+            payload = json.dumps(
+                {"odata.error": {"code": state.code,
+                                 "message": {"lang": "en-US", "value": f"said {state.code}"}}}
+            ).encode()
+            self.send_response(state.status)
+            self.send_header("Content-Type", "application/json;odata=minimalmetadata")
+            self.send_header("x-ms-error-code", state.code)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = TableClient(
+        f"http://127.0.0.1:{server.server_address[1]}/devstoreaccount1", "tbl",
+        credential=AzureNamedKeyCredential("devstoreaccount1", DEV_KEY), retry_total=0,
+    )
+    yield state, client
+    server.shutdown()
+    server.server_close()
+
+
+class TestErrorAnswers:
+    """An error answer is the SDK's own exception, from one request on a kept connection."""
+
+    @pytest.mark.parametrize(
+        ("status", "code"),
+        [(503, "ServerBusy"), (500, "OperationTimedOut"), (500, "InternalError"),
+         (429, "TooManyRequests"), (400, "InvalidInput"), (403, "AuthenticationFailed"),
+         (413, "RequestBodyTooLarge")],
+    )
+    def test_same_exception_one_request(
+        self, answering: tuple[Answering, TableClient], status: int, code: str
+    ) -> None:
+        state, client = answering
+        state.status, state.code = status, code
+        operations = [("upsert", {"PartitionKey": "p", "RowKey": "r"},
+                       {"mode": UpdateMode.REPLACE})]
+        with pytest.raises(HttpResponseError) as from_sdk:
+            client.submit_transaction(operations)
+        state.requests = 0
+        state.connections.clear()
+        raised = []
+        for _ in range(3):
+            with pytest.raises(HttpResponseError) as from_bytes:
+                transactions.submit_transaction(NoSdkTransactions(client), operations)
+            raised.append(from_bytes.value)
+        error = raised[-1]
+        assert type(error) is type(from_sdk.value)
+        assert (error.status_code, str(getattr(error, "error_code", None))) == (
+            from_sdk.value.status_code, str(getattr(from_sdk.value, "error_code", None)))
+        assert f"said {code}" in str(error)
+        assert is_throttled(error) == is_throttled(from_sdk.value)
+        # one request per call, all on one connection: each answer was read to its end
+        assert (state.requests, len(state.connections)) == (3, 1)
+
+
+def test_sent_to_the_primary_endpoint(
+    table_service: TableServiceClient, tables: tuple[TableClient, TableClient]
+) -> None:
+    """Whatever location a client reads from, transactions go where the SDK sends them."""
+    _, table = tables
+    secondary = TableClient(
+        table_service.url, table.table_name, credential=table_service.credential,
+        location_mode="secondary",
+    )
+    transactions.submit_transaction(
+        NoSdkTransactions(secondary),
+        [("upsert", {"PartitionKey": "p", "RowKey": "r"}, {"mode": UpdateMode.REPLACE})],
+    )
+    assert [row["RowKey"] for row in table.list_entities()] == ["r"]

@@ -12,10 +12,10 @@ retries and transport are the SDK's. The status line of each operation's answer 
 all succeeded.
 
 Anything else goes to the SDK's own ``submit_transaction``: other operations, value types
-this module does not write, a client without the generated pipeline, and every answer that is
-not success, busy or a transport error. Sent again that way, it raises the SDK's own error (a
-transaction that failed changed nothing, so sending it again is safe), which is what callers
-match on (409 of an insert, 404 of a merge).
+this module does not write, Cosmos DB endpoints, a client without the generated pipeline. An
+error answer becomes the exception the SDK makes of it, by the SDK's own decoding; a failed
+changeset (which applied nothing) is sent again through the SDK, which raises its own error.
+That is what callers match on (409 of an insert that lost a race, TableNotFound, busy answers).
 """
 
 from __future__ import annotations
@@ -29,37 +29,39 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
-from azure.core.exceptions import HttpResponseError
 from azure.core.rest import HttpRequest
-from azure.data.tables import EdmType, UpdateMode
+from azure.data.tables import EdmType, RequestTooLargeError, UpdateMode
+from azure.data.tables import _error as sdk_errors
 
 MAX_OPERATIONS = 100  # the service's limit per transaction
-# Whole answers that mean "come back later": raised as they are, for the caller's backoff
-# (analyzer.store.throttling), rather than sent again at once through the SDK.
-_BUSY_STATUS = frozenset({429, 500, 503})
 _STATUS_LINE = re.compile(rb"^HTTP/1\.1 (\d{3})", re.MULTILINE)
 _INT32 = range(-(2**31), 2**31)
 _INT64 = range(-(2**63), 2**63)
 _NOT_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
 
 
-def submit_transaction(client: Any, operations: Iterable[Any], **kwargs: Any) -> Any:
-    """``client.submit_transaction(operations, **kwargs)``, with the same outcome: the
-    operations applied together, or the SDK's error and none applied.
 
-    ``upsert`` (replace) and ``create`` operations of plain values are sent as one
-    request written here; anything else, and any failure that is not "busy", takes the SDK's
-    path. Returns ``None`` on the written path (no caller reads the SDK's per-row metadata).
+def submit_transaction(client: Any, operations: Iterable[Any], **kwargs: Any) -> None:
+    """``client.submit_transaction(operations, **kwargs)``, with the same outcome: the
+    operations applied together, or the SDK's own exception and none applied.
+
+    ``upsert`` (replace) and ``create`` operations of plain values are sent as one request
+    written here; anything else takes the SDK's path. An answer other than 202 becomes the
+    exception the SDK makes of it (busy answers too: the caller's backoff judges them). A 202
+    whose changeset failed (which applied nothing) is sent again through the SDK, which says
+    why; so is a busy answer inside a changeset, at the cost of one more request.
     """
     operations = list(operations)
     send: Any = getattr(getattr(client, "_client", None), "send_request", None)
-    body = _batch_body(client, operations) if send is not None else None
+    account = _primary_url(client)
+    body = _batch_body(client, account, operations) if send and account else None
     if body is None:
-        return client.submit_transaction(operations, **kwargs)
+        client.submit_transaction(operations, **kwargs)
+        return
     batch, content = body
     request = HttpRequest(
         "POST",
-        f"{_account_url(client)}/$batch",
+        f"{account}/$batch",
         headers={
             "x-ms-version": client.api_version,
             "DataServiceVersion": "3.0",
@@ -69,13 +71,29 @@ def submit_transaction(client: Any, operations: Iterable[Any], **kwargs: Any) ->
         },
         content=content,
     )
-    # streamed, as the SDK sends it: the pipeline's decoding policy cannot read multipart
+    # streamed, as the SDK sends it (the pipeline's decoding policy cannot read multipart), and
+    # always read: that releases the pooled connection and gives an error its details
     response = send(request, stream=True, **kwargs)
-    if response.status_code == 202 and _all_succeeded(response.read(), len(operations)):
-        return None
-    if response.status_code in _BUSY_STATUS:
-        raise HttpResponseError(response=response)
-    return client.submit_transaction(operations, **kwargs)
+    answer = response.read()
+    if response.status_code == 202:
+        if not _all_succeeded(answer, len(operations)):
+            client.submit_transaction(operations, **kwargs)
+        return
+    # How the SDK turns an error answer into its exception (TablesBaseClient._batch_send).
+    decode: Any = getattr(sdk_errors, "_decode_error", None)
+    check_table_name: Any = getattr(sdk_errors, "_validate_tablename_error", None)
+    if decode is None or check_table_name is None:  # pragma: no cover - a later SDK
+        client.submit_transaction(operations, **kwargs)
+        return
+    if response.status_code == 413:
+        raise decode(
+            response,
+            error_message="The transaction request was too large",
+            error_type=RequestTooLargeError,
+        )
+    error = decode(response)
+    check_table_name(error, client.table_name)
+    raise error
 
 
 def _all_succeeded(answer: bytes, operations: int) -> bool:
@@ -85,15 +103,22 @@ def _all_succeeded(answer: bytes, operations: int) -> bool:
     return len(statuses) == operations and all(status.startswith(b"2") for status in statuses)
 
 
-def _account_url(client: Any) -> str:
-    return str(client.url).split("?", 1)[0].rstrip("/")
+def _primary_url(client: Any) -> str | None:
+    """Where the SDK sends a transaction: the account's primary endpoint (whatever location
+    the client reads from), or ``None`` where the SDK must send it (Cosmos DB's Table API,
+    whose answers this module does not parse; a client without those attributes)."""
+    scheme = getattr(client, "scheme", None)
+    host = getattr(client, "_primary_hostname", None)
+    if getattr(client, "_cosmos_endpoint", False) or not scheme or not host:
+        return None
+    return f"{scheme}://{host}"
 
 
-def _batch_body(client: Any, operations: list[Any]) -> tuple[str, bytes] | None:
+def _batch_body(client: Any, account: str, operations: list[Any]) -> tuple[str, bytes] | None:
     """The batch's boundary and body, or ``None`` when the SDK must write it."""
     if not 0 < len(operations) <= MAX_OPERATIONS:
         return None
-    table_url = f"{_account_url(client)}/{quote(str(client.table_name), safe='')}"
+    table_url = f"{account}/{quote(str(client.table_name), safe='')}"
     partition = None
     changeset = f"changeset_{uuid.uuid4()}"
     parts: list[bytes] = []
@@ -146,7 +171,9 @@ def _operation(
     if document is None:
         return None
     headers = f"x-ms-version: {version}\r\nDataServiceVersion: 3.0\r\n"
-    kind = str(kind).lower()
+    if not isinstance(kind, str):  # TransactionOperation is a str too
+        return None
+    kind = kind.lower()
     if kind == "create" and not options:
         line = f"POST {table_url}"
         headers += "Accept: application/json;odata=nometadata\r\nPrefer: return-no-content\r\n"
