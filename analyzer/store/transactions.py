@@ -12,14 +12,16 @@ retries and transport are the SDK's. The status line of each operation's answer 
 all succeeded.
 
 Anything else goes to the SDK's own ``submit_transaction``: other operations, value types
-this module does not write, Cosmos DB endpoints, a client without the generated pipeline. An
-error answer becomes the exception the SDK makes of it, by the SDK's own decoding; a failed
-changeset (which applied nothing) is sent again through the SDK, which raises its own error.
-That is what callers match on (409 of an insert that lost a race, TableNotFound, busy answers).
+this module does not write, Cosmos DB endpoints, a client without the generated pipeline.
+Every answer is read to its end (the pooled connection stays usable). A busy answer is raised
+as the SDK raises it, for the caller's backoff; any other failure applied nothing and is sent
+again through the SDK, which raises its own exception: that is what callers match on (409 of
+an insert that lost a race, TableNotFound, 413).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -29,11 +31,13 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
+from azure.core.exceptions import HttpResponseError, IncompleteReadError, ServiceResponseError
 from azure.core.rest import HttpRequest
-from azure.data.tables import EdmType, RequestTooLargeError, UpdateMode
-from azure.data.tables import _error as sdk_errors
+from azure.data.tables import EdmType, TableErrorCode, UpdateMode
 
 MAX_OPERATIONS = 100  # the service's limit per transaction
+# Whole answers that mean "come back later" (analyzer.store.throttling judges which).
+_BUSY_STATUS = frozenset({429, 500, 503})
 _STATUS_LINE = re.compile(rb"^HTTP/1\.1 (\d{3})", re.MULTILINE)
 _INT32 = range(-(2**31), 2**31)
 _INT64 = range(-(2**63), 2**63)
@@ -46,10 +50,10 @@ def submit_transaction(client: Any, operations: Iterable[Any], **kwargs: Any) ->
     operations applied together, or the SDK's own exception and none applied.
 
     ``upsert`` (replace) and ``create`` operations of plain values are sent as one request
-    written here; anything else takes the SDK's path. An answer other than 202 becomes the
-    exception the SDK makes of it (busy answers too: the caller's backoff judges them). A 202
-    whose changeset failed (which applied nothing) is sent again through the SDK, which says
-    why; so is a busy answer inside a changeset, at the cost of one more request.
+    written here; anything else takes the SDK's path. A busy answer (429, 500, 503) is raised as
+    the SDK would raise it, for the caller's backoff. Any other failure applied nothing: it is
+    sent again through the SDK, which raises its own exception (one more request, on a path
+    that only errors take; a busy answer inside a changeset is one of them).
     """
     operations = list(operations)
     send: Any = getattr(getattr(client, "_client", None), "send_request", None)
@@ -74,26 +78,35 @@ def submit_transaction(client: Any, operations: Iterable[Any], **kwargs: Any) ->
     # streamed, as the SDK sends it (the pipeline's decoding policy cannot read multipart), and
     # always read: that releases the pooled connection and gives an error its details
     response = send(request, stream=True, **kwargs)
-    answer = response.read()
+    try:
+        answer = response.read()
+    except IncompleteReadError as error:
+        # The connection dropped inside the answer: the transaction may or may not have been
+        # applied, and the run cannot tell. That is a transient fault (the run is retried;
+        # upserts are idempotent, and an insert meeting its own rows reads them back as its own).
+        raise ServiceResponseError(f"the answer to a transaction was cut short: {error}") from error
     if response.status_code == 202:
         if not _all_succeeded(answer, len(operations)):
             client.submit_transaction(operations, **kwargs)
         return
-    # How the SDK turns an error answer into its exception (TablesBaseClient._batch_send).
-    decode: Any = getattr(sdk_errors, "_decode_error", None)
-    check_table_name: Any = getattr(sdk_errors, "_validate_tablename_error", None)
-    if decode is None or check_table_name is None:  # pragma: no cover - a later SDK
-        client.submit_transaction(operations, **kwargs)
-        return
-    if response.status_code == 413:
-        raise decode(
-            response,
-            error_message="The transaction request was too large",
-            error_type=RequestTooLargeError,
-        )
-    error = decode(response)
-    check_table_name(error, client.table_name)
-    raise error
+    if response.status_code in _BUSY_STATUS:
+        raise _busy_error(response, answer)  # for the caller's backoff, without a second request
+    # Any other error answer: nothing was applied; the SDK sends it again and makes its own
+    # exception of the answer (callers match on those: TableNotFound, 409, 413...).
+    client.submit_transaction(operations, **kwargs)
+
+
+def _busy_error(response: Any, answer: bytes) -> HttpResponseError:
+    """The error of a busy answer as the SDK would raise it: its status, the service's error
+    code (a ``TableErrorCode`` where it is one) and message."""
+    code = str(response.headers.get("x-ms-error-code") or "")
+    message = str(response.reason or "busy")
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        message = str(json.loads(answer)["odata.error"]["message"]["value"])
+    error = HttpResponseError(message=message, response=response)
+    known = {member.value: member for member in TableErrorCode}
+    error.error_code = known.get(code, code)  # type: ignore[attr-defined] # as the SDK sets it
+    return error
 
 
 def _all_succeeded(answer: bytes, operations: int) -> bool:
