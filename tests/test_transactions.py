@@ -279,6 +279,7 @@ class Answering:
     status: int = 503
     code: str = "ServerBusy"
     cut_short: bool = False  # instead: a 202 whose body ends before its Content-Length
+    body: bytes | None = None  # instead of the OData error document
     requests: int = 0
     connections: set[tuple[str, int]] = field(default_factory=set)
 
@@ -308,7 +309,7 @@ def answering() -> Iterator[tuple[Answering, TableClient]]:
             payload = json.dumps(
                 {"odata.error": {"code": state.code,
                                  "message": {"lang": "en-US", "value": f"said {state.code}"}}}
-            ).encode()
+            ).encode() if state.body is None else state.body
             self.send_response(state.status)
             self.send_header("Content-Type", "application/json;odata=minimalmetadata")
             self.send_header("x-ms-error-code", state.code)
@@ -392,3 +393,21 @@ def test_an_answer_cut_short_is_transient(answering: tuple[Answering, TableClien
         )
     assert is_transient(raised.value)
     assert "cut short" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"<html>busy</html>", b'{"error": {"code": "ServerBusy"}}', b"[1]"]
+)
+def test_a_busy_answer_without_an_odata_body(
+    answering: tuple[Answering, TableClient], body: bytes
+) -> None:
+    """A gateway's busy answer, whatever its body, is still a busy error for the backoff."""
+    state, client = answering
+    state.body = body
+    with pytest.raises(HttpResponseError) as raised:
+        transactions.submit_transaction(
+            NoSdkTransactions(client),
+            [("upsert", {"PartitionKey": "p", "RowKey": "r"}, {"mode": UpdateMode.REPLACE})],
+        )
+    assert raised.value.status_code == 503
+    assert is_throttled(raised.value)

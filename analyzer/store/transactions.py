@@ -44,7 +44,6 @@ _INT64 = range(-(2**63), 2**63)
 _NOT_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
 
 
-
 def submit_transaction(client: Any, operations: Iterable[Any], **kwargs: Any) -> None:
     """``client.submit_transaction(operations, **kwargs)``, with the same outcome: the
     operations applied together, or the SDK's own exception and none applied.
@@ -101,7 +100,7 @@ def _busy_error(response: Any, answer: bytes) -> HttpResponseError:
     code (a ``TableErrorCode`` where it is one) and message."""
     code = str(response.headers.get("x-ms-error-code") or "")
     message = str(response.reason or "busy")
-    with contextlib.suppress(ValueError, AttributeError, TypeError):
+    with contextlib.suppress(ValueError, LookupError, TypeError):  # no OData error body
         message = str(json.loads(answer)["odata.error"]["message"]["value"])
     error = HttpResponseError(message=message, response=response)
     known = {member.value: member for member in TableErrorCode}
