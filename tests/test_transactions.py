@@ -36,6 +36,7 @@ DEV_KEY = (
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 )
 
+ONE_UPSERT = [("upsert", {"PartitionKey": "p", "RowKey": "r"}, {"mode": UpdateMode.REPLACE})]
 # Key characters the service allows: no / \ # ? and no control characters.
 KEY_TEXT = st.text(
     st.characters(
@@ -344,8 +345,7 @@ class TestErrorAnswers:
         state, client = answering
         state.status, state.code = status, code
         busy = status in (429, 500, 503)
-        operations = [("upsert", {"PartitionKey": "p", "RowKey": "r"},
-                       {"mode": UpdateMode.REPLACE})]
+        operations = ONE_UPSERT
         with pytest.raises(HttpResponseError) as from_sdk:
             client.submit_transaction(operations)
         state.requests = 0
@@ -377,7 +377,7 @@ def test_sent_to_the_primary_endpoint(
     )
     transactions.submit_transaction(
         NoSdkTransactions(secondary),
-        [("upsert", {"PartitionKey": "p", "RowKey": "r"}, {"mode": UpdateMode.REPLACE})],
+        ONE_UPSERT,
     )
     assert [row["RowKey"] for row in table.list_entities()] == ["r"]
 
@@ -389,7 +389,7 @@ def test_an_answer_cut_short_is_transient(answering: tuple[Answering, TableClien
     with pytest.raises(ServiceResponseError) as raised:
         transactions.submit_transaction(
             NoSdkTransactions(client),
-            [("upsert", {"PartitionKey": "p", "RowKey": "r"}, {"mode": UpdateMode.REPLACE})],
+            ONE_UPSERT,
         )
     assert is_transient(raised.value)
     assert "cut short" in str(raised.value)
@@ -407,7 +407,7 @@ def test_a_busy_answer_without_an_odata_body(
     with pytest.raises(HttpResponseError) as raised:
         transactions.submit_transaction(
             NoSdkTransactions(client),
-            [("upsert", {"PartitionKey": "p", "RowKey": "r"}, {"mode": UpdateMode.REPLACE})],
+            ONE_UPSERT,
         )
     assert raised.value.status_code == 503
     assert is_throttled(raised.value)
