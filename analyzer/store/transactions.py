@@ -176,24 +176,23 @@ def _operation(
     options = operation[2] if len(operation) == 3 else {}
     if not isinstance(entity, Mapping) or not isinstance(options, Mapping):
         return None
+    if not isinstance(kind, str):  # TransactionOperation is a str too
+        return None
+    kind = kind.lower()
+    create = kind == "create" and not options
+    # Insert-or-replace only: a merge is spelled differently for Cosmos DB's Table API, which
+    # the SDK handles and nwcap never writes.
+    replace = kind == "upsert" and dict(options) == {"mode": UpdateMode.REPLACE}
     partition, row = entity.get("PartitionKey"), entity.get("RowKey")
-    if not isinstance(partition, str) or not isinstance(row, str):
+    if not (create or replace) or not isinstance(partition, str) or not isinstance(row, str):
         return None
     document = _document(entity)
     if document is None:
         return None
     headers = f"x-ms-version: {version}\r\nDataServiceVersion: 3.0\r\n"
-    if not isinstance(kind, str):  # TransactionOperation is a str too
-        return None
-    kind = kind.lower()
-    if kind == "create" and not options:
-        line = f"POST {table_url}"
+    if create:
         headers += "Accept: application/json;odata=nometadata\r\nPrefer: return-no-content\r\n"
-        return partition, line, headers, document
-    # Insert-or-replace only: a merge is spelled differently for Cosmos DB's Table API, which
-    # the SDK handles and nwcap never writes.
-    if kind != "upsert" or set(options) != {"mode"} or options["mode"] != UpdateMode.REPLACE:
-        return None
+        return partition, f"POST {table_url}", headers, document
     keys = f"PartitionKey='{_key(partition)}',RowKey='{_key(row)}'"
     headers += "Accept: application/json\r\n"
     return partition, f"PUT {table_url}({keys})", headers, document
