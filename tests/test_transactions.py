@@ -375,10 +375,7 @@ def test_sent_to_the_primary_endpoint(
         table_service.url, table.table_name, credential=table_service.credential,
         location_mode="secondary",
     )
-    transactions.submit_transaction(
-        NoSdkTransactions(secondary),
-        ONE_UPSERT,
-    )
+    transactions.submit_transaction(NoSdkTransactions(secondary), ONE_UPSERT)
     assert [row["RowKey"] for row in table.list_entities()] == ["r"]
 
 
@@ -387,10 +384,7 @@ def test_an_answer_cut_short_is_transient(answering: tuple[Answering, TableClien
     state, client = answering
     state.cut_short = True
     with pytest.raises(ServiceResponseError) as raised:
-        transactions.submit_transaction(
-            NoSdkTransactions(client),
-            ONE_UPSERT,
-        )
+        transactions.submit_transaction(NoSdkTransactions(client), ONE_UPSERT)
     assert is_transient(raised.value)
     assert "cut short" in str(raised.value)
 
@@ -405,9 +399,6 @@ def test_a_busy_answer_without_an_odata_body(
     state, client = answering
     state.body = body
     with pytest.raises(HttpResponseError) as raised:
-        transactions.submit_transaction(
-            NoSdkTransactions(client),
-            ONE_UPSERT,
-        )
+        transactions.submit_transaction(NoSdkTransactions(client), ONE_UPSERT)
     assert raised.value.status_code == 503
     assert is_throttled(raised.value)
