@@ -18,6 +18,7 @@ from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient, ContainerClient, ExponentialRetry
 from conftest import network_watcher_path, udp_capture
 
+from analyzer.pipeline import processing
 from analyzer.pipeline.processing import is_transient, process_blob
 from analyzer.store.results import TableResultsStore
 from analyzer.store.throttling import Backoff, is_throttled
@@ -214,3 +215,18 @@ class TestBackoff:
         error.status_code = status
         error.error_code = code
         assert is_throttled(error) is busy
+
+
+class TestBlobPropertiesBackOff:
+    """The run's blob property reads wait out a busy account beyond the SDK's own retries, as
+    the store's requests and the download do (CI once failed a capture on the ETag check)."""
+
+    def test_more_busy_answers_than_the_sdk_retries(
+        self, proxied: Callable[[Faults], str], captures_container: ContainerClient
+    ) -> None:
+        faults = Faults(busy=lambda n: 503 if n < 8 else None)  # the SDK here tries 7 times
+        blobs, _ = clients(proxied(faults))
+        captures_container.upload_blob("busy.cap", b"abc")
+        blob = blobs.get_blob_client(captures_container.container_name, "busy.cap")
+        assert processing._blob_properties(blob).size == 3
+        assert faults.answered_busy == 8

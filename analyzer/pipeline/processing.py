@@ -76,6 +76,7 @@ from analyzer.store.results import (
     ip_key,
     storable_time,
 )
+from analyzer.store.throttling import Backoff
 
 log = logging.getLogger(__name__)
 # One record per capture outcome and one per alert, with their fields as JSON in the message
@@ -93,6 +94,8 @@ MAX_ATTEMPTS = 20
 # Ranges downloaded ahead of the analysis: 2 MiB keeps the read-ahead's memory (4 ranges,
 # each held twice while the SDK joins it) 16 MiB lower at peak than 4 MiB ranges (bench/README).
 DOWNLOAD_CHUNK = 2 * MIB
+# Backoff of the run's blob property reads, with the production policy (as the download's).
+_BLOB_BACKOFF = Backoff()
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +224,7 @@ def process_blob(
     location = parse_capture_path(blob.container_name, blob.blob_name)
     capture_id = capture_id_for(location)
     try:
-        properties = blob.get_blob_properties()
+        properties = _blob_properties(blob)
     except ResourceNotFoundError:
         log.warning("Capture %s is gone before it could be processed", name)
         return Outcome("missing", name, capture_id)
@@ -722,10 +725,16 @@ def _json(fields: Mapping[str, Any]) -> str:
     return json.dumps(fields, separators=(",", ":"), ensure_ascii=True, default=str)
 
 
+def _blob_properties(blob: BlobClient) -> BlobProperties:
+    """The blob's properties, a busy account waited out as for every other storage request
+    of a run (the store's, the download's), not only by the SDK's few quick retries."""
+    return _BLOB_BACKOFF.call(blob.get_blob_properties)
+
+
 def _blob_changed(blob: BlobClient, record: CaptureRecord) -> bool:
     """True when the blob is no longer the version this run read (its trigger will follow)."""
     try:
-        return str(blob.get_blob_properties().etag) != record.blob_etag
+        return str(_blob_properties(blob).etag) != record.blob_etag
     except ResourceNotFoundError:
         return False  # deleted since: the results of what was read still stand
 
