@@ -127,20 +127,27 @@ class TestSpoofedSources:
         assert learned(results_store) & {f"198.51.100.{i}" for i in range(1, 251)} == set()
 
 
+@pytest.fixture
+def session_at(
+    storage_env: Mapping[str, str],
+    upload: Callable[[str, bytes], BlobClient],
+    results_store: TableResultsStore,
+) -> Callable[[int], BlobClient]:
+    """The VM's baseline seeded by its first capture (minute 1); then a function uploading,
+    at a minute of the same hour, a capture with a real session with the attacker."""
+    process_blob(upload(network_watcher_path(minute=1), capture()), results_store)
+    return lambda minute: upload(network_watcher_path(minute=minute), capture(real_session))
+
+
 class TestConcurrentCaptures:
     """Two captures of one VM processed at once raise one new-peer per address."""
 
     def test_one_new_peer_alert_for_an_address(
         self,
-        storage_env: Mapping[str, str],
-        upload: Callable[[str, bytes], BlobClient],
+        session_at: Callable[[int], BlobClient],
         results_store: TableResultsStore,
     ) -> None:
-        process_blob(upload(network_watcher_path(minute=1), capture()), results_store)
-        blobs = [
-            upload(network_watcher_path(minute=minute), capture(real_session))
-            for minute in (2, 3)
-        ]
+        blobs = [session_at(minute) for minute in (2, 3)]
         errors: list[BaseException] = []
         barrier = threading.Barrier(len(blobs))
 
@@ -161,3 +168,66 @@ class TestConcurrentCaptures:
             peer for peers in new_peers(results_store).values() for peer in peers
         ]
         assert raised == [ATTACKER]
+
+    @pytest.mark.parametrize("older_reads_first", [True, False])
+    def test_a_capture_stored_between_read_and_claim_keeps_the_only_alert(
+        self,
+        session_at: Callable[[int], BlobClient],
+        results_store: TableResultsStore,
+        older_reads_first: bool,
+    ) -> None:
+        """The race above, made deterministic: one capture reads the baseline, the other is
+        stored completely, then the first learns. Whichever of the two is older, the one stored
+        first keeps the address's only new-peer alert, also when both are processed again."""
+        older, newer = session_at(2), session_at(3)
+        reads_first, stored_meanwhile = (older, newer) if older_reads_first else (newer, older)
+        interleaved = StoredAfterRead(
+            results_store, lambda: process_blob(stored_meanwhile, results_store)
+        )
+        process_blob(reads_first, interleaved)
+        assert interleaved.meanwhile is None  # the other capture was stored in between
+        expected = {reads_first.blob_name: [], stored_meanwhile.blob_name: [ATTACKER]}
+        assert drop_seed(new_peers(results_store)) == expected
+        for blob in (older, newer):
+            process_blob(blob, results_store, force=True)
+        assert drop_seed(new_peers(results_store)) == expected
+
+    def test_a_backfilled_older_capture_raises_no_second_alert(
+        self,
+        session_at: Callable[[int], BlobClient],
+        results_store: TableResultsStore,
+    ) -> None:
+        newer = session_at(3)
+        process_blob(newer, results_store)
+        older = session_at(2)
+        process_blob(older, results_store)
+        assert drop_seed(new_peers(results_store)) == {
+            newer.blob_name: [ATTACKER], older.blob_name: []
+        }
+        [row] = [r for r in results_store.table("baseline").list_entities()
+                 if r["RowKey"] == ATTACKER]
+        stored = {r["blob_name"]: r["capture_id"] for r in results_store.list_captures().items}
+        assert row["first_capture_id"] == stored[newer.blob_name]  # left as it was
+
+
+class StoredAfterRead(TableResultsStore):
+    """The real store on Azurite, except that ``meanwhile`` runs once, right after the first
+    read of a VM's baseline rows (before the capture learns from them)."""
+
+    def __init__(self, base: TableResultsStore, meanwhile: Callable[[], object]) -> None:
+        prefix = base.names["captures"][: -len("captures")]
+        super().__init__(base.service, prefix=prefix)
+        self.meanwhile: Callable[[], object] | None = meanwhile
+
+    def baseline_entries(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        known = super().baseline_entries(*args, **kwargs)
+        if self.meanwhile is not None:
+            run, self.meanwhile = self.meanwhile, None
+            run()
+        return known
+
+
+def drop_seed(alerts: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The new-peer alerts of every capture but the VM's first (which only seeds)."""
+    seed = network_watcher_path(minute=1)
+    return {name: peers for name, peers in alerts.items() if name != seed}

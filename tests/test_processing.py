@@ -589,7 +589,7 @@ class TestBaseline:
         )
         known = {ip_key("20.0.0.3"): BaselineEntry("vm-a.00000000000000000000", 0.0)}
         new = new_peer_keys(
-            peers, known, frozenset(), "vm-a.11111111111111111111", 10.0, 10.0, 86_400.0
+            peers, known, frozenset(), "vm-a.11111111111111111111", 10.0, 86_400.0
         )
         alerts = baseline_alerts(location, peers, new)
         assert [(a.peer, a.severity, a.rule) for a in alerts] == [

@@ -31,7 +31,6 @@ def new_peer_keys(
     known: Mapping[str, BaselineEntry],
     first: frozenset[str],
     capture_id: str,
-    capture_time: float,
     now: float,
     max_age: float,
     *,
@@ -53,7 +52,7 @@ def new_peer_keys(
         elif not (learns and peer.exchanged):  # learned, not first: another capture was
             entry = known.get(key)
             absent = entry is None or entry.expired(now, max_age)
-            if absent or first_to_show(entry, capture_id, capture_time):
+            if absent or first_to_show(entry, capture_id):
                 new.add(key)
     return frozenset(new)
 

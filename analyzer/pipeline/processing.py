@@ -545,7 +545,7 @@ def _store_analysis(
         )
         new_peers = (
             new_peer_keys(
-                peers, known, first, claimed.capture_id, capture_time, now, max_age, learns=learns
+                peers, known, first, claimed.capture_id, now, max_age, learns=learns
             )
             if learned_before
             else frozenset()

@@ -284,10 +284,11 @@ class BaselineEntry:
         return max(self.last_time, self.capture_time) < now - max_age
 
 
-def first_to_show(entry: BaselineEntry | None, capture_id: str, capture_time: float) -> bool:
-    """True when a capture at ``capture_time`` is (still) the first to show a peer whose
-    baseline row is ``entry``: no row, the row is this capture's, or this capture is older."""
-    return entry is None or entry.capture_id == capture_id or entry.capture_time > capture_time
+def first_to_show(entry: BaselineEntry | None, capture_id: str) -> bool:
+    """True when a capture is (still) the first to show a peer whose baseline row is
+    ``entry``: no row, or the row is this capture's. A capture older than the row's, processed
+    after it (a backfill), is not: the VM's first sighting of the address was reported once."""
+    return entry is None or entry.capture_id == capture_id
 
 
 # --- mapping -----------------------------------------------------------------------------

@@ -261,12 +261,12 @@ class ResultsStore(Protocol):
         now: float,
         max_age: float,
     ) -> frozenset[str]:
-        """Record this capture as the first to show each of ``peers`` that has no row, a row
-        not seen for ``max_age`` seconds, or a row of a later capture; return the keys this
-        capture is (now) first for. Rows are inserted if absent (in transactions, each row on
-        its own when one of them exists) and replaced only at the version read, so of
-        concurrent captures one wins each peer. ``known`` includes the VM's marker row, if
-        any; a row seen again moves its last sighting at most once a day."""
+        """Record this capture as the first to show each of ``peers`` that has no row or a row
+        not seen for ``max_age`` seconds; return the keys this capture is (now) first for.
+        Rows are inserted if absent (in transactions, each row on its own when one of them
+        exists) and replaced only at the version read, so of concurrent captures one wins each
+        peer, whatever their capture times. ``known`` includes the VM's marker row, if any; a
+        row seen again moves its last sighting at most once a day."""
         ...
 
     def list_captures(
@@ -669,7 +669,7 @@ class TableResultsStore:
                 won.add(key)  # this capture's own row, from an earlier run of it
             elif entry is None:
                 new_rows.append((baseline_partition(vm_partition, key, shards), position))
-            elif entry.expired(now, max_age) or entry.capture_time > capture_time:
+            elif entry.expired(now, max_age):
                 row = baseline_entity(location, peer, capture_id, capture_time, shards)
                 replaced.append((row, entry))
             elif max(entry.last_time, entry.capture_time) < min(stale, capture_time):
