@@ -314,8 +314,7 @@ class FailingStore(TableResultsStore):
     claimed, before its results are written)."""
 
     def __init__(self, base: TableResultsStore, error: Exception) -> None:
-        prefix = base.names["captures"][: -len("captures")]
-        super().__init__(base.service, prefix=prefix)
+        super().__init__(base.service, prefix=base.prefix)
         self.error = error
 
     def learn_baseline(self, *args: Any, **kwargs: Any) -> frozenset[str]:

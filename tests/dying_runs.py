@@ -16,7 +16,7 @@ class DyingStore(TableResultsStore):
     baseline, the first write after the claim): the row is left ``processing``."""
 
     def __init__(self, base: TableResultsStore) -> None:
-        super().__init__(base.service, prefix=base.names["captures"][: -len("captures")])
+        super().__init__(base.service, prefix=base.prefix)
 
     def learn_baseline(self, *args: Any, **kwargs: Any) -> frozenset[str]:
         raise Killed

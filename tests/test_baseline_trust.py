@@ -215,8 +215,7 @@ class StoredAfterRead(TableResultsStore):
     read of a VM's baseline rows (before the capture learns from them)."""
 
     def __init__(self, base: TableResultsStore, meanwhile: Callable[[], object]) -> None:
-        prefix = base.names["captures"][: -len("captures")]
-        super().__init__(base.service, prefix=prefix)
+        super().__init__(base.service, prefix=base.prefix)
         self.meanwhile: Callable[[], object] | None = meanwhile
 
     def baseline_entries(self, *args: Any, **kwargs: Any) -> dict[str, Any]:

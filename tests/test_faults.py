@@ -120,10 +120,6 @@ class HookedStore(TableResultsStore):
         return super().table(name)
 
 
-def prefix_of(store: TableResultsStore) -> str:
-    return store.names["captures"][: -len("captures")]
-
-
 # --- an Azurite of our own, to stop and start again ---------------------------------------
 
 
@@ -226,7 +222,7 @@ class TestOutage:
         service = site.tables(**NO_RETRY)
         base = fresh_store(service)
         store = HookedStore(
-            service, prefix_of(base), site.azurite.stop, table=table, method=method, after=after
+            service, base.prefix, site.azurite.stop, table=table, method=method, after=after
         )
         reader = site.blobs(**NO_RETRY).get_blob_client(site.container, name)
         try:
@@ -270,7 +266,7 @@ class TestOutage:
             restarts[0].start()
 
         store = HookedStore(
-            service, prefix_of(base), blip, table="peerindex", method="submit_transaction", after=2
+            service, base.prefix, blip, table="peerindex", method="submit_transaction", after=2
         )
         reader = site.blobs(**PATIENT).get_blob_client(site.container, name)
         try:
@@ -372,7 +368,7 @@ def run_workers(
                 connection_string,
                 blob.container_name,
                 blob.blob_name,
-                prefix_of(store),
+                store.prefix,
                 barrier,
                 die_mid_write,
                 results,
@@ -474,7 +470,7 @@ class TestChangedEtag:
             # trigger processes it completely before the old run goes on.
             newer.append(process_blob(upload(name, udp_capture(SECOND_VERSION)), results_store))
 
-        old_run = HookedStore(table_service, prefix_of(results_store), new_version_lands)
+        old_run = HookedStore(table_service, results_store.prefix, new_version_lands)
         old = process_blob(old_blob, old_run)
         assert newer[0].status == "complete"
         assert old.status == "superseded"

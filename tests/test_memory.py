@@ -380,7 +380,7 @@ class TestThroughAzurite:
         scan = io.BytesIO()
         write_scan(scan, STORED_SCAN_PEERS)
         captures_container.upload_blob(name, scan.getvalue())
-        prefix = results_store.names["captures"][: -len("captures")]
+        prefix = results_store.prefix
         run = run_child([sys.executable, "-c", PROCESS_SCAN, connection_string,
                          captures_container.container_name, name, prefix, SCAN_POLICY],
                         tmp=tmp_path)

@@ -309,7 +309,7 @@ class TestDelivery:
         errors: list[BaseException] = []
 
         def run() -> None:
-            store = TableResultsStore(table_service, prefix=results_store.names["captures"][:-8])
+            store = TableResultsStore(table_service, prefix=results_store.prefix)
             try:
                 outcomes.append(process_blob(blob, store, progress=lambda _: barrier.wait()))
             except BaseException as error:  # reported below, with the thread's traceback lost
@@ -481,8 +481,7 @@ class TestSupersededRun:
         self, upload: Upload, results_store: TableResultsStore
     ) -> None:
         blob = upload(network_watcher_path("vm-overtaken"), udp_capture(ANSWERED))
-        overtaken = _OvertakenStore(results_store.service,
-                                    prefix=results_store.names["captures"][: -len("captures")])
+        overtaken = _OvertakenStore(results_store.service, prefix=results_store.prefix)
         outcome = process_blob(blob, overtaken)
         assert outcome.status == "superseded"
         for table in ("peers", "peerindex"):

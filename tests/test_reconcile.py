@@ -202,7 +202,7 @@ class TestNoEvents:
         worker = context.Process(
             target=_process_then_hang,
             args=(connection_string, blob.container_name, blob.blob_name,
-                  results_store.names["captures"][: -len("captures")], ready),
+                  results_store.prefix, ready),
         )
         worker.start()
         assert ready.wait(60)
@@ -495,8 +495,7 @@ class TestFaults:
         reports: list[ReconcileReport] = []
 
         def one() -> None:
-            store = TableResultsStore(table_service,
-                                      prefix=results_store.names["captures"][: -len("captures")])
+            store = TableResultsStore(table_service, prefix=results_store.prefix)
             real = processor(store)
 
             def together(blob: BlobClient, stale_after: float) -> Outcome:
@@ -559,7 +558,7 @@ class KillingStore(TableResultsStore):
     """The real store on Azurite, dying at its ``kill_at``-th write (0: never; counts them)."""
 
     def __init__(self, base: TableResultsStore, kill_at: int) -> None:
-        super().__init__(base.service, prefix=base.names["captures"][: -len("captures")])
+        super().__init__(base.service, prefix=base.prefix)
         self.counter: dict[str, Any] = {
             "n": 0, "kill_at": kill_at, "steps": [], "lock": threading.Lock()
         }

@@ -33,8 +33,7 @@ _CREATED_TABLES: set[str] = set()  # delivery tables this process made sure of
 
 def delivery_table_name(store: TableResultsStore) -> str:
     """``<prefix>alertdelivery``, with the results store's table prefix."""
-    prefix = store.names["captures"][: -len("captures")]
-    return f"{prefix}{DELIVERY_TABLE}"
+    return f"{store.prefix}{DELIVERY_TABLE}"
 
 
 class DeliveryLedger:

@@ -378,6 +378,7 @@ class TableResultsStore:
         self, service: TableServiceClient, *, prefix: str = "", backoff: Backoff | None = None
     ) -> None:
         self.service = service
+        self.prefix = prefix
         self.names = table_names(prefix)
         # Every request backs off while the account is busy (analyzer.store.throttling).
         self.backoff = backoff or Backoff()
